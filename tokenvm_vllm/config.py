@@ -1,0 +1,154 @@
+"""TokenVM's configuration: one frozen, validated object built from vLLM's extra config and env.
+
+Sources, later ones winning: the defaults below, ``TOKENVM_<KEY>`` environment variables (key in
+upper case), then ``kv_transfer_config.kv_connector_extra_config``. Every key is listed in
+``FIELDS`` with its type and meaning; an unknown key, a bad type or an impossible value raises
+``TokenVMConfigError`` with a one-line message that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "TOKENVM_"
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
+               "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40,
+               "tib": 2**40}
+
+
+class TokenVMConfigError(ValueError):
+    """A bad TokenVM setting. The message is one line and names the offending key."""
+
+
+@dataclass(frozen=True)
+class TokenVMConfig:
+    """All TokenVM knobs. See the README's configuration table (generated from ``FIELDS``)."""
+
+    host_bytes: int = 4 * 2**30
+    """Host-RAM tier capacity in bytes (per worker). Accepts '512MiB', '4GiB', or an int."""
+    policy: str = "lru"
+    """Host-tier eviction policy: 'lru'."""
+    min_load_blocks: int = 1
+    """Smallest run of host-hit blocks worth loading; shorter hits are recomputed."""
+    pin_memory: bool = True
+    """Pin the host pool on CUDA (required for fast async DMA). Ignored on the CPU platform."""
+    debug_fail_load_every: int = 0
+    """Testing only: fail every N-th load job (its blocks are reported as load errors)."""
+    debug_corrupt_loads: bool = False
+    """Testing only: flip one byte of every block restored to vLLM's cache."""
+
+
+FIELDS: dict[str, Any] = {f.name: f for f in fields(TokenVMConfig)}
+_CHOICES = {"policy": ("lru",)}
+
+
+def parse_size(key: str, value: Any) -> int:
+    """Parse a byte size: an int, or a string like '512MiB', '4 GiB', '1.5g'."""
+    if isinstance(value, bool):
+        raise TokenVMConfigError(f"tokenvm: {key}={value!r} is not a size (want bytes or '4GiB')")
+    if isinstance(value, int):
+        number, unit = float(value), ""
+    elif isinstance(value, float):
+        number, unit = value, ""
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits):]
+        try:
+            number = float(digits)
+        except ValueError:
+            raise TokenVMConfigError(
+                f"tokenvm: {key}={value!r} is not a size (want bytes or '4GiB')") from None
+        if unit not in _SIZE_UNITS:
+            raise TokenVMConfigError(f"tokenvm: {key}={value!r} has unknown unit {unit!r}")
+    else:
+        raise TokenVMConfigError(f"tokenvm: {key}={value!r} is not a size (want bytes or '4GiB')")
+    result = int(number * _SIZE_UNITS[unit])
+    if result < 0:
+        raise TokenVMConfigError(f"tokenvm: {key}={value!r} is negative")
+    return result
+
+
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise TokenVMConfigError(f"tokenvm: {key}={value!r} is not a boolean (want true/false)")
+
+
+def _parse_int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise TokenVMConfigError(f"tokenvm: {key}={value!r} is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise TokenVMConfigError(f"tokenvm: {key}={value!r} is not an integer")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if key.endswith("_bytes"):
+        return parse_size(key, value)
+    kind = type(getattr(TokenVMConfig, key))
+    if kind is bool:
+        return _parse_bool(key, value)
+    if kind is int:
+        return _parse_int(key, value)
+    if not isinstance(value, str):
+        raise TokenVMConfigError(f"tokenvm: {key}={value!r} is not a string")
+    return value
+
+
+def load_config(
+    extra_config: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> TokenVMConfig:
+    """Build the config from env vars and vLLM's ``kv_connector_extra_config``.
+
+    Raises ``TokenVMConfigError`` (one line, naming the key) on any bad input.
+    """
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX):
+            key = name[len(ENV_PREFIX):].lower()
+            if key not in FIELDS:
+                raise TokenVMConfigError(
+                    f"tokenvm: unknown environment variable {name}; valid keys: "
+                    + ", ".join(ENV_PREFIX + k.upper() for k in FIELDS))
+            raw[key] = value
+    for key, value in (extra_config or {}).items():
+        if key not in FIELDS:
+            raise TokenVMConfigError(
+                f"tokenvm: unknown kv_connector_extra_config key {key!r}; valid keys: "
+                + ", ".join(FIELDS))
+        raw[key] = value
+    values = {key: _coerce(key, value) for key, value in raw.items()}
+    config = TokenVMConfig(**values)
+    _validate(config)
+    return config
+
+
+def _validate(config: TokenVMConfig) -> None:
+    for key, choices in _CHOICES.items():
+        value = getattr(config, key)
+        if value not in choices:
+            raise TokenVMConfigError(
+                f"tokenvm: {key}={value!r} is not one of {', '.join(choices)}")
+    if config.host_bytes <= 0:
+        raise TokenVMConfigError(f"tokenvm: host_bytes={config.host_bytes} must be > 0")
+    if config.min_load_blocks < 1:
+        raise TokenVMConfigError(
+            f"tokenvm: min_load_blocks={config.min_load_blocks} must be >= 1")
+    if config.debug_fail_load_every < 0:
+        raise TokenVMConfigError(
+            f"tokenvm: debug_fail_load_every={config.debug_fail_load_every} must be >= 0")

@@ -1,0 +1,160 @@
+"""``TokenVMConnector``: the class vLLM builds for ``"kv_connector": "TokenVM"``.
+
+vLLM makes one instance per role: ``SCHEDULER`` in the engine-core process and ``WORKER`` in each
+worker. This class only routes vLLM's calls to ``TokenVMScheduler`` (scheduler.py) or
+``TokenVMWorker`` (worker.py); the logic lives there.
+
+Hybrid KV cache manager (``SupportsHMA``): not implemented. TokenVM keys, slots and copies assume
+one KV cache group; without ``SupportsHMA`` vLLM disables the hybrid manager, which merges
+sliding-window layers into one full-attention group, so such models still run (with more KV
+memory), and models that need several groups (Mamba hybrids) are refused at start-up.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from tokenvm_vllm.config import load_config
+from tokenvm_vllm.connector.metadata import TokenVMConnectorMetadata
+from tokenvm_vllm.connector.scheduler import TokenVMScheduler
+from tokenvm_vllm.connector.stats import TokenVMPromMetrics, TokenVMStats
+from tokenvm_vllm.connector.worker import TokenVMWorker
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+
+class TokenVMConnector(KVConnectorBase_V1):
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        transfer_config = vllm_config.kv_transfer_config
+        config = load_config(transfer_config.kv_connector_extra_config)
+        self.scheduler: TokenVMScheduler | None = None
+        self.worker: TokenVMWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler = TokenVMScheduler(vllm_config, kv_cache_config, config)
+        else:
+            self.worker = TokenVMWorker(vllm_config, kv_cache_config, config)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A cache: a dropped store is a future miss, never a lost hand-off (vLLM >= 0.32)."""
+        return False
+
+    # -- scheduler side --------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        assert self.scheduler is not None
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        assert self.scheduler is not None
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self.scheduler is not None
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def on_new_request(self, request: Request) -> None:
+        assert self.scheduler is not None
+        self.scheduler.on_new_request(request)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        assert self.scheduler is not None
+        self.scheduler.update_connector_output(connector_output)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        assert self.scheduler is not None
+        return self.scheduler.request_finished(request, block_ids)
+
+    def has_pending_push_work(self) -> bool:
+        return self.scheduler is not None and self.scheduler.has_pending_work()
+
+    def reset_cache(self) -> bool | None:
+        return self.scheduler.reset_cache() if self.scheduler is not None else None
+
+    def get_kv_connector_stats(self) -> TokenVMStats | None:
+        return self.scheduler.get_stats() if self.scheduler is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> TokenVMStats:
+        return TokenVMStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> TokenVMPromMetrics:
+        return TokenVMPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    # -- worker side -------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self.worker is not None
+        self.worker.register_kv_caches(kv_caches)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        assert self.worker is not None and isinstance(
+            kv_connector_metadata, TokenVMConnectorMetadata)
+        self.worker.handle_preemptions(kv_connector_metadata)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self.worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, TokenVMConnectorMetadata)
+        self.worker.start_load_kv(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are whole-request and asynchronous: the request waits, not the layer
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        return  # stores are batched per step in get_finished
+
+    def wait_for_save(self) -> None:
+        return  # stores never block the forward; blocks they read are fenced on re-use
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self.worker is not None
+        if self.has_connector_metadata():
+            meta = self._get_connector_metadata()
+            assert isinstance(meta, TokenVMConnectorMetadata)
+            self.worker.start_store(meta)
+        return None, self.worker.get_finished() or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self.worker is not None
+        return self.worker.get_block_ids_with_load_errors()
+
+    def build_connector_worker_meta(self) -> Any:
+        assert self.worker is not None
+        return self.worker.build_worker_meta()
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()

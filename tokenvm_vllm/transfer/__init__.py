@@ -1,0 +1,1 @@
+"""Moving block bytes: the KV layout of vLLM's cache, the host pool, and the copy engines."""

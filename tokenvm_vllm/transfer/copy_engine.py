@@ -1,0 +1,107 @@
+"""Copy engines: move whole blocks between vLLM's KV cache and the host pool, in batches.
+
+One ``CopyEngine`` per worker. Each ``store``/``load`` call is one job over many blocks (all the
+blocks of one engine step in one direction), so the fixed cost of a copy is paid per step, not per
+block. Results come back through ``poll``; ``fence`` makes later KV-cache writes wait for jobs
+that still read or write blocks the scheduler just handed to another request.
+
+``TorchCopyEngine`` (this file) is the reference implementation with torch indexing: it runs on
+the CPU platform, where vLLM's "GPU" cache is host memory, and copies synchronously. The CUDA
+engine (``cuda_copy_engine.py``) implements the same contract with streams and events.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from tokenvm_vllm.transfer.host_pool import HostPool
+from tokenvm_vllm.transfer.layout import KVLayout
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    """A finished job. ``ok=False``: the destination bytes must not be used."""
+
+    job_id: int
+    is_load: bool
+    ok: bool
+    nbytes: int
+    seconds: float
+
+
+class CopyEngine(ABC):
+    """Batched block copies between vLLM's paged KV cache and a ``HostPool``.
+
+    Contract:
+    - ``store`` reads the GPU blocks only after all work already queued on the compute stream
+      (so it sees the KV the current forward writes) and writes the host slots.
+    - ``load`` writes the GPU blocks; the scheduler runs no forward over them until ``poll``
+      has returned the job.
+    - ``fence(job_ids)``: KV-cache writes queued after this call start only after those jobs
+      finished (a no-op for jobs already polled, or for a synchronous engine).
+    - ``poll`` returns each submitted job exactly once, when its copy is complete.
+    """
+
+    def __init__(self, layout: KVLayout, kv_caches: dict[str, torch.Tensor], pool: HostPool):
+        self.layout = layout
+        self.kv_caches = [kv_caches[layer.name] for layer in layout.layers]
+        self.pool = pool
+
+    @abstractmethod
+    def store(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None: ...
+
+    @abstractmethod
+    def load(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None: ...
+
+    @abstractmethod
+    def poll(self) -> list[CopyResult]: ...
+
+    @abstractmethod
+    def fence(self, job_ids: set[int]) -> None: ...
+
+    def shutdown(self) -> None:
+        """Wait for every job in flight."""
+
+
+class TorchCopyEngine(CopyEngine):
+    """Synchronous copies with torch indexing; every job is complete when its call returns."""
+
+    def __init__(self, layout: KVLayout, kv_caches: dict[str, torch.Tensor], pool: HostPool):
+        super().__init__(layout, kv_caches, pool)
+        self._done: list[CopyResult] = []
+
+    def store(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
+        start = time.perf_counter()
+        ids = torch.tensor(gpu_block_ids, dtype=torch.long, device=self.kv_caches[0].device)
+        slots = torch.tensor(host_slots, dtype=torch.long)
+        for layer, kv in zip(self.layout.layers, self.kv_caches):
+            blocks = kv.index_select(layer.block_dim, ids).movedim(layer.block_dim, 0)
+            rows = blocks.contiguous().view(torch.uint8).reshape(len(host_slots), layer.nbytes)
+            self.pool.buffer[slots, layer.offset:layer.offset + layer.nbytes] = rows.cpu()
+        self._finish(job_id, False, len(host_slots), start)
+
+    def load(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
+        start = time.perf_counter()
+        ids = torch.tensor(gpu_block_ids, dtype=torch.long, device=self.kv_caches[0].device)
+        slots = torch.tensor(host_slots, dtype=torch.long)
+        for layer, kv in zip(self.layout.layers, self.kv_caches):
+            rows = self.pool.buffer[slots, layer.offset:layer.offset + layer.nbytes]
+            block_shape = kv.shape[:layer.block_dim] + kv.shape[layer.block_dim + 1:]
+            blocks = rows.to(kv.device).view(kv.dtype).reshape(len(host_slots), *block_shape)
+            kv.index_copy_(layer.block_dim, ids, blocks.movedim(0, layer.block_dim))
+        self._finish(job_id, True, len(host_slots), start)
+
+    def poll(self) -> list[CopyResult]:
+        done, self._done = self._done, []
+        return done
+
+    def fence(self, job_ids: set[int]) -> None:
+        return  # every job finished inside its own call
+
+    def _finish(self, job_id: int, is_load: bool, num_blocks: int, start: float) -> None:
+        nbytes = num_blocks * sum(layer.nbytes for layer in self.layout.layers)
+        self._done.append(CopyResult(job_id, is_load, True, nbytes, time.perf_counter() - start))

@@ -1,0 +1,75 @@
+"""How one vLLM block maps onto one host slot.
+
+A host slot holds one block of every layer, back to back: for each layer (in registration order)
+the block's elements of that layer, with the block dimension removed and the rest in the layer
+tensor's logical order. The slot size comes from vLLM's ``KVCacheConfig`` (the sum of the
+layers' page sizes), so the scheduler and every worker agree on it without talking.
+
+No block size or tensor layout is hard-coded: the block dimension of each layer's tensor is the
+one whose length is the number of blocks vLLM allocated (``kv_cache_config.num_blocks``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+
+def slot_bytes_for(kv_cache_config: KVCacheConfig) -> int:
+    """Bytes of one host slot: one block of every layer of the (single) KV cache group."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(
+            f"tokenvm: models with {len(groups)} KV cache groups are not supported (one group "
+            "only; vLLM merges groups when the hybrid KV cache manager is disabled)")
+    group = groups[0]
+    return group.kv_cache_spec.page_size_bytes * len(group.layer_names)
+
+
+def block_size_for(kv_cache_config: KVCacheConfig) -> int:
+    return kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Where one layer's part of a block lives, in vLLM's tensor and in the host slot."""
+
+    name: str
+    block_dim: int
+    """The dimension of the layer's KV tensor that indexes blocks."""
+    offset: int
+    """Byte offset of this layer's part inside a host slot."""
+    nbytes: int
+    """Bytes of one block of this layer."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    layers: tuple[LayerLayout, ...]
+    slot_bytes: int
+
+    @classmethod
+    def from_kv_caches(
+        cls, kv_caches: dict[str, torch.Tensor], num_blocks: int, slot_bytes: int
+    ) -> KVLayout:
+        """Describe ``kv_caches`` (vLLM's per-layer tensors); fails loudly on anything ambiguous."""
+        layers = []
+        offset = 0
+        for name, tensor in kv_caches.items():
+            dims = [d for d, size in enumerate(tensor.shape) if size == num_blocks]
+            if len(dims) != 1:
+                raise ValueError(
+                    f"tokenvm: cannot find the block dimension of layer {name!r}: shape "
+                    f"{tuple(tensor.shape)}, {num_blocks} blocks")
+            nbytes = tensor.numel() // num_blocks * tensor.element_size()
+            layers.append(LayerLayout(name=name, block_dim=dims[0], offset=offset, nbytes=nbytes))
+            offset += nbytes
+        if offset > slot_bytes:
+            raise ValueError(
+                f"tokenvm: one block of all layers takes {offset} bytes, more than the "
+                f"{slot_bytes}-byte slot vLLM's KV cache config implies")
+        return cls(layers=tuple(layers), slot_bytes=slot_bytes)
