@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from tokenvm_vllm.policies import POLICIES
+
 ENV_PREFIX = "TOKENVM_"
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
                "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40,
@@ -30,7 +32,7 @@ class TokenVMConfig:
     host_bytes: int = 4 * 2**30
     """Host-RAM tier capacity in bytes (per worker). Accepts '512MiB', '4GiB', or an int."""
     policy: str = "lru"
-    """Host-tier eviction policy: 'lru'."""
+    """Host-tier eviction policy: 'lru', '2q', 'arc' or 'queue_aware' (tokenvm_vllm.policies)."""
     min_load_blocks: int = 1
     """Smallest run of host-hit blocks worth loading; shorter hits are recomputed."""
     pin_memory: bool = True
@@ -42,7 +44,7 @@ class TokenVMConfig:
 
 
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TokenVMConfig)}
-_CHOICES = {"policy": ("lru",)}
+_CHOICES = {"policy": tuple(POLICIES)}
 
 
 def parse_size(key: str, value: Any) -> int:

@@ -141,10 +141,21 @@ def run_engine(settings: EngineSettings, workload: Workload) -> dict[str, Any]:
 
 
 def _counters(llm: Any) -> dict[str, float]:
-    """Sum of every counter whose name starts with tokenvm: or is a vLLM prefix-cache counter."""
-    wanted = ("tokenvm:", "vllm:prefix_cache", "vllm:external_prefix_cache",
-              "vllm:num_preemptions", "vllm:prompt_tokens_by_source")
+    """TokenVM's counters and vLLM's prefix-cache counters, summed over engines.
+
+    ``LLM.get_metrics`` lists only ``vllm:`` metrics, so TokenVM's come from the Prometheus
+    registry of this (front-end) process, where vLLM's stat logger feeds them.
+    """
+    from prometheus_client import REGISTRY
+
     totals: dict[str, float] = {}
+    for family in REGISTRY.collect():
+        if family.name.startswith("tokenvm:"):
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    totals[family.name] = totals.get(family.name, 0.0) + sample.value
+    wanted = ("vllm:prefix_cache", "vllm:external_prefix_cache",
+              "vllm:num_preemptions", "vllm:prompt_tokens_by_source")
     for metric in llm.get_metrics():
         name = getattr(metric, "name", "")
         if not name.startswith(wanted):

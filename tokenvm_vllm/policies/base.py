@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 
 
 class EvictionPolicy(ABC):
@@ -13,6 +13,13 @@ class EvictionPolicy(ABC):
     and ``remove`` when the key leaves (evicted or dropped). ``candidates`` yields resident keys,
     best victim first; the tier skips keys it cannot evict right now (pinned by a copy) and calls
     ``remove`` on the one it takes. A policy never evicts on its own.
+
+    ``touch`` and ``remove`` of a key that is not resident are harmless no-ops, and ``insert`` of a
+    resident key counts as a ``touch``. Policies are built with no arguments (``make_policy``);
+    they are never told the tier's capacity up front.
+
+    ``protect``/``unprotect`` are optional hints from the scheduler ("queued or running requests
+    will read these keys"); the default implementations ignore them.
     """
 
     @abstractmethod
@@ -29,3 +36,10 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def __len__(self) -> int: ...
+
+    def protect(self, keys: Iterable[Hashable]) -> None:  # noqa: B027 - a deliberate no-op hook
+        """Hint that pending requests need ``keys`` (resident or not). Reference counted: every
+        call must be matched by one ``unprotect`` of the same keys. Ignored unless overridden."""
+
+    def unprotect(self, keys: Iterable[Hashable]) -> None:  # noqa: B027 - a deliberate no-op hook
+        """Undo one earlier ``protect`` of ``keys``. Ignored unless overridden."""

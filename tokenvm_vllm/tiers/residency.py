@@ -20,6 +20,7 @@ from tokenvm_vllm.keys import BlockKey
 
 class Tier(enum.Enum):
     HOST = "host"
+    DISK = "disk"
 
 
 class BlockState(enum.Enum):

@@ -1,0 +1,178 @@
+"""Drive vLLM's real ``Scheduler`` with TokenVM's scheduler side and a fake model runner.
+
+The fake "forward" writes, for every token position it computes, a value derived from the whole
+token prefix up to that position into both K and V of the request's block (so a block's bytes
+identify the prefix, like real KV). Before computing, it checks that every position the
+scheduler claims is already computed (local prefix-cache hits and blocks TokenVM loaded) holds
+exactly the value a computation would have written: a wrong, stale or corrupted block raises
+``KVMismatch``. The worker side is the real TokenVM worker with CPU tensors and the torch copy
+engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.engine.arg_utils import EngineArgs
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
+
+from tokenvm_vllm.connector.connector import TokenVMConnector
+
+LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+
+
+class KVMismatch(AssertionError):
+    """A computed position holds bytes that do not match its prefix."""
+
+
+def prefix_value(tokens: list[int]) -> float:
+    digest = hashlib.blake2b(repr(tokens).encode(), digest_size=3).digest()
+    return float(int.from_bytes(digest, "big"))  # < 2**24: exact in float32
+
+
+@dataclass
+class Harness:
+    model_dir: str
+    block_size: int = 16
+    num_gpu_blocks: int = 32
+    max_num_seqs: int = 4
+    max_num_batched_tokens: int = 256
+    extra_config: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0
+    preemptions: int = 0
+    outputs: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        args = EngineArgs(
+            model=self.model_dir, dtype="float32", block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=4096, enable_prefix_caching=True, enable_chunked_prefill=True,
+            kv_transfer_config={"kv_connector": "TokenVM", "kv_role": "kv_both",
+                                "kv_load_failure_policy": "recompute",
+                                "kv_connector_extra_config": {"host_bytes": "1MiB",
+                                                              **self.extra_config}},
+        )
+        self.vllm_config = args.create_engine_config()
+        self.vllm_config.cache_config.num_gpu_blocks = self.num_gpu_blocks
+        spec = FullAttentionSpec(block_size=self.block_size, num_kv_heads=1, head_size=1,
+                                 dtype=torch.float32)
+        self.kv_cache_config = KVCacheConfig(
+            num_blocks=self.num_gpu_blocks, kv_cache_tensors=[],
+            kv_cache_groups=[KVCacheGroupSpec(list(LAYERS), spec)])
+        self.scheduler = Scheduler(
+            vllm_config=self.vllm_config, kv_cache_config=self.kv_cache_config,
+            structured_output_manager=StructuredOutputManager(self.vllm_config),
+            block_size=self.block_size, log_stats=True)
+        self.connector = self.scheduler.connector
+        assert isinstance(self.connector, TokenVMConnector)
+        self.worker = TokenVMConnector(self.vllm_config, KVConnectorRole.WORKER,
+                                       self.kv_cache_config)
+        # flash-attention layout: (2, num_blocks, block_size, heads, head_size)
+        self.kv = {name: torch.full((2, self.num_gpu_blocks, self.block_size, 1, 1), -1.0)
+                   for name in LAYERS}
+        self.worker.register_kv_caches(self.kv)
+        init_none_hash(sha256)
+        self._hasher = get_request_block_hasher(self.block_size, sha256)
+        self._ids = itertools.count()
+        self.stats: dict[str, float] = {}
+        # vLLM drains the scheduler-side stats in update_from_output; tap them there.
+        drain = self.connector.get_kv_connector_stats
+
+        def tapped_stats() -> Any:
+            stats = drain()
+            for key, value in (stats.data if stats is not None else {}).items():
+                self.stats[key] = self.stats.get(key, 0) + value
+            return stats
+
+        self.connector.get_kv_connector_stats = tapped_stats  # type: ignore[method-assign]
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add(self, prompt: list[int], max_tokens: int = 4) -> str:
+        req_id = f"req-{next(self._ids)}"
+        request = Request(
+            request_id=req_id, prompt_token_ids=list(prompt),
+            sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+            pooling_params=None, block_hasher=self._hasher)
+        self.scheduler.add_request(request)
+        return req_id
+
+    def run(self, max_steps: int = 2000) -> None:
+        """Step until every request finished."""
+        for _ in range(max_steps):
+            if not self.scheduler.has_requests() and not self.connector.has_pending_push_work():
+                return
+            self.step()
+        raise RuntimeError("requests did not finish")
+
+    # -- one engine step -------------------------------------------------------------------------
+
+    def step(self) -> None:
+        output = self.scheduler.schedule()
+        self.steps += 1
+        self.preemptions += len(output.preempted_req_ids or ())
+        meta = output.kv_connector_metadata
+        worker = self.worker
+        worker.handle_preemptions(meta)
+        worker.bind_connector_metadata(meta)
+        worker.start_load_kv(None)
+        req_ids, sampled = self._forward(output)
+        finished_sending, finished_recving = worker.get_finished(output.finished_req_ids)
+        connector_output = KVConnectorOutput(
+            finished_sending=finished_sending, finished_recving=finished_recving,
+            invalid_block_ids=worker.get_block_ids_with_load_errors(),
+            kv_connector_worker_meta=worker.build_connector_worker_meta())
+        worker.clear_connector_metadata()
+        runner_output = ModelRunnerOutput(
+            req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+            sampled_token_ids=sampled, kv_connector_output=connector_output)
+        engine_outputs = self.scheduler.update_from_output(output, runner_output)
+        for outputs in engine_outputs.values():
+            for out in outputs.outputs:
+                self.outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+    def _forward(self, output: Any) -> tuple[list[str], list[list[int]]]:
+        req_ids: list[str] = []
+        sampled: list[list[int]] = []
+        for req_id, num_tokens in output.num_scheduled_tokens.items():
+            request = self.scheduler.requests[req_id]
+            tokens = list(request.all_token_ids)
+            block_ids = self.scheduler.kv_cache_manager.get_block_ids(req_id)[0]
+            # schedule() already advanced num_computed_tokens past this step's tokens
+            start = request.num_computed_tokens - num_tokens
+            for pos in range(start):  # everything already "computed" must be right
+                self._check(block_ids, pos, tokens[:pos + 1], req_id)
+            for pos in range(start, start + num_tokens):
+                self._write(block_ids, pos, prefix_value(tokens[:pos + 1]))
+            req_ids.append(req_id)
+            done_prompt = start + num_tokens >= request.num_tokens
+            sampled.append([3 + int(prefix_value(tokens)) % 900] if done_prompt else [])
+        return req_ids, sampled
+
+    def _slot(self, block_ids: list[int], pos: int) -> tuple[int, int]:
+        return block_ids[pos // self.block_size], pos % self.block_size
+
+    def _write(self, block_ids: list[int], pos: int, value: float) -> None:
+        block, offset = self._slot(block_ids, pos)
+        for kv in self.kv.values():
+            kv[:, block, offset] = value
+
+    def _check(self, block_ids: list[int], pos: int, tokens: list[int], req_id: str) -> None:
+        block, offset = self._slot(block_ids, pos)
+        want = prefix_value(tokens)
+        for name, kv in self.kv.items():
+            got = kv[:, block, offset].flatten().tolist()
+            if got != [want, want]:
+                raise KVMismatch(f"{req_id} pos {pos} block {block} layer {name}: {got} != {want}")

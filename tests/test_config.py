@@ -1,0 +1,68 @@
+"""TokenVMConfig: defaults, sources, and one clear error for every bad input."""
+
+import pytest
+
+from tokenvm_vllm.config import FIELDS, TokenVMConfig, TokenVMConfigError, load_config, parse_size
+
+
+def test_defaults_without_any_input():
+    assert load_config({}, environ={}) == TokenVMConfig()
+
+
+def test_extra_config_overrides_env():
+    config = load_config({"host_bytes": "1GiB"}, environ={"TOKENVM_HOST_BYTES": "2GiB"})
+    assert config.host_bytes == 2**30
+
+
+def test_env_is_read():
+    config = load_config({}, environ={"TOKENVM_HOST_BYTES": "3 MiB", "TOKENVM_PIN_MEMORY": "0"})
+    assert config.host_bytes == 3 * 2**20
+    assert config.pin_memory is False
+
+
+@pytest.mark.parametrize("text,expected", [
+    (4096, 4096), ("4096", 4096), ("4k", 4096), ("1.5GiB", 3 * 2**29), ("2 mb", 2 * 2**20),
+])
+def test_sizes(text, expected):
+    assert parse_size("host_bytes", text) == expected
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        TokenVMConfig().host_bytes = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"host_byte": 1}, "'host_byte'"),
+    ({"host_bytes": "lots"}, "host_bytes='lots'"),
+    ({"host_bytes": "5 parsecs"}, "unknown unit"),
+    ({"host_bytes": -1}, "negative"),
+    ({"host_bytes": 0}, "host_bytes=0 must be > 0"),
+    ({"host_bytes": True}, "host_bytes=True"),
+    ({"host_bytes": [1]}, "host_bytes=[1]"),
+    ({"pin_memory": "maybe"}, "pin_memory='maybe' is not a boolean"),
+    ({"min_load_blocks": 0}, "min_load_blocks=0"),
+    ({"min_load_blocks": "two"}, "min_load_blocks='two' is not an integer"),
+    ({"min_load_blocks": 1.5}, "min_load_blocks=1.5 is not an integer"),
+    ({"policy": "mru"}, "policy='mru'"),
+    ({"policy": 3}, "policy=3 is not a string"),
+    ({"debug_fail_load_every": -2}, "debug_fail_load_every=-2"),
+])
+def test_bad_input_names_the_key(extra, needle):
+    with pytest.raises(TokenVMConfigError) as err:
+        load_config(extra, environ={})
+    message = str(err.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(TokenVMConfigError) as err:
+        load_config({"nope": 1}, environ={})
+    for key in FIELDS:
+        assert key in str(err.value)
+
+
+def test_unknown_env_var_is_an_error():
+    with pytest.raises(TokenVMConfigError, match="TOKENVM_HOST_SIZE"):
+        load_config({}, environ={"TOKENVM_HOST_SIZE": "1GiB"})
