@@ -29,8 +29,46 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 from tokenvm_vllm.connector.connector import TokenVMConnector
+from tokenvm_vllm.transfer.copy_engine import CopyEngine, CopyResult
 
 LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+
+
+class LaggingCopyEngine(CopyEngine):
+    """Wraps a synchronous engine and runs each copy two polls later, like an async GPU copy.
+
+    A store submitted in step N runs at step N+2's poll, after the forwards of N+1 and N+2: if
+    the scheduler lets vLLM re-use its GPU block meanwhile without a fence, the store copies the
+    new owner's bytes and a later load fails the KV check. ``fence`` runs the jobs at once.
+    """
+
+    def __init__(self, inner: CopyEngine) -> None:
+        self.inner = inner
+        self.queued: list[tuple[int, Any]] = []  # (age in polls, thunk)
+        self.fenced_jobs = 0
+
+    def store(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
+        self.queued.append((job_id, lambda: self.inner.store(job_id, gpu_block_ids, host_slots)))
+
+    def load(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
+        self.queued.append((job_id, lambda: self.inner.load(job_id, gpu_block_ids, host_slots)))
+
+    def poll(self) -> list[CopyResult]:
+        done = self.inner.poll()
+        ready, self.queued = self.queued, []
+        self._ready = getattr(self, "_ready", [])
+        for _, run in self._ready:
+            run()
+        self._ready = ready
+        return done
+
+    def fence(self, job_ids: set[int]) -> None:
+        for queue_name in ("queued", "_ready"):
+            queue = getattr(self, queue_name, [])
+            for job_id, run in [item for item in queue if item[0] in job_ids]:
+                run()
+                self.fenced_jobs += 1
+            setattr(self, queue_name, [item for item in queue if item[0] not in job_ids])
 
 
 class KVMismatch(AssertionError):
@@ -50,6 +88,7 @@ class Harness:
     max_num_seqs: int = 4
     max_num_batched_tokens: int = 256
     extra_config: dict[str, Any] = field(default_factory=dict)
+    lagging_copies: bool = False
     steps: int = 0
     preemptions: int = 0
     outputs: dict[str, list[int]] = field(default_factory=dict)
@@ -83,6 +122,8 @@ class Harness:
         self.kv = {name: torch.full((2, self.num_gpu_blocks, self.block_size, 1, 1), -1.0)
                    for name in LAYERS}
         self.worker.register_kv_caches(self.kv)
+        if self.lagging_copies:
+            self.worker.worker.engine = LaggingCopyEngine(self.worker.worker.engine)
         init_none_hash(sha256)
         self._hasher = get_request_block_hasher(self.block_size, sha256)
         self._ids = itertools.count()

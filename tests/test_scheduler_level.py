@@ -100,3 +100,31 @@ def test_host_tier_eviction_under_pressure(model_dir):
         h.run()
     assert h.stats["host_evicted_blocks"] > 0
     assert h.scheduler.connector.scheduler.host.num_used <= 8
+
+
+def churn_and_revisit(h: Harness) -> None:
+    """Short requests that each need half the GPU cache: every new one takes the blocks of one
+    that just finished, while that one's stores may still be in flight. Then revisit all."""
+    for _ in range(2):
+        for i in range(5):
+            (p,) = prompts(1, prefix_blocks=8, suffix=3, seed=300 + i)
+            h.add(p, max_tokens=1)
+        h.run()
+
+
+def test_async_copies_are_fenced_when_blocks_are_reused(model_dir):
+    """Copies that lag two steps behind still give exact KV: re-used blocks are fenced."""
+    h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True)
+    churn_and_revisit(h)
+    assert h.worker.worker.engine.fenced_jobs > 0
+    assert h.stats["loaded_blocks"] > 0
+
+
+def test_without_fences_lagging_copies_corrupt_kv(model_dir, monkeypatch):
+    """The fence test can fail: with fences dropped, the lagging stores copy re-used blocks."""
+    from tokenvm_vllm.connector.worker import TokenVMWorker
+
+    monkeypatch.setattr(TokenVMWorker, "handle_preemptions", lambda self, meta: None)
+    h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True)
+    with pytest.raises(KVMismatch):
+        churn_and_revisit(h)

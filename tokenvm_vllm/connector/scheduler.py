@@ -103,6 +103,7 @@ class TokenVMScheduler:
         self.jobs: dict[int, PendingJob] = {}
         self._gpu_block_jobs: dict[int, set[int]] = {}
         self._next_job_id = 0
+        self._step_first_job_id = 0
         self._step_loads: list[CopyJob] = []
         self._step_allocated: set[int] = set()
         self.stats = TokenVMStats()
@@ -186,17 +187,20 @@ class TokenVMScheduler:
             state = self.requests.get(req_id)
             if state is not None:
                 state.block_ids = []
+        # Only jobs of earlier steps can still use a block vLLM just re-allocated; this step's
+        # own loads target those blocks on purpose.
+        fence_job_ids = {
+            job_id
+            for block_id in self._step_allocated
+            for job_id in self._gpu_block_jobs.get(block_id, ())
+            if job_id < self._step_first_job_id
+        }
         meta = TokenVMConnectorMetadata(
-            loads=self._step_loads,
-            store=self._plan_store(scheduler_output),
-            fence_job_ids={
-                job_id
-                for block_id in self._step_allocated
-                for job_id in self._gpu_block_jobs.get(block_id, ())
-            },
-        )
+            loads=self._step_loads, store=self._plan_store(scheduler_output),
+            fence_job_ids=fence_job_ids)
         self._step_loads = []
         self._step_allocated = set()
+        self._step_first_job_id = self._next_job_id
         return meta
 
     def _plan_store(self, scheduler_output: SchedulerOutput) -> CopyJob | None:

@@ -109,7 +109,7 @@ _SLOT_FILE = re.compile(r"^slots-(\d+)\.bin$")
 
 
 class DiskStoreError(RuntimeError):
-    """The store cannot be set up (bad path, permissions, size, in use). One line, names the path."""
+    """Setup failed (bad path, permissions, size, in use): one line, names the path."""
 
 
 def _xxh3_64(data: Any) -> int:
@@ -591,10 +591,13 @@ class DiskStore:
         write sequence counter past every number seen. Call it at start-up, before any writes.
         """
         self._check_open()
-        bounds = np.linspace(0, self.num_slots, self.io_threads + 1, dtype=np.int64)
-        chunks = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        step = -(-self.num_slots // self.io_threads)
+        chunks = [(lo, min(lo + step, self.num_slots)) for lo in range(0, self.num_slots, step)]
         found: list[tuple[int, int, bytes]] = []  # (seq, slot, key)
-        for part in self._executor.map(lambda c: self._scan_range(*c, verify_payload), chunks):
+        # A slot that does not fit in its (truncated) file cannot be read back; skip it now.
+        sizes = [os.fstat(fd).st_size for fd in self._fds]
+        for part in self._executor.map(
+                lambda c: self._scan_range(*c, sizes, verify_payload), chunks):
             found.extend(part)
         found.sort()
         result: dict[bytes, int] = {}
@@ -612,13 +615,16 @@ class DiskStore:
                     self.path, len(result), len(losers))
         return result
 
-    def _scan_range(self, lo: int, hi: int, verify_payload: bool) -> list[tuple[int, int, bytes]]:
+    def _scan_range(self, lo: int, hi: int, sizes: list[int],
+                    verify_payload: bool) -> list[tuple[int, int, bytes]]:
         found: list[tuple[int, int, bytes]] = []
         buf = self._staging.get()
         try:
             view = memoryview(buf) if verify_payload else memoryview(buf)[:HEADER_BYTES]
             for slot in range(lo, hi):
                 fd, offset = self._fd_offset(slot)
+                if offset + self.slot_stride > sizes[slot // self.slots_per_file]:
+                    continue
                 try:
                     if not self._pread_all(fd, view, offset):
                         continue

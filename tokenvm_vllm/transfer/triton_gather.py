@@ -340,13 +340,18 @@ def gather_blocks(
     block_ids: torch.Tensor,
     dst: torch.Tensor,
     dst_row_ids: torch.Tensor | None = None,
+    *,
+    min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES,
+    max_programs: int | None = None,
 ) -> None:
-    """``TritonBlockMover(layout, kv_caches).gather(block_ids, dst, dst_row_ids)``.
+    """``TritonBlockMover(layout, kv_caches, ...).gather(block_ids, dst, dst_row_ids)``.
 
     Convenience for one-off copies: it rebuilds the address table (a host-to-device copy) each
     call; hold a ``TritonBlockMover`` for repeated use.
     """
-    TritonBlockMover(layout, kv_caches).gather(block_ids, dst, dst_row_ids)
+    mover = TritonBlockMover(
+        layout, kv_caches, min_chunk_bytes=min_chunk_bytes, max_programs=max_programs)
+    mover.gather(block_ids, dst, dst_row_ids)
 
 
 def scatter_blocks(
@@ -355,6 +360,14 @@ def scatter_blocks(
     kv_caches: Sequence[torch.Tensor],
     layout: KVLayout,
     block_ids: torch.Tensor,
+    *,
+    min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES,
+    max_programs: int | None = None,
 ) -> None:
-    """``TritonBlockMover(layout, kv_caches).scatter(src, block_ids, src_row_ids)`` (see there)."""
-    TritonBlockMover(layout, kv_caches).scatter(src, block_ids, src_row_ids)
+    """``TritonBlockMover(layout, kv_caches, ...).scatter(src, block_ids, src_row_ids)``.
+
+    The reverse of ``gather_blocks``; the same convenience caveat applies.
+    """
+    mover = TritonBlockMover(
+        layout, kv_caches, min_chunk_bytes=min_chunk_bytes, max_programs=max_programs)
+    mover.scatter(src, block_ids, src_row_ids)
