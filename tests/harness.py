@@ -57,7 +57,7 @@ class LaggingCopyEngine(CopyEngine):
         done = self.inner.poll()
         ready, self.queued = self.queued, []
         self._ready = getattr(self, "_ready", [])
-        for _, run in self._ready:
+        for _job_id, run in self._ready:
             run()
         self._ready = ready
         return done
@@ -65,7 +65,7 @@ class LaggingCopyEngine(CopyEngine):
     def fence(self, job_ids: set[int]) -> None:
         for queue_name in ("queued", "_ready"):
             queue = getattr(self, queue_name, [])
-            for job_id, run in [item for item in queue if item[0] in job_ids]:
+            for _job_id, run in [item for item in queue if item[0] in job_ids]:
                 run()
                 self.fenced_jobs += 1
             setattr(self, queue_name, [item for item in queue if item[0] not in job_ids])

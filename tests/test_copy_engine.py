@@ -43,11 +43,13 @@ def test_store_then_load_restores_every_byte(kind, dtype):
     assert result.is_load and result.ok and result.nbytes == 3 * pool.slot_bytes
     for name, kv in caches.items():
         layer = next(layer for layer in engine.layout.layers if layer.name == name)
-        for s, d in zip(src, dst):
-            assert torch.equal(kv.select(layer.block_dim, d), original[name].select(layer.block_dim, s))
+        for s, d in zip(src, dst, strict=True):
+            want = original[name].select(layer.block_dim, s)
+            assert torch.equal(kv.select(layer.block_dim, d), want)
         untouched = [b for b in range(NUM_BLOCKS) if b not in dst]
         for b in untouched:
-            assert torch.equal(kv.select(layer.block_dim, b), original[name].select(layer.block_dim, b))
+            want = original[name].select(layer.block_dim, b)
+            assert torch.equal(kv.select(layer.block_dim, b), want)
 
 
 def test_store_writes_only_its_slots():

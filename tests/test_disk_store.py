@@ -291,6 +291,33 @@ def test_directory_and_file_modes(tmp_path):
             assert stat.S_IMODE(os.stat(path / name).st_mode) == 0o600
 
 
+def test_loose_file_mode_is_tightened(tmp_path):
+    path = tmp_path / "d"
+    open_store(path).close()
+    os.chmod(path / "slots-0.bin", 0o644)
+    open_store(path).close()
+    assert stat.S_IMODE(os.stat(path / "slots-0.bin").st_mode) == 0o600
+
+
+def test_ftruncate_fallback_when_fallocate_is_unsupported(tmp_path, monkeypatch, caplog):
+    def unsupported(*args, **kwargs):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    with caplog.at_level(logging.WARNING, logger="vllm.tokenvm"):
+        with open_store(tmp_path / "d") as store:
+            path, _ = store.slot_location(0)
+            assert os.path.getsize(path) == 4 * STRIDE
+            assert store.write(0, key(0), payload(0)).result()
+    assert sum("fallocate" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_sync_writes_round_trip(tmp_path):
+    with open_store(tmp_path / "d", sync_writes=True) as store:
+        assert store.write(1, key(1), payload(1)).result()
+        assert np.array_equal(read(store, 1, key(1)), payload(1))
+
+
 def test_layout_change_removes_extra_files(tmp_path):
     path = tmp_path / "d"
     with open_store(path, num_files=4):

@@ -132,7 +132,7 @@ def run_engine(settings: EngineSettings, workload: Workload) -> dict[str, Any]:
             batch = order[b:b + workload.batch_size]
             results = llm.generate(
                 [{"prompt_token_ids": prompts[i]} for i in batch], params, use_tqdm=False)
-            for i, result in zip(batch, results):
+            for i, result in zip(batch, results, strict=True):
                 outputs[f"{pass_idx}:{i}"] = list(result.outputs[0].token_ids)
         pass_seconds.append(time.perf_counter() - pass_start)
     counters = _counters(llm)

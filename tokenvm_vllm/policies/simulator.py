@@ -322,8 +322,10 @@ def plot(results: dict[int, dict[str, dict[str, float]]], path: str) -> bool:
             ax.bar(xs, [100 * rows[n][column] for n in names], bar, label=column)
         ax.set_xticks(range(len(names)), names)
         ax.set_ylabel("hit rate %")
+        ax.set_ylim(0, 118)  # headroom above 100 so the legend never hides a bar
+        ax.set_yticks(range(0, 101, 20))
         ax.set_title(f"capacity {capacity} blocks")
-        ax.legend(fontsize="small", ncols=len(columns))
+        ax.legend(fontsize="small", ncols=len(columns), loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -63,7 +63,7 @@ class CopyEngine(ABC):
     @abstractmethod
     def fence(self, job_ids: set[int]) -> None: ...
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 - optional hook, synchronous engines need nothing
         """Wait for every job in flight."""
 
 
@@ -78,7 +78,7 @@ class TorchCopyEngine(CopyEngine):
         start = time.perf_counter()
         ids = torch.tensor(gpu_block_ids, dtype=torch.long, device=self.kv_caches[0].device)
         slots = torch.tensor(host_slots, dtype=torch.long)
-        for layer, kv in zip(self.layout.layers, self.kv_caches):
+        for layer, kv in zip(self.layout.layers, self.kv_caches, strict=True):
             blocks = kv.index_select(layer.block_dim, ids).movedim(layer.block_dim, 0)
             rows = blocks.contiguous().view(torch.uint8).reshape(len(host_slots), layer.nbytes)
             self.pool.buffer[slots, layer.offset:layer.offset + layer.nbytes] = rows.cpu()
@@ -88,7 +88,7 @@ class TorchCopyEngine(CopyEngine):
         start = time.perf_counter()
         ids = torch.tensor(gpu_block_ids, dtype=torch.long, device=self.kv_caches[0].device)
         slots = torch.tensor(host_slots, dtype=torch.long)
-        for layer, kv in zip(self.layout.layers, self.kv_caches):
+        for layer, kv in zip(self.layout.layers, self.kv_caches, strict=True):
             rows = self.pool.buffer[slots, layer.offset:layer.offset + layer.nbytes]
             block_shape = kv.shape[:layer.block_dim] + kv.shape[layer.block_dim + 1:]
             blocks = rows.to(kv.device).view(kv.dtype).reshape(len(host_slots), *block_shape)

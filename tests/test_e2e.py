@@ -1,0 +1,83 @@
+"""End to end in the real vLLM engine on CPU: greedy outputs with TokenVM equal those without.
+
+The tiny Llama has random std-0.02 weights (not vLLM's dummy loader), so outputs depend on the
+whole context and a wrong KV block changes them: ``test_corrupted_loads_change_outputs`` proves
+the comparison can fail. Each engine runs in its own process (``run_in_subprocess``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tokenvm_vllm.bench.prefix_reuse import EngineSettings, Workload, run_in_subprocess
+from tokenvm_vllm.tiny_llama import write_tiny_llama
+
+pytestmark = pytest.mark.e2e
+
+# 16 documents x 4 questions = 64 requests per pass, 2 passes. A request's prompt takes 9 blocks
+# of 32 tokens and grows to 11 while decoding: 7 running requests outgrow the 71 usable GPU
+# blocks, so vLLM preempts; the 16 x 8 prefix blocks do not fit either, so pass 2 finds most
+# prefixes evicted from the GPU cache.
+WORKLOAD = Workload(documents=16, questions=4, prefix_blocks=8, suffix_tokens=30, max_tokens=40,
+                    batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("e2e")
+    model = str(write_tiny_llama(tmp / "tiny-llama"))
+    base = EngineSettings(model=model, num_gpu_blocks=72)
+    configs = {
+        "baseline": base,
+        "tokenvm": replace(base, connector="tokenvm"),
+        "corrupt": replace(base, connector="tokenvm",
+                           extra_config={"debug_corrupt_loads": True}),
+        "fail": replace(base, connector="tokenvm", extra_config={"debug_fail_load_every": 2}),
+    }
+    return {name: run_in_subprocess(settings, WORKLOAD, Path(tmp / f"{name}.json"))
+            for name, settings in configs.items()}
+
+
+def differing(a: dict, b: dict) -> int:
+    assert a.keys() == b.keys()
+    return sum(a[k] != b[k] for k in a)
+
+
+def test_workload_is_big_enough(runs):
+    outputs = runs["baseline"]["outputs"]
+    assert len(outputs) == 2 * 64
+    assert all(len(tokens) == WORKLOAD.max_tokens for tokens in outputs.values())
+    assert runs["baseline"]["counters"]["vllm:num_preemptions"] > 0
+    assert runs["tokenvm"]["counters"]["vllm:num_preemptions"] > 0
+
+
+def test_tokenvm_outputs_equal_baseline(runs):
+    assert differing(runs["tokenvm"]["outputs"], runs["baseline"]["outputs"]) == 0
+
+
+def test_tokenvm_loads_blocks_instead_of_recomputing(runs):
+    counters = runs["tokenvm"]["counters"]
+    assert counters["tokenvm:loaded_blocks"] > 100
+    assert counters["tokenvm:stored_blocks"] > 100
+    assert counters["vllm:external_prefix_cache_hits"] > 0
+    assert counters["vllm:prompt_tokens_by_source[external_kv_transfer]"] > 0
+    # loaded tokens are tokens vLLM did not compute
+    computed = counters["vllm:prompt_tokens_by_source[local_compute]"]
+    baseline = runs["baseline"]["counters"]["vllm:prompt_tokens_by_source[local_compute]"]
+    assert computed < baseline
+
+
+def test_corrupted_loads_change_outputs(runs):
+    """One flipped byte per restored block must show: the comparison above can fail."""
+    assert runs["corrupt"]["counters"]["tokenvm:loaded_blocks"] > 0
+    assert differing(runs["corrupt"]["outputs"], runs["baseline"]["outputs"]) > 0
+
+
+def test_failed_loads_are_recomputed_exactly(runs):
+    counters = runs["fail"]["counters"]
+    assert counters["tokenvm:failed_load_blocks"] > 0
+    assert counters["tokenvm:loaded_blocks"] > counters["tokenvm:failed_load_blocks"]
+    assert differing(runs["fail"]["outputs"], runs["baseline"]["outputs"]) == 0
