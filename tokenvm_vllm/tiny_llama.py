@@ -28,6 +28,15 @@ class TinyLlamaShape:
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 8192
+    model_vocab_size: int = 0
+    """Rows of the embedding/LM head; 0 means the tokenizer's size. Larger values give a real
+    model's shape (e.g. 128256 for Llama 3) while the word-level tokenizer stays small."""
+
+
+LLAMA_3_1_8B = TinyLlamaShape(vocab_words=1021, hidden_size=4096, intermediate_size=14336,
+                              num_layers=32, num_heads=32, num_kv_heads=8,
+                              max_position_embeddings=131072, model_vocab_size=128256)
+"""Llama-3.1-8B's shape, for timing runs with ``load_format="dummy"`` (``weights=False``)."""
 
 
 def word(i: int) -> str:
@@ -55,7 +64,7 @@ def write_tiny_llama(
     if done.exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    vocab_size = len(SPECIAL_TOKENS) + shape.vocab_words
+    vocab_size = max(len(SPECIAL_TOKENS) + shape.vocab_words, shape.model_vocab_size)
     head_dim = shape.hidden_size // shape.num_heads
     config = {
         "architectures": ["LlamaForCausalLM"],

@@ -35,10 +35,13 @@ def make_copy_engine(
 ) -> CopyEngine:
     """The fastest engine for the device the KV cache lives on."""
     device = next(iter(kv_caches.values())).device
-    if device.type == "cuda":
+    if device.type == "cuda" and pool.pinned:
         from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
 
-        return CudaCopyEngine(layout, kv_caches, pool)
+        try:
+            return CudaCopyEngine(layout, kv_caches, pool)
+        except ValueError as err:  # a KV layout the Triton mover does not cover
+            logger.warning("TokenVM: %s; falling back to the (slow) torch copy engine", err)
     return TorchCopyEngine(layout, kv_caches, pool)
 
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU job (vLLM 0.26.0 on the GPU machine). Run from the repo root after the bundle is
+# unpacked into /tmp/site (see README "GPU runs"). Stages: tests, copy, exact, revisit, or all.
+#   bash ci/gpu/run.sh "tests copy exact"
+# Work files (models, per-run logs) go to $WORK; the results JSON and a tarball of the logs go to
+# $OUT (the device tool brings back at most 8 files from there).
+set -uo pipefail
+STAGES="${1:-tests copy exact revisit}"
+OUT="${OUT:-out/gpu}"
+WORK="${WORK:-/tmp/tokenvm-gpu}"
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$WORK/install.log" 2>&1 \
+  || echo "editable install failed (entry point unavailable): see $WORK/install.log"
+nvidia-smi -L
+python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+for stage in $STAGES; do
+  echo "== $stage"
+  case $stage in
+    tests) python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_plugin.py \
+             > "$WORK/gpu_tests.log" 2>&1; tail -3 "$WORK/gpu_tests.log" ;;
+    copy) python3 -m tokenvm_vllm.bench.copy_bench --out "$OUT/copy_bench.json" \
+             > "$WORK/copy_bench.log" 2>&1; tail -9 "$WORK/copy_bench.log" ;;
+    exact) python3 ci/gpu/token_exact.py --out "$WORK/exact" 2>&1 | tee "$WORK/token_exact.log" \
+             | tail -8; cp "$WORK/exact/token_exact.json" "$OUT/" 2>/dev/null ;;
+    revisit)
+      python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
+      python3 -m tokenvm_vllm.bench.revisit_bench --all --model "$WORK/llama8b" --out "$WORK/revisit" \
+        ${REVISIT_ARGS:-} 2>&1 | tee "$WORK/revisit.log" | tail -8
+      cp "$WORK/revisit/revisit_results.json" "$OUT/" 2>/dev/null ;;
+  esac
+done
+tar czf "$OUT/logs.tgz" -C "$WORK" --exclude='*.safetensors' --exclude='*.json.gz' \
+  $(cd "$WORK" && find . -name '*.log' -o -name '*.json' | grep -v tokenizer | grep -v config.json)

@@ -1,0 +1,155 @@
+"""End-to-end revisit benchmark: long prompts evicted from the GPU cache, then revisited.
+
+A Llama-3.1-8B-shaped model with dummy weights (timing only), a GPU KV cache capped well below
+the working set, ``documents`` prompts of ``prompt_tokens`` tokens. Per engine configuration, in
+its own process, all in one run of ``--all``:
+
+- first pass: every document once (max_tokens=1), one at a time: the cost of storing;
+- revisit, one at a time: each document again with a short new suffix (max_tokens=1), oldest
+  first, so its prefix has been evicted from the GPU cache: latency median and p90;
+- revisit in batches of ``batch``: wall time per batch;
+- tokens served per tier (vLLM's ``prompt_tokens_by_source``), and a hash of all greedy outputs.
+
+    python -m tokenvm_vllm.bench.revisit_bench --all --out DIR     # none, native, tokenvm
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIGS = ("none", "native", "tokenvm")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    from tokenvm_vllm.bench.prefix_reuse import _counters
+
+    kwargs: dict[str, Any] = {}
+    if args.config == "native":
+        kwargs["kv_offloading_size"] = args.host_gib
+    elif args.config == "tokenvm":
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "TokenVM", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"host_bytes": f"{args.host_gib}GiB"}}
+    if args.cudagraphs:
+        kwargs["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4, 8]}
+    start = time.perf_counter()
+    llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", block_size=16,
+              num_gpu_blocks_override=args.gpu_blocks, max_model_len=args.prompt_tokens + 256,
+              max_num_batched_tokens=args.prompt_tokens + 256, max_num_seqs=args.batch,
+              enforce_eager=not args.cudagraphs, enable_prefix_caching=True,
+              disable_log_stats=False, gpu_memory_utilization=0.85, seed=0, **kwargs)
+    startup = time.perf_counter() - start
+    rng = random.Random(0)
+    docs = [[rng.randrange(3, 1000) for _ in range(args.prompt_tokens)]
+            for _ in range(args.documents)]
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    outputs: list[list[int]] = []
+
+    def generate(prompts: list[list[int]]) -> float:
+        t = time.perf_counter()
+        results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outputs.extend(list(r.outputs[0].token_ids) for r in results)
+        return time.perf_counter() - t
+
+    generate([[5] * 64])  # warm-up
+    outputs.clear()
+    first_pass = sum(generate([doc]) for doc in docs)
+    latencies = [generate([doc + [rng.randrange(3, 1000) for _ in range(32)]]) for doc in docs]
+    batch_times = []
+    for i in range(0, len(docs), args.batch):
+        batch = [doc + [rng.randrange(3, 1000) for _ in range(32)]
+                 for doc in docs[i:i + args.batch]]
+        batch_times.append(generate(batch))
+    digest = hashlib.sha256(json.dumps(outputs).encode()).hexdigest()[:16]
+    return {"config": args.config, "startup_s": startup, "first_pass_s": first_pass,
+            "revisit_ms": [x * 1000 for x in latencies],
+            "revisit_median_ms": statistics.median(latencies) * 1000,
+            "revisit_p90_ms": percentile(latencies, 0.9) * 1000,
+            "batch_revisit_s": batch_times, "output_hash": digest, "counters": _counters(llm)}
+
+
+def run_all(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for i, config in enumerate(args.configs.split(","), 1):
+        print(f"[{i}/{len(args.configs.split(','))}] {config} ...", flush=True)
+        cmd = [sys.executable, "-m", "tokenvm_vllm.bench.revisit_bench", "--config", config,
+               "--json", str(out / f"revisit_{config}.json")] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k in ("model", "documents", "prompt_tokens", "gpu_blocks", "host_gib", "batch")]
+        if args.cudagraphs:
+            cmd.append("--cudagraphs")
+        with open(out / f"revisit_{config}.log", "w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        if proc.returncode != 0:
+            print(f"  failed: see {out / f'revisit_{config}.log'}", flush=True)
+            continue
+        results[config] = json.loads((out / f"revisit_{config}.json").read_text())
+        r = results[config]
+        print(f"  startup {r['startup_s']:.0f} s, first pass {r['first_pass_s']:.2f} s, revisit "
+              f"median {r['revisit_median_ms']:.1f} ms", flush=True)
+    (out / "revisit_results.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    base = results.get("none")
+    src = "vllm:prompt_tokens_by_source"
+    print(f"\n{'config':>8} {'first pass s':>12} {'x none':>7} {'revisit p50 ms':>15} "
+          f"{'p90 ms':>8} {'x native':>8} {'batch s':>8} {'computed':>9} {'gpu hit':>8} "
+          f"{'loaded':>8} {'hash':>17}")
+    native = results.get("native")
+    for name, r in results.items():
+        c = r["counters"]
+        vs_none = r["first_pass_s"] / base["first_pass_s"] if base else float("nan")
+        vs_native = (r["revisit_median_ms"] / native["revisit_median_ms"]
+                     if native else float("nan"))
+        print(f"{name:>8} {r['first_pass_s']:12.2f} {vs_none:7.3f} "
+              f"{r['revisit_median_ms']:15.1f} {r['revisit_p90_ms']:8.1f} {vs_native:8.2f} "
+              f"{sum(r['batch_revisit_s']):8.2f} {c.get(src + '[local_compute]', 0):9.0f} "
+              f"{c.get(src + '[local_cache_hit]', 0):8.0f} "
+              f"{c.get(src + '[external_kv_transfer]', 0):8.0f} {r['output_hash']:>17}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="model dir (config + tokenizer)")
+    parser.add_argument("--all", action="store_true", help="run every config, each in a process")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--config", choices=CONFIGS)
+    parser.add_argument("--documents", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=8192)
+    parser.add_argument("--gpu-blocks", type=int, default=2048, help="GPU KV cache cap (blocks)")
+    parser.add_argument("--host-gib", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--cudagraphs", action="store_true")
+    parser.add_argument("--out", default="out/revisit")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    if args.all:
+        run_all(args)
+        return
+    result = run_config(args)
+    Path(args.json).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

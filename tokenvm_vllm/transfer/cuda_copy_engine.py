@@ -1,0 +1,112 @@
+"""The CUDA copy engine: one Triton launch per direction per step, on dedicated streams.
+
+Stores (GPU -> host) and loads (host -> GPU) each run on their own CUDA stream, so they overlap
+the forward pass on the compute stream and each other. The kernel (``triton_gather.py``) reads
+and writes the pinned host pool directly through unified virtual addressing, so a job is one
+launch for all its blocks and all layers, with no staging buffer and no per-block memcpy.
+
+Ordering, per the ``CopyEngine`` contract:
+- a job first waits (on the GPU) for an event recorded on the compute stream when it was
+  submitted, so a store sees the KV the forward queued before it wrote, and a load cannot be
+  overwritten by a forward still running over the blocks' previous owner;
+- ``fence`` makes the compute stream wait for a job's completion event (no CPU stall);
+- ``poll`` queries completion events in submission order, without blocking.
+
+The number of Triton programs per launch is capped: PCIe, not the SMs, bounds host copies, and
+an uncapped grid slows the forward on the compute stream (measured on an H100: a concurrent
+8192^3 bf16 matmul ran 3.1x slower uncapped, 1.2x slower with 8 programs, while 8 programs still
+moved 52 GB/s GPU -> host and 16 programs 51 GB/s host -> GPU).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from tokenvm_vllm.transfer.copy_engine import CopyEngine, CopyResult
+from tokenvm_vllm.transfer.host_pool import HostPool
+from tokenvm_vllm.transfer.layout import KVLayout
+from tokenvm_vllm.transfer.triton_gather import TritonBlockMover
+
+STORE_PROGRAMS = 8
+LOAD_PROGRAMS = 16
+
+
+@dataclass
+class _Job:
+    is_load: bool
+    num_blocks: int
+    start: torch.cuda.Event
+    end: torch.cuda.Event
+    tensors: tuple[torch.Tensor, ...]
+    """Index tensors the kernel reads; kept alive until the job completes."""
+
+
+class CudaCopyEngine(CopyEngine):
+    """Asynchronous batched copies between vLLM's CUDA KV cache and a pinned ``HostPool``."""
+
+    def __init__(
+        self, layout: KVLayout, kv_caches: dict[str, torch.Tensor], pool: HostPool,
+        store_programs: int = STORE_PROGRAMS, load_programs: int = LOAD_PROGRAMS,
+    ) -> None:
+        super().__init__(layout, kv_caches, pool)
+        if not pool.pinned:
+            raise ValueError("tokenvm: the CUDA copy engine needs a pinned host pool "
+                             "(pin_memory=true)")
+        self.device = self.kv_caches[0].device
+        self.store_stream = torch.cuda.Stream(self.device)
+        self.load_stream = torch.cuda.Stream(self.device)
+        self.store_mover = TritonBlockMover(layout, self.kv_caches, max_programs=store_programs)
+        self.load_mover = TritonBlockMover(layout, self.kv_caches, max_programs=load_programs)
+        self.block_bytes = sum(layer.nbytes for layer in layout.layers)
+        self._jobs: OrderedDict[int, _Job] = OrderedDict()
+
+    def store(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
+        self._submit(job_id, False, gpu_block_ids, host_slots)
+
+    def load(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
+        self._submit(job_id, True, gpu_block_ids, host_slots)
+
+    def _submit(
+        self, job_id: int, is_load: bool, gpu_block_ids: list[int], host_slots: list[int]
+    ) -> None:
+        submitted = torch.cuda.Event()
+        submitted.record(torch.cuda.current_stream(self.device))
+        stream = self.load_stream if is_load else self.store_stream
+        ids = torch.tensor([gpu_block_ids, host_slots], dtype=torch.int64).pin_memory()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            stream.wait_event(submitted)
+            ids_gpu = ids.to(self.device, non_blocking=True)
+            start.record(stream)
+            if is_load:
+                self.load_mover.scatter(self.pool.buffer, ids_gpu[0], src_row_ids=ids_gpu[1])
+            else:
+                self.store_mover.gather(ids_gpu[0], self.pool.buffer, dst_row_ids=ids_gpu[1])
+            end.record(stream)
+        self._jobs[job_id] = _Job(is_load, len(gpu_block_ids), start, end, (ids, ids_gpu))
+
+    def poll(self) -> list[CopyResult]:
+        done = []
+        for job_id, job in list(self._jobs.items()):
+            if not job.end.query():
+                continue
+            seconds = job.start.elapsed_time(job.end) / 1000.0
+            done.append(CopyResult(job_id, job.is_load, True,
+                                   job.num_blocks * self.block_bytes, seconds))
+            del self._jobs[job_id]
+        return done
+
+    def fence(self, job_ids: set[int]) -> None:
+        compute = torch.cuda.current_stream(self.device)
+        for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                compute.wait_event(job.end)
+
+    def shutdown(self) -> None:
+        for job in self._jobs.values():
+            job.end.synchronize()
