@@ -535,3 +535,68 @@ def test_store_and_tier_together_across_restart(tmp_path):
             (slot,) = tier2.begin_read([k])
             assert np.array_equal(read(store, slot, k), payload(int.from_bytes(k[:32], "big")))
             tier2.end_read([k])
+
+
+# -- inspect_store: read-only summary ----------------------------------------------------------
+
+
+def _snapshot(path) -> dict[str, tuple[int, int, bytes]]:
+    return {name: (os.stat(path / name).st_mtime_ns, os.stat(path / name).st_mode,
+                   (path / name).read_bytes()) for name in sorted(os.listdir(path))}
+
+
+def test_inspect_store_counts_blocks_per_namespace_without_writing(tmp_path):
+    path = tmp_path / "d"
+    with open_store(path) as store:
+        assert all(store.write(slot, key(slot), payload(slot)).result() for slot in (0, 1, 2))
+    with open_store(path, namespace=OTHER_NS) as store:
+        assert all(store.write(slot, key(slot), payload(slot)).result() for slot in (5, 9))
+    before = _snapshot(path)
+    summary = ds.inspect_store(str(path))
+    assert _snapshot(path) == before
+    assert summary.num_slots == 16 and summary.used_slots == 5
+    assert summary.slot_bytes == SLOT_BYTES and summary.slot_stride == STRIDE
+    assert summary.blocks_by_namespace == {NS: 3, OTHER_NS: 2}
+    assert [name for name, _ in summary.files] == [f"slots-{i}.bin" for i in range(4)]
+    assert summary.file_bytes == 16 * STRIDE
+    assert summary.duplicate_slots == summary.stale_headers == 0
+    assert summary.bad_payloads is None and summary.locked_by_pid is None
+    assert 0 < summary.fs_free_bytes <= summary.fs_total_bytes
+
+
+def test_inspect_store_finds_layout_without_a_header_at_a_file_start(tmp_path):
+    path = tmp_path / "d"
+    with open_store(path) as store:
+        assert store.write(3, key(3), payload(3)).result()  # file 0, third slot
+    summary = ds.inspect_store(str(path))
+    assert (summary.slot_stride, summary.used_slots) == (STRIDE, 1)
+
+
+def test_inspect_store_empty_store_has_unknown_layout(tmp_path):
+    open_store(tmp_path / "d").close()
+    summary = ds.inspect_store(str(tmp_path / "d"))
+    assert summary.slot_bytes is None and summary.num_slots == 0 and summary.used_slots == 0
+
+
+def test_inspect_store_verify_duplicates_and_lock(tmp_path):
+    path = tmp_path / "d"
+    with open_store(path) as store:
+        for slot in (0, 1, 2):
+            assert store.write(slot, key(7 if slot < 2 else slot), payload(slot)).result()
+        assert ds.inspect_store(str(path)).locked_by_pid == os.getpid()
+        file_path, offset = store.slot_location(2)
+    flip_byte(file_path, offset + HEADER_BYTES + 5)
+    summary = ds.inspect_store(str(path), verify_payloads=True)
+    assert summary.used_slots == 3 and summary.duplicate_slots == 1
+    assert summary.bad_payloads == 1
+
+
+def test_inspect_store_refuses_missing_or_foreign_paths(tmp_path):
+    with pytest.raises(DiskStoreError, match="does not exist"):
+        ds.inspect_store(str(tmp_path / "missing"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DiskStoreError, match="not a directory"):
+        ds.inspect_store(str(tmp_path / "file"))
+    with pytest.raises(DiskStoreError, match="no slots-N.bin"):
+        ds.inspect_store(str(tmp_path))
+    assert not (tmp_path / "missing").exists()

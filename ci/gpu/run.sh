@@ -21,7 +21,7 @@ for stage in $STAGES; do
              > "$WORK/gpu_tests.log" 2>&1; tail -3 "$WORK/gpu_tests.log" ;;
     copy) python3 -m tokenvm_vllm.bench.copy_bench --out "$OUT/copy_bench.json" \
              > "$WORK/copy_bench.log" 2>&1; tail -9 "$WORK/copy_bench.log" ;;
-    exact) python3 ci/gpu/token_exact.py --out "$WORK/exact" 2>&1 | tee "$WORK/token_exact.log" \
+    exact) VLLM_BATCH_INVARIANT=1 python3 ci/gpu/token_exact.py --out "$WORK/exact" 2>&1 | tee "$WORK/token_exact.log" \
              | tail -8; cp "$WORK/exact/token_exact.json" "$OUT/" 2>/dev/null ;;
     revisit)
       python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"

@@ -8,7 +8,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-NUM_BLOCKS = 64
+NUM_BLOCKS = 96
 
 
 def make(kind: str, dtype: torch.dtype, layers: int = 4):

@@ -71,6 +71,7 @@ import mmap
 import os
 import queue
 import re
+import shutil
 import stat
 import struct
 import sys
@@ -693,3 +694,224 @@ class DiskStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- read-only inspection (for tools: ``tokenvm inspect``) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    """What ``inspect_store`` found in a store directory: a snapshot, taken without writing.
+
+    ``used_slots`` counts headers that a ``DiskStore`` opened with the same ``slot_bytes`` and the
+    matching namespace would accept at ``scan`` (magic, version, header checksum, slot index and
+    stride all consistent with where the header sits). Payloads are not read unless asked for.
+    """
+
+    path: str
+    files: tuple[tuple[str, int], ...]
+    """(file name, size in bytes) of every ``slots-N.bin``, in slot order."""
+    file_bytes: int
+    """Sum of the slot files' sizes."""
+    allocated_bytes: int
+    """Bytes the filesystem has really allocated for them (less than file_bytes when sparse)."""
+    slot_bytes: int | None
+    """Payload bytes per slot; None when no valid header revealed the layout."""
+    slot_stride: int | None
+    """Header + padded payload; None when the layout is unknown."""
+    num_slots: int
+    """Whole slots the files hold with that stride (0 when the layout is unknown)."""
+    used_slots: int
+    """Slots with a valid header for the layout (``scan`` would find them)."""
+    blocks_by_namespace: dict[bytes, int]
+    """16-byte namespace fingerprint -> used slots holding a block of that namespace."""
+    duplicate_slots: int
+    """Used slots whose (namespace, key) a slot with a higher sequence number also holds."""
+    stale_headers: int
+    """Valid headers at offsets of another layout (left by an earlier ``slot_bytes``); ignored."""
+    unverifiable_headers: int
+    """Headers checksummed with an algorithm unavailable in this process (xxhash missing?)."""
+    bad_payloads: int | None
+    """Used slots whose payload checksum failed; None unless ``verify_payloads`` was given."""
+    checksums: dict[str, int]
+    """Checksum algorithm name -> used slots."""
+    locked_by_pid: int | None
+    """Pid holding the store's ``flock`` (a running DiskStore), when /proc/locks shows it."""
+    fs_total_bytes: int
+    fs_free_bytes: int
+
+
+@dataclass(frozen=True)
+class _RawHeader:
+    namespace: bytes
+    slot: int
+    stride: int
+    payload_len: int
+    seq: int
+    payload_csum: int
+    algo: int
+    key: bytes
+
+
+def _decode_header(data: bytes) -> _RawHeader | None:
+    """The fields of a header whose magic, version and own checksum verify; None otherwise.
+
+    A header checksummed with an algorithm unavailable here is returned unverified, with its
+    ``algo``; callers must not trust its other fields (``algo not in _CHECKSUMS``).
+    """
+    if len(data) < HEADER_BYTES or data[:len(MAGIC)] != MAGIC:
+        return None
+    (magic, version, algo, _reserved, namespace, slot, stride, payload_len, seq, payload_csum,
+     key_len) = _FIXED.unpack_from(data)
+    if magic != MAGIC or version != FORMAT_VERSION or key_len > MAX_KEY_BYTES:
+        return None
+    end = _FIXED.size + key_len
+    checksum = _CHECKSUMS.get(algo)
+    if checksum is not None and checksum(data[:end]) != _CSUM.unpack_from(data, end)[0]:
+        return None
+    return _RawHeader(namespace=namespace, slot=slot, stride=stride, payload_len=payload_len,
+                      seq=seq, payload_csum=payload_csum, algo=algo, key=data[_FIXED.size:end])
+
+
+def _lock_holder(lock_path: str) -> int | None:
+    """Pid holding an flock on ``lock_path`` according to /proc/locks (Linux); None if unknown."""
+    try:
+        info = os.stat(lock_path)
+        with open("/proc/locks") as locks:
+            lines = locks.read().splitlines()
+    except OSError:
+        return None
+    wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    for line in lines:
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == wanted:
+            try:
+                return int(parts[4])
+            except ValueError:
+                return None
+    return None
+
+
+def inspect_store(path: str, *, verify_payloads: bool = False) -> StoreSummary:
+    """Summarise the DiskStore directory ``path`` without modifying anything.
+
+    Opens the slot files read-only, takes no lock (a running engine may keep writing; a header
+    torn by a concurrent write simply fails its checksum) and creates no file. The layout
+    (``slot_bytes``, stride) is taken from the newest valid header at the start of a slot file,
+    else from the first valid header found walking the files page by page. With
+    ``verify_payloads`` every used slot's payload is read and checksummed too.
+
+    Raises ``DiskStoreError`` (one line, naming the path) when ``path`` does not exist, is not a
+    directory or holds no ``slots-N.bin`` file; never on bad slot contents.
+    """
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise DiskStoreError(f"tokenvm: disk store path {path} does not exist")
+    if not os.path.isdir(path):
+        raise DiskStoreError(f"tokenvm: disk store path {path} is not a directory")
+    try:
+        names = os.listdir(path)
+    except OSError as exc:
+        raise DiskStoreError(f"tokenvm: cannot list disk store {path}: {exc.strerror}") from None
+    indexed = sorted((int(m.group(1)), name) for name in names
+                     if (m := _SLOT_FILE.match(name)) is not None)
+    if not indexed:
+        raise DiskStoreError(
+            f"tokenvm: {path} holds no TokenVM disk store (no slots-N.bin files)")
+    fds: list[int] = []
+    try:
+        sizes: list[int] = []
+        allocated = 0
+        for _index, name in indexed:
+            file_path = os.path.join(path, name)
+            try:
+                fd = os.open(file_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError as exc:
+                raise DiskStoreError(
+                    f"tokenvm: cannot open disk store file {file_path}: {exc.strerror}") from None
+            fds.append(fd)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise DiskStoreError(f"tokenvm: disk store file {file_path} is not a regular file")
+            sizes.append(info.st_size)
+            allocated += info.st_blocks * 512
+        layout = _find_layout(fds, sizes)
+        counts = _count_slots(fds, sizes, layout, verify_payloads)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    usage = shutil.disk_usage(path)
+    stride, slot_bytes = layout if layout is not None else (None, None)
+    return StoreSummary(
+        path=path, files=tuple((name, size) for (_i, name), size in zip(indexed, sizes,
+                                                                         strict=True)),
+        file_bytes=sum(sizes), allocated_bytes=allocated, slot_bytes=slot_bytes,
+        slot_stride=stride, num_slots=sum(size // stride for size in sizes) if stride else 0,
+        locked_by_pid=_lock_holder(os.path.join(path, "lock")),
+        fs_total_bytes=usage.total, fs_free_bytes=usage.free, **counts)
+
+
+def _find_layout(fds: list[int], sizes: list[int]) -> tuple[int, int] | None:
+    """(stride, slot_bytes) of the newest valid header at a file start, else of the first one
+    found walking the files page by page; None when the files hold no valid header."""
+    found: list[tuple[int, int, int]] = []  # (seq, stride, payload_len)
+    for fd, size in zip(fds, sizes, strict=True):
+        if size >= HEADER_BYTES:
+            header = _decode_header(os.pread(fd, HEADER_BYTES, 0))
+            if header is not None and header.algo in _CHECKSUMS and header.stride > 0:
+                found.append((header.seq, header.stride, header.payload_len))
+    if found:
+        _seq, stride, payload_len = max(found)
+        return stride, payload_len
+    chunk = 256 * ALIGN
+    for fd, size in zip(fds, sizes, strict=True):
+        for base in range(0, size - HEADER_BYTES + 1, chunk):
+            data = os.pread(fd, chunk + HEADER_BYTES, base)
+            for page in range(0, min(chunk, len(data) - HEADER_BYTES + 1), ALIGN):
+                if data[page:page + len(MAGIC)] != MAGIC:
+                    continue
+                header = _decode_header(data[page:page + HEADER_BYTES])
+                if (header is not None and header.algo in _CHECKSUMS and header.stride > 0
+                        and (base + page) % header.stride == 0):
+                    return header.stride, header.payload_len
+    return None
+
+
+def _count_slots(fds: list[int], sizes: list[int], layout: tuple[int, int] | None,
+                 verify_payloads: bool) -> dict[str, Any]:
+    """The per-slot counts of ``StoreSummary`` for ``layout`` (see there)."""
+    by_namespace: dict[bytes, int] = {}
+    checksums: dict[str, int] = {}
+    claims: dict[tuple[bytes, bytes], int] = {}
+    used = stale = unverifiable = bad = 0
+    if layout is not None:
+        stride, slot_bytes = layout
+        slots_per_file = sizes[0] // stride
+        for index, (fd, size) in enumerate(zip(fds, sizes, strict=True)):
+            for within in range(size // stride):
+                data = os.pread(fd, stride if verify_payloads else HEADER_BYTES, within * stride)
+                header = _decode_header(data)
+                if header is None:
+                    continue
+                if header.algo not in _CHECKSUMS:
+                    unverifiable += 1
+                    continue
+                if (header.slot != index * slots_per_file + within or header.stride != stride
+                        or header.payload_len != slot_bytes):
+                    stale += 1
+                    continue
+                used += 1
+                by_namespace[header.namespace] = by_namespace.get(header.namespace, 0) + 1
+                name = _CSUM_NAMES[header.algo]
+                checksums[name] = checksums.get(name, 0) + 1
+                claim = (header.namespace, header.key)
+                claims[claim] = claims.get(claim, 0) + 1
+                if verify_payloads:
+                    payload = data[HEADER_BYTES:HEADER_BYTES + header.payload_len]
+                    if _CHECKSUMS[header.algo](payload) != header.payload_csum:
+                        bad += 1
+    return {"used_slots": used, "blocks_by_namespace": by_namespace,
+            "duplicate_slots": sum(n - 1 for n in claims.values()), "stale_headers": stale,
+            "unverifiable_headers": unverifiable, "bad_payloads": bad if verify_payloads else None,
+            "checksums": checksums}
