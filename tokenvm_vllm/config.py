@@ -37,6 +37,9 @@ class TokenVMConfig:
     """Smallest run of host-hit blocks worth loading; shorter hits are recomputed."""
     pin_memory: bool = True
     """Pin the host pool on CUDA (required for fast async DMA). Ignored on the CPU platform."""
+    trace: bool = False
+    """Log a timestamped line (time.monotonic, shared by all processes) at each step of every
+    load: lookup hit, submit, copy done on the device, completion seen by the scheduler."""
     debug_fail_load_every: int = 0
     """Testing only: fail every N-th load job (its blocks are reported as load errors)."""
     debug_corrupt_loads: bool = False

@@ -46,7 +46,8 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     elif args.config == "tokenvm":
         kwargs["kv_transfer_config"] = {
             "kv_connector": "TokenVM", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"host_bytes": f"{args.host_gib}GiB"}}
+            "kv_connector_extra_config": {"host_bytes": f"{args.host_gib}GiB",
+                                          "trace": args.trace}}
     if args.cudagraphs:
         kwargs["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4, 8]}
     start = time.perf_counter()
@@ -95,8 +96,7 @@ def run_all(args: argparse.Namespace) -> None:
                "--json", str(out / f"revisit_{config}.json")] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
             if k in ("model", "documents", "prompt_tokens", "gpu_blocks", "host_gib", "batch")]
-        if args.cudagraphs:
-            cmd.append("--cudagraphs")
+        cmd += [f"--{flag}" for flag in ("cudagraphs", "trace") if getattr(args, flag)]
         with open(out / f"revisit_{config}.log", "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         if proc.returncode != 0:
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--host-gib", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--cudagraphs", action="store_true")
+    parser.add_argument("--trace", action="store_true", help="TokenVM timeline log lines")
     parser.add_argument("--out", default="out/revisit")
     parser.add_argument("--json", default="")
     args = parser.parse_args()

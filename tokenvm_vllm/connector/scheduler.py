@@ -25,6 +25,7 @@ the step's KV writes wait for it (``handle_preemptions``).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +147,9 @@ class TokenVMScheduler:
         if hits < self.config.min_load_blocks:
             return 0, False
         state.hit_blocks = hits
+        if self.config.trace:
+            logger.info("TokenVM trace %.6f lookup req=%s hit_blocks=%d", time.monotonic(),
+                        request.request_id, hits)
         return hits * self.block_size, True
 
     def update_state_after_alloc(
@@ -273,6 +277,9 @@ class TokenVMScheduler:
             self.host.end_read(job.keys, drop=job.failed)
             if job.failed:
                 self.stats.add("failed_load_blocks", len(job.keys))
+            if self.config.trace:
+                logger.info("TokenVM trace %.6f load-finished job=%d req=%s blocks=%d",
+                            time.monotonic(), job_id, job.req_id, len(job.keys))
             state = self.requests.get(job.req_id) if job.req_id else None
             if state is not None and state.load_job_id == job_id:
                 state.load_job_id = None

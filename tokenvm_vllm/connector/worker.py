@@ -13,6 +13,7 @@ It owns the host pool's bytes and a copy engine, and carries out what the schedu
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,6 +89,9 @@ class TokenVMWorker:
                 self._fail_load(job.job_id)
                 continue
             self.engine.load(job.job_id, job.gpu_block_ids, job.host_slots)
+            if self.config.trace:
+                logger.info("TokenVM trace %.6f load-submitted job=%d blocks=%d",
+                            time.monotonic(), job.job_id, len(job.gpu_block_ids))
 
     def start_store(self, meta: TokenVMConnectorMetadata) -> None:
         if meta.store is not None:
@@ -99,6 +103,10 @@ class TokenVMWorker:
         if self.engine is not None:
             for result in self.engine.poll():
                 self._worker_meta.completed[result.job_id] += 1
+                if self.config.trace:
+                    logger.info("TokenVM trace %.6f %s-polled job=%d device_ms=%.2f",
+                                time.monotonic(), "load" if result.is_load else "store",
+                                result.job_id, result.seconds * 1000)
                 if result.is_load:
                     self._worker_meta.load_bytes += result.nbytes
                     self._worker_meta.load_seconds += result.seconds
