@@ -73,6 +73,12 @@ class TokenVMWorker:
         )
         self._kv_caches = kv_caches
         self.engine = make_copy_engine(self.layout, kv_caches, pool)
+        first = next(iter(kv_caches.values()))
+        logger.info(
+            "TokenVM worker: %d layers, first %s shape %s strides %s, block dim %d, %d bytes "
+            "per block per layer; copy engine %s", len(kv_caches), first.dtype,
+            tuple(first.shape), tuple(first.stride()), self.layout.layers[0].block_dim,
+            self.layout.layers[0].nbytes, type(self.engine).__name__)
 
     def handle_preemptions(self, meta: TokenVMConnectorMetadata) -> None:
         if self.engine is not None and meta.fence_job_ids:

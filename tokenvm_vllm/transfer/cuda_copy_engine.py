@@ -20,6 +20,7 @@ moved 52 GB/s GPU -> host and 16 programs 51 GB/s host -> GPU).
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from tokenvm_vllm.transfer.copy_engine import CopyEngine, CopyResult
 from tokenvm_vllm.transfer.host_pool import HostPool
 from tokenvm_vllm.transfer.layout import KVLayout
 from tokenvm_vllm.transfer.triton_gather import TritonBlockMover
+
+logger = logging.getLogger("vllm.tokenvm")
 
 STORE_PROGRAMS = 8
 LOAD_PROGRAMS = 16
@@ -62,6 +65,9 @@ class CudaCopyEngine(CopyEngine):
         self.load_mover = TritonBlockMover(layout, self.kv_caches, max_programs=load_programs)
         self.block_bytes = sum(layer.nbytes for layer in layout.layers)
         self._jobs: OrderedDict[int, _Job] = OrderedDict()
+        sizes = sorted({chunk.nbytes for chunk in self.store_mover.chunks})
+        logger.info("TokenVM CUDA copy engine: %d chunks per block, chunk sizes %s bytes",
+                    len(self.store_mover.chunks), sizes[:4])
 
     def store(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
         self._submit(job_id, False, gpu_block_ids, host_slots)
