@@ -1,13 +1,15 @@
 """Copy-engine benchmark (GPU): TokenVM's block copies against the PCIe peak and vLLM's DMA.
 
-Llama-3.1-8B-shaped cache: 32 layers of FlashAttention layout (2, blocks, 16, 8, 128) bf16, so a
-block of all layers is 2 MiB, in 64 chunks of 32 KiB. For batches from 1 block to thousands,
-measured in the same run on the same machine (CUDA events, warm-up first, median of repeats):
+Llama-3.1-8B-shaped cache, 32 layers in bf16, in the per-layer layout vLLM 0.26 hands a KV
+connector on an H100: logical (blocks, 8 heads, 16 tokens, 2 x 128) stored tokens-before-heads,
+so one block of one layer is a contiguous 64 KiB and a block of all layers is 2 MiB. For
+batches from 1 block to thousands, measured in the same run on the same machine (CUDA
+events, warm-up first, median of repeats):
 
 - ``tokenvm``: ``CudaCopyEngine`` (one Triton launch per direction, UVA into pinned host slots)
   GPU->host, host->GPU, and both at once;
 - ``memcpy peak``: one contiguous pinned ``copy_`` of the same bytes (the PCIe ceiling);
-- ``vllm dma 32K``: vLLM's ``swap_blocks_batch`` (cuMemcpyBatchAsync) over the same 32 KiB chunks;
+- ``vllm dma 64K``: vLLM's ``swap_blocks_batch`` (cuMemcpyBatchAsync) over the same 64 KiB blocks;
 - ``vllm dma 2M``: the same with vLLM native offloading's cross-layer layout (one 2 MiB chunk per
   block), its best case.
 
@@ -56,8 +58,8 @@ def make_cases(
         "tokenvm both": lambda: run_jobs((False, ids, slots), (True, ids2, slots2)),
         "memcpy d2h": lambda: host_flat.copy_(gpu_flat, non_blocking=True),
         "memcpy h2d": lambda: gpu_flat.copy_(host_flat, non_blocking=True),
-        "vllm dma 32K d2h": lambda: dma(ids, slots, True, False),
-        "vllm dma 32K h2d": lambda: dma(ids, slots, False, False),
+        "vllm dma 64K d2h": lambda: dma(ids, slots, True, False),
+        "vllm dma 64K h2d": lambda: dma(ids, slots, False, False),
         "vllm dma 2M d2h": lambda: dma(ids, slots, True, True),
         "vllm dma 2M h2d": lambda: dma(ids, slots, False, True),
     }
@@ -74,8 +76,8 @@ def main() -> None:
     from tokenvm_vllm.transfer.layout import KVLayout
 
     n = args.blocks
-    caches = {f"layer.{i}": torch.randn(2, n, BLOCK_TOKENS, KV_HEADS, HEAD, device="cuda")
-              .to(torch.bfloat16) for i in range(LAYERS)}
+    caches = {f"layer.{i}": torch.randn(n, BLOCK_TOKENS, KV_HEADS, 2 * HEAD, device="cuda")
+              .to(torch.bfloat16).permute(0, 2, 1, 3) for i in range(LAYERS)}
     block_bytes = 2 * BLOCK_TOKENS * KV_HEADS * HEAD * 2 * LAYERS
     layout = KVLayout.from_kv_caches(caches, n, block_bytes)
     pool = HostPool(n, block_bytes, pin=True)
@@ -94,7 +96,7 @@ def main() -> None:
     from vllm import _custom_ops as ops
 
     cross = torch.empty(n, block_bytes, dtype=torch.uint8, device="cuda")
-    chunk = block_bytes // (2 * LAYERS)
+    chunk = block_bytes // LAYERS
 
     def dma(ids: list[int], slots: list[int], to_host: bool, cross_layer: bool) -> None:
         gpu, host = [], []
@@ -104,9 +106,8 @@ def main() -> None:
                 host.append(pool.buffer[s].data_ptr())
                 continue
             for i, kv in enumerate(caches.values()):
-                for half in range(2):
-                    gpu.append(kv[half, b].data_ptr())
-                    host.append(pool.buffer[s].data_ptr() + (2 * i + half) * chunk)
+                gpu.append(kv[b].data_ptr())
+                host.append(pool.buffer[s].data_ptr() + i * chunk)
         size = block_bytes if cross_layer else chunk
         src, dst = (gpu, host) if to_host else (host, gpu)
         ops.swap_blocks_batch(torch.tensor(src, dtype=torch.int64),

@@ -79,7 +79,7 @@ class TorchCopyEngine(CopyEngine):
         ids = torch.tensor(gpu_block_ids, dtype=torch.long, device=self.kv_caches[0].device)
         slots = torch.tensor(host_slots, dtype=torch.long)
         for layer, kv in zip(self.layout.layers, self.kv_caches, strict=True):
-            blocks = kv.index_select(layer.block_dim, ids).movedim(layer.block_dim, 0)
+            blocks = layer.blocks_view(kv).index_select(0, ids)
             rows = blocks.contiguous().view(torch.uint8).reshape(len(host_slots), layer.nbytes)
             self.pool.buffer[slots, layer.offset:layer.offset + layer.nbytes] = rows.cpu()
         self._finish(job_id, False, len(host_slots), start)
@@ -90,9 +90,9 @@ class TorchCopyEngine(CopyEngine):
         slots = torch.tensor(host_slots, dtype=torch.long)
         for layer, kv in zip(self.layout.layers, self.kv_caches, strict=True):
             rows = self.pool.buffer[slots, layer.offset:layer.offset + layer.nbytes]
-            block_shape = kv.shape[:layer.block_dim] + kv.shape[layer.block_dim + 1:]
-            blocks = rows.to(kv.device).view(kv.dtype).reshape(len(host_slots), *block_shape)
-            kv.index_copy_(layer.block_dim, ids, blocks.movedim(0, layer.block_dim))
+            view = layer.blocks_view(kv)
+            blocks = rows.to(kv.device).view(kv.dtype).reshape(len(host_slots), *view.shape[1:])
+            view.index_copy_(0, ids, blocks)
         self._finish(job_id, True, len(host_slots), start)
 
     def poll(self) -> list[CopyResult]:

@@ -1,11 +1,11 @@
 """One Triton launch moves N blocks of every layer between vLLM's KV cache and slot rows.
 
 A *slot row* is ``KVLayout.slot_bytes`` bytes holding one block of every layer, each layer's part
-at ``LayerLayout.offset`` in the byte order ``TorchCopyEngine`` writes: the layer tensor's logical
-order with the block dimension removed. The rows live in one ``uint8`` matrix, addressed only as
-``base + row * row_stride``: a GPU scratch tensor, or (on CUDA) a pinned host tensor that the
-kernel reads and writes directly through unified virtual addressing (UVA), so a row can be a
-host-pool slot and no staging copy is needed.
+at ``LayerLayout.offset`` in the byte order ``TorchCopyEngine`` writes: ``LayerLayout.blocks_view``
+(physical order) with the block dimension removed. The rows live in one ``uint8`` matrix,
+addressed only as ``base + row * row_stride``: a GPU scratch tensor, or (on CUDA) a pinned host
+tensor that the kernel reads and writes directly through unified virtual addressing (UVA), so a
+row can be a host-pool slot and no staging copy is needed.
 
 Why one launch for all layers: with per-layer torch indexing a step costs ``2 x layers`` kernels
 and copies (64 for Llama-3.1-8B); here the per-layer tensors are reached through a small device
@@ -118,7 +118,8 @@ class Chunk:
 def layer_chunks(kv: torch.Tensor, block_dim: int, slot_offset: int) -> list[Chunk]:
     """Chunks of one block of ``kv`` (blocks along ``block_dim``), in slot-row byte order.
 
-    The slot-row order is ``kv``'s logical order without the block dimension, so the chunk is the
+    The slot-row order is ``kv``'s logical order without the block dimension (callers pass
+    ``LayerLayout.blocks_view(kv)``, whose logical order is the physical one), so the chunk is the
     longest suffix of the trailing dimensions that is contiguous in memory, and the remaining
     dimensions (row-major, block dimension left out) enumerate chunks. Adjacent chunks that are
     contiguous in the tensor too are merged.
@@ -231,7 +232,7 @@ class TritonBlockMover:
                     f"{nbytes} bytes, the layout says {layer.nbytes}")
             if layer.offset + layer.nbytes > layout.slot_bytes:
                 raise ValueError(f"tokenvm: layer {layer.name!r} does not fit in the slot")
-            layer_part = layer_chunks(kv, layer.block_dim, layer.offset)
+            layer_part = layer_chunks(layer.blocks_view(kv), 0, layer.offset)
             small = [c.nbytes for c in layer_part if c.nbytes < min_chunk_bytes]
             if small:
                 raise ValueError(
