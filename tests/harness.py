@@ -141,12 +141,12 @@ class Harness:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def add(self, prompt: list[int], max_tokens: int = 4) -> str:
+    def add(self, prompt: list[int], max_tokens: int = 4, cache_salt: str | None = None) -> str:
         req_id = f"req-{next(self._ids)}"
         request = Request(
             request_id=req_id, prompt_token_ids=list(prompt),
             sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-            pooling_params=None, block_hasher=self._hasher)
+            pooling_params=None, block_hasher=self._hasher, cache_salt=cache_salt)
         self.scheduler.add_request(request)
         return req_id
 

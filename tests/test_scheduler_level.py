@@ -128,3 +128,118 @@ def test_without_fences_lagging_copies_corrupt_kv(model_dir, monkeypatch):
     h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True)
     with pytest.raises(KVMismatch):
         churn_and_revisit(h)
+
+
+# -- disk tier ------------------------------------------------------------------------------------
+
+def disk_harness(model_dir, disk_path, **extra):
+    # 16 host slots: a revisit of 8 prefix blocks after 3 other prompts must come from disk
+    config = {"host_bytes": 16 * 256, "disk_path": str(disk_path), "disk_bytes": "4MiB", **extra}
+    return Harness(model_dir, num_gpu_blocks=24, extra_config=config)
+
+
+def run_prompts(h, seeds, prefix_blocks=8):
+    for seed in seeds:
+        (p,) = prompts(1, prefix_blocks=prefix_blocks, suffix=5, seed=seed)
+        h.add(p)
+        h.run()
+
+
+def test_disk_tier_serves_blocks_evicted_from_host(model_dir, tmp_path):
+    h = disk_harness(model_dir, tmp_path / "disk")
+    run_prompts(h, [500, 501, 502, 503, 500])  # 500's prefix left host long ago
+    assert h.stats["disk_written_blocks"] >= 32
+    assert h.stats["host_evicted_blocks"] > 0
+    assert h.stats["disk_promoted_blocks"] >= 8
+    assert h.stats["loaded_blocks"] >= 8
+
+
+def test_disk_blocks_survive_a_restart(model_dir, tmp_path):
+    first = disk_harness(model_dir, tmp_path / "disk")
+    run_prompts(first, [600, 601])
+    first.worker.worker.shutdown()
+    second = disk_harness(model_dir, tmp_path / "disk")
+    run_prompts(second, [600])  # nothing in host: every hit comes from disk, checked exactly
+    assert second.stats["disk_recovered_blocks"] >= 16
+    assert second.stats["disk_promoted_blocks"] >= 8
+    assert second.stats["loaded_blocks"] >= 8
+
+
+def test_corrupted_disk_blocks_are_misses_and_recomputed(model_dir, tmp_path):
+    first = disk_harness(model_dir, tmp_path / "disk")
+    run_prompts(first, [700])
+    store = first.worker.worker.disk
+    first.worker.worker.shutdown()
+    for name in sorted(p.name for p in (tmp_path / "disk" / "rank-0").glob("slots-*.bin")):
+        path = tmp_path / "disk" / "rank-0" / name
+        data = bytearray(path.read_bytes())
+        for offset in range(0, len(data), store.slot_stride):  # one bit in every payload
+            data[offset + 4096 + 100] ^= 0x01
+        path.write_bytes(bytes(data))
+    second = disk_harness(model_dir, tmp_path / "disk")
+    run_prompts(second, [700])  # the fake forward checks every position
+    assert second.stats["disk_read_failed_blocks"] >= 8
+    assert second.stats.get("loaded_blocks", 0) == 0
+
+
+def test_other_namespace_never_sees_the_blocks(model_dir, tmp_path):
+    first = disk_harness(model_dir, tmp_path / "disk")
+    run_prompts(first, [800])
+    first.worker.worker.shutdown()
+    from tokenvm_vllm.tiny_llama import write_tiny_llama
+
+    other_model = str(write_tiny_llama(tmp_path / "other-model", weights=False))
+    second = disk_harness(other_model, tmp_path / "disk")
+    run_prompts(second, [800])
+    assert second.stats.get("disk_recovered_blocks", 0) == 0
+    assert second.stats.get("loaded_blocks", 0) == 0
+
+
+def test_cache_salt_isolates_blocks(model_dir):
+    h = Harness(model_dir, num_gpu_blocks=24)
+    (p,) = prompts(1, prefix_blocks=8, suffix=5, seed=900)
+    h.add(p, cache_salt="tenant-a")
+    h.run()
+    evict_everything(h, seed=901)
+    h.add(p, cache_salt="tenant-b")
+    h.run()
+    assert h.stats.get("loaded_blocks", 0) == 0
+    h.add(p, cache_salt="tenant-a")
+    h.run()
+    assert h.stats["loaded_blocks"] >= 7
+
+
+def test_full_disk_keeps_serving_and_warns_once(model_dir, tmp_path, monkeypatch, caplog):
+    import errno
+    import logging
+    import os
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    h = disk_harness(model_dir, tmp_path / "disk")
+    monkeypatch.setattr(os, "pwrite", no_space)
+    monkeypatch.setattr(os, "pwritev", no_space, raising=False)
+    with caplog.at_level(logging.WARNING, logger="vllm.tokenvm"):
+        run_prompts(h, [1000, 1001, 1000])
+    assert h.stats["disk_write_failed_blocks"] >= 16
+    assert len(h.outputs) == 3
+    warnings = [r for r in caplog.records if "ENOSPC" in r.getMessage() or "space" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_bad_disk_path_is_one_clear_error(model_dir, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(Exception, match=str(not_a_dir)):
+        disk_harness(model_dir, not_a_dir)
+
+
+def test_prefetch_defers_lookup_until_disk_reads_land(model_dir, tmp_path):
+    first = disk_harness(model_dir, tmp_path / "disk")
+    run_prompts(first, [1100])
+    first.worker.worker.shutdown()
+    second = disk_harness(model_dir, tmp_path / "disk")
+    run_prompts(second, [1100])
+    assert second.stats["lookup_deferred"] >= 1
+    assert second.stats["loaded_blocks"] >= 8

@@ -51,3 +51,14 @@ def yield_req_data(scheduler_output: Any) -> Iterator[tuple[str, Any, bool]]:
     from vllm.distributed.kv_transfer.kv_connector.utils import yield_req_data as _yield
 
     return _yield(scheduler_output)
+
+
+def tensor_parallel_rank_and_size() -> tuple[int, int]:
+    """This worker's tensor-parallel rank and the group size ((0, 1) outside a vLLM worker)."""
+    try:
+        from vllm.distributed.parallel_state import get_tp_group
+
+        group = get_tp_group()
+        return group.rank_in_group, group.world_size
+    except (ImportError, AssertionError, AttributeError):
+        return 0, 1

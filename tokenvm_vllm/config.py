@@ -31,6 +31,18 @@ class TokenVMConfig:
 
     host_bytes: int = 4 * 2**30
     """Host-RAM tier capacity in bytes (per worker). Accepts '512MiB', '4GiB', or an int."""
+    disk_path: str = ""
+    """Directory of the disk tier (one ``rank-<r>`` subdirectory per tensor-parallel rank).
+    Empty: no disk tier. Blocks survive restarts only with a fixed PYTHONHASHSEED."""
+    disk_bytes: int = 0
+    """Disk tier capacity per rank in bytes ('100GiB'). Required with disk_path."""
+    disk_io_threads: int = 8
+    """Threads doing disk reads and writes (many requests in flight)."""
+    disk_prefetch_timeout_s: float = 2.0
+    """How long a request may wait for its disk blocks to reach host memory before vLLM
+    schedules it with whatever part of its prefix is ready."""
+    disk_max_pending_writes: int = 1024
+    """Host -> disk copies allowed in flight; beyond it new blocks skip the disk tier."""
     policy: str = "lru"
     """Host-tier eviction policy: 'lru', '2q', 'arc' or 'queue_aware' (tokenvm_vllm.policies)."""
     min_load_blocks: int = 1
@@ -108,6 +120,13 @@ def _coerce(key: str, value: Any) -> Any:
         return _parse_bool(key, value)
     if kind is int:
         return _parse_int(key, value)
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(str(value).strip())
+        except ValueError:
+            raise TokenVMConfigError(f"tokenvm: {key}={value!r} is not a number") from None
     if not isinstance(value, str):
         raise TokenVMConfigError(f"tokenvm: {key}={value!r} is not a string")
     return value
@@ -154,6 +173,19 @@ def _validate(config: TokenVMConfig) -> None:
     if config.min_load_blocks < 1:
         raise TokenVMConfigError(
             f"tokenvm: min_load_blocks={config.min_load_blocks} must be >= 1")
+    if config.disk_path and config.disk_bytes <= 0:
+        raise TokenVMConfigError(
+            f"tokenvm: disk_bytes={config.disk_bytes} must be > 0 when disk_path is set")
+    if config.disk_bytes and not config.disk_path:
+        raise TokenVMConfigError(
+            f"tokenvm: disk_bytes={config.disk_bytes} is set but disk_path is empty")
+    for key in ("disk_io_threads", "disk_max_pending_writes"):
+        if getattr(config, key) < 1:
+            raise TokenVMConfigError(f"tokenvm: {key}={getattr(config, key)} must be >= 1")
+    if not 0 <= config.disk_prefetch_timeout_s <= 3600:
+        raise TokenVMConfigError(
+            f"tokenvm: disk_prefetch_timeout_s={config.disk_prefetch_timeout_s} must be "
+            "between 0 and 3600")
     if config.debug_fail_load_every < 0:
         raise TokenVMConfigError(
             f"tokenvm: debug_fail_load_every={config.debug_fail_load_every} must be >= 0")

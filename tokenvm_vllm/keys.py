@@ -33,7 +33,9 @@ class Namespace:
     pp_size: int
     hash_algo: str
     hash_seed: str
-    """PYTHONHASHSEED, or 'random' when unset (then hashes change with every restart)."""
+    """PYTHONHASHSEED, or 'random' when unset (then hashes may change with every restart)."""
+    layout: str = ""
+    """How a block's bytes are laid out in a slot (per-layer sizes and dimension orders)."""
 
     def fingerprint(self) -> bytes:
         """A stable 16-byte digest of all fields."""

@@ -29,6 +29,16 @@ class CopyJob:
 
 
 @dataclass
+class DiskJob:
+    """Copy one block between host slot ``host_slot`` and disk slot ``disk_slot``."""
+
+    job_id: int
+    key: bytes
+    host_slot: int
+    disk_slot: int
+
+
+@dataclass
 class TokenVMConnectorMetadata(KVConnectorMetadata):
     loads: list[CopyJob] = field(default_factory=list)
     """Host -> GPU, one job per request; start at once (``start_load_kv``)."""
@@ -36,6 +46,12 @@ class TokenVMConnectorMetadata(KVConnectorMetadata):
     """GPU -> host for blocks this step's forward fills; start after the forward is queued."""
     fence_job_ids: set[int] = field(default_factory=set)
     """Jobs still using GPU blocks that this step re-allocates: finish them before the forward."""
+    disk_reads: list[DiskJob] = field(default_factory=list)
+    """Disk -> host promotions (prefetch); the host slots are WRITING until they finish."""
+    disk_writes: list[DiskJob] = field(default_factory=list)
+    """Host -> disk copies of blocks already READABLE in host; their host slots are pinned."""
+    disk_invalidations: list[int] = field(default_factory=list)
+    """Disk slots whose block was dropped: zero their headers before any later write."""
 
 
 @dataclass
@@ -48,6 +64,10 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
     store_bytes: int = 0
     load_seconds: float = 0.0
     store_seconds: float = 0.0
+    disk_scanned: int = 0
+    """Workers that finished scanning their disk store at start-up (sent once each)."""
+    disk_recovered: Counter[tuple[bytes, int]] = field(default_factory=Counter)
+    """(key, disk slot) pairs the scan found valid -> number of workers that found them."""
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> TokenVMWorkerMetadata:
         assert isinstance(other, TokenVMWorkerMetadata)
@@ -58,7 +78,9 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
             store_bytes=self.store_bytes + other.store_bytes,
             load_seconds=self.load_seconds + other.load_seconds,
             store_seconds=self.store_seconds + other.store_seconds,
+            disk_scanned=self.disk_scanned + other.disk_scanned,
+            disk_recovered=self.disk_recovered + other.disk_recovered,
         )
 
     def is_empty(self) -> bool:
-        return not self.completed
+        return not self.completed and not self.disk_scanned

@@ -16,6 +16,14 @@ Life of a block:
    worker copies and reports the request in ``finished_recving``; the completion unpins.
 4. Evicted: when a slot is needed and the tier is full, the policy's best unpinned victim goes.
 
+Disk tier (``disk_path``): every block that becomes READABLE in host is also copied to disk in
+the background (its host slot pinned meanwhile), so a host eviction never loses it. When a
+request arrives (``on_new_request``) the disk-resident part of its prefix that host memory lacks
+is promoted disk -> host at once (prefetch), overlapping the time the request waits in vLLM's
+queue; ``get_num_new_matched_tokens`` answers "ask again" (None) while that promotion is in
+flight, until ``disk_prefetch_timeout_s``, after which only what is ready counts. After a restart
+the workers scan their stores; the scheduler adopts the blocks every worker found.
+
 Safety: a copy may still use a GPU block after vLLM freed it (a request finished or was preempted
 while its store or load was in flight). Every in-flight job's GPU blocks are tracked; when vLLM
 hands one of them to a request again, the job is put in ``fence_job_ids`` and the worker makes
@@ -24,8 +32,10 @@ the step's KV writes wait for it (``handle_preemptions``).
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,12 +43,15 @@ from tokenvm_vllm import compat
 from tokenvm_vllm.config import TokenVMConfig
 from tokenvm_vllm.connector.metadata import (
     CopyJob,
+    DiskJob,
     TokenVMConnectorMetadata,
     TokenVMWorkerMetadata,
 )
 from tokenvm_vllm.connector.stats import TokenVMStats
 from tokenvm_vllm.keys import BlockKey, make_block_key
 from tokenvm_vllm.policies import make_policy
+from tokenvm_vllm.tiers.disk_store import disk_slot_count
+from tokenvm_vllm.tiers.disk_tier import DiskTier
 from tokenvm_vllm.tiers.host_tier import HostTier
 from tokenvm_vllm.tiers.residency import ResidencyIndex
 from tokenvm_vllm.transfer.host_pool import num_host_slots
@@ -69,18 +82,32 @@ class RequestState:
     hit_blocks: int = 0
     """The host hit the last lookup promised, in blocks after ``local_blocks``."""
     load_job_id: int | None = None
+    promotions: set[int] = field(default_factory=set)
+    """Disk -> host jobs in flight for this request's prefix."""
+    prefetch_deadline: float = 0.0
+
+
+class JobKind(enum.Enum):
+    LOAD = "host->gpu"
+    STORE = "gpu->host"
+    DISK_READ = "disk->host"
+    DISK_WRITE = "host->disk"
 
 
 @dataclass
 class PendingJob:
     """A copy job the workers have not all finished yet."""
 
-    is_load: bool
+    kind: JobKind
     keys: list[BlockKey]
     gpu_block_ids: list[int]
     remaining: int
     req_id: str | None = None
     failed: bool = False
+
+    @property
+    def is_load(self) -> bool:
+        return self.kind is JobKind.LOAD
 
 
 class TokenVMScheduler:
@@ -108,9 +135,22 @@ class TokenVMScheduler:
         self._step_loads: list[CopyJob] = []
         self._step_allocated: set[int] = set()
         self.stats = TokenVMStats()
+        self.disk: DiskTier | None = None
+        self.disk_ready = False
+        """False until every worker reported its start-up scan: no disk slot is handed out
+        before the recovered ones are known."""
+        self._disk_scans = 0
+        self._disk_recovered: Counter = Counter()
+        self._disk_write_queue: deque[BlockKey] = deque()
+        self._step_disk_reads: list[DiskJob] = []
+        if config.disk_path:
+            self.disk = DiskTier(disk_slot_count(config.disk_bytes, slot_bytes), self.index,
+                                 make_policy(config.policy))
         logger.info(
-            "TokenVM scheduler: %d host slots of %d bytes, block size %d, policy %s",
-            self.host.num_slots, slot_bytes, self.block_size, config.policy)
+            "TokenVM scheduler: %d host slots of %d bytes, %s, block size %d, policy %s",
+            self.host.num_slots, slot_bytes,
+            f"{self.disk.num_slots} disk slots" if self.disk else "no disk tier",
+            self.block_size, config.policy)
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -126,7 +166,36 @@ class TokenVMScheduler:
     # -- vLLM scheduler hooks ---------------------------------------------------------------
 
     def on_new_request(self, request: Request) -> None:
-        self.requests.setdefault(request.request_id, RequestState(request))
+        state = self.requests.setdefault(request.request_id, RequestState(request))
+        state.prefetch_deadline = time.monotonic() + self.config.disk_prefetch_timeout_s
+        self._prefetch(state)
+
+    def _lookup_stop(self, request: Request) -> int:
+        """Blocks a lookup may cover: hashed, and leaving one prompt token to compute (vLLM
+        needs a forward to sample from)."""
+        return min(self.num_hashed_blocks(request), (request.num_tokens - 1) // self.block_size)
+
+    def _prefetch(self, state: RequestState, start: int = 0) -> None:
+        """Start disk -> host promotions for the prefix blocks host memory lacks."""
+        if self.disk is None or not self.disk_ready:
+            return
+        request = state.request
+        issued = 0
+        for key in self.block_keys(request, start, self._lookup_stop(request)):
+            if self.host.contains(key):
+                continue  # readable, or being written (by a store or another promotion)
+            if not self.index.is_readable(key, self.disk.tier):
+                break  # a miss: later blocks could not be used anyway
+            host_slot = self.host.begin_write(key)
+            if host_slot is None:
+                break  # every host slot pinned
+            (disk_slot,) = self.disk.begin_read([key])
+            job = self._new_job(JobKind.DISK_READ, [key], [], req_id=request.request_id)
+            self._step_disk_reads.append(DiskJob(job, key, host_slot, disk_slot))
+            state.promotions.add(job)
+            issued += 1
+        if issued:
+            state.prefetch_deadline = time.monotonic() + self.config.disk_prefetch_timeout_s
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -136,10 +205,15 @@ class TokenVMScheduler:
         if state.load_job_id is not None:
             return None, False  # a load for this request is still in flight
         start = state.local_blocks = num_computed_tokens // self.block_size
-        # Leave at least one prompt token to compute: vLLM needs a forward to sample from.
-        stop = min(self.num_hashed_blocks(request), (request.num_tokens - 1) // self.block_size)
+        stop = self._lookup_stop(request)
         if stop <= start:
             return 0, False
+        if not state.promotions:
+            self._prefetch(state, start)  # blocks may have reached disk since arrival
+        waiting_for_disk = state.promotions or (self.disk is not None and not self.disk_ready)
+        if waiting_for_disk and time.monotonic() < state.prefetch_deadline:
+            self.stats.add("lookup_deferred", 1)
+            return None, False  # disk -> host in flight, or the start-up scan: ask again
         keys = self.block_keys(request, start, stop)
         hits = self.host.readable_prefix(keys)
         self.stats.add("lookup_blocks", len(keys))
@@ -171,7 +245,7 @@ class TokenVMScheduler:
         keys = self.block_keys(request, start, start + num_blocks)
         gpu_block_ids = state.block_ids[start:start + num_blocks]
         slots = self.host.begin_read(keys)
-        job = self._new_job(True, keys, gpu_block_ids, req_id=request.request_id)
+        job = self._new_job(JobKind.LOAD, keys, gpu_block_ids, req_id=request.request_id)
         self._step_loads.append(CopyJob(job, gpu_block_ids, slots, req_id=request.request_id))
         state.load_job_id = job
         state.next_store_block = max(state.next_store_block, start + num_blocks)
@@ -201,8 +275,11 @@ class TokenVMScheduler:
         }
         meta = TokenVMConnectorMetadata(
             loads=self._step_loads, store=self._plan_store(scheduler_output),
-            fence_job_ids=fence_job_ids)
+            fence_job_ids=fence_job_ids, disk_reads=self._step_disk_reads,
+            disk_writes=self._plan_disk_writes(),
+            disk_invalidations=self.disk.take_freed_slots() if self.disk_ready else [])
         self._step_loads = []
+        self._step_disk_reads = []
         self._step_allocated = set()
         self._step_first_job_id = self._next_job_id
         return meta
@@ -244,9 +321,33 @@ class TokenVMScheduler:
             state.next_store_block = filled
         if not keys:
             return None
-        job = self._new_job(False, keys, gpu_block_ids)
+        job = self._new_job(JobKind.STORE, keys, gpu_block_ids)
         self.stats.add("stored_blocks", len(keys))
         return CopyJob(job, gpu_block_ids, slots)
+
+    def _plan_disk_writes(self) -> list[DiskJob]:
+        """Copy newly READABLE host blocks to disk, within the in-flight limit."""
+        if self.disk is None or not self.disk_ready:
+            self._disk_write_queue.clear()
+            return []
+        in_flight = sum(1 for job in self.jobs.values() if job.kind is JobKind.DISK_WRITE)
+        writes: list[DiskJob] = []
+        while self._disk_write_queue:
+            key = self._disk_write_queue.popleft()
+            if self.disk.contains(key) or not self.index.is_readable(key, self.host.tier):
+                continue
+            if in_flight + len(writes) >= self.config.disk_max_pending_writes:
+                self.stats.add("disk_write_skipped_blocks", 1 + len(self._disk_write_queue))
+                self._disk_write_queue.clear()
+                break
+            disk_slot = self.disk.begin_write(key)
+            if disk_slot is None:
+                self.stats.add("disk_write_skipped_blocks", 1)
+                continue
+            (host_slot,) = self.host.begin_read([key])
+            job = self._new_job(JobKind.DISK_WRITE, [key], [])
+            writes.append(DiskJob(job, key, host_slot, disk_slot))
+        return writes
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
@@ -254,6 +355,8 @@ class TokenVMScheduler:
             return
         for name in ("load_bytes", "store_bytes", "load_seconds", "store_seconds"):
             self.stats.add(name, getattr(meta, name))
+        if meta.disk_scanned:
+            self._adopt_disk_blocks(meta)
         for job_id, count in meta.completed.items():
             job = self.jobs.get(job_id)
             if job is None:
@@ -264,6 +367,22 @@ class TokenVMScheduler:
                 continue
             self._finish_job(job_id, job)
 
+    def _adopt_disk_blocks(self, meta: TokenVMWorkerMetadata) -> None:
+        """Take over what every worker's start-up scan found (the same key in the same slot)."""
+        assert self.disk is not None
+        self._disk_scans += meta.disk_scanned
+        self._disk_recovered.update(meta.disk_recovered)
+        if self._disk_scans < self.num_workers or self.disk_ready:
+            return
+        found = {key: slot for (key, slot), count in self._disk_recovered.items()
+                 if count == self.num_workers}
+        adopted = self.disk.adopt(found)
+        self.disk_ready = True
+        self._disk_recovered.clear()
+        self.stats.add("disk_recovered_blocks", adopted)
+        logger.info("TokenVM disk tier ready: %d blocks recovered from %s", adopted,
+                    self.config.disk_path)
+
     def _finish_job(self, job_id: int, job: PendingJob) -> None:
         del self.jobs[job_id]
         for block_id in job.gpu_block_ids:
@@ -272,6 +391,23 @@ class TokenVMScheduler:
                 waiting.discard(job_id)
                 if not waiting:
                     del self._gpu_block_jobs[block_id]
+        if job.kind is JobKind.DISK_READ:
+            assert self.disk is not None
+            (key,) = job.keys
+            self.disk.end_read(job.keys, drop=job.failed)
+            self.host.end_write(key, ok=not job.failed)
+            self.stats.add("disk_read_failed_blocks" if job.failed else "disk_promoted_blocks", 1)
+            state = self.requests.get(job.req_id) if job.req_id else None
+            if state is not None:
+                state.promotions.discard(job_id)
+            return
+        if job.kind is JobKind.DISK_WRITE:
+            assert self.disk is not None
+            (key,) = job.keys
+            self.host.end_read(job.keys)
+            self.disk.end_write(key, ok=not job.failed)
+            self.stats.add("disk_write_failed_blocks" if job.failed else "disk_written_blocks", 1)
+            return
         if job.is_load:
             # A failed load may mean bad bytes in the slot: drop it rather than serve it again.
             self.host.end_read(job.keys, drop=job.failed)
@@ -286,6 +422,8 @@ class TokenVMScheduler:
         else:
             for key in job.keys:
                 self.host.end_write(key, ok=not job.failed)
+            if self.disk is not None and not job.failed:
+                self._disk_write_queue.extend(job.keys)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         """Never delays the free: in-flight copies of freed blocks are fenced on re-use."""
@@ -294,7 +432,7 @@ class TokenVMScheduler:
 
     def has_pending_work(self) -> bool:
         """Keep the engine stepping while copies are in flight, so their completions arrive."""
-        return bool(self.jobs)
+        return bool(self.jobs) or bool(self._disk_write_queue)
 
     def get_stats(self) -> TokenVMStats | None:
         if self.stats.is_empty():
@@ -303,17 +441,19 @@ class TokenVMScheduler:
         return stats
 
     def reset_cache(self) -> bool:
-        """Drop every unpinned host block (vLLM's ``reset_prefix_cache``)."""
+        """Drop every unpinned host and disk block (vLLM's ``reset_prefix_cache``)."""
         self.host.clear()
+        if self.disk is not None:
+            self.disk.clear()
         return True
 
     def _new_job(
-        self, is_load: bool, keys: list[BlockKey], gpu_block_ids: list[int],
+        self, kind: JobKind, keys: list[BlockKey], gpu_block_ids: list[int],
         req_id: str | None = None,
     ) -> int:
         job_id = self._next_job_id
         self._next_job_id += 1
-        self.jobs[job_id] = PendingJob(is_load, keys, gpu_block_ids, self.num_workers, req_id)
+        self.jobs[job_id] = PendingJob(kind, keys, gpu_block_ids, self.num_workers, req_id)
         for block_id in gpu_block_ids:
             self._gpu_block_jobs.setdefault(block_id, set()).add(job_id)
         return job_id

@@ -8,18 +8,28 @@ It owns the host pool's bytes and a copy engine, and carries out what the schedu
                         collect finished jobs: loaded requests go back to vLLM in
                         finished_recving, every finished job id goes to the scheduler in
                         ``TokenVMWorkerMetadata``
+
+With a disk tier it also owns this rank's ``DiskStore``: at start-up it scans the store and
+reports what it found; each step (in ``start_load_kv``) it starts the step's disk invalidations,
+promotions (disk -> host slot) and demotions (host slot -> disk) on the store's I/O threads, and
+reports them finished in ``get_finished`` like any other job.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 import torch
 
+from tokenvm_vllm import compat
 from tokenvm_vllm.config import TokenVMConfig
 from tokenvm_vllm.connector.metadata import TokenVMConnectorMetadata, TokenVMWorkerMetadata
+from tokenvm_vllm.keys import Namespace, current_hash_seed
+from tokenvm_vllm.tiers.disk_store import DiskStore
 from tokenvm_vllm.transfer.copy_engine import CopyEngine, TorchCopyEngine
 from tokenvm_vllm.transfer.host_pool import HostPool, num_host_slots
 from tokenvm_vllm.transfer.layout import KVLayout, slot_bytes_for
@@ -51,6 +61,7 @@ class TokenVMWorker:
         self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: TokenVMConfig
     ) -> None:
         self.config = config
+        self.vllm_config = vllm_config
         self.kv_cache_config = kv_cache_config
         self.slot_bytes = slot_bytes_for(kv_cache_config)
         self.engine: CopyEngine | None = None
@@ -61,6 +72,9 @@ class TokenVMWorker:
         self._load_errors: set[int] = set()
         self._worker_meta = TokenVMWorkerMetadata()
         self._num_loads = 0
+        self.disk: DiskStore | None = None
+        self._pool: HostPool | None = None
+        self._disk_jobs: dict[int, Future[bool]] = {}
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.layout = KVLayout.from_kv_caches(
@@ -72,7 +86,10 @@ class TokenVMWorker:
             pin=self.config.pin_memory and device.type == "cuda",
         )
         self._kv_caches = kv_caches
+        self._pool = pool
         self.engine = make_copy_engine(self.layout, kv_caches, pool)
+        if self.config.disk_path:
+            self._open_disk_store(first_dtype=str(next(iter(kv_caches.values())).dtype))
         first = next(iter(kv_caches.values()))
         logger.info(
             "TokenVM worker: %d layers, first %s shape %s strides %s, block dim %d, %d bytes "
@@ -80,12 +97,57 @@ class TokenVMWorker:
             tuple(first.shape), tuple(first.stride()), self.layout.layers[0].block_dim,
             self.layout.layers[0].nbytes, type(self.engine).__name__)
 
+    def namespace(self, kv_dtype: str) -> Namespace:
+        """What, besides the block hash, must match for stored bytes to be reused."""
+        rank, size = compat.tensor_parallel_rank_and_size()
+        assert self.layout is not None
+        return Namespace(
+            model=str(self.vllm_config.model_config.model), kv_dtype=kv_dtype,
+            block_size=self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size,
+            tp_rank=rank, tp_size=size,
+            pp_size=self.vllm_config.parallel_config.pipeline_parallel_size,
+            hash_algo=str(self.vllm_config.cache_config.prefix_caching_hash_algo),
+            hash_seed=current_hash_seed(),
+            layout=repr([(layer.nbytes, layer.dim_order) for layer in self.layout.layers]))
+
+    def _open_disk_store(self, first_dtype: str) -> None:
+        namespace = self.namespace(first_dtype)
+        path = os.path.join(self.config.disk_path, f"rank-{namespace.tp_rank}")
+        self.disk = DiskStore(path, self.config.disk_bytes, self.slot_bytes,
+                              namespace.fingerprint(), io_threads=self.config.disk_io_threads)
+        recovered = self.disk.scan()
+        self._worker_meta.disk_scanned = 1
+        self._worker_meta.disk_recovered.update(recovered.items())
+
+    def _start_disk_jobs(self, meta: TokenVMConnectorMetadata) -> None:
+        assert self.disk is not None and self._pool is not None
+        for slot in meta.disk_invalidations:
+            self.disk.invalidate(slot)
+        rows = self._pool.buffer
+        for job in meta.disk_reads:
+            self._disk_jobs[job.job_id] = self.disk.read(job.disk_slot, job.key,
+                                                         rows[job.host_slot].numpy())
+        for job in meta.disk_writes:
+            self._disk_jobs[job.job_id] = self.disk.write(job.disk_slot, job.key,
+                                                          rows[job.host_slot].numpy())
+
+    def _collect_disk_jobs(self) -> None:
+        for job_id, future in list(self._disk_jobs.items()):
+            if not future.done():
+                continue
+            del self._disk_jobs[job_id]
+            self._worker_meta.completed[job_id] += 1
+            if not future.result():
+                self._worker_meta.failed[job_id] += 1
+
     def handle_preemptions(self, meta: TokenVMConnectorMetadata) -> None:
         if self.engine is not None and meta.fence_job_ids:
             self.engine.fence(meta.fence_job_ids)
 
     def start_load_kv(self, meta: TokenVMConnectorMetadata) -> None:
         assert self.engine is not None or not meta.loads
+        if meta.disk_reads or meta.disk_writes or meta.disk_invalidations:
+            self._start_disk_jobs(meta)
         for job in meta.loads:
             assert job.req_id is not None
             self._load_jobs[job.job_id] = (job.req_id, job.gpu_block_ids)
@@ -128,6 +190,8 @@ class TokenVMWorker:
                     self._worker_meta.store_seconds += result.seconds
                     if not result.ok:
                         self._worker_meta.failed[result.job_id] += 1
+        if self._disk_jobs:
+            self._collect_disk_jobs()
         finished, self._finished_recving = self._finished_recving, set()
         return finished
 
@@ -144,6 +208,8 @@ class TokenVMWorker:
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
+        if self.disk is not None:
+            self.disk.close()
 
     def _fail_load(self, job_id: int) -> None:
         """Testing only: report a load as failed without copying (vLLM must recompute)."""

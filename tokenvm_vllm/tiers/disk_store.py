@@ -109,6 +109,11 @@ MAX_KEY_BYTES = HEADER_BYTES - _FIXED.size - _CSUM.size
 _SLOT_FILE = re.compile(r"^slots-(\d+)\.bin$")
 
 
+def disk_slot_count(capacity_bytes: int, slot_bytes: int) -> int:
+    """Slots a ``DiskStore`` of ``capacity_bytes`` holds (the scheduler sizes its tier with it)."""
+    return capacity_bytes // (HEADER_BYTES + _round_up(slot_bytes, ALIGN))
+
+
 class DiskStoreError(RuntimeError):
     """Setup failed (bad path, permissions, size, in use): one line, names the path."""
 
@@ -205,7 +210,7 @@ class DiskStore:
         self.namespace = bytes(namespace)
         self.payload_stride = _round_up(slot_bytes, ALIGN)
         self.slot_stride = HEADER_BYTES + self.payload_stride
-        self.num_slots = capacity_bytes // self.slot_stride
+        self.num_slots = disk_slot_count(capacity_bytes, slot_bytes)
         if self.num_slots < 1:
             raise DiskStoreError(
                 f"tokenvm: disk store capacity {capacity_bytes} bytes at {self.path} is smaller "
