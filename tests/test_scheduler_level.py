@@ -224,7 +224,8 @@ def test_full_disk_keeps_serving_and_warns_once(model_dir, tmp_path, monkeypatch
         run_prompts(h, [1000, 1001, 1000])
     assert h.stats["disk_write_failed_blocks"] >= 16
     assert len(h.outputs) == 3
-    warnings = [r for r in caplog.records if "ENOSPC" in r.getMessage() or "space" in r.getMessage()]
+    warnings = [r for r in caplog.records
+                if "ENOSPC" in r.getMessage() or "space" in r.getMessage()]
     assert len(warnings) == 1
 
 
