@@ -244,3 +244,39 @@ def test_prefetch_defers_lookup_until_disk_reads_land(model_dir, tmp_path):
     run_prompts(second, [1100])
     assert second.stats["lookup_deferred"] >= 1
     assert second.stats["loaded_blocks"] >= 8
+
+
+# -- write-back and policies ----------------------------------------------------------------------
+
+def test_write_back_copies_only_blocks_near_eviction(model_dir):
+    """Revisiting from the GPU cache costs write-back no copies; write-through copies all."""
+    stored = {}
+    for mode in ("write_through", "write_back"):
+        h = Harness(model_dir, num_gpu_blocks=64,
+                    extra_config={"write_mode": mode, "write_back_lookahead_blocks": 8})
+        (p,) = prompts(1, prefix_blocks=8, suffix=5, seed=1200)
+        for _ in range(3):
+            h.add(p)
+            h.run()
+        stored[mode] = h.stats.get("stored_blocks", 0)
+    assert stored["write_through"] >= 8
+    assert stored["write_back"] < stored["write_through"]
+
+
+def test_write_back_with_lagging_copies_stays_exact(model_dir):
+    h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True,
+                extra_config={"write_mode": "write_back"})
+    churn_and_revisit(h)
+    assert h.stats["stored_blocks"] > 0
+    assert h.stats["loaded_blocks"] > 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "2q", "arc", "queue_aware"])
+def test_every_policy_serves_exact_kv(model_dir, policy):
+    h = Harness(model_dir, num_gpu_blocks=24,
+                extra_config={"policy": policy, "host_bytes": 26 * 256})
+    # 5 prompts x 6 full blocks overflow both the GPU cache (23) and the host tier (26); 1301 has
+    # left the GPU cache but is still in host memory under every policy
+    run_prompts(h, [1300, 1301, 1302, 1303, 1304, 1301], prefix_blocks=6)
+    assert h.stats["host_evicted_blocks"] > 0
+    assert h.stats.get("loaded_blocks", 0) > 0

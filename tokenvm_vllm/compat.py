@@ -62,3 +62,14 @@ def tensor_parallel_rank_and_size() -> tuple[int, int]:
         return group.rank_in_group, group.world_size
     except (ImportError, AssertionError, AttributeError):
         return 0, 1
+
+
+def iter_free_blocks(block_pool: Any, limit: int) -> Iterator[Any]:
+    """The first ``limit`` blocks of vLLM's GPU free queue, next to be evicted first."""
+    queue = block_pool.free_block_queue
+    block = queue.fake_free_list_head.next_free_block
+    for _ in range(limit):
+        if block is None or block is queue.fake_free_list_tail:
+            return
+        yield block
+        block = block.next_free_block

@@ -31,6 +31,12 @@ class TokenVMConfig:
 
     host_bytes: int = 4 * 2**30
     """Host-RAM tier capacity in bytes (per worker). Accepts '512MiB', '4GiB', or an int."""
+    write_mode: str = "write_through"
+    """'write_through': copy every full block to host as soon as a forward fills it.
+    'write_back': copy only cached blocks near the eviction end of vLLM's GPU free queue."""
+    write_back_lookahead_blocks: int = 0
+    """write_back: how many blocks from the eviction end of the free queue to keep copied.
+    0 = two steps' worth (2 x max_num_batched_tokens / block size)."""
     disk_path: str = ""
     """Directory of the disk tier (one ``rank-<r>`` subdirectory per tensor-parallel rank).
     Empty: no disk tier. Blocks survive restarts only with a fixed PYTHONHASHSEED."""
@@ -59,7 +65,7 @@ class TokenVMConfig:
 
 
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TokenVMConfig)}
-_CHOICES = {"policy": tuple(POLICIES)}
+_CHOICES = {"policy": tuple(POLICIES), "write_mode": ("write_through", "write_back")}
 
 
 def parse_size(key: str, value: Any) -> int:
@@ -179,6 +185,10 @@ def _validate(config: TokenVMConfig) -> None:
     if config.disk_bytes and not config.disk_path:
         raise TokenVMConfigError(
             f"tokenvm: disk_bytes={config.disk_bytes} is set but disk_path is empty")
+    if config.write_back_lookahead_blocks < 0:
+        raise TokenVMConfigError(
+            f"tokenvm: write_back_lookahead_blocks={config.write_back_lookahead_blocks} must be "
+            ">= 0")
     for key in ("disk_io_threads", "disk_max_pending_writes"):
         if getattr(config, key) < 1:
             raise TokenVMConfigError(f"tokenvm: {key}={getattr(config, key)} must be >= 1")

@@ -169,14 +169,19 @@ def _counters(llm: Any) -> dict[str, float]:
     return totals
 
 
+def engine_command(settings: EngineSettings, workload: Workload, out: Path) -> list[str]:
+    """The command line that runs ``run_engine`` in its own process and writes ``out``."""
+    return [sys.executable, "-m", "tokenvm_vllm.bench.prefix_reuse",
+            "--settings", json.dumps(asdict(settings)), "--workload", json.dumps(asdict(workload)),
+            "--out", str(out)]
+
+
 def run_in_subprocess(
     settings: EngineSettings, workload: Workload, out: Path, log: Path | None = None,
     env: dict[str, str] | None = None, timeout: float = 900,
 ) -> dict[str, Any]:
     """Run ``run_engine`` in a fresh Python process; its log goes to ``log``."""
-    cmd = [sys.executable, "-m", "tokenvm_vllm.bench.prefix_reuse",
-           "--settings", json.dumps(asdict(settings)), "--workload", json.dumps(asdict(workload)),
-           "--out", str(out)]
+    cmd = engine_command(settings, workload, out)
     log = log or out.with_suffix(".log")
     with open(log, "w") as log_file:
         proc = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout,

@@ -88,6 +88,11 @@ class TokenVMConnector(KVConnectorBase_V1):
         assert self.scheduler is not None
         return self.scheduler.request_finished(request, block_ids)
 
+    def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
+        super().bind_gpu_block_pool(gpu_block_pool)
+        if self.scheduler is not None:
+            self.scheduler.bind_gpu_block_pool(gpu_block_pool)
+
     def has_pending_push_work(self) -> bool:
         return self.scheduler is not None and self.scheduler.has_pending_work()
 

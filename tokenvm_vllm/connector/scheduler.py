@@ -16,6 +16,11 @@ Life of a block:
    worker copies and reports the request in ``finished_recving``; the completion unpins.
 4. Evicted: when a slot is needed and the tier is full, the policy's best unpinned victim goes.
 
+Write-back (``write_mode="write_back"``): instead of step 1, each step copies the cached blocks
+nearest the eviction end of vLLM's GPU free queue (``bind_gpu_block_pool``) that host memory
+lacks, up to a look-ahead; blocks still in use or recently freed are not copied until they get
+close to eviction, so blocks that are reused from the GPU cache never cross PCIe.
+
 Disk tier (``disk_path``): every block that becomes READABLE in host is also copied to disk in
 the background (its host slot pinned meanwhile), so a host eviction never loses it. When a
 request arrives (``on_new_request``) the disk-resident part of its prefix that host memory lacks
@@ -82,6 +87,8 @@ class RequestState:
     hit_blocks: int = 0
     """The host hit the last lookup promised, in blocks after ``local_blocks``."""
     load_job_id: int | None = None
+    protected: list[BlockKey] = field(default_factory=list)
+    """Prompt block keys the eviction policy protects while the request lives."""
     promotions: set[int] = field(default_factory=set)
     """Disk -> host jobs in flight for this request's prefix."""
     prefetch_deadline: float = 0.0
@@ -135,6 +142,9 @@ class TokenVMScheduler:
         self._step_loads: list[CopyJob] = []
         self._step_allocated: set[int] = set()
         self.stats = TokenVMStats()
+        self.gpu_block_pool: Any = None
+        self.write_back_lookahead = config.write_back_lookahead_blocks or max(
+            1, 2 * vllm_config.scheduler_config.max_num_batched_tokens // self.block_size)
         self.disk: DiskTier | None = None
         self.disk_ready = False
         """False until every worker reported its start-up scan: no disk slot is handed out
@@ -168,6 +178,12 @@ class TokenVMScheduler:
     def on_new_request(self, request: Request) -> None:
         state = self.requests.setdefault(request.request_id, RequestState(request))
         state.prefetch_deadline = time.monotonic() + self.config.disk_prefetch_timeout_s
+        # Queued and running requests will need their prefix: the queue-aware policy evicts
+        # those blocks last (other policies ignore protect/unprotect).
+        state.protected = self.block_keys(request, 0, self._lookup_stop(request))
+        self.host.policy.protect(state.protected)
+        if self.disk is not None:
+            self.disk.policy.protect(state.protected)
         self._prefetch(state)
 
     def _lookup_stop(self, request: Request) -> int:
@@ -284,11 +300,57 @@ class TokenVMScheduler:
         self._step_first_job_id = self._next_job_id
         return meta
 
+    def bind_gpu_block_pool(self, block_pool: Any) -> None:
+        self.gpu_block_pool = block_pool
+
     def _plan_store(self, scheduler_output: SchedulerOutput) -> CopyJob | None:
-        """Reserve host slots for every block this step's forward fills that the host lacks."""
+        """Reserve host slots for the blocks to copy out this step, as one job."""
         gpu_block_ids: list[int] = []
         slots: list[int] = []
         keys: list[BlockKey] = []
+        if self.config.write_mode == "write_back":
+            self._plan_write_back(gpu_block_ids, slots, keys)
+        else:
+            self._plan_write_through(scheduler_output, gpu_block_ids, slots, keys)
+        if not keys:
+            return None
+        job = self._new_job(JobKind.STORE, keys, gpu_block_ids)
+        self.stats.add("stored_blocks", len(keys))
+        return CopyJob(job, gpu_block_ids, slots)
+
+    def _reserve_host_slot(self, key: BlockKey) -> int | None:
+        evictions = self.host.evictions
+        slot = self.host.begin_write(key)
+        if slot is None:
+            self.stats.add("store_skipped_blocks", 1)
+        self.stats.add("host_evicted_blocks", self.host.evictions - evictions)
+        return slot
+
+    def _plan_write_back(
+        self, gpu_block_ids: list[int], slots: list[int], keys: list[BlockKey]
+    ) -> None:
+        """Cached GPU blocks about to be evicted that host memory lacks. A free block may be
+        handed out again while its copy runs: the fence on re-allocation covers that."""
+        if self.gpu_block_pool is None:
+            return
+        for block in compat.iter_free_blocks(self.gpu_block_pool, self.write_back_lookahead):
+            key = block.block_hash  # vLLM's hash + 4-byte group id: the BlockKey format
+            if key is None or block.is_null:
+                continue
+            if self.host.contains(key):
+                continue
+            slot = self._reserve_host_slot(key)
+            if slot is None:
+                return
+            keys.append(key)
+            gpu_block_ids.append(block.block_id)
+            slots.append(slot)
+
+    def _plan_write_through(
+        self, scheduler_output: SchedulerOutput, gpu_block_ids: list[int], slots: list[int],
+        keys: list[BlockKey],
+    ) -> None:
+        """Every block this step's forward fills that the host lacks."""
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             state = self.requests.get(req_id)
             if state is None:
@@ -309,21 +371,13 @@ class TokenVMScheduler:
                     continue
                 if key in keys:
                     continue  # two requests fill the same block in one step; store it once
-                evictions = self.host.evictions
-                slot = self.host.begin_write(key)
+                slot = self._reserve_host_slot(key)
                 if slot is None:
-                    self.stats.add("store_skipped_blocks", 1)
                     continue
-                self.stats.add("host_evicted_blocks", self.host.evictions - evictions)
                 keys.append(key)
                 gpu_block_ids.append(state.block_ids[i])
                 slots.append(slot)
             state.next_store_block = filled
-        if not keys:
-            return None
-        job = self._new_job(JobKind.STORE, keys, gpu_block_ids)
-        self.stats.add("stored_blocks", len(keys))
-        return CopyJob(job, gpu_block_ids, slots)
 
     def _plan_disk_writes(self) -> list[DiskJob]:
         """Copy newly READABLE host blocks to disk, within the in-flight limit."""
@@ -427,7 +481,11 @@ class TokenVMScheduler:
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         """Never delays the free: in-flight copies of freed blocks are fenced on re-use."""
-        self.requests.pop(request.request_id, None)
+        state = self.requests.pop(request.request_id, None)
+        if state is not None and state.protected:
+            self.host.policy.unprotect(state.protected)
+            if self.disk is not None:
+                self.disk.policy.unprotect(state.protected)
         return False, None
 
     def has_pending_work(self) -> bool:
