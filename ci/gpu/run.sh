@@ -23,11 +23,13 @@ for stage in $STAGES; do
              > "$WORK/copy_bench.log" 2>&1; tail -9 "$WORK/copy_bench.log" ;;
     exact) VLLM_BATCH_INVARIANT=1 python3 ci/gpu/token_exact.py --out "$WORK/exact" 2>&1 | tee "$WORK/token_exact.log" \
              | tail -8; cp "$WORK/exact/token_exact.json" "$OUT/" 2>/dev/null ;;
+    disk) python3 -m tokenvm_vllm.bench.disk_bench --path /tmp/tokenvm-disk-bench --gib 4 \
+             --out "$OUT/disk_bench.json" 2>&1 | tee "$WORK/disk_bench.log" | tail -6 ;;
     revisit)
       python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
       python3 -m tokenvm_vllm.bench.revisit_bench --all --model "$WORK/llama8b" --out "$WORK/revisit" \
         ${REVISIT_ARGS:-} 2>&1 | tee "$WORK/revisit.log" | tail -8
-      cp "$WORK/revisit/revisit_results.json" "$OUT/" 2>/dev/null ;;
+      cp "$WORK/revisit/revisit_results.json" "$OUT/revisit_results${REVISIT_TAG:-}.json" ;;
   esac
 done
 tar czf "$OUT/logs.tgz" -C "$WORK" --exclude='*.safetensors' --exclude='*.json.gz' \

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = ("none", "native", "tokenvm")
+CONFIGS = ("none", "native", "tokenvm", "tokenvm_wb", "tokenvm_disk", "native_fs")
+"""none: no offload; native: vLLM's CPU offloading (kv_offloading_size); tokenvm: host tier,
+write-through; tokenvm_wb: host tier, write-back; tokenvm_disk: small host tier + disk tier;
+native_fs: vLLM's tiering (small CPU tier + fs tier)."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -41,13 +45,26 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     from tokenvm_vllm.bench.prefix_reuse import _counters
 
     kwargs: dict[str, Any] = {}
+    disk = Path(args.disk_dir) / args.config
     if args.config == "native":
         kwargs["kv_offloading_size"] = args.host_gib
-    elif args.config == "tokenvm":
+    elif args.config == "native_fs":
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+            "kv_connector_extra_config": {
+                "spec_name": "TieringOffloadingSpec",
+                "cpu_bytes_to_use": args.disk_host_gib * 2**30,
+                "secondary_tiers": [{"type": "fs", "root_dir": str(disk)}]}}
+    elif args.config.startswith("tokenvm"):
+        extra: dict[str, Any] = {"host_bytes": f"{args.host_gib}GiB", "trace": args.trace}
+        if args.config == "tokenvm_wb":
+            extra["write_mode"] = "write_back"
+        if args.config == "tokenvm_disk":
+            extra |= {"host_bytes": f"{args.disk_host_gib}GiB", "disk_path": str(disk),
+                      "disk_bytes": f"{args.disk_gib}GiB"}
         kwargs["kv_transfer_config"] = {
             "kv_connector": "TokenVM", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"host_bytes": f"{args.host_gib}GiB",
-                                          "trace": args.trace}}
+            "kv_connector_extra_config": extra}
     if args.cudagraphs:
         kwargs["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4, 8]}
     start = time.perf_counter()
@@ -90,12 +107,14 @@ def run_all(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
+    shutil.rmtree(args.disk_dir, ignore_errors=True)  # a cold disk tier for every run
     for i, config in enumerate(args.configs.split(","), 1):
         print(f"[{i}/{len(args.configs.split(','))}] {config} ...", flush=True)
         cmd = [sys.executable, "-m", "tokenvm_vllm.bench.revisit_bench", "--config", config,
                "--json", str(out / f"revisit_{config}.json")] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k in ("model", "documents", "prompt_tokens", "gpu_blocks", "host_gib", "batch")]
+            if k in ("model", "documents", "prompt_tokens", "gpu_blocks", "host_gib", "batch",
+                     "disk_dir", "disk_gib", "disk_host_gib")]
         cmd += [f"--{flag}" for flag in ("cudagraphs", "trace") if getattr(args, flag)]
         with open(out / f"revisit_{config}.log", "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
@@ -140,6 +159,10 @@ def main() -> None:
     parser.add_argument("--gpu-blocks", type=int, default=2048, help="GPU KV cache cap (blocks)")
     parser.add_argument("--host-gib", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--disk-dir", default="/tmp/tokenvm-bench-disk")
+    parser.add_argument("--disk-gib", type=int, default=16)
+    parser.add_argument("--disk-host-gib", type=int, default=2,
+                        help="host tier of the disk configurations (below the working set)")
     parser.add_argument("--cudagraphs", action="store_true")
     parser.add_argument("--trace", action="store_true", help="TokenVM timeline log lines")
     parser.add_argument("--out", default="out/revisit")
