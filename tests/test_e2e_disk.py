@@ -26,7 +26,7 @@ from tokenvm_vllm.tiny_llama import write_tiny_llama
 
 pytestmark = pytest.mark.e2e
 
-WORKLOAD = Workload(documents=8, questions=2, prefix_blocks=8, suffix_tokens=24, max_tokens=8,
+WORKLOAD = Workload(documents=16, questions=2, prefix_blocks=8, suffix_tokens=24, max_tokens=8,
                     batch_size=4)
 ENV = {"PYTHONHASHSEED": "0"}
 
@@ -48,7 +48,7 @@ def kill_during_disk_writes(settings: EngineSettings, workload: Workload, tmp: P
             if "TokenVM disk tier ready" in log_path.read_text():
                 break
             time.sleep(0.5)
-        time.sleep(rng.uniform(1.0, 3.0))  # the workload is running: stores and disk writes
+        time.sleep(rng.uniform(0.2, 1.5))  # the workload is running: stores and disk writes
         killed = proc.poll() is None
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
