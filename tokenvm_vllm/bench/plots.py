@@ -1,0 +1,75 @@
+"""Plots of the benchmark JSON files (copy bench, revisit bench) as PNGs.
+
+    python -m tokenvm_vllm.bench.plots results/     # writes results/*.png next to the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def plot_copy_bench(data: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"]
+    blocks = [row["blocks"] for row in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, style in [("memcpy h2d", "k--"), ("tokenvm h2d", "b-o"), ("tokenvm d2h", "g-o"),
+                        ("tokenvm both", "m-o"), ("vllm dma 2M h2d", "r-s"),
+                        ("vllm dma 64K h2d", "y-s")]:
+        ax.plot(blocks, [row[name] for row in rows], style, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("blocks per copy (2 MiB each, Llama-3.1-8B shape)")
+    ax.set_ylabel("GB/s")
+    ax.set_title(f"Copy bandwidth, {data['gpu']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def plot_revisit(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(names, [results[n]["revisit_median_ms"] for n in names], color="tab:blue",
+             label="p50")
+    left.errorbar(names, [results[n]["revisit_median_ms"] for n in names],
+                  yerr=[[0] * len(names),
+                        [results[n]["revisit_p90_ms"] - results[n]["revisit_median_ms"]
+                         for n in names]], fmt="none", ecolor="k", capsize=4, label="to p90")
+    left.set_ylabel("revisit latency, ms (8k prefix)")
+    left.legend()
+    right.bar(names, [results[n]["first_pass_s"] for n in names], color="tab:gray")
+    right.set_ylabel("first pass, s")
+    for ax in (left, right):
+        ax.tick_params(axis="x", rotation=20)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="folder with copy_bench*.json / revisit*.json")
+    args = parser.parse_args()
+    folder = Path(args.folder)
+    for path in sorted(folder.glob("copy_bench*.json")):
+        plot_copy_bench(json.loads(path.read_text()), path.with_suffix(".png"))
+        print("wrote", path.with_suffix(".png"))
+    for path in sorted(folder.glob("revisit*.json")):
+        plot_revisit(json.loads(path.read_text()), path.with_suffix(".png"))
+        print("wrote", path.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
