@@ -128,13 +128,17 @@ class Harness:
         self._hasher = get_request_block_hasher(self.block_size, sha256)
         self._ids = itertools.count()
         self.stats: dict[str, float] = {}
+        self.histograms: dict[str, list[float]] = {}
         # vLLM drains the scheduler-side stats in update_from_output; tap them there.
         drain = self.connector.get_kv_connector_stats
 
         def tapped_stats() -> Any:
             stats = drain()
             for key, value in (stats.data if stats is not None else {}).items():
-                self.stats[key] = self.stats.get(key, 0) + value
+                if isinstance(value, list):  # histogram observations
+                    self.histograms.setdefault(key, []).extend(value)
+                else:
+                    self.stats[key] = self.stats.get(key, 0) + value
             return stats
 
         self.connector.get_kv_connector_stats = tapped_stats  # type: ignore[method-assign]

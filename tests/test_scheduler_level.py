@@ -42,6 +42,8 @@ def test_revisit_loads_from_host_and_kv_is_exact(model_dir):
     assert h.stats["loaded_blocks"] == 8
     assert h.stats["host_hit_blocks"] >= 8
     assert h.scheduler.connector.scheduler.jobs == {}
+    assert len(h.histograms["load_job_seconds"]) == 1  # one job for the revisit's 8 blocks
+    assert len(h.histograms["store_job_seconds"]) >= 2
 
 
 def test_local_hit_is_not_loaded_again(model_dir):
@@ -117,6 +119,7 @@ def test_async_copies_are_fenced_when_blocks_are_reused(model_dir):
     h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True)
     churn_and_revisit(h)
     assert h.worker.worker.engine.fenced_jobs > 0
+    assert h.stats["fenced_jobs"] >= h.worker.worker.engine.fenced_jobs
     assert h.stats["loaded_blocks"] > 0
 
 
@@ -244,6 +247,9 @@ def test_prefetch_defers_lookup_until_disk_reads_land(model_dir, tmp_path):
     run_prompts(second, [1100])
     assert second.stats["lookup_deferred"] >= 1
     assert second.stats["loaded_blocks"] >= 8
+    assert second.stats["prefetch_late_blocks"] + second.stats.get(
+        "prefetch_on_time_blocks", 0) >= 8
+    assert len(second.histograms["disk_io_seconds"]) >= 8
 
 
 # -- write-back and policies ----------------------------------------------------------------------

@@ -49,7 +49,7 @@ class TokenVMConfig:
     schedules it with whatever part of its prefix is ready."""
     disk_max_pending_writes: int = 1024
     """Host -> disk copies allowed in flight; beyond it new blocks skip the disk tier."""
-    policy: str = "lru"
+    policy: str = "queue_aware"
     """Host-tier eviction policy: 'lru', '2q', 'arc' or 'queue_aware' (tokenvm_vllm.policies)."""
     min_load_blocks: int = 1
     """Smallest run of host-hit blocks worth loading; shorter hits are recomputed."""

@@ -64,6 +64,9 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
     store_bytes: int = 0
     load_seconds: float = 0.0
     store_seconds: float = 0.0
+    load_job_seconds: list[float] = field(default_factory=list)
+    store_job_seconds: list[float] = field(default_factory=list)
+    disk_io_seconds: list[float] = field(default_factory=list)
     disk_scanned: int = 0
     """Workers that finished scanning their disk store at start-up (sent once each)."""
     disk_recovered: Counter[tuple[bytes, int]] = field(default_factory=Counter)
@@ -78,6 +81,9 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
             store_bytes=self.store_bytes + other.store_bytes,
             load_seconds=self.load_seconds + other.load_seconds,
             store_seconds=self.store_seconds + other.store_seconds,
+            load_job_seconds=self.load_job_seconds + other.load_job_seconds,
+            store_job_seconds=self.store_job_seconds + other.store_job_seconds,
+            disk_io_seconds=self.disk_io_seconds + other.disk_io_seconds,
             disk_scanned=self.disk_scanned + other.disk_scanned,
             disk_recovered=self.disk_recovered + other.disk_recovered,
         )

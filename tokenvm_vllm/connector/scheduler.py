@@ -91,6 +91,9 @@ class RequestState:
     """Prompt block keys the eviction policy protects while the request lives."""
     promotions: set[int] = field(default_factory=set)
     """Disk -> host jobs in flight for this request's prefix."""
+    prefetched_blocks: int = 0
+    """Promotions issued for this request, not yet judged on time or late."""
+    lookup_deferred: bool = False
     prefetch_deadline: float = 0.0
 
 
@@ -210,6 +213,7 @@ class TokenVMScheduler:
             self._step_disk_reads.append(DiskJob(job, key, host_slot, disk_slot))
             state.promotions.add(job)
             issued += 1
+        state.prefetched_blocks += issued
         if issued:
             state.prefetch_deadline = time.monotonic() + self.config.disk_prefetch_timeout_s
 
@@ -229,7 +233,13 @@ class TokenVMScheduler:
         waiting_for_disk = state.promotions or (self.disk is not None and not self.disk_ready)
         if waiting_for_disk and time.monotonic() < state.prefetch_deadline:
             self.stats.add("lookup_deferred", 1)
+            state.lookup_deferred = True
             return None, False  # disk -> host in flight, or the start-up scan: ask again
+        if state.prefetched_blocks:
+            late = state.lookup_deferred
+            self.stats.add("prefetch_late_blocks" if late else "prefetch_on_time_blocks",
+                           state.prefetched_blocks)
+            state.prefetched_blocks, state.lookup_deferred = 0, False
         keys = self.block_keys(request, start, stop)
         hits = self.host.readable_prefix(keys)
         self.stats.add("lookup_blocks", len(keys))
@@ -289,6 +299,7 @@ class TokenVMScheduler:
             for job_id in self._gpu_block_jobs.get(block_id, ())
             if job_id < self._step_first_job_id
         }
+        self.stats.add("fenced_jobs", len(fence_job_ids))
         meta = TokenVMConnectorMetadata(
             loads=self._step_loads, store=self._plan_store(scheduler_output),
             fence_job_ids=fence_job_ids, disk_reads=self._step_disk_reads,
@@ -409,6 +420,8 @@ class TokenVMScheduler:
             return
         for name in ("load_bytes", "store_bytes", "load_seconds", "store_seconds"):
             self.stats.add(name, getattr(meta, name))
+        for name in ("load_job_seconds", "store_job_seconds", "disk_io_seconds"):
+            self.stats.observe(name, getattr(meta, name))
         if meta.disk_scanned:
             self._adopt_disk_blocks(meta)
         for job_id, count in meta.completed.items():

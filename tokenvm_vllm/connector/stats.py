@@ -31,6 +31,10 @@ COUNTERS: dict[str, str] = {
     "disk_write_failed_blocks": "Host -> disk copies that failed (disk full, I/O error)",
     "disk_write_skipped_blocks": "Blocks not written to disk (queue full or every slot pinned)",
     "lookup_deferred": "Lookups answered 'ask again' while a prefetch was in flight",
+    "prefetch_on_time_blocks": "Prefetched blocks that were in host memory at the first lookup",
+    "prefetch_late_blocks": "Prefetched blocks the request had to wait for (lookup deferred)",
+    "fenced_jobs": "Copies a forward had to wait for (their GPU blocks were re-allocated): copy "
+                   "time not hidden under compute",
     "load_bytes": "Bytes copied host -> GPU",
     "store_bytes": "Bytes copied GPU -> host",
     "load_seconds": "Seconds spent in host -> GPU copies",
@@ -38,31 +42,53 @@ COUNTERS: dict[str, str] = {
 }
 
 
+HISTOGRAMS: dict[str, str] = {
+    "load_job_seconds": "Duration of each host -> GPU copy job (one per parked request)",
+    "store_job_seconds": "Duration of each GPU -> host copy job (one per engine step)",
+    "disk_io_seconds": "Time from submit to completion seen, per disk read or write",
+}
+_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
 @dataclass
 class TokenVMStats(KVConnectorStats):
-    """``data`` maps each name of ``COUNTERS`` to a number accumulated over one interval."""
+    """``data``: each name of ``COUNTERS`` -> a number accumulated over one interval, each name
+    of ``HISTOGRAMS`` -> the list of observations of that interval."""
 
     def __post_init__(self) -> None:
         for name in COUNTERS:
             self.data.setdefault(name, 0)
+        for name in HISTOGRAMS:
+            self.data.setdefault(name, [])
 
     def add(self, name: str, value: float) -> None:
         self.data[name] += value
 
+    def observe(self, name: str, values: list[float]) -> None:
+        self.data[name].extend(values)
+
     def reset(self) -> None:
-        self.data = {name: 0 for name in COUNTERS}
+        self.data = {}
+        self.__post_init__()
 
     def aggregate(self, other: KVConnectorStats) -> TokenVMStats:
         for name, value in other.data.items():
             if name in COUNTERS:
                 self.data[name] = self.data.get(name, 0) + value
+            elif name in HISTOGRAMS:
+                self.data.setdefault(name, []).extend(value)
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        return {name: round(value, 6) for name, value in self.data.items() if value}
+        summary = {name: round(self.data[name], 6) for name in COUNTERS if self.data.get(name)}
+        for name in HISTOGRAMS:
+            values = self.data.get(name) or []
+            if values:
+                summary[f"{name}_mean"] = round(sum(values) / len(values), 6)
+        return summary
 
     def is_empty(self) -> bool:
-        return not any(self.data.values())
+        return not any(self.data.get(name) for name in (*COUNTERS, *HISTOGRAMS))
 
 
 class TokenVMPromMetrics(KVConnectorPromMetrics):
@@ -84,9 +110,21 @@ class TokenVMPromMetrics(KVConnectorPromMetrics):
             )
             for name, doc in COUNTERS.items()
         }
+        self._histograms = {
+            name: create_metric_per_engine(
+                self._histogram_cls(name=f"tokenvm:{name}", documentation=doc,
+                                    labelnames=labelnames, buckets=_BUCKETS),
+                per_engine_labelvalues,
+            )
+            for name, doc in HISTOGRAMS.items()
+        }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for name, value in transfer_stats_data.items():
             counters = self._counters.get(name)
             if counters is not None and value:
                 counters[engine_idx].inc(value)
+            histograms = self._histograms.get(name)
+            if histograms is not None:
+                for observation in value:
+                    histograms[engine_idx].observe(observation)

@@ -74,7 +74,7 @@ class TokenVMWorker:
         self._num_loads = 0
         self.disk: DiskStore | None = None
         self._pool: HostPool | None = None
-        self._disk_jobs: dict[int, Future[bool]] = {}
+        self._disk_jobs: dict[int, tuple[Future[bool], float]] = {}
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.layout = KVLayout.from_kv_caches(
@@ -124,18 +124,21 @@ class TokenVMWorker:
         for slot in meta.disk_invalidations:
             self.disk.invalidate(slot)
         rows = self._pool.buffer
+        now = time.monotonic()
         for job in meta.disk_reads:
-            self._disk_jobs[job.job_id] = self.disk.read(job.disk_slot, job.key,
-                                                         rows[job.host_slot].numpy())
+            self._disk_jobs[job.job_id] = (
+                self.disk.read(job.disk_slot, job.key, rows[job.host_slot].numpy()), now)
         for job in meta.disk_writes:
-            self._disk_jobs[job.job_id] = self.disk.write(job.disk_slot, job.key,
-                                                          rows[job.host_slot].numpy())
+            self._disk_jobs[job.job_id] = (
+                self.disk.write(job.disk_slot, job.key, rows[job.host_slot].numpy()), now)
 
     def _collect_disk_jobs(self) -> None:
-        for job_id, future in list(self._disk_jobs.items()):
+        now = time.monotonic()
+        for job_id, (future, submitted) in list(self._disk_jobs.items()):
             if not future.done():
                 continue
             del self._disk_jobs[job_id]
+            self._worker_meta.disk_io_seconds.append(now - submitted)
             self._worker_meta.completed[job_id] += 1
             if not future.result():
                 self._worker_meta.failed[job_id] += 1
@@ -178,6 +181,7 @@ class TokenVMWorker:
                 if result.is_load:
                     self._worker_meta.load_bytes += result.nbytes
                     self._worker_meta.load_seconds += result.seconds
+                    self._worker_meta.load_job_seconds.append(result.seconds)
                     req_id, gpu_block_ids = self._load_jobs.pop(result.job_id)
                     self._finished_recving.add(req_id)
                     if not result.ok:
@@ -188,6 +192,7 @@ class TokenVMWorker:
                 else:
                     self._worker_meta.store_bytes += result.nbytes
                     self._worker_meta.store_seconds += result.seconds
+                    self._worker_meta.store_job_seconds.append(result.seconds)
                     if not result.ok:
                         self._worker_meta.failed[result.job_id] += 1
         if self._disk_jobs:
