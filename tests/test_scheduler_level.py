@@ -286,3 +286,16 @@ def test_every_policy_serves_exact_kv(model_dir, policy):
     run_prompts(h, [1300, 1301, 1302, 1303, 1304, 1301], prefix_blocks=6)
     assert h.stats["host_evicted_blocks"] > 0
     assert h.stats.get("loaded_blocks", 0) > 0
+
+
+def test_write_back_settles_with_a_tiny_host_tier(model_dir, tmp_path):
+    """A look-ahead window larger than the host tier must not copy blocks in circles: the run
+    ends (Harness.run raises if copies keep the engine stepping) with bounded copies."""
+    for extra in ({}, {"disk_path": str(tmp_path / "disk"), "disk_bytes": "4MiB"}):
+        h = Harness(model_dir, num_gpu_blocks=64,
+                    extra_config={"write_mode": "write_back", "host_bytes": 6 * 256, **extra})
+        run_prompts(h, [1400, 1401, 1402, 1403], prefix_blocks=8)
+        for _ in range(20):
+            h.step()  # idle steps: nothing new to copy
+        assert not h.connector.has_pending_push_work()
+        assert h.stats["stored_blocks"] <= 4 * 9

@@ -146,8 +146,12 @@ class TokenVMScheduler:
         self._step_allocated: set[int] = set()
         self.stats = TokenVMStats()
         self.gpu_block_pool: Any = None
-        self.write_back_lookahead = config.write_back_lookahead_blocks or max(
-            1, 2 * vllm_config.scheduler_config.max_num_batched_tokens // self.block_size)
+        # At most half the host tier: a window larger than what host memory keeps would copy
+        # blocks that evict each other, step after step, for ever.
+        self.write_back_lookahead = max(1, min(
+            config.write_back_lookahead_blocks
+            or 2 * vllm_config.scheduler_config.max_num_batched_tokens // self.block_size,
+            self.host.num_slots // 2))
         self.disk: DiskTier | None = None
         self.disk_ready = False
         """False until every worker reported its start-up scan: no disk slot is handed out
@@ -348,8 +352,8 @@ class TokenVMScheduler:
             key = block.block_hash  # vLLM's hash + 4-byte group id: the BlockKey format
             if key is None or block.is_null:
                 continue
-            if self.host.contains(key):
-                continue
+            if key in self.index:
+                continue  # in host, or on disk (promoted back on demand)
             slot = self._reserve_host_slot(key)
             if slot is None:
                 return
