@@ -100,7 +100,10 @@ class Harness:
             max_model_len=4096, enable_prefix_caching=True, enable_chunked_prefill=True,
             kv_transfer_config={"kv_connector": "TokenVM", "kv_role": "kv_both",
                                 "kv_load_failure_policy": "recompute",
+                                # The scenarios count stores as soon as blocks fill, so they
+                                # pin write-through unless a test asks for write-back.
                                 "kv_connector_extra_config": {"host_bytes": "1MiB",
+                                                              "write_mode": "write_through",
                                                               **self.extra_config}},
         )
         self.vllm_config = args.create_engine_config()

@@ -2,8 +2,9 @@
 
 The bytes live in the worker's ``DiskStore`` (``tokenvm_vllm/tiers/disk_store.py``); this class
 decides which slot holds which block, in the shared ``ResidencyIndex`` under ``Tier.DISK``, and
-which block to evict when the tier is full (through an ``EvictionPolicy``). It mirrors ``HostTier``
-with two additions that exist because disk slots outlive the process:
+which block to evict when the tier is full (through an ``EvictionPolicy``). It is a ``SlotTier``
+(slot_tier.py, shared with ``HostTier``) with two additions that exist because disk slots
+outlive the process:
 
 * ``adopt`` loads what ``DiskStore.scan`` found at start-up as READABLE blocks.
 * ``take_freed_slots`` reports slots that lost their block (evicted, dropped, failed write, clear)
@@ -15,46 +16,23 @@ with two additions that exist because disk slots outlive the process:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from tokenvm_vllm.keys import BlockKey
 from tokenvm_vllm.policies import EvictionPolicy
 from tokenvm_vllm.tiers.residency import BlockState, Residency, ResidencyIndex, Tier
+from tokenvm_vllm.tiers.slot_tier import SlotTier
 
 
-class DiskTier:
+class DiskTier(SlotTier):
     """Slot allocation, pinning and eviction for ``num_slots`` disk slots."""
 
     tier = Tier.DISK
 
     def __init__(self, num_slots: int, index: ResidencyIndex, policy: EvictionPolicy) -> None:
-        if num_slots <= 0:
-            raise ValueError(f"tokenvm: disk tier needs at least one slot, got {num_slots}")
-        self.num_slots = num_slots
-        self.index = index
-        self.policy = policy
-        self._free_slots: list[int] = list(range(num_slots - 1, -1, -1))
+        super().__init__(num_slots, index, policy)
         # Insertion-ordered set: slots whose old header the worker should zero.
         self._freed: dict[int, None] = {}
-        self.evictions = 0
-
-    # -- lookups -------------------------------------------------------------------------------
-
-    def readable_prefix(self, keys: Sequence[BlockKey]) -> int:
-        """How many of ``keys``, from the first, are READABLE here."""
-        count = 0
-        for key in keys:
-            if not self.index.is_readable(key, self.tier):
-                break
-            count += 1
-        return count
-
-    def contains(self, key: BlockKey) -> bool:
-        """Resident in any state (a WRITING block need not be stored again)."""
-        return self.index.get(key, self.tier) is not None
-
-    def touch(self, key: BlockKey) -> None:
-        self.policy.touch(key)
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -87,69 +65,6 @@ class DiskTier:
             self._freed[slot] = None
         return len(adopted)
 
-    # -- reads (disk -> host) ------------------------------------------------------------------
-
-    def begin_read(self, keys: Sequence[BlockKey]) -> list[int]:
-        """Pin READABLE ``keys`` for a copy out; returns their slots in order."""
-        slots = []
-        for key in keys:
-            residency = self.index.get(key, self.tier)
-            if residency is None or residency.state is not BlockState.READABLE:
-                raise KeyError("tokenvm: begin_read on a block that is not readable on disk")
-            residency.readers += 1
-            self.policy.touch(key)
-            slots.append(residency.slot)
-        return slots
-
-    def end_read(self, keys: Sequence[BlockKey], drop: bool = False) -> None:
-        """Unpin after a copy out. ``drop=True`` also frees the slots (the read found them bad)."""
-        for key in keys:
-            residency = self.index.get(key, self.tier)
-            if residency is None:
-                continue
-            residency.readers -= 1
-            if drop and residency.readers == 0:
-                self._release(key)
-
-    # -- writes (host -> disk) -----------------------------------------------------------------
-
-    def begin_write(self, key: BlockKey) -> int | None:
-        """Reserve a slot for ``key`` (state WRITING), evicting if full. None: all slots pinned."""
-        slot = self._take_free_slot()
-        if slot is None:
-            return None
-        self.index.add(key, self.tier, Residency(slot=slot, state=BlockState.WRITING))
-        return slot
-
-    def end_write(self, key: BlockKey, ok: bool) -> None:
-        """The write into ``key``'s slot finished; READABLE if ``ok``, else the slot is freed."""
-        residency = self.index.get(key, self.tier)
-        if residency is None or residency.state is not BlockState.WRITING:
-            return
-        if ok:
-            residency.state = BlockState.READABLE
-            self.policy.insert(key)
-        else:
-            # A failed write may have left the previous block's header (or a torn new one).
-            self.index.remove(key, self.tier)
-            self._free(residency.slot)
-
-    # -- capacity ------------------------------------------------------------------------------
-
-    @property
-    def num_used(self) -> int:
-        return self.num_slots - len(self._free_slots)
-
-    def clear(self) -> int:
-        """Drop every unpinned block; returns how many were dropped."""
-        dropped = 0
-        for key in list(self.policy.candidates()):
-            residency = self.index.get(key, self.tier)
-            if residency is not None and not residency.pinned:
-                self._release(key)
-                dropped += 1
-        return dropped
-
     def take_freed_slots(self) -> list[int]:
         """Slots that lost their block since the last call and are still free, oldest first.
 
@@ -161,24 +76,11 @@ class DiskTier:
         return freed
 
     def _take_free_slot(self) -> int | None:
-        if not self._free_slots:
-            for key in self.policy.candidates():
-                residency = self.index.get(key, self.tier)
-                if residency is not None and not residency.pinned:
-                    self._release(key)
-                    self.evictions += 1
-                    break
-            else:
-                return None
-        slot = self._free_slots.pop()
-        self._freed.pop(slot, None)  # the new write replaces the header; no invalidation needed
+        slot = super()._take_free_slot()
+        if slot is not None:
+            self._freed.pop(slot, None)  # the new write replaces the header: no invalidation
         return slot
 
-    def _release(self, key: BlockKey) -> None:
-        residency = self.index.remove(key, self.tier)
-        self.policy.remove(key)
-        self._free(residency.slot)
-
     def _free(self, slot: int) -> None:
-        self._free_slots.append(slot)
+        super()._free(slot)
         self._freed[slot] = None

@@ -1,126 +1,18 @@
 """Scheduler-side bookkeeping of the host-RAM tier: a fixed number of block slots.
 
-The bytes live in the worker's ``HostPool`` (``tokenvm_vllm/transfer/host_pool.py``); this class
-decides which slot holds which block, in the shared ``ResidencyIndex``, and which block to evict
-when the tier is full (through an ``EvictionPolicy``). Every worker's pool has the same number of
-slots, so one slot number names the same place on every tensor-parallel rank.
+The bytes live in the worker's ``HostPool`` (``tokenvm_vllm/transfer/host_pool.py``); this tier
+decides which slot holds which block and which block to evict (all in ``SlotTier``). Every
+worker's pool has the same number of slots, so one slot number names the same place on every
+tensor-parallel rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from tokenvm_vllm.keys import BlockKey
-from tokenvm_vllm.policies import EvictionPolicy
-from tokenvm_vllm.tiers.residency import BlockState, Residency, ResidencyIndex, Tier
+from tokenvm_vllm.tiers.residency import Tier
+from tokenvm_vllm.tiers.slot_tier import SlotTier
 
 
-class HostTier:
+class HostTier(SlotTier):
     """Slot allocation, pinning and eviction for ``num_slots`` host slots."""
 
     tier = Tier.HOST
-
-    def __init__(self, num_slots: int, index: ResidencyIndex, policy: EvictionPolicy) -> None:
-        if num_slots <= 0:
-            raise ValueError(f"tokenvm: host tier needs at least one slot, got {num_slots}")
-        self.num_slots = num_slots
-        self.index = index
-        self.policy = policy
-        self._free_slots: list[int] = list(range(num_slots - 1, -1, -1))
-        self.evictions = 0
-
-    # -- lookups -------------------------------------------------------------------------------
-
-    def readable_prefix(self, keys: Sequence[BlockKey]) -> int:
-        """How many of ``keys``, from the first, are READABLE here."""
-        count = 0
-        for key in keys:
-            if not self.index.is_readable(key, self.tier):
-                break
-            count += 1
-        return count
-
-    def contains(self, key: BlockKey) -> bool:
-        """Resident in any state (a WRITING block need not be stored again)."""
-        return self.index.get(key, self.tier) is not None
-
-    def touch(self, key: BlockKey) -> None:
-        self.policy.touch(key)
-
-    # -- reads (host -> GPU) -----------------------------------------------------------------
-
-    def begin_read(self, keys: Sequence[BlockKey]) -> list[int]:
-        """Pin READABLE ``keys`` for a copy out; returns their slots in order."""
-        slots = []
-        for key in keys:
-            residency = self.index.get(key, self.tier)
-            if residency is None or residency.state is not BlockState.READABLE:
-                raise KeyError("tokenvm: begin_read on a block that is not readable")
-            residency.readers += 1
-            self.policy.touch(key)
-            slots.append(residency.slot)
-        return slots
-
-    def end_read(self, keys: Sequence[BlockKey], drop: bool = False) -> None:
-        """Unpin after a copy out. ``drop=True`` also frees the slots (the copy found them bad)."""
-        for key in keys:
-            residency = self.index.get(key, self.tier)
-            if residency is None:
-                continue
-            residency.readers -= 1
-            if drop and residency.readers == 0:
-                self._release(key)
-
-    # -- writes (GPU -> host) ----------------------------------------------------------------
-
-    def begin_write(self, key: BlockKey) -> int | None:
-        """Reserve a slot for ``key`` (state WRITING), evicting if full. None: all slots pinned."""
-        slot = self._take_free_slot()
-        if slot is None:
-            return None
-        self.index.add(key, self.tier, Residency(slot=slot, state=BlockState.WRITING))
-        return slot
-
-    def end_write(self, key: BlockKey, ok: bool) -> None:
-        """The copy into ``key``'s slot finished; READABLE if ``ok``, else the slot is freed."""
-        residency = self.index.get(key, self.tier)
-        if residency is None or residency.state is not BlockState.WRITING:
-            return
-        if ok:
-            residency.state = BlockState.READABLE
-            self.policy.insert(key)
-        else:
-            self.index.remove(key, self.tier)
-            self._free_slots.append(residency.slot)
-
-    # -- capacity ------------------------------------------------------------------------------
-
-    @property
-    def num_used(self) -> int:
-        return self.num_slots - len(self._free_slots)
-
-    def clear(self) -> int:
-        """Drop every unpinned block; returns how many were dropped."""
-        dropped = 0
-        for key in list(self.policy.candidates()):
-            residency = self.index.get(key, self.tier)
-            if residency is not None and not residency.pinned:
-                self._release(key)
-                dropped += 1
-        return dropped
-
-    def _take_free_slot(self) -> int | None:
-        if self._free_slots:
-            return self._free_slots.pop()
-        for key in self.policy.candidates():
-            residency = self.index.get(key, self.tier)
-            if residency is not None and not residency.pinned:
-                self._release(key)
-                self.evictions += 1
-                return self._free_slots.pop()
-        return None
-
-    def _release(self, key: BlockKey) -> None:
-        residency = self.index.remove(key, self.tier)
-        self.policy.remove(key)
-        self._free_slots.append(residency.slot)
