@@ -532,7 +532,3 @@ class TokenVMScheduler:
         for block_id in gpu_block_ids:
             self._gpu_block_jobs.setdefault(block_id, set()).add(job_id)
         return job_id
-
-    def describe(self) -> dict[str, Any]:
-        return {"host_slots": self.host.num_slots, "host_used": self.host.num_used,
-                "jobs_in_flight": len(self.jobs)}
