@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator
 
-from tokenvm_vllm.policies.base import EvictionPolicy
+from tokenvm_vllm.policies.lru import LRUPolicy
 
 
-class QueueAwarePolicy(EvictionPolicy):
+class QueueAwarePolicy(LRUPolicy):
     """LRU order, but keys that pending requests will read are evicted only as a last resort.
 
     ``protect(keys)`` adds one reference to each key (a key listed twice gets two), ``unprotect``
@@ -23,19 +22,8 @@ class QueueAwarePolicy(EvictionPolicy):
     """
 
     def __init__(self) -> None:
-        self._order: OrderedDict[Hashable, None] = OrderedDict()
+        super().__init__()
         self._refs: dict[Hashable, int] = {}
-
-    def insert(self, key: Hashable) -> None:
-        self._order[key] = None
-        self._order.move_to_end(key)
-
-    def touch(self, key: Hashable) -> None:
-        if key in self._order:
-            self._order.move_to_end(key)
-
-    def remove(self, key: Hashable) -> None:
-        self._order.pop(key, None)
 
     def protect(self, keys: Iterable[Hashable]) -> None:
         refs = self._refs
@@ -71,6 +59,3 @@ class QueueAwarePolicy(EvictionPolicy):
             else:
                 yield key
         yield from deferred
-
-    def __len__(self) -> int:
-        return len(self._order)
