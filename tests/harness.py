@@ -89,6 +89,9 @@ class Harness:
     max_num_batched_tokens: int = 256
     extra_config: dict[str, Any] = field(default_factory=dict)
     lagging_copies: bool = False
+    layer_hooks: bool = True
+    """Call ``wait_for_layer_load`` for every layer before the forward reads the KV cache, as
+    vLLM's attention layers do; False imitates a model whose attention skips the hook."""
     steps: int = 0
     preemptions: int = 0
     outputs: dict[str, list[int]] = field(default_factory=dict)
@@ -194,14 +197,21 @@ class Harness:
     def _forward(self, output: Any) -> tuple[list[str], list[list[int]]]:
         req_ids: list[str] = []
         sampled: list[list[int]] = []
+        if self.layer_hooks and output.num_scheduled_tokens:
+            for name in LAYERS:
+                self.worker.wait_for_layer_load(name)
         for req_id, num_tokens in output.num_scheduled_tokens.items():
             request = self.scheduler.requests[req_id]
             tokens = list(request.all_token_ids)
             block_ids = self.scheduler.kv_cache_manager.get_block_ids(req_id)[0]
             # schedule() already advanced num_computed_tokens past this step's tokens
             start = request.num_computed_tokens - num_tokens
+            # A layer-wise load that failed leaves its blocks unwritten; the real forward reads
+            # them anyway and vLLM, told after the forward, discards the step and recomputes.
+            failed = self.worker.worker.pending_load_errors
             for pos in range(start):  # everything already "computed" must be right
-                self._check(block_ids, pos, tokens[:pos + 1], req_id)
+                if block_ids[pos // self.block_size] not in failed:
+                    self._check(block_ids, pos, tokens[:pos + 1], req_id)
             for pos in range(start, start + num_tokens):
                 self._write(block_ids, pos, prefix_value(tokens[:pos + 1]))
             req_ids.append(req_id)

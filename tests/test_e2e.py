@@ -36,6 +36,9 @@ def runs(tmp_path_factory) -> dict:
         "corrupt": replace(base, connector="tokenvm",
                            extra_config={"debug_corrupt_loads": True}),
         "fail": replace(base, connector="tokenvm", extra_config={"debug_fail_load_every": 2}),
+        "layerwise": replace(base, connector="tokenvm", extra_config={"load_mode": "layerwise"}),
+        "layerwise_fail": replace(base, connector="tokenvm", extra_config={
+            "load_mode": "layerwise", "debug_fail_load_every": 2}),
     }
     return {name: run_in_subprocess(settings, WORKLOAD, Path(tmp / f"{name}.json"))
             for name, settings in configs.items()}
@@ -81,3 +84,17 @@ def test_failed_loads_are_recomputed_exactly(runs):
     assert counters["tokenvm:failed_load_blocks"] > 0
     assert counters["tokenvm:loaded_blocks"] > counters["tokenvm:failed_load_blocks"]
     assert differing(runs["fail"]["outputs"], runs["baseline"]["outputs"]) == 0
+
+
+def test_layerwise_loads_are_exact_and_pipelined(runs):
+    """vLLM's CPU attention calls wait_for_layer_load, so loads run under the forward."""
+    counters = runs["layerwise"]["counters"]
+    assert counters["tokenvm:layerwise_loaded_blocks"] > 100
+    assert differing(runs["layerwise"]["outputs"], runs["baseline"]["outputs"]) == 0
+
+
+def test_failed_layerwise_loads_are_recomputed_exactly(runs):
+    """A failed load is reported after the forward that read it: vLLM must discard that step."""
+    counters = runs["layerwise_fail"]["counters"]
+    assert counters["tokenvm:failed_load_blocks"] > 0
+    assert differing(runs["layerwise_fail"]["outputs"], runs["baseline"]["outputs"]) == 0

@@ -299,3 +299,90 @@ def test_write_back_settles_with_a_tiny_host_tier(model_dir, tmp_path):
             h.step()  # idle steps: nothing new to copy
         assert not h.connector.has_pending_push_work()
         assert h.stats["stored_blocks"] <= 4 * 9
+
+
+# -- layer-wise loads (load_mode="layerwise") ----------------------------------------------------
+
+LAYERWISE = {"load_mode": "layerwise"}
+
+
+def revisit_steps(h: Harness, seed: int) -> int:
+    """Engine steps a revisit takes when its 8-block prefix was evicted from the GPU cache."""
+    first, again = prompts(2, prefix_blocks=8, suffix=5, seed=seed)
+    h.add(first)
+    h.run()
+    evict_everything(h, seed=seed + 1)
+    before = h.steps
+    rid = h.add(again, max_tokens=4)
+    h.run()
+    assert len(h.outputs[rid]) == 4
+    return h.steps - before
+
+
+def test_layerwise_load_runs_the_request_in_its_lookup_step(model_dir):
+    parked = Harness(model_dir, num_gpu_blocks=24)
+    layerwise = Harness(model_dir, num_gpu_blocks=24, extra_config=LAYERWISE)
+    parked_steps = revisit_steps(parked, seed=40)
+    layerwise_steps = revisit_steps(layerwise, seed=40)
+    assert layerwise.stats["loaded_blocks"] == parked.stats["loaded_blocks"] == 8
+    assert layerwise_steps == parked_steps - 1  # no step spent parked while the copy runs
+    assert layerwise.worker.worker.layer_hooks is True
+    assert layerwise.scheduler.connector.scheduler.jobs == {}
+
+
+def test_layerwise_loads_with_lagging_copies_stay_exact(model_dir):
+    """Copies that land two steps late: each layer's wait must hold the forward back."""
+    h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True,
+                extra_config=LAYERWISE)
+    churn_and_revisit(h)
+    assert h.worker.worker.layer_hooks is True
+    # the first load is awaited whole (are the hooks there?), the later ones layer by layer
+    assert 0 < h.stats["layerwise_loaded_blocks"] < h.stats["loaded_blocks"]
+
+
+def test_without_layer_waits_lagging_layerwise_loads_corrupt_kv(model_dir, monkeypatch):
+    """The test above can fail: with wait_layer dropped, the forward reads blocks too early."""
+    from tests.harness import LaggingCopyEngine
+
+    monkeypatch.setattr(LaggingCopyEngine, "wait_layer", lambda self, job_ids, layer: None)
+    h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True,
+                extra_config=LAYERWISE)
+    with pytest.raises(KVMismatch):
+        churn_and_revisit(h)
+
+
+def test_layerwise_loads_without_layer_hooks_wait_for_the_whole_copy(model_dir, caplog):
+    import logging
+
+    h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True,
+                layer_hooks=False, extra_config=LAYERWISE)
+    with caplog.at_level(logging.WARNING, logger="vllm.tokenvm"):
+        churn_and_revisit(h)  # exact: every load is awaited whole before the forward
+    assert h.stats["loaded_blocks"] > 8
+    assert h.worker.worker.layer_hooks is False
+    assert h.stats["layerwise_loaded_blocks"] == 0
+    assert "wait_for_layer_load for 0 of 2 layers" in caplog.text
+
+
+def test_layerwise_step_missing_its_hooks_is_recomputed(model_dir):
+    h = Harness(model_dir, num_gpu_blocks=24, extra_config=LAYERWISE)
+    revisit_steps(h, seed=50)
+    assert h.worker.worker.layer_hooks is True
+    h.layer_hooks = False  # from now on the forward never waits
+    revisit_steps(h, seed=52)
+    assert h.worker.worker.layer_hooks is False  # its blocks went back to vLLM as load errors
+    assert h.stats["loaded_blocks"] == 16
+
+
+def test_failed_layerwise_load_is_recomputed(model_dir):
+    h = Harness(model_dir, num_gpu_blocks=24,
+                extra_config={**LAYERWISE, "debug_fail_load_every": 1})
+    revisit_steps(h, seed=60)  # the forward after the failure checks every position again
+    assert h.stats["failed_load_blocks"] == 8
+
+
+def test_corrupted_layerwise_load_is_caught(model_dir):
+    h = Harness(model_dir, num_gpu_blocks=24,
+                extra_config={**LAYERWISE, "debug_corrupt_loads": True})
+    with pytest.raises(KVMismatch):
+        revisit_steps(h, seed=70)

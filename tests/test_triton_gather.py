@@ -205,3 +205,22 @@ def test_refuses_bad_arguments():
         mover.scatter(rows, torch.tensor([1, 2]), torch.tensor([0]))
     with pytest.raises(ValueError, match="uint8"):
         mover.gather(torch.tensor([1]), rows.view(torch.int32))
+
+
+@pytest.mark.parametrize("kind", ["flash", "blocks_outer"])
+def test_layer_movers_each_move_one_layer(kind):
+    """A layer-wise load: layer i's mover writes layer i only; all of them = one full scatter."""
+    caches, layout = make_caches(kind, torch.bfloat16, seed=11)
+    kvs = [caches[layer.name] for layer in layout.layers]
+    block_ids, targets = torch.tensor([2, 9, 14]), torch.tensor([20, 0, 5])
+    rows = torch.zeros(3, layout.slot_bytes, dtype=torch.uint8)
+    mover_for(layout, caches).gather(block_ids, rows)
+    before = [as_bits(kv).clone() for kv in kvs]
+    movers = triton_gather.layer_movers(layout, kvs, min_chunk_bytes=1)
+    assert len(movers) == NUM_LAYERS
+    for i, mover in enumerate(movers):
+        mover.scatter(rows, targets)
+        for j, (kv, old, layer) in enumerate(zip(kvs, before, layout.layers, strict=True)):
+            got = as_bits(kv).index_select(layer.block_dim, targets)
+            source = block_ids if j <= i else targets  # later layers not written yet
+            assert torch.equal(got, old.index_select(layer.block_dim, source)), (i, j)

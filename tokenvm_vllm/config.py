@@ -37,6 +37,13 @@ class TokenVMConfig:
     write_back_lookahead_blocks: int = 0
     """write_back: how many blocks from the eviction end of the free queue to keep copied.
     0 = two steps' worth (2 x max_num_batched_tokens / block size)."""
+    load_mode: str = "async"
+    """'async': a request whose prefix is in host memory waits outside the batch while its
+    blocks are copied back, then runs (the GPU keeps serving other requests meanwhile).
+    'layerwise': it runs in the same step; the copy goes layer by layer and each attention layer
+    waits on the GPU only for its own layer's copy, so the copy overlaps the forward (lowest
+    revisit latency; vLLM's CUDA graphs become PIECEWISE, and the whole batch waits for the
+    copy)."""
     disk_path: str = ""
     """Directory of the disk tier (one ``rank-<r>`` subdirectory per tensor-parallel rank).
     Empty: no disk tier. Blocks survive restarts only with a fixed PYTHONHASHSEED."""
@@ -65,7 +72,8 @@ class TokenVMConfig:
 
 
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TokenVMConfig)}
-_CHOICES = {"policy": tuple(POLICIES), "write_mode": ("write_through", "write_back")}
+_CHOICES = {"policy": tuple(POLICIES), "write_mode": ("write_through", "write_back"),
+            "load_mode": ("async", "layerwise")}
 
 
 def parse_size(key: str, value: Any) -> int:

@@ -95,3 +95,31 @@ def test_fence_orders_compute_after_store():
     torch.cuda.synchronize()
     drain(engine, 2)
     assert torch.equal(kv[:, 6], want)
+
+
+@pytest.mark.parametrize("kind", ["flash", "vllm026"])
+def test_layerwise_load_orders_each_layer_after_its_copy(kind):
+    engine, caches, pool = make(kind, torch.bfloat16)
+    layers = engine.layout.layers
+    src, slots, dst = [3, 7, 11, 20, 31], [0, 5, 9, 17, 33], [40, 41, 50, 60, 95]
+    engine.store(1, src, slots)
+    torch.cuda.synchronize()
+    drain(engine, 1)
+    before = {k: v.clone() for k, v in caches.items()}
+    src_ids, dst_ids = torch.tensor(src, device="cuda"), torch.tensor(dst, device="cuda")
+    with torch.cuda.stream(engine.load_stream):
+        torch.cuda._sleep(200_000_000)  # hold the copy back (~0.1 s) so a missing wait shows
+    engine.load_layers(2, dst, slots)
+    first = layers[0]
+    early = caches[first.name].index_select(first.block_dim, dst_ids)  # read without waiting
+    got = []
+    for i, layer in enumerate(layers):
+        engine.wait_layer({2}, i)
+        got.append(caches[layer.name].index_select(layer.block_dim, dst_ids))
+    torch.cuda.synchronize()
+    # the control: without the wait the forward would have read the blocks' old bytes
+    assert torch.equal(early, before[first.name].index_select(first.block_dim, dst_ids))
+    for layer, tensor in zip(layers, got, strict=True):
+        assert torch.equal(tensor, before[layer.name].index_select(layer.block_dim, src_ids))
+    (result,) = drain(engine, 1)
+    assert result.is_load and result.ok

@@ -28,10 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = ("none", "native", "tokenvm", "tokenvm_wb", "tokenvm_disk", "native_fs")
-"""none: no offload; native: vLLM's CPU offloading (kv_offloading_size); tokenvm: host tier,
-write-through; tokenvm_wb: host tier, write-back; tokenvm_disk: small host tier + disk tier;
-native_fs: vLLM's tiering (small CPU tier + fs tier)."""
+CONFIGS = ("none", "gpu_hit", "native", "tokenvm", "tokenvm_wt", "tokenvm_layerwise",
+           "tokenvm_disk", "native_fs")
+"""none: no offload; gpu_hit: no offload, GPU cache big enough to keep every document (the floor:
+a revisit that copies nothing); native: vLLM's CPU offloading (kv_offloading_size); tokenvm: host
+tier with the defaults (write-back, async loads); tokenvm_wt: write-through; tokenvm_layerwise:
+layer-wise loads; tokenvm_disk: small host tier + disk tier; native_fs: vLLM's tiering (small
+CPU tier + fs tier)."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -46,6 +49,10 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
 
     kwargs: dict[str, Any] = {}
     disk = Path(args.disk_dir) / args.config
+    gpu_blocks = args.gpu_blocks
+    if args.config == "gpu_hit":  # every document and its revisit suffixes, with room to spare
+        per_document = -(-(args.prompt_tokens + 96) // args.block_size) + 4
+        gpu_blocks = max(gpu_blocks, args.documents * per_document + 64)
     if args.config == "native":
         kwargs["kv_offloading_size"] = args.host_gib
     elif args.config == "native_fs":
@@ -57,8 +64,10 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
                 "secondary_tiers": [{"type": "fs", "root_dir": str(disk)}]}}
     elif args.config.startswith("tokenvm"):
         extra: dict[str, Any] = {"host_bytes": f"{args.host_gib}GiB", "trace": args.trace}
-        if args.config == "tokenvm_wb":
-            extra["write_mode"] = "write_back"
+        if args.config == "tokenvm_wt":
+            extra["write_mode"] = "write_through"
+        if args.config == "tokenvm_layerwise":
+            extra["load_mode"] = "layerwise"
         if args.config == "tokenvm_disk":
             extra |= {"host_bytes": f"{args.disk_host_gib}GiB", "disk_path": str(disk),
                       "disk_bytes": f"{args.disk_gib}GiB"}
@@ -68,8 +77,8 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.cudagraphs:
         kwargs["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4, 8]}
     start = time.perf_counter()
-    llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", block_size=16,
-              num_gpu_blocks_override=args.gpu_blocks, max_model_len=args.prompt_tokens + 256,
+    llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", block_size=args.block_size,
+              num_gpu_blocks_override=gpu_blocks, max_model_len=args.prompt_tokens + 256,
               max_num_batched_tokens=args.prompt_tokens + 256, max_num_seqs=args.batch,
               enforce_eager=not args.cudagraphs, enable_prefix_caching=True,
               disable_log_stats=False, gpu_memory_utilization=0.85, seed=0, **kwargs)
@@ -113,7 +122,8 @@ def run_all(args: argparse.Namespace) -> None:
         cmd = [sys.executable, "-m", "tokenvm_vllm.bench.revisit_bench", "--config", config,
                "--json", str(out / f"revisit_{config}.json")] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k in ("model", "documents", "prompt_tokens", "gpu_blocks", "host_gib", "batch",
+            if k in ("model", "documents", "prompt_tokens", "block_size", "gpu_blocks",
+                     "host_gib", "batch",
                      "disk_dir", "disk_gib", "disk_host_gib")]
         cmd += [f"--{flag}" for flag in ("cudagraphs", "trace") if getattr(args, flag)]
         with open(out / f"revisit_{config}.log", "w") as log:
@@ -132,7 +142,7 @@ def run_all(args: argparse.Namespace) -> None:
 def print_table(results: dict[str, Any]) -> None:
     base = results.get("none")
     src = "vllm:prompt_tokens_by_source"
-    print(f"\n{'config':>8} {'first pass s':>12} {'x none':>7} {'revisit p50 ms':>15} "
+    print(f"\n{'config':>17} {'first pass s':>12} {'x none':>7} {'revisit p50 ms':>15} "
           f"{'p90 ms':>8} {'x native':>8} {'batch s':>8} {'computed':>9} {'gpu hit':>8} "
           f"{'loaded':>8} {'hash':>17}")
     native = results.get("native")
@@ -141,7 +151,7 @@ def print_table(results: dict[str, Any]) -> None:
         vs_none = r["first_pass_s"] / base["first_pass_s"] if base else float("nan")
         vs_native = (r["revisit_median_ms"] / native["revisit_median_ms"]
                      if native else float("nan"))
-        print(f"{name:>8} {r['first_pass_s']:12.2f} {vs_none:7.3f} "
+        print(f"{name:>17} {r['first_pass_s']:12.2f} {vs_none:7.3f} "
               f"{r['revisit_median_ms']:15.1f} {r['revisit_p90_ms']:8.1f} {vs_native:8.2f} "
               f"{sum(r['batch_revisit_s']):8.2f} {c.get(src + '[local_compute]', 0):9.0f} "
               f"{c.get(src + '[local_cache_hit]', 0):8.0f} "
@@ -156,6 +166,7 @@ def main() -> None:
     parser.add_argument("--config", choices=CONFIGS)
     parser.add_argument("--documents", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=8192)
+    parser.add_argument("--block-size", type=int, default=16, help="vLLM's GPU default")
     parser.add_argument("--gpu-blocks", type=int, default=2048, help="GPU KV cache cap (blocks)")
     parser.add_argument("--host-gib", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)

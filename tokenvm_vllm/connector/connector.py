@@ -134,7 +134,14 @@ class TokenVMConnector(KVConnectorBase_V1):
         self.worker.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are whole-request and asynchronous: the request waits, not the layer
+        assert self.worker is not None
+        self.worker.wait_for_layer_load(layer_name)
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Layer-wise loads need ``wait_for_layer_load`` to run between graph pieces: a FULL
+        CUDA graph would replay the attention layers without it."""
+        return load_config(extra_config).load_mode == "layerwise"
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any

@@ -25,7 +25,11 @@ class CopyJob:
     gpu_block_ids: list[int]
     host_slots: list[int]
     req_id: str | None = None
-    """For loads: the request parked until this job finishes. None for stores."""
+    """For loads: the request the blocks are for. None for stores."""
+    layerwise: bool = False
+    """For loads: False, the request is parked until this job finishes (``finished_recving``);
+    True, the request runs in this same step and each attention layer waits for its own
+    layer's copy (``wait_for_layer_load``)."""
 
 
 @dataclass
@@ -41,7 +45,7 @@ class DiskJob:
 @dataclass
 class TokenVMConnectorMetadata(KVConnectorMetadata):
     loads: list[CopyJob] = field(default_factory=list)
-    """Host -> GPU, one job per request; start at once (``start_load_kv``)."""
+    """Host -> GPU, one job per request; start at once (``start_load_kv``), before the forward."""
     store: CopyJob | None = None
     """GPU -> host for blocks this step's forward fills; start after the forward is queued."""
     fence_job_ids: set[int] = field(default_factory=set)
@@ -64,6 +68,8 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
     store_bytes: int = 0
     load_seconds: float = 0.0
     store_seconds: float = 0.0
+    layerwise_loaded_blocks: int = 0
+    """Blocks of layer-wise loads whose every layer was awaited separately (pipelined)."""
     load_job_seconds: list[float] = field(default_factory=list)
     store_job_seconds: list[float] = field(default_factory=list)
     disk_io_seconds: list[float] = field(default_factory=list)
@@ -81,6 +87,7 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
             store_bytes=self.store_bytes + other.store_bytes,
             load_seconds=self.load_seconds + other.load_seconds,
             store_seconds=self.store_seconds + other.store_seconds,
+            layerwise_loaded_blocks=self.layerwise_loaded_blocks + other.layerwise_loaded_blocks,
             load_job_seconds=self.load_job_seconds + other.load_job_seconds,
             store_job_seconds=self.store_job_seconds + other.store_job_seconds,
             disk_io_seconds=self.disk_io_seconds + other.disk_io_seconds,

@@ -10,10 +10,14 @@ Life of a block:
    (GPU block, slot) into that step's store job. The worker copies it after the forward; its
    completion, reported in the worker metadata, makes the slot READABLE.
 2. Found: ``get_num_new_matched_tokens`` counts the READABLE blocks that follow vLLM's own
-   prefix-cache hit and answers ``(tokens, True)``: vLLM allocates GPU blocks and parks the
-   request (WAITING_FOR_REMOTE_KVS).
-3. Loaded: ``update_state_after_alloc`` pins the slots (readers += 1) and queues a load job; the
-   worker copies and reports the request in ``finished_recving``; the completion unpins.
+   prefix-cache hit. With ``load_mode="async"`` it answers ``(tokens, True)``: vLLM allocates GPU
+   blocks and parks the request (WAITING_FOR_REMOTE_KVS). With ``"layerwise"`` it answers
+   ``(tokens, False)``: vLLM allocates and schedules the request's remaining tokens in the same
+   step.
+3. Loaded: ``update_state_after_alloc`` pins the slots (readers += 1) and queues a load job.
+   Async: the worker copies and reports the request in ``finished_recving``. Layer-wise: the
+   worker copies layer by layer while the forward runs, each attention layer waiting on the GPU
+   for its own layer. Either way the completion, reported in the worker metadata, unpins.
 4. Evicted: when a slot is needed and the tier is full, the policy's best unpinned victim goes.
 
 Write-back (``write_mode="write_back"``): instead of step 1, each step copies the cached blocks
@@ -254,7 +258,7 @@ class TokenVMScheduler:
         if self.config.trace:
             logger.info("TokenVM trace %.6f lookup req=%s hit_blocks=%d", time.monotonic(),
                         request.request_id, hits)
-        return hits * self.block_size, True
+        return hits * self.block_size, self.config.load_mode == "async"
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -276,8 +280,11 @@ class TokenVMScheduler:
         gpu_block_ids = state.block_ids[start:start + num_blocks]
         slots = self.host.begin_read(keys)
         job = self._new_job(JobKind.LOAD, keys, gpu_block_ids, req_id=request.request_id)
-        self._step_loads.append(CopyJob(job, gpu_block_ids, slots, req_id=request.request_id))
-        state.load_job_id = job
+        layerwise = self.config.load_mode == "layerwise"
+        self._step_loads.append(CopyJob(job, gpu_block_ids, slots, req_id=request.request_id,
+                                        layerwise=layerwise))
+        if not layerwise:
+            state.load_job_id = job  # parked until the job finishes; a layer-wise one runs now
         state.next_store_block = max(state.next_store_block, start + num_blocks)
         self.stats.add("loaded_blocks", num_blocks)
 
@@ -422,7 +429,8 @@ class TokenVMScheduler:
         meta = connector_output.kv_connector_worker_meta
         if not isinstance(meta, TokenVMWorkerMetadata):
             return
-        for name in ("load_bytes", "store_bytes", "load_seconds", "store_seconds"):
+        for name in ("load_bytes", "store_bytes", "load_seconds", "store_seconds",
+                     "layerwise_loaded_blocks"):
             self.stats.add(name, getattr(meta, name))
         for name in ("load_job_seconds", "store_job_seconds", "disk_io_seconds"):
             self.stats.observe(name, getattr(meta, name))

@@ -23,6 +23,8 @@ COUNTERS: dict[str, str] = {
     "stored_blocks": "Blocks copied GPU -> host",
     "store_skipped_blocks": "Full blocks not stored because every host slot was pinned",
     "host_evicted_blocks": "Blocks evicted from the host tier to make room",
+    "layerwise_loaded_blocks": "Blocks loaded layer by layer under the forward that needed "
+                               "them (load_mode=layerwise, each layer awaiting only its copy)",
     "failed_load_blocks": "Blocks whose load failed (vLLM recomputes them)",
     "disk_recovered_blocks": "Blocks found on disk at start-up (survived a restart)",
     "disk_promoted_blocks": "Blocks read disk -> host ahead of their request (prefetch)",

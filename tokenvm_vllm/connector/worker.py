@@ -3,11 +3,17 @@
 It owns the host pool's bytes and a copy engine, and carries out what the scheduler planned:
 
     handle_preemptions  fence: make this step's KV writes wait for jobs on re-allocated blocks
-    start_load_kv       start this step's loads (host -> GPU), one job per parked request
+    start_load_kv       start this step's loads (host -> GPU), one job per request
+    wait_for_layer_load layer-wise loads only: make this attention layer wait (on the GPU) for
+                        its own layer's copy
     get_finished        start this step's store (GPU -> host; ordered after the forward), then
-                        collect finished jobs: loaded requests go back to vLLM in
-                        finished_recving, every finished job id goes to the scheduler in
-                        ``TokenVMWorkerMetadata``
+                        collect finished jobs: requests parked for an async load go back to
+                        vLLM in finished_recving, every finished job id goes to the scheduler
+                        in ``TokenVMWorkerMetadata``
+
+Layer-wise loads rely on vLLM calling ``wait_for_layer_load`` for every attention layer. Until a
+step has shown that it does, the whole copy is awaited before the forward (``fence``), so a
+model whose attention skips the hook gets correct, unpipelined loads and one warning.
 
 With a disk tier it also owns this rank's ``DiskStore``: at start-up it scans the store and
 reports what it found; each step (in ``start_load_kv``) it starts the step's disk invalidations,
@@ -67,7 +73,14 @@ class TokenVMWorker:
         self.engine: CopyEngine | None = None
         self.layout: KVLayout | None = None
         self._kv_caches: dict[str, torch.Tensor] = {}
-        self._load_jobs: dict[int, tuple[str, list[int]]] = {}
+        self._load_jobs: dict[int, tuple[str | None, list[int]]] = {}
+        """job id -> (request parked for it, or None for a layer-wise load; its GPU blocks)"""
+        self._layer_index: dict[str, int] = {}
+        self._step_layerwise: dict[int, list[int]] = {}
+        """This step's layer-wise load jobs -> their GPU blocks."""
+        self._layers_waited: set[int] = set()
+        self.layer_hooks: bool | None = None
+        """Whether vLLM calls ``wait_for_layer_load`` for every layer (None: not seen yet)."""
         self._finished_recving: set[str] = set()
         self._load_errors: set[int] = set()
         self._worker_meta = TokenVMWorkerMetadata()
@@ -86,6 +99,7 @@ class TokenVMWorker:
             pin=self.config.pin_memory and device.type == "cuda",
         )
         self._kv_caches = kv_caches
+        self._layer_index = {layer.name: i for i, layer in enumerate(self.layout.layers)}
         self._pool = pool
         self.engine = make_copy_engine(self.layout, kv_caches, pool)
         if self.config.disk_path:
@@ -153,16 +167,69 @@ class TokenVMWorker:
             self._start_disk_jobs(meta)
         for job in meta.loads:
             assert job.req_id is not None
-            self._load_jobs[job.job_id] = (job.req_id, job.gpu_block_ids)
+            self._load_jobs[job.job_id] = (
+                None if job.layerwise else job.req_id, job.gpu_block_ids)
             self._num_loads += 1
             every = self.config.debug_fail_load_every
             if every and self._num_loads % every == 0:
                 self._fail_load(job.job_id)
                 continue
-            self.engine.load(job.job_id, job.gpu_block_ids, job.host_slots)
+            if job.layerwise:
+                self.engine.load_layers(job.job_id, job.gpu_block_ids, job.host_slots)
+                self._step_layerwise[job.job_id] = job.gpu_block_ids
+            else:
+                self.engine.load(job.job_id, job.gpu_block_ids, job.host_slots)
             if self.config.trace:
-                logger.info("TokenVM trace %.6f load-submitted job=%d blocks=%d",
-                            time.monotonic(), job.job_id, len(job.gpu_block_ids))
+                logger.info("TokenVM trace %.6f load-submitted job=%d blocks=%d layerwise=%s",
+                            time.monotonic(), job.job_id, len(job.gpu_block_ids), job.layerwise)
+        if self._step_layerwise and (not self.layer_hooks or self.config.debug_corrupt_loads):
+            # Not yet known that every layer will wait for its copy: wait for all of it.
+            self.engine.fence(set(self._step_layerwise))
+            if self.config.debug_corrupt_loads:
+                for gpu_block_ids in self._step_layerwise.values():
+                    self._corrupt(gpu_block_ids)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Called by vLLM before each attention layer runs (layer-wise loads only matter)."""
+        if not self._step_layerwise:
+            return
+        index = self._layer_index.get(layer_name)
+        if index is None:
+            return  # a layer without its own KV cache: its source layer was waited for
+        self._layers_waited.add(index)
+        if self.layer_hooks:
+            assert self.engine is not None
+            self.engine.wait_layer(set(self._step_layerwise), index)
+
+    def _end_layerwise_step(self) -> None:
+        """After the forward: did every layer wait for its copy? Learn it, or repair it."""
+        if not self._step_layerwise:
+            return
+        assert self.engine is not None
+        every_layer = len(self._layers_waited) == len(self._layer_index)
+        if self.layer_hooks and every_layer:
+            self._worker_meta.layerwise_loaded_blocks += sum(
+                len(blocks) for blocks in self._step_layerwise.values())
+        if self.layer_hooks is None:
+            self.layer_hooks = every_layer
+            if not every_layer:
+                logger.warning(
+                    "TokenVM: vLLM called wait_for_layer_load for %d of %d layers; layer-wise "
+                    "loads will wait for the whole copy before the forward",
+                    len(self._layers_waited), len(self._layer_index))
+        elif self.layer_hooks and not every_layer:
+            # Some layer ran without waiting: it may have read blocks before their copy landed.
+            # vLLM recomputes blocks reported as load errors; later writes wait for the copies.
+            self.engine.fence(set(self._step_layerwise))
+            for gpu_block_ids in self._step_layerwise.values():
+                self._load_errors.update(gpu_block_ids)
+            self.layer_hooks = False
+            logger.warning(
+                "TokenVM: a step ran %d of %d layers' wait_for_layer_load; its loaded blocks are "
+                "recomputed and later layer-wise loads wait for the whole copy",
+                len(self._layers_waited), len(self._layer_index))
+        self._step_layerwise = {}
+        self._layers_waited = set()
 
     def start_store(self, meta: TokenVMConnectorMetadata) -> None:
         if meta.store is not None:
@@ -171,6 +238,7 @@ class TokenVMWorker:
 
     def get_finished(self) -> set[str]:
         """Collect finished jobs; returns the requests whose loads finished (finished_recving)."""
+        self._end_layerwise_step()
         if self.engine is not None:
             for result in self.engine.poll():
                 self._worker_meta.completed[result.job_id] += 1
@@ -183,12 +251,13 @@ class TokenVMWorker:
                     self._worker_meta.load_seconds += result.seconds
                     self._worker_meta.load_job_seconds.append(result.seconds)
                     req_id, gpu_block_ids = self._load_jobs.pop(result.job_id)
-                    self._finished_recving.add(req_id)
+                    if req_id is not None:
+                        self._finished_recving.add(req_id)
                     if not result.ok:
                         self._worker_meta.failed[result.job_id] += 1
                         self._load_errors.update(gpu_block_ids)
-                    elif self.config.debug_corrupt_loads:
-                        self._corrupt(gpu_block_ids)
+                    elif self.config.debug_corrupt_loads and req_id is not None:
+                        self._corrupt(gpu_block_ids)  # (layer-wise: corrupted before the forward)
                 else:
                     self._worker_meta.store_bytes += result.nbytes
                     self._worker_meta.store_seconds += result.seconds
@@ -199,6 +268,11 @@ class TokenVMWorker:
             self._collect_disk_jobs()
         finished, self._finished_recving = self._finished_recving, set()
         return finished
+
+    @property
+    def pending_load_errors(self) -> frozenset[int]:
+        """GPU blocks the next ``get_block_ids_with_load_errors`` will report."""
+        return frozenset(self._load_errors)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -219,7 +293,8 @@ class TokenVMWorker:
     def _fail_load(self, job_id: int) -> None:
         """Testing only: report a load as failed without copying (vLLM must recompute)."""
         req_id, gpu_block_ids = self._load_jobs.pop(job_id)
-        self._finished_recving.add(req_id)
+        if req_id is not None:
+            self._finished_recving.add(req_id)
         self._load_errors.update(gpu_block_ids)
         self._worker_meta.completed[job_id] += 1
         self._worker_meta.failed[job_id] += 1

@@ -41,6 +41,9 @@ class CopyEngine(ABC):
       (so it sees the KV the current forward writes) and writes the host slots.
     - ``load`` writes the GPU blocks; the scheduler runs no forward over them until ``poll``
       has returned the job.
+    - ``load_layers`` is ``load`` for a request that runs in the same step: each layer's part
+      may land separately; ``wait_layer(job_ids, i)`` makes KV-cache reads and writes of layer
+      ``i`` queued after the call wait for those jobs' layer ``i`` (``fence`` waits for all).
     - ``fence(job_ids)``: KV-cache writes queued after this call start only after those jobs
       finished (a no-op for jobs already polled, or for a synchronous engine).
     - ``poll`` returns each submitted job exactly once, when its copy is complete.
@@ -56,6 +59,15 @@ class CopyEngine(ABC):
 
     @abstractmethod
     def load(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None: ...
+
+    def load_layers(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
+        """A load whose layers ``wait_layer`` can wait for one by one (default: one job)."""
+        self.load(job_id, gpu_block_ids, host_slots)
+
+    def wait_layer(self, job_ids: set[int], layer: int) -> None:
+        """Order later work on layer ``layer`` after those jobs' copy of it (default: all of
+        the jobs, which is correct, only later than needed)."""
+        self.fence(job_ids)
 
     @abstractmethod
     def poll(self) -> list[CopyResult]: ...

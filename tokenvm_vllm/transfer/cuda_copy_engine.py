@@ -10,6 +10,9 @@ Ordering, per the ``CopyEngine`` contract:
   submitted, so a store sees the KV the forward queued before it wrote, and a load cannot be
   overwritten by a forward still running over the blocks' previous owner;
 - ``fence`` makes the compute stream wait for a job's completion event (no CPU stall);
+- ``load_layers`` launches one copy per layer (a mover per layer) and records an event after
+  each, so ``wait_layer`` makes the compute stream wait for one layer only: layer i's attention
+  starts while later layers are still crossing PCIe;
 - ``poll`` queries completion events in submission order, without blocking.
 
 The number of Triton programs per launch is capped: PCIe, not the SMs, bounds host copies, and
@@ -29,7 +32,7 @@ import torch
 from tokenvm_vllm.transfer.copy_engine import CopyEngine, CopyResult
 from tokenvm_vllm.transfer.host_pool import HostPool
 from tokenvm_vllm.transfer.layout import KVLayout
-from tokenvm_vllm.transfer.triton_gather import TritonBlockMover
+from tokenvm_vllm.transfer.triton_gather import TritonBlockMover, layer_movers
 
 logger = logging.getLogger("vllm.tokenvm")
 
@@ -45,6 +48,8 @@ class _Job:
     end: torch.cuda.Event
     tensors: tuple[torch.Tensor, ...]
     """Index tensors the kernel reads; kept alive until the job completes."""
+    layer_done: list[torch.cuda.Event] | None = None
+    """``load_layers`` jobs: one event per layer, recorded when that layer's copy is done."""
 
 
 class CudaCopyEngine(CopyEngine):
@@ -63,6 +68,7 @@ class CudaCopyEngine(CopyEngine):
         self.load_stream = torch.cuda.Stream(self.device)
         self.store_mover = TritonBlockMover(layout, self.kv_caches, max_programs=store_programs)
         self.load_mover = TritonBlockMover(layout, self.kv_caches, max_programs=load_programs)
+        self.layer_load_movers = layer_movers(layout, self.kv_caches, max_programs=load_programs)
         self.block_bytes = sum(layer.nbytes for layer in layout.layers)
         self._jobs: OrderedDict[int, _Job] = OrderedDict()
         sizes = sorted({chunk.nbytes for chunk in self.store_mover.chunks})
@@ -75,8 +81,12 @@ class CudaCopyEngine(CopyEngine):
     def load(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
         self._submit(job_id, True, gpu_block_ids, host_slots)
 
+    def load_layers(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
+        self._submit(job_id, True, gpu_block_ids, host_slots, by_layer=True)
+
     def _submit(
-        self, job_id: int, is_load: bool, gpu_block_ids: list[int], host_slots: list[int]
+        self, job_id: int, is_load: bool, gpu_block_ids: list[int], host_slots: list[int],
+        by_layer: bool = False,
     ) -> None:
         submitted = torch.cuda.Event()
         submitted.record(torch.cuda.current_stream(self.device))
@@ -88,12 +98,20 @@ class CudaCopyEngine(CopyEngine):
             stream.wait_event(submitted)
             ids_gpu = ids.to(self.device, non_blocking=True)
             start.record(stream)
-            if is_load:
+            layer_done = None
+            if by_layer:
+                layer_done = []
+                for mover in self.layer_load_movers:
+                    mover.scatter(self.pool.buffer, ids_gpu[0], src_row_ids=ids_gpu[1])
+                    layer_done.append(torch.cuda.Event())
+                    layer_done[-1].record(stream)
+            elif is_load:
                 self.load_mover.scatter(self.pool.buffer, ids_gpu[0], src_row_ids=ids_gpu[1])
             else:
                 self.store_mover.gather(ids_gpu[0], self.pool.buffer, dst_row_ids=ids_gpu[1])
             end.record(stream)
-        self._jobs[job_id] = _Job(is_load, len(gpu_block_ids), start, end, (ids, ids_gpu))
+        self._jobs[job_id] = _Job(is_load, len(gpu_block_ids), start, end, (ids, ids_gpu),
+                                  layer_done)
 
     def poll(self) -> list[CopyResult]:
         done = []
@@ -112,6 +130,14 @@ class CudaCopyEngine(CopyEngine):
             job = self._jobs.get(job_id)
             if job is not None:
                 compute.wait_event(job.end)
+
+    def wait_layer(self, job_ids: set[int], layer: int) -> None:
+        compute = torch.cuda.current_stream(self.device)
+        for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is None:
+                continue  # polled: complete
+            compute.wait_event(job.end if job.layer_done is None else job.layer_done[layer])
 
     def shutdown(self) -> None:
         for job in self._jobs.values():

@@ -334,6 +334,20 @@ class TritonBlockMover:
                 "(use a tensor on that device or pinned host memory)")
 
 
+def layer_movers(
+    layout: KVLayout,
+    kv_caches: Sequence[torch.Tensor],
+    *,
+    min_chunk_bytes: int = DEFAULT_MIN_CHUNK_BYTES,
+    max_programs: int | None = None,
+) -> list[TritonBlockMover]:
+    """One mover per layer (``layout.layers`` order), each moving only its layer's part of a
+    slot row: what a layer-wise load launches one after another, with an event after each."""
+    return [TritonBlockMover(KVLayout((layer,), layout.slot_bytes), [kv],
+                             min_chunk_bytes=min_chunk_bytes, max_programs=max_programs)
+            for layer, kv in zip(layout.layers, kv_caches, strict=True)]
+
+
 def _interpreting() -> bool:
     """Whether the kernel was decorated in interpreter mode (it then runs on CPU tensors)."""
     return not isinstance(_copy_chunks_kernel, triton.runtime.JITFunction)
