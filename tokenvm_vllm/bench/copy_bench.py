@@ -7,7 +7,9 @@ batches from 1 block to thousands, measured in the same run on the same machine 
 events, warm-up first, median of repeats):
 
 - ``tokenvm``: ``CudaCopyEngine`` (one Triton launch per direction, UVA into pinned host slots)
-  GPU->host, host->GPU, and both at once;
+  GPU->host, host->GPU, and both at once, with its default program caps (8 GPU->host, 16
+  host->GPU: they leave SMs to the forward); ``tokenvm x2 programs``: twice those caps;
+  ``tokenvm layerwise h2d``: a layer-wise load (one launch and one event per layer);
 - ``memcpy peak``: one contiguous pinned ``copy_`` of the same bytes (the PCIe ceiling);
 - ``vllm dma 64K``: vLLM's ``swap_blocks_batch`` (cuMemcpyBatchAsync) over the same 64 KiB blocks;
 - ``vllm dma 2M``: the same with vLLM native offloading's cross-layer layout (one 2 MiB chunk per
@@ -53,9 +55,12 @@ def make_cases(
 ) -> dict[str, Callable[[], None]]:
     """One batch's measurements, each a thunk (named ``<method> <direction>``)."""
     return {
-        "tokenvm d2h": lambda: run_jobs((False, ids, slots)),
-        "tokenvm h2d": lambda: run_jobs((True, ids, slots)),
-        "tokenvm both": lambda: run_jobs((False, ids, slots), (True, ids2, slots2)),
+        "tokenvm d2h": lambda: run_jobs(("store", ids, slots)),
+        "tokenvm h2d": lambda: run_jobs(("load", ids, slots)),
+        "tokenvm both": lambda: run_jobs(("store", ids, slots), ("load", ids2, slots2)),
+        "tokenvm layerwise h2d": lambda: run_jobs(("load_layers", ids, slots)),
+        "tokenvm x2 programs d2h": lambda: run_jobs(("store", ids, slots), wide=True),
+        "tokenvm x2 programs h2d": lambda: run_jobs(("load", ids, slots), wide=True),
         "memcpy d2h": lambda: host_flat.copy_(gpu_flat, non_blocking=True),
         "memcpy h2d": lambda: gpu_flat.copy_(host_flat, non_blocking=True),
         "vllm dma 64K d2h": lambda: dma(ids, slots, True, False),
@@ -71,7 +76,11 @@ def main() -> None:
     parser.add_argument("--out", default="", help="write results JSON here")
     args = parser.parse_args()
 
-    from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
+    from tokenvm_vllm.transfer.cuda_copy_engine import (
+        LOAD_PROGRAMS,
+        STORE_PROGRAMS,
+        CudaCopyEngine,
+    )
     from tokenvm_vllm.transfer.host_pool import HostPool
     from tokenvm_vllm.transfer.layout import KVLayout
 
@@ -82,14 +91,17 @@ def main() -> None:
     layout = KVLayout.from_kv_caches(caches, n, block_bytes)
     pool = HostPool(n, block_bytes, pin=True)
     engine = CudaCopyEngine(layout, caches, pool)
+    wide_engine = CudaCopyEngine(layout, caches, pool, store_programs=2 * STORE_PROGRAMS,
+                                 load_programs=2 * LOAD_PROGRAMS)
     print(f"host pool {n} x {block_bytes >> 20} MiB pinned in {pool.alloc_seconds:.2f} s",
           flush=True)
 
-    def run_jobs(*jobs: tuple[bool, list[int], list[int]]) -> None:
-        for job_id, (is_load, ids, slots) in enumerate(jobs):
-            (engine.load if is_load else engine.store)(job_id, ids, slots)
+    def run_jobs(*jobs: tuple[str, list[int], list[int]], wide: bool = False) -> None:
+        chosen = wide_engine if wide else engine
+        for job_id, (method, ids, slots) in enumerate(jobs):
+            getattr(chosen, method)(job_id, ids, slots)
         torch.cuda.synchronize()
-        engine.poll()
+        chosen.poll()
 
     rng = torch.Generator().manual_seed(0)
     # vLLM's DMA baselines: pointer lists over the same chunks / a cross-layer tensor

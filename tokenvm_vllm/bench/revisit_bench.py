@@ -90,10 +90,15 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     outputs: list[list[int]] = []
 
     def generate(prompts: list[list[int]]) -> float:
+        if args.trace:  # same clock as the engine's trace lines (time.monotonic is system-wide)
+            print(f"TokenVM trace {time.monotonic():.6f} generate-start n={len(prompts)}")
         t = time.perf_counter()
         results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         outputs.extend(list(r.outputs[0].token_ids) for r in results)
-        return time.perf_counter() - t
+        elapsed = time.perf_counter() - t
+        if args.trace:
+            print(f"TokenVM trace {time.monotonic():.6f} generate-end", flush=True)
+        return elapsed
 
     generate([[5] * 64])  # warm-up
     outputs.clear()

@@ -2,8 +2,10 @@
 
 It owns the host pool's bytes and a copy engine, and carries out what the scheduler planned:
 
-    handle_preemptions  fence: make this step's KV writes wait for jobs on re-allocated blocks
-    start_load_kv       start this step's loads (host -> GPU), one job per request
+    handle_preemptions  fence: make this step's KV writes wait for jobs on re-allocated blocks;
+                        then start this step's loads (host -> GPU, one job per request) and
+                        disk jobs, before vLLM prepares the step's inputs
+    start_load_kv       the same start, if handle_preemptions did not run
     wait_for_layer_load layer-wise loads only: make this attention layer wait (on the GPU) for
                         its own layer's copy
     get_finished        start this step's store (GPU -> host; ordered after the forward), then
@@ -79,6 +81,7 @@ class TokenVMWorker:
         self._step_layerwise: dict[int, list[int]] = {}
         """This step's layer-wise load jobs -> their GPU blocks."""
         self._layers_waited: set[int] = set()
+        self._started_meta: TokenVMConnectorMetadata | None = None
         self.layer_hooks: bool | None = None
         """Whether vLLM calls ``wait_for_layer_load`` for every layer (None: not seen yet)."""
         self._finished_recving: set[str] = set()
@@ -158,10 +161,20 @@ class TokenVMWorker:
                 self._worker_meta.failed[job_id] += 1
 
     def handle_preemptions(self, meta: TokenVMConnectorMetadata) -> None:
+        """First call of a step: fence, then start the step's jobs at once. vLLM calls this
+        before the model runner prepares the batch's inputs (~10 ms for a new 8k-token request
+        on an H100), ``start_load_kv`` only after: starting here gives the copies that much
+        head start on the forward that needs them."""
         if self.engine is not None and meta.fence_job_ids:
             self.engine.fence(meta.fence_job_ids)
+        self.start_load_kv(meta)
 
     def start_load_kv(self, meta: TokenVMConnectorMetadata) -> None:
+        """Start this step's loads and disk jobs; a second call with the same metadata (vLLM
+        calls both ``handle_preemptions`` and ``start_load_kv``) does nothing."""
+        if meta is self._started_meta:
+            return
+        self._started_meta = meta
         assert self.engine is not None or not meta.loads
         if meta.disk_reads or meta.disk_writes or meta.disk_invalidations:
             self._start_disk_jobs(meta)

@@ -40,6 +40,47 @@ STORE_PROGRAMS = 8
 LOAD_PROGRAMS = 16
 
 
+class PinnedIdStaging:
+    """Pinned host columns for the (GPU block, host slot) id pairs of the jobs in flight.
+
+    Why not ``torch.tensor(...).pin_memory()`` per job: for a size its cache lacks, torch's
+    pinned allocator calls ``cudaHostAlloc``, which can wait for the whole device (seen on an
+    H100: a load submitted beside a 0.1 s kernel on another stream started only after it). This
+    buffer is allocated once; jobs take consecutive columns, and columns are reused only after
+    the copy that read them completed (normally long before the ring comes round again).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.buffer = torch.empty((2, capacity), dtype=torch.int64, pin_memory=True)
+        self._next = 0
+        self._in_use: list[tuple[int, int, torch.cuda.Event]] = []
+        """(first column, end column, event recorded after the copy that reads them)"""
+
+    def to_device(
+        self, gpu_block_ids: list[int], host_slots: list[int], device: torch.device
+    ) -> torch.Tensor:
+        """The id pairs as a (2, n) int64 tensor on ``device``, copied on the current stream."""
+        n = len(gpu_block_ids)
+        if n > self.capacity:  # larger than any job the engine expects: pin just this one
+            pinned = torch.tensor([gpu_block_ids, host_slots], dtype=torch.int64).pin_memory()
+            return pinned.to(device, non_blocking=True)
+        start = self._next if self._next + n <= self.capacity else 0
+        stop = start + n
+        for first, end, read in self._in_use:
+            if first < stop and start < end:
+                read.synchronize()  # the ring came round before that copy ran: rare
+        self._in_use = [entry for entry in self._in_use if not entry[2].query()]
+        self.buffer[0, start:stop] = torch.tensor(gpu_block_ids, dtype=torch.int64)
+        self.buffer[1, start:stop] = torch.tensor(host_slots, dtype=torch.int64)
+        on_device = self.buffer[:, start:stop].to(device, non_blocking=True)
+        read = torch.cuda.Event()
+        read.record(torch.cuda.current_stream(device))
+        self._in_use.append((start, stop, read))
+        self._next = stop
+        return on_device
+
+
 @dataclass
 class _Job:
     is_load: bool
@@ -70,6 +111,8 @@ class CudaCopyEngine(CopyEngine):
         self.load_mover = TritonBlockMover(layout, self.kv_caches, max_programs=load_programs)
         self.layer_load_movers = layer_movers(layout, self.kv_caches, max_programs=load_programs)
         self.block_bytes = sum(layer.nbytes for layer in layout.layers)
+        first = layout.layers[0]
+        self._ids = PinnedIdStaging(4 * self.kv_caches[0].shape[first.block_dim])
         self._jobs: OrderedDict[int, _Job] = OrderedDict()
         sizes = sorted({chunk.nbytes for chunk in self.store_mover.chunks})
         logger.info("TokenVM CUDA copy engine: %d chunks per block, chunk sizes %s bytes",
@@ -91,12 +134,11 @@ class CudaCopyEngine(CopyEngine):
         submitted = torch.cuda.Event()
         submitted.record(torch.cuda.current_stream(self.device))
         stream = self.load_stream if is_load else self.store_stream
-        ids = torch.tensor([gpu_block_ids, host_slots], dtype=torch.int64).pin_memory()
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
             stream.wait_event(submitted)
-            ids_gpu = ids.to(self.device, non_blocking=True)
+            ids_gpu = self._ids.to_device(gpu_block_ids, host_slots, self.device)
             start.record(stream)
             layer_done = None
             if by_layer:
@@ -110,7 +152,7 @@ class CudaCopyEngine(CopyEngine):
             else:
                 self.store_mover.gather(ids_gpu[0], self.pool.buffer, dst_row_ids=ids_gpu[1])
             end.record(stream)
-        self._jobs[job_id] = _Job(is_load, len(gpu_block_ids), start, end, (ids, ids_gpu),
+        self._jobs[job_id] = _Job(is_load, len(gpu_block_ids), start, end, (ids_gpu,),
                                   layer_done)
 
     def poll(self) -> list[CopyResult]:
