@@ -105,15 +105,17 @@ def test_layerwise_load_orders_each_layer_after_its_copy(kind):
     engine.store(1, src, slots)
     torch.cuda.synchronize()
     drain(engine, 1)
-    engine.load_layers(0, [90], [47])  # warm-up: a first launch loads the kernel (and syncs)
-    torch.cuda.synchronize()
-    drain(engine, 1)
     before = {k: v.clone() for k, v in caches.items()}
     src_ids, dst_ids = torch.tensor(src, device="cuda"), torch.tensor(dst, device="cuda")
+    first = layers[0]
+    # A kernel's first launch loads its module, which waits for every stream: warm the read
+    # used as the control below, or it would wait for the held-back copy and see new bytes.
+    caches[first.name].index_select(first.block_dim, dst_ids)
+    torch.cuda._sleep(1000)
+    torch.cuda.synchronize()
     with torch.cuda.stream(engine.load_stream):
         torch.cuda._sleep(200_000_000)  # hold the copy back (~0.1 s) so a missing wait shows
     engine.load_layers(2, dst, slots)
-    first = layers[0]
     early = caches[first.name].index_select(first.block_dim, dst_ids)  # read without waiting
     got = []
     for i, layer in enumerate(layers):
