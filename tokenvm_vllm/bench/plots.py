@@ -58,6 +58,35 @@ def plot_revisit(results: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def plot_timeline(results: dict, out: Path) -> None:
+    """One revisit, per TokenVM configuration: events and the copy on a shared time axis, with
+    the median revisit of no-copy (gpu_hit) and vLLM native configurations as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [name for name in results if results[name].get("timeline_ms")]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.8 * len(rows)))
+    for y, name in enumerate(rows):
+        t = results[name]["timeline_ms"]
+        ax.barh(y, t["copy_device_ms"], left=t["load-submitted"], color="tab:orange",
+                label="host->GPU copy (device time)" if y == 0 else None)
+        ax.barh(y, t["generate-end"], color="none", edgecolor="k")
+        for event, marker in (("lookup", "o"), ("load-finished", "s")):
+            ax.plot(t[event], y, marker, color="k")
+            ax.annotate(event, (t[event], y + 0.28), fontsize=7, ha="center")
+    for name, style in (("gpu_hit", "g--"), ("native", "r:")):
+        if name in results:
+            ms = results[name]["revisit_median_ms"]
+            ax.axvline(ms, color=style[0], linestyle=style[1:], label=f"{name} p50 {ms:.0f} ms")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("ms after the client's generate() call (medians of single revisits)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="folder with copy_bench*.json / revisit*.json")
@@ -67,8 +96,13 @@ def main() -> None:
         plot_copy_bench(json.loads(path.read_text()), path.with_suffix(".png"))
         print("wrote", path.with_suffix(".png"))
     for path in sorted(folder.glob("revisit*.json")):
-        plot_revisit(json.loads(path.read_text()), path.with_suffix(".png"))
+        results = json.loads(path.read_text())
+        plot_revisit(results, path.with_suffix(".png"))
         print("wrote", path.with_suffix(".png"))
+        if any(r.get("timeline_ms") for r in results.values()):
+            timeline = path.with_name(path.stem + "_timeline.png")
+            plot_timeline(results, timeline)
+            print("wrote", timeline)
 
 
 if __name__ == "__main__":

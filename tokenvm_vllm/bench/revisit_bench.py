@@ -117,6 +117,42 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
             "batch_revisit_s": batch_times, "output_hash": digest, "counters": _counters(llm)}
 
 
+TIMELINE_EVENTS = ("lookup", "load-submitted", "load-polled", "load-finished", "generate-end")
+
+
+def revisit_timeline(log_text: str) -> dict[str, float]:
+    """Median ms after ``generate`` was called, per event, over the single revisits in a
+    ``--trace`` log (those whose lookup hit a prefix), plus ``copy_device_ms``: the load's time
+    on the GPU. Every process stamps ``time.monotonic()``, one clock for all of them."""
+    import re
+
+    events = [(float(m.group(1)), m.group(2), m.group(3)) for m in re.finditer(
+        r"TokenVM trace ([\d.]+) (\S+)([^\n]*)", log_text)]
+    samples: dict[str, list[float]] = {}
+    window: list[tuple[float, str, str]] | None = None
+    for event in events:
+        if event[1] == "generate-start":
+            window = [event] if "n=1" in event[2] else None
+            continue
+        if window is None:
+            continue
+        window.append(event)
+        if event[1] != "generate-end":
+            continue
+        if any(name == "lookup" and "hit_blocks=0" not in rest for _, name, rest in window):
+            start = window[0][0]
+            seen: dict[str, float] = {}
+            for stamp, name, rest in window:
+                if name in TIMELINE_EVENTS and name not in seen:
+                    seen[name] = (stamp - start) * 1000
+                if name == "load-polled" and "copy_device_ms" not in seen:
+                    seen["copy_device_ms"] = float(rest.split("device_ms=")[1])
+            for name, value in seen.items():
+                samples.setdefault(name, []).append(value)
+        window = None
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def run_all(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +174,8 @@ def run_all(args: argparse.Namespace) -> None:
             continue
         results[config] = json.loads((out / f"revisit_{config}.json").read_text())
         r = results[config]
+        if args.trace:
+            r["timeline_ms"] = revisit_timeline((out / f"revisit_{config}.log").read_text())
         print(f"  startup {r['startup_s']:.0f} s, first pass {r['first_pass_s']:.2f} s, revisit "
               f"median {r['revisit_median_ms']:.1f} ms", flush=True)
     (out / "revisit_results.json").write_text(json.dumps(results, indent=1))
