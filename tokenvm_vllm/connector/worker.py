@@ -162,9 +162,9 @@ class TokenVMWorker:
 
     def handle_preemptions(self, meta: TokenVMConnectorMetadata) -> None:
         """First call of a step: fence, then start the step's jobs at once. vLLM calls this
-        before the model runner prepares the batch's inputs (~10 ms for a new 8k-token request
-        on an H100), ``start_load_kv`` only after: starting here gives the copies that much
-        head start on the forward that needs them."""
+        before the model runner prepares the batch's inputs and ``start_load_kv`` only after:
+        starting here moved a layer-wise revisit's copy of an 8k-token prefix about 5 ms
+        earlier on an H100 (lookup to submit: 12.5 ms before, 6-8 ms after)."""
         if self.engine is not None and meta.fence_job_ids:
             self.engine.fence(meta.fence_job_ids)
         self.start_load_kv(meta)
