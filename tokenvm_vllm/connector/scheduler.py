@@ -289,6 +289,9 @@ class TokenVMScheduler:
         self.stats.add("loaded_blocks", num_blocks)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> TokenVMConnectorMetadata:
+        if self.config.trace and scheduler_output.total_num_scheduled_tokens:
+            logger.info("TokenVM trace %.6f step-scheduled tokens=%d", time.monotonic(),
+                        scheduler_output.total_num_scheduled_tokens)
         for req_id, new_block_ids, resumed in compat.yield_req_data(scheduler_output):
             state = self.requests.get(req_id)
             if state is None or new_block_ids is None:
