@@ -9,7 +9,7 @@ lists so they pickle/serialize small.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
@@ -79,21 +79,11 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
     """(key, disk slot) pairs the scan found valid -> number of workers that found them."""
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> TokenVMWorkerMetadata:
+        """Sum over tensor-parallel ranks: every field (counters, numbers, lists of
+        observations) combines with ``+``."""
         assert isinstance(other, TokenVMWorkerMetadata)
-        return TokenVMWorkerMetadata(
-            completed=self.completed + other.completed,
-            failed=self.failed + other.failed,
-            load_bytes=self.load_bytes + other.load_bytes,
-            store_bytes=self.store_bytes + other.store_bytes,
-            load_seconds=self.load_seconds + other.load_seconds,
-            store_seconds=self.store_seconds + other.store_seconds,
-            layerwise_loaded_blocks=self.layerwise_loaded_blocks + other.layerwise_loaded_blocks,
-            load_job_seconds=self.load_job_seconds + other.load_job_seconds,
-            store_job_seconds=self.store_job_seconds + other.store_job_seconds,
-            disk_io_seconds=self.disk_io_seconds + other.disk_io_seconds,
-            disk_scanned=self.disk_scanned + other.disk_scanned,
-            disk_recovered=self.disk_recovered + other.disk_recovered,
-        )
+        return TokenVMWorkerMetadata(**{
+            f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def is_empty(self) -> bool:
         return not self.completed and not self.disk_scanned
