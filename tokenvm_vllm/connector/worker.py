@@ -78,8 +78,8 @@ class TokenVMWorker:
         self._load_jobs: dict[int, tuple[str | None, list[int]]] = {}
         """job id -> (request parked for it, or None for a layer-wise load; its GPU blocks)"""
         self._layer_index: dict[str, int] = {}
-        self._step_layerwise: dict[int, list[int]] = {}
-        """This step's layer-wise load jobs -> their GPU blocks."""
+        self._step_layerwise: set[int] = set()
+        """This step's layer-wise load jobs (their GPU blocks: ``_load_jobs``)."""
         self._layers_waited: set[int] = set()
         self._started_meta: TokenVMConnectorMetadata | None = None
         self.layer_hooks: bool | None = None
@@ -189,7 +189,7 @@ class TokenVMWorker:
                 continue
             if job.layerwise:
                 self.engine.load_layers(job.job_id, job.gpu_block_ids, job.host_slots)
-                self._step_layerwise[job.job_id] = job.gpu_block_ids
+                self._step_layerwise.add(job.job_id)
             else:
                 self.engine.load(job.job_id, job.gpu_block_ids, job.host_slots)
             if self.config.trace:
@@ -197,10 +197,10 @@ class TokenVMWorker:
                             time.monotonic(), job.job_id, len(job.gpu_block_ids), job.layerwise)
         if self._step_layerwise and (not self.layer_hooks or self.config.debug_corrupt_loads):
             # Not yet known that every layer will wait for its copy: wait for all of it.
-            self.engine.fence(set(self._step_layerwise))
+            self.engine.fence(self._step_layerwise)
             if self.config.debug_corrupt_loads:
-                for gpu_block_ids in self._step_layerwise.values():
-                    self._corrupt(gpu_block_ids)
+                for job_id in self._step_layerwise:
+                    self._corrupt(self._load_jobs[job_id][1])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Called by vLLM before each attention layer runs (layer-wise loads only matter)."""
@@ -212,7 +212,7 @@ class TokenVMWorker:
         self._layers_waited.add(index)
         if self.layer_hooks:
             assert self.engine is not None
-            self.engine.wait_layer(set(self._step_layerwise), index)
+            self.engine.wait_layer(self._step_layerwise, index)
 
     def _end_layerwise_step(self) -> None:
         """After the forward: did every layer wait for its copy? Learn it, or repair it."""
@@ -222,7 +222,7 @@ class TokenVMWorker:
         every_layer = len(self._layers_waited) == len(self._layer_index)
         if self.layer_hooks and every_layer:
             self._worker_meta.layerwise_loaded_blocks += sum(
-                len(blocks) for blocks in self._step_layerwise.values())
+                len(self._load_jobs[job_id][1]) for job_id in self._step_layerwise)
         if self.layer_hooks is None:
             self.layer_hooks = every_layer
             if not every_layer:
@@ -233,15 +233,15 @@ class TokenVMWorker:
         elif self.layer_hooks and not every_layer:
             # Some layer ran without waiting: it may have read blocks before their copy landed.
             # vLLM recomputes blocks reported as load errors; later writes wait for the copies.
-            self.engine.fence(set(self._step_layerwise))
-            for gpu_block_ids in self._step_layerwise.values():
-                self._load_errors.update(gpu_block_ids)
+            self.engine.fence(self._step_layerwise)
+            for job_id in self._step_layerwise:
+                self._load_errors.update(self._load_jobs[job_id][1])
             self.layer_hooks = False
             logger.warning(
                 "TokenVM: a step ran %d of %d layers' wait_for_layer_load; its loaded blocks are "
                 "recomputed and later layer-wise loads wait for the whole copy",
                 len(self._layers_waited), len(self._layer_index))
-        self._step_layerwise = {}
+        self._step_layerwise = set()
         self._layers_waited = set()
 
     def start_store(self, meta: TokenVMConnectorMetadata) -> None:

@@ -111,8 +111,8 @@ class CudaCopyEngine(CopyEngine):
         self.load_mover = TritonBlockMover(layout, self.kv_caches, max_programs=load_programs)
         self.layer_load_movers = layer_movers(layout, self.kv_caches, max_programs=load_programs)
         self.block_bytes = sum(layer.nbytes for layer in layout.layers)
-        first = layout.layers[0]
-        self._ids = PinnedIdStaging(4 * self.kv_caches[0].shape[first.block_dim])
+        self.num_blocks = self.kv_caches[0].shape[layout.layers[0].block_dim]
+        self._ids = PinnedIdStaging(4 * self.num_blocks)
         self._jobs: OrderedDict[int, _Job] = OrderedDict()
         self._warm_up()
         sizes = sorted({chunk.nbytes for chunk in self.store_mover.chunks})
@@ -129,9 +129,8 @@ class CudaCopyEngine(CopyEngine):
         16-byte alignment is part of Triton's specialization). Blocks 0 and 1 go to slots 0 and
         1 and back: their bytes are unchanged, and at start-up no request owns them.
         """
-        num_blocks = self.kv_caches[0].shape[self.layout.layers[0].block_dim]
         for n in (1, 2):
-            if n > min(num_blocks, self.pool.num_slots):
+            if n > min(self.num_blocks, self.pool.num_slots):
                 break
             job = -n
             self.store(job, list(range(n)), list(range(n)))
