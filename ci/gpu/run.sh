@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU job (vLLM 0.26.0 on the GPU machine). Run from the repo root after the bundle is
-# unpacked into /tmp/site (see README "GPU runs"). Stages: tests, copy, exact, revisit, or all.
+# unpacked into /tmp/site (see README "GPU runs"). Stages: tests, copy, exact, serve, revisit, disk.
 #   bash ci/gpu/run.sh "tests copy exact"
 # Work files (models, per-run logs) go to $WORK; the results JSON and a tarball of the logs go to
 # $OUT (the device tool brings back at most 8 files from there).
@@ -21,10 +21,18 @@ for stage in $STAGES; do
              > "$WORK/gpu_tests.log" 2>&1; tail -3 "$WORK/gpu_tests.log" ;;
     copy) python3 -m tokenvm_vllm.bench.copy_bench --out "$OUT/copy_bench.json" \
              > "$WORK/copy_bench.log" 2>&1; tail -9 "$WORK/copy_bench.log" ;;
-    exact) VLLM_BATCH_INVARIANT=1 python3 ci/gpu/token_exact.py --out "$WORK/exact" 2>&1 | tee "$WORK/token_exact.log" \
-             | tail -8; cp "$WORK/exact/token_exact.json" "$OUT/" 2>/dev/null ;;
+    exact|exact_v1|exact_v2)  # EXACT_ARGS: e.g. --configs tokenvm,native
+      runner=${stage#exact}; runner=${runner#_}
+      VLLM_BATCH_INVARIANT=1 python3 ci/gpu/token_exact.py --out "$WORK/$stage" \
+        --runner "${runner:-default}" ${EXACT_ARGS:-} 2>&1 | tee "$WORK/$stage.log" | tail -14
+      cp "$WORK/$stage/token_exact.json" "$OUT/token_$stage.json" 2>/dev/null ;;
     disk) python3 -m tokenvm_vllm.bench.disk_bench --path /tmp/tokenvm-disk-bench --gib 4 \
              --out "$OUT/disk_bench.json" 2>&1 | tee "$WORK/disk_bench.log" | tail -6 ;;
+    serve)  # the headline: vllm serve + vllm bench serve; SERVE_ARGS picks configs/workloads
+      python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
+      python3 -m tokenvm_vllm.bench.serve_bench run --model "$WORK/llama8b" --dummy \
+        --out "$WORK/serve" ${SERVE_ARGS:-} 2>&1 | tee "$WORK/serve.log"
+      tar czf "$OUT/serve${SERVE_TAG:-}.tgz" -C "$WORK/serve" . ;;
     revisit)
       python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
       python3 -m tokenvm_vllm.bench.revisit_bench --all --model "$WORK/llama8b" --out "$WORK/revisit" \

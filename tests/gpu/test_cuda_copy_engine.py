@@ -11,7 +11,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 NUM_BLOCKS = 96
 
 
-def make(kind: str, dtype: torch.dtype, layers: int = 4):
+def make(kind: str, dtype: torch.dtype, layers: int = 4, path: str = "uva",
+         staging_blocks: int = 8):
     from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
     from tokenvm_vllm.transfer.host_pool import HostPool
     from tokenvm_vllm.transfer.layout import KVLayout
@@ -31,7 +32,9 @@ def make(kind: str, dtype: torch.dtype, layers: int = 4):
     per = caches["l0"].numel() // NUM_BLOCKS * caches["l0"].element_size()
     layout = KVLayout.from_kv_caches(caches, NUM_BLOCKS, per * layers)
     pool = HostPool(48, per * layers, pin=True)
-    return CudaCopyEngine(layout, caches, pool), caches, pool
+    engine = CudaCopyEngine(layout, caches, pool, path=path,
+                            staging_bytes=staging_blocks * pool.slot_bytes)
+    return engine, caches, pool
 
 
 def drain(engine, n):
@@ -44,13 +47,18 @@ def drain(engine, n):
 @pytest.mark.parametrize("kind", ["flash", "hnd", "vllm026"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("count", [1, 3, 17, 40])
-def test_round_trip_every_byte(kind, dtype, count):
+@pytest.mark.parametrize("path", ["uva", "staged", "staged-runs"])
+def test_round_trip_every_byte(kind, dtype, count, path):
+    """``staged`` with 8 staging rows: 17 and 40 blocks take several rounds through them;
+    ``staged-runs`` uses consecutive host slots, which DMA moves as merged runs."""
     from tokenvm_vllm.transfer.copy_engine import TorchCopyEngine
 
-    engine, caches, pool = make(kind, dtype)
+    engine, caches, pool = make(kind, dtype, path=path.removesuffix("-runs"))
     gen = torch.Generator().manual_seed(count)
     src = torch.randperm(NUM_BLOCKS, generator=gen)[:count].tolist()
     slots = torch.randperm(pool.num_slots, generator=gen)[:count].tolist()
+    if path == "staged-runs":
+        slots = list(range(3, 3 + count))[::-1]  # reversed: the engine sorts them into runs
     pool.buffer.fill_(0x5A)
     engine.store(1, src, slots)
     torch.cuda.synchronize()
@@ -152,3 +160,34 @@ def test_id_staging_wraps_and_stays_correct():
         drain(engine, 1)
         got = kv.index_select(layer.block_dim, torch.tensor(dst, device="cuda"))
         assert torch.equal(got, want), round_
+
+
+@pytest.mark.parametrize("count", [1, 5, 40])
+def test_cross_layer_rows_move_by_direct_dma(count):
+    """vLLM 0.26's V1 cross-layer cache, registered as one (blocks, slot_bytes) row matrix: the
+    staged path DMAs whole rows with no staging buffer; every byte arrives, nothing else moves."""
+    from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
+    from tokenvm_vllm.transfer.host_pool import HostPool
+    from tokenvm_vllm.transfer.layout import KVLayout
+
+    slot = 4 * 65536
+    rows = torch.randint(0, 256, (NUM_BLOCKS, slot), dtype=torch.uint8, device="cuda")
+    caches = {"__cross_layers__": rows}
+    layout = KVLayout.from_kv_caches(caches, NUM_BLOCKS, slot)
+    pool = HostPool(48, slot, pin=True)
+    engine = CudaCopyEngine(layout, caches, pool, path="staged")
+    assert engine.direct_rows is not None and engine.staging_rows == 0
+    src = list(range(7, 7 + count))  # consecutive blocks and slots: merged runs
+    slots = list(range(2, 2 + count))
+    engine.store(1, src, slots)
+    torch.cuda.synchronize()
+    drain(engine, 1)
+    assert torch.equal(pool.buffer[slots], rows[src].cpu())
+    before = rows.clone()
+    dst = [60 - i for i in range(count)]  # reversed: no merging on the GPU side
+    engine.load(2, dst, slots)
+    torch.cuda.synchronize()
+    drain(engine, 1)
+    assert torch.equal(rows[dst], before[src])
+    others = [b for b in range(NUM_BLOCKS) if b not in dst]
+    assert torch.equal(rows[others], before[others])

@@ -6,14 +6,21 @@ so one block of one layer is a contiguous 64 KiB and a block of all layers is 2 
 batches from 1 block to thousands, measured in the same run on the same machine (CUDA
 events, warm-up first, median of repeats):
 
-- ``tokenvm``: ``CudaCopyEngine`` (one Triton launch per direction, UVA into pinned host slots)
-  GPU->host, host->GPU, and both at once, with its default program caps (8 GPU->host, 16
-  host->GPU: they leave SMs to the forward); ``tokenvm x2 programs``: twice those caps;
-  ``tokenvm layerwise h2d``: a layer-wise load (one launch and one event per layer);
+- ``tokenvm``: ``CudaCopyEngine`` with ``copy_path="uva"`` (one Triton launch per direction,
+  UVA into pinned host slots) GPU->host, host->GPU, and both at once, with its default program
+  caps (8 GPU->host, 16 host->GPU: they leave SMs to the forward); ``tokenvm x2 programs``:
+  twice those caps; ``tokenvm layerwise h2d``: a layer-wise load (one launch and one event per
+  layer); ``tokenvm staged``: ``copy_path="staged"`` (on-device gather into a GPU staging
+  buffer, then DMA of whole slot rows; the default);
 - ``memcpy peak``: one contiguous pinned ``copy_`` of the same bytes (the PCIe ceiling);
 - ``vllm dma 64K``: vLLM's ``swap_blocks_batch`` (cuMemcpyBatchAsync) over the same 64 KiB blocks;
 - ``vllm dma 2M``: the same with vLLM native offloading's cross-layer layout (one 2 MiB chunk per
   block), its best case.
+
+Then *interference*: what a copy running beside the model costs the model. A decode-like GEMM
+loop (32 x 4096 x 14336 bf16, memory-bound) and a prefill-like one (4096 x 4096 x 14336) run
+on the compute stream alone and while each path moves 1024 blocks on its own stream; the table
+gives the compute's slowdown (1.00 = none). This is the number that matters under serving load.
 
     python -m tokenvm_vllm.bench.copy_bench [--blocks 2048] [--out results.json]
 """
@@ -59,6 +66,10 @@ def make_cases(
         "tokenvm h2d": lambda: run_jobs(("load", ids, slots)),
         "tokenvm both": lambda: run_jobs(("store", ids, slots), ("load", ids2, slots2)),
         "tokenvm layerwise h2d": lambda: run_jobs(("load_layers", ids, slots)),
+        "tokenvm staged d2h": lambda: run_jobs(("store", ids, slots), staged=True),
+        "tokenvm staged h2d": lambda: run_jobs(("load", ids, slots), staged=True),
+        "tokenvm staged both": lambda: run_jobs(("store", ids, slots), ("load", ids2, slots2),
+                                                staged=True),
         "tokenvm x2 programs d2h": lambda: run_jobs(("store", ids, slots), wide=True),
         "tokenvm x2 programs h2d": lambda: run_jobs(("load", ids, slots), wide=True),
         "memcpy d2h": lambda: host_flat.copy_(gpu_flat, non_blocking=True),
@@ -90,16 +101,23 @@ def main() -> None:
     block_bytes = 2 * BLOCK_TOKENS * KV_HEADS * HEAD * 2 * LAYERS
     layout = KVLayout.from_kv_caches(caches, n, block_bytes)
     pool = HostPool(n, block_bytes, pin=True)
-    engine = CudaCopyEngine(layout, caches, pool)
+    engine = CudaCopyEngine(layout, caches, pool, path="uva")
+    staged_engine = CudaCopyEngine(layout, caches, pool, path="staged")
     wide_engine = CudaCopyEngine(layout, caches, pool, store_programs=2 * STORE_PROGRAMS,
-                                 load_programs=2 * LOAD_PROGRAMS)
+                                 load_programs=2 * LOAD_PROGRAMS, path="uva")
     print(f"host pool {n} x {block_bytes >> 20} MiB pinned in {pool.alloc_seconds:.2f} s",
           flush=True)
 
-    def run_jobs(*jobs: tuple[str, list[int], list[int]], wide: bool = False) -> None:
-        chosen = wide_engine if wide else engine
+    def submit(*jobs: tuple[str, list[int], list[int]], wide: bool = False,
+               staged: bool = False) -> CudaCopyEngine:
+        chosen = wide_engine if wide else staged_engine if staged else engine
         for job_id, (method, ids, slots) in enumerate(jobs):
             getattr(chosen, method)(job_id, ids, slots)
+        return chosen
+
+    def run_jobs(*jobs: tuple[str, list[int], list[int]], wide: bool = False,
+                 staged: bool = False) -> None:
+        chosen = submit(*jobs, wide=wide, staged=staged)
         torch.cuda.synchronize()
         chosen.poll()
 
@@ -148,9 +166,67 @@ def main() -> None:
     print(f"{'blocks':>7}" + "".join(f"{k:>18}" for k in names))
     for row in results:
         print(f"{row['blocks']:>7}" + "".join(f"{row[k]:>18.1f}" for k in names))
+    def drain() -> None:
+        for chosen in (engine, staged_engine, wide_engine):
+            chosen.poll()
+
+    slowdown = interference(submit, dma, n, drain)
     if args.out:
         Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(),
-                                              "rows": results}, indent=1))
+                                              "rows": results, "interference": slowdown},
+                                             indent=1))
+
+
+def interference(
+    submit: Callable[..., object], dma: Callable[..., None], n: int, drain: Callable[[], None]
+) -> dict[str, dict[str, float]]:
+    """Slowdown of GEMM loops on the compute stream while a 1024-block copy runs beside them."""
+    batch = min(1024, n)
+    rng = torch.Generator().manual_seed(1)
+    ids = torch.randperm(n, generator=rng)[:batch].tolist()
+    slots = torch.randperm(n, generator=rng)[:batch].tolist()
+    weight = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16)
+    inputs = {"decode GEMM": torch.randn(32, 4096, device="cuda", dtype=torch.bfloat16),
+              "prefill GEMM": torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)}
+    side = torch.cuda.Stream()
+    copies: dict[str, Callable[[], object]] = {
+        "none": lambda: None,
+        "uva d2h": lambda: submit(("store", ids, slots)),
+        "uva h2d": lambda: submit(("load", ids, slots)),
+        "staged d2h": lambda: submit(("store", ids, slots), staged=True),
+        "staged h2d": lambda: submit(("load", ids, slots), staged=True),
+        "vllm dma 64K d2h": lambda: dma(ids, slots, True, False),
+    }
+    table: dict[str, dict[str, float]] = {}
+    for label, x in inputs.items():
+        repeats = 400 if x.shape[0] == 32 else 20
+
+        def compute(x: torch.Tensor = x, repeats: int = repeats) -> None:
+            for _ in range(repeats):
+                torch.mm(x, weight)
+
+        times: dict[str, float] = {}
+        for name, copy in copies.items():
+            samples = []
+            for _ in range(3):
+                torch.cuda.synchronize()
+                with torch.cuda.stream(side):
+                    copy()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                compute()
+                end.record()
+                torch.cuda.synchronize()
+                drain()
+                samples.append(start.elapsed_time(end))
+            times[name] = statistics.median(samples)
+        table[label] = {name: round(ms / times["none"], 3) for name, ms in times.items()}
+        table[label]["alone_ms"] = round(times["none"], 3)
+    print("\ninterference: compute time beside a 1024-block copy / alone")
+    for label, row in table.items():
+        print(f"{label:>14}: " + "  ".join(f"{k} {v}" for k, v in row.items()))
+    return table
 
 
 if __name__ == "__main__":

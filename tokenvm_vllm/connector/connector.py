@@ -52,6 +52,11 @@ class TokenVMConnector(KVConnectorBase_V1):
             self.worker = TokenVMWorker(vllm_config, kv_cache_config, config)
 
     @property
+    def prefer_cross_layer_blocks(self) -> bool:
+        """vLLM 0.26's V1 runner then registers one cross-layer tensor (see worker.py)."""
+        return self.worker is not None and self.worker.prefers_cross_layer_blocks
+
+    @property
     def requires_kv_delivery(self) -> bool:
         """A cache: a dropped store is a future miss, never a lost hand-off (vLLM >= 0.32)."""
         return False
@@ -121,6 +126,11 @@ class TokenVMConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self.worker is not None
         self.worker.register_kv_caches(kv_caches)
+
+    def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any) -> None:
+        """vLLM 0.26, V1 runner, when ``prefer_cross_layer_blocks`` (instead of the above)."""
+        assert self.worker is not None
+        self.worker.register_cross_layers_kv_cache(kv_cache, attn_backend)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         assert self.worker is not None and isinstance(

@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,9 +48,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("vllm.tokenvm")
 
+CROSS_LAYERS = "__cross_layers__"
+"""The layer name under which a cross-layer KV cache is registered (one row per block)."""
+
 
 def make_copy_engine(
-    layout: KVLayout, kv_caches: dict[str, torch.Tensor], pool: HostPool
+    layout: KVLayout, kv_caches: dict[str, torch.Tensor], pool: HostPool, config: TokenVMConfig
 ) -> CopyEngine:
     """The fastest engine for the device the KV cache lives on."""
     device = next(iter(kv_caches.values())).device
@@ -58,7 +61,8 @@ def make_copy_engine(
         from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
 
         try:
-            return CudaCopyEngine(layout, kv_caches, pool)
+            return CudaCopyEngine(layout, kv_caches, pool, path=config.copy_path,
+                                  staging_bytes=config.staging_bytes)
         except ValueError as err:  # a KV layout the Triton mover does not cover
             logger.warning("TokenVM: %s; falling back to the (slow) torch copy engine", err)
     return TorchCopyEngine(layout, kv_caches, pool)
@@ -104,7 +108,7 @@ class TokenVMWorker:
         self._kv_caches = kv_caches
         self._layer_index = {layer.name: i for i, layer in enumerate(self.layout.layers)}
         self._pool = pool
-        self.engine = make_copy_engine(self.layout, kv_caches, pool)
+        self.engine = make_copy_engine(self.layout, kv_caches, pool, self.config)
         if self.config.disk_path:
             self._open_disk_store(first_dtype=str(next(iter(kv_caches.values())).dtype))
         first = next(iter(kv_caches.values()))
@@ -113,6 +117,21 @@ class TokenVMWorker:
             "per block per layer; copy engine %s", len(kv_caches), first.dtype,
             tuple(first.shape), tuple(first.stride()), self.layout.layers[0].block_dim,
             self.layout.layers[0].nbytes, type(self.engine).__name__)
+
+    @property
+    def prefers_cross_layer_blocks(self) -> bool:
+        """Whether to ask vLLM for one cross-layer KV tensor (V1 runner of vLLM 0.26 only).
+        Not with layer-wise loads: they wait per layer, and a cross-layer block is one copy."""
+        return (self.config.cross_layer_blocks and self.config.load_mode == "async"
+                and torch.cuda.is_available())
+
+    def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any) -> None:
+        """vLLM chose its cross-layer layout: register it as one "layer" whose block is the
+        whole slot, so the copy engine moves each block as one contiguous DMA."""
+        rows = compat.cross_layer_block_rows(kv_cache, attn_backend, self.slot_bytes)
+        logger.info("TokenVM worker: cross-layer KV cache %s -> %d blocks of %d bytes",
+                    tuple(kv_cache.shape), rows.shape[0], rows.shape[1])
+        self.register_kv_caches({CROSS_LAYERS: rows})
 
     def namespace(self, kv_dtype: str) -> Namespace:
         """What, besides the block hash, must match for stored bytes to be reused."""

