@@ -96,16 +96,35 @@ def test_touch_of_unknown_key_is_harmless(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_candidates_survive_removal_while_iterating(name: str) -> None:
+def test_first_candidate_after_each_removal_drains_every_key(name: str) -> None:
+    """How a tier evicts: take the first candidate, remove it, ask again (``candidates`` is lazy
+    and valid only until the policy changes)."""
     policy = make_policy(name)
     keys = [bytes([i]) for i in range(10)]
     for key in keys:
         policy.insert(key)
     seen = []
-    for key in policy.candidates():
+    while len(policy):
+        key = next(policy.candidates())
         seen.append(key)
         policy.remove(key)
-    assert sorted(seen) == keys and len(policy) == 0
+    assert sorted(seen) == keys and list(policy.candidates()) == []
+
+
+def test_queue_aware_first_victim_skips_protected_keys_without_walking_them() -> None:
+    """Protected keys sit in their own order: the first candidate is the oldest unprotected key
+    however many older keys are protected; unprotecting makes a key most recently used."""
+    policy = make_policy("queue_aware")
+    keys = [bytes([i]) for i in range(100)]
+    for key in keys:
+        policy.insert(key)
+    policy.protect(keys[:99])
+    assert next(policy.candidates()) == keys[99]
+    assert list(policy.candidates()) == [keys[99], *keys[:99]]
+    policy.unprotect([keys[0]])
+    assert list(policy.candidates())[:2] == [keys[99], keys[0]]
+    policy.unprotect(keys[1:99])
+    assert len(policy) == 100 and sorted(policy.candidates()) == keys
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -279,8 +298,8 @@ def test_queue_aware_puts_protected_keys_last() -> None:
     assert order(policy) == [b"b", b"d", b"a", b"c"]  # both groups in LRU order
     policy.touch(b"a")
     assert order(policy) == [b"b", b"d", b"c", b"a"]
-    policy.protect([b"b", b"d"])  # everything protected: still evictable, plain LRU
-    assert order(policy) == [b"b", b"c", b"d", b"a"]
+    policy.protect([b"b", b"d"])  # everything protected: still evictable; protecting is a use
+    assert order(policy) == [b"c", b"a", b"b", b"d"]
 
 
 def test_queue_aware_reference_counts() -> None:
@@ -291,17 +310,18 @@ def test_queue_aware_reference_counts() -> None:
     policy.protect([b"a", b"b"])
     policy.unprotect([b"a"])
     assert order(policy) == [b"c", b"a", b"b"]  # a still holds one reference
-    policy.unprotect([b"a", b"b"])
-    assert order(policy) == [b"a", b"b", b"c"]
+    policy.unprotect([b"a", b"b"])  # back among the unprotected, as just used
+    assert order(policy) == [b"c", b"a", b"b"]
     policy.unprotect([b"a"])  # unmatched: ignored, must not go negative
     policy.protect([b"a"])
-    assert order(policy) == [b"b", b"c", b"a"]
+    assert order(policy) == [b"c", b"b", b"a"]
     policy.unprotect([b"a"])
     policy.protect([b"b", b"b"])  # a key listed twice needs two unprotects
     policy.unprotect([b"b"])
-    assert policy.is_protected(b"b") and order(policy) == [b"a", b"c", b"b"]
+    assert policy.is_protected(b"b") and order(policy) == [b"c", b"a", b"b"]
     policy.unprotect([b"b"])
-    assert not policy.is_protected(b"b") and order(policy) == [b"a", b"b", b"c"]
+    assert not policy.is_protected(b"b") and order(policy) == [b"c", b"a", b"b"]
+    assert not policy.is_protected(b"a") and not policy.is_protected(b"c")
 
 
 def test_queue_aware_protection_outlives_residency() -> None:

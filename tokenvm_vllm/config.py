@@ -31,7 +31,7 @@ class TokenVMConfig:
 
     host_bytes: int = 4 * 2**30
     """Host-RAM tier capacity in bytes (per worker). Accepts '512MiB', '4GiB', or an int."""
-    write_mode: str = "write_back"
+    write_mode: str = "write_through"
     """'write_through': copy every full block to host as soon as a forward fills it.
     'write_back': copy only cached blocks near the eviction end of vLLM's GPU free queue."""
     write_back_lookahead_blocks: int = 0

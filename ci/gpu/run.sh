@@ -30,7 +30,9 @@ for stage in $STAGES; do
              --out "$OUT/disk_bench.json" 2>&1 | tee "$WORK/disk_bench.log" | tail -6 ;;
     serve)  # the headline: vllm serve + vllm bench serve; SERVE_ARGS picks configs/workloads
       python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
-      python3 -m tokenvm_vllm.bench.serve_bench run --model "$WORK/llama8b" --dummy \
+      # SERVE_TIMEOUT (s) ends it inside the device call's limit so the results still come back
+      timeout --signal=INT "${SERVE_TIMEOUT:-540}" \
+        python3 -m tokenvm_vllm.bench.serve_bench run --model "$WORK/llama8b" --dummy \
         --out "$WORK/serve" ${SERVE_ARGS:-} 2>&1 | tee "$WORK/serve.log"
       tar czf "$OUT/serve${SERVE_TAG:-}.tgz" -C "$WORK/serve" . ;;
     revisit)

@@ -169,14 +169,17 @@ def client_command(workload: str, opts: argparse.Namespace, out: Path, rate: flo
     return cmd + ["--max-concurrency", workload[1:]]
 
 
-def poisson_rate(out_dir: Path, opts: argparse.Namespace) -> float:
+def poisson_rate(out_dir: Path, opts: argparse.Namespace, running: dict[str, Any]) -> float:
+    """``--poisson-rate``, else 70% of the request rate the floor sustained at p32 (``running``:
+    the configuration in progress, which may be the floor itself)."""
     if opts.poisson_rate:
         return float(opts.poisson_rate)
     floor = out_dir / "floor.json"
-    if floor.exists():
-        p32 = json.loads(floor.read_text())["workloads"].get("p32")
-        if p32:
-            return 0.7 * float(p32["client"]["request_throughput"])
+    found = running if running["config"] == "floor" else (
+        json.loads(floor.read_text()) if floor.exists() else {"workloads": {}})
+    p32 = found["workloads"].get("p32")
+    if p32:
+        return 0.7 * float(p32["client"]["request_throughput"])
     raise SystemExit("serve_bench: poisson needs --poisson-rate, or floor's p32 in the same "
                      "--out directory (run floor first)")
 
@@ -187,7 +190,8 @@ def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path) ->
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", opts.model,
            "--port", str(opts.port), "--dtype", opts.dtype, "--max-num-seqs",
-           str(opts.max_num_seqs), *config.args, *opts.server_arg]
+           str(opts.max_num_seqs), "--max-model-len", str(opts.max_model_len), *config.args,
+           *opts.server_arg]
     if opts.dummy:
         cmd += ["--load-format", "dummy"]
     env = os.environ | config.env
@@ -202,7 +206,7 @@ def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path) ->
             for workload in opts.workloads:
                 if workload == "random" and config.kind == "floor":
                     continue  # nothing to reuse: the floor is no offload here
-                rate = poisson_rate(out_dir, opts) if workload == "poisson" else 0.0
+                rate = poisson_rate(out_dir, opts, result) if workload == "poisson" else 0.0
                 client_out = logs / f"{slug}.{workload}.json"
                 before = scrape(opts.port)
                 started = time.monotonic()
@@ -328,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--floor-kv-gib", type=float, default=30)
     run.add_argument("--host-gib", type=float, default=20)
     run.add_argument("--max-num-seqs", type=int, default=32)
+    run.add_argument("--max-model-len", type=int, default=8192)
     run.add_argument("--prefixes", type=int, default=32)
     run.add_argument("--prefix-len", type=int, default=4096)
     run.add_argument("--suffix-len", type=int, default=128)
@@ -356,15 +361,18 @@ def main(argv: list[str] | None = None) -> None:
         configs = [ServerConfig.parse(spec, opts) for spec in opts.configs.split(",") if spec]
         (opts.out / "settings.json").write_text(json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()}, indent=1))
-        for i, config in enumerate(configs, 1):
-            progress(f"config {i}/{len(configs)}: {config.name}")
-            try:
-                result = run_config(config, opts, opts.out)
-            except (RuntimeError, subprocess.SubprocessError) as err:
-                progress(f"{config.name}: FAILED: {err} (logs in {opts.out / 'logs'})")
-                continue
-            slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name)
-            (opts.out / f"{slug}.json").write_text(json.dumps(result, indent=1))
+        try:
+            for i, config in enumerate(configs, 1):
+                progress(f"config {i}/{len(configs)}: {config.name}")
+                try:
+                    result = run_config(config, opts, opts.out)
+                except (RuntimeError, subprocess.SubprocessError) as err:
+                    progress(f"{config.name}: FAILED: {err} (logs in {opts.out / 'logs'})")
+                    continue
+                slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name)
+                (opts.out / f"{slug}.json").write_text(json.dumps(result, indent=1))
+        except KeyboardInterrupt:  # e.g. `timeout --signal=INT`: report what finished
+            progress("interrupted: reporting the configurations that finished")
         dirs = [opts.out]
     else:
         dirs = opts.dirs

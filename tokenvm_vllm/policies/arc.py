@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 
@@ -103,10 +105,9 @@ class ARCPolicy(EvictionPolicy):
         # Moving a key to a ghost list changes no list total, so no trimming is needed here.
 
     def candidates(self) -> Iterator[Hashable]:
-        # Snapshot: the caller removes the key it takes, possibly while still iterating.
         if self._t1 and (len(self._t1) > self._p or not self._t2):
-            return iter([*self._t1, *self._t2])
-        return iter([*self._t2, *self._t1])
+            return itertools.chain(self._t1, self._t2)
+        return itertools.chain(self._t2, self._t1)
 
     def __len__(self) -> int:
         return len(self._t1) + len(self._t2)

@@ -14,6 +14,12 @@ class EvictionPolicy(ABC):
     best victim first; the tier skips keys it cannot evict right now (pinned by a copy) and calls
     ``remove`` on the one it takes. A policy never evicts on its own.
 
+    ``candidates`` is lazy: it walks the policy's live order, so finding a victim costs the keys
+    examined, not the size of the tier (a snapshot of a 10,240-slot tier per eviction, hundreds
+    of evictions per step, stalled vLLM's engine loop for tens of milliseconds under serving
+    load). The iterator is valid only until the policy changes: take one key, then stop (or list
+    the candidates first, as ``SlotTier.clear`` does).
+
     ``touch`` and ``remove`` of a key that is not resident are harmless no-ops, and ``insert`` of a
     resident key counts as a ``touch``. Policies are built with no arguments (``make_policy``);
     they are never told the tier's capacity up front.

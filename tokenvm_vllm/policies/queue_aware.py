@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator
 
 from tokenvm_vllm.policies.lru import LRUPolicy
@@ -16,19 +18,42 @@ class QueueAwarePolicy(LRUPolicy):
     is stored again. An ``unprotect`` without a matching ``protect`` is ignored rather than
     raised, since it runs on the scheduler's hot path; callers must pair them, or counts leak.
 
-    ``candidates`` yields unprotected resident keys in LRU order, then protected ones in LRU order
+    Resident keys live in one of two LRU orders: unprotected (``LRUPolicy._order``) and
+    protected. ``candidates`` yields the unprotected ones oldest first, then the protected ones
     (evicting a block a request needs costs a recompute later, which still beats refusing the
-    store). Protection is read as the iterator advances; the key order is fixed at the call.
+    store). Keeping two orders makes the first victim O(1): under serving load most of the host
+    tier can be protected by the requests in flight, and a single order walked past every
+    protected key on each eviction. A key that stops being protected counts as just used.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._refs: dict[Hashable, int] = {}
+        self._protected: OrderedDict[Hashable, None] = OrderedDict()
+        """Resident keys with a protect reference, LRU order."""
+
+    def insert(self, key: Hashable) -> None:
+        order = self._protected if key in self._refs else self._order
+        order[key] = None
+        order.move_to_end(key)
+
+    def touch(self, key: Hashable) -> None:
+        for order in (self._order, self._protected):
+            if key in order:
+                order.move_to_end(key)
+
+    def remove(self, key: Hashable) -> None:
+        self._order.pop(key, None)
+        self._protected.pop(key, None)
 
     def protect(self, keys: Iterable[Hashable]) -> None:
         refs = self._refs
         for key in keys:
-            refs[key] = refs.get(key, 0) + 1
+            count = refs.get(key, 0)
+            refs[key] = count + 1
+            if count == 0 and key in self._order:
+                del self._order[key]
+                self._protected[key] = None
 
     def unprotect(self, keys: Iterable[Hashable]) -> None:
         refs = self._refs
@@ -38,24 +63,16 @@ class QueueAwarePolicy(LRUPolicy):
                 refs[key] = count - 1
             elif count == 1:
                 del refs[key]  # dropped at zero so the table stays as small as the queue
+                if key in self._protected:
+                    del self._protected[key]
+                    self._order[key] = None
 
     def is_protected(self, key: Hashable) -> bool:
         """Whether ``key`` holds at least one protect reference."""
         return key in self._refs
 
     def candidates(self) -> Iterator[Hashable]:
-        # Snapshot of the order (cheap, in C), filtered lazily: the tier usually takes the first
-        # unprotected key, so a full pass over a large tier happens only when most is protected.
-        order = list(self._order)
-        if not self._refs:
-            return iter(order)
-        return self._unprotected_first(order)
+        return itertools.chain(self._order, self._protected)
 
-    def _unprotected_first(self, order: list[Hashable]) -> Iterator[Hashable]:
-        deferred: list[Hashable] = []
-        for key in order:
-            if key in self._refs:
-                deferred.append(key)
-            else:
-                yield key
-        yield from deferred
+    def __len__(self) -> int:
+        return len(self._order) + len(self._protected)

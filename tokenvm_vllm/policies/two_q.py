@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 
@@ -94,10 +96,9 @@ class TwoQPolicy(EvictionPolicy):
             self._am.pop(key, None)
 
     def candidates(self) -> Iterator[Hashable]:
-        # Snapshot: the caller removes the key it takes, possibly while still iterating.
         if self._a1in and (len(self._a1in) > self._kin_size() or not self._am):
-            return iter([*self._a1in, *self._am])
-        return iter([*self._am, *self._a1in])
+            return itertools.chain(self._a1in, self._am)
+        return itertools.chain(self._am, self._a1in)
 
     def __len__(self) -> int:
         return len(self._a1in) + len(self._am)
