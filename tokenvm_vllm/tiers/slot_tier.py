@@ -50,12 +50,19 @@ class SlotTier:
     # -- reads (copies out) -----------------------------------------------------------------
 
     def begin_read(self, keys: Sequence[BlockKey]) -> list[int]:
-        """Pin READABLE ``keys`` for a copy out; returns their slots in order."""
-        slots = []
-        for key in keys:
-            residency = self.index.get(key, self.tier)
+        """Pin READABLE ``keys`` for a copy out; returns their slots in order. Raises
+        ``KeyError`` and pins nothing if any key is not READABLE here."""
+        residencies = [self.index.get(key, self.tier) for key in keys]
+        for key, residency in zip(keys, residencies, strict=True):
             if residency is None or residency.state is not BlockState.READABLE:
-                raise KeyError("tokenvm: begin_read on a block that is not readable")
+                raise KeyError(
+                    f"tokenvm: begin_read of block {key.hex()[:16]}... that is not readable in "
+                    f"the {self.tier.value} tier (state "
+                    f"{'absent' if residency is None else residency.state.value}): look it up "
+                    f"first")
+        slots = []
+        for key, residency in zip(keys, residencies, strict=True):
+            assert residency is not None  # checked above
             residency.readers += 1
             self.policy.touch(key)
             slots.append(residency.slot)
