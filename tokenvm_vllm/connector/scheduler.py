@@ -387,7 +387,9 @@ class TokenVMScheduler:
 
     # -- request end, engine queries -----------------------------------------------------------
 
-    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
         """Never delays the free: in-flight copies of freed blocks are fenced on re-use."""
         state = self.requests.pop(request.request_id, None)
         if state is not None and state.protected:

@@ -7,7 +7,7 @@ the worker. ``HostTier`` (host_tier.py) and ``DiskTier`` (disk_tier.py) are the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from tokenvm_vllm.keys import BlockKey
 from tokenvm_vllm.policies import EvictionPolicy
@@ -108,24 +108,26 @@ class SlotTier:
 
     def clear(self) -> int:
         """Drop every unpinned block; returns how many were dropped."""
-        dropped = 0
-        for key in list(self.policy.candidates()):
+        victims = list(self._victims())  # listed first: releasing changes the policy
+        for key in victims:
+            self._release(key)
+        return len(victims)
+
+    def _victims(self) -> Iterator[BlockKey]:
+        """Resident keys that may be evicted now (unpinned), the policy's best victim first."""
+        for key in self.policy.candidates():
+            assert isinstance(key, bytes)  # the policy holds only keys this tier inserted
             residency = self.index.get(key, self.tier)
             if residency is not None and not residency.pinned:
-                self._release(key)
-                dropped += 1
-        return dropped
+                yield key
 
     def _take_free_slot(self) -> int | None:
         if not self._free_slots:
-            for key in self.policy.candidates():
-                residency = self.index.get(key, self.tier)
-                if residency is not None and not residency.pinned:
-                    self._release(key)
-                    self.evictions += 1
-                    break
-            else:
+            victim = next(self._victims(), None)
+            if victim is None:
                 return None
+            self._release(victim)
+            self.evictions += 1
         return self._free_slots.pop()
 
     def _release(self, key: BlockKey) -> None:
