@@ -2,15 +2,21 @@
 
 import pytest
 
-from tokenvm_vllm.connector.jobs import JobKind, JobState, JobTable
+from tokenvm_vllm.connector.jobs import JobId, JobKind, JobState, JobTable
 
 
-def test_job_is_planned_then_in_flight_then_done_after_every_worker():
+def state_of(table: JobTable, job_id: JobId) -> JobState:
+    job = table.get(job_id)
+    assert job is not None, f"job {job_id} is not in the table"
+    return job.state
+
+
+def test_job_is_planned_then_in_flight_then_done_after_every_worker() -> None:
     table = JobTable(num_workers=2)
     job_id = table.add(JobKind.LOAD, [b"k1", b"k2"], [4, 5], req_id="r")
-    assert table.get(job_id).state is JobState.PLANNED
+    assert state_of(table, job_id) is JobState.PLANNED
     assert table.send() == set()
-    assert table.get(job_id).state is JobState.IN_FLIGHT
+    assert state_of(table, job_id) is JobState.IN_FLIGHT
     assert table.report(job_id, 1) is None  # one of two workers
     assert job_id in table
     job = table.report(job_id, 1)
@@ -20,7 +26,7 @@ def test_job_is_planned_then_in_flight_then_done_after_every_worker():
     assert table.jobs_on(4) == set()
 
 
-def test_one_failed_worker_fails_the_job():
+def test_one_failed_worker_fails_the_job() -> None:
     table = JobTable(num_workers=2)
     job_id = table.add(JobKind.STORE, [b"k"], [1])
     table.send()
@@ -29,7 +35,7 @@ def test_one_failed_worker_fails_the_job():
     assert job is not None and job.state is JobState.FAILED
 
 
-def test_reports_of_finished_or_unknown_jobs_are_ignored():
+def test_reports_of_finished_or_unknown_jobs_are_ignored() -> None:
     table = JobTable(num_workers=1)
     job_id = table.add(JobKind.DISK_READ, [b"k"])
     assert table.report(job_id, 1) is not None
@@ -38,7 +44,7 @@ def test_reports_of_finished_or_unknown_jobs_are_ignored():
     assert table.in_flight(JobKind.DISK_READ) == 0
 
 
-def test_ids_increase_and_counts_per_kind_are_kept():
+def test_ids_increase_and_counts_per_kind_are_kept() -> None:
     table = JobTable(num_workers=1)
     writes = [table.add(JobKind.DISK_WRITE, [bytes([i])]) for i in range(3)]
     table.add(JobKind.STORE, [b"s"], [7])
@@ -50,7 +56,7 @@ def test_ids_increase_and_counts_per_kind_are_kept():
     assert table.in_flight(JobKind.LOAD) == 0
 
 
-def test_reallocated_block_fences_only_jobs_of_earlier_steps():
+def test_reallocated_block_fences_only_jobs_of_earlier_steps() -> None:
     table = JobTable(num_workers=1)
     old_store = table.add(JobKind.STORE, [b"a", b"b"], [3, 4])
     unrelated = table.add(JobKind.STORE, [b"c"], [9])
@@ -69,7 +75,7 @@ def test_reallocated_block_fences_only_jobs_of_earlier_steps():
     assert table.send() == {new_load}  # the finished store no longer needs a fence
 
 
-def test_bad_inputs_are_refused_with_the_value():
+def test_bad_inputs_are_refused_with_the_value() -> None:
     with pytest.raises(ValueError, match="num_workers >= 1, got 0"):
         JobTable(num_workers=0)
     table = JobTable(num_workers=1)

@@ -3,7 +3,13 @@
 import pytest
 
 from tokenvm_vllm.tiers.manager import DiskTransfer, TierManager
-from tokenvm_vllm.tiers.residency import BlockState, Tier
+from tokenvm_vllm.tiers.residency import BlockState, Residency, Tier
+
+
+def at(manager: TierManager, key: bytes, tier: Tier) -> Residency:
+    residency = manager.index.get(key, tier)
+    assert residency is not None, f"{key!r} is not in the {tier.value} tier"
+    return residency
 
 
 def stored(manager: TierManager, *keys: bytes) -> list[int]:
@@ -30,7 +36,7 @@ def demote_all(manager: TierManager) -> list[DiskTransfer]:
     return transfers
 
 
-def test_store_is_loadable_only_after_complete_store():
+def test_store_is_loadable_only_after_complete_store() -> None:
     manager = TierManager(4)
     slot = manager.prepare_store(b"a")
     assert manager.contains(b"a", Tier.HOST) and manager.lookup([b"a"]) == 0
@@ -39,7 +45,7 @@ def test_store_is_loadable_only_after_complete_store():
     assert manager.prepare_load([b"a"]) == [slot]
 
 
-def test_failed_store_frees_the_slot():
+def test_failed_store_frees_the_slot() -> None:
     manager = TierManager(1)
     manager.prepare_store(b"a")
     manager.complete_store([b"a"], ok=False)
@@ -47,7 +53,7 @@ def test_failed_store_frees_the_slot():
     assert manager.prepare_store(b"b") is not None  # the only slot is free again
 
 
-def test_loading_block_is_pinned_and_evictions_are_counted():
+def test_loading_block_is_pinned_and_evictions_are_counted() -> None:
     manager = TierManager(2)
     stored(manager, b"a", b"b")
     manager.prepare_load([b"a"])  # a is being copied to GPU
@@ -60,7 +66,7 @@ def test_loading_block_is_pinned_and_evictions_are_counted():
     assert manager.lookup([b"a"]) == 1
 
 
-def test_failed_load_drops_the_host_copy():
+def test_failed_load_drops_the_host_copy() -> None:
     manager = TierManager(4)
     stored(manager, b"a", b"b")
     manager.prepare_load([b"a", b"b"])
@@ -69,17 +75,17 @@ def test_failed_load_drops_the_host_copy():
     assert manager.get_stats()["failed_load_blocks"] == 2
 
 
-def test_prepare_load_of_an_unreadable_block_pins_nothing():
+def test_prepare_load_of_an_unreadable_block_pins_nothing() -> None:
     manager = TierManager(2)
     stored(manager, b"a")
     manager.prepare_store(b"w")  # WRITING: not loadable yet
     with pytest.raises(KeyError, match="not readable in the host tier"):
         manager.prepare_load([b"a", b"w"])
-    assert manager.index.get(b"a", Tier.HOST).readers == 0
+    assert at(manager, b"a", Tier.HOST).readers == 0
     assert manager.evict() == 1  # a was left unpinned, so it can go
 
 
-def test_stored_blocks_are_demoted_to_disk_once_the_tier_is_ready():
+def test_stored_blocks_are_demoted_to_disk_once_the_tier_is_ready() -> None:
     manager = TierManager(4, 8, "lru")
     stored(manager, b"early")
     assert manager.prepare_demotions(limit=10) == []  # start-up scan not adopted yet
@@ -89,18 +95,18 @@ def test_stored_blocks_are_demoted_to_disk_once_the_tier_is_ready():
     assert manager.has_pending_work()
     transfers = manager.prepare_demotions(limit=10)
     assert [t.key for t in transfers] == [b"a", b"b"]
-    assert manager.index.get(b"a", Tier.DISK).state is BlockState.WRITING
-    assert manager.index.get(b"a", Tier.HOST).readers == 1  # host copy pinned while copied
+    assert at(manager, b"a", Tier.DISK).state is BlockState.WRITING
+    assert at(manager, b"a", Tier.HOST).readers == 1  # host copy pinned while copied
     manager.complete_demotion(b"a", ok=True)
     manager.complete_demotion(b"b", ok=False)  # e.g. disk full
     assert manager.index.is_readable(b"a", Tier.DISK)
     assert not manager.contains(b"b", Tier.DISK) and manager.lookup([b"b"]) == 1
-    assert manager.index.get(b"b", Tier.HOST).readers == 0
+    assert at(manager, b"b", Tier.HOST).readers == 0
     stats = manager.get_stats()
     assert (stats["disk_written_blocks"], stats["disk_write_failed_blocks"]) == (1, 1)
 
 
-def test_demotions_beyond_the_limit_are_skipped_and_counted():
+def test_demotions_beyond_the_limit_are_skipped_and_counted() -> None:
     manager = with_disk(host_slots=8)
     stored(manager, b"a", b"b", b"c", b"d")
     assert [t.key for t in manager.prepare_demotions(limit=1)] == [b"a"]
@@ -108,7 +114,7 @@ def test_demotions_beyond_the_limit_are_skipped_and_counted():
     assert manager.prepare_demotions(limit=1) == []  # the rest of the queue was dropped
 
 
-def test_promotions_walk_the_prefix_until_the_first_disk_miss():
+def test_promotions_walk_the_prefix_until_the_first_disk_miss() -> None:
     manager = with_disk(host_slots=3)
     stored(manager, b"p0", b"p1", b"p2")
     demote_all(manager)
@@ -116,14 +122,14 @@ def test_promotions_walk_the_prefix_until_the_first_disk_miss():
     stored(manager, b"p1")  # back in host memory: no promotion needed
     transfers = manager.prepare_promotions([b"p0", b"p1", b"p2", b"miss", b"p3"])
     assert [t.key for t in transfers] == [b"p0", b"p2"]
-    assert manager.index.get(b"p0", Tier.HOST).state is BlockState.WRITING
-    assert manager.index.get(b"p0", Tier.DISK).readers == 1
+    assert at(manager, b"p0", Tier.HOST).state is BlockState.WRITING
+    assert at(manager, b"p0", Tier.DISK).readers == 1
     assert manager.lookup([b"p0"]) == 0
     manager.complete_promotion(b"p0", ok=True)
     manager.complete_promotion(b"p2", ok=False)  # failed verification: the disk copy is bad
     assert manager.lookup([b"p0", b"p1", b"p2"]) == 2
     assert not manager.contains(b"p2")
-    assert manager.index.get(b"p0", Tier.DISK).readers == 0
+    assert at(manager, b"p0", Tier.DISK).readers == 0
     stats = manager.get_stats()
     assert (stats["disk_promoted_blocks"], stats["disk_read_failed_blocks"]) == (1, 1)
     freed = manager.take_freed_disk_slots()
@@ -131,7 +137,7 @@ def test_promotions_walk_the_prefix_until_the_first_disk_miss():
     assert manager.take_freed_disk_slots() == []
 
 
-def test_promotions_stop_when_every_host_slot_is_pinned():
+def test_promotions_stop_when_every_host_slot_is_pinned() -> None:
     manager = with_disk(host_slots=2)
     stored(manager, b"a", b"b")
     demote_all(manager)
@@ -139,10 +145,10 @@ def test_promotions_stop_when_every_host_slot_is_pinned():
     manager.prepare_store(b"x")
     manager.prepare_store(b"y")  # both host slots WRITING
     assert manager.prepare_promotions([b"a", b"b"]) == []
-    assert manager.index.get(b"a", Tier.DISK).readers == 0
+    assert at(manager, b"a", Tier.DISK).readers == 0
 
 
-def test_adopted_disk_blocks_are_promotable_and_counted():
+def test_adopted_disk_blocks_are_promotable_and_counted() -> None:
     manager = TierManager(2, 4, "lru")
     assert manager.prepare_promotions([b"old"]) == []  # not ready before adoption
     assert manager.adopt_disk({b"old": 3}) == 1
@@ -151,7 +157,7 @@ def test_adopted_disk_blocks_are_promotable_and_counted():
     assert transfer.disk_slot == 3
 
 
-def test_evict_keeps_pinned_blocks():
+def test_evict_keeps_pinned_blocks() -> None:
     manager = with_disk()
     stored(manager, b"a", b"b")
     demote_all(manager)
@@ -160,7 +166,7 @@ def test_evict_keeps_pinned_blocks():
     assert manager.lookup([b"a"]) == 1 and not manager.contains(b"b")
 
 
-def test_protected_keys_are_evicted_last_under_queue_aware():
+def test_protected_keys_are_evicted_last_under_queue_aware() -> None:
     manager = TierManager(2, policy="queue_aware")
     stored(manager, b"a", b"b")
     manager.touch([b"a"])  # b is the least recently used ...
