@@ -45,6 +45,16 @@ def test_store_is_loadable_only_after_complete_store() -> None:
     assert manager.prepare_load([b"a"]) == [slot]
 
 
+def test_storing_a_resident_block_again_is_refused_without_losing_a_slot() -> None:
+    manager = TierManager(2)
+    stored(manager, b"a")
+    with pytest.raises(KeyError, match="already in the host tier"):
+        manager.prepare_store(b"a")
+    assert manager.host.num_used == 1
+    assert manager.prepare_store(b"b") is not None
+    assert manager.host.num_used == 2 and manager.host.evictions == 0  # b took the free slot
+
+
 def test_failed_store_frees_the_slot() -> None:
     manager = TierManager(1)
     manager.prepare_store(b"a")

@@ -17,20 +17,18 @@ flight). A pinned slot is never evicted, dropped or reused. Every ``prepare_*`` 
 must be followed by exactly one matching ``complete_*`` (for each key it returned), which
 releases its pins; a failed completion never leaves a block READABLE that may hold bad bytes.
 
-=======================  ==========================================================  ========
-verb                     what it does                                                 complete
-=======================  ==========================================================  ========
-lookup(keys)             how many keys, from the first, are READABLE in host          -
-prepare_load(keys)       host -> GPU: pin READABLE host slots (readers + 1)           _load
-prepare_store(key)       GPU -> host: reserve a host slot (WRITING), may evict        _store
-prepare_promotions(ks)   disk -> host for the prefix host lacks: host WRITING, disk   _promotion
-                         slot read-pinned
-prepare_demotions(n)     host -> disk for up to n blocks ``complete_store`` made      _demotion
-                         READABLE:
-                         disk WRITING, host slot read-pinned
-touch(keys)              mark recently used (host policy)                             -
-evict(tier)              drop every unpinned block (vLLM's ``reset_prefix_cache``)     -
-=======================  ==========================================================  ========
+Verbs, each prepare_X followed by one complete_X::
+
+    lookup(keys)              how many keys, from the first, are READABLE in host
+    prepare_load(keys)        host -> GPU: pin READABLE host slots (readers + 1)
+    prepare_store(key)        GPU -> host: a host slot WRITING (may evict)
+    prepare_promotions(keys)  disk -> host for the prefix host lacks: host slot WRITING,
+                              disk slot read-pinned
+    prepare_demotions(limit)  host -> disk for up to limit blocks complete_store made
+                              READABLE: disk slot WRITING, host slot read-pinned
+    touch(keys)               mark recently used (host policy)
+    protect / unprotect       queued requests need these keys (queue-aware policy)
+    evict(tier)               drop every unpinned block (vLLM's reset_prefix_cache)
 
 Failed completions: ``complete_load(ok=False)`` and ``complete_promotion(ok=False)`` drop the
 source copy (it may hold bad bytes: never serve it twice); ``complete_store(ok=False)``,

@@ -81,7 +81,11 @@ class SlotTier:
     # -- writes (copies in) ----------------------------------------------------------------
 
     def begin_write(self, key: BlockKey) -> int | None:
-        """Reserve a slot for ``key`` (state WRITING), evicting if full. None: all slots pinned."""
+        """Reserve a slot for ``key`` (state WRITING), evicting if full. None: all slots pinned.
+        Raises ``KeyError``, taking no slot, if ``key`` is already resident here."""
+        if self.index.get(key, self.tier) is not None:
+            raise KeyError(f"tokenvm: block {key.hex()[:16]}... is already in the "
+                           f"{self.tier.value} tier: check contains() before writing it")
         slot = self._take_free_slot()
         if slot is None:
             return None
