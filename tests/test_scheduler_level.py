@@ -41,7 +41,7 @@ def test_revisit_loads_from_host_and_kv_is_exact(model_dir):
     h.run()
     assert h.stats["loaded_blocks"] == 8
     assert h.stats["host_hit_blocks"] >= 8
-    assert h.scheduler.connector.scheduler.jobs == {}
+    assert len(h.scheduler.connector.scheduler.jobs) == 0
     assert len(h.histograms["load_job_seconds"]) == 1  # one job for the revisit's 8 blocks
     assert len(h.histograms["store_job_seconds"]) >= 2
 
@@ -101,7 +101,7 @@ def test_host_tier_eviction_under_pressure(model_dir):
         h.add(p)
         h.run()
     assert h.stats["host_evicted_blocks"] > 0
-    assert h.scheduler.connector.scheduler.host.num_used <= 8
+    assert h.scheduler.connector.scheduler.tiers.host.num_used <= 8
 
 
 def churn_and_revisit(h: Harness) -> None:
@@ -327,7 +327,7 @@ def test_layerwise_load_runs_the_request_in_its_lookup_step(model_dir):
     assert layerwise.stats["loaded_blocks"] == parked.stats["loaded_blocks"] == 8
     assert layerwise_steps == parked_steps - 1  # no step spent parked while the copy runs
     assert layerwise.worker.worker.layer_hooks is True
-    assert layerwise.scheduler.connector.scheduler.jobs == {}
+    assert len(layerwise.scheduler.connector.scheduler.jobs) == 0
 
 
 def test_layerwise_loads_with_lagging_copies_stay_exact(model_dir):

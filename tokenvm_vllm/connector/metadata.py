@@ -1,9 +1,11 @@
 """What crosses the process boundary once per engine step, in both directions.
 
-Scheduler -> workers: ``TokenVMConnectorMetadata`` (loads to start, this step's store, jobs to
-fence). Workers -> scheduler: ``TokenVMWorkerMetadata`` (finished jobs and byte counts), summed
-over tensor-parallel ranks by vLLM's output aggregator. Both are plain dataclasses of ints and
-lists so they pickle/serialize small.
+Scheduler -> workers: ``TokenVMConnectorMetadata`` (the step's loads, store, disk reads and
+writes, disk slots to invalidate, and the jobs to fence). Workers -> scheduler:
+``TokenVMWorkerMetadata`` (finished and failed jobs, byte counts and times, the start-up disk
+scan), summed over tensor-parallel ranks by vLLM's output aggregator. Both are plain dataclasses
+of ints, bytes and lists so they pickle/serialize small. Job ids come from the scheduler's
+``JobTable`` (``jobs.py``), which also defines what each kind of job copies.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from tokenvm_vllm.connector.jobs import JobId
+from tokenvm_vllm.keys import BlockKey
+
 
 @dataclass
 class CopyJob:
     """Copy ``gpu_block_ids[i]`` <-> ``host_slots[i]`` for every i, as one batch."""
 
-    job_id: int
+    job_id: JobId
     gpu_block_ids: list[int]
     host_slots: list[int]
     req_id: str | None = None
@@ -36,8 +41,9 @@ class CopyJob:
 class DiskJob:
     """Copy one block between host slot ``host_slot`` and disk slot ``disk_slot``."""
 
-    job_id: int
-    key: bytes
+    job_id: JobId
+    key: BlockKey
+    """The block's key, written into (and checked against) the disk slot's header."""
     host_slot: int
     disk_slot: int
 
@@ -45,11 +51,15 @@ class DiskJob:
 @dataclass
 class TokenVMConnectorMetadata(KVConnectorMetadata):
     loads: list[CopyJob] = field(default_factory=list)
-    """Host -> GPU, one job per request; start at once (``start_load_kv``), before the forward."""
+    """Host -> GPU, one job per request; the worker starts them in the step's first call
+    (``handle_preemptions``, else ``start_load_kv``), before the forward."""
     store: CopyJob | None = None
-    """GPU -> host for blocks this step's forward fills; start after the forward is queued."""
-    fence_job_ids: set[int] = field(default_factory=set)
-    """Jobs still using GPU blocks that this step re-allocates: finish them before the forward."""
+    """GPU -> host, one job: ``write_back``, cached blocks near the eviction end of vLLM's free
+    queue; ``write_through``, blocks this step's forward fills. Started after the forward is
+    queued (``get_finished``)."""
+    fence_job_ids: set[JobId] = field(default_factory=set)
+    """Jobs of earlier steps still using GPU blocks that this step re-allocates: the forward
+    must wait for them (``JobTable.send``)."""
     disk_reads: list[DiskJob] = field(default_factory=list)
     """Disk -> host promotions (prefetch); the host slots are WRITING until they finish."""
     disk_writes: list[DiskJob] = field(default_factory=list)
@@ -60,9 +70,9 @@ class TokenVMConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
-    completed: Counter[int] = field(default_factory=Counter)
+    completed: Counter[JobId] = field(default_factory=Counter)
     """job id -> number of workers that finished it."""
-    failed: Counter[int] = field(default_factory=Counter)
+    failed: Counter[JobId] = field(default_factory=Counter)
     """job id -> number of workers on which it failed (a subset of ``completed``)."""
     load_bytes: int = 0
     store_bytes: int = 0

@@ -1,1 +1,3 @@
-"""The tiers below vLLM's GPU cache: the residency index and the host-RAM tier."""
+"""The tiers below vLLM's GPU cache. Scheduler side: ``manager.py`` (the one ``TierManager``)
+over ``residency.py`` (the index) and ``slot_tier.py`` (``host_tier.py``, ``disk_tier.py``).
+Worker side: the disk store's bytes."""

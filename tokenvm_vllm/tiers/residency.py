@@ -71,9 +71,6 @@ class ResidencyIndex:
             del self._entries[key]
         return residency
 
-    def count(self, tier: Tier) -> int:
-        return sum(1 for placements in self._entries.values() if tier in placements)
-
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 

@@ -7,7 +7,7 @@ the worker. ``HostTier`` (host_tier.py) and ``DiskTier`` (disk_tier.py) are the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from tokenvm_vllm.keys import BlockKey
 from tokenvm_vllm.policies import EvictionPolicy
@@ -50,12 +50,19 @@ class SlotTier:
     # -- reads (copies out) -----------------------------------------------------------------
 
     def begin_read(self, keys: Sequence[BlockKey]) -> list[int]:
-        """Pin READABLE ``keys`` for a copy out; returns their slots in order."""
-        slots = []
-        for key in keys:
-            residency = self.index.get(key, self.tier)
+        """Pin READABLE ``keys`` for a copy out; returns their slots in order. Raises
+        ``KeyError`` and pins nothing if any key is not READABLE here."""
+        residencies = [self.index.get(key, self.tier) for key in keys]
+        for key, residency in zip(keys, residencies, strict=True):
             if residency is None or residency.state is not BlockState.READABLE:
-                raise KeyError("tokenvm: begin_read on a block that is not readable")
+                raise KeyError(
+                    f"tokenvm: begin_read of block {key.hex()[:16]}... that is not readable in "
+                    f"the {self.tier.value} tier (state "
+                    f"{'absent' if residency is None else residency.state.value}): look it up "
+                    f"first")
+        slots = []
+        for key, residency in zip(keys, residencies, strict=True):
+            assert residency is not None  # checked above
             residency.readers += 1
             self.policy.touch(key)
             slots.append(residency.slot)
@@ -74,7 +81,11 @@ class SlotTier:
     # -- writes (copies in) ----------------------------------------------------------------
 
     def begin_write(self, key: BlockKey) -> int | None:
-        """Reserve a slot for ``key`` (state WRITING), evicting if full. None: all slots pinned."""
+        """Reserve a slot for ``key`` (state WRITING), evicting if full. None: all slots pinned.
+        Raises ``KeyError``, taking no slot, if ``key`` is already resident here."""
+        if self.index.get(key, self.tier) is not None:
+            raise KeyError(f"tokenvm: block {key.hex()[:16]}... is already in the "
+                           f"{self.tier.value} tier: check contains() before writing it")
         slot = self._take_free_slot()
         if slot is None:
             return None
@@ -101,24 +112,26 @@ class SlotTier:
 
     def clear(self) -> int:
         """Drop every unpinned block; returns how many were dropped."""
-        dropped = 0
-        for key in list(self.policy.candidates()):
+        victims = list(self._victims())  # listed first: releasing changes the policy
+        for key in victims:
+            self._release(key)
+        return len(victims)
+
+    def _victims(self) -> Iterator[BlockKey]:
+        """Resident keys that may be evicted now (unpinned), the policy's best victim first."""
+        for key in self.policy.candidates():
+            assert isinstance(key, bytes)  # the policy holds only keys this tier inserted
             residency = self.index.get(key, self.tier)
             if residency is not None and not residency.pinned:
-                self._release(key)
-                dropped += 1
-        return dropped
+                yield key
 
     def _take_free_slot(self) -> int | None:
         if not self._free_slots:
-            for key in self.policy.candidates():
-                residency = self.index.get(key, self.tier)
-                if residency is not None and not residency.pinned:
-                    self._release(key)
-                    self.evictions += 1
-                    break
-            else:
+            victim = next(self._victims(), None)
+            if victim is None:
                 return None
+            self._release(victim)
+            self.evictions += 1
         return self._free_slots.pop()
 
     def _release(self, key: BlockKey) -> None:

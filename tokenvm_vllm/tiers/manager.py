@@ -1,0 +1,258 @@
+"""The scheduler side's one tier manager: where each stored block lives and what may move.
+
+``TierManager`` owns the ``ResidencyIndex``, the host tier, the optional disk tier and one
+eviction policy per tier. It follows the spirit of vLLM's ``OffloadingManager``
+(``vllm/v1/kv_offload/base.py``): every movement is a ``prepare_*`` that reserves and pins
+slots and returns where the bytes go, then, once the workers report the copy, a ``complete_*``
+with ``ok``. The manager never moves bytes (workers do) and never sees job ids (the caller's
+``JobTable`` does).
+
+States of a block in one tier (``tiers/residency.py``)::
+
+    (absent) --prepare--> WRITING --complete(ok)--> READABLE --evicted / dropped--> (absent)
+                             +------complete(failed)---------> (absent)
+
+Pins: a WRITING slot is pinned; so is a READABLE slot with readers (a copy out of it in
+flight). A pinned slot is never evicted, dropped or reused. Every ``prepare_*`` that succeeded
+must be followed by exactly one matching ``complete_*`` (for each key it returned), which
+releases its pins; a failed completion never leaves a block READABLE that may hold bad bytes.
+
+Verbs, each prepare_X followed by one complete_X::
+
+    lookup(keys)              how many keys, from the first, are READABLE in host
+    prepare_load(keys)        host -> GPU: pin READABLE host slots (readers + 1)
+    prepare_store(key)        GPU -> host: a host slot WRITING (may evict)
+    prepare_promotions(keys)  disk -> host for the prefix host lacks: host slot WRITING,
+                              disk slot read-pinned
+    prepare_demotions(limit)  host -> disk for up to limit blocks complete_store made
+                              READABLE: disk slot WRITING, host slot read-pinned
+    touch(keys)               mark recently used (host policy)
+    protect / unprotect       queued requests need these keys (queue-aware policy)
+    evict(tier)               drop every unpinned block (vLLM's reset_prefix_cache)
+
+Failed completions: ``complete_load(ok=False)`` and ``complete_promotion(ok=False)`` drop the
+source copy (it may hold bad bytes: never serve it twice); ``complete_store(ok=False)``,
+``complete_promotion(ok=False)`` and ``complete_demotion(ok=False)`` free the destination slot.
+A failed demotion keeps the host copy READABLE.
+
+Disk tier: none without ``disk_slots``. Until ``adopt_disk`` has taken over what the workers'
+start-up scans found, it is not *ready*: no promotion or demotion is prepared (a new disk write
+could land on a slot holding a recovered block).
+
+Counters (``get_stats``): what the tiers did, by ``tokenvm:*`` counter name, since the last call.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
+
+from tokenvm_vllm.keys import BlockKey
+from tokenvm_vllm.policies import make_policy
+from tokenvm_vllm.tiers.disk_tier import DiskTier
+from tokenvm_vllm.tiers.host_tier import HostTier
+from tokenvm_vllm.tiers.residency import ResidencyIndex, Tier
+
+
+class DiskTransfer(NamedTuple):
+    """One block to copy between a host slot and a disk slot (either direction)."""
+
+    key: BlockKey
+    host_slot: int
+    disk_slot: int
+
+
+class TierManager:
+    """The residency index, the host tier, the optional disk tier and their policies.
+
+    ``host_slots``: host-RAM slots (every worker's pool has this many). ``disk_slots``: slots
+    of each worker's disk store, 0 for no disk tier. ``policy``: eviction policy name for both
+    tiers (``tokenvm_vllm.policies.POLICIES``).
+    """
+
+    def __init__(self, host_slots: int, disk_slots: int = 0, policy: str = "lru") -> None:
+        self.index = ResidencyIndex()
+        self.host = HostTier(host_slots, self.index, make_policy(policy))
+        self.disk = DiskTier(disk_slots, self.index, make_policy(policy)) if disk_slots else None
+        self.disk_ready = False
+        """True once ``adopt_disk`` ran (never without a disk tier)."""
+        self._demotions_queued: deque[BlockKey] = deque()
+        """Blocks made READABLE in host by ``complete_store``, to copy to disk."""
+        self._counts: Counter[str] = Counter()
+        self._host_evictions_seen = 0
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[BlockKey]) -> int:
+        """How many of ``keys``, from the first, are READABLE in host memory (loadable now)."""
+        return self.host.readable_prefix(keys)
+
+    def contains(self, key: BlockKey, tier: Tier | None = None) -> bool:
+        """Whether ``key`` is resident, in any state, in ``tier`` (None: in any tier)."""
+        if tier is None:
+            return key in self.index
+        return self.index.get(key, tier) is not None
+
+    def touch(self, keys: Iterable[BlockKey]) -> None:
+        """Mark ``keys`` recently used in the host tier (e.g. hits vLLM served itself)."""
+        for key in keys:
+            self.host.touch(key)
+
+    def protect(self, keys: Sequence[BlockKey]) -> None:
+        """Queued or running requests will read ``keys``: policies that care evict them last.
+        Reference counted; undo with one ``unprotect`` of the same keys."""
+        self.host.policy.protect(keys)
+        if self.disk is not None:
+            self.disk.policy.protect(keys)
+
+    def unprotect(self, keys: Sequence[BlockKey]) -> None:
+        self.host.policy.unprotect(keys)
+        if self.disk is not None:
+            self.disk.policy.unprotect(keys)
+
+    # -- host -> GPU -----------------------------------------------------------------------
+
+    def prepare_load(self, keys: Sequence[BlockKey]) -> list[int]:
+        """Pin the READABLE host copies of ``keys`` for a copy to GPU; returns their slots.
+        Raises ``KeyError``, pinning nothing, if a key is not READABLE: call ``lookup`` first."""
+        return self.host.begin_read(keys)
+
+    def complete_load(self, keys: Sequence[BlockKey], ok: bool) -> None:
+        """Unpin after the copy. Failed: the host copies are dropped once no other copy reads
+        them (the bytes may be bad), and counted in ``failed_load_blocks``."""
+        self.host.end_read(keys, drop=not ok)
+        if not ok:
+            self._counts["failed_load_blocks"] += len(keys)
+
+    # -- GPU -> host -----------------------------------------------------------------------
+
+    def prepare_store(self, key: BlockKey) -> int | None:
+        """Reserve a host slot (WRITING) for ``key``, evicting the policy's best unpinned victim
+        if the tier is full. None when every slot is pinned (counted: ``store_skipped_blocks``).
+        ``key`` must not be in host already (``contains``)."""
+        slot = self.host.begin_write(key)
+        if slot is None:
+            self._counts["store_skipped_blocks"] += 1
+        return slot
+
+    def complete_store(self, keys: Sequence[BlockKey], ok: bool) -> None:
+        """The copies into the slots ``prepare_store`` gave finished. ok: READABLE, and queued
+        for demotion to disk when there is a disk tier. Failed: the slots are freed."""
+        for key in keys:
+            self.host.end_write(key, ok=ok)
+        if ok and self.disk is not None:
+            self._demotions_queued.extend(keys)
+
+    # -- disk -> host (promotion) ----------------------------------------------------------
+
+    def prepare_promotions(self, keys: Sequence[BlockKey]) -> list[DiskTransfer]:
+        """Disk -> host copies for the blocks of the prefix ``keys`` that host memory lacks.
+
+        Walks ``keys`` in order: a key already in host (READABLE, or WRITING by a store or an
+        earlier promotion) is skipped; the first key not READABLE on disk ends the walk (later
+        blocks of a prefix are useless without it), as does a full host tier. Each returned
+        transfer holds a WRITING host slot and a read-pinned disk slot until
+        ``complete_promotion``. Empty unless the disk tier is ready.
+        """
+        if self.disk is None or not self.disk_ready:
+            return []
+        transfers = []
+        for key in keys:
+            if self.host.contains(key):
+                continue
+            if not self.index.is_readable(key, Tier.DISK):
+                break
+            host_slot = self.host.begin_write(key)
+            if host_slot is None:
+                break  # every host slot pinned
+            (disk_slot,) = self.disk.begin_read([key])
+            transfers.append(DiskTransfer(key, host_slot, disk_slot))
+        return transfers
+
+    def complete_promotion(self, key: BlockKey, ok: bool) -> None:
+        """Unpin the disk copy; the host copy becomes READABLE. Failed (I/O error or a slot that
+        failed verification): the disk copy is dropped and the host slot freed."""
+        assert self.disk is not None
+        self.disk.end_read([key], drop=not ok)
+        self.host.end_write(key, ok=ok)
+        self._counts["disk_promoted_blocks" if ok else "disk_read_failed_blocks"] += 1
+
+    # -- host -> disk (demotion) -----------------------------------------------------------
+
+    def prepare_demotions(self, limit: int) -> list[DiskTransfer]:
+        """Host -> disk copies for the blocks ``complete_store`` queued, oldest first.
+
+        Skips blocks already on disk or no longer READABLE in host. At most ``limit`` transfers
+        (the caller's room for copies in flight): the rest of the queue is dropped and counted
+        (``disk_write_skipped_blocks``), as is a block for which every disk slot is pinned.
+        Each transfer holds a read-pinned host slot and a WRITING disk slot until
+        ``complete_demotion``. While the disk tier is not ready the queue is dropped.
+        """
+        if self.disk is None or not self.disk_ready:
+            self._demotions_queued.clear()
+            return []
+        transfers: list[DiskTransfer] = []
+        queue = self._demotions_queued
+        while queue:
+            key = queue.popleft()
+            if self.disk.contains(key) or not self.index.is_readable(key, Tier.HOST):
+                continue
+            if len(transfers) >= limit:
+                self._counts["disk_write_skipped_blocks"] += 1 + len(queue)
+                queue.clear()
+                break
+            disk_slot = self.disk.begin_write(key)
+            if disk_slot is None:
+                self._counts["disk_write_skipped_blocks"] += 1
+                continue
+            (host_slot,) = self.host.begin_read([key])
+            transfers.append(DiskTransfer(key, host_slot, disk_slot))
+        return transfers
+
+    def complete_demotion(self, key: BlockKey, ok: bool) -> None:
+        """Unpin the host copy (it stays READABLE either way); the disk copy becomes READABLE,
+        or, failed (disk full, I/O error), its slot is freed."""
+        assert self.disk is not None
+        self.host.end_read([key])
+        self.disk.end_write(key, ok=ok)
+        self._counts["disk_written_blocks" if ok else "disk_write_failed_blocks"] += 1
+
+    # -- disk start-up and invalidation -------------------------------------------------
+
+    def adopt_disk(self, found: Mapping[BlockKey, int]) -> int:
+        """Take over the blocks every worker's start-up scan found (key -> disk slot, oldest
+        first) as READABLE; the disk tier is ready from now on. Returns how many were adopted
+        (also counted: ``disk_recovered_blocks``). Raises ``ValueError`` for a slot out of range
+        or claimed twice (see ``DiskTier.adopt``)."""
+        assert self.disk is not None and not self.disk_ready
+        adopted = self.disk.adopt(found)
+        self.disk_ready = True
+        self._counts["disk_recovered_blocks"] += adopted
+        return adopted
+
+    def take_freed_disk_slots(self) -> list[int]:
+        """Disk slots whose block was dropped since the last call: the workers must invalidate
+        them (see ``DiskTier.take_freed_slots``). Empty until the disk tier is ready."""
+        return self.disk.take_freed_slots() if self.disk is not None and self.disk_ready else []
+
+    # -- eviction, work, counters -----------------------------------------------------------
+
+    def evict(self, tier: Tier | None = None) -> int:
+        """Drop every unpinned block of ``tier`` (None: both tiers); returns how many.
+        Pinned blocks stay, and their copies complete normally."""
+        tiers = [t for t in (self.host, self.disk) if t is not None and tier in (None, t.tier)]
+        return sum(t.clear() for t in tiers)
+
+    def has_pending_work(self) -> bool:
+        """Blocks are queued for demotion (the engine must keep stepping to send them)."""
+        return bool(self._demotions_queued)
+
+    def get_stats(self) -> Counter[str]:
+        """Counts since the last call, by ``tokenvm:*`` counter name (zeros left out)."""
+        evictions = self.host.evictions - self._host_evictions_seen
+        self._host_evictions_seen = self.host.evictions
+        if evictions:
+            self._counts["host_evicted_blocks"] += evictions
+        counts, self._counts = self._counts, Counter()
+        return counts
