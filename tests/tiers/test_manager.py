@@ -183,6 +183,8 @@ def test_protected_keys_are_evicted_last_under_queue_aware() -> None:
     manager.protect([b"b"])  # ... but a queued request needs it
     stored(manager, b"c")
     assert manager.contains(b"b") and not manager.contains(b"a")
-    manager.unprotect([b"b"])  # the request finished: b is plain LRU again
+    manager.unprotect([b"b"])  # the request finished: b is unprotected, as just used
     stored(manager, b"d")
-    assert not manager.contains(b"b") and manager.contains(b"c")
+    assert manager.contains(b"b") and not manager.contains(b"c")
+    stored(manager, b"e")  # and plain LRU from then on
+    assert not manager.contains(b"b") and manager.contains(b"d")
