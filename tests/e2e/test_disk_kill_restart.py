@@ -22,7 +22,6 @@ from tokenvm_vllm.bench.prefix_reuse import (
     engine_command,
     run_in_subprocess,
 )
-from tokenvm_vllm.tiny_llama import write_tiny_llama
 
 pytestmark = pytest.mark.e2e
 
@@ -56,10 +55,9 @@ def kill_during_disk_writes(settings: EngineSettings, workload: Workload, tmp: P
     return killed
 
 
-def test_kill_9_during_disk_writes_then_restart_is_exact(tmp_path):
-    model = str(write_tiny_llama(tmp_path / "tiny-llama"))
+def test_kill_9_during_disk_writes_then_restart_is_exact(tmp_path, engine_settings):
     disk = tmp_path / "disk"
-    base = EngineSettings(model=model, num_gpu_blocks=48, max_model_len=1024)
+    base = engine_settings(num_gpu_blocks=48, max_model_len=1024)
     tokenvm = replace(base, connector="tokenvm", host_bytes="2MiB",
                       extra_config={"disk_path": str(disk), "disk_bytes": "64MiB"})
     baseline = run_in_subprocess(base, WORKLOAD, tmp_path / "baseline.json", env=ENV)
