@@ -5,6 +5,7 @@ import random
 import pytest
 
 from tests.harness import Harness, KVMismatch
+from tokenvm_vllm.tiers.disk_store import DiskStoreError
 
 BLOCK = 16
 
@@ -228,8 +229,9 @@ def test_full_disk_keeps_serving_and_warns_once(make_harness, tmp_path, monkeypa
 def test_bad_disk_path_is_one_clear_error(make_harness, tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    with pytest.raises(Exception, match=str(not_a_dir)):
+    with pytest.raises(DiskStoreError, match=f"{not_a_dir}.*[Nn]ot a directory") as info:
         disk_harness(make_harness, not_a_dir)
+    assert "\n" not in str(info.value)
 
 
 def test_prefetch_defers_lookup_until_disk_reads_land(make_harness, tmp_path):

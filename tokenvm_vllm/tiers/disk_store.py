@@ -277,7 +277,11 @@ class DiskStore:
             except OSError as exc:
                 raise DiskStoreError(
                     f"tokenvm: cannot create disk store directory {path}: {exc.strerror}") from None
-        info = os.stat(path)
+        try:  # e.g. a parent that is a file: makedirs' FileExistsError was swallowed above
+            info = os.stat(path)
+        except OSError as exc:
+            raise DiskStoreError(f"tokenvm: disk store path {path}: {exc.strerror}; choose a "
+                                 "directory for disk_path") from None
         if not stat.S_ISDIR(info.st_mode):
             raise DiskStoreError(f"tokenvm: disk store path {path} exists and is not a directory")
         if info.st_uid != os.geteuid():
