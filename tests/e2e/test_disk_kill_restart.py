@@ -2,15 +2,20 @@
 
 Each engine runs in its own process with ``PYTHONHASHSEED`` fixed, so block hashes (and the disk
 blocks' keys) are the same in every run. The host tier is kept tiny so blocks really go to disk.
+
+The kill is proven to land while disk writes are in flight: ``kill_hook/sitecustomize.py`` counts
+the store's writes inside the engine and SIGKILLs the process group only when at least
+``MIN_IN_FLIGHT`` writes have been queued and not completed, logging the counts first; the test
+reads that log after the engine died.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,31 +33,45 @@ pytestmark = pytest.mark.e2e
 WORKLOAD = Workload(documents=16, questions=2, prefix_blocks=8, suffix_tokens=24, max_tokens=8,
                     batch_size=4)
 ENV = {"PYTHONHASHSEED": "0"}
+KILL_HOOK = Path(__file__).parent / "kill_hook"
+MIN_IN_FLIGHT = 2
+"""Writes queued and not completed when the kill is sent: the one just submitted and another."""
+KILL_LINE = re.compile(r"^kill submitted=(\d+) done=(\d+) in_flight=(\d+)$", re.MULTILINE)
 
 
 def kill_during_disk_writes(settings: EngineSettings, workload: Workload, tmp: Path,
-                            run: int, rng: random.Random) -> bool:
-    """Start an engine, SIGKILL its whole process group once disk writes are under way.
+                            run: int, kill_at_write: int) -> int:
+    """Run an engine that SIGKILLs its process group at a disk write submission (the
+    ``kill_at_write``-th or later) that finds ``MIN_IN_FLIGHT`` writes in flight.
 
-    Returns whether the kill landed before the run finished on its own.
+    Returns the writes in flight when the kill was sent; 0 if the engine ended another way.
     """
-    log_path = tmp / f"killed-{run}.log"
-    with open(log_path, "w") as log:
+    write_log = tmp / f"killed-{run}.writes"
+    env = {**os.environ, **ENV, "KILLHOOK_WRITE_LOG": str(write_log),
+           "KILLHOOK_KILL_AT_WRITE": str(kill_at_write),
+           "KILLHOOK_MIN_IN_FLIGHT": str(MIN_IN_FLIGHT),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(KILL_HOOK),
+                                                        os.environ.get("PYTHONPATH")]))}
+    with open(tmp / f"killed-{run}.log", "w") as log:
         proc = subprocess.Popen(engine_command(settings, workload, tmp / f"killed-{run}.json"),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **ENV})
-    deadline = time.monotonic() + 240
+                                env=env)
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if "TokenVM disk tier ready" in log_path.read_text():
-                break
-            time.sleep(0.5)
-        time.sleep(rng.uniform(0.2, 1.5))  # the workload is running: stores and disk writes
-        killed = proc.poll() is None
-        os.killpg(proc.pid, signal.SIGKILL)
+        returncode = proc.wait(timeout=300)
     finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers, or a run that never got killed
+        except ProcessLookupError:
+            pass
         proc.wait(timeout=60)
-    return killed
+    kills = KILL_LINE.findall(write_log.read_text()) if write_log.exists() else []
+    if returncode != -signal.SIGKILL or not kills:
+        return 0
+    assert len(kills) == 1, kills
+    submitted, done, in_flight = map(int, kills[0])
+    assert submitted >= kill_at_write and in_flight == submitted - done >= MIN_IN_FLIGHT
+    assert not (tmp / f"killed-{run}.json").exists()  # it died before finishing the workload
+    return in_flight
 
 
 def test_kill_9_during_disk_writes_then_restart_is_exact(tmp_path, engine_settings):
@@ -62,9 +81,10 @@ def test_kill_9_during_disk_writes_then_restart_is_exact(tmp_path, engine_settin
                       extra_config={"disk_path": str(disk), "disk_bytes": "64MiB"})
     baseline = run_in_subprocess(base, WORKLOAD, tmp_path / "baseline.json", env=ENV)
     rng = random.Random(0)
-    kills = sum(kill_during_disk_writes(tokenvm, WORKLOAD, tmp_path, run, rng)
-                for run in range(3))
-    assert kills >= 2, "the engine finished before it could be killed"
+    in_flight = [kill_during_disk_writes(tokenvm, WORKLOAD, tmp_path, run, rng.randint(4, 40))
+                 for run in range(3)]
+    print(f"disk writes in flight at each kill: {in_flight}")
+    assert all(in_flight), f"an engine was not killed with disk writes in flight: {in_flight}"
     final = run_in_subprocess(tokenvm, WORKLOAD, tmp_path / "final.json", env=ENV)
     assert final["outputs"] == baseline["outputs"]
     counters = final["counters"]
