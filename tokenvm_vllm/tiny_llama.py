@@ -56,9 +56,6 @@ def write_tiny_llama(
     Idempotent: an existing complete directory is left as it is. ``weights=False`` writes no
     weight file (for ``load_format="dummy"`` timing runs).
     """
-    import torch
-    from safetensors.torch import save_file
-
     out = Path(path)
     done = out / ".complete"
     if done.exists():
@@ -113,33 +110,48 @@ def write_tiny_llama(
         "model_max_length": shape.max_position_embeddings,
     }))
     if weights:
-        gen = torch.Generator(device=device).manual_seed(seed)
-
-        def normal(*size: int) -> torch.Tensor:
-            return (torch.randn(*size, generator=gen, device=device) * 0.02).cpu()
-
-        h, inter, kv = shape.hidden_size, shape.intermediate_size, shape.num_kv_heads * head_dim
-        tensors = {
-            "model.embed_tokens.weight": normal(vocab_size, h),
-            "model.norm.weight": torch.ones(h),
-            "lm_head.weight": normal(vocab_size, h),
-        }
-        for i in range(shape.num_layers):
-            p = f"model.layers.{i}."
-            tensors |= {
-                p + "self_attn.q_proj.weight": normal(h, h),
-                p + "self_attn.k_proj.weight": normal(kv, h),
-                p + "self_attn.v_proj.weight": normal(kv, h),
-                p + "self_attn.o_proj.weight": normal(h, h),
-                p + "mlp.gate_proj.weight": normal(inter, h),
-                p + "mlp.up_proj.weight": normal(inter, h),
-                p + "mlp.down_proj.weight": normal(h, inter),
-                p + "input_layernorm.weight": torch.ones(h),
-                p + "post_attention_layernorm.weight": torch.ones(h),
-            }
-        save_file(tensors, str(out / "model.safetensors"))
+        _write_weights(out / "model.safetensors", shape, vocab_size, seed, device)
     done.write_text("ok\n")
     return out
+
+
+def _write_weights(path: Path, shape: TinyLlamaShape, vocab_size: int, seed: int,
+                   device: str) -> None:
+    """Random std-0.02 weights in safetensors format (torch and safetensors imported here only:
+    a config-only model needs neither)."""
+    import torch
+
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("tokenvm: writing the tiny Llama's weights needs the safetensors "
+                          "package; install it with pip install 'tokenvm-vllm[bench]'") from None
+    head_dim = shape.hidden_size // shape.num_heads
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def normal(*size: int) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen, device=device) * 0.02).cpu()
+
+    h, inter, kv = shape.hidden_size, shape.intermediate_size, shape.num_kv_heads * head_dim
+    tensors = {
+        "model.embed_tokens.weight": normal(vocab_size, h),
+        "model.norm.weight": torch.ones(h),
+        "lm_head.weight": normal(vocab_size, h),
+    }
+    for i in range(shape.num_layers):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "self_attn.q_proj.weight": normal(h, h),
+            p + "self_attn.k_proj.weight": normal(kv, h),
+            p + "self_attn.v_proj.weight": normal(kv, h),
+            p + "self_attn.o_proj.weight": normal(h, h),
+            p + "mlp.gate_proj.weight": normal(inter, h),
+            p + "mlp.up_proj.weight": normal(inter, h),
+            p + "mlp.down_proj.weight": normal(h, inter),
+            p + "input_layernorm.weight": torch.ones(h),
+            p + "post_attention_layernorm.weight": torch.ones(h),
+        }
+    save_file(tensors, str(path))
 
 
 def prompt_text(token_ids: list[int]) -> str:

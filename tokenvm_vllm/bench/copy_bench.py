@@ -39,11 +39,11 @@ LAYERS, BLOCK_TOKENS, KV_HEADS, HEAD = 32, 16, 8, 128
 BATCHES = (1, 4, 16, 64, 256, 1024)
 
 
-def time_ms(fn: Callable[[], None], repeats: int = 5) -> float:
+def time_ms(fn: Callable[[], object], repeats: int = 5) -> float:
     """Median wall time of fn on the GPU, in ms (fn may use several streams)."""
     fn()
     torch.cuda.synchronize()
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
@@ -59,7 +59,7 @@ def time_ms(fn: Callable[[], None], repeats: int = 5) -> float:
 def make_cases(
     run_jobs: Callable[..., None], dma: Callable[..., None], ids: list[int], slots: list[int],
     ids2: list[int], slots2: list[int], host_flat: torch.Tensor, gpu_flat: torch.Tensor,
-) -> dict[str, Callable[[], None]]:
+) -> dict[str, Callable[[], object]]:
     """One batch's measurements, each a thunk (named ``<method> <direction>``)."""
     return {
         "tokenvm d2h": lambda: run_jobs(("store", ids, slots)),
@@ -153,7 +153,7 @@ def main() -> None:
         nbytes = batch * block_bytes
         host_flat = pool.buffer[:batch].view(-1)
         gpu_flat = cross[:batch].view(-1)
-        row = {"blocks": batch, "MiB": nbytes >> 20}
+        row: dict[str, float] = {"blocks": batch, "MiB": nbytes >> 20}
         cases = make_cases(run_jobs, dma, ids, slots, ids2, slots2, host_flat, gpu_flat)
         for name, fn in cases.items():
             ms = time_ms(fn)

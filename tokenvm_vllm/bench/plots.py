@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 
-def plot_copy_bench(data: dict, out: Path) -> None:
+def plot_copy_bench(data: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +34,7 @@ def plot_copy_bench(data: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
-def plot_revisit(results: dict, out: Path) -> None:
+def plot_revisit(results: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +59,7 @@ def plot_revisit(results: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
-def plot_timeline(results: dict, out: Path) -> None:
+def plot_timeline(results: dict[str, Any], out: Path) -> None:
     """One revisit, per TokenVM configuration: events and the copy on a shared time axis, with
     the median revisit of no-copy (gpu_hit) and vLLM native configurations as reference lines."""
     import matplotlib

@@ -189,7 +189,8 @@ def run_in_subprocess(
     if proc.returncode != 0:
         tail = Path(log).read_text()[-4000:]
         raise RuntimeError(f"engine run failed ({settings.connector}); log tail:\n{tail}")
-    return json.loads(out.read_text())
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
 
 
 def main() -> None:

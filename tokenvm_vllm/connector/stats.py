@@ -70,7 +70,7 @@ class TokenVMStats(KVConnectorStats):
         self.data[name].extend(values)
 
     def reset(self) -> None:
-        self.data = {}
+        self.data: dict[str, Any] = {}
         self.__post_init__()
 
     def aggregate(self, other: KVConnectorStats) -> TokenVMStats:

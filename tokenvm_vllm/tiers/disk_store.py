@@ -16,8 +16,8 @@ e.g. two tensor-parallel ranks given the same path, cannot share a store). Slots
 so every slot offset and length is 4 KiB aligned and the files can be used with ``O_DIRECT``.
 The header (little endian) is ``_FIXED`` below followed by the key bytes and an 8-byte header
 checksum over everything before it. It records the magic, the format version, the checksum
-algorithm (xxh3_64 when the ``xxhash`` package imports, else blake2b with an 8-byte digest), the
-16-byte namespace fingerprint, the slot's own index and stride (so a header read at an offset that
+algorithm (xxh3_64, from the required ``xxhash`` package), the 16-byte namespace fingerprint,
+the slot's own index and stride (so a header read at an offset that
 belongs to another layout, e.g. after ``slot_bytes`` changed, is rejected), the payload length, a
 sequence number and the payload checksum.
 
@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import logging
 import mmap
 import os
@@ -83,11 +82,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-try:
-    import xxhash
-except ImportError:  # optional: blake2b is slower but always there
-    xxhash = None
+import xxhash
 
 logger = logging.getLogger("vllm.tokenvm")
 
@@ -98,7 +93,7 @@ MAGIC = b"TKVMSLOT"
 FORMAT_VERSION = 1
 
 CSUM_XXH3_64 = 1
-CSUM_BLAKE2B_64 = 2
+# 2 was blake2b-64, written only by builds without xxhash (now required): such slots are misses.
 
 # magic, version, checksum algo, reserved, namespace, slot index, slot stride, payload length,
 # sequence number, payload checksum, key length. The key and then the header checksum follow.
@@ -119,19 +114,12 @@ class DiskStoreError(RuntimeError):
 
 
 def _xxh3_64(data: Any) -> int:
-    assert xxhash is not None
     return xxhash.xxh3_64_intdigest(data)
 
 
-def _blake2b_64(data: Any) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-
-
-_CHECKSUMS: dict[int, Callable[[Any], int]] = {CSUM_BLAKE2B_64: _blake2b_64}
-if xxhash is not None:
-    _CHECKSUMS[CSUM_XXH3_64] = _xxh3_64
-DEFAULT_CSUM = CSUM_XXH3_64 if xxhash is not None else CSUM_BLAKE2B_64
-_CSUM_NAMES = {CSUM_XXH3_64: "xxh3_64", CSUM_BLAKE2B_64: "blake2b-64"}
+_CHECKSUMS: dict[int, Callable[[Any], int]] = {CSUM_XXH3_64: _xxh3_64}
+DEFAULT_CSUM = CSUM_XXH3_64
+_CSUM_NAMES = {CSUM_XXH3_64: "xxh3_64"}
 
 
 def _round_up(value: int, align: int) -> int:
@@ -277,7 +265,11 @@ class DiskStore:
             except OSError as exc:
                 raise DiskStoreError(
                     f"tokenvm: cannot create disk store directory {path}: {exc.strerror}") from None
-        info = os.stat(path)
+        try:  # e.g. a parent that is a file: makedirs' FileExistsError was swallowed above
+            info = os.stat(path)
+        except OSError as exc:
+            raise DiskStoreError(f"tokenvm: disk store path {path}: {exc.strerror}; choose a "
+                                 "directory for disk_path") from None
         if not stat.S_ISDIR(info.st_mode):
             raise DiskStoreError(f"tokenvm: disk store path {path} exists and is not a directory")
         if info.st_uid != os.geteuid():
@@ -565,7 +557,7 @@ class DiskStore:
         checksum = _CHECKSUMS.get(algo)
         if checksum is None:
             self._warn_once(f"algo{algo}", "TokenVM disk store: %s has slots checksummed with "
-                            "algorithm %d, which is unavailable here (is xxhash installed?); "
+                            "algorithm %d, unknown to this version; "
                             "they read as misses", self.path, algo)
             return None
         end = _FIXED.size + key_len
@@ -735,7 +727,7 @@ class StoreSummary:
     stale_headers: int
     """Valid headers at offsets of another layout (left by an earlier ``slot_bytes``); ignored."""
     unverifiable_headers: int
-    """Headers checksummed with an algorithm unavailable in this process (xxhash missing?)."""
+    """Headers checksummed with an algorithm this version does not know (another version's)."""
     bad_payloads: int | None
     """Used slots whose payload checksum failed; None unless ``verify_payloads`` was given."""
     checksums: dict[str, int]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenvm_vllm.tiny_llama import TinyLlamaShape, word, write_tiny_llama
+from tokenvm_vllm.tiny_llama import TinyLlamaShape, word
 
 pytestmark = pytest.mark.e2e
 
@@ -105,9 +105,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama: str) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("serve")
-    model = str(write_tiny_llama(tmp / "tiny-llama", weights=True))
+    model = tiny_llama
     port = free_port()
     log = tmp / "server.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,

@@ -5,15 +5,9 @@ import random
 import pytest
 
 from tests.harness import Harness, KVMismatch
+from tokenvm_vllm.tiers.disk_store import DiskStoreError
 
 BLOCK = 16
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tokenvm_vllm.tiny_llama import write_tiny_llama
-
-    return str(write_tiny_llama(tmp_path_factory.mktemp("tiny"), weights=False))
 
 
 def prompts(n: int, prefix_blocks: int, suffix: int, seed: int = 0) -> list[list[int]]:
@@ -30,8 +24,8 @@ def evict_everything(h: Harness, seed: int) -> None:
         h.run()
 
 
-def test_revisit_loads_from_host_and_kv_is_exact(model_dir):
-    h = Harness(model_dir, num_gpu_blocks=24)
+def test_revisit_loads_from_host_and_kv_is_exact(make_harness):
+    h = make_harness(num_gpu_blocks=24)
     first, again = prompts(2, prefix_blocks=8, suffix=5, seed=1)
     h.add(first)
     h.run()
@@ -46,8 +40,8 @@ def test_revisit_loads_from_host_and_kv_is_exact(model_dir):
     assert len(h.histograms["store_job_seconds"]) >= 2
 
 
-def test_local_hit_is_not_loaded_again(model_dir):
-    h = Harness(model_dir, num_gpu_blocks=64)
+def test_local_hit_is_not_loaded_again(make_harness):
+    h = make_harness(num_gpu_blocks=64)
     a, b = prompts(2, prefix_blocks=4, suffix=5, seed=3)
     h.add(a)
     h.run()
@@ -57,8 +51,8 @@ def test_local_hit_is_not_loaded_again(model_dir):
     assert h.stats["stored_blocks"] == 4 + 0  # b's prefix blocks were local hits, not stored
 
 
-def test_preemption_keeps_kv_exact(model_dir):
-    h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=4)
+def test_preemption_keeps_kv_exact(make_harness):
+    h = make_harness(num_gpu_blocks=20, max_num_seqs=4)
     for i in range(6):
         (p,) = prompts(1, prefix_blocks=3, suffix=9, seed=100 + i)
         h.add(p, max_tokens=40)  # 4 seqs x (3+4) blocks do not fit in 20 blocks: preemption
@@ -67,8 +61,8 @@ def test_preemption_keeps_kv_exact(model_dir):
     assert len(h.outputs) == 6 and all(len(o) == 40 for o in h.outputs.values())
 
 
-def test_failed_load_is_recomputed(model_dir):
-    h = Harness(model_dir, num_gpu_blocks=24, extra_config={"debug_fail_load_every": 1})
+def test_failed_load_is_recomputed(make_harness):
+    h = make_harness(num_gpu_blocks=24, extra_config={"debug_fail_load_every": 1})
     first, again = prompts(2, prefix_blocks=8, suffix=5, seed=5)
     h.add(first)
     h.run()
@@ -81,9 +75,9 @@ def test_failed_load_is_recomputed(model_dir):
     assert h.stats["stored_blocks"] >= 16
 
 
-def test_corrupted_load_is_caught(model_dir):
+def test_corrupted_load_is_caught(make_harness):
     """The harness can fail: a flipped byte in each restored block is detected."""
-    h = Harness(model_dir, num_gpu_blocks=24, extra_config={"debug_corrupt_loads": True})
+    h = make_harness(num_gpu_blocks=24, extra_config={"debug_corrupt_loads": True})
     first, again = prompts(2, prefix_blocks=8, suffix=5, seed=7)
     h.add(first)
     h.run()
@@ -93,9 +87,9 @@ def test_corrupted_load_is_caught(model_dir):
         h.run()
 
 
-def test_host_tier_eviction_under_pressure(model_dir):
+def test_host_tier_eviction_under_pressure(make_harness):
     # 1 MiB host pool / (2 layers x 2 x 16 x 4 bytes) = 2048 slots: shrink it to force eviction
-    h = Harness(model_dir, num_gpu_blocks=24, extra_config={"host_bytes": 8 * 256})
+    h = make_harness(num_gpu_blocks=24, extra_config={"host_bytes": 8 * 256})
     for i in range(3):
         (p,) = prompts(1, prefix_blocks=6, suffix=3, seed=200 + i)
         h.add(p)
@@ -114,31 +108,31 @@ def churn_and_revisit(h: Harness) -> None:
         h.run()
 
 
-def test_async_copies_are_fenced_when_blocks_are_reused(model_dir):
+def test_async_copies_are_fenced_when_blocks_are_reused(make_harness):
     """Copies that lag two steps behind still give exact KV: re-used blocks are fenced."""
-    h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True)
+    h = make_harness(num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True)
     churn_and_revisit(h)
     assert h.worker.worker.engine.fenced_jobs > 0
     assert h.stats["fenced_jobs"] >= h.worker.worker.engine.fenced_jobs
     assert h.stats["loaded_blocks"] > 0
 
 
-def test_without_fences_lagging_copies_corrupt_kv(model_dir, monkeypatch):
+def test_without_fences_lagging_copies_corrupt_kv(make_harness, monkeypatch):
     """The fence test can fail: with fences dropped, the lagging stores copy re-used blocks."""
     from tokenvm_vllm.connector.worker import TokenVMWorker
 
     monkeypatch.setattr(TokenVMWorker, "handle_preemptions", lambda self, meta: None)
-    h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True)
+    h = make_harness(num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True)
     with pytest.raises(KVMismatch):
         churn_and_revisit(h)
 
 
 # -- disk tier ------------------------------------------------------------------------------------
 
-def disk_harness(model_dir, disk_path, **extra):
+def disk_harness(make_harness, disk_path, model_dir=None, **extra):
     # 16 host slots: a revisit of 8 prefix blocks after 3 other prompts must come from disk
     config = {"host_bytes": 16 * 256, "disk_path": str(disk_path), "disk_bytes": "4MiB", **extra}
-    return Harness(model_dir, num_gpu_blocks=24, extra_config=config)
+    return make_harness(model_dir, num_gpu_blocks=24, extra_config=config)
 
 
 def run_prompts(h, seeds, prefix_blocks=8):
@@ -148,8 +142,8 @@ def run_prompts(h, seeds, prefix_blocks=8):
         h.run()
 
 
-def test_disk_tier_serves_blocks_evicted_from_host(model_dir, tmp_path):
-    h = disk_harness(model_dir, tmp_path / "disk")
+def test_disk_tier_serves_blocks_evicted_from_host(make_harness, tmp_path):
+    h = disk_harness(make_harness, tmp_path / "disk")
     run_prompts(h, [500, 501, 502, 503, 500])  # 500's prefix left host long ago
     assert h.stats["disk_written_blocks"] >= 32
     assert h.stats["host_evicted_blocks"] > 0
@@ -157,19 +151,19 @@ def test_disk_tier_serves_blocks_evicted_from_host(model_dir, tmp_path):
     assert h.stats["loaded_blocks"] >= 8
 
 
-def test_disk_blocks_survive_a_restart(model_dir, tmp_path):
-    first = disk_harness(model_dir, tmp_path / "disk")
+def test_disk_blocks_survive_a_restart(make_harness, tmp_path):
+    first = disk_harness(make_harness, tmp_path / "disk")
     run_prompts(first, [600, 601])
     first.worker.worker.shutdown()
-    second = disk_harness(model_dir, tmp_path / "disk")
+    second = disk_harness(make_harness, tmp_path / "disk")
     run_prompts(second, [600])  # nothing in host: every hit comes from disk, checked exactly
     assert second.stats["disk_recovered_blocks"] >= 16
     assert second.stats["disk_promoted_blocks"] >= 8
     assert second.stats["loaded_blocks"] >= 8
 
 
-def test_corrupted_disk_blocks_are_misses_and_recomputed(model_dir, tmp_path):
-    first = disk_harness(model_dir, tmp_path / "disk")
+def test_corrupted_disk_blocks_are_misses_and_recomputed(make_harness, tmp_path):
+    first = disk_harness(make_harness, tmp_path / "disk")
     run_prompts(first, [700])
     store = first.worker.worker.disk
     first.worker.worker.shutdown()
@@ -179,27 +173,27 @@ def test_corrupted_disk_blocks_are_misses_and_recomputed(model_dir, tmp_path):
         for offset in range(0, len(data), store.slot_stride):  # one bit in every payload
             data[offset + 4096 + 100] ^= 0x01
         path.write_bytes(bytes(data))
-    second = disk_harness(model_dir, tmp_path / "disk")
+    second = disk_harness(make_harness, tmp_path / "disk")
     run_prompts(second, [700])  # the fake forward checks every position
     assert second.stats["disk_read_failed_blocks"] >= 8
     assert second.stats.get("loaded_blocks", 0) == 0
 
 
-def test_other_namespace_never_sees_the_blocks(model_dir, tmp_path):
-    first = disk_harness(model_dir, tmp_path / "disk")
+def test_other_namespace_never_sees_the_blocks(make_harness, tmp_path):
+    first = disk_harness(make_harness, tmp_path / "disk")
     run_prompts(first, [800])
     first.worker.worker.shutdown()
     from tokenvm_vllm.tiny_llama import write_tiny_llama
 
     other_model = str(write_tiny_llama(tmp_path / "other-model", weights=False))
-    second = disk_harness(other_model, tmp_path / "disk")
+    second = disk_harness(make_harness, tmp_path / "disk", model_dir=other_model)
     run_prompts(second, [800])
     assert second.stats.get("disk_recovered_blocks", 0) == 0
     assert second.stats.get("loaded_blocks", 0) == 0
 
 
-def test_cache_salt_isolates_blocks(model_dir):
-    h = Harness(model_dir, num_gpu_blocks=24)
+def test_cache_salt_isolates_blocks(make_harness):
+    h = make_harness(num_gpu_blocks=24)
     (p,) = prompts(1, prefix_blocks=8, suffix=5, seed=900)
     h.add(p, cache_salt="tenant-a")
     h.run()
@@ -212,7 +206,7 @@ def test_cache_salt_isolates_blocks(model_dir):
     assert h.stats["loaded_blocks"] >= 7
 
 
-def test_full_disk_keeps_serving_and_warns_once(model_dir, tmp_path, monkeypatch, caplog):
+def test_full_disk_keeps_serving_and_warns_once(make_harness, tmp_path, monkeypatch, caplog):
     import errno
     import logging
     import os
@@ -220,7 +214,7 @@ def test_full_disk_keeps_serving_and_warns_once(model_dir, tmp_path, monkeypatch
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    h = disk_harness(model_dir, tmp_path / "disk")
+    h = disk_harness(make_harness, tmp_path / "disk")
     monkeypatch.setattr(os, "pwrite", no_space)
     monkeypatch.setattr(os, "pwritev", no_space, raising=False)
     with caplog.at_level(logging.WARNING, logger="vllm.tokenvm"):
@@ -232,18 +226,19 @@ def test_full_disk_keeps_serving_and_warns_once(model_dir, tmp_path, monkeypatch
     assert len(warnings) == 1
 
 
-def test_bad_disk_path_is_one_clear_error(model_dir, tmp_path):
+def test_bad_disk_path_is_one_clear_error(make_harness, tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    with pytest.raises(Exception, match=str(not_a_dir)):
-        disk_harness(model_dir, not_a_dir)
+    with pytest.raises(DiskStoreError, match=f"{not_a_dir}.*[Nn]ot a directory") as info:
+        disk_harness(make_harness, not_a_dir)
+    assert "\n" not in str(info.value)
 
 
-def test_prefetch_defers_lookup_until_disk_reads_land(model_dir, tmp_path):
-    first = disk_harness(model_dir, tmp_path / "disk")
+def test_prefetch_defers_lookup_until_disk_reads_land(make_harness, tmp_path):
+    first = disk_harness(make_harness, tmp_path / "disk")
     run_prompts(first, [1100])
     first.worker.worker.shutdown()
-    second = disk_harness(model_dir, tmp_path / "disk")
+    second = disk_harness(make_harness, tmp_path / "disk")
     run_prompts(second, [1100])
     assert second.stats["lookup_deferred"] >= 1
     assert second.stats["loaded_blocks"] >= 8
@@ -254,11 +249,11 @@ def test_prefetch_defers_lookup_until_disk_reads_land(model_dir, tmp_path):
 
 # -- write-back and policies ----------------------------------------------------------------------
 
-def test_write_back_copies_only_blocks_near_eviction(model_dir):
+def test_write_back_copies_only_blocks_near_eviction(make_harness):
     """Revisiting from the GPU cache costs write-back no copies; write-through copies all."""
     stored = {}
     for mode in ("write_through", "write_back"):
-        h = Harness(model_dir, num_gpu_blocks=64,
+        h = make_harness(num_gpu_blocks=64,
                     extra_config={"write_mode": mode, "write_back_lookahead_blocks": 8})
         (p,) = prompts(1, prefix_blocks=8, suffix=5, seed=1200)
         for _ in range(3):
@@ -269,8 +264,8 @@ def test_write_back_copies_only_blocks_near_eviction(model_dir):
     assert stored["write_back"] < stored["write_through"]
 
 
-def test_write_back_with_lagging_copies_stays_exact(model_dir):
-    h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True,
+def test_write_back_with_lagging_copies_stays_exact(make_harness):
+    h = make_harness(num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True,
                 extra_config={"write_mode": "write_back"})
     churn_and_revisit(h)
     assert h.stats["stored_blocks"] > 0
@@ -278,8 +273,8 @@ def test_write_back_with_lagging_copies_stays_exact(model_dir):
 
 
 @pytest.mark.parametrize("policy", ["lru", "2q", "arc", "queue_aware"])
-def test_every_policy_serves_exact_kv(model_dir, policy):
-    h = Harness(model_dir, num_gpu_blocks=24,
+def test_every_policy_serves_exact_kv(make_harness, policy):
+    h = make_harness(num_gpu_blocks=24,
                 extra_config={"policy": policy, "host_bytes": 26 * 256})
     # 5 prompts x 6 full blocks overflow both the GPU cache (23) and the host tier (26); 1301 has
     # left the GPU cache but is still in host memory under every policy
@@ -288,11 +283,11 @@ def test_every_policy_serves_exact_kv(model_dir, policy):
     assert h.stats.get("loaded_blocks", 0) > 0
 
 
-def test_write_back_settles_with_a_tiny_host_tier(model_dir, tmp_path):
+def test_write_back_settles_with_a_tiny_host_tier(make_harness, tmp_path):
     """A look-ahead window larger than the host tier must not copy blocks in circles: the run
     ends (Harness.run raises if copies keep the engine stepping) with bounded copies."""
     for extra in ({}, {"disk_path": str(tmp_path / "disk"), "disk_bytes": "4MiB"}):
-        h = Harness(model_dir, num_gpu_blocks=64,
+        h = make_harness(num_gpu_blocks=64,
                     extra_config={"write_mode": "write_back", "host_bytes": 6 * 256, **extra})
         run_prompts(h, [1400, 1401, 1402, 1403], prefix_blocks=8)
         for _ in range(20):
@@ -319,9 +314,9 @@ def revisit_steps(h: Harness, seed: int) -> int:
     return h.steps - before
 
 
-def test_layerwise_load_runs_the_request_in_its_lookup_step(model_dir):
-    parked = Harness(model_dir, num_gpu_blocks=24)
-    layerwise = Harness(model_dir, num_gpu_blocks=24, extra_config=LAYERWISE)
+def test_layerwise_load_runs_the_request_in_its_lookup_step(make_harness):
+    parked = make_harness(num_gpu_blocks=24)
+    layerwise = make_harness(num_gpu_blocks=24, extra_config=LAYERWISE)
     parked_steps = revisit_steps(parked, seed=40)
     layerwise_steps = revisit_steps(layerwise, seed=40)
     assert layerwise.stats["loaded_blocks"] == parked.stats["loaded_blocks"] == 8
@@ -330,9 +325,9 @@ def test_layerwise_load_runs_the_request_in_its_lookup_step(model_dir):
     assert len(layerwise.scheduler.connector.scheduler.jobs) == 0
 
 
-def test_layerwise_loads_with_lagging_copies_stay_exact(model_dir):
+def test_layerwise_loads_with_lagging_copies_stay_exact(make_harness):
     """Copies that land two steps late: each layer's wait must hold the forward back."""
-    h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True,
+    h = make_harness(num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True,
                 extra_config=LAYERWISE)
     churn_and_revisit(h)
     assert h.worker.worker.layer_hooks is True
@@ -340,21 +335,21 @@ def test_layerwise_loads_with_lagging_copies_stay_exact(model_dir):
     assert 0 < h.stats["layerwise_loaded_blocks"] < h.stats["loaded_blocks"]
 
 
-def test_without_layer_waits_lagging_layerwise_loads_corrupt_kv(model_dir, monkeypatch):
+def test_without_layer_waits_lagging_layerwise_loads_corrupt_kv(make_harness, monkeypatch):
     """The test above can fail: with wait_layer dropped, the forward reads blocks too early."""
     from tests.harness import LaggingCopyEngine
 
     monkeypatch.setattr(LaggingCopyEngine, "wait_layer", lambda self, job_ids, layer: None)
-    h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True,
+    h = make_harness(num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True,
                 extra_config=LAYERWISE)
     with pytest.raises(KVMismatch):
         churn_and_revisit(h)
 
 
-def test_layerwise_loads_without_layer_hooks_wait_for_the_whole_copy(model_dir, caplog):
+def test_layerwise_loads_without_layer_hooks_wait_for_the_whole_copy(make_harness, caplog):
     import logging
 
-    h = Harness(model_dir, num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True,
+    h = make_harness(num_gpu_blocks=20, max_num_seqs=2, lagging_copies=True,
                 layer_hooks=False, extra_config=LAYERWISE)
     with caplog.at_level(logging.WARNING, logger="vllm.tokenvm"):
         churn_and_revisit(h)  # exact: every load is awaited whole before the forward
@@ -364,8 +359,8 @@ def test_layerwise_loads_without_layer_hooks_wait_for_the_whole_copy(model_dir, 
     assert "wait_for_layer_load for 0 of 2 layers" in caplog.text
 
 
-def test_layerwise_step_missing_its_hooks_is_recomputed(model_dir):
-    h = Harness(model_dir, num_gpu_blocks=24, extra_config=LAYERWISE)
+def test_layerwise_step_missing_its_hooks_is_recomputed(make_harness):
+    h = make_harness(num_gpu_blocks=24, extra_config=LAYERWISE)
     revisit_steps(h, seed=50)
     assert h.worker.worker.layer_hooks is True
     h.layer_hooks = False  # from now on the forward never waits
@@ -374,15 +369,15 @@ def test_layerwise_step_missing_its_hooks_is_recomputed(model_dir):
     assert h.stats["loaded_blocks"] == 16
 
 
-def test_failed_layerwise_load_is_recomputed(model_dir):
-    h = Harness(model_dir, num_gpu_blocks=24,
+def test_failed_layerwise_load_is_recomputed(make_harness):
+    h = make_harness(num_gpu_blocks=24,
                 extra_config={**LAYERWISE, "debug_fail_load_every": 1})
     revisit_steps(h, seed=60)  # the forward after the failure checks every position again
     assert h.stats["failed_load_blocks"] == 8
 
 
-def test_corrupted_layerwise_load_is_caught(model_dir):
-    h = Harness(model_dir, num_gpu_blocks=24,
+def test_corrupted_layerwise_load_is_caught(make_harness):
+    h = make_harness(num_gpu_blocks=24,
                 extra_config={**LAYERWISE, "debug_corrupt_loads": True})
     with pytest.raises(KVMismatch):
         revisit_steps(h, seed=70)

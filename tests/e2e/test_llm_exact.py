@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenvm_vllm.bench.prefix_reuse import EngineSettings, Workload, run_in_subprocess
-from tokenvm_vllm.tiny_llama import write_tiny_llama
+from tokenvm_vllm.bench.prefix_reuse import Workload, run_in_subprocess
 
 pytestmark = pytest.mark.e2e
 
@@ -26,10 +25,9 @@ WORKLOAD = Workload(documents=16, questions=4, prefix_blocks=8, suffix_tokens=30
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+def runs(tmp_path_factory, engine_settings) -> dict:
     tmp = tmp_path_factory.mktemp("e2e")
-    model = str(write_tiny_llama(tmp / "tiny-llama"))
-    base = EngineSettings(model=model, num_gpu_blocks=72)
+    base = engine_settings(num_gpu_blocks=72)
     configs = {
         "baseline": base,
         "tokenvm": replace(base, connector="tokenvm"),

@@ -1,0 +1,77 @@
+"""Shared fixtures: the tiny generated Llama, vLLM-scheduler harnesses and engine settings.
+
+Layout: ``tests/<package folder>/`` mirrors ``tokenvm_vllm/<package folder>/``; top-level modules
+(``config.py``, ``plugin.py``) are tested in ``tests/`` itself; ``tests/e2e/`` holds every test
+that starts a real vLLM engine or server (marked ``e2e``: ``pytest -m "not e2e"`` is the fast
+suite); ``tests/gpu/`` needs CUDA and skips without it.
+
+Collection stays light: vLLM and torch are imported by the fixtures that need them, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.harness import Harness
+    from tokenvm_vllm.bench.prefix_reuse import EngineSettings
+
+E2E_DIR = Path(__file__).parent / "e2e"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny Llama directory without weights: enough for vLLM's config and scheduler (the
+    scheduler-level harness never runs a forward)."""
+    from tokenvm_vllm.tiny_llama import write_tiny_llama
+
+    return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-config"), weights=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Llama with std-0.02 random weights (deterministic, seed 0): outputs depend on the
+    whole context, so a wrong KV block changes them. Read-only for the tests that share it."""
+    from tokenvm_vllm.tiny_llama import write_tiny_llama
+
+    return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), weights=True))
+
+
+@pytest.fixture
+def make_harness(tiny_model_config: str) -> Callable[..., Harness]:
+    """``make_harness(**kwargs)`` -> ``tests.harness.Harness`` on the tiny model's config: vLLM's
+    real ``Scheduler`` with TokenVM's scheduler side and the real worker side on CPU tensors.
+    ``model_dir=`` overrides the model (e.g. another namespace)."""
+    from tests.harness import Harness
+
+    def make(model_dir: str | None = None, **kwargs: Any) -> Harness:
+        return Harness(model_dir or tiny_model_config, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def engine_settings(tiny_llama: str) -> Callable[..., EngineSettings]:
+    """``engine_settings(**kwargs)`` -> ``EngineSettings`` for the tiny Llama (no connector
+    unless ``connector=`` says so); run it with ``bench.prefix_reuse.run_in_subprocess``."""
+    from tokenvm_vllm.bench.prefix_reuse import EngineSettings
+
+    def make(**kwargs: Any) -> EngineSettings:
+        return EngineSettings(model=tiny_llama, **kwargs)
+
+    return make
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test under tests/e2e/ without the ``e2e`` marker would slip into the fast suite: refuse
+    to run rather than make ``-m "not e2e"`` silently slow."""
+    unmarked = [item.nodeid for item in items
+                if E2E_DIR in item.path.parents and item.get_closest_marker("e2e") is None]
+    if unmarked:
+        raise pytest.UsageError(
+            f"tests under {E2E_DIR} need the e2e marker (add `pytestmark = pytest.mark.e2e`): "
+            + ", ".join(unmarked))
