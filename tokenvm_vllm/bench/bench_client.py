@@ -15,7 +15,7 @@ def main() -> None:
     try:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
     except ImportError:  # older layouts
-        from vllm.utils import FlexibleArgumentParser  # type: ignore[attr-defined,no-redef]
+        from vllm.utils import FlexibleArgumentParser  # type: ignore[no-redef,unused-ignore]
     parser = FlexibleArgumentParser(description=__doc__.splitlines()[0])
     add_cli_args(parser)
     bench_main(parser.parse_args())

@@ -69,11 +69,10 @@ class ServerConfig:
     def parse(cls, spec: str, opts: argparse.Namespace) -> ServerConfig:
         """``kind[_v1|_v2][:key=value,...]`` (TokenVM extra settings after the colon)."""
         base, _, extra_text = spec.partition(":")
-        kind, runner = base, ""
-        for suffix in ("_v1", "_v2"):
+        kind, env = base, {}
+        for suffix, value in (("_v1", "0"), ("_v2", "1")):
             if base.endswith(suffix):
-                kind, runner = base[: -len(suffix)], suffix[-1]
-        env = {"VLLM_USE_V2_MODEL_RUNNER": runner} if runner else {}
+                kind, env = base[: -len(suffix)], {"VLLM_USE_V2_MODEL_RUNNER": value}
         kv_gib = opts.floor_kv_gib if kind == "floor" else opts.kv_gib
         args = ["--kv-cache-memory-bytes", str(int(kv_gib * 2**30))]
         if kind == "native":
@@ -100,8 +99,8 @@ class ServerConfig:
 
     @property
     def runner(self) -> str:
-        return self.env.get("VLLM_USE_V2_MODEL_RUNNER", "") and (
-            "V2" if self.env["VLLM_USE_V2_MODEL_RUNNER"] == "1" else "V1") or "default"
+        value = self.env.get("VLLM_USE_V2_MODEL_RUNNER")
+        return "default" if value is None else "V2" if value == "1" else "V1"
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -239,19 +238,24 @@ def progress(text: str) -> None:
 # -- report ------------------------------------------------------------------------------------
 
 def load_results(dirs: list[Path]) -> dict[str, dict[str, Any]]:
+    """Every configuration's results in ``dirs`` (a later directory wins), each with the run's
+    ``settings`` attached."""
     results: dict[str, dict[str, Any]] = {}
     for directory in dirs:
+        settings_file = directory / "settings.json"
+        settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
         for path in sorted(directory.glob("*.json")):
             data = json.loads(path.read_text())
             if "workloads" in data and "config" in data:
+                data["settings"] = settings
                 results[data["config"]] = data
     return results
 
 
-def minimum_computed(opts_like: dict[str, Any]) -> float:
-    """Prompt tokens that must be computed in a P workload: each prefix once, every suffix."""
-    return (opts_like["prefixes"] * opts_like["prefix_len"]
-            + opts_like["num_prompts"] * opts_like["suffix_len"])
+def minimum_computed(settings: dict[str, Any]) -> float:
+    """Prompt tokens a P workload must compute: each prefix once, and every suffix."""
+    return float(settings["prefixes"] * settings["prefix_len"]
+                 + settings["num_prompts"] * settings["suffix_len"])
 
 
 def report(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -267,7 +271,12 @@ def report(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "ttft_p99": c.get("p99_ttft_ms", float("nan")), "tpot": c["mean_tpot_ms"],
                 "computed": w["counters"].get("prompt_tokens[local_compute]", float("nan")),
                 "external": w["counters"].get("prompt_tokens[external_kv_transfer]", 0.0),
-                "preemptions": w["counters"].get("num_preemptions", 0.0)})
+                "preemptions": w["counters"].get("num_preemptions", 0.0),
+                "x_min_computed": (
+                    w["counters"].get("prompt_tokens[local_compute]", float("nan"))
+                    / minimum_computed(data["settings"])
+                    if workload != "random" and "prefixes" in data["settings"]
+                    else float("nan"))})
 
     def pick(kind: str, workload: str, runner: str | None = None) -> list[dict[str, Any]]:
         return [r for r in rows if r["kind"] == kind and r["workload"] == workload
@@ -288,13 +297,14 @@ def report(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows.sort(key=lambda r: (order.get(r["workload"], 9), r["config"]))
     header = (f"{'workload':8} {'config':44} {'tok/s':>8} {'TTFT p50':>9} {'p99':>7} "
               f"{'TPOT':>6} {'computed':>9} {'x nat(same)':>11} {'x nat(best)':>11} "
-              f"{'x floor/none':>12} {'TTFT x nat':>10} {'TPOT x nat':>10}")
+              f"{'x floor/none':>12} {'TTFT x nat':>10} {'TPOT x nat':>10} {'comp x min':>10}")
     print(header)
     for r in rows:
         print(f"{r['workload']:8} {r['config'][:44]:44} {r['tok_s']:8.0f} {r['ttft_p50']:9.0f} "
               f"{r['ttft_p99']:7.0f} {r['tpot']:6.2f} {r['computed']:9.0f} "
               f"{r['x_native_same']:11.3f} {r['x_native_best']:11.3f} {r['x_base']:12.3f} "
-              f"{r['ttft_x_native_same']:10.3f} {r['tpot_x_native_same']:10.3f}")
+              f"{r['ttft_x_native_same']:10.3f} {r['tpot_x_native_same']:10.3f} "
+              f"{r['x_min_computed']:10.3f}")
     return rows
 
 
@@ -305,17 +315,19 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 4.5),
+    fig, axes = plt.subplots(2, len(workloads), figsize=(4.5 * len(workloads), 8),
                              squeeze=False)
-    for ax, workload in zip(axes[0], workloads, strict=True):
-        mine = [r for r in rows if r["workload"] == workload]
-        ax.barh([r["config"][:32] for r in mine], [r["tok_s"] / 1000 for r in mine],
-                color=["tab:green" if r["kind"] == "tokenvm" else "tab:blue"
-                       if r["kind"] == "native" else "tab:gray" for r in mine])
-        ax.set_title(workload)
-        ax.set_xlabel("total tokens/s (thousands)")
-        ax.tick_params(axis="y", labelsize=7)
-    fig.suptitle("vllm bench serve: throughput per configuration")
+    metrics = (("tok_s", 1e-3, "total tokens/s (thousands)"), ("ttft_p50", 1.0, "TTFT p50 (ms)"))
+    for row_axes, (key, scale, label) in zip(axes, metrics, strict=True):
+        for ax, workload in zip(row_axes, workloads, strict=True):
+            mine = [r for r in rows if r["workload"] == workload]
+            ax.barh([r["config"][:32] for r in mine], [r[key] * scale for r in mine],
+                    color=["tab:green" if r["config"].startswith("tokenvm") else "tab:blue"
+                           if r["kind"] == "native" else "tab:gray" for r in mine])
+            ax.set_title(workload)
+            ax.set_xlabel(label)
+            ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle("vllm bench serve: throughput (top) and TTFT p50 (bottom) per configuration")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 

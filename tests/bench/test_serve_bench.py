@@ -1,0 +1,76 @@
+"""The serving benchmark's own logic: configuration specs, metric scraping, ratios.
+
+(Running it needs real servers: ``python -m tokenvm_vllm.bench.serve_bench run``; the numbers
+in results/serve_h200 come from the GPU machine.)"""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from tokenvm_vllm.bench import serve_bench
+from tokenvm_vllm.bench.serve_bench import COUNTERS, ServerConfig, report
+
+
+def opts(**kw: object) -> argparse.Namespace:
+    base = {"kv_gib": 6.0, "floor_kv_gib": 30.0, "host_gib": 20.0}
+    return argparse.Namespace(**(base | kw))
+
+
+def test_config_specs_pick_runner_cache_and_offload() -> None:
+    tokenvm = ServerConfig.parse("tokenvm_v1:copy_path=uva,write_mode=write_back", opts())
+    assert tokenvm.env == {"VLLM_USE_V2_MODEL_RUNNER": "0"} and tokenvm.runner == "V1"
+    assert tokenvm.kind == "tokenvm"
+    transfer = json.loads(tokenvm.args[tokenvm.args.index("--kv-transfer-config") + 1])
+    assert transfer["kv_connector"] == "TokenVM"
+    assert transfer["kv_connector_extra_config"] == {
+        "host_bytes": "20.0GiB", "copy_path": "uva", "write_mode": "write_back"}
+    native = ServerConfig.parse("native_v2", opts())
+    assert native.env == {"VLLM_USE_V2_MODEL_RUNNER": "1"} and native.runner == "V2"
+    assert native.args[native.args.index("--kv-offloading-size") + 1] == "20.0"
+    floor = ServerConfig.parse("floor", opts())
+    assert floor.env == {} and floor.args == ["--kv-cache-memory-bytes", str(30 * 2**30)]
+    with pytest.raises(SystemExit, match="unknown configuration"):
+        ServerConfig.parse("lmcache_v2", opts())
+    with pytest.raises(SystemExit, match="tokenvm only"):
+        ServerConfig.parse("native:copy_path=uva", opts())
+
+
+def test_counter_lines_are_recognised() -> None:
+    lines = {
+        'vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_compute"} '
+        "163840.0": ("local_compute", None),
+        'tokenvm:loaded_blocks_total{engine="0",model_name="m"} 12.0': (None, "tokenvm:loaded_"
+                                                                          "blocks_total"),
+        'vllm:num_preemptions_total{engine="0",model_name="m"} 3.0': (None, None),
+    }
+    for line, (source, tokenvm) in lines.items():
+        match = COUNTERS.match(line)
+        assert match is not None and match["source"] == source and match["tokenvm"] == tokenvm
+    assert COUNTERS.match('vllm:prompt_tokens_by_source_created{source="x"} 1.0') is None
+
+
+def write_result(directory: Path, config: str, runner: str, tok_s: float, ttft: float,
+                 computed: float) -> None:
+    client = {"total_token_throughput": tok_s, "median_ttft_ms": ttft, "p99_ttft_ms": 2 * ttft,
+              "mean_tpot_ms": 10.0}
+    workload = {"client": client, "counters": {"prompt_tokens[local_compute]": computed}}
+    (directory / f"{config}.json").write_text(json.dumps(
+        {"config": config, "runner": runner, "workloads": {"p8": workload}}))
+
+
+def test_report_ratios_against_native_same_runner_best_native_and_floor(tmp_path: Path) -> None:
+    (tmp_path / "settings.json").write_text(json.dumps(
+        {"prefixes": 2, "prefix_len": 100, "num_prompts": 10, "suffix_len": 10}))
+    write_result(tmp_path, "floor", "default", 200.0, 50.0, 300.0)
+    write_result(tmp_path, "native_v1", "V1", 100.0, 100.0, 300.0)
+    write_result(tmp_path, "native_v2", "V2", 80.0, 100.0, 300.0)
+    write_result(tmp_path, "tokenvm_v2", "V2", 120.0, 80.0, 330.0)
+    rows = {r["config"]: r for r in report(serve_bench.load_results([tmp_path]))}
+    mine = rows["tokenvm_v2"]
+    assert mine["x_native_same"] == pytest.approx(1.5)  # against native on V2
+    assert mine["x_native_best"] == pytest.approx(1.2)  # against native on V1, the better
+    assert mine["x_base"] == pytest.approx(0.6)  # against the floor
+    assert mine["ttft_x_native_same"] == pytest.approx(0.8)
+    assert mine["x_min_computed"] == pytest.approx(1.1)  # minimum: 2 x 100 + 10 x 10
