@@ -59,7 +59,7 @@ from tokenvm_vllm.connector.metadata import (
 from tokenvm_vllm.connector.stats import TokenVMStats
 from tokenvm_vllm.keys import BlockKey, make_block_key
 from tokenvm_vllm.policies import make_policy
-from tokenvm_vllm.tiers.disk_store import disk_slot_count
+from tokenvm_vllm.tiers.disk import disk_slot_count
 from tokenvm_vllm.tiers.disk_tier import DiskTier
 from tokenvm_vllm.tiers.host_tier import HostTier
 from tokenvm_vllm.tiers.residency import ResidencyIndex

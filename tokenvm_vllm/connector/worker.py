@@ -37,7 +37,7 @@ from tokenvm_vllm import compat
 from tokenvm_vllm.config import TokenVMConfig
 from tokenvm_vllm.connector.metadata import TokenVMConnectorMetadata, TokenVMWorkerMetadata
 from tokenvm_vllm.keys import Namespace, current_hash_seed
-from tokenvm_vllm.tiers.disk_store import DiskStore
+from tokenvm_vllm.tiers.disk import DiskStore
 from tokenvm_vllm.transfer.copy_engine import CopyEngine, TorchCopyEngine
 from tokenvm_vllm.transfer.host_pool import HostPool, num_host_slots
 from tokenvm_vllm.transfer.layout import KVLayout, slot_bytes_for
