@@ -1,7 +1,7 @@
 """``tokenvm``: command-line tools for TokenVM.
 
     tokenvm doctor [--disk-path P]   check this machine and the TokenVM settings (cli/doctor.py)
-    tokenvm inspect PATH [--json]    summarise a disk-tier store directory, read-only (inspect.py)
+    tokenvm inspect PATH [--json]    summarise disk_path (each rank) or one store, read-only
     tokenvm bench [--model DIR] ...  prefix-reuse benchmark without and with TokenVM (bench.py)
 
 Importing this package is light: torch, vLLM and matplotlib are imported by the commands that need
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(func=cmd_doctor)
 
     inspect = sub.add_parser("inspect", help="summarise a disk store directory (read-only)")
-    inspect.add_argument("path", help="the DiskStore directory")
+    inspect.add_argument("path", help="a store directory, or the configured disk_path (every "
+                                      "rank-<r> store in it)")
     inspect.add_argument("--verify", action="store_true",
                          help="also read every used slot's payload and check its checksum")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")

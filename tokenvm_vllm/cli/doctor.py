@@ -290,7 +290,11 @@ def _free_space_check(path: str) -> Check:
 
 
 def _existing_store_check(path: str) -> list[Check]:
-    if not any(name.startswith("slots-") for name in os.listdir(path)):
+    try:
+        names = os.listdir(path)
+    except OSError:  # e.g. another user's 0700 directory: the permission check said so
+        return []
+    if not any(name.startswith("slots-") for name in names):
         return []
     try:
         summary = inspect_store(path)

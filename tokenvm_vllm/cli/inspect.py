@@ -1,5 +1,7 @@
 """``tokenvm inspect PATH``: summarise a disk-tier store directory, read-only.
 
+PATH is one store or the configured ``disk_path`` (then every ``rank-<r>`` store in it).
+
 Never writes to the store and works while an engine is using it (``tiers/disk/inspect.py``).
 """
 
@@ -7,29 +9,69 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from dataclasses import asdict
+from typing import Any
 
 from tokenvm_vllm.cli import human_size as _size
+from tokenvm_vllm.tiers.disk.format import SLOT_FILE
 from tokenvm_vllm.tiers.disk.fsutil import DiskStoreError
-from tokenvm_vllm.tiers.disk.inspect import inspect_store
+from tokenvm_vllm.tiers.disk.inspect import StoreSummary, inspect_store
+
+RANK_DIR = re.compile(r"^rank-(\d+)$")
+
+
+def store_dirs(path: str) -> list[str]:
+    """The store directories ``path`` names: itself when it holds slot files, else its
+    ``rank-<r>`` subdirectories (the configured ``disk_path``), in rank order; else itself (so
+    the error names it)."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return [path]
+    if any(SLOT_FILE.match(name) for name in names):
+        return [path]
+    ranks = sorted((int(m.group(1)), name) for name in names
+                   if (m := RANK_DIR.match(name)) and os.path.isdir(os.path.join(path, name)))
+    return [os.path.join(path, name) for _rank, name in ranks] or [path]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Summarise a disk store; 1 (with a one-line error on stderr) if PATH is not a store."""
-    try:
-        summary = inspect_store(args.path, verify_payloads=args.verify)
-    except (DiskStoreError, OSError) as exc:
-        print(f"tokenvm inspect: error: {exc}", file=sys.stderr)
-        return 1
-    slot_bytes = summary.slot_bytes or 0
+    """Summarise a store, or every rank's store under a configured ``disk_path``; 1 (with a
+    one-line error on stderr) if PATH holds no store."""
+    dirs = store_dirs(args.path)
+    summaries = []
+    for directory in dirs:
+        try:
+            summaries.append(inspect_store(directory, verify_payloads=args.verify))
+        except (DiskStoreError, OSError) as exc:
+            print(f"tokenvm inspect: error: {exc}", file=sys.stderr)
+            return 1
     if args.json:
-        data = asdict(summary)
-        data["blocks_by_namespace"] = {ns.hex(): n for ns, n in
-                                       summary.blocks_by_namespace.items()}
-        data["files"] = [{"name": n, "bytes": b} for n, b in summary.files]
-        print(json.dumps(data, indent=2))
+        if len(dirs) == 1 and os.path.abspath(dirs[0]) == os.path.abspath(args.path):
+            print(json.dumps(_json(summaries[0]), indent=2))
+        else:
+            print(json.dumps({"ranks": {os.path.basename(d): _json(summary) for d, summary
+                                        in zip(dirs, summaries, strict=True)}}, indent=2))
         return 0
+    for index, summary in enumerate(summaries):
+        if index:
+            print()
+        _print_summary(summary)
+    return 0
+
+
+def _json(summary: StoreSummary) -> dict[str, Any]:
+    data = asdict(summary)
+    data["blocks_by_namespace"] = {ns.hex(): n for ns, n in summary.blocks_by_namespace.items()}
+    data["files"] = [{"name": n, "bytes": b} for n, b in summary.files]
+    return data
+
+
+def _print_summary(summary: StoreSummary) -> None:
+    slot_bytes = summary.slot_bytes or 0
     lock = (f"in use by pid {summary.locked_by_pid}" if summary.locked_by_pid is not None
             else "not locked by a running engine")
     rows = [
@@ -62,4 +104,3 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                f"{_size(summary.fs_total_bytes)}"))
     for name, text in rows:
         print(f"{name:<12} {text}")
-    return 0

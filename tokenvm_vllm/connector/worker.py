@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from concurrent.futures import Future
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import torch
@@ -131,7 +132,8 @@ class TokenVMWorker:
         namespace = self.namespace(first_dtype)
         path = os.path.join(self.config.disk_path, f"rank-{namespace.tp_rank}")
         self.disk = DiskStore(path, self.config.disk_bytes, self.slot_bytes,
-                              namespace.fingerprint(), io_threads=self.config.disk_io_threads)
+                              namespace.fingerprint(), io_threads=self.config.disk_io_threads,
+                              namespace_fields=asdict(namespace))
         recovered = self.disk.scan()
         self._worker_meta.disk_scanned = 1
         self._worker_meta.disk_recovered.update(recovered.items())

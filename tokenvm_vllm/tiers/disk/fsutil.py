@@ -7,6 +7,7 @@ No vLLM or torch imports.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import shutil
@@ -176,3 +177,24 @@ def lock_holder(lock_path: str) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset``; short writes are continued, a zero write is EIO."""
+    written = os.pwrite(fd, data, offset)
+    while written < len(data):  # short writes are rare (signals, quotas); finish the slot
+        more = os.pwrite(fd, data[written:], offset + written)
+        if more <= 0:
+            raise OSError(errno.EIO, "short write")
+        written += more
+
+
+def pread_all(fd: int, data: memoryview, offset: int) -> bool:
+    """Fill ``data`` from ``offset``; False if the file ends first (truncated)."""
+    done = 0
+    while done < len(data):
+        got = os.preadv(fd, [data[done:]], offset + done)
+        if got <= 0:
+            return False
+        done += got
+    return True

@@ -31,14 +31,15 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from tokenvm_vllm.tiers.disk import format as fmt
-from tokenvm_vllm.tiers.disk.files import SlotFiles
+from tokenvm_vllm.tiers.disk import fsutil
+from tokenvm_vllm.tiers.disk.files import SlotFiles, namespace_difference
 from tokenvm_vllm.tiers.disk.format import (
     CHECKSUMS,
     CSUM_NAMES,
@@ -74,6 +75,7 @@ class DiskStore:
         num_files: int = 4,
         io_threads: int = 8,
         sync_writes: bool = False,
+        namespace_fields: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = os.path.abspath(path)
         if slot_bytes <= 0:
@@ -116,6 +118,11 @@ class DiskStore:
         self.num_files = self._files.num_files
         self.slots_per_file = self._files.slots_per_file
         self.o_direct = self._files.o_direct
+        self.namespace_fields = dict(namespace_fields) if namespace_fields is not None else None
+        # Earlier runs' namespaces, read before this run records its own (scan explains skips).
+        self._known_namespaces = self._files.read_namespaces()
+        if self.namespace_fields is not None:
+            self._files.record_namespace(self.namespace, self.namespace_fields)
 
         # One page-aligned staging buffer per I/O thread (anonymous mmap is page aligned, which
         # O_DIRECT needs); the caller's memory is copied to/from these.
@@ -224,7 +231,7 @@ class DiskStore:
             header = self._pack_header(slot, key, seq, CHECKSUMS[self.csum_algo](payload))
             buf[:HEADER_BYTES] = 0
             buf[:len(header)] = np.frombuffer(header, dtype=np.uint8)
-            self._pwrite_all(fd, buf.data, offset)  # header + payload: ONE write call
+            fsutil.pwrite_all(fd, buf.data, offset)  # header + payload: ONE write call
             if self.sync_writes:
                 os.fdatasync(fd)
         except OSError as exc:
@@ -241,7 +248,7 @@ class DiskStore:
         buf = self._staging.get()
         try:
             fd, offset = self._files.fd_offset(slot)
-            complete = self._pread_all(fd, buf.data, offset)
+            complete = fsutil.pread_all(fd, buf.data, offset)
             ok = complete and self._verify(buf, slot, key)
             if ok:
                 np.copyto(target, buf[HEADER_BYTES:HEADER_BYTES + self.slot_bytes])
@@ -260,7 +267,7 @@ class DiskStore:
         try:
             fd, offset = self._files.fd_offset(slot)
             buf[:HEADER_BYTES] = 0
-            self._pwrite_all(fd, buf.data[:HEADER_BYTES], offset)
+            fsutil.pwrite_all(fd, buf.data[:HEADER_BYTES], offset)
             if self.sync_writes:
                 os.fdatasync(fd)
         except OSError as exc:
@@ -272,26 +279,6 @@ class DiskStore:
             self._counts["invalidations"] += 1
         return True
 
-    @staticmethod
-    def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-        written = os.pwrite(fd, data, offset)
-        while written < len(data):  # short writes are rare (signals, quotas); finish the slot
-            more = os.pwrite(fd, data[written:], offset + written)
-            if more <= 0:
-                raise OSError(errno.EIO, "short write")
-            written += more
-
-    @staticmethod
-    def _pread_all(fd: int, data: memoryview, offset: int) -> bool:
-        """Fill ``data`` from ``offset``; False if the file ends first (truncated)."""
-        done = 0
-        while done < len(data):
-            got = os.preadv(fd, [data[done:]], offset + done)
-            if got <= 0:
-                return False
-            done += got
-        return True
-
     # -- headers --------------------------------------------------------------------------------
 
     def _pack_header(self, slot: int, key: bytes, seq: int, payload_csum: int) -> bytes:
@@ -300,9 +287,11 @@ class DiskStore:
             payload_len=self.slot_bytes, seq=seq, payload_csum=payload_csum,
             algo=self.csum_algo, key=key))
 
-    def _parse_header(self, raw: np.ndarray, slot: int) -> SlotHeader | None:
+    def _parse_header(self, raw: np.ndarray, slot: int,
+                      foreign: dict[bytes, int] | None = None) -> SlotHeader | None:
         """The header in ``raw`` (at least ``HEADER_BYTES``) if it is valid for this store's
-        namespace, layout and ``slot``; None otherwise. Never raises on bad bytes."""
+        namespace, layout and ``slot``; None otherwise. Never raises on bad bytes. A valid
+        header of another namespace is counted in ``foreign`` (namespace -> slots)."""
         header = decode_header(raw[:HEADER_BYTES].tobytes())
         if header is None:
             return None
@@ -311,8 +300,12 @@ class DiskStore:
                             "with algorithm %d, which is unavailable here (is xxhash "
                             "installed?); they read as misses", self.path, header.algo)
             return None
-        if (header.namespace != self.namespace or header.slot != slot
-                or header.stride != self.slot_stride or header.payload_len != self.slot_bytes):
+        if (header.slot != slot or header.stride != self.slot_stride
+                or header.payload_len != self.slot_bytes):
+            return None
+        if header.namespace != self.namespace:
+            if foreign is not None:
+                foreign[header.namespace] = foreign.get(header.namespace, 0) + 1
             return None
         return header
 
@@ -338,10 +331,11 @@ class DiskStore:
         step = -(-self.num_slots // self.io_threads)
         chunks = [(lo, min(lo + step, self.num_slots)) for lo in range(0, self.num_slots, step)]
         found: list[tuple[int, int, bytes]] = []  # (seq, slot, key)
+        foreign: dict[bytes, int] = {}
         # A slot that does not fit in its (truncated) file cannot be read back; skip it now.
         sizes = [os.fstat(fd).st_size for fd in self._files.fds]
         for part in self._executor.map(
-                lambda c: self._scan_range(c[0], c[1], sizes, verify_payload), chunks):
+                lambda c: self._scan_range(c[0], c[1], sizes, verify_payload, foreign), chunks):
             found.extend(part)
         found.sort()
         result: dict[bytes, int] = {}
@@ -357,11 +351,26 @@ class DiskStore:
                 self._next_seq = max(self._next_seq, found[-1][0] + 1)
         logger.info("TokenVM disk store: scan of %s found %d blocks (%d duplicate slots dropped)",
                     self.path, len(result), len(losers))
+        if foreign:
+            self._report_foreign(foreign)
         return result
 
-    def _scan_range(self, lo: int, hi: int, sizes: list[int],
-                    verify_payload: bool) -> list[tuple[int, int, bytes]]:
+    def _report_foreign(self, foreign: dict[bytes, int]) -> None:
+        """One warning: how many slots another namespace wrote, and which setting differs."""
+        current = self.namespace_fields or {}
+        reasons = "; ".join(
+            f"{count} of namespace {ns.hex()[:12]}: "
+            + namespace_difference(self._known_namespaces.get(ns.hex()), current)
+            for ns, count in sorted(foreign.items(), key=lambda item: -item[1]))
+        logger.warning(
+            "TokenVM disk store: skipped %d slots in %s written under other settings (not "
+            "reused; overwritten as the tier fills): %s", sum(foreign.values()), self.path,
+            reasons)
+
+    def _scan_range(self, lo: int, hi: int, sizes: list[int], verify_payload: bool,
+                    foreign: dict[bytes, int]) -> list[tuple[int, int, bytes]]:
         found: list[tuple[int, int, bytes]] = []
+        mine: dict[bytes, int] = {}
         buf = self._staging.get()
         try:
             view = buf.data if verify_payload else buf.data[:HEADER_BYTES]
@@ -370,12 +379,12 @@ class DiskStore:
                 if offset + self.slot_stride > sizes[slot // self.slots_per_file]:
                     continue
                 try:
-                    if not self._pread_all(fd, view, offset):
+                    if not fsutil.pread_all(fd, view, offset):
                         continue
                 except OSError as exc:
                     self._record_error("scan", slot, exc)
                     continue
-                header = self._parse_header(buf, slot)
+                header = self._parse_header(buf, slot, mine)
                 if header is None:
                     continue
                 if verify_payload and not self._verify(buf, slot, header.key):
@@ -383,6 +392,9 @@ class DiskStore:
                 found.append((header.seq, slot, header.key))
         finally:
             self._staging.put(buf)
+        with self._lock:  # chunks run on several I/O threads
+            for namespace, count in mine.items():
+                foreign[namespace] = foreign.get(namespace, 0) + count
         return found
 
     # -- errors, stats, shutdown ------------------------------------------------------------------
