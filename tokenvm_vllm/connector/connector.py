@@ -49,6 +49,7 @@ class TokenVMConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         transfer_config = vllm_config.kv_transfer_config
+        assert transfer_config is not None  # vLLM builds a connector only when one is configured
         config, sources = load_config_and_sources(transfer_config.kv_connector_extra_config)
         log_settings(config, sources)
         self.scheduler: TokenVMScheduler | None = None

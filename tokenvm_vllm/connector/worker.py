@@ -95,7 +95,8 @@ class TokenVMWorker:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.layout = KVLayout.from_kv_caches(
-            kv_caches, self.kv_cache_config.num_blocks, self.slot_bytes)
+            kv_caches, self.kv_cache_config.num_blocks, self.slot_bytes,
+            block_dim=compat.kv_cache_block_dim())
         device = next(iter(kv_caches.values())).device
         pool = HostPool(
             num_host_slots(self.config.host_bytes, self.slot_bytes),
