@@ -12,6 +12,7 @@ non-default came from). The ``debug_*`` knobs break loads on purpose; they are r
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ ENV_PREFIX = "TOKENVM_"
 MAX_SIZE_BYTES = 2**60
 """Largest size any ``*_bytes`` key accepts (1 EiB): beyond it a value is a typo, not a size."""
 MAX_IO_THREADS = 256
-DEBUG_KNOBS = ("debug_fail_load_every", "debug_corrupt_loads")
+DEBUG_KNOBS = ("debug_fail_load_every", "debug_corrupt_loads", "debug_disk_faults")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
                "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40,
                "tib": 2**40}
@@ -82,6 +83,9 @@ class TokenVMConfig:
     """Testing only: fail every N-th load job (its blocks are reported as load errors)."""
     debug_corrupt_loads: bool = False
     """Testing only: flip one byte of every block restored to vLLM's cache."""
+    debug_disk_faults: str = ""
+    """Testing only: inject disk faults, comma-separated 'op:fault:every' with op read or write
+    and fault an errno name ('ENOSPC', 'EIO') or 'slow<seconds>', e.g. 'write:ENOSPC:1'."""
     testing: bool = False
     """Allow the debug_* knobs (without it they are refused at start-up). For tests only."""
 
@@ -338,6 +342,7 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
             f"{MAX_IO_THREADS} (8 is plenty for one NVMe drive)")
     if config.disk_path:
         _check_disk_path(config.disk_path)
+    parse_disk_faults(config.debug_disk_faults)
     if config.debug_fail_load_every < 0:
         raise TokenVMConfigError(
             f"tokenvm: debug_fail_load_every={config.debug_fail_load_every} must be >= 0")
@@ -348,6 +353,24 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
                 f"tokenvm: {key}={getattr(config, key)!r} (from {where}) is a testing knob that "
                 f"fails or corrupts loads on purpose; it needs testing=true (TOKENVM_TESTING=1) "
                 f"too, else unset it")
+
+
+def parse_disk_faults(text: str) -> dict[str, tuple[str, int]]:
+    """``debug_disk_faults`` as op -> (fault, every); raises ``TokenVMConfigError``."""
+    faults: dict[str, tuple[str, int]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        parts = item.split(":")
+        ok = len(parts) == 3 and parts[0] in ("read", "write") and parts[2].isdigit()
+        if ok and parts[1].startswith("slow"):
+            ok = parts[1][4:].replace(".", "", 1).isdigit()
+        elif ok:
+            ok = isinstance(getattr(errno, parts[1], None), int)
+        if not ok or int(parts[2]) < 1:
+            raise TokenVMConfigError(
+                f"tokenvm: debug_disk_faults={text!r}: bad entry {item!r}; want op:fault:every "
+                f"with op read/write, fault an errno name (EIO) or slow<seconds>, every >= 1")
+        faults[parts[0]] = (parts[1], int(parts[2]))
+    return faults
 
 
 def _check_disk_path(path: str) -> None:

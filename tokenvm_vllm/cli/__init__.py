@@ -3,6 +3,7 @@
     tokenvm doctor [--disk-path P]   check this machine and the TokenVM settings (cli/doctor.py)
     tokenvm inspect PATH [--json]    summarise disk_path (each rank) or one store, read-only
     tokenvm bench [--model DIR] ...  prefix-reuse benchmark without and with TokenVM (bench.py)
+    tokenvm faults [--cycles 20]     fault-injection suite on the real engine (faults.py)
 
 Importing this package is light: torch, vLLM and matplotlib are imported by the commands that need
 them, so ``tokenvm inspect`` starts fast and ``tokenvm doctor`` can report a broken install.
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The command modules are imported here, not at the top: they import this package's helpers.
     from tokenvm_vllm.cli.bench import cmd_bench
     from tokenvm_vllm.cli.doctor import cmd_doctor
+    from tokenvm_vllm.cli.faults import cmd_faults
     from tokenvm_vllm.cli.inspect import cmd_inspect
 
     parser = argparse.ArgumentParser(prog="tokenvm", description="TokenVM tools.")
@@ -67,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--policy", help="TokenVM eviction policy (default: the config's)")
     bench.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     bench.set_defaults(func=cmd_bench)
+
+    faults = sub.add_parser("faults", help="fault-injection suite on the real engine, as a table")
+    faults.add_argument("--out", default="out/faults", help="engine logs and results")
+    faults.add_argument("--cycles", type=int, default=20, help="kill -9 cycles (20)")
+    faults.add_argument("--cases", help="comma-separated case names (default: all)")
+    faults.set_defaults(func=cmd_faults)
     return parser
 
 

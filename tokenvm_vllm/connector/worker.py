@@ -35,10 +35,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokenvm_vllm import compat
-from tokenvm_vllm.config import TokenVMConfig
+from tokenvm_vllm.config import TokenVMConfig, parse_disk_faults
 from tokenvm_vllm.connector.metadata import TokenVMConnectorMetadata, TokenVMWorkerMetadata
 from tokenvm_vllm.keys import Namespace, current_hash_seed
 from tokenvm_vllm.tiers.disk import DiskStore
+from tokenvm_vllm.tiers.disk.faults import DiskFaults
 from tokenvm_vllm.transfer.copy_engine import CopyEngine, TorchCopyEngine
 from tokenvm_vllm.transfer.host_pool import HostPool, num_host_slots
 from tokenvm_vllm.transfer.layout import KVLayout, slot_bytes_for
@@ -134,7 +135,8 @@ class TokenVMWorker:
         path = os.path.join(self.config.disk_path, f"rank-{namespace.tp_rank}")
         self.disk = DiskStore(path, self.config.disk_bytes, self.slot_bytes,
                               namespace.fingerprint(), io_threads=self.config.disk_io_threads,
-                              namespace_fields=asdict(namespace))
+                              namespace_fields=asdict(namespace),
+                              faults=DiskFaults(parse_disk_faults(self.config.debug_disk_faults)))
         recovered = self.disk.scan()
         self._worker_meta.disk_scanned = 1
         self._worker_meta.disk_recovered.update(recovered.items())

@@ -39,6 +39,7 @@ import numpy as np
 
 from tokenvm_vllm.tiers.disk import format as fmt
 from tokenvm_vllm.tiers.disk import fsutil
+from tokenvm_vllm.tiers.disk.faults import NO_FAULTS, DiskFaults
 from tokenvm_vllm.tiers.disk.files import SlotFiles, namespace_difference
 from tokenvm_vllm.tiers.disk.format import (
     CHECKSUMS,
@@ -76,6 +77,7 @@ class DiskStore:
         io_threads: int = 8,
         sync_writes: bool = False,
         namespace_fields: Mapping[str, Any] | None = None,
+        faults: DiskFaults | None = None,
     ) -> None:
         self.path = os.path.abspath(path)
         if slot_bytes <= 0:
@@ -101,6 +103,7 @@ class DiskStore:
         self.sync_writes = sync_writes
         self.io_threads = io_threads
         self.csum_algo = fmt.DEFAULT_CSUM
+        self._faults = faults or NO_FAULTS  # testing only (debug_disk_faults)
 
         self._lock = threading.Lock()
         self._closed = False
@@ -225,6 +228,7 @@ class DiskStore:
         buf = self._staging.get()
         try:
             fd, offset = self._files.fd_offset(slot)
+            self._faults.before("write")
             payload = buf[HEADER_BYTES:HEADER_BYTES + self.slot_bytes]
             np.copyto(payload, source)
             buf[HEADER_BYTES + self.slot_bytes:] = 0  # padding: staging buffers are reused
@@ -248,6 +252,7 @@ class DiskStore:
         buf = self._staging.get()
         try:
             fd, offset = self._files.fd_offset(slot)
+            self._faults.before("read")
             complete = fsutil.pread_all(fd, buf.data, offset)
             ok = complete and self._verify(buf, slot, key)
             if ok:
