@@ -267,8 +267,8 @@ class DebugKnobWarning:
 
     def _warn(self) -> None:
         logger.warning(
-            "TokenVM: debug knob(s) %s are ON: loads are failed or corrupted on purpose (testing "
-            "only; unset them and 'testing' for real use)", ", ".join(self.knobs))
+            "TokenVM: debug knob(s) %s are ON: loads or disk I/O fail, corrupt or stall on "
+            "purpose (testing only; unset them and 'testing' for real use)", ", ".join(self.knobs))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -351,7 +351,7 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
             where = sources.get(key, "default")
             raise TokenVMConfigError(
                 f"tokenvm: {key}={getattr(config, key)!r} (from {where}) is a testing knob that "
-                f"fails or corrupts loads on purpose; it needs testing=true (TOKENVM_TESTING=1) "
+                f"breaks loads or disk I/O on purpose; it needs testing=true (TOKENVM_TESTING=1) "
                 f"too, else unset it")
 
 

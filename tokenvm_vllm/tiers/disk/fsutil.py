@@ -77,13 +77,14 @@ def open_in_dir(directory: str, name: str, extra_flags: int = 0) -> int:
         fd = os.open(file_path, flags, 0o600)
     except OSError as exc:
         raise DiskStoreError(
-            f"tokenvm: cannot open disk store file {file_path}: {exc.strerror}") from None
+            f"tokenvm: cannot open disk store file {file_path}: {exc.strerror} (symlinks and "
+            f"non-files are refused); remove it or choose another disk_path") from None
     info = os.fstat(fd)
     if info.st_uid != os.geteuid() or not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise DiskStoreError(
             f"tokenvm: disk store file {file_path} is not a regular file owned by uid "
-            f"{os.geteuid()}")
+            f"{os.geteuid()}; remove it or choose another disk_path")
     if stat.S_IMODE(info.st_mode) != 0o600:
         os.fchmod(fd, 0o600)
     return fd
