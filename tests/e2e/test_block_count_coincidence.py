@@ -13,9 +13,9 @@ from tokenvm_vllm.tiny_llama import write_tiny_llama
 
 pytestmark = pytest.mark.e2e
 
-# 6 documents x 2 questions, 4-block prefixes, at most 2 requests at once: each request needs
-# 5 blocks, so 32 blocks hold a few prefixes and revisits must come back from TokenVM.
-WORKLOAD = Workload(documents=6, questions=2, prefix_blocks=4, suffix_tokens=24, max_tokens=8,
+# 12 documents x 2 questions, 4-block prefixes (48 blocks: more than the cache), at most 2
+# requests at once (5 blocks each): revisits of evicted prefixes come back from TokenVM.
+WORKLOAD = Workload(documents=12, questions=2, prefix_blocks=4, suffix_tokens=24, max_tokens=8,
                     batch_size=2)
 
 

@@ -1,5 +1,6 @@
 """Issue #11 item 4 on the real OpenAI server (CPU): a bad ``kv_connector_extra_config`` stops the
-server with a non-zero exit and one TokenVM line naming the key near the end of the output,
+server with a non-zero exit and one TokenVM line naming the key near the end of the output (only
+the API server's own traceback follows it),
 raised from the first connector classmethod vLLM calls (``get_required_kvcache_layout``, while it
 resolves the KV layout) instead of after the KV cache was sized and allocated.
 
@@ -42,8 +43,11 @@ def test_bad_extra_config_stops_the_server_with_one_line(tmp_path):
     ours = [line for line in lines if "TokenVMConfigError: tokenvm: " in line]
     assert ours, output[-3000:]
     assert "'host_bytez'" in ours[-1] and "valid keys" in ours[-1]
+    assert len(ours) <= 2, ours  # the engine core's log and its traceback, not 4 repeats
     last_index = max(i for i, line in enumerate(lines) if "TokenVMConfigError" in line)
-    assert len(lines) - last_index <= 40, "the TokenVM line is buried: " + output[-3000:]
+    # After it only the API server's own "Engine core initialization failed" traceback (about
+    # 60 lines on 0.32), which TokenVM cannot shorten.
+    assert len(lines) - last_index <= 80, "the TokenVM line is buried: " + output[-3000:]
     assert "get_required_kvcache_layout" in output  # caught at the first classmethod
     assert "register_kv_caches" not in output  # not after the KV cache was built
     print(f"server stopped after {elapsed:.0f} s")
