@@ -119,8 +119,9 @@ def case_slot_file_is_a_directory(suite: Suite) -> tuple[str, str]:
     slot_file.mkdir()
     try:
         suite.run("directory", suite.tokenvm(disk))
-    except RuntimeError as exc:
-        lines = [line for line in str(exc).splitlines() if "DiskStoreError: tokenvm:" in line]
+    except RuntimeError:
+        log = (suite.out / "directory.log").read_text(errors="replace")
+        lines = [line for line in log.splitlines() if "DiskStoreError: tokenvm:" in line]
         named = bool(lines) and "slots-1.bin" in lines[-1]
         text = lines[-1].split("tokenvm:", 1)[1].strip() if lines else "no DiskStoreError line"
         return (("as expected" if named else "UNEXPECTED") + f": start-up refused: {text}",
@@ -145,7 +146,10 @@ def _kill_during_writes(suite: Suite, settings: Any, run: int, rng: random.Rando
             time.sleep(0.5)
         time.sleep(rng.uniform(0.2, 1.5))  # the workload is running: disk writes in flight
         landed = proc.poll() is None
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended on its own (finished, or failed: see its log)
+            pass
     finally:
         proc.wait(timeout=60)
     return landed
