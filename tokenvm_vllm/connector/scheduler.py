@@ -77,6 +77,10 @@ class RequestState:
     hit_blocks: int = 0
     """The host hit the last lookup promised, in blocks after ``local_blocks``."""
     load_job_id: int | None = None
+    layerwise_load: tuple[int, int] | None = None
+    """(job id, first block) of a layer-wise load in flight. Until it completes the request's
+    new blocks are not stored: if the load fails, the forward that ran beside it read bad KV,
+    and the blocks it filled are recomputed by vLLM before they may be stored."""
     protected: list[BlockKey] = field(default_factory=list)
     """Prompt block keys the eviction policy protects while the request lives."""
     promotions: set[int] = field(default_factory=set)
@@ -225,7 +229,9 @@ class TokenVMScheduler:
         layerwise = self.config.load_mode is LoadMode.LAYERWISE
         self._step_loads.append(CopyJob(job, gpu_block_ids, slots, req_id=request.request_id,
                                         layerwise=layerwise))
-        if not layerwise:
+        if layerwise:
+            state.layerwise_load = (job, start)
+        else:
             state.load_job_id = job  # parked until the job finishes; a layer-wise one runs now
         state.next_store_block = max(state.next_store_block, start + num_blocks)
         self.stats.add("loaded_blocks", num_blocks)
@@ -304,8 +310,8 @@ class TokenVMScheduler:
         planned: list[tuple[BlockKey, int, int]] = []
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             state = self.requests.get(req_id)
-            if state is None:
-                continue
+            if state is None or state.layerwise_load is not None:
+                continue  # (stored once its layer-wise load is known good: see RequestState)
             request = state.request
             filled = min(
                 (request.num_computed_tokens + num_scheduled) // self.block_size,
@@ -378,6 +384,12 @@ class TokenVMScheduler:
                             time.monotonic(), job.job_id, job.req_id, len(job.keys))
             if state is not None and state.load_job_id == job.job_id:
                 state.load_job_id = None
+            if state is not None and state.layerwise_load is not None:
+                load_job, first = state.layerwise_load
+                if load_job == job.job_id:
+                    state.layerwise_load = None
+                    if not ok:  # vLLM recomputes from the first failed block: store it again
+                        state.next_store_block = min(state.next_store_block, first)
         elif job.kind is JobKind.DISK_READ:
             self.tiers.complete_promotion(job.keys[0], ok)
             if state is not None:
