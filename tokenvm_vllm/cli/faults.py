@@ -149,7 +149,11 @@ def _kill_during_writes(suite: Suite, settings: Any, run: int, kill_at_write: in
            "PYTHONPATH": os.pathsep.join(filter(None, [str(KILL_HOOK),
                                                         os.environ.get("PYTHONPATH")]))}
     with open(suite.out / f"killed-{run}.log", "w") as log:
-        proc = subprocess.Popen(engine_command(settings, suite.workload,
+        # Each cycle asks other questions (seed), so it has new blocks to write: with the same
+        # workload every time, later cycles find their blocks on disk and write too few to be
+        # killed mid-write.
+        workload = replace(suite.workload, seed=run + 1)
+        proc = subprocess.Popen(engine_command(settings, workload,
                                                suite.out / f"killed-{run}.json"),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=env)
