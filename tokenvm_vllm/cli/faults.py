@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -233,7 +234,7 @@ def run_cases(out: Path, cycles: int, names: list[str] | None = None,
     suite = Suite(out, cycles)
     rows = []
     for name, (expected, fn) in CASES.items():
-        if names is not None and name not in names:
+        if names is not None and not any(part.lower() in name.lower() for part in names):
             continue
         progress(f"case: {name} ...")
         start = time.perf_counter()
@@ -256,7 +257,12 @@ def table(rows: list[Row]) -> str:
 
 def cmd_faults(args: argparse.Namespace) -> int:
     """Run the suite, print the table; 1 if any case did not go as expected."""
-    names = [n.strip() for n in args.cases.split(",")] if args.cases else None
+    names = [n.strip() for n in args.cases.split(",") if n.strip()] if args.cases else None
+    if names is not None and not any(part.lower() in case.lower() for part in names
+                                     for case in CASES):
+        print(f"tokenvm faults: error: --cases {args.cases!r} matches no case; cases: "
+              f"{'; '.join(CASES)}", file=sys.stderr)
+        return 2
     rows = run_cases(Path(args.out), args.cycles, names,
                      progress=lambda text: print(text, flush=True))
     print()
