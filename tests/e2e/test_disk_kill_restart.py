@@ -27,13 +27,14 @@ from tokenvm_vllm.bench.prefix_reuse import (
     engine_command,
     run_in_subprocess,
 )
+from tokenvm_vllm.cli import faults
 
 pytestmark = pytest.mark.e2e
 
 WORKLOAD = Workload(documents=16, questions=2, prefix_blocks=8, suffix_tokens=24, max_tokens=8,
                     batch_size=4)
 ENV = {"PYTHONHASHSEED": "0"}
-KILL_HOOK = Path(__file__).parent / "kill_hook"
+KILL_HOOK = faults.KILL_HOOK
 MIN_IN_FLIGHT = 2
 """Writes queued and not completed when the kill is sent: the one just submitted and another."""
 KILL_LINE = re.compile(r"^kill submitted=(\d+) done=(\d+) in_flight=(\d+)$", re.MULTILINE)

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     faults = sub.add_parser("faults", help="fault-injection suite on the real engine, as a table")
     faults.add_argument("--out", default="out/faults", help="engine logs and results")
     faults.add_argument("--cycles", type=int, default=20, help="kill -9 cycles (20)")
-    faults.add_argument("--cases", help="comma-separated case names (default: all)")
+    faults.add_argument("--cases", help="comma-separated words; runs the cases whose names "
+                                        "contain one (default: all)")
     faults.set_defaults(func=cmd_faults)
     return parser
 

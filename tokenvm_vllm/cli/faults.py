@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -129,44 +131,62 @@ def case_slot_file_is_a_directory(suite: Suite) -> tuple[str, str]:
     return "UNEXPECTED: the engine started with a directory as slot file", "-"
 
 
-def _kill_during_writes(suite: Suite, settings: Any, run: int, rng: random.Random) -> bool:
+KILL_HOOK = Path(__file__).parent / "kill_hook"
+"""A ``sitecustomize`` that SIGKILLs an engine at a disk write that finds others in flight."""
+MIN_IN_FLIGHT = 2
+KILL_LINE = re.compile(r"^kill submitted=(\d+) done=(\d+) in_flight=(\d+)$", re.MULTILINE)
+
+
+def _kill_during_writes(suite: Suite, settings: Any, run: int, kill_at_write: int) -> int:
+    """Run an engine that SIGKILLs its process group at a disk write submission (the
+    ``kill_at_write``-th or later) that finds ``MIN_IN_FLIGHT`` writes queued and not completed
+    (``kill_hook/sitecustomize.py``). Returns those in-flight writes; 0 if it ended otherwise."""
     from tokenvm_vllm.bench.prefix_reuse import engine_command
 
-    log_path = suite.out / f"killed-{run}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(engine_command(settings, suite.workload,
+    write_log = suite.out / f"killed-{run}.writes"
+    env = {**os.environ, **ENV, "KILLHOOK_WRITE_LOG": str(write_log),
+           "KILLHOOK_KILL_AT_WRITE": str(kill_at_write),
+           "KILLHOOK_MIN_IN_FLIGHT": str(MIN_IN_FLIGHT),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(KILL_HOOK),
+                                                        os.environ.get("PYTHONPATH")]))}
+    with open(suite.out / f"killed-{run}.log", "w") as log:
+        # Each cycle asks other questions (seed), so it has new blocks to write: with the same
+        # workload every time, later cycles find their blocks on disk and write too few to be
+        # killed mid-write.
+        workload = replace(suite.workload, seed=run + 1)
+        proc = subprocess.Popen(engine_command(settings, workload,
                                                suite.out / f"killed-{run}.json"),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **ENV})
-    deadline = time.monotonic() + 300
+                                env=env)
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if "TokenVM disk tier ready" in log_path.read_text(errors="replace"):
-                break
-            time.sleep(0.5)
-        time.sleep(rng.uniform(0.2, 1.5))  # the workload is running: disk writes in flight
-        landed = proc.poll() is None
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # it ended on its own (finished, or failed: see its log)
-            pass
+        returncode = proc.wait(timeout=300)
     finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers, or a run that was never killed
+        except ProcessLookupError:
+            pass
         proc.wait(timeout=60)
-    return landed
+    kills = KILL_LINE.findall(write_log.read_text()) if write_log.exists() else []
+    if returncode != -signal.SIGKILL or len(kills) != 1:
+        return 0
+    return int(kills[0][2])
 
 
 def case_kill_9(suite: Suite) -> tuple[str, str]:
     disk = suite.out / "killed"
     settings = suite.tokenvm(disk)
     rng = random.Random(0)
-    landed = sum(_kill_during_writes(suite, settings, run, rng) for run in range(suite.cycles))
+    in_flight = [_kill_during_writes(suite, settings, run, rng.randint(4, 40))
+                 for run in range(suite.cycles)]
+    landed = sum(n >= MIN_IN_FLIGHT for n in in_flight)
     result = suite.run("after_kills", settings)
     c = _counters(result, "disk_recovered_blocks", "disk_promoted_blocks",
                   "disk_read_failed_blocks")
     equal = suite.same(result)
     exact = equal.split("/")[0] == str(len(suite.baseline))
     ok = landed == suite.cycles and c["disk_promoted_blocks"] > 0 and exact
-    text = (f"{landed}/{suite.cycles} kills landed mid-run; the restart recovered "
+    text = (f"{landed}/{suite.cycles} kills landed with {min(in_flight)}-{max(in_flight)} disk "
+            f"writes in flight; the restart recovered "
             f"{c['disk_recovered_blocks']:.0f} blocks, served {c['disk_promoted_blocks']:.0f} "
             f"from disk, rejected {c['disk_read_failed_blocks']:.0f} (torn or stale)")
     return ("as expected" if ok else "UNEXPECTED") + ": " + text, equal
@@ -214,7 +234,7 @@ def run_cases(out: Path, cycles: int, names: list[str] | None = None,
     suite = Suite(out, cycles)
     rows = []
     for name, (expected, fn) in CASES.items():
-        if names is not None and name not in names:
+        if names is not None and not any(part.lower() in name.lower() for part in names):
             continue
         progress(f"case: {name} ...")
         start = time.perf_counter()
@@ -237,7 +257,12 @@ def table(rows: list[Row]) -> str:
 
 def cmd_faults(args: argparse.Namespace) -> int:
     """Run the suite, print the table; 1 if any case did not go as expected."""
-    names = [n.strip() for n in args.cases.split(",")] if args.cases else None
+    names = [n.strip() for n in args.cases.split(",") if n.strip()] if args.cases else None
+    if names is not None and not any(part.lower() in case.lower() for part in names
+                                     for case in CASES):
+        print(f"tokenvm faults: error: --cases {args.cases!r} matches no case; cases: "
+              f"{'; '.join(CASES)}", file=sys.stderr)
+        return 2
     rows = run_cases(Path(args.out), args.cycles, names,
                      progress=lambda text: print(text, flush=True))
     print()

@@ -1,4 +1,5 @@
-"""Kill hook for ``test_disk_kill_restart``: SIGKILL an engine while disk writes are in flight.
+"""Kill hook for ``tokenvm faults`` and ``test_disk_kill_restart``: SIGKILL an engine while disk
+writes are in flight.
 
 Python imports ``sitecustomize`` at start-up from ``PYTHONPATH``, so putting this folder first
 there installs the hook in every process of the engine, whichever one opens the disk store. It
