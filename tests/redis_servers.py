@@ -38,11 +38,24 @@ def require_redis_binaries() -> None:
     pytest.skip(msg)
 
 
-def free_port() -> int:
-    """A loopback TCP port nobody listens on now (the server binds it right after)."""
+def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(cluster: bool = False) -> int:
+    """A loopback TCP port nobody listens on now (the server binds it right after). A cluster
+    node also needs port + 10000 (its bus) free, so its port must be at most 55535."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port = int(sock.getsockname()[1])
+        if not cluster or (port <= 55535 and _port_free(port + 10000)):
+            return port
 
 
 class RedisServer:
@@ -57,7 +70,7 @@ class RedisServer:
                  password: str | None = None) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        self.port = port or free_port(cluster="--cluster-enabled" in (extra or []))
         self.password = password
         self.extra = list(extra or [])
         if password:
@@ -134,7 +147,9 @@ class RedisCluster:
         self.nodes = [
             RedisServer(workdir / f"node-{i}", extra=[
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0"])
+                "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0",
+                # Replicas sync at once (the default waits 5 s), so a failover keeps the data.
+                "--repl-diskless-sync-delay", "0"])
             for i in range(masters * (1 + replicas))]
         self.replicas = replicas
 
@@ -157,8 +172,10 @@ class RedisCluster:
         while time.monotonic() < deadline:
             live = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
             infos = [n.cli("CLUSTER", "INFO", check=False) for n in live]
-            if all("cluster_state:ok" in info and "cluster_slots_ok:16384" in info
-                   for info in infos):
+            synced = all("master_link_status:up" in n.cli("INFO", "replication", check=False)
+                         for n in live if n not in self.masters())
+            if synced and all("cluster_state:ok" in info and "cluster_slots_ok:16384" in info
+                              for info in infos):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"cluster not ok after {timeout_s}s")
