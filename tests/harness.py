@@ -124,8 +124,9 @@ class Harness:
         assert isinstance(self.connector, TokenVMConnector)
         self.worker = TokenVMConnector(self.vllm_config, KVConnectorRole.WORKER,
                                        self.kv_cache_config)
-        # flash-attention layout: (2, num_blocks, block_size, heads, head_size)
-        self.kv = {name: torch.full((2, self.num_gpu_blocks, self.block_size, 1, 1), -1.0)
+        # vLLM's per-layer view: (num_blocks, heads, block_size, K|V content), here 1 head of
+        # head size 1, so the content is [K, V]
+        self.kv = {name: torch.full((self.num_gpu_blocks, 1, self.block_size, 2), -1.0)
                    for name in LAYERS}
         self.worker.register_kv_caches(self.kv)
         if self.lagging_copies:
@@ -225,12 +226,12 @@ class Harness:
     def _write(self, block_ids: list[int], pos: int, value: float) -> None:
         block, offset = self._slot(block_ids, pos)
         for kv in self.kv.values():
-            kv[:, block, offset] = value
+            kv[block, :, offset] = value
 
     def _check(self, block_ids: list[int], pos: int, tokens: list[int], req_id: str) -> None:
         block, offset = self._slot(block_ids, pos)
         want = prefix_value(tokens)
         for name, kv in self.kv.items():
-            got = kv[:, block, offset].flatten().tolist()
+            got = kv[block, :, offset].flatten().tolist()
             if got != [want, want]:
                 raise KVMismatch(f"{req_id} pos {pos} block {block} layer {name}: {got} != {want}")

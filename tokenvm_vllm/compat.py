@@ -115,3 +115,23 @@ def cross_layer_block_rows(kv_cache: Any, attn_backend: Any, slot_bytes: int) ->
     rows = len(storage) // slot_bytes
     return torch.tensor([], dtype=torch.uint8, device=kv_cache.device).set_(storage).view(
         rows, slot_bytes)
+
+
+def kv_cache_block_dim() -> int | None:
+    """The dimension indexing blocks in the per-layer KV tensors vLLM registers, as vLLM states it.
+
+    vLLM's ``v1/kv_cache_layout.py`` (RFC #42082) fixes the logical cache shape as ``[L, B, H, N,
+    <content>]``; a backend's ``KVCacheLayout`` only permutes strides, and each layer's tensor is a
+    view of ``[B, H, N, C]``: blocks are dimension 0 whatever the backend or the block count (the
+    0.26 GPU tensors, (blocks, heads, tokens, 2 x head_size), are the same). None where that
+    module is missing: then the layout falls back to matching sizes.
+    """
+    try:
+        from vllm.v1 import kv_cache_layout
+    except ImportError:
+        return None
+    dim_l = getattr(kv_cache_layout, "_DIM_L", None)
+    dim_b = getattr(kv_cache_layout, "_DIM_B", None)
+    if dim_l != 0 or dim_b != 1:  # another logical order: do not guess what it means
+        return None
+    return dim_b - 1  # the layer axis is dropped from each layer's view

@@ -3,19 +3,33 @@
 Sources, later ones winning: the defaults below, ``TOKENVM_<KEY>`` environment variables (key in
 upper case), then ``kv_transfer_config.kv_connector_extra_config``. Every key is listed in
 ``FIELDS`` with its type and meaning; an unknown key, a bad type or an impossible value raises
-``TokenVMConfigError`` with a one-line message that names the key.
+``TokenVMConfigError`` with a one-line message that names the key, the value and what is accepted.
+
+Each process logs the settings in force once (``log_settings``: one INFO line naming where every
+non-default came from). The ``debug_*`` knobs break loads on purpose; they are refused unless
+``testing`` is also set, and while one is on a WARNING repeats every minute (``DebugKnobWarning``).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import math
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from tokenvm_vllm.policies import POLICIES
 
+logger = logging.getLogger("vllm.tokenvm")
+
 ENV_PREFIX = "TOKENVM_"
+MAX_SIZE_BYTES = 2**60
+"""Largest size any ``*_bytes`` key accepts (1 EiB): beyond it a value is a typo, not a size."""
+MAX_IO_THREADS = 256
+DEBUG_KNOBS = ("debug_fail_load_every", "debug_corrupt_loads", "debug_disk_faults")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
                "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40,
                "tib": 2**40}
@@ -82,6 +96,11 @@ class TokenVMConfig:
     """Testing only: fail every N-th load job (its blocks are reported as load errors)."""
     debug_corrupt_loads: bool = False
     """Testing only: flip one byte of every block restored to vLLM's cache."""
+    debug_disk_faults: str = ""
+    """Testing only: inject disk faults, comma-separated 'op:fault:every' with op read or write
+    and fault an errno name ('ENOSPC', 'EIO') or 'slow<seconds>', e.g. 'write:ENOSPC:1'."""
+    testing: bool = False
+    """Allow the debug_* knobs (without it they are refused at start-up). For tests only."""
 
 
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TokenVMConfig)}
@@ -110,6 +129,10 @@ def parse_size(key: str, value: Any) -> int:
             raise TokenVMConfigError(f"tokenvm: {key}={value!r} has unknown unit {unit!r}")
     else:
         raise TokenVMConfigError(f"tokenvm: {key}={value!r} is not a size (want bytes or '4GiB')")
+    if not math.isfinite(number) or number * _SIZE_UNITS[unit] > MAX_SIZE_BYTES:
+        raise TokenVMConfigError(
+            f"tokenvm: {key}={value!r} is not a usable size (at most 1 EiB; want bytes or a size "
+            f"like '4GiB')")
     result = int(number * _SIZE_UNITS[unit])
     if result < 0:
         raise TokenVMConfigError(f"tokenvm: {key}={value!r} is negative")
@@ -167,8 +190,18 @@ def load_config(
 
     Raises ``TokenVMConfigError`` (one line, naming the key) on any bad input.
     """
+    return load_config_and_sources(extra_config, environ)[0]
+
+
+def load_config_and_sources(
+    extra_config: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[TokenVMConfig, dict[str, str]]:
+    """``load_config`` plus where each key that was set came from ('extra config' or
+    'env TOKENVM_<KEY>'; a relative ``disk_path`` also says it was resolved)."""
     environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for name, value in environ.items():
         if name.startswith(ENV_PREFIX):
             key = name[len(ENV_PREFIX):].lower()
@@ -177,19 +210,118 @@ def load_config(
                     f"tokenvm: unknown environment variable {name}; valid keys: "
                     + ", ".join(ENV_PREFIX + k.upper() for k in FIELDS))
             raw[key] = value
+            sources[key] = f"env {name}"
     for key, value in (extra_config or {}).items():
         if key not in FIELDS:
             raise TokenVMConfigError(
                 f"tokenvm: unknown kv_connector_extra_config key {key!r}; valid keys: "
                 + ", ".join(FIELDS))
         raw[key] = value
+        sources[key] = "extra config"
     values = {key: _coerce(key, value) for key, value in raw.items()}
+    disk_path = values.get("disk_path", "")
+    if disk_path and not os.path.isabs(disk_path):
+        # Every TokenVM process of one server inherits the server's working directory, so they
+        # all resolve it alike; the settings line shows the absolute path.
+        values["disk_path"] = os.path.abspath(disk_path)
+        sources["disk_path"] += f", relative {disk_path!r} resolved against {os.getcwd()}"
     config = TokenVMConfig(**values)
-    _validate(config)
-    return config
+    _validate(config, sources)
+    return config, sources
 
 
-def _validate(config: TokenVMConfig) -> None:
+def settings_line(config: TokenVMConfig, sources: Mapping[str, str]) -> str:
+    """One line with every setting in force; each one that differs from its default says
+    where it came from, e.g. ``host_bytes=68719476736 (extra config)``."""
+    parts = []
+    for key, spec in FIELDS.items():
+        value = getattr(config, key)
+        text = f"{key}={value!r}"
+        if value != spec.default:
+            text += f" ({sources.get(key, 'default')})"
+        parts.append(text)
+    return "TokenVM settings: " + ", ".join(parts)
+
+
+_logged_settings: set[str] = set()
+_logged_lock = threading.Lock()
+
+
+def log_settings(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
+    """Log ``settings_line`` at INFO, once per process for a given set of settings (vLLM builds
+    one connector per role, sometimes both in one process)."""
+    line = settings_line(config, sources)
+    with _logged_lock:
+        if line in _logged_settings:
+            return
+        _logged_settings.add(line)
+    logger.info("%s", line)
+
+
+def active_debug_knobs(config: TokenVMConfig) -> list[str]:
+    """``key=value`` of every debug knob that is on."""
+    return [f"{key}={getattr(config, key)!r}" for key in DEBUG_KNOBS if getattr(config, key)]
+
+
+class DebugKnobWarning:
+    """While a debug knob is on: a WARNING now and then every ``interval_s`` seconds, from a
+    daemon thread (so it repeats even when no request arrives). Does nothing otherwise."""
+
+    def __init__(self, config: TokenVMConfig, interval_s: float = 60.0) -> None:
+        self.knobs = active_debug_knobs(config)
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.knobs:
+            self._warn()
+            self._thread = threading.Thread(target=self._run, name="tokenvm-debug-warning",
+                                             daemon=True)
+            self._thread.start()
+
+    def _warn(self) -> None:
+        logger.warning(
+            "TokenVM: debug knob(s) %s are ON: loads or disk I/O fail, corrupt or stall on "
+            "purpose (testing only; unset them and 'testing' for real use)", ", ".join(self.knobs))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._warn()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def check_host_memory(host_bytes: int, workers: int = 1, pin: bool = False) -> None:
+    """Refuse a host tier the machine cannot give, before anything is allocated.
+
+    ``workers`` processes on this machine each allocate ``host_bytes``. Compared with
+    MemAvailable (psutil, a vLLM dependency; skipped without it). When pinning on CUDA, a finite
+    RLIMIT_MEMLOCK below the pool only gets a warning: CUDA's driver pins host memory without
+    mlock on the systems we know, so the limit does not always apply.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return
+    need = host_bytes * workers
+    available = int(psutil.virtual_memory().available)
+    if need > available:
+        each = f" ({workers} workers x {host_bytes})" if workers > 1 else ""
+        raise TokenVMConfigError(
+            f"tokenvm: host_bytes={host_bytes} needs {need} bytes{each} but only {available} "
+            f"bytes of RAM are available (MemAvailable); lower host_bytes below "
+            f"{available // workers}")
+    if pin:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        if soft != resource.RLIM_INFINITY and host_bytes > soft:
+            logger.warning(
+                "TokenVM: host_bytes=%d exceeds RLIMIT_MEMLOCK=%d (ulimit -l); if pinning fails, "
+                "raise the limit or set pin_memory=false", host_bytes, soft)
+
+
+def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
     for key, choices in _CHOICES.items():
         value = getattr(config, key)
         if value not in choices:
@@ -217,6 +349,51 @@ def _validate(config: TokenVMConfig) -> None:
         raise TokenVMConfigError(
             f"tokenvm: disk_prefetch_timeout_s={config.disk_prefetch_timeout_s} must be "
             "between 0 and 3600")
+    if config.disk_io_threads > MAX_IO_THREADS:
+        raise TokenVMConfigError(
+            f"tokenvm: disk_io_threads={config.disk_io_threads} is too many; give 1 to "
+            f"{MAX_IO_THREADS} (8 is plenty for one NVMe drive)")
+    if config.disk_path:
+        _check_disk_path(config.disk_path)
+    parse_disk_faults(config.debug_disk_faults)
     if config.debug_fail_load_every < 0:
         raise TokenVMConfigError(
             f"tokenvm: debug_fail_load_every={config.debug_fail_load_every} must be >= 0")
+    for key in DEBUG_KNOBS:
+        if getattr(config, key) and not config.testing:
+            where = sources.get(key, "default")
+            raise TokenVMConfigError(
+                f"tokenvm: {key}={getattr(config, key)!r} (from {where}) is a testing knob that "
+                f"breaks loads or disk I/O on purpose; it needs testing=true (TOKENVM_TESTING=1) "
+                f"too, else unset it")
+
+
+def parse_disk_faults(text: str) -> dict[str, tuple[str, int]]:
+    """``debug_disk_faults`` as op -> (fault, every); raises ``TokenVMConfigError``."""
+    faults: dict[str, tuple[str, int]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        parts = item.split(":")
+        ok = len(parts) == 3 and parts[0] in ("read", "write") and parts[2].isdigit()
+        if ok and parts[1].startswith("slow"):
+            ok = parts[1][4:].replace(".", "", 1).isdigit()
+        elif ok:
+            ok = isinstance(getattr(errno, parts[1], None), int)
+        if not ok or int(parts[2]) < 1:
+            raise TokenVMConfigError(
+                f"tokenvm: debug_disk_faults={text!r}: bad entry {item!r}; want op:fault:every "
+                f"with op read/write, fault an errno name (EIO) or slow<seconds>, every >= 1")
+        faults[parts[0]] = (parts[1], int(parts[2]))
+    return faults
+
+
+def _check_disk_path(path: str) -> None:
+    """``path`` (absolute) is, or can become, a directory: it and its nearest existing
+    ancestor must not be files. Ownership and modes are the disk store's checks."""
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "" if existing == path else f" (its parent {existing} is)"
+        raise TokenVMConfigError(
+            f"tokenvm: disk_path={path!r} is not a directory{what}; give a directory (it is "
+            f"created if missing) or leave disk_path empty for no disk tier")

@@ -68,8 +68,8 @@ def main() -> None:
                                      extra_config={"write_mode": "write_through"}),
                "tokenvm_layerwise": replace(base, connector="tokenvm", extra_config=layerwise),
                "native": replace(base, connector="native"),
-               "tokenvm_corrupt": replace(base, connector="tokenvm",
-                                          extra_config={"debug_corrupt_loads": True}),
+               "tokenvm_corrupt": replace(base, connector="tokenvm", extra_config={
+                   "debug_corrupt_loads": True, "testing": True}),
                "reference_graphs": replace(base, num_gpu_blocks=2048, **graphs),
                "tokenvm_layerwise_graphs": replace(base, connector="tokenvm",
                                                    extra_config=layerwise, **graphs)}

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tokenvm_vllm import cli
-from tokenvm_vllm.tiers.disk_store import HEADER_BYTES, DiskStore
+from tokenvm_vllm.cli import bench, doctor
+from tokenvm_vllm.tiers.disk import HEADER_BYTES, DiskStore
 
 NS = bytes(range(16))
 OTHER_NS = bytes(range(100, 116))
@@ -37,7 +38,7 @@ def test_doctor_prints_one_line_per_check(monkeypatch, capsys):
     names = [line.split()[1] for line in lines]
     for name in ("python", "vllm", "torch", "config", "pinned", "PYTHONHASHSEED"):
         assert name in names, out
-    assert len(lines) == len(cli.doctor_checks())
+    assert len(lines) == len(doctor.doctor_checks())
     assert out.strip().splitlines()[-1].startswith("doctor: ")
     assert code == (1 if any(line.startswith("FAIL") for line in lines) else 0)
     # Nothing here should fail on a correctly installed CPU or GPU machine.
@@ -149,14 +150,14 @@ def test_bench_summary_table_and_plot(tmp_path):
                                             f"{source}[external_kv_transfer]": 300},
                                {"0:0": [1, 2], "1:0": [3, 5]}),
     }
-    summary = cli.bench_summary(results)
+    summary = bench.bench_summary(results)
     tvm = summary["configs"]["TokenVM"]
     assert tvm["speedup_pass2"] == pytest.approx(2.0)
     assert tvm["speedup_total"] == pytest.approx(8.0 / 6.0)
     assert tvm["tokens_by_source"] == {"computed": 500, "GPU cache": 0, "TokenVM": 300}
     assert tvm["outputs_equal_to_baseline"] == "1/2"
-    table = cli.bench_table(summary)
+    table = bench.bench_table(summary)
     assert "2.00x" in table and "TokenVM" in table
     png = tmp_path / "bench.png"
-    cli.bench_plot(summary, png)
+    bench.bench_plot(summary, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,9 +3,9 @@
 import random
 
 import pytest
+from tokenvm_vllm.tiers.disk import DiskStoreError
 
 from tests.harness import Harness, KVMismatch
-from tokenvm_vllm.tiers.disk_store import DiskStoreError
 
 BLOCK = 16
 
@@ -62,7 +62,7 @@ def test_preemption_keeps_kv_exact(make_harness):
 
 
 def test_failed_load_is_recomputed(make_harness):
-    h = make_harness(num_gpu_blocks=24, extra_config={"debug_fail_load_every": 1})
+    h = make_harness(num_gpu_blocks=24, extra_config={"debug_fail_load_every": 1, "testing": True})
     first, again = prompts(2, prefix_blocks=8, suffix=5, seed=5)
     h.add(first)
     h.run()
@@ -77,7 +77,7 @@ def test_failed_load_is_recomputed(make_harness):
 
 def test_corrupted_load_is_caught(make_harness):
     """The harness can fail: a flipped byte in each restored block is detected."""
-    h = make_harness(num_gpu_blocks=24, extra_config={"debug_corrupt_loads": True})
+    h = make_harness(num_gpu_blocks=24, extra_config={"debug_corrupt_loads": True, "testing": True})
     first, again = prompts(2, prefix_blocks=8, suffix=5, seed=7)
     h.add(first)
     h.run()
@@ -371,13 +371,13 @@ def test_layerwise_step_missing_its_hooks_is_recomputed(make_harness):
 
 def test_failed_layerwise_load_is_recomputed(make_harness):
     h = make_harness(num_gpu_blocks=24,
-                extra_config={**LAYERWISE, "debug_fail_load_every": 1})
+                extra_config={**LAYERWISE, "debug_fail_load_every": 1, "testing": True})
     revisit_steps(h, seed=60)  # the forward after the failure checks every position again
     assert h.stats["failed_load_blocks"] == 8
 
 
 def test_corrupted_layerwise_load_is_caught(make_harness):
     h = make_harness(num_gpu_blocks=24,
-                extra_config={**LAYERWISE, "debug_corrupt_loads": True})
+                extra_config={**LAYERWISE, "debug_corrupt_loads": True, "testing": True})
     with pytest.raises(KVMismatch):
         revisit_steps(h, seed=70)

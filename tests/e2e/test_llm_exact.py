@@ -32,11 +32,12 @@ def runs(tmp_path_factory, engine_settings) -> dict:
         "baseline": base,
         "tokenvm": replace(base, connector="tokenvm"),
         "corrupt": replace(base, connector="tokenvm",
-                           extra_config={"debug_corrupt_loads": True}),
-        "fail": replace(base, connector="tokenvm", extra_config={"debug_fail_load_every": 2}),
+                           extra_config={"debug_corrupt_loads": True, "testing": True}),
+        "fail": replace(base, connector="tokenvm",
+                        extra_config={"debug_fail_load_every": 2, "testing": True}),
         "layerwise": replace(base, connector="tokenvm", extra_config={"load_mode": "layerwise"}),
         "layerwise_fail": replace(base, connector="tokenvm", extra_config={
-            "load_mode": "layerwise", "debug_fail_load_every": 2}),
+            "load_mode": "layerwise", "debug_fail_load_every": 2, "testing": True}),
     }
     return {name: run_in_subprocess(settings, WORKLOAD, Path(tmp / f"{name}.json"))
             for name, settings in configs.items()}

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from tokenvm_vllm.policies import make_policy
-from tokenvm_vllm.tiers import disk_store as ds
-from tokenvm_vllm.tiers.disk_store import HEADER_BYTES, DiskStore, DiskStoreError
+from tokenvm_vllm.tiers.disk import DiskStore, DiskStoreError
+from tokenvm_vllm.tiers.disk import format as fmt
+from tokenvm_vllm.tiers.disk.format import HEADER_BYTES
+from tokenvm_vllm.tiers.disk.inspect import inspect_store
 from tokenvm_vllm.tiers.disk_tier import DiskTier
 from tokenvm_vllm.tiers.residency import BlockState, ResidencyIndex, Tier
 
@@ -252,10 +254,10 @@ def test_slots_of_an_unknown_checksum_algorithm_are_misses(tmp_path, monkeypatch
     """A header naming a checksum algorithm this build lacks (written by another TokenVM
     version) is a miss for scan and read, with one warning: never a crash, never its bytes."""
     path = tmp_path / "d"
-    xxh3 = ds._CHECKSUMS[ds.CSUM_XXH3_64]
-    monkeypatch.setitem(ds._CHECKSUMS, 99, lambda data: xxh3(data) ^ 1)
-    monkeypatch.setitem(ds._CSUM_NAMES, 99, "other")
-    monkeypatch.setattr(ds, "DEFAULT_CSUM", 99)
+    xxh3 = fmt.CHECKSUMS[fmt.CSUM_XXH3_64]
+    monkeypatch.setitem(fmt.CHECKSUMS, 99, lambda data: xxh3(data) ^ 1)
+    monkeypatch.setitem(fmt.CSUM_NAMES, 99, "other")
+    monkeypatch.setattr(fmt, "DEFAULT_CSUM", 99)
     with open_store(path) as store:
         assert store.write(0, key(0), payload(0)).result()
         assert np.array_equal(read(store, 0, key(0)), payload(0))
@@ -558,7 +560,7 @@ def test_inspect_store_counts_blocks_per_namespace_without_writing(tmp_path):
     with open_store(path, namespace=OTHER_NS) as store:
         assert all(store.write(slot, key(slot), payload(slot)).result() for slot in (5, 9))
     before = _snapshot(path)
-    summary = ds.inspect_store(str(path))
+    summary = inspect_store(str(path))
     assert _snapshot(path) == before
     assert summary.num_slots == 16 and summary.used_slots == 5
     assert summary.slot_bytes == SLOT_BYTES and summary.slot_stride == STRIDE
@@ -574,13 +576,13 @@ def test_inspect_store_finds_layout_without_a_header_at_a_file_start(tmp_path):
     path = tmp_path / "d"
     with open_store(path) as store:
         assert store.write(3, key(3), payload(3)).result()  # file 0, third slot
-    summary = ds.inspect_store(str(path))
+    summary = inspect_store(str(path))
     assert (summary.slot_stride, summary.used_slots) == (STRIDE, 1)
 
 
 def test_inspect_store_empty_store_has_unknown_layout(tmp_path):
     open_store(tmp_path / "d").close()
-    summary = ds.inspect_store(str(tmp_path / "d"))
+    summary = inspect_store(str(tmp_path / "d"))
     assert summary.slot_bytes is None and summary.num_slots == 0 and summary.used_slots == 0
 
 
@@ -589,20 +591,20 @@ def test_inspect_store_verify_duplicates_and_lock(tmp_path):
     with open_store(path) as store:
         for slot in (0, 1, 2):
             assert store.write(slot, key(7 if slot < 2 else slot), payload(slot)).result()
-        assert ds.inspect_store(str(path)).locked_by_pid == os.getpid()
+        assert inspect_store(str(path)).locked_by_pid == os.getpid()
         file_path, offset = store.slot_location(2)
     flip_byte(file_path, offset + HEADER_BYTES + 5)
-    summary = ds.inspect_store(str(path), verify_payloads=True)
+    summary = inspect_store(str(path), verify_payloads=True)
     assert summary.used_slots == 3 and summary.duplicate_slots == 1
     assert summary.bad_payloads == 1
 
 
 def test_inspect_store_refuses_missing_or_foreign_paths(tmp_path):
     with pytest.raises(DiskStoreError, match="does not exist"):
-        ds.inspect_store(str(tmp_path / "missing"))
+        inspect_store(str(tmp_path / "missing"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(DiskStoreError, match="not a directory"):
-        ds.inspect_store(str(tmp_path / "file"))
+        inspect_store(str(tmp_path / "file"))
     with pytest.raises(DiskStoreError, match="no slots-N.bin"):
-        ds.inspect_store(str(tmp_path))
+        inspect_store(str(tmp_path))
     assert not (tmp_path / "missing").exists()

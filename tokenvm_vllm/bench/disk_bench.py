@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenvm_vllm.tiers.disk_store import DiskStore
+from tokenvm_vllm.tiers.disk import DiskStore
 
 BLOCK = 2 * 2**20
 

@@ -20,7 +20,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from tokenvm_vllm.config import load_config
+from tokenvm_vllm.config import (
+    DebugKnobWarning,
+    TokenVMConfig,
+    check_host_memory,
+    load_config_and_sources,
+    log_settings,
+)
 from tokenvm_vllm.connector.metadata import TokenVMConnectorMetadata
 from tokenvm_vllm.connector.scheduler import TokenVMScheduler
 from tokenvm_vllm.connector.stats import TokenVMPromMetrics, TokenVMStats
@@ -43,13 +49,34 @@ class TokenVMConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         transfer_config = vllm_config.kv_transfer_config
-        config = load_config(transfer_config.kv_connector_extra_config)
+        assert transfer_config is not None  # vLLM builds a connector only when one is configured
+        config, sources = load_config_and_sources(transfer_config.kv_connector_extra_config)
+        log_settings(config, sources)
         self.scheduler: TokenVMScheduler | None = None
         self.worker: TokenVMWorker | None = None
+        self._debug_warning: DebugKnobWarning | None = None
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler = TokenVMScheduler(vllm_config, kv_cache_config, config)
         else:
+            check_host_memory(config.host_bytes, pin=_pins(config))
+            self._debug_warning = DebugKnobWarning(config)  # where the knobs act
             self.worker = TokenVMWorker(vllm_config, kv_cache_config, config)
+
+    @classmethod
+    def validate_early(cls, extra_config: dict[str, Any] | None,
+                       vllm_config: VllmConfig | None = None) -> TokenVMConfig:
+        """Validate the settings where vLLM first shows them to the connector class, in the
+        process that parsed the arguments and before any model weights load, so a bad setting
+        stops the server at once with one line. Also checks the host tier of every worker on
+        this machine against the available RAM. Raises ``TokenVMConfigError``."""
+        config, sources = load_config_and_sources(extra_config)
+        log_settings(config, sources)
+        workers = 1
+        if vllm_config is not None:
+            parallel = vllm_config.parallel_config
+            workers = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+        check_host_memory(config.host_bytes, workers=workers, pin=_pins(config))
+        return config
 
     @property
     def prefer_cross_layer_blocks(self) -> bool:
@@ -150,8 +177,18 @@ class TokenVMConnector(KVConnectorBase_V1):
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
         """Layer-wise loads need ``wait_for_layer_load`` to run between graph pieces: a FULL
-        CUDA graph would replay the attention layers without it."""
-        return load_config(extra_config).load_mode == "layerwise"
+        CUDA graph would replay the attention layers without it. vLLM calls this while it
+        builds its config (front end, FULL CUDA graphs only): the settings are validated here."""
+        return cls.validate_early(extra_config).load_mode == "layerwise"
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """No layout requirement (TokenVM reads the layout vLLM chose). vLLM calls this when it
+        picks the attention backend's KV layout: the settings are validated here too."""
+        transfer_config = vllm_config.kv_transfer_config
+        if transfer_config is not None:
+            cls.validate_early(transfer_config.kv_connector_extra_config, vllm_config)
+        return None
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
@@ -178,5 +215,14 @@ class TokenVMConnector(KVConnectorBase_V1):
         return self.worker.build_worker_meta()
 
     def shutdown(self) -> None:
+        if self._debug_warning is not None:
+            self._debug_warning.stop()
         if self.worker is not None:
             self.worker.shutdown()
+
+
+def _pins(config: TokenVMConfig) -> bool:
+    """Whether the host pool will be pinned: pin_memory on and a CUDA device present."""
+    import torch
+
+    return config.pin_memory and torch.cuda.is_available()

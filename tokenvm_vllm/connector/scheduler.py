@@ -44,7 +44,7 @@ from tokenvm_vllm.connector.metadata import (
 )
 from tokenvm_vllm.connector.stats import TokenVMStats
 from tokenvm_vllm.keys import BlockKey, make_block_key
-from tokenvm_vllm.tiers.disk_store import disk_slot_count
+from tokenvm_vllm.tiers.disk import disk_slot_count
 from tokenvm_vllm.tiers.manager import TierManager
 from tokenvm_vllm.tiers.residency import Tier
 from tokenvm_vllm.transfer.host_pool import num_host_slots

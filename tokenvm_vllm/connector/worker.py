@@ -28,17 +28,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import Future
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tokenvm_vllm import compat
-from tokenvm_vllm.config import TokenVMConfig
+from tokenvm_vllm.config import TokenVMConfig, parse_disk_faults
 from tokenvm_vllm.connector.metadata import TokenVMConnectorMetadata, TokenVMWorkerMetadata
 from tokenvm_vllm.keys import Namespace, current_hash_seed
-from tokenvm_vllm.tiers.disk_store import DiskStore
+from tokenvm_vllm.tiers.disk import DiskStore
+from tokenvm_vllm.tiers.disk.faults import DiskFaults
 from tokenvm_vllm.transfer.copy_engine import CopyEngine, TorchCopyEngine
+from tokenvm_vllm.transfer.disk_mover import DiskMover
 from tokenvm_vllm.transfer.host_pool import HostPool, num_host_slots
 from tokenvm_vllm.transfer.layout import KVLayout, slot_bytes_for
 
@@ -78,7 +80,6 @@ class TokenVMWorker:
         self.slot_bytes = slot_bytes_for(kv_cache_config)
         self.engine: CopyEngine | None = None
         self.layout: KVLayout | None = None
-        self._kv_caches: dict[str, torch.Tensor] = {}
         self._load_jobs: dict[int, tuple[str | None, list[int]]] = {}
         """job id -> (request parked for it, or None for a layer-wise load; its GPU blocks)"""
         self._layer_index: dict[str, int] = {}
@@ -92,20 +93,23 @@ class TokenVMWorker:
         self._load_errors: set[int] = set()
         self._worker_meta = TokenVMWorkerMetadata()
         self._num_loads = 0
-        self.disk: DiskStore | None = None
+        self.disk: DiskMover | None = None
         self._pool: HostPool | None = None
-        self._disk_jobs: dict[int, tuple[Future[bool], float]] = {}
 
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+    def register_kv_caches(
+        self, kv_caches: dict[str, torch.Tensor], block_dim: int | None = None
+    ) -> None:
+        """vLLM's per-layer KV tensors (or one cross-layer row matrix, ``block_dim=0``): build
+        the layout, the host pool, the copy engine and, with a disk tier, the disk mover."""
         self.layout = KVLayout.from_kv_caches(
-            kv_caches, self.kv_cache_config.num_blocks, self.slot_bytes)
+            kv_caches, self.kv_cache_config.num_blocks, self.slot_bytes,
+            block_dim=compat.kv_cache_block_dim() if block_dim is None else block_dim)
         device = next(iter(kv_caches.values())).device
         pool = HostPool(
             num_host_slots(self.config.host_bytes, self.slot_bytes),
             self.slot_bytes,
             pin=self.config.pin_memory and device.type == "cuda",
         )
-        self._kv_caches = kv_caches
         self._layer_index = {layer.name: i for i, layer in enumerate(self.layout.layers)}
         self._pool = pool
         self.engine = make_copy_engine(self.layout, kv_caches, pool, self.config)
@@ -131,7 +135,7 @@ class TokenVMWorker:
         rows = compat.cross_layer_block_rows(kv_cache, attn_backend, self.slot_bytes)
         logger.info("TokenVM worker: cross-layer KV cache %s -> %d blocks of %d bytes",
                     tuple(kv_cache.shape), rows.shape[0], rows.shape[1])
-        self.register_kv_caches({CROSS_LAYERS: rows})
+        self.register_kv_caches({CROSS_LAYERS: rows}, block_dim=0)
 
     def namespace(self, kv_dtype: str) -> Namespace:
         """What, besides the block hash, must match for stored bytes to be reused."""
@@ -147,37 +151,34 @@ class TokenVMWorker:
             layout=repr([(layer.nbytes, layer.dim_order) for layer in self.layout.layers]))
 
     def _open_disk_store(self, first_dtype: str) -> None:
+        assert self._pool is not None
         namespace = self.namespace(first_dtype)
         path = os.path.join(self.config.disk_path, f"rank-{namespace.tp_rank}")
-        self.disk = DiskStore(path, self.config.disk_bytes, self.slot_bytes,
-                              namespace.fingerprint(), io_threads=self.config.disk_io_threads)
+        store = DiskStore(path, self.config.disk_bytes, self.slot_bytes,
+                          namespace.fingerprint(), io_threads=self.config.disk_io_threads,
+                          namespace_fields=asdict(namespace),
+                          faults=DiskFaults(parse_disk_faults(self.config.debug_disk_faults)))
+        self.disk = DiskMover(store, self._pool)
         recovered = self.disk.scan()
         self._worker_meta.disk_scanned = 1
         self._worker_meta.disk_recovered.update(recovered.items())
 
     def _start_disk_jobs(self, meta: TokenVMConnectorMetadata) -> None:
-        assert self.disk is not None and self._pool is not None
+        assert self.disk is not None
         for slot in meta.disk_invalidations:
             self.disk.invalidate(slot)
-        rows = self._pool.buffer
-        now = time.monotonic()
         for job in meta.disk_reads:
-            self._disk_jobs[job.job_id] = (
-                self.disk.read(job.disk_slot, job.key, rows[job.host_slot].numpy()), now)
+            self.disk.read(job.job_id, job.disk_slot, job.key, job.host_slot)
         for job in meta.disk_writes:
-            self._disk_jobs[job.job_id] = (
-                self.disk.write(job.disk_slot, job.key, rows[job.host_slot].numpy()), now)
+            self.disk.write(job.job_id, job.disk_slot, job.key, job.host_slot)
 
     def _collect_disk_jobs(self) -> None:
-        now = time.monotonic()
-        for job_id, (future, submitted) in list(self._disk_jobs.items()):
-            if not future.done():
-                continue
-            del self._disk_jobs[job_id]
-            self._worker_meta.disk_io_seconds.append(now - submitted)
-            self._worker_meta.completed[job_id] += 1
-            if not future.result():
-                self._worker_meta.failed[job_id] += 1
+        assert self.disk is not None
+        for result in self.disk.poll():
+            self._worker_meta.disk_io_seconds.append(result.seconds)
+            self._worker_meta.completed[result.job_id] += 1
+            if not result.ok:
+                self._worker_meta.failed[result.job_id] += 1
 
     def handle_preemptions(self, meta: TokenVMConnectorMetadata) -> None:
         """First call of a step: fence, then start the step's jobs at once. vLLM calls this
@@ -194,9 +195,12 @@ class TokenVMWorker:
         if meta is self._started_meta:
             return
         self._started_meta = meta
-        assert self.engine is not None or not meta.loads
         if meta.disk_reads or meta.disk_writes or meta.disk_invalidations:
             self._start_disk_jobs(meta)
+        if not meta.loads:
+            return
+        engine = self.engine
+        assert engine is not None, "loads planned before the KV cache was registered"
         for job in meta.loads:
             assert job.req_id is not None
             self._load_jobs[job.job_id] = (
@@ -207,19 +211,19 @@ class TokenVMWorker:
                 self._fail_load(job.job_id)
                 continue
             if job.layerwise:
-                self.engine.load_layers(job.job_id, job.gpu_block_ids, job.host_slots)
+                engine.load_layers(job.job_id, job.gpu_block_ids, job.host_slots)
                 self._step_layerwise.add(job.job_id)
             else:
-                self.engine.load(job.job_id, job.gpu_block_ids, job.host_slots)
+                engine.load(job.job_id, job.gpu_block_ids, job.host_slots)
             if self.config.trace:
                 logger.info("TokenVM trace %.6f load-submitted job=%d blocks=%d layerwise=%s",
                             time.monotonic(), job.job_id, len(job.gpu_block_ids), job.layerwise)
         if self._step_layerwise and (not self.layer_hooks or self.config.debug_corrupt_loads):
             # Not yet known that every layer will wait for its copy: wait for all of it.
-            self.engine.fence(self._step_layerwise)
+            engine.fence(self._step_layerwise)
             if self.config.debug_corrupt_loads:
                 for job_id in self._step_layerwise:
-                    self._corrupt(self._load_jobs[job_id][1])
+                    engine.corrupt_blocks(self._load_jobs[job_id][1])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Called by vLLM before each attention layer runs (layer-wise loads only matter)."""
@@ -289,14 +293,15 @@ class TokenVMWorker:
                         self._worker_meta.failed[result.job_id] += 1
                         self._load_errors.update(gpu_block_ids)
                     elif self.config.debug_corrupt_loads and req_id is not None:
-                        self._corrupt(gpu_block_ids)  # (layer-wise: corrupted before the forward)
+                        # (layer-wise loads: corrupted before the forward, above)
+                        self.engine.corrupt_blocks(gpu_block_ids)
                 else:
                     self._worker_meta.store_bytes += result.nbytes
                     self._worker_meta.store_seconds += result.seconds
                     self._worker_meta.store_job_seconds.append(result.seconds)
                     if not result.ok:
                         self._worker_meta.failed[result.job_id] += 1
-        if self._disk_jobs:
+        if self.disk is not None:
             self._collect_disk_jobs()
         finished, self._finished_recving = self._finished_recving, set()
         return finished
@@ -320,7 +325,7 @@ class TokenVMWorker:
         if self.engine is not None:
             self.engine.shutdown()
         if self.disk is not None:
-            self.disk.close()
+            self.disk.shutdown()
 
     def _fail_load(self, job_id: int) -> None:
         """Testing only: report a load as failed without copying (vLLM must recompute)."""
@@ -330,13 +335,3 @@ class TokenVMWorker:
         self._load_errors.update(gpu_block_ids)
         self._worker_meta.completed[job_id] += 1
         self._worker_meta.failed[job_id] += 1
-
-    def _corrupt(self, gpu_block_ids: list[int]) -> None:
-        """Testing only: flip a high byte of the first element of each restored block's layers."""
-        assert self.layout is not None
-        for layer in self.layout.layers:
-            kv = self._kv_caches[layer.name]
-            for block_id in gpu_block_ids:
-                block = kv.select(layer.block_dim, block_id)
-                first = block[(0,) * block.dim()].view(1).view(torch.uint8)
-                first[-1] ^= 0x40

@@ -1,6 +1,6 @@
 """Scheduler-side bookkeeping of the disk tier: a fixed number of slots in the worker's DiskStore.
 
-The bytes live in the worker's ``DiskStore`` (``tokenvm_vllm/tiers/disk_store.py``); this class
+The bytes live in the worker's ``DiskStore`` (``tokenvm_vllm/tiers/disk/store.py``); this class
 decides which slot holds which block, in the shared ``ResidencyIndex`` under ``Tier.DISK``, and
 which block to evict when the tier is full (through an ``EvictionPolicy``). It is a ``SlotTier``
 (slot_tier.py, shared with ``HostTier``) with two additions that exist because disk slots

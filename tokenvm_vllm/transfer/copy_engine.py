@@ -13,28 +13,25 @@ engine (``cuda_copy_engine.py``) implements the same contract with streams and e
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
 
 from tokenvm_vllm.transfer.host_pool import HostPool
 from tokenvm_vllm.transfer.layout import KVLayout
+from tokenvm_vllm.transfer.mover import Mover, MoveResult
 
 
 @dataclass(frozen=True)
-class CopyResult:
-    """A finished job. ``ok=False``: the destination bytes must not be used."""
+class CopyResult(MoveResult):
+    """A finished copy job; ``is_load``: host -> GPU (else GPU -> host)."""
 
-    job_id: int
-    is_load: bool
-    ok: bool
-    nbytes: int
-    seconds: float
+    is_load: bool = False
 
 
-class CopyEngine(ABC):
-    """Batched block copies between vLLM's paged KV cache and a ``HostPool``.
+class CopyEngine(Mover):
+    """Batched block copies between vLLM's paged KV cache and a ``HostPool`` (a ``Mover``).
 
     Contract:
     - ``store`` reads the GPU blocks only after all work already queued on the compute stream
@@ -75,8 +72,15 @@ class CopyEngine(ABC):
     @abstractmethod
     def fence(self, job_ids: set[int]) -> None: ...
 
-    def shutdown(self) -> None:  # noqa: B027 - optional hook, synchronous engines need nothing
-        """Wait for every job in flight."""
+    def corrupt_blocks(self, gpu_block_ids: list[int]) -> None:
+        """Testing only (``debug_corrupt_loads``): flip a high byte of the first element of each
+        block's part in every layer. The caller orders it after the loads that wrote the blocks
+        (polled, or fenced on the current stream, where these writes are queued)."""
+        for layer, kv in zip(self.layout.layers, self.kv_caches, strict=True):
+            for block_id in gpu_block_ids:
+                block = kv.select(layer.block_dim, block_id)
+                first = block[(0,) * block.dim()].view(1).view(torch.uint8)
+                first[-1] ^= 0x40
 
 
 class TorchCopyEngine(CopyEngine):
@@ -116,4 +120,5 @@ class TorchCopyEngine(CopyEngine):
 
     def _finish(self, job_id: int, is_load: bool, num_blocks: int, start: float) -> None:
         nbytes = num_blocks * sum(layer.nbytes for layer in self.layout.layers)
-        self._done.append(CopyResult(job_id, is_load, True, nbytes, time.perf_counter() - start))
+        self._done.append(CopyResult(job_id, True, nbytes, time.perf_counter() - start,
+                                     is_load=is_load))

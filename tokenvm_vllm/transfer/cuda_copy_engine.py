@@ -272,8 +272,8 @@ class CudaCopyEngine(CopyEngine):
             if not job.end.query():
                 continue
             seconds = job.start.elapsed_time(job.end) / 1000.0
-            done.append(CopyResult(job_id, job.is_load, True,
-                                   job.num_blocks * self.block_bytes, seconds))
+            done.append(CopyResult(job_id, True, job.num_blocks * self.block_bytes, seconds,
+                                   is_load=job.is_load))
             del self._jobs[job_id]
         return done
 

@@ -9,8 +9,10 @@ splits into 4096 runs of 512 bytes and copies crawl at ~5 GB/s; in physical orde
 run.) The slot size comes from vLLM's ``KVCacheConfig`` (the sum of the layers' page sizes), so
 the scheduler and every worker agree on it without talking.
 
-No block size or tensor layout is hard-coded: the block dimension of each layer's tensor is the
-one whose length is the number of blocks vLLM allocated (``kv_cache_config.num_blocks``).
+No block size or tensor layout is hard-coded. The block dimension of each layer's tensor is the
+one vLLM states (``compat.kv_cache_block_dim``: its per-layer caches are views of the logical shape
+[blocks, heads, tokens, content]); only where vLLM states none is it found as the one dimension
+whose length is the number of blocks (ambiguous when, e.g., 32 blocks of 32 tokens).
 """
 
 from __future__ import annotations
@@ -65,20 +67,32 @@ class KVLayout:
 
     @classmethod
     def from_kv_caches(
-        cls, kv_caches: dict[str, torch.Tensor], num_blocks: int, slot_bytes: int
+        cls, kv_caches: dict[str, torch.Tensor], num_blocks: int, slot_bytes: int,
+        block_dim: int | None = None,
     ) -> KVLayout:
-        """Describe ``kv_caches`` (vLLM's per-layer tensors); fails loudly on anything ambiguous."""
+        """Describe ``kv_caches`` (vLLM's per-layer tensors); fails loudly on anything ambiguous.
+
+        ``block_dim``: the dimension that indexes blocks, as vLLM states it; None: the one
+        dimension of length ``num_blocks`` (an error when several have that length).
+        """
         layers = []
         offset = 0
         for name, tensor in kv_caches.items():
-            dims = [d for d, size in enumerate(tensor.shape) if size == num_blocks]
+            if block_dim is not None:
+                if not (0 <= block_dim < tensor.dim() and tensor.shape[block_dim] == num_blocks):
+                    raise ValueError(
+                        f"tokenvm: layer {name!r} has shape {tuple(tensor.shape)}, but vLLM "
+                        f"states dimension {block_dim} indexes its {num_blocks} blocks")
+                dims = [block_dim]
+            else:
+                dims = [d for d, size in enumerate(tensor.shape) if size == num_blocks]
             if len(dims) != 1:
                 raise ValueError(
                     f"tokenvm: cannot find the block dimension of layer {name!r}: shape "
                     f"{tuple(tensor.shape)}, {num_blocks} blocks")
             nbytes = tensor.numel() // num_blocks * tensor.element_size()
             others = sorted((d for d in range(tensor.dim()) if d != dims[0]),
-                            key=lambda d: (-tensor.stride(d), d))
+                            key=lambda d: (-int(tensor.stride()[d]), d))
             layers.append(LayerLayout(name=name, block_dim=dims[0], dim_order=(dims[0], *others),
                                       offset=offset, nbytes=nbytes))
             offset += nbytes

@@ -27,10 +27,7 @@ def _install(log_path: str) -> None:
     from concurrent.futures import Future
     from typing import Any
 
-    try:  # the store's module moved into tiers/disk/ at some point; accept both places
-        from tokenvm_vllm.tiers.disk.store import DiskStore  # type: ignore[import-not-found]
-    except ImportError:
-        from tokenvm_vllm.tiers.disk_store import DiskStore
+    from tokenvm_vllm.tiers.disk.store import DiskStore
 
     kill_at = int(os.environ.get("KILLHOOK_KILL_AT_WRITE", "0"))
     min_in_flight = int(os.environ.get("KILLHOOK_MIN_IN_FLIGHT", "2"))
