@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from tokenvm_vllm.keys import BlockKey
-from tokenvm_vllm.tiers.remote._disk_format import (
+from tokenvm_vllm.tiers.disk.format import (
     CHECKSUMS,
     DEFAULT_CSUM,
     HEADER_BYTES,
