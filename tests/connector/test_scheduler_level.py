@@ -3,9 +3,9 @@
 import random
 
 import pytest
-from tokenvm_vllm.tiers.disk import DiskStoreError
 
 from tests.harness import Harness, KVMismatch
+from tokenvm_vllm.config import TokenVMConfigError
 
 BLOCK = 16
 
@@ -165,7 +165,7 @@ def test_disk_blocks_survive_a_restart(make_harness, tmp_path):
 def test_corrupted_disk_blocks_are_misses_and_recomputed(make_harness, tmp_path):
     first = disk_harness(make_harness, tmp_path / "disk")
     run_prompts(first, [700])
-    store = first.worker.worker.disk
+    store = first.worker.worker.disk.store
     first.worker.worker.shutdown()
     for name in sorted(p.name for p in (tmp_path / "disk" / "rank-0").glob("slots-*.bin")):
         path = tmp_path / "disk" / "rank-0" / name
@@ -229,7 +229,9 @@ def test_full_disk_keeps_serving_and_warns_once(make_harness, tmp_path, monkeypa
 def test_bad_disk_path_is_one_clear_error(make_harness, tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    with pytest.raises(DiskStoreError, match=f"{not_a_dir}.*[Nn]ot a directory") as info:
+    # caught while the settings are read, before any store is opened: one line naming the key
+    with pytest.raises(TokenVMConfigError, match=f"disk_path='{not_a_dir}' is not a directory"
+                       ) as info:
         disk_harness(make_harness, not_a_dir)
     assert "\n" not in str(info.value)
 
