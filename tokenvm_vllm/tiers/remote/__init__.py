@@ -3,11 +3,8 @@
 ``url.py`` parses ``remote_url`` (standalone or a cluster seed list) and masks its secrets,
 ``keys.py`` names a block in Redis, ``value.py`` is the stored bytes (the disk tier's slot header
 and the payload), ``store.py`` is the client (``RemoteStore``): its own threads, bounded queues,
-timeouts, and serving without the tier while the server is away.
+timeouts, and serving without the tier while the server is away. The worker's
+``transfer/remote_mover.py`` drives the store; the scheduler side plans through ``TierManager``.
+
+Nothing is imported here: ``config.py`` uses ``url.py`` without loading the Redis client.
 """
-
-from tokenvm_vllm.tiers.remote.keys import remote_key
-from tokenvm_vllm.tiers.remote.store import RemoteStore
-from tokenvm_vllm.tiers.remote.url import RemoteTarget, mask_url, parse_remote_url
-
-__all__ = ["RemoteStore", "RemoteTarget", "mask_url", "parse_remote_url", "remote_key"]
