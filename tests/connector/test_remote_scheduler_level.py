@@ -98,3 +98,17 @@ def test_redis_down_serves_without_it_then_comes_back(make_harness: Callable[...
         assert h.stats["remote_written_blocks"] >= 8
     finally:
         server.stop()
+
+
+def test_fresh_server_is_served_from_a_cluster(make_harness: Callable[..., Harness],
+                                               redis_cluster: Any) -> None:
+    url = "redis://" + redis_cluster.seeds
+    first = remote_harness(make_harness, url, remote_key_prefix="cluster-test")
+    serve(first, 1400)
+    assert first.stats["remote_written_blocks"] >= 8
+    assert sum(int(node.cli("DBSIZE")) > 0 for node in redis_cluster.masters()) >= 2
+    first.worker.worker.shutdown()
+    second = remote_harness(make_harness, url, remote_key_prefix="cluster-test")
+    serve(second, 1400)
+    assert second.stats["remote_hit_blocks"] >= 8
+    assert second.stats["loaded_blocks"] >= 8
