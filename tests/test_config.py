@@ -66,3 +66,19 @@ def test_unknown_key_lists_valid_keys():
 def test_unknown_env_var_is_an_error():
     with pytest.raises(TokenVMConfigError, match="TOKENVM_HOST_SIZE"):
         load_config({}, environ={"TOKENVM_HOST_SIZE": "1GiB"})
+
+
+def test_modes_are_parsed_once_into_enum_members() -> None:
+    """Modes are typed: any spelling the parser accepts becomes the member code compares with
+    ``is``; the settings line still shows the plain value."""
+    from tokenvm_vllm.config import CopyPath, LoadMode, WriteMode
+
+    config = load_config({"write_mode": " Write_Back ", "load_mode": "layerwise"},
+                         environ={"TOKENVM_COPY_PATH": "uva"})
+    assert config.write_mode is WriteMode.WRITE_BACK
+    assert config.load_mode is LoadMode.LAYERWISE and config.copy_path is CopyPath.UVA
+    assert repr(config.write_mode) == "'write_back'" and str(config.copy_path) == "uva"
+    assert load_config({}).write_mode is WriteMode.WRITE_THROUGH
+    with pytest.raises(TokenVMConfigError, match=r"^tokenvm: copy_path='dma' is not one of "
+                                                 r"staged, uva$"):
+        load_config({"copy_path": "dma"})

@@ -19,6 +19,7 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from enum import Enum
 from typing import Any
 
 from tokenvm_vllm.policies import POLICIES
@@ -40,19 +41,45 @@ class TokenVMConfigError(ValueError):
     """A bad TokenVM setting. The message is one line and names the offending key."""
 
 
+class Choice(str, Enum):
+    """A setting with a fixed set of values: parsed from its string once, in ``load_config``;
+    code compares members (``config.write_mode is WriteMode.WRITE_BACK``), never strings."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __repr__(self) -> str:  # the settings line shows write_mode='write_back'
+        return repr(self.value)
+
+
+class WriteMode(Choice):
+    WRITE_THROUGH = "write_through"
+    WRITE_BACK = "write_back"
+
+
+class LoadMode(Choice):
+    ASYNC = "async"
+    LAYERWISE = "layerwise"
+
+
+class CopyPath(Choice):
+    STAGED = "staged"
+    UVA = "uva"
+
+
 @dataclass(frozen=True)
 class TokenVMConfig:
     """All TokenVM knobs. See the README's configuration table (generated from ``FIELDS``)."""
 
     host_bytes: int = 4 * 2**30
     """Host-RAM tier capacity in bytes (per worker). Accepts '512MiB', '4GiB', or an int."""
-    write_mode: str = "write_through"
+    write_mode: WriteMode = WriteMode.WRITE_THROUGH
     """'write_through': copy every full block to host as soon as a forward fills it.
     'write_back': copy only cached blocks near the eviction end of vLLM's GPU free queue."""
     write_back_lookahead_blocks: int = 0
     """write_back: how many blocks from the eviction end of the free queue to keep copied.
     0 = two steps' worth (2 x max_num_batched_tokens / block size)."""
-    load_mode: str = "async"
+    load_mode: LoadMode = LoadMode.ASYNC
     """'async': a request whose prefix is in host memory waits outside the batch while its
     blocks are copied back, then runs (the GPU keeps serving other requests meanwhile).
     'layerwise': it runs in the same step; the copy goes layer by layer and each attention layer
@@ -90,7 +117,7 @@ class TokenVMConfig:
     """Host-tier eviction policy: 'lru', '2q', 'arc' or 'queue_aware' (tokenvm_vllm.policies)."""
     min_load_blocks: int = 1
     """Smallest run of host-hit blocks worth loading; shorter hits are recomputed."""
-    copy_path: str = "staged"
+    copy_path: CopyPath = CopyPath.STAGED
     """CUDA copies: 'staged' gathers blocks into a GPU staging buffer (a short on-device
     kernel) and moves them over PCIe with DMA, leaving the SMs to the model; 'uva' has a Triton
     kernel read/write pinned host memory directly (fastest lone copy, but it holds SMs for the
@@ -120,8 +147,8 @@ class TokenVMConfig:
 
 
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TokenVMConfig)}
-_CHOICES = {"policy": tuple(POLICIES), "write_mode": ("write_through", "write_back"),
-            "load_mode": ("async", "layerwise"), "copy_path": ("staged", "uva")}
+_CHOICES = {"policy": tuple(POLICIES)}
+"""String settings checked against a registry (policies can be added by name)."""
 
 
 def parse_size(key: str, value: Any) -> int:
@@ -182,6 +209,13 @@ def _coerce(key: str, value: Any) -> Any:
     if key.endswith("_bytes"):
         return parse_size(key, value)
     kind = type(getattr(TokenVMConfig, key))
+    if issubclass(kind, Choice):
+        try:
+            return kind(str(value).strip().lower())
+        except ValueError:
+            raise TokenVMConfigError(
+                f"tokenvm: {key}={value!r} is not one of "
+                f"{', '.join(member.value for member in kind)}") from None
     if kind is bool:
         return _parse_bool(key, value)
     if kind is int:

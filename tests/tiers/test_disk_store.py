@@ -462,24 +462,6 @@ def test_tier_lru_eviction_order():
     assert tier.evictions == 2
 
 
-def test_tier_pinned_blocks_are_not_evicted():
-    tier, index = make_tier(2)
-    put(tier, b"a")
-    tier.begin_write(b"b")  # WRITING: pinned
-    tier.begin_read([b"a"])  # reader: pinned
-    assert tier.begin_write(b"c") is None
-    tier.end_read([b"a"])
-    assert tier.begin_write(b"c") is not None
-    assert b"a" not in index
-
-
-def test_tier_begin_read_requires_readable():
-    tier, _ = make_tier()
-    tier.begin_write(b"a")
-    with pytest.raises(KeyError):
-        tier.begin_read([b"a"])
-
-
 def test_tier_freed_slots():
     tier, _ = make_tier(2)
     sa, sb = put(tier, b"a"), put(tier, b"b")

@@ -57,27 +57,6 @@ def test_lru_eviction_order_and_touch():
     assert tier.evictions == 1
 
 
-def test_pinned_blocks_are_never_evicted():
-    tier, index = make(2)
-    store(tier, b"a")
-    store(tier, b"b")
-    tier.begin_read([b"a"])
-    writing = tier.begin_write(b"c")  # evicts b (a is pinned by a reader)
-    assert writing is not None and b"b" not in index and b"a" in index
-    # a is being read, c is being written: nothing can be evicted now
-    assert tier.begin_write(b"d") is None
-    tier.end_read([b"a"])
-    assert tier.begin_write(b"d") is not None
-    assert b"a" not in index
-
-
-def test_begin_read_of_unreadable_block_raises():
-    tier, _ = make()
-    tier.begin_write(b"a")
-    with pytest.raises(KeyError):
-        tier.begin_read([b"a"])
-
-
 def test_end_read_with_drop_frees_slot():
     tier, index = make()
     store(tier, b"a")

@@ -22,6 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from tokenvm_vllm.config import (
     DebugKnobWarning,
+    LoadMode,
     TokenVMConfig,
     check_host_memory,
     load_config_and_sources,
@@ -179,7 +180,7 @@ class TokenVMConnector(KVConnectorBase_V1):
         """Layer-wise loads need ``wait_for_layer_load`` to run between graph pieces: a FULL
         CUDA graph would replay the attention layers without it. vLLM calls this while it
         builds its config (front end, FULL CUDA graphs only): the settings are validated here."""
-        return cls.validate_early(extra_config).load_mode == "layerwise"
+        return cls.validate_early(extra_config).load_mode is LoadMode.LAYERWISE
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:

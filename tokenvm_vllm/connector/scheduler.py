@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tokenvm_vllm import compat
-from tokenvm_vllm.config import TokenVMConfig
+from tokenvm_vllm.config import LoadMode, TokenVMConfig, WriteMode
 from tokenvm_vllm.connector.jobs import Job, JobKind, JobState, JobTable
 from tokenvm_vllm.connector.metadata import (
     CopyJob,
@@ -241,7 +241,7 @@ class TokenVMScheduler:
         if self.config.trace:
             logger.info("TokenVM trace %.6f lookup req=%s hit_blocks=%d", time.monotonic(),
                         request.request_id, hits)
-        return hits * self.block_size, self.config.load_mode == "async"
+        return hits * self.block_size, self.config.load_mode is LoadMode.ASYNC
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -262,7 +262,7 @@ class TokenVMScheduler:
         gpu_block_ids = state.block_ids[start:start + num_blocks]
         slots = self.tiers.prepare_load(keys)
         job = self.jobs.add(JobKind.LOAD, keys, gpu_block_ids, req_id=request.request_id)
-        layerwise = self.config.load_mode == "layerwise"
+        layerwise = self.config.load_mode is LoadMode.LAYERWISE
         self._step_loads.append(CopyJob(job, gpu_block_ids, slots, req_id=request.request_id,
                                         layerwise=layerwise))
         if not layerwise:
@@ -311,7 +311,7 @@ class TokenVMScheduler:
 
     def _plan_store(self, scheduler_output: SchedulerOutput) -> CopyJob | None:
         """Reserve host slots for the blocks to copy out this step, as one job."""
-        if self.config.write_mode == "write_back":
+        if self.config.write_mode is WriteMode.WRITE_BACK:
             planned = self._plan_write_back()
         else:
             planned = self._plan_write_through(scheduler_output)

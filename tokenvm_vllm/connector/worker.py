@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokenvm_vllm import compat
-from tokenvm_vllm.config import TokenVMConfig, parse_disk_faults
+from tokenvm_vllm.config import LoadMode, TokenVMConfig, parse_disk_faults
 from tokenvm_vllm.connector.metadata import TokenVMConnectorMetadata, TokenVMWorkerMetadata
 from tokenvm_vllm.keys import Namespace, current_hash_seed
 from tokenvm_vllm.tiers.disk import DiskStore
@@ -135,7 +135,7 @@ class TokenVMWorker:
     def prefers_cross_layer_blocks(self) -> bool:
         """Whether to ask vLLM for one cross-layer KV tensor (V1 runner of vLLM 0.26 only).
         Not with layer-wise loads: they wait per layer, and a cross-layer block is one copy."""
-        return (self.config.cross_layer_blocks and self.config.load_mode == "async"
+        return (self.config.cross_layer_blocks and self.config.load_mode is LoadMode.ASYNC
                 and torch.cuda.is_available())
 
     def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any) -> None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenvm_vllm.config import CopyPath
 from tokenvm_vllm.transfer import dma
 from tokenvm_vllm.transfer.copy_engine import CopyEngine, CopyResult
 from tokenvm_vllm.transfer.host_pool import HostPool
@@ -50,7 +51,6 @@ logger = logging.getLogger("vllm.tokenvm")
 
 STORE_PROGRAMS = 8
 LOAD_PROGRAMS = 16
-COPY_PATHS = ("staged", "uva")
 DEFAULT_STAGING_BYTES = 128 * 2**20
 
 
@@ -113,15 +113,13 @@ class CudaCopyEngine(CopyEngine):
     def __init__(
         self, layout: KVLayout, kv_caches: dict[str, torch.Tensor], pool: HostPool,
         store_programs: int = STORE_PROGRAMS, load_programs: int = LOAD_PROGRAMS,
-        path: str = "staged", staging_bytes: int = DEFAULT_STAGING_BYTES,
+        path: CopyPath | str = CopyPath.STAGED, staging_bytes: int = DEFAULT_STAGING_BYTES,
     ) -> None:
         super().__init__(layout, kv_caches, pool)
         if not pool.pinned:
             raise ValueError("tokenvm: the CUDA copy engine needs a pinned host pool "
                              "(pin_memory=true)")
-        if path not in COPY_PATHS:
-            raise ValueError(f"tokenvm: copy_path={path!r} is not one of {', '.join(COPY_PATHS)}")
-        self.path = path
+        self.path = CopyPath(path)  # ValueError names the bad value
         self.device = self.kv_caches[0].device
         self.store_stream = torch.cuda.Stream(self.device)
         self.load_stream = torch.cuda.Stream(self.device)
@@ -134,13 +132,14 @@ class CudaCopyEngine(CopyEngine):
         # Staging rows: one buffer per direction, so a store and a load never share rows. The
         # on-device movers are uncapped: HBM-to-HBM copies finish in microseconds per block.
         rows = max(1, min(staging_bytes // pool.slot_bytes, self.num_blocks))
-        self.staging_rows = rows if path == "staged" else 0
-        self.direct_rows = self._block_rows() if path == "staged" else None
+        staged = self.path is CopyPath.STAGED
+        self.staging_rows = rows if staged else 0
+        self.direct_rows = self._block_rows() if staged else None
         """A layout whose block is one contiguous slot-sized row (vLLM's cross-layer KV cache):
         DMA straight between those rows and the host slots, no staging and no kernel."""
         if self.direct_rows is not None:
             self.staging_rows = 0
-        elif path == "staged":
+        elif staged:
             if staging_bytes < pool.slot_bytes:
                 raise ValueError(
                     f"tokenvm: staging_bytes={staging_bytes} is smaller than one block of all "
@@ -200,7 +199,7 @@ class CudaCopyEngine(CopyEngine):
         with torch.cuda.stream(stream):
             stream.wait_event(submitted)
             start.record(stream)
-            if self.path == "staged" and not by_layer:
+            if self.path is CopyPath.STAGED and not by_layer:
                 kept = self._staged(is_load, gpu_block_ids, host_slots)
             else:
                 ids_gpu = self._ids.to_device(gpu_block_ids, host_slots, self.device)
