@@ -26,7 +26,7 @@ def _client(target: RemoteTarget, timeout_s: float) -> Any:
 
     common: dict[str, Any] = dict(
         username=target.username, password=target.password, ssl=target.tls,
-        socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **dict(target.tls_options))
     if target.cluster:
         nodes = [ClusterNode(host, port)  # type: ignore[no-untyped-call]
                  for host, port in target.nodes]

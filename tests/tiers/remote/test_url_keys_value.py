@@ -42,6 +42,16 @@ def test_bad_urls_are_one_line_without_the_password(url: str, words: str) -> Non
     assert "topsecret" not in str(info.value) and "\n" not in str(info.value)
 
 
+def test_tls_options_from_the_query() -> None:
+    target = parse_remote_url("rediss://h:1/0?ssl_ca_certs=/etc/ca.pem&ssl_check_hostname=false")
+    assert dict(target.tls_options) == {"ssl_ca_certs": "/etc/ca.pem",
+                                        "ssl_check_hostname": False}
+    with pytest.raises(ValueError, match="without TLS"):
+        parse_remote_url("redis://h:1/0?ssl_ca_certs=/etc/ca.pem")
+    with pytest.raises(ValueError, match="unknown option 'sslmode'"):
+        parse_remote_url("rediss://h:1/0?sslmode=x")
+
+
 def test_mask_url() -> None:
     assert mask_url("redis://u:p4ss@h:1/0") == "redis://u:***@h:1/0"
     assert mask_url("rediss://p4ss@h:1") == "rediss://***@h:1"

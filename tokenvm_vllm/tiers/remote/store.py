@@ -107,7 +107,7 @@ class RemoteStore:
         target, timeout = self.target, self.timeout_s
         common: dict[str, Any] = dict(
             username=target.username, password=target.password, ssl=target.tls,
-            socket_timeout=timeout, socket_connect_timeout=timeout)
+            socket_timeout=timeout, socket_connect_timeout=timeout, **dict(target.tls_options))
         if target.cluster:
             # One retry: after a MOVED or a dead node the client re-reads the topology first.
             client: Client = RedisCluster(

@@ -7,6 +7,9 @@ Accepted forms (``rediss`` instead of ``redis`` for TLS)::
     redis://[user:password@]host:port?cluster=1           a Redis Cluster, by one seed node
 
 A cluster has no databases (``/db`` must be absent or 0). Passwords may be percent-encoded.
+With ``rediss``, the server certificate is verified against the system's CAs; query parameters
+``ssl_ca_certs=PATH`` (another CA bundle), ``ssl_certfile=PATH`` and ``ssl_keyfile=PATH`` (a
+client certificate) and ``ssl_check_hostname=false`` adjust that.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class RemoteTarget:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     db: int = 0
+    tls_options: tuple[tuple[str, str | bool], ...] = ()
+    """redis-py ``ssl_*`` keyword arguments from the URL's query (``rediss`` only)."""
 
     def describe(self) -> str:
         """For logs: scheme, user, nodes, db; the password as ``***``."""
@@ -68,11 +73,29 @@ def parse_remote_url(url: str) -> RemoteTarget:
     query = parse_qs(match["query"] or "")
     cluster = len(nodes) > 1 or query.get("cluster", ["0"])[0].lower() in ("1", "true", "yes")
     db = int(match["db"]) if match["db"] else 0
+    tls_options: list[tuple[str, str | bool]] = []
+    for name, values in query.items():
+        if name == "cluster":
+            continue
+        if name not in _TLS_OPTIONS:
+            raise ValueError(
+                f"tokenvm: remote_url={shown!r} has unknown option {name!r}; known: cluster, "
+                + ", ".join(sorted(_TLS_OPTIONS)))
+        if match["scheme"] != "rediss":
+            raise ValueError(f"tokenvm: remote_url={shown!r} sets {name} without TLS: use "
+                             f"rediss://")
+        value: str | bool = values[-1]
+        if name == "ssl_check_hostname":
+            value = str(value).lower() not in ("0", "false", "no")
+        tls_options.append((name, value))
     if cluster and db:
         raise ValueError(f"tokenvm: remote_url={shown!r} names db {db}, but a Redis Cluster has "
                          f"only db 0: drop the /{db}")
     return RemoteTarget(nodes=tuple(nodes), cluster=cluster, tls=match["scheme"] == "rediss",
-                        username=user, password=password, db=db)
+                        username=user, password=password, db=db, tls_options=tuple(tls_options))
+
+
+_TLS_OPTIONS = {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"}
 
 
 def mask_url(url: str) -> str:
