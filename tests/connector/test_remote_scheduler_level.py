@@ -84,6 +84,12 @@ def test_redis_down_serves_without_it_then_comes_back(make_harness: Callable[...
     serve(h, 1300)  # nothing listens: requests run, nothing is shared
     assert h.stats.get("remote_written_blocks", 0) == 0
     assert h.stats.get("remote_outages", 0) == 1
+    # The first request came before the workers' first report; once the scheduler knows the
+    # tier is down it asks nothing, so no request waits for it.
+    asked, deferred = h.stats.get("remote_lookup_blocks", 0), h.stats.get("lookup_deferred", 0)
+    serve(h, 1303)
+    assert h.stats.get("remote_lookup_blocks", 0) == asked
+    assert h.stats.get("lookup_deferred", 0) == deferred
     server = RedisServer(tmp_path / "late", port=port).start()
     try:
         store = h.worker.worker.remote.store  # type: ignore[union-attr]
@@ -94,8 +100,10 @@ def test_redis_down_serves_without_it_then_comes_back(make_harness: Callable[...
         while not store.available and time.monotonic() < deadline:
             time.sleep(0.1)
         assert store.available
-        serve(h, 1301)
+        serve(h, 1301)  # the first step's report says the store is back
+        serve(h, 1302)
         assert h.stats["remote_written_blocks"] >= 8
+        assert h.stats["remote_lookup_blocks"] >= 8
     finally:
         server.stop()
 

@@ -119,6 +119,10 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
     """Submit to completion seen, per remote batch (lookup, read or write)."""
     remote_counts: Counter[str] = field(default_factory=Counter)
     """The workers' ``RemoteStore.stats()`` (bytes, timeouts, failures), summed."""
+    remote_went_down: int = 0
+    """Workers whose remote store became unreachable since their last report (start-up too)."""
+    remote_came_back: int = 0
+    """Workers whose remote store became reachable again since their last report."""
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> TokenVMWorkerMetadata:
         """Sum over tensor-parallel ranks: every field (counters, numbers, lists of
@@ -128,4 +132,5 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
             f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def is_empty(self) -> bool:
-        return not self.completed and not self.disk_scanned
+        return (not self.completed and not self.disk_scanned and not self.remote_went_down
+                and not self.remote_came_back)

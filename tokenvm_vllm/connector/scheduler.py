@@ -127,6 +127,8 @@ class TokenVMScheduler:
         self.jobs = JobTable(self.num_workers)
         self._step_remote_lookups: list[RemoteLookup] = []
         self._step_remote_reads: list[RemoteBatch] = []
+        self._remote_down_workers = 0
+        """Workers whose remote store is unreachable: no lookups while any is."""
         self._remote_found: dict[int, list[int]] = {}
         """Lookup job -> each reporting worker's answer (blocks held, from the first)."""
         self.requests: dict[str, RequestState] = {}
@@ -193,7 +195,7 @@ class TokenVMScheduler:
 
     def _remote_prefetch(self, state: RequestState, keys: list[BlockKey]) -> None:
         """Ask the remote tier (once per request) for the prefix blocks host and disk lack."""
-        if state.remote_asked or not self.tiers.remote:
+        if state.remote_asked or not self.tiers.remote or self._remote_down_workers:
             return
         candidates = self.tiers.remote_candidates(keys)
         if not candidates:
@@ -418,6 +420,12 @@ class TokenVMScheduler:
         for name in REMOTE_STORE_COUNTERS:  # (block outcomes are counted by the tier manager)
             if meta.remote_counts[name]:
                 self.stats.add(f"remote_{name}", meta.remote_counts[name])
+        if meta.remote_went_down or meta.remote_came_back:
+            self._remote_down_workers = max(
+                0, self._remote_down_workers + meta.remote_went_down - meta.remote_came_back)
+            logger.info("TokenVM remote tier: %s", "back, lookups resume"
+                        if not self._remote_down_workers else
+                        f"unreachable from {self._remote_down_workers} worker(s), no lookups")
         for (job_id, found), workers in meta.remote_found.items():
             self._remote_found.setdefault(job_id, []).extend([found] * workers)
         if meta.disk_scanned:

@@ -101,6 +101,8 @@ class TokenVMWorker:
         self._num_loads = 0
         self.disk: DiskMover | None = None
         self.remote: RemoteMover | None = None
+        self._remote_available = True
+        """The remote store's availability at the last report (changes go to the scheduler)."""
         self._pool: HostPool | None = None
 
     def register_kv_caches(
@@ -186,6 +188,7 @@ class TokenVMWorker:
             timeout_s=config.remote_timeout_s, io_threads=config.remote_io_threads,
             max_pending_writes=config.remote_max_pending_writes)  # batches <= blocks
         self.remote = RemoteMover(store, self._pool)
+        self._report_remote_state()  # down at start-up: the scheduler asks nothing
 
     def _start_remote_jobs(self, meta: TokenVMConnectorMetadata) -> None:
         remote = self.remote
@@ -216,6 +219,19 @@ class TokenVMWorker:
                 meta.remote_found[(result.job_id, result.found)] += 1
         meta.remote_io_seconds.extend(self.remote.take_batch_seconds())
         meta.remote_counts.update(self.remote.store.stats())
+        self._report_remote_state()
+
+    def _report_remote_state(self) -> None:
+        """Tell the scheduler when the store goes down or comes back, so it asks the remote
+        tier nothing (and defers no request) while it is away."""
+        assert self.remote is not None
+        available = self.remote.store.available
+        if available != self._remote_available:
+            self._remote_available = available
+            if available:
+                self._worker_meta.remote_came_back += 1
+            else:
+                self._worker_meta.remote_went_down += 1
 
     def _start_disk_jobs(self, meta: TokenVMConnectorMetadata) -> None:
         assert self.disk is not None
