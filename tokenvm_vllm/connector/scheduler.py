@@ -29,7 +29,8 @@ are looked up in the remote tier (a ``RemoteLookup`` the workers answer with how
 first, Redis holds; the smallest answer over ranks counts), then read into WRITING host slots
 (``RemoteBatch`` in ``remote_reads``); meanwhile ``get_num_new_matched_tokens`` answers None, up
 to ``disk_prefetch_timeout_s``. Blocks that became READABLE in host go out to the remote tier in
-the background (``remote_writes``, at most ``remote_max_pending_writes`` in flight).
+the background (``remote_writes``, at most ``remote_max_pending_writes`` in flight). While a
+worker reports its store unreachable, nothing is looked up (no request waits for a dead tier).
 """
 
 from __future__ import annotations
