@@ -158,12 +158,17 @@ class RedisCluster:
         return ",".join(f"{HOST}:{node.port}" for node in self.nodes)
 
     def start(self, timeout_s: float = 30.0) -> RedisCluster:
-        for node in self.nodes:
-            node.start()
-        addresses = [f"{HOST}:{node.port}" for node in self.nodes]
-        self.nodes[0].cli("--cluster", "create", *addresses, "--cluster-replicas",
-                          str(self.replicas), "--cluster-yes", timeout_s=timeout_s)
-        self.wait_ok(timeout_s)
+        """Start and join every node; on any failure the nodes already started are stopped."""
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"{HOST}:{node.port}" for node in self.nodes]
+            self.nodes[0].cli("--cluster", "create", *addresses, "--cluster-replicas",
+                              str(self.replicas), "--cluster-yes", timeout_s=timeout_s)
+            self.wait_ok(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def wait_ok(self, timeout_s: float = 30.0) -> None:
