@@ -100,6 +100,7 @@ class RedisServer:
             if self.cli("PING", check=False).strip() == "PONG":
                 return self
             time.sleep(0.05)
+        self.stop()
         raise RuntimeError(f"redis-server on port {self.port} did not answer in {timeout_s}s")
 
     def cli(self, *command: str, check: bool = True, timeout_s: float = 10.0) -> str:
