@@ -10,7 +10,7 @@ Collection stays light: vLLM and torch are imported by the fixtures that need th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ import pytest
 
 if TYPE_CHECKING:
     from tests.harness import Harness
+    from tests.redis_servers import RedisCluster, RedisServer
     from tokenvm_vllm.bench.prefix_reuse import EngineSettings
 
 E2E_DIR = Path(__file__).parent / "e2e"
@@ -75,3 +76,44 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(
             f"tests under {E2E_DIR} need the e2e marker (add `pytestmark = pytest.mark.e2e`): "
             + ", ".join(unmarked))
+
+
+# -- real Redis servers on 127.0.0.1 (the remote tier; tests/redis_servers.py) ---------------
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh standalone redis-server per test (tests kill, fill and restart it)."""
+    from tests.redis_servers import RedisServer, require_redis_binaries
+
+    require_redis_binaries()
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """Three masters, no replicas, shared by a module's tests (joining takes about a second)."""
+    from tests.redis_servers import RedisCluster, require_redis_binaries
+
+    require_redis_binaries()
+    cluster = RedisCluster(tmp_path_factory.mktemp("cluster"), masters=3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_with_replicas(tmp_path: Path) -> Iterator[RedisCluster]:
+    """Three masters with one replica each, per test (failover tests kill masters)."""
+    from tests.redis_servers import RedisCluster, require_redis_binaries
+
+    require_redis_binaries()
+    cluster = RedisCluster(tmp_path / "cluster", masters=3, replicas=1).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -23,6 +23,7 @@ from enum import Enum
 from typing import Any
 
 from tokenvm_vllm.policies import POLICIES
+from tokenvm_vllm.tiers.remote.url import mask_url, parse_remote_url
 
 logger = logging.getLogger("vllm.tokenvm")
 
@@ -93,10 +94,25 @@ class TokenVMConfig:
     disk_io_threads: int = 8
     """Threads doing disk reads and writes (many requests in flight)."""
     disk_prefetch_timeout_s: float = 2.0
-    """How long a request may wait for its disk blocks to reach host memory before vLLM
-    schedules it with whatever part of its prefix is ready."""
+    """How long a request may wait for its disk or remote blocks to reach host memory before
+    vLLM schedules it with whatever part of its prefix is ready."""
     disk_max_pending_writes: int = 1024
     """Host -> disk copies allowed in flight; beyond it new blocks skip the disk tier."""
+    remote_url: str = ""
+    """Redis (or Valkey) shared by every server of a deployment: 'redis://[user:pass@]host:port/db'
+    ('rediss://' for TLS), or a cluster seed list 'redis://host1:port1,host2:port2'. Empty: no
+    remote tier. Servers share blocks only with the same model, layout and PYTHONHASHSEED."""
+    remote_key_prefix: str = "tokenvm"
+    """First part of every Redis key: one per deployment sharing a server."""
+    remote_ttl_s: float = 86400.0
+    """Seconds a block stays in Redis after its last write (its maxmemory-policy may drop it
+    sooner; allkeys-lru is recommended)."""
+    remote_timeout_s: float = 0.5
+    """Deadline of every Redis call (connect, each batch); a late answer is a miss."""
+    remote_io_threads: int = 4
+    """Threads per worker doing Redis calls (each sends one pipelined batch at a time)."""
+    remote_max_pending_writes: int = 256
+    """Host -> Redis block copies allowed in flight; beyond it new blocks are not shared."""
     policy: str = "queue_aware"
     """Host-tier eviction policy: 'lru', '2q', 'arc' or 'queue_aware' (tokenvm_vllm.policies)."""
     min_load_blocks: int = 1
@@ -270,7 +286,7 @@ def settings_line(config: TokenVMConfig, sources: Mapping[str, str]) -> str:
     parts = []
     for key, spec in FIELDS.items():
         value = getattr(config, key)
-        text = f"{key}={value!r}"
+        text = f"{key}={mask_url(value) if key == 'remote_url' else value!r}"
         if value != spec.default:
             text += f" ({sources.get(key, 'default')})"
         parts.append(text)
@@ -389,6 +405,7 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
             f"{MAX_IO_THREADS} (8 is plenty for one NVMe drive)")
     if config.disk_path:
         _check_disk_path(config.disk_path)
+    _validate_remote(config)
     parse_disk_faults(config.debug_disk_faults)
     if config.debug_fail_load_every < 0:
         raise TokenVMConfigError(
@@ -400,6 +417,34 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
                 f"tokenvm: {key}={getattr(config, key)!r} (from {where}) is a testing knob that "
                 f"breaks loads or disk I/O on purpose; it needs testing=true (TOKENVM_TESTING=1) "
                 f"too, else unset it")
+
+
+def _validate_remote(config: TokenVMConfig) -> None:
+    if config.remote_url:
+        try:
+            parse_remote_url(config.remote_url)  # its message masks the password
+        except ValueError as err:
+            raise TokenVMConfigError(str(err)) from None
+    prefix = config.remote_key_prefix
+    if not prefix or any(c.isspace() or c in ":*?[]{}" for c in prefix):
+        raise TokenVMConfigError(
+            f"tokenvm: remote_key_prefix={prefix!r} must be non-empty without spaces or any of "
+            f":*?[]{{}} (e.g. 'tokenvm-prod')")
+    if not 1 <= config.remote_ttl_s <= 10 * 365 * 86400:
+        raise TokenVMConfigError(
+            f"tokenvm: remote_ttl_s={config.remote_ttl_s} must be between 1 and 315360000 "
+            f"seconds (10 years)")
+    if not 0.001 <= config.remote_timeout_s <= 60:
+        raise TokenVMConfigError(
+            f"tokenvm: remote_timeout_s={config.remote_timeout_s} must be between 0.001 and 60 "
+            f"seconds")
+    if not 1 <= config.remote_io_threads <= MAX_IO_THREADS:
+        raise TokenVMConfigError(
+            f"tokenvm: remote_io_threads={config.remote_io_threads} must be between 1 and "
+            f"{MAX_IO_THREADS}")
+    if config.remote_max_pending_writes < 1:
+        raise TokenVMConfigError(
+            f"tokenvm: remote_max_pending_writes={config.remote_max_pending_writes} must be >= 1")
 
 
 def parse_disk_faults(text: str) -> dict[str, tuple[str, int]]:

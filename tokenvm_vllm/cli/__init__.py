@@ -4,6 +4,8 @@
     tokenvm inspect PATH [--json]    summarise disk_path (each rank) or one store, read-only
     tokenvm bench [--model DIR] ...  prefix-reuse benchmark without and with TokenVM (bench.py)
     tokenvm faults [--cycles 20]     fault-injection suite on the real engine (faults.py)
+    tokenvm remote-inspect URL       what a Redis holds for TokenVM, per namespace (remote.py)
+    tokenvm remote-bench URL         remote tier throughput next to redis-benchmark (remote.py)
 
 Importing this package is light: torch, vLLM and matplotlib are imported by the commands that need
 them, so ``tokenvm inspect`` starts fast and ``tokenvm doctor`` can report a broken install.
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenvm_vllm.cli.doctor import cmd_doctor
     from tokenvm_vllm.cli.faults import cmd_faults
     from tokenvm_vllm.cli.inspect import cmd_inspect
+    from tokenvm_vllm.cli.remote import cmd_remote_bench, cmd_remote_inspect
 
     parser = argparse.ArgumentParser(prog="tokenvm", description="TokenVM tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--cases", help="comma-separated words; runs the cases whose names "
                                         "contain one (default: all)")
     faults.set_defaults(func=cmd_faults)
+
+    remote = sub.add_parser("remote-inspect", help="what a Redis holds for TokenVM (read-only)")
+    remote.add_argument("url", help="remote_url: redis://[user:pass@]host:port/db or a seed list")
+    remote.add_argument("--prefix", default="tokenvm", help="remote_key_prefix (tokenvm)")
+    remote.add_argument("--limit", type=int, default=100_000, help="keys to look at (100000)")
+    remote.add_argument("--json", action="store_true", help="print the summary as JSON")
+    remote.set_defaults(func=cmd_remote_inspect)
+
+    rbench = sub.add_parser("remote-bench", help="remote tier throughput vs redis-benchmark")
+    rbench.add_argument("url", help="remote_url of a server you may write to (keys expire)")
+    rbench.add_argument("--block-bytes", default="131072,1048576",
+                        help="comma-separated block sizes in bytes (131072,1048576)")
+    rbench.add_argument("--megabytes", type=int, default=256,
+                        help="data moved per measurement (256)")
+    rbench.add_argument("--batch", type=int, default=32, help="blocks per batch (32)")
+    rbench.add_argument("--threads", type=int, default=4, help="remote_io_threads (4)")
+    rbench.add_argument("--json", help="also write the results to this file")
+    rbench.set_defaults(func=cmd_remote_bench)
     return parser
 
 

@@ -24,6 +24,7 @@ from tokenvm_vllm.cli import human_size as _size
 from tokenvm_vllm.tiers.disk import fsutil
 from tokenvm_vllm.tiers.disk.fsutil import DiskStoreError
 from tokenvm_vllm.tiers.disk.inspect import inspect_store
+from tokenvm_vllm.tiers.remote.url import mask_url
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 PINNED_PROBE_BYTES = 64 * MIB
@@ -165,7 +166,8 @@ def _check_config(environ: Mapping[str, str]) -> tuple[list[Check], Any]:
     except TokenVMConfigError as exc:
         return [Check(FAIL, "config", str(exc))], None
     values = ", ".join(
-        f"{k}={_size(v) if k.endswith('_bytes') else v}" for k, v in asdict(config).items())
+        f"{k}={_size(v) if k.endswith('_bytes') else mask_url(v) if k == 'remote_url' else v}"
+        for k, v in asdict(config).items())
     checks = [Check(OK, "config", f"{values} ({source}; kv_connector_extra_config overrides)")]
     debug = [k for k, v in asdict(config).items() if k.startswith("debug_") and v]
     if debug:
@@ -342,7 +344,17 @@ def doctor_checks(disk_path: str | None = None,
     checks += _guarded("PYTHONHASHSEED", lambda: [_check_hash_seed(env)])
     if disk_path is not None:
         checks += _guarded("disk path", lambda: _disk_checks(disk_path))
+    if config[0] is not None and config[0].remote_url:
+        checks += _guarded("remote tier", lambda: _remote_checks(config[0]))
     return checks
+
+
+def _remote_checks(config: Any) -> list[Check]:
+    """Reach the remote tier's Redis: version, eviction policy, a small round trip."""
+    from tokenvm_vllm.cli.remote import remote_checks
+
+    return [Check(*line) for line in remote_checks(config.remote_url, config.remote_key_prefix,
+                                                   timeout_s=max(1.0, config.remote_timeout_s))]
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

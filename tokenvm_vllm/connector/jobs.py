@@ -47,6 +47,12 @@ class JobKind(enum.Enum):
     """A promotion: brings a disk block back to a host slot (prefetch)."""
     DISK_WRITE = "host->disk"
     """A demotion: copies a READABLE host block to a disk slot."""
+    REMOTE_LOOKUP = "remote?"
+    """Asks the remote tier which of a request's blocks it holds (no bytes move)."""
+    REMOTE_READ = "remote->host"
+    """Brings one block from the remote tier into a host slot."""
+    REMOTE_WRITE = "host->remote"
+    """Copies one READABLE host block to the remote tier."""
 
     @property
     def uses_gpu_blocks(self) -> bool:

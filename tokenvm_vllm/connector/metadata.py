@@ -1,10 +1,11 @@
 """What crosses the process boundary once per engine step, in both directions.
 
 Scheduler -> workers: ``TokenVMConnectorMetadata`` (the step's loads, store, disk reads and
-writes, disk slots to invalidate, and the jobs to fence). Workers -> scheduler:
-``TokenVMWorkerMetadata`` (finished and failed jobs, byte counts and times, the start-up disk
-scan), summed over tensor-parallel ranks by vLLM's output aggregator. Both are plain dataclasses
-of ints, bytes and lists so they pickle/serialize small. Job ids come from the scheduler's
+writes, disk slots to invalidate, remote lookups, reads and writes, and the jobs to fence).
+Workers -> scheduler: ``TokenVMWorkerMetadata`` (finished and failed jobs, byte counts and
+times, the start-up disk scan, remote lookup answers), summed over tensor-parallel ranks by
+vLLM's output aggregator. Both are plain dataclasses of ints, bytes and lists so they
+pickle/serialize small. Job ids come from the scheduler's
 ``JobTable`` (``jobs.py``), which also defines what each kind of job copies.
 """
 
@@ -49,6 +50,25 @@ class DiskJob:
 
 
 @dataclass
+class RemoteLookup:
+    """Ask the remote tier for ``keys`` (a request's blocks that host and disk lack, in prefix
+    order); the worker reports how many, from the first, it holds (``remote_found``)."""
+
+    job_id: JobId
+    keys: list[BlockKey]
+
+
+@dataclass
+class RemoteBatch:
+    """One pipelined batch between host slots and the remote tier: block ``keys[i]`` in host
+    slot ``host_slots[i]`` is job ``job_ids[i]`` (each block finishes or fails on its own)."""
+
+    job_ids: list[JobId]
+    keys: list[BlockKey]
+    host_slots: list[int]
+
+
+@dataclass
 class TokenVMConnectorMetadata(KVConnectorMetadata):
     loads: list[CopyJob] = field(default_factory=list)
     """Host -> GPU, one job per request; the worker starts them in the step's first call
@@ -66,6 +86,12 @@ class TokenVMConnectorMetadata(KVConnectorMetadata):
     """Host -> disk copies of blocks already READABLE in host; their host slots are pinned."""
     disk_invalidations: list[int] = field(default_factory=list)
     """Disk slots whose block was dropped: zero their headers before any later write."""
+    remote_lookups: list[RemoteLookup] = field(default_factory=list)
+    """Which of a new request's blocks the remote tier holds."""
+    remote_reads: list[RemoteBatch] = field(default_factory=list)
+    """Remote -> host; the host slots are WRITING until each block's job finishes."""
+    remote_writes: list[RemoteBatch] = field(default_factory=list)
+    """Host -> remote copies of READABLE host blocks; their host slots are read-pinned."""
 
 
 @dataclass
@@ -87,6 +113,16 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
     """Workers that finished scanning their disk store at start-up (sent once each)."""
     disk_recovered: Counter[tuple[bytes, int]] = field(default_factory=Counter)
     """(key, disk slot) pairs the scan found valid -> number of workers that found them."""
+    remote_found: Counter[tuple[JobId, int]] = field(default_factory=Counter)
+    """(lookup job, blocks the remote tier holds from the first) -> workers that found that."""
+    remote_io_seconds: list[float] = field(default_factory=list)
+    """Submit to completion seen, per remote batch (lookup, read or write)."""
+    remote_counts: Counter[str] = field(default_factory=Counter)
+    """The workers' ``RemoteStore.stats()`` (bytes, timeouts, failures), summed."""
+    remote_went_down: int = 0
+    """Workers whose remote store became unreachable since their last report (start-up too)."""
+    remote_came_back: int = 0
+    """Workers whose remote store became reachable again since their last report."""
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> TokenVMWorkerMetadata:
         """Sum over tensor-parallel ranks: every field (counters, numbers, lists of
@@ -96,4 +132,5 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
             f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def is_empty(self) -> bool:
-        return not self.completed and not self.disk_scanned
+        return (not self.completed and not self.disk_scanned and not self.remote_went_down
+                and not self.remote_came_back)

@@ -23,6 +23,14 @@ Life of a block, by hook:
   its tier movement (``TierManager.complete_*``).
 
 After a restart the workers scan their disk stores; the blocks every worker found are adopted.
+
+With a remote tier (``remote_url``): on arrival the request's blocks that host and disk lack
+are looked up in the remote tier (a ``RemoteLookup`` the workers answer with how many, from the
+first, Redis holds; the smallest answer over ranks counts), then read into WRITING host slots
+(``RemoteBatch`` in ``remote_reads``); meanwhile ``get_num_new_matched_tokens`` answers None, up
+to ``disk_prefetch_timeout_s``. Blocks that became READABLE in host go out to the remote tier in
+the background (``remote_writes``, at most ``remote_max_pending_writes`` in flight). While a
+worker reports its store unreachable, nothing is looked up (no request waits for a dead tier).
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from tokenvm_vllm.connector.jobs import Job, JobKind, JobState, JobTable
 from tokenvm_vllm.connector.metadata import (
     CopyJob,
     DiskJob,
+    RemoteBatch,
+    RemoteLookup,
     TokenVMConnectorMetadata,
     TokenVMWorkerMetadata,
 )
@@ -59,6 +69,10 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger("vllm.tokenvm")
+
+REMOTE_STORE_COUNTERS = ("read_bytes", "written_bytes", "corrupt_blocks", "timeouts",
+                         "failed_batches", "dropped_batches", "expired_batches", "outages")
+"""``RemoteStore.stats()`` names passed on to /metrics as ``tokenvm:remote_<name>``."""
 
 
 @dataclass
@@ -89,6 +103,12 @@ class RequestState:
     """Promotions issued for this request, not yet judged on time or late."""
     lookup_deferred: bool = False
     prefetch_deadline: float = 0.0
+    remote_asked: bool = False
+    """A remote lookup was issued for this request (one per request)."""
+    remote_lookup: int | None = None
+    """The remote lookup job in flight, if any."""
+    remote_reads: set[int] = field(default_factory=set)
+    """Remote -> host jobs in flight for this request's prefix."""
 
 
 class TokenVMScheduler:
@@ -108,8 +128,14 @@ class TokenVMScheduler:
         self.tiers = TierManager(
             num_host_slots(config.host_bytes, slot_bytes),
             disk_slot_count(config.disk_bytes, slot_bytes) if config.disk_path else 0,
-            config.policy)
+            config.policy, remote=bool(config.remote_url))
         self.jobs = JobTable(self.num_workers)
+        self._step_remote_lookups: list[RemoteLookup] = []
+        self._step_remote_reads: list[RemoteBatch] = []
+        self._remote_down_workers = 0
+        """Workers whose remote store is unreachable: no lookups while any is."""
+        self._remote_found: dict[int, list[int]] = {}
+        """Lookup job -> each reporting worker's answer (blocks held, from the first)."""
         self.requests: dict[str, RequestState] = {}
         self._step_loads: list[CopyJob] = []
         self._step_disk_reads: list[DiskJob] = []
@@ -159,6 +185,7 @@ class TokenVMScheduler:
         state.protected = self.block_keys(state, 0, self._lookup_stop(request))
         self.tiers.protect(state.protected)
         self._prefetch(state, state.protected)
+        self._remote_prefetch(state, state.protected)
 
     def _prefetch(self, state: RequestState, keys: list[BlockKey]) -> None:
         """Start disk -> host promotions for the prefix ``keys`` that host memory lacks."""
@@ -170,6 +197,20 @@ class TokenVMScheduler:
         state.prefetched_blocks += len(transfers)
         if transfers:
             state.prefetch_deadline = time.monotonic() + self.config.disk_prefetch_timeout_s
+
+    def _remote_prefetch(self, state: RequestState, keys: list[BlockKey]) -> None:
+        """Ask the remote tier (once per request) for the prefix blocks host and disk lack."""
+        if state.remote_asked or not self.tiers.remote or self._remote_down_workers:
+            return
+        candidates = self.tiers.remote_candidates(keys)
+        if not candidates:
+            return
+        state.remote_asked = True
+        job = self.jobs.add(JobKind.REMOTE_LOOKUP, candidates, req_id=state.request.request_id)
+        self._step_remote_lookups.append(RemoteLookup(job, candidates))
+        state.remote_lookup = job
+        state.prefetch_deadline = time.monotonic() + self.config.disk_prefetch_timeout_s
+        self.stats.add("remote_lookup_blocks", len(candidates))
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -185,8 +226,10 @@ class TokenVMScheduler:
         keys = self.block_keys(state, start, stop)
         if not state.promotions:
             self._prefetch(state, keys)  # blocks may have reached disk since arrival
+        self._remote_prefetch(state, keys)
         waiting_for_disk = state.promotions or (
-            self.tiers.disk is not None and not self.tiers.disk_ready)
+            self.tiers.disk is not None and not self.tiers.disk_ready) or (
+            state.remote_lookup is not None or state.remote_reads)
         if waiting_for_disk and time.monotonic() < state.prefetch_deadline:
             self.stats.add("lookup_deferred", 1)
             state.lookup_deferred = True
@@ -255,14 +298,19 @@ class TokenVMScheduler:
                 state.block_ids = []
         store = self._plan_store(scheduler_output)
         disk_writes = self._plan_disk_writes()
+        remote_writes = self._plan_remote_writes()
         fence_job_ids = self.jobs.send()  # this step's jobs are never fenced, only older ones
         self.stats.add("fenced_jobs", len(fence_job_ids))
         meta = TokenVMConnectorMetadata(
             loads=self._step_loads, store=store, fence_job_ids=fence_job_ids,
             disk_reads=self._step_disk_reads, disk_writes=disk_writes,
-            disk_invalidations=self.tiers.take_freed_disk_slots())
+            disk_invalidations=self.tiers.take_freed_disk_slots(),
+            remote_lookups=self._step_remote_lookups, remote_reads=self._step_remote_reads,
+            remote_writes=remote_writes)
         self._step_loads = []
         self._step_disk_reads = []
+        self._step_remote_lookups = []
+        self._step_remote_reads = []
         return meta
 
     def bind_gpu_block_pool(self, block_pool: Any) -> None:
@@ -340,6 +388,30 @@ class TokenVMScheduler:
             writes.append(DiskJob(job, key, host_slot, disk_slot))
         return writes
 
+    def _plan_remote_writes(self) -> list[RemoteBatch]:
+        """Copy newly READABLE host blocks to the remote tier, within the in-flight limit, as
+        one batch (one job per block: each finishes on its own)."""
+        room = (self.config.remote_max_pending_writes
+                - self.jobs.in_flight(JobKind.REMOTE_WRITE))
+        writes = self.tiers.prepare_remote_writes(max(0, room)) if self.tiers.remote else []
+        if not writes:
+            return []
+        job_ids = [self.jobs.add(JobKind.REMOTE_WRITE, [key]) for key, _ in writes]
+        return [RemoteBatch(job_ids, [key for key, _ in writes], [slot for _, slot in writes])]
+
+    def _plan_remote_reads(self, state: RequestState | None, keys: list[BlockKey]) -> None:
+        """The remote tier holds ``keys`` (a request's prefix blocks): read them into host."""
+        reads = self.tiers.prepare_remote_reads(keys)
+        if not reads:
+            return
+        req_id = state.request.request_id if state is not None else None
+        job_ids = [self.jobs.add(JobKind.REMOTE_READ, [key], req_id=req_id) for key, _ in reads]
+        self._step_remote_reads.append(
+            RemoteBatch(job_ids, [key for key, _ in reads], [slot for _, slot in reads]))
+        if state is not None:
+            state.remote_reads.update(job_ids)
+            state.prefetched_blocks += len(reads)
+
     # -- completions ---------------------------------------------------------------------------
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
@@ -349,8 +421,20 @@ class TokenVMScheduler:
         for name in ("load_bytes", "store_bytes", "load_seconds", "store_seconds",
                      "layerwise_loaded_blocks"):
             self.stats.add(name, getattr(meta, name))
-        for name in ("load_job_seconds", "store_job_seconds", "disk_io_seconds"):
+        for name in ("load_job_seconds", "store_job_seconds", "disk_io_seconds",
+                     "remote_io_seconds"):
             self.stats.observe(name, getattr(meta, name))
+        for name in REMOTE_STORE_COUNTERS:  # (block outcomes are counted by the tier manager)
+            if meta.remote_counts[name]:
+                self.stats.add(f"remote_{name}", meta.remote_counts[name])
+        if meta.remote_went_down or meta.remote_came_back:
+            self._remote_down_workers = max(
+                0, self._remote_down_workers + meta.remote_went_down - meta.remote_came_back)
+            logger.info("TokenVM remote tier: %s", "back, lookups resume"
+                        if not self._remote_down_workers else
+                        f"unreachable from {self._remote_down_workers} worker(s), no lookups")
+        for (job_id, found), workers in meta.remote_found.items():
+            self._remote_found.setdefault(job_id, []).extend([found] * workers)
         if meta.disk_scanned:
             self._adopt_disk_blocks(meta)
         for job_id, count in meta.completed.items():
@@ -390,6 +474,20 @@ class TokenVMScheduler:
                     state.layerwise_load = None
                     if not ok:  # vLLM recomputes from the first failed block: store it again
                         state.next_store_block = min(state.next_store_block, first)
+        elif job.kind is JobKind.REMOTE_LOOKUP:
+            answers = self._remote_found.pop(job.job_id, [])
+            found = min(answers) if ok and len(answers) == self.num_workers else 0
+            self.stats.add("remote_miss_blocks", len(job.keys) - found)
+            if state is not None:
+                state.remote_lookup = None
+            if found and (state is not None or job.req_id is None):
+                self._plan_remote_reads(state, job.keys[:found])
+        elif job.kind is JobKind.REMOTE_READ:
+            self.tiers.complete_remote_read(job.keys[0], ok)
+            if state is not None:
+                state.remote_reads.discard(job.job_id)
+        elif job.kind is JobKind.REMOTE_WRITE:
+            self.tiers.complete_remote_write(job.keys[0], ok)
         elif job.kind is JobKind.DISK_READ:
             self.tiers.complete_promotion(job.keys[0], ok)
             if state is not None:

@@ -37,6 +37,25 @@ COUNTERS: dict[str, str] = {
     "prefetch_late_blocks": "Prefetched blocks the request had to wait for (lookup deferred)",
     "fenced_jobs": "Copies a forward had to wait for (their GPU blocks were re-allocated): copy "
                    "time not hidden under compute",
+    "remote_lookup_blocks": "Blocks asked of the remote tier (Redis) because host and disk "
+                            "lacked them",
+    "remote_miss_blocks": "Blocks the remote tier did not hold at lookup (or did not answer "
+                          "for in time)",
+    "remote_hit_blocks": "Blocks read from the remote tier into host memory",
+    "remote_read_failed_blocks": "Remote reads that failed (gone, timed out or failed their "
+                                 "checks): recomputed",
+    "remote_written_blocks": "Blocks copied host -> remote tier",
+    "remote_write_failed_blocks": "Host -> remote copies that failed (server down, full, slow)",
+    "remote_write_skipped_blocks": "Blocks not sent to the remote tier (too many in flight)",
+    "remote_read_bytes": "Bytes read from the remote tier (values: header and block)",
+    "remote_written_bytes": "Bytes written to the remote tier (values: header and block)",
+    "remote_corrupt_blocks": "Remote values that failed their checks (deleted)",
+    "remote_timeouts": "Remote calls with no answer within remote_timeout_s",
+    "remote_failed_batches": "Remote batches that failed (timeouts, connection errors)",
+    "remote_dropped_batches": "Remote batches refused because the client's queue was full",
+    "remote_expired_batches": "Remote batches that waited past remote_timeout_s in the queue",
+    "remote_outages": "Times the remote tier became unreachable (then retried in the "
+                      "background)",
     "load_bytes": "Bytes copied host -> GPU",
     "store_bytes": "Bytes copied GPU -> host",
     "load_seconds": "Seconds spent in host -> GPU copies",
@@ -48,6 +67,8 @@ HISTOGRAMS: dict[str, str] = {
     "load_job_seconds": "Duration of each host -> GPU copy job (one per parked request)",
     "store_job_seconds": "Duration of each GPU -> host copy job (one per engine step)",
     "disk_io_seconds": "Time from submit to completion seen, per disk read or write",
+    "remote_io_seconds": "Time from submit to completion seen, per remote batch (lookup, read "
+                         "or write)",
 }
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 

@@ -21,6 +21,11 @@ With a disk tier it also owns this rank's ``DiskStore``: at start-up it scans th
 reports what it found; each step (in ``start_load_kv``) it starts the step's disk invalidations,
 promotions (disk -> host slot) and demotions (host slot -> disk) on the store's I/O threads, and
 reports them finished in ``get_finished`` like any other job.
+
+With a remote tier (``remote_url``) it owns this rank's ``RemoteStore`` (through a
+``RemoteMover``): each step it starts the step's remote lookups, reads (remote -> host slot) and
+writes (host slot -> remote) as pipelined batches on the store's threads, and reports each
+block's job, and each lookup's answer (``remote_found``), in ``get_finished``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from tokenvm_vllm.transfer.copy_engine import CopyEngine, TorchCopyEngine
 from tokenvm_vllm.transfer.disk_mover import DiskMover
 from tokenvm_vllm.transfer.host_pool import HostPool, num_host_slots
 from tokenvm_vllm.transfer.layout import KVLayout, slot_bytes_for
+from tokenvm_vllm.transfer.remote_mover import RemoteMover
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -94,6 +100,9 @@ class TokenVMWorker:
         self._worker_meta = TokenVMWorkerMetadata()
         self._num_loads = 0
         self.disk: DiskMover | None = None
+        self.remote: RemoteMover | None = None
+        self._remote_available = True
+        """The remote store's availability at the last report (changes go to the scheduler)."""
         self._pool: HostPool | None = None
 
     def register_kv_caches(
@@ -115,6 +124,8 @@ class TokenVMWorker:
         self.engine = make_copy_engine(self.layout, kv_caches, pool, self.config)
         if self.config.disk_path:
             self._open_disk_store(first_dtype=str(next(iter(kv_caches.values())).dtype))
+        if self.config.remote_url:
+            self._open_remote_store(first_dtype=str(next(iter(kv_caches.values())).dtype))
         first = next(iter(kv_caches.values()))
         logger.info(
             "TokenVM worker: %d layers, first %s shape %s strides %s, block dim %d, %d bytes "
@@ -163,6 +174,65 @@ class TokenVMWorker:
         self._worker_meta.disk_scanned = 1
         self._worker_meta.disk_recovered.update(recovered.items())
 
+    def _open_remote_store(self, first_dtype: str) -> None:
+        """Connect this rank to the remote tier (never fails on a server that is down: the
+        store serves without it and retries in the background)."""
+        from tokenvm_vllm.tiers.remote.store import RemoteStore  # only with a remote tier
+
+        assert self._pool is not None
+        namespace = self.namespace(first_dtype)
+        config = self.config
+        store = RemoteStore(
+            config.remote_url, namespace.fingerprint(), namespace.tp_rank, self.slot_bytes,
+            key_prefix=config.remote_key_prefix, ttl_s=config.remote_ttl_s,
+            timeout_s=config.remote_timeout_s, io_threads=config.remote_io_threads,
+            max_pending_writes=config.remote_max_pending_writes)  # batches <= blocks
+        self.remote = RemoteMover(store, self._pool)
+        self._report_remote_state()  # down at start-up: the scheduler asks nothing
+
+    def _start_remote_jobs(self, meta: TokenVMConnectorMetadata) -> None:
+        remote = self.remote
+        if remote is None:  # no store on this rank (cannot happen with a remote_url): fail
+            for job in meta.remote_lookups:
+                self._worker_meta.completed[job.job_id] += 1
+                self._worker_meta.remote_found[(job.job_id, 0)] += 1
+            for batch in (*meta.remote_reads, *meta.remote_writes):
+                for job_id in batch.job_ids:
+                    self._worker_meta.completed[job_id] += 1
+                    self._worker_meta.failed[job_id] += 1
+            return
+        for lookup in meta.remote_lookups:
+            remote.lookup(lookup.job_id, lookup.keys)
+        for batch in meta.remote_reads:
+            remote.read(batch.job_ids, batch.keys, batch.host_slots)
+        for batch in meta.remote_writes:
+            remote.write(batch.job_ids, batch.keys, batch.host_slots)
+
+    def _collect_remote_jobs(self) -> None:
+        assert self.remote is not None
+        meta = self._worker_meta
+        for result in self.remote.poll():
+            meta.completed[result.job_id] += 1
+            if not result.ok:
+                meta.failed[result.job_id] += 1
+            if result.found is not None:
+                meta.remote_found[(result.job_id, result.found)] += 1
+        meta.remote_io_seconds.extend(self.remote.take_batch_seconds())
+        meta.remote_counts.update(self.remote.store.stats())
+        self._report_remote_state()
+
+    def _report_remote_state(self) -> None:
+        """Tell the scheduler when the store goes down or comes back, so it asks the remote
+        tier nothing (and defers no request) while it is away."""
+        assert self.remote is not None
+        available = self.remote.store.available
+        if available != self._remote_available:
+            self._remote_available = available
+            if available:
+                self._worker_meta.remote_came_back += 1
+            else:
+                self._worker_meta.remote_went_down += 1
+
     def _start_disk_jobs(self, meta: TokenVMConnectorMetadata) -> None:
         assert self.disk is not None
         for slot in meta.disk_invalidations:
@@ -197,6 +267,8 @@ class TokenVMWorker:
         self._started_meta = meta
         if meta.disk_reads or meta.disk_writes or meta.disk_invalidations:
             self._start_disk_jobs(meta)
+        if meta.remote_lookups or meta.remote_reads or meta.remote_writes:
+            self._start_remote_jobs(meta)
         if not meta.loads:
             return
         engine = self.engine
@@ -303,6 +375,8 @@ class TokenVMWorker:
                         self._worker_meta.failed[result.job_id] += 1
         if self.disk is not None:
             self._collect_disk_jobs()
+        if self.remote is not None:
+            self._collect_remote_jobs()
         finished, self._finished_recving = self._finished_recving, set()
         return finished
 
@@ -326,6 +400,8 @@ class TokenVMWorker:
             self.engine.shutdown()
         if self.disk is not None:
             self.disk.shutdown()
+        if self.remote is not None:
+            self.remote.shutdown()
 
     def _fail_load(self, job_id: int) -> None:
         """Testing only: report a load as failed without copying (vLLM must recompute)."""

@@ -26,6 +26,10 @@ Verbs, each prepare_X followed by one complete_X::
                               disk slot read-pinned
     prepare_demotions(limit)  host -> disk for up to limit blocks complete_store made
                               READABLE: disk slot WRITING, host slot read-pinned
+    remote_candidates(keys)   the keys host and disk lack, to ask the remote tier about
+    prepare_remote_reads(keys) remote -> host: host slot WRITING (the remote tier has no slots)
+    prepare_remote_writes(limit) host -> remote for blocks complete_store made READABLE: host
+                              slot read-pinned
     touch(keys)               mark recently used (host policy)
     protect / unprotect       queued requests need these keys (queue-aware policy)
     evict(tier)               drop every unpinned block (vLLM's reset_prefix_cache)
@@ -38,6 +42,12 @@ A failed demotion keeps the host copy READABLE.
 Disk tier: none without ``disk_slots``. Until ``adopt_disk`` has taken over what the workers'
 start-up scans found, it is not *ready*: no promotion or demotion is prepared (a new disk write
 could land on a slot holding a recovered block).
+
+Remote tier (``remote=True``): a Redis shared by every server, below host and beside disk. It
+has no slots here (Redis keeps its own index and evicts by TTL and its maxmemory policy): the
+manager only reserves and pins the host side of each copy. A block ``complete_store`` made
+READABLE is queued for the remote tier as for disk; a request's blocks that host and disk lack
+are looked up (by the workers) and read into WRITING host slots.
 
 Counters (``get_stats``): what the tiers did, by ``tokenvm:*`` counter name, since the last call.
 """
@@ -71,7 +81,8 @@ class TierManager:
     tiers (``tokenvm_vllm.policies.POLICIES``).
     """
 
-    def __init__(self, host_slots: int, disk_slots: int = 0, policy: str = "lru") -> None:
+    def __init__(self, host_slots: int, disk_slots: int = 0, policy: str = "lru",
+                 remote: bool = False) -> None:
         self.index = ResidencyIndex()
         self.host = HostTier(host_slots, self.index, make_policy(policy))
         self.disk = DiskTier(disk_slots, self.index, make_policy(policy)) if disk_slots else None
@@ -79,6 +90,9 @@ class TierManager:
         """True once ``adopt_disk`` ran (never without a disk tier)."""
         self._demotions_queued: deque[BlockKey] = deque()
         """Blocks made READABLE in host by ``complete_store``, to copy to disk."""
+        self.remote = remote
+        self._remote_writes_queued: deque[BlockKey] = deque()
+        """Blocks made READABLE in host by ``complete_store``, to copy to the remote tier."""
         self._counts: Counter[str] = Counter()
         self._host_evictions_seen = 0
 
@@ -143,6 +157,8 @@ class TierManager:
             self.host.end_write(key, ok=ok)
         if ok and self.disk is not None:
             self._demotions_queued.extend(keys)
+        if ok and self.remote:
+            self._remote_writes_queued.extend(keys)
 
     # -- disk -> host (promotion) ----------------------------------------------------------
 
@@ -218,6 +234,60 @@ class TierManager:
         self.disk.end_write(key, ok=ok)
         self._counts["disk_written_blocks" if ok else "disk_write_failed_blocks"] += 1
 
+    # -- remote tier ---------------------------------------------------------------------------
+
+    def remote_candidates(self, keys: Sequence[BlockKey]) -> list[BlockKey]:
+        """The keys of the prefix ``keys`` that neither host (any state) nor disk (READABLE)
+        holds, in order: what to ask the remote tier for. Empty without a remote tier."""
+        if not self.remote:
+            return []
+        return [key for key in keys
+                if not self.host.contains(key) and not self.index.is_readable(key, Tier.DISK)]
+
+    def prepare_remote_reads(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int]]:
+        """(key, host slot WRITING) for each of ``keys`` (blocks the remote tier holds, in
+        prefix order) that host memory lacks; a full host tier ends the walk. Each must be
+        followed by one ``complete_remote_read``."""
+        reads = []
+        for key in keys:
+            if self.host.contains(key):
+                continue
+            slot = self.host.begin_write(key)
+            if slot is None:
+                break  # every host slot pinned
+            reads.append((key, slot))
+        return reads
+
+    def complete_remote_read(self, key: BlockKey, ok: bool) -> None:
+        """The host copy becomes READABLE, or (a miss, a timeout, a value that failed its
+        checks) its slot is freed."""
+        self.host.end_write(key, ok=ok)
+        self._counts["remote_hit_blocks" if ok else "remote_read_failed_blocks"] += 1
+
+    def prepare_remote_writes(self, limit: int) -> list[tuple[BlockKey, int]]:
+        """(key, host slot read-pinned) for up to ``limit`` of the blocks ``complete_store``
+        queued, oldest first, still READABLE in host; the rest of the queue is dropped and
+        counted (``remote_write_skipped_blocks``). Each must be followed by one
+        ``complete_remote_write``."""
+        writes: list[tuple[BlockKey, int]] = []
+        queue = self._remote_writes_queued
+        while queue:
+            key = queue.popleft()
+            if not self.index.is_readable(key, Tier.HOST):
+                continue
+            if len(writes) >= limit:
+                self._counts["remote_write_skipped_blocks"] += 1 + len(queue)
+                queue.clear()
+                break
+            (slot,) = self.host.begin_read([key])
+            writes.append((key, slot))
+        return writes
+
+    def complete_remote_write(self, key: BlockKey, ok: bool) -> None:
+        """Unpin the host copy (it stays READABLE either way)."""
+        self.host.end_read([key])
+        self._counts["remote_written_blocks" if ok else "remote_write_failed_blocks"] += 1
+
     # -- disk start-up and invalidation -------------------------------------------------
 
     def adopt_disk(self, found: Mapping[BlockKey, int]) -> int:
@@ -245,8 +315,9 @@ class TierManager:
         return sum(t.clear() for t in tiers)
 
     def has_pending_work(self) -> bool:
-        """Blocks are queued for demotion (the engine must keep stepping to send them)."""
-        return bool(self._demotions_queued)
+        """Blocks are queued for demotion or the remote tier (the engine must keep stepping to
+        send them)."""
+        return bool(self._demotions_queued) or bool(self._remote_writes_queued)
 
     def get_stats(self) -> Counter[str]:
         """Counts since the last call, by ``tokenvm:*`` counter name (zeros left out)."""

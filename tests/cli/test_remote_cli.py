@@ -1,0 +1,82 @@
+"""The remote tier's tools against a real redis-server on 127.0.0.1: the doctor check,
+``tokenvm remote-inspect`` and ``tokenvm remote-bench``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.redis_servers import HOST, RedisServer, free_port, require_redis_binaries
+from tokenvm_vllm import cli
+from tokenvm_vllm.cli.remote import remote_checks
+from tokenvm_vllm.keys import make_block_key
+from tokenvm_vllm.tiers.remote.store import RemoteStore
+
+NS = bytes(range(16))
+
+
+def test_doctor_check_reports_version_policy_and_round_trip(redis_server: RedisServer) -> None:
+    checks = remote_checks(redis_server.url, "tokenvm")
+    assert checks[0][0] == "OK" and "Redis 7" in checks[0][2] and "set+get+del" in checks[0][2]
+    assert ("WARN", "remote memory") == checks[-1][:2]  # no maxmemory: unbounded
+    redis_server.cli("CONFIG", "SET", "maxmemory", "64mb")
+    redis_server.cli("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+    assert remote_checks(redis_server.url, "tokenvm")[-1][0] == "OK"
+    assert int(redis_server.cli("DBSIZE")) == 0  # the probe cleaned up
+
+
+def test_doctor_check_fails_clearly_and_masks_the_password(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    require_redis_binaries()
+    url = f"redis://:pw-secret@{HOST}:{free_port()}/0"
+    (status, name, detail), = remote_checks(url, "tokenvm", timeout_s=0.5)
+    assert status == "FAIL" and name == "remote tier" and "pw-secret" not in detail
+    assert "***" in detail
+    for key in [k for k in os.environ if k.startswith("TOKENVM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("TOKENVM_REMOTE_URL", url)
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "pw-secret" not in out and "FAIL  remote tier" in out
+
+
+def test_remote_inspect_lists_namespaces(redis_server: RedisServer,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    for rank in (0, 1):
+        with RemoteStore(redis_server.url, NS, rank, 4096, key_prefix="prod") as store:
+            keys = [make_block_key(bytes([i]) * 32) for i in range(3 + rank)]
+            assert all(store.put(keys, [np.zeros(4096, np.uint8)] * len(keys)).result(5))
+    redis_server.cli("SET", "prod:junk:r0:00", "x")
+    redis_server.cli("SET", "other:x", "y")
+    assert cli.main(["remote-inspect", redis_server.url, "--prefix", "prod", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    groups = {(g["namespace"], g["rank"]): g for g in summary["namespaces"]}
+    assert groups[(NS.hex(), "r0")]["keys"] == 3 and groups[(NS.hex(), "r1")]["keys"] == 4
+    assert groups[(NS.hex(), "r0")]["bytes"] == 3 * (4096 + 4096)
+    assert groups[(NS.hex(), "r0")]["oldest_s"] < 60 and groups[("junk", "r0")]["bad_headers"] == 1
+    assert summary["keys_seen"] == 8
+    assert cli.main(["remote-inspect", redis_server.url, "--prefix", "prod"]) == 0
+    assert f"namespace {NS.hex()} rank r1: 4 blocks" in capsys.readouterr().out
+
+
+def test_remote_bench_prints_both_sources(redis_server: RedisServer, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    assert cli.main(["remote-bench", redis_server.url, "--block-bytes", "65536",
+                     "--megabytes", "2", "--batch", "8", "--threads", "2",
+                     "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    ours = [r for r in rows if r["source"] == "tokenvm"]
+    assert {(r["op"], r["mode"]) for r in ours} == {
+        ("put", "single"), ("get", "single"), ("put", "batch 8 x 2"), ("get", "batch 8 x 2")}
+    assert all(r["ok"] == r["blocks"] and r["gb_per_s"] > 0 for r in ours)
+    assert {r["op"] for r in rows if r["source"] == "redis-benchmark"} == {"set", "get"}
+    assert "| tokenvm | get | batch 8 x 2 | 65536 |" in capsys.readouterr().out
+    assert int(redis_server.cli("EVAL", "return #redis.call('keys', 'tokenvm-bench:*')",
+                                "0")) == 0  # our keys are deleted after the run

@@ -1,0 +1,201 @@
+"""``RemoteStore`` against real redis-server processes on 127.0.0.1: round trips, checks, and
+the faults of issue #15 (down at start-up, killed mid-run, slow, full, restarted empty)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from tests.redis_servers import HOST, RedisServer, free_port, require_redis_binaries
+from tokenvm_vllm.keys import make_block_key
+from tokenvm_vllm.tiers.remote.store import RemoteStore
+
+NS = bytes(range(16))
+SLOT = 8192
+
+
+def keys(n: int, salt: int = 0) -> list[bytes]:
+    return [make_block_key(bytes([salt]) + i.to_bytes(31, "big")) for i in range(n)]
+
+
+def payloads(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, SLOT, dtype=np.uint8) for _ in range(n)]
+
+
+def make_store(url: str, **kwargs: object) -> RemoteStore:
+    settings: dict[str, object] = dict(timeout_s=0.5, retry_interval_s=0.2)
+    settings.update(kwargs)
+    return RemoteStore(url, NS, 0, SLOT, **settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> Iterator[RemoteStore]:
+    with make_store(redis_server.url) as s:
+        yield s
+
+
+def wait_until(predicate: object, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_round_trip_with_ttl_and_stats(store: RemoteStore, redis_server: RedisServer) -> None:
+    ks, data = keys(20), payloads(20)
+    assert store.put(ks, data).result(5) == [True] * 20
+    assert store.contains(ks + keys(2, salt=9)).result(5) == [True] * 20 + [False, False]
+    outs = [np.zeros(SLOT, np.uint8) for _ in range(20)]
+    assert store.get(ks, outs).result(5) == [True] * 20
+    assert all(np.array_equal(a, b) for a, b in zip(outs, data, strict=True))
+    ttl_ms = int(redis_server.cli("PTTL", store.key_of(ks[0]).decode()))
+    assert 0 < ttl_ms <= 3600_000
+    stats = store.stats()
+    assert stats["hit_blocks"] == 20 and stats["written_blocks"] == 20
+    assert stats["read_bytes"] > 20 * SLOT and stats["written_bytes"] > 20 * SLOT
+    assert {op for op, _ in store.take_latencies()} == {"put", "contains", "get"}
+
+
+def test_another_namespace_rank_or_prefix_never_hits(redis_server: RedisServer,
+                                                     store: RemoteStore) -> None:
+    ks = keys(3)
+    assert store.put(ks, payloads(3)).result(5) == [True] * 3
+    out = [np.zeros(SLOT, np.uint8) for _ in ks]
+    for other in (RemoteStore(redis_server.url, bytes(16), 0, SLOT),
+                  RemoteStore(redis_server.url, NS, 1, SLOT),
+                  RemoteStore(redis_server.url, NS, 0, SLOT, key_prefix="other")):
+        with other:
+            assert other.contains(ks).result(5) == [False] * 3
+            assert other.get(ks, out).result(5) == [False] * 3
+
+
+def test_a_value_failing_its_checks_is_a_miss_and_deleted(
+        store: RemoteStore, redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    ks = keys(2)
+    store.put(ks, payloads(2)).result(5)
+    name = store.key_of(ks[0]).decode()
+    redis_server.cli("SETRANGE", name, str(4096 + 100), "X")  # bit rot in the payload
+    out = [np.zeros(SLOT, np.uint8) for _ in ks]
+    with caplog.at_level(logging.WARNING, logger="vllm.tokenvm"):
+        assert store.get(ks, out).result(5) == [False, True]
+    assert redis_server.cli("EXISTS", name).strip() == "0"
+    assert store.stats()["corrupt_blocks"] == 1
+    assert "failed their checks" in caplog.text
+
+
+def test_password_is_never_logged(tmp_path: object, caplog: pytest.LogCaptureFixture) -> None:
+    require_redis_binaries()
+    server = RedisServer(tmp_path / "pw", password="hunter2-secret").start()  # type: ignore[operator]
+    try:
+        with caplog.at_level(logging.INFO, logger="vllm.tokenvm"):
+            with make_store(server.url) as good:
+                assert good.available
+                assert good.put(keys(1), payloads(1)).result(5) == [True]
+            wrong = server.url.replace("hunter2-secret", "wrong-secret-xyz")
+            with make_store(wrong) as bad:
+                assert not bad.available
+                assert bad.get(keys(1), [np.zeros(SLOT, np.uint8)]).result(5) == [False]
+            server.kill()
+            with make_store(server.url) as down:
+                assert not down.available
+        assert "unreachable" in caplog.text and "credentials" in caplog.text
+        assert "hunter2-secret" not in caplog.text and "wrong-secret-xyz" not in caplog.text
+        assert ":***@" in caplog.text
+    finally:
+        server.stop()
+
+
+def test_down_at_start_up_then_back(tmp_path: object, caplog: pytest.LogCaptureFixture) -> None:
+    require_redis_binaries()
+    port = free_port()
+    with caplog.at_level(logging.INFO, logger="vllm.tokenvm"):
+        with make_store(f"redis://{HOST}:{port}/0") as store:
+            assert not store.available
+            start = time.monotonic()
+            assert store.put(keys(4), payloads(4)).result(1) == [False] * 4
+            assert store.contains(keys(4)).result(1) == [False] * 4
+            assert time.monotonic() - start < 0.1  # no network while down
+            server = RedisServer(tmp_path / "late", port=port).start()  # type: ignore[operator]
+            try:
+                assert wait_until(lambda: store.available)
+                assert store.put(keys(4), payloads(4)).result(5) == [True] * 4
+            finally:
+                server.stop()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "serving without the remote tier" in warnings[0].message
+    assert "reachable again" in caplog.text
+
+
+def test_killed_mid_run_then_restarted_empty(store: RemoteStore,
+                                             redis_server: RedisServer) -> None:
+    ks = keys(8)
+    assert store.put(ks, payloads(8)).result(5) == [True] * 8
+    redis_server.kill()
+    out = [np.zeros(SLOT, np.uint8) for _ in ks]
+    start = time.monotonic()
+    assert store.get(ks, out).result(5) == [False] * 8  # a miss, not an exception
+    assert store.put(ks, payloads(8)).result(5) == [False] * 8
+    assert time.monotonic() - start < 2 * store.timeout_s + 0.5
+    assert not store.available and store.outages == 1
+    redis_server.start()  # same port, empty
+    assert wait_until(lambda: store.available)
+    assert store.get(ks, out).result(5) == [False] * 8  # the old blocks are gone: misses
+    assert store.put(ks, payloads(8, seed=1)).result(5) == [True] * 8
+    assert store.get(ks, out).result(5) == [True] * 8
+    assert np.array_equal(out[0], payloads(8, seed=1)[0])
+
+
+def test_slow_server_calls_time_out_as_misses(store: RemoteStore,
+                                              redis_server: RedisServer) -> None:
+    ks = keys(2)
+    store.put(ks, payloads(2)).result(5)
+    sleeper = threading.Thread(target=redis_server.cli, args=("DEBUG", "SLEEP", "1.5"))
+    sleeper.start()
+    time.sleep(0.1)
+    start = time.monotonic()
+    out = [np.zeros(SLOT, np.uint8) for _ in ks]
+    assert store.get(ks, out).result(5) == [False, False]
+    assert time.monotonic() - start < store.timeout_s + 0.4
+    sleeper.join()
+    assert store.stats()["timeouts"] == 1
+    assert store.available  # one slow answer is not an outage
+    assert store.get(ks, out).result(5) == [True, True]
+
+
+def test_bounded_queue_refuses_at_once(redis_server: RedisServer) -> None:
+    with make_store(redis_server.url, io_threads=1, max_pending_writes=2,
+                    timeout_s=2.0) as store:
+        sleeper = threading.Thread(target=redis_server.cli, args=("DEBUG", "SLEEP", "0.5"))
+        sleeper.start()
+        time.sleep(0.1)
+        futures = [store.put(keys(1, salt=i), payloads(1)) for i in range(4)]
+        assert futures[2].done() and futures[3].done()  # refused without waiting
+        assert futures[2].result() == [False] and futures[3].result() == [False]
+        assert [f.result(5) for f in futures[:2]] == [[True], [True]]
+        sleeper.join()
+        assert store.stats()["dropped_batches"] == 2
+
+
+def test_full_server_refuses_writes_and_serves_reads(
+        store: RemoteStore, redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    ks = keys(4)
+    assert store.put(ks, payloads(4)).result(5) == [True] * 4
+    used = int(redis_server.cli("INFO", "memory").split("used_memory:")[1].split()[0])
+    redis_server.cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    redis_server.cli("CONFIG", "SET", "maxmemory", str(used + 40 * SLOT))
+    with caplog.at_level(logging.WARNING, logger="vllm.tokenvm"):
+        results = [store.put(keys(10, salt=i + 1), payloads(10)).result(5) for i in range(10)]
+    flat = [ok for batch in results for ok in batch]
+    assert any(flat) and not all(flat)
+    assert caplog.text.count("is full") == 1
+    assert store.available
+    out = [np.zeros(SLOT, np.uint8) for _ in ks]
+    assert store.get(ks, out).result(5) == [True] * 4

@@ -1,0 +1,161 @@
+"""Throughput of the remote tier (``RemoteStore``) next to ``redis-benchmark`` on the same server.
+
+For each block size: single-block puts and gets (one call at a time: latency), then batched puts
+and gets (``batch`` blocks per pipeline, up to ``threads`` batches in flight: throughput), each
+moving about ``megabytes`` MiB of payload. ``redis-benchmark`` then runs SET and GET of the same
+value size, once with one connection and no pipelining (``-c 1 -P 1``) and once with ``threads``
+connections and ``batch``-deep pipelines, so each of our rows has a plain client's row to be
+measured against. Keys expire after 10 minutes; ``redis-benchmark`` writes its own ``key:*``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from tokenvm_vllm.keys import make_block_key
+from tokenvm_vllm.tiers.remote.store import RemoteStore
+from tokenvm_vllm.tiers.remote.url import parse_remote_url
+
+NAMESPACE = b"remote-bench-ns!"
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else 0.0
+
+
+def _row(op: str, mode: str, size: int, blocks: int, seconds: float,
+         latencies: Sequence[float], ok: int) -> dict[str, Any]:
+    return {"source": "tokenvm", "op": op, "mode": mode, "block_bytes": size, "blocks": blocks,
+            "ok": ok, "seconds": round(seconds, 4),
+            "blocks_per_s": round(blocks / seconds, 1) if seconds else 0.0,
+            "gb_per_s": round(blocks * size / seconds / 1e9, 3) if seconds else 0.0,
+            "p50_ms": round(_percentile(latencies, 50) * 1000, 3),
+            "p99_ms": round(_percentile(latencies, 99) * 1000, 3)}
+
+
+def bench_store(url: str, size: int, megabytes: int, batch: int, threads: int,
+                prefix: str = "tokenvm-bench") -> list[dict[str, Any]]:
+    """Our four rows (put/get x single/batched) for one block size."""
+    store = RemoteStore(url, NAMESPACE, 0, size, key_prefix=prefix, ttl_s=600, timeout_s=10.0,
+                        io_threads=threads, max_pending_reads=threads,
+                        max_pending_writes=threads)
+    if not store.available:
+        store.close()
+        raise RuntimeError(f"tokenvm: {store.where} is unreachable")
+    rows = []
+    try:
+        total = max(batch, megabytes * 2**20 // size)
+        single = max(16, min(total // 4, 2000))
+        payload = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+        keys = [make_block_key(i.to_bytes(32, "big")) for i in range(total)]
+        outs = [np.empty(size, np.uint8) for _ in range(batch)]
+        for op in ("put", "get"):
+            latencies = []
+            ok = 0
+            start = time.perf_counter()
+            for key in keys[:single]:
+                t0 = time.perf_counter()
+                if op == "put":
+                    result = store.put([key], [payload]).result()
+                else:
+                    result = store.get([key], outs[:1]).result()
+                latencies.append(time.perf_counter() - t0)
+                ok += sum(result)
+            rows.append(_row(op, "single", size, single, time.perf_counter() - start,
+                             latencies, ok))
+        for op in ("put", "get"):
+            ok, latencies = 0, []
+            in_flight: list[tuple[float, Future[list[bool]]]] = []
+            # Reads into shared buffers: every batch of a get may overwrite the last one's
+            # bytes, which the benchmark never looks at (throughput only; checks still run).
+            buffers = [[np.empty(size, np.uint8) for _ in range(batch)] for _ in range(threads)]
+            start = time.perf_counter()
+            for n, first in enumerate(range(0, total, batch)):
+                chunk = keys[first:first + batch]
+                while len(in_flight) >= threads:
+                    t0, future = in_flight.pop(0)
+                    ok += sum(future.result())
+                    latencies.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                if op == "put":
+                    future = store.put(chunk, [payload] * len(chunk))
+                else:
+                    future = store.get(chunk, buffers[n % threads][:len(chunk)])
+                in_flight.append((t0, future))
+            for t0, future in in_flight:
+                ok += sum(future.result())
+                latencies.append(time.perf_counter() - t0)
+            rows.append(_row(op, f"batch {batch} x {threads}", size, total,
+                             time.perf_counter() - start, latencies, ok))
+        store.delete(keys).result()
+    finally:
+        store.close()
+    return rows
+
+
+def redis_benchmark(url: str, size: int, megabytes: int, batch: int,
+                    threads: int) -> list[dict[str, Any]]:
+    """``redis-benchmark`` SET/GET of ``size``-byte values, single and pipelined. Empty when the
+    tool is missing or the URL is a cluster or TLS (not compared then)."""
+    target = parse_remote_url(url)
+    if shutil.which("redis-benchmark") is None or target.tls:
+        return []
+    host, port = target.nodes[0]
+    total = max(batch, megabytes * 2**20 // size)
+    rows = []
+    for mode, clients, pipeline, requests in (
+            ("single", 1, 1, max(16, min(total // 4, 2000))),
+            (f"batch {batch} x {threads}", threads, batch, total)):
+        cmd = ["redis-benchmark", "-h", host, "-p", str(port), "-t", "set,get", "-d", str(size),
+               "-n", str(requests), "-c", str(clients), "-P", str(pipeline), "--csv"]
+        if target.cluster:
+            cmd.append("--cluster")
+        else:
+            cmd += ["--dbnum", str(target.db)]
+        if target.username:
+            cmd += ["--user", target.username]
+        if target.password:
+            cmd += ["-a", target.password, "--no-auth-warning"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        for record in csv.DictReader(io.StringIO(result.stdout)):
+            rps = float(record["rps"])
+            rows.append({"source": "redis-benchmark", "op": record["test"].lower(),
+                         "mode": mode, "block_bytes": size, "blocks": requests, "ok": requests,
+                         "seconds": round(requests / rps, 4) if rps else 0.0,
+                         "blocks_per_s": rps, "gb_per_s": round(rps * size / 1e9, 3),
+                         "p50_ms": float(record.get("p50_latency_ms", 0) or 0),
+                         "p99_ms": float(record.get("p99_latency_ms", 0) or 0)})
+    return rows
+
+
+def run(url: str, sizes: Sequence[int], megabytes: int, batch: int,
+        threads: int) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:
+        rows += bench_store(url, size, megabytes, batch, threads)
+        rows += redis_benchmark(url, size, megabytes, batch, threads)
+    return rows
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table; each TokenVM row with its share of redis-benchmark's GB/s."""
+    plain = {(r["op"].replace("put", "set"), r["mode"], r["block_bytes"]): r["gb_per_s"]
+             for r in rows if r["source"] == "redis-benchmark"}
+    lines = ["| source | op | mode | block | blocks/s | GB/s | p50 ms | p99 ms | vs plain |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        base = plain.get((r["op"].replace("put", "set"), r["mode"], r["block_bytes"]))
+        share = (f"{r['gb_per_s'] / base:.0%}" if r["source"] == "tokenvm" and base else "")
+        lines.append(f"| {r['source']} | {r['op']} | {r['mode']} | {r['block_bytes']} | "
+                     f"{r['blocks_per_s']:.0f} | {r['gb_per_s']:.3f} | {r['p50_ms']:.3f} | "
+                     f"{r['p99_ms']:.3f} | {share} |")
+    return "\n".join(lines)
