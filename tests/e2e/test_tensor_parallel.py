@@ -19,6 +19,7 @@ block. What TP=2 must keep true, each checked here:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import replace
@@ -113,10 +114,14 @@ def test_each_rank_owns_its_disk_store(runs: dict[str, Any]) -> None:
     disk: Path = runs["disk_path"]
     assert sorted(p.name for p in disk.iterdir()) == ["rank-0", "rank-1"]
     stores = [inspect_store(str(disk / f"rank-{r}")) for r in range(TP)]
-    for store in stores:
+    for rank, store in enumerate(stores):
         assert store.slot_bytes == SLOT_BYTES_PER_RANK
         assert store.used_slots > 0
         assert len(store.blocks_by_namespace) == 1
+        namespaces = json.loads((disk / f"rank-{rank}" / "namespace.json").read_text())
+        assert [(ns["tp_rank"], ns["tp_size"]) for ns in namespaces.values()] == [(rank, TP)]
+    # one decision per block, carried out by both ranks: the same blocks on each
+    assert stores[0].used_slots == stores[1].used_slots
     # the rank is part of the namespace: one rank's blocks can never be read as the other's
     assert stores[0].blocks_by_namespace.keys() != stores[1].blocks_by_namespace.keys()
 
