@@ -47,6 +47,7 @@ def test_config_is_frozen():
     ({"policy": "mru"}, "policy='mru'"),
     ({"policy": 3}, "policy=3 is not a string"),
     ({"debug_fail_load_every": -2}, "debug_fail_load_every=-2"),
+    ({"debug_fail_load_rank": -2}, "debug_fail_load_rank=-2"),
 ])
 def test_bad_input_names_the_key(extra, needle):
     with pytest.raises(TokenVMConfigError) as err:

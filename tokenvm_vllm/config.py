@@ -137,6 +137,9 @@ class TokenVMConfig:
     load: lookup hit, submit, copy done on the device, completion seen by the scheduler."""
     debug_fail_load_every: int = 0
     """Testing only: fail every N-th load job (its blocks are reported as load errors)."""
+    debug_fail_load_rank: int = -1
+    """Testing only, with ``debug_fail_load_every``: fail the loads on this tensor-parallel rank
+    only (-1: every rank). A load failing on one rank must fail its blocks on all."""
     debug_corrupt_loads: bool = False
     """Testing only: flip one byte of every block restored to vLLM's cache."""
     debug_disk_faults: str = ""
@@ -410,6 +413,10 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
     if config.debug_fail_load_every < 0:
         raise TokenVMConfigError(
             f"tokenvm: debug_fail_load_every={config.debug_fail_load_every} must be >= 0")
+    if config.debug_fail_load_rank < -1:
+        raise TokenVMConfigError(
+            f"tokenvm: debug_fail_load_rank={config.debug_fail_load_rank} must be a rank (>= 0) "
+            "or -1 (every rank)")
     for key in DEBUG_KNOBS:
         if getattr(config, key) and not config.testing:
             where = sources.get(key, "default")

