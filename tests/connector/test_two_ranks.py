@@ -45,7 +45,7 @@ class TwoRankHarness(Harness):
         scheduler = self.connector.scheduler
         assert scheduler is not None and len(scheduler.jobs) == 0
         scheduler.num_workers = 2  # as vLLM's parallel_config.world_size would say at TP=2
-        scheduler.jobs = JobTable(2)
+        scheduler.jobs = scheduler.planner.jobs = JobTable(2)
         with mock.patch.object(compat, "tensor_parallel_rank_and_size", return_value=(1, 2)):
             rank1 = TokenVMConnector(self.vllm_config, KVConnectorRole.WORKER,
                                      self.kv_cache_config)

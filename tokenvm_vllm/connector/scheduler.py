@@ -38,11 +38,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tokenvm_vllm import compat
-from tokenvm_vllm.config import LoadMode, TokenVMConfig, WriteMode
+from tokenvm_vllm.config import LoadMode, TokenVMConfig
 from tokenvm_vllm.connector.jobs import Job, JobKind, JobState, JobTable
 from tokenvm_vllm.connector.metadata import (
     CopyJob,
@@ -52,11 +51,12 @@ from tokenvm_vllm.connector.metadata import (
     TokenVMConnectorMetadata,
     TokenVMWorkerMetadata,
 )
+from tokenvm_vllm.connector.requests import RequestState
 from tokenvm_vllm.connector.stats import TokenVMStats
+from tokenvm_vllm.connector.store_planner import StorePlanner
 from tokenvm_vllm.keys import BlockKey, make_block_key
 from tokenvm_vllm.tiers.disk import disk_slot_count
 from tokenvm_vllm.tiers.manager import TierManager
-from tokenvm_vllm.tiers.residency import Tier
 from tokenvm_vllm.transfer.host_pool import num_host_slots
 from tokenvm_vllm.transfer.layout import block_size_for, slot_bytes_for
 
@@ -73,42 +73,6 @@ logger = logging.getLogger("vllm.tokenvm")
 REMOTE_STORE_COUNTERS = ("read_bytes", "written_bytes", "corrupt_blocks", "timeouts",
                          "failed_batches", "dropped_batches", "expired_batches", "outages")
 """``RemoteStore.stats()`` names passed on to /metrics as ``tokenvm:remote_<name>``."""
-
-
-@dataclass
-class RequestState:
-    """What the scheduler side remembers about one live request."""
-
-    request: Request
-    keys: list[BlockKey] = field(default_factory=list)
-    """The request's block keys so far, from its first block (each computed once)."""
-    block_ids: list[int] = field(default_factory=list)
-    """The request's GPU block ids (group 0), as vLLM allocated them."""
-    next_store_block: int = 0
-    """Blocks below this index are stored, loaded or local hits: never stored again."""
-    local_blocks: int = 0
-    """vLLM's own prefix-cache hit (blocks) at the last lookup."""
-    hit_blocks: int = 0
-    """The host hit the last lookup promised, in blocks after ``local_blocks``."""
-    load_job_id: int | None = None
-    layerwise_load: tuple[int, int] | None = None
-    """(job id, first block) of a layer-wise load in flight. Until it completes the request's
-    new blocks are not stored: if the load fails, the forward that ran beside it read bad KV,
-    and the blocks it filled are recomputed by vLLM before they may be stored."""
-    protected: list[BlockKey] = field(default_factory=list)
-    """Prompt block keys the eviction policy protects while the request lives."""
-    promotions: set[int] = field(default_factory=set)
-    """Disk -> host jobs in flight for this request's prefix."""
-    prefetched_blocks: int = 0
-    """Promotions issued for this request, not yet judged on time or late."""
-    lookup_deferred: bool = False
-    prefetch_deadline: float = 0.0
-    remote_asked: bool = False
-    """A remote lookup was issued for this request (one per request)."""
-    remote_lookup: int | None = None
-    """The remote lookup job in flight, if any."""
-    remote_reads: set[int] = field(default_factory=set)
-    """Remote -> host jobs in flight for this request's prefix."""
 
 
 class TokenVMScheduler:
@@ -140,13 +104,14 @@ class TokenVMScheduler:
         self._step_loads: list[CopyJob] = []
         self._step_disk_reads: list[DiskJob] = []
         self.stats = TokenVMStats()
-        self.gpu_block_pool: Any = None
         # At most half the host tier: a window larger than what host memory keeps would copy
         # blocks that evict each other, step after step, for ever.
-        self.write_back_lookahead = max(1, min(
+        write_back_lookahead = max(1, min(
             config.write_back_lookahead_blocks
             or 2 * vllm_config.scheduler_config.max_num_batched_tokens // self.block_size,
             self.tiers.host.num_slots // 2))
+        self.planner = StorePlanner(config, self.tiers, self.jobs, self.block_size,
+                                    write_back_lookahead)
         self._disk_scans = 0
         self._disk_recovered: Counter[tuple[BlockKey, int]] = Counter()
         disk = self.tiers.disk
@@ -296,9 +261,12 @@ class TokenVMScheduler:
             state = self.requests.get(req_id)
             if state is not None:
                 state.block_ids = []
-        store = self._plan_store(scheduler_output)
-        disk_writes = self._plan_disk_writes()
-        remote_writes = self._plan_remote_writes()
+        store = self.planner.plan_store(scheduler_output, self.requests, self.block_keys,
+                                        self.num_hashed_blocks)
+        if store is not None:
+            self.stats.add("stored_blocks", len(store.gpu_block_ids))
+        disk_writes = self.planner.plan_disk_writes()
+        remote_writes = self.planner.plan_remote_writes()
         fence_job_ids = self.jobs.send()  # this step's jobs are never fenced, only older ones
         self.stats.add("fenced_jobs", len(fence_job_ids))
         meta = TokenVMConnectorMetadata(
@@ -314,90 +282,9 @@ class TokenVMScheduler:
         return meta
 
     def bind_gpu_block_pool(self, block_pool: Any) -> None:
-        self.gpu_block_pool = block_pool
+        self.planner.gpu_block_pool = block_pool
 
-    # -- planning copies out ----------------------------------------------------------------
-
-    def _plan_store(self, scheduler_output: SchedulerOutput) -> CopyJob | None:
-        """Reserve host slots for the blocks to copy out this step, as one job."""
-        if self.config.write_mode is WriteMode.WRITE_BACK:
-            planned = self._plan_write_back()
-        else:
-            planned = self._plan_write_through(scheduler_output)
-        if not planned:
-            return None
-        keys = [key for key, _, _ in planned]
-        gpu_block_ids = [gpu_block for _, gpu_block, _ in planned]
-        job = self.jobs.add(JobKind.STORE, keys, gpu_block_ids)
-        self.stats.add("stored_blocks", len(keys))
-        return CopyJob(job, gpu_block_ids, [slot for _, _, slot in planned])
-
-    def _plan_write_back(self) -> list[tuple[BlockKey, int, int]]:
-        """(key, GPU block, host slot) for the cached GPU blocks about to be evicted that host
-        memory lacks. A free block may be handed out again while its copy runs: the fence on
-        re-allocation covers that."""
-        planned: list[tuple[BlockKey, int, int]] = []
-        if self.gpu_block_pool is None:
-            return planned
-        for block in compat.iter_free_blocks(self.gpu_block_pool, self.write_back_lookahead):
-            key = block.block_hash  # vLLM's hash + 4-byte group id: the BlockKey format
-            if key is None or block.is_null or self.tiers.contains(key):
-                continue  # in host, or on disk (promoted back on demand)
-            slot = self.tiers.prepare_store(key)
-            if slot is None:
-                break  # every host slot pinned
-            planned.append((key, block.block_id, slot))
-        return planned
-
-    def _plan_write_through(
-        self, scheduler_output: SchedulerOutput
-    ) -> list[tuple[BlockKey, int, int]]:
-        """(key, GPU block, host slot) for every block this step's forward fills that host
-        memory lacks. A block two requests fill in one step is stored once: the first
-        reservation makes it resident (WRITING)."""
-        planned: list[tuple[BlockKey, int, int]] = []
-        for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
-            state = self.requests.get(req_id)
-            if state is None or state.layerwise_load is not None:
-                continue  # (stored once its layer-wise load is known good: see RequestState)
-            request = state.request
-            filled = min(
-                (request.num_computed_tokens + num_scheduled) // self.block_size,
-                self.num_hashed_blocks(request),
-                len(state.block_ids),
-            )
-            first = state.next_store_block
-            if filled <= first:
-                continue
-            for i, key in enumerate(self.block_keys(state, first, filled), first):
-                if self.tiers.contains(key, Tier.HOST):
-                    self.tiers.touch([key])
-                    continue
-                slot = self.tiers.prepare_store(key)
-                if slot is not None:
-                    planned.append((key, state.block_ids[i], slot))
-            state.next_store_block = filled
-        return planned
-
-    def _plan_disk_writes(self) -> list[DiskJob]:
-        """Copy newly READABLE host blocks to disk, within the in-flight limit."""
-        room = self.config.disk_max_pending_writes - self.jobs.in_flight(JobKind.DISK_WRITE)
-        writes = []
-        for key, host_slot, disk_slot in self.tiers.prepare_demotions(max(0, room)):
-            job = self.jobs.add(JobKind.DISK_WRITE, [key])
-            writes.append(DiskJob(job, key, host_slot, disk_slot))
-        return writes
-
-    def _plan_remote_writes(self) -> list[RemoteBatch]:
-        """Copy newly READABLE host blocks to the remote tier, within the in-flight limit, as
-        one batch (one job per block: each finishes on its own)."""
-        room = (self.config.remote_max_pending_writes
-                - self.jobs.in_flight(JobKind.REMOTE_WRITE))
-        writes = self.tiers.prepare_remote_writes(max(0, room)) if self.tiers.remote else []
-        if not writes:
-            return []
-        job_ids = [self.jobs.add(JobKind.REMOTE_WRITE, [key]) for key, _ in writes]
-        return [RemoteBatch(job_ids, [key for key, _ in writes], [slot for _, slot in writes])]
+    # -- planning copies out (connector/store_planner.py) -------------------------------------
 
     def _plan_remote_reads(self, state: RequestState | None, keys: list[BlockKey]) -> None:
         """The remote tier holds ``keys`` (a request's prefix blocks): read them into host."""

@@ -1,0 +1,47 @@
+"""``RequestState``: what the scheduler side remembers about one live request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tokenvm_vllm.keys import BlockKey
+
+if TYPE_CHECKING:
+    from vllm.v1.request import Request
+
+
+@dataclass
+class RequestState:
+    """What the scheduler side remembers about one live request."""
+
+    request: Request
+    keys: list[BlockKey] = field(default_factory=list)
+    """The request's block keys so far, from its first block (each computed once)."""
+    block_ids: list[int] = field(default_factory=list)
+    """The request's GPU block ids (group 0), as vLLM allocated them."""
+    next_store_block: int = 0
+    """Blocks below this index are stored, loaded or local hits: never stored again."""
+    local_blocks: int = 0
+    """vLLM's own prefix-cache hit (blocks) at the last lookup."""
+    hit_blocks: int = 0
+    """The host hit the last lookup promised, in blocks after ``local_blocks``."""
+    load_job_id: int | None = None
+    layerwise_load: tuple[int, int] | None = None
+    """(job id, first block) of a layer-wise load in flight. Until it completes the request's
+    new blocks are not stored: if the load fails, the forward that ran beside it read bad KV,
+    and the blocks it filled are recomputed by vLLM before they may be stored."""
+    protected: list[BlockKey] = field(default_factory=list)
+    """Prompt block keys the eviction policy protects while the request lives."""
+    promotions: set[int] = field(default_factory=set)
+    """Disk -> host jobs in flight for this request's prefix."""
+    prefetched_blocks: int = 0
+    """Promotions issued for this request, not yet judged on time or late."""
+    lookup_deferred: bool = False
+    prefetch_deadline: float = 0.0
+    remote_asked: bool = False
+    """A remote lookup was issued for this request (one per request)."""
+    remote_lookup: int | None = None
+    """The remote lookup job in flight, if any."""
+    remote_reads: set[int] = field(default_factory=set)
+    """Remote -> host jobs in flight for this request's prefix."""
