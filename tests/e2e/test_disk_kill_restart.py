@@ -11,11 +11,7 @@ reads that log after the engine died.
 
 from __future__ import annotations
 
-import os
 import random
-import re
-import signal
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +20,6 @@ import pytest
 from tokenvm_vllm.bench.prefix_reuse import (
     EngineSettings,
     Workload,
-    engine_command,
     run_in_subprocess,
 )
 from tokenvm_vllm.cli import faults
@@ -33,46 +28,20 @@ pytestmark = pytest.mark.e2e
 
 WORKLOAD = Workload(documents=16, questions=2, prefix_blocks=8, suffix_tokens=24, max_tokens=8,
                     batch_size=4)
-ENV = {"PYTHONHASHSEED": "0"}
-KILL_HOOK = faults.KILL_HOOK
-MIN_IN_FLIGHT = 2
-"""Writes queued and not completed when the kill is sent: the one just submitted and another."""
-KILL_LINE = re.compile(r"^kill submitted=(\d+) done=(\d+) in_flight=(\d+)$", re.MULTILINE)
+ENV = faults.ENV
 
 
 def kill_during_disk_writes(settings: EngineSettings, workload: Workload, tmp: Path,
                             run: int, kill_at_write: int) -> int:
-    """Run an engine that SIGKILLs its process group at a disk write submission (the
-    ``kill_at_write``-th or later) that finds ``MIN_IN_FLIGHT`` writes in flight.
-
-    Returns the writes in flight when the kill was sent; 0 if the engine ended another way.
-    """
-    write_log = tmp / f"killed-{run}.writes"
-    env = {**os.environ, **ENV, "KILLHOOK_WRITE_LOG": str(write_log),
-           "KILLHOOK_KILL_AT_WRITE": str(kill_at_write),
-           "KILLHOOK_MIN_IN_FLIGHT": str(MIN_IN_FLIGHT),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(KILL_HOOK),
-                                                        os.environ.get("PYTHONPATH")]))}
-    with open(tmp / f"killed-{run}.log", "w") as log:
-        proc = subprocess.Popen(engine_command(settings, workload, tmp / f"killed-{run}.json"),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=env)
-    try:
-        returncode = proc.wait(timeout=300)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers, or a run that never got killed
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=60)
-    kills = KILL_LINE.findall(write_log.read_text()) if write_log.exists() else []
-    if returncode != -signal.SIGKILL or not kills:
-        return 0
-    assert len(kills) == 1, kills
-    submitted, done, in_flight = map(int, kills[0])
-    assert submitted >= kill_at_write and in_flight == submitted - done >= MIN_IN_FLIGHT
+    """``faults.kill_during_writes``, asserting the kill landed as the hook promises: at the
+    ``kill_at_write``-th write or later, with ``MIN_IN_FLIGHT`` writes queued and not completed,
+    before the engine finished its workload. Returns the writes in flight."""
+    kill = faults.kill_during_writes(settings, workload, tmp, run, kill_at_write)
+    assert kill is not None, f"run {run}: the engine was not killed by the hook"
+    assert kill.submitted >= kill_at_write
+    assert kill.in_flight == kill.submitted - kill.done >= faults.MIN_IN_FLIGHT
     assert not (tmp / f"killed-{run}.json").exists()  # it died before finishing the workload
-    return in_flight
+    return kill.in_flight
 
 
 def test_kill_9_during_disk_writes_then_restart_is_exact(tmp_path, engine_settings):

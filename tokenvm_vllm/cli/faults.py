@@ -137,25 +137,34 @@ MIN_IN_FLIGHT = 2
 KILL_LINE = re.compile(r"^kill submitted=(\d+) done=(\d+) in_flight=(\d+)$", re.MULTILINE)
 
 
-def _kill_during_writes(suite: Suite, settings: Any, run: int, kill_at_write: int) -> int:
-    """Run an engine that SIGKILLs its process group at a disk write submission (the
-    ``kill_at_write``-th or later) that finds ``MIN_IN_FLIGHT`` writes queued and not completed
-    (``kill_hook/sitecustomize.py``). Returns those in-flight writes; 0 if it ended otherwise."""
+@dataclass(frozen=True)
+class Kill:
+    """What the kill hook logged when it sent SIGKILL: disk writes submitted, completed, and
+    queued but not completed (``in_flight``)."""
+
+    submitted: int
+    done: int
+    in_flight: int
+
+
+def kill_during_writes(settings: Any, workload: Any, out: Path, run: int,
+                       kill_at_write: int) -> Kill | None:
+    """Run an engine (``prefix_reuse``, results to ``out/killed-<run>.json``) that SIGKILLs its
+    process group at a disk write submission (the ``kill_at_write``-th or later) that finds
+    ``MIN_IN_FLIGHT`` writes queued and not completed (``kill_hook/sitecustomize.py``).
+
+    Returns the hook's counts; None if the engine ended another way (finished unkilled, or
+    crashed). Used by ``case_kill_9`` and ``tests/e2e/test_disk_kill_restart.py``."""
     from tokenvm_vllm.bench.prefix_reuse import engine_command
 
-    write_log = suite.out / f"killed-{run}.writes"
+    write_log = out / f"killed-{run}.writes"
     env = {**os.environ, **ENV, "KILLHOOK_WRITE_LOG": str(write_log),
            "KILLHOOK_KILL_AT_WRITE": str(kill_at_write),
            "KILLHOOK_MIN_IN_FLIGHT": str(MIN_IN_FLIGHT),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(KILL_HOOK),
                                                         os.environ.get("PYTHONPATH")]))}
-    with open(suite.out / f"killed-{run}.log", "w") as log:
-        # Each cycle asks other questions (seed), so it has new blocks to write: with the same
-        # workload every time, later cycles find their blocks on disk and write too few to be
-        # killed mid-write.
-        workload = replace(suite.workload, seed=run + 1)
-        proc = subprocess.Popen(engine_command(settings, workload,
-                                               suite.out / f"killed-{run}.json"),
+    with open(out / f"killed-{run}.log", "w") as log:
+        proc = subprocess.Popen(engine_command(settings, workload, out / f"killed-{run}.json"),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=env)
     try:
@@ -168,8 +177,18 @@ def _kill_during_writes(suite: Suite, settings: Any, run: int, kill_at_write: in
         proc.wait(timeout=60)
     kills = KILL_LINE.findall(write_log.read_text()) if write_log.exists() else []
     if returncode != -signal.SIGKILL or len(kills) != 1:
-        return 0
-    return int(kills[0][2])
+        return None
+    submitted, done, in_flight = map(int, kills[0])
+    return Kill(submitted, done, in_flight)
+
+
+def _kill_during_writes(suite: Suite, settings: Any, run: int, kill_at_write: int) -> int:
+    """Writes in flight at cycle ``run``'s kill (0 if it did not land). Each cycle asks other
+    questions (seed), so it has new blocks to write: with the same workload every time, later
+    cycles find their blocks on disk and write too few to be killed mid-write."""
+    kill = kill_during_writes(settings, replace(suite.workload, seed=run + 1), suite.out, run,
+                              kill_at_write)
+    return kill.in_flight if kill is not None else 0
 
 
 def case_kill_9(suite: Suite) -> tuple[str, str]:
