@@ -7,7 +7,7 @@ test run, stopped by the fixtures (``tests/tiers/remote/conftest.py``) and by ``
 
 The binaries come from Debian's ``redis-server`` / ``redis-tools`` (``ci/install_cpu.sh``
 installs them). Without them the tests that need a server are skipped, unless
-``TOKENVM_REQUIRE_REDIS=1`` (set by CI), which makes a missing binary a failure.
+``TESTS_REQUIRE_REDIS=1`` (set by CI), which makes a missing binary a failure.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ HOST = "127.0.0.1"
 
 
 def require_redis_binaries() -> None:
-    """Skip (or, with TOKENVM_REQUIRE_REDIS=1, fail) when redis-server / redis-cli are missing."""
+    """Skip (or, with TESTS_REQUIRE_REDIS=1, fail) when redis-server / redis-cli are missing."""
     missing = [b for b in ("redis-server", "redis-cli") if shutil.which(b) is None]
     if not missing:
         return
     msg = (f"{', '.join(missing)} not found: install Debian's redis-server package "
            f"(apt-get install -y redis-server), as ci/install_cpu.sh does")
-    if os.environ.get("TOKENVM_REQUIRE_REDIS") == "1":
+    if os.environ.get("TESTS_REQUIRE_REDIS") == "1":
         pytest.fail(msg)
     pytest.skip(msg)
 
