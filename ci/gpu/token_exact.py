@@ -21,7 +21,9 @@ Runner: ``--runner v1`` / ``v2`` sets ``VLLM_USE_V2_MODEL_RUNNER`` for every eng
 0.26 picks V2 for this model by default; on V1 TokenVM gets vLLM's cross-layer layout and copies
 whole blocks by DMA). ``--configs`` picks a subset (the reference of each is added).
 
-    python ci/gpu/token_exact.py --out DIR [--runner v1] [--configs tokenvm,native]
+``--tp 2`` splits every engine over two GPUs (each rank keeps its own host pool).
+
+    python ci/gpu/token_exact.py --out DIR [--runner v1] [--configs tokenvm,native] [--tp 2]
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--runner", choices=("default", "v1", "v2"), default="default")
     parser.add_argument("--configs", default="", help="comma-separated subset")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (GPUs)")
     args = parser.parse_args()
     if args.runner != "default":  # inherited by every engine process
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if args.runner == "v2" else "0"
@@ -57,7 +60,7 @@ def main() -> None:
                         max_tokens=16, batch_size=1)
     base = EngineSettings(model=model, block_size=16, num_gpu_blocks=160, max_num_seqs=1,
                           dtype="bfloat16", gpu_memory_utilization=0.5, host_bytes="2GiB",
-                          native_offload_gib=2.0)
+                          native_offload_gib=2.0, tensor_parallel_size=args.tp)
     layerwise = {"load_mode": "layerwise"}
     graphs = {"enforce_eager": False}  # CUDA graphs on (PIECEWISE with layer-wise loads)
     configs = {"reference": replace(base, num_gpu_blocks=2048), "none": base,
@@ -102,6 +105,7 @@ def main() -> None:
         }
         print(name, json.dumps(summary[name]), flush=True)
     summary["_runner"] = args.runner  # type: ignore[assignment]
+    summary["_tp"] = args.tp  # type: ignore[assignment]
     (out / "token_exact.json").write_text(json.dumps(summary, indent=1))
     must_match = [n for n in configs if n.startswith("tokenvm") and n != "tokenvm_corrupt"]
     ok = (all(name in summary and summary[name]["differing"] == 0
