@@ -17,29 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
+from tokenvm_vllm.bench.server import ApiServer, ServerError, free_port
 from tokenvm_vllm.tiny_llama import TinyLlamaShape, word, write_tiny_llama
 
 BLOCK_SIZE = 32
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -56,64 +45,39 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def start_server(model: str, port: int, redis_url: str, dtype: str, log: Path,
-                 extra: list[str]) -> subprocess.Popen[bytes]:
+def start_server(model: str, redis_url: str, dtype: str, log: Path,
+                 extra: list[str]) -> ApiServer:
     transfer = {"kv_connector": "TokenVM", "kv_role": "kv_both",
                 "kv_load_failure_policy": "recompute",
                 "kv_connector_extra_config": {"host_bytes": "256MiB", "remote_url": redis_url}}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
-           "--block-size", str(BLOCK_SIZE), "--max-model-len", "1024", "--enforce-eager",
-           "--gpu-memory-utilization", "0.15", "--kv-transfer-config", json.dumps(transfer),
-           *extra]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}  # same block hashes in every server
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+    args = ["--dtype", dtype, "--block-size", str(BLOCK_SIZE), "--max-model-len", "1024",
+            "--enforce-eager", "--gpu-memory-utilization", "0.15",
+            "--kv-transfer-config", json.dumps(transfer), *extra]
+    # the same PYTHONHASHSEED in every server: the same block hashes, so the same Redis keys
+    return ApiServer(model, args, log, env={"PYTHONHASHSEED": "0"})
 
 
-def http(url: str, body: dict[str, Any] | None = None, timeout: float = 120) -> str:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return str(response.read().decode())
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server exited; see {log}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            http(url + "/health", timeout=2)
-            return
-        except (urllib.error.URLError, OSError):
-            time.sleep(1)
-    sys.exit(f"server {url} not healthy after {timeout_s} s; see {log}")
-
-
-def counters(url: str) -> dict[str, float]:
+def remote_counters(server: ApiServer) -> dict[str, float]:
+    """TokenVM's remote-tier totals and vLLM's prompt tokens by source."""
     totals: dict[str, float] = {}
-    for line in http(url + "/metrics").splitlines():
-        if line.startswith(("tokenvm:remote", "vllm:prompt_tokens_by_source")):
-            name_part, _, value = line.rpartition(" ")
-            name = name_part.split("{", 1)[0]
-            if not name.endswith(("_total", "_seconds_sum", "_seconds_count")):
-                continue
-            if "by_source" in name:
-                name += "[" + name_part.split('source="', 1)[1].split('"', 1)[0] + "]"
-            totals[name] = totals.get(name, 0.0) + float(value)
+    for name, labels, value in server.metrics():
+        if not name.startswith(("tokenvm:remote", "vllm:prompt_tokens_by_source")):
+            continue
+        if not name.endswith(("_total", "_seconds_sum", "_seconds_count")):
+            continue
+        if "by_source" in name:
+            name += f"[{labels.get('source', '')}]"
+        totals[name] = totals.get(name, 0.0) + value
     return totals
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+def stop_redis(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def main() -> None:
@@ -137,37 +101,36 @@ def main() -> None:
     def question() -> str:
         return " ".join(word(rng.randrange(vocab)) for _ in range(10))
 
-    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    servers: dict[str, ApiServer] = {}
     try:
         for name in ("A", "B"):
-            port = free_port()
-            log = out / f"server-{name}.log"
-            servers[name] = (start_server(model, port, redis_url, args.dtype, log, extra),
-                             f"http://127.0.0.1:{port}")
-            print(f"server {name}: http://127.0.0.1:{port} (log {log})")
-        for name, (proc, url) in servers.items():
-            wait_healthy(url, proc, out / f"server-{name}.log", args.startup_timeout)
+            servers[name] = start_server(model, redis_url, args.dtype,
+                                         out / f"server-{name}.log", extra)
+            print(f"server {name}: {servers[name].url} (log {servers[name].log})")
+        for server in servers.values():
+            try:
+                server.wait_healthy(args.startup_timeout)
+            except ServerError as err:
+                sys.exit(str(err))
 
-        def ask(url: str, prompt: str) -> str:
-            body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
-            return str(json.loads(http(url + "/v1/completions", body))["choices"][0]["text"])
+        def ask(server: ApiServer, prompt: str) -> str:
+            return str(server.complete(prompt, max_tokens=8)["choices"][0]["text"])
 
-        url_a, url_b = servers["A"][1], servers["B"][1]
         for i, doc in enumerate(docs):
-            print(f"A doc {i}: {ask(url_a, doc + ' ' + question())!r}")
+            print(f"A doc {i}: {ask(servers['A'], doc + ' ' + question())!r}")
         time.sleep(3)  # A's blocks go to Redis in the background
         for i, doc in enumerate(docs):
-            print(f"B doc {i}: {ask(url_b, doc + ' ' + question())!r}")
+            print(f"B doc {i}: {ask(servers['B'], doc + ' ' + question())!r}")
         time.sleep(12)  # vLLM publishes counters every few seconds
-        for name, (_, url) in servers.items():
-            print(f"server {name}:", json.dumps(counters(url), indent=1))
+        for name, server in servers.items():
+            print(f"server {name}:", json.dumps(remote_counters(server), indent=1))
         print("B's prefixes came from Redis when tokenvm:remote_hit_blocks_total > 0 and "
               "vllm:prompt_tokens_by_source_total[external_kv_transfer] > 0 on B")
     finally:
-        for proc, _ in servers.values():
-            stop(proc)
+        for server in servers.values():
+            server.stop()
         if redis_proc is not None:
-            stop(redis_proc)
+            stop_redis(redis_proc)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU job (vLLM 0.26.0 on the GPU machine). Run from the repo root after the bundle is
-# unpacked into /tmp/site (see README "GPU runs"). Stages: tests, copy, exact, serve, revisit, disk.
+# unpacked into /tmp/site (see README "GPU runs"). Stages: tests, copy, exact, serve, remote,
+# revisit, disk.
 #   bash ci/gpu/run.sh "tests copy exact"
 # Work files (models, per-run logs) go to $WORK; the results JSON and a tarball of the logs go to
 # $OUT (the device tool brings back at most 8 files from there).
@@ -35,6 +36,26 @@ for stage in $STAGES; do
         python3 -m tokenvm_vllm.bench.serve_bench run --model "$WORK/llama8b" --dummy \
         --out "$WORK/serve" ${SERVE_ARGS:-} 2>&1 | tee "$WORK/serve.log"
       tar czf "$OUT/serve${SERVE_TAG:-}.tgz" -C "$WORK/serve" . ;;
+    remote)  # issue #15: server B served from Redis what server A computed, against recompute;
+      # then the remote tier's throughput next to redis-benchmark. Redis comes from .gpu/redis
+      # (ci/gpu/stage_redis.sh; carry it). REMOTE_ARGS: more serve_bench arguments.
+      export PATH="$PWD/.gpu/redis/bin:$PATH" PYTHONPATH="$PYTHONPATH:$PWD/.gpu/redis/py"
+      redis-server --bind 127.0.0.1 --port 6390 --save "" --appendonly no --daemonize yes \
+        --maxmemory "${REDIS_MAXMEMORY:-48gb}" --maxmemory-policy allkeys-lru \
+        --logfile "$WORK/redis.log" && sleep 1
+      url=redis://127.0.0.1:6390/0
+      remote="remote_url=$url,remote_max_pending_writes=${REMOTE_PENDING:-4096}"
+      python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
+      timeout --signal=INT "${REMOTE_TIMEOUT:-300}" \
+        python3 -m tokenvm_vllm.bench.serve_bench run --model "$WORK/llama8b" --dummy \
+        --out "$WORK/remote" --workloads p8 --prefixes 16 --num-prompts 16 \
+        --configs "none,tokenvm@a:$remote,tokenvm@b:$remote" ${REMOTE_ARGS:-} 2>&1 \
+        | tee "$WORK/remote.log"
+      tar czf "$OUT/remote.tgz" -C "$WORK/remote" .
+      redis-cli -p 6390 flushall > /dev/null
+      timeout 240 python3 -m tokenvm_vllm.cli remote-bench "$url" --json "$OUT/remote_bench.json" \
+        2>&1 | tee "$WORK/remote_bench.log" | tail -14
+      redis-cli -p 6390 shutdown nosave ;;
     revisit)
       python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
       python3 -m tokenvm_vllm.bench.revisit_bench --all --model "$WORK/llama8b" --out "$WORK/revisit" \

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from tokenvm_vllm.bench import serve_bench
-from tokenvm_vllm.bench.serve_bench import COUNTERS, ServerConfig, report
+from tokenvm_vllm.bench.serve_bench import ServerConfig, counters, report
+from tokenvm_vllm.bench.server import metric_samples
 
 
 def opts(**kw: object) -> argparse.Namespace:
-    base = {"kv_gib": 6.0, "floor_kv_gib": 30.0, "host_gib": 20.0}
+    base = {"kv_gib": 6.0, "floor_kv_gib": 30.0, "host_gib": 20.0, "tensor_parallel_size": 1}
     return argparse.Namespace(**(base | kw))
 
 
@@ -25,7 +26,7 @@ def test_config_specs_pick_runner_cache_and_offload() -> None:
     transfer = json.loads(tokenvm.args[tokenvm.args.index("--kv-transfer-config") + 1])
     assert transfer["kv_connector"] == "TokenVM"
     assert transfer["kv_connector_extra_config"] == {
-        "host_bytes": "20.0GiB", "copy_path": "uva", "write_mode": "write_back"}
+        "host_bytes": "20480MiB", "copy_path": "uva", "write_mode": "write_back"}
     native = ServerConfig.parse("native_v2", opts())
     assert native.env == {"VLLM_USE_V2_MODEL_RUNNER": "1"} and native.runner == "V2"
     assert native.args[native.args.index("--kv-offloading-size") + 1] == "20.0"
@@ -37,18 +38,37 @@ def test_config_specs_pick_runner_cache_and_offload() -> None:
         ServerConfig.parse("native:copy_path=uva", opts())
 
 
-def test_counter_lines_are_recognised() -> None:
-    lines = {
+def test_labels_and_tensor_parallel_split_host_memory_like_vllm() -> None:
+    shared = ServerConfig.parse("tokenvm_v2@b:remote_url=redis://127.0.0.1:6379/0",
+                                opts(tensor_parallel_size=2))
+    assert shared.kind == "tokenvm" and shared.runner == "V2"
+    assert shared.remote_url == "redis://127.0.0.1:6379/0"
+    assert shared.args[shared.args.index("--tensor-parallel-size") + 1] == "2"
+    transfer = json.loads(shared.args[shared.args.index("--kv-transfer-config") + 1])
+    # TokenVM's host_bytes is per rank; vLLM's --kv-offloading-size is the total of all ranks
+    assert transfer["kv_connector_extra_config"]["host_bytes"] == "10240MiB"
+    native = ServerConfig.parse("native@x", opts(tensor_parallel_size=2))
+    assert native.kind == "native" and native.remote_url is None
+    assert native.args[native.args.index("--kv-offloading-size") + 1] == "20.0"
+    assert "--tensor-parallel-size" not in ServerConfig.parse("none", opts()).args
+
+
+def test_counters_from_prometheus_text() -> None:
+    text = "\n".join([
+        "# HELP vllm:prompt_tokens_by_source_total Prompt tokens by source.",
         'vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_compute"} '
-        "163840.0": ("local_compute", None),
-        'tokenvm:loaded_blocks_total{engine="0",model_name="m"} 12.0': (None, "tokenvm:loaded_"
-                                                                          "blocks_total"),
-        'vllm:num_preemptions_total{engine="0",model_name="m"} 3.0': (None, None),
-    }
-    for line, (source, tokenvm) in lines.items():
-        match = COUNTERS.match(line)
-        assert match is not None and match["source"] == source and match["tokenvm"] == tokenvm
-    assert COUNTERS.match('vllm:prompt_tokens_by_source_created{source="x"} 1.0') is None
+        "163840.0",
+        'vllm:prompt_tokens_by_source_total{engine="1",model_name="m",source="local_compute"} '
+        "10.0",
+        'vllm:prompt_tokens_by_source_created{source="local_compute"} 1.7e9',
+        'tokenvm:loaded_blocks_total{engine="0",model_name="m"} 12.0',
+        "tokenvm:loaded_blocks_created 1.7e9",
+        'vllm:num_preemptions_total{engine="0",model_name="m"} 3.0',
+        'vllm:e2e_request_latency_seconds_bucket{le="+Inf"} 5.0',
+    ])
+    assert counters(metric_samples(text)) == {
+        "prompt_tokens[local_compute]": 163850.0, "tokenvm:loaded_blocks_total": 12.0,
+        "num_preemptions": 3.0}
 
 
 def write_result(directory: Path, config: str, runner: str, tok_s: float, ttft: float,

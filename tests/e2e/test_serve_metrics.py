@@ -10,20 +10,14 @@ must show. Only 127.0.0.1 is contacted; every loop is bounded.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from tokenvm_vllm.bench.server import ApiServer, ServerError
 from tokenvm_vllm.tiny_llama import TinyLlamaShape, word
 
 pytestmark = pytest.mark.e2e
@@ -43,102 +37,30 @@ KV_TRANSFER_CONFIG = {
 }
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """A running api_server subprocess; ``url`` is its base address on 127.0.0.1."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path, model: str) -> None:
-        self.proc = proc
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-        self.model = model
-
-    def log_tail(self, chars: int = 6000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
-
-    def get(self, path: str, timeout: float = 5) -> tuple[int, str]:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
-            return response.status, response.read().decode()
-
-    def post(self, path: str, body: dict) -> dict:
-        request = urllib.request.Request(
-            self.url + path, data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
-            return json.loads(response.read())
-
-
-def wait_healthy(server: Server) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            pytest.fail(f"server exited with {server.proc.returncode}; log tail:\n"
-                        f"{server.log_tail()}")
-        try:
-            if server.get("/health", timeout=2)[0] == 200:
-                return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(1)
-    pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s; log tail:\n{server.log_tail()}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group (it and the engine core it spawned), then SIGKILL."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group, if any
-    except ProcessLookupError:
-        pass
-    if proc.poll() is None:
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama: str) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama: str) -> Iterator[ApiServer]:
     tmp = tmp_path_factory.mktemp("serve")
-    model = tiny_llama
-    port = free_port()
-    log = tmp / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32",
-           "--block-size", str(BLOCK_SIZE), "--num-gpu-blocks-override", str(GPU_BLOCKS),
-           "--max-model-len", "1024", "--gpu-memory-utilization", "0.3", "--enforce-eager",
-           "--kv-transfer-config", json.dumps(KV_TRANSFER_CONFIG)]
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    running = Server(proc, port, log, model)
+    running = ApiServer(tiny_llama, [
+        "--dtype", "float32", "--block-size", str(BLOCK_SIZE),
+        "--num-gpu-blocks-override", str(GPU_BLOCKS), "--max-model-len", "1024",
+        "--gpu-memory-utilization", "0.3", "--enforce-eager",
+        "--kv-transfer-config", json.dumps(KV_TRANSFER_CONFIG)], tmp / "server.log")
     try:
-        wait_healthy(running)
+        try:
+            running.wait_healthy(STARTUP_TIMEOUT_S)
+        except ServerError as err:
+            pytest.fail(str(err))
         yield running
     finally:
-        stop(proc)
+        running.stop()
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> sample name (labels dropped) -> value summed over label sets."""
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_part, _, value = line.rpartition(" ")
-        name = name_part.split("{", 1)[0]
-        try:
-            totals[name] = totals.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
-    return totals
+def totals(server: ApiServer) -> dict[str, float]:
+    """``/metrics``: sample name (labels dropped) -> value summed over label sets."""
+    result: dict[str, float] = {}
+    for name, _, value in server.metrics():
+        result[name] = result.get(name, 0.0) + value
+    return result
 
 
 def prompts(seed: int = 0) -> list[str]:
@@ -153,15 +75,14 @@ def prompts(seed: int = 0) -> list[str]:
     return result
 
 
-def complete(server: Server, prompt: str | list[int]) -> dict:
+def complete(server: ApiServer, prompt: str | list[int]) -> dict:
     try:
-        return server.post("/v1/completions", {"model": server.model, "prompt": prompt,
-                                               "max_tokens": 4, "temperature": 0})
+        return dict(server.complete(prompt, max_tokens=4, timeout=REQUEST_TIMEOUT_S))
     except urllib.error.URLError as exc:
         pytest.fail(f"/v1/completions failed: {exc}; server log tail:\n{server.log_tail()}")
 
 
-def test_metrics_show_tokenvm_stores_and_loads(server: Server) -> None:
+def test_metrics_show_tokenvm_stores_and_loads(server: ApiServer) -> None:
     texts = prompts()
     first = [complete(server, text) for text in texts]
     assert all(r["usage"]["prompt_tokens"] == PREFIX_BLOCKS * BLOCK_SIZE + 12 for r in first)
@@ -175,9 +96,7 @@ def test_metrics_show_tokenvm_stores_and_loads(server: Server) -> None:
     metrics: dict[str, float] = {}
     deadline = time.monotonic() + METRICS_TIMEOUT_S
     while time.monotonic() < deadline:  # vLLM's stat logger publishes with a delay
-        status, text = server.get("/metrics")
-        assert status == 200
-        metrics = parse_metrics(text)
+        metrics = totals(server)
         if all(metrics.get(name, 0) > 0 for name in wanted):
             break
         time.sleep(1)

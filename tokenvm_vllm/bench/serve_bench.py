@@ -37,24 +37,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenvm_vllm.bench.server import ApiServer
+
 WORKLOADS = ("p8", "p32", "poisson", "random")
 SEEDS = {"p8": 11, "p32": 12, "poisson": 13, "random": 14}
-COUNTERS = re.compile(
-    r'^(vllm:prompt_tokens_by_source_total\{[^}]*source="(?P<source>[a-z_]+)"[^}]*\}'
-    r'|vllm:num_preemptions_total\{[^}]*\}'
-    r'|vllm:prompt_tokens_total\{[^}]*\}'
-    r'|(?P<tokenvm>tokenvm:[a-z_]+_total)(\{[^}]*\})?)\s+(?P<value>[0-9.eE+-]+)$')
 
 
 @dataclass(frozen=True)
@@ -67,19 +62,23 @@ class ServerConfig:
 
     @classmethod
     def parse(cls, spec: str, opts: argparse.Namespace) -> ServerConfig:
-        """``kind[_v1|_v2][:key=value,...]`` (TokenVM extra settings after the colon)."""
+        """``kind[_v1|_v2][@label][:key=value,...]`` (TokenVM extra settings after the colon;
+        the label tells apart two servers of the same kind, e.g. two servers sharing a Redis)."""
         base, _, extra_text = spec.partition(":")
-        kind, env = base, {}
+        kind, env = base.partition("@")[0], {}
         for suffix, value in (("_v1", "0"), ("_v2", "1")):
-            if base.endswith(suffix):
-                kind, env = base[: -len(suffix)], {"VLLM_USE_V2_MODEL_RUNNER": value}
+            if kind.endswith(suffix):
+                kind, env = kind[: -len(suffix)], {"VLLM_USE_V2_MODEL_RUNNER": value}
         kv_gib = opts.floor_kv_gib if kind == "floor" else opts.kv_gib
         args = ["--kv-cache-memory-bytes", str(int(kv_gib * 2**30))]
-        if kind == "native":
+        if opts.tensor_parallel_size > 1:
+            args += ["--tensor-parallel-size", str(opts.tensor_parallel_size)]
+        if kind == "native":  # vLLM's size is the total over all tensor-parallel ranks
             args += ["--kv-offloading-backend", "native",
                      "--kv-offloading-size", str(opts.host_gib)]
-        elif kind == "tokenvm":
-            extra: dict[str, Any] = {"host_bytes": f"{opts.host_gib}GiB"}
+        elif kind == "tokenvm":  # host_bytes is per rank (each rank owns a pool)
+            host_mib = int(opts.host_gib * 1024 / opts.tensor_parallel_size)
+            extra: dict[str, Any] = {"host_bytes": f"{host_mib}MiB"}
             for item in filter(None, extra_text.split(",")):
                 key, _, value = item.partition("=")
                 extra[key] = value
@@ -88,61 +87,50 @@ class ServerConfig:
                 "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra})]
         elif kind not in ("floor", "none"):
             raise SystemExit(f"serve_bench: unknown configuration {spec!r} (floor, none, native, "
-                             "tokenvm, with _v1/_v2 and tokenvm settings after ':')")
+                             "tokenvm, with _v1/_v2, @label, and tokenvm settings after ':')")
         if extra_text and kind != "tokenvm":
             raise SystemExit(f"serve_bench: settings after ':' apply to tokenvm only: {spec!r}")
         return cls(spec, env, args)
 
     @property
     def kind(self) -> str:
-        return self.name.partition(":")[0].removesuffix("_v1").removesuffix("_v2")
+        base = self.name.partition(":")[0].partition("@")[0]
+        return base.removesuffix("_v1").removesuffix("_v2")
 
     @property
     def runner(self) -> str:
         value = self.env.get("VLLM_USE_V2_MODEL_RUNNER")
         return "default" if value is None else "V2" if value == "1" else "V1"
 
+    @property
+    def remote_url(self) -> str | None:
+        """The TokenVM ``remote_url`` setting, if this server shares a remote tier."""
+        for item in self.name.partition(":")[2].split(","):
+            key, _, value = item.partition("=")
+            if key == "remote_url":
+                return value
+        return None
 
-def scrape(port: int) -> dict[str, float]:
-    """The counters this benchmark reports, from the server's Prometheus text."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
-        text = reply.read().decode()
+
+def scrape(server: ApiServer) -> dict[str, float]:
+    """The counters this benchmark reports, from the server's ``/metrics``."""
+    return counters(server.metrics())
+
+
+def counters(samples: Iterable[tuple[str, dict[str, str], float]]) -> dict[str, float]:
+    """Prompt tokens by source, preemptions and ``tokenvm:*`` totals, summed over label sets."""
     totals: dict[str, float] = {}
-    for line in text.splitlines():
-        match = COUNTERS.match(line)
-        if match is None:
-            continue
-        if match["source"]:
-            name = f"prompt_tokens[{match['source']}]"
-        elif match["tokenvm"]:
-            name = match["tokenvm"]
+    for name, labels, value in samples:
+        if name == "vllm:prompt_tokens_by_source_total":
+            key = f"prompt_tokens[{labels.get('source', '')}]"
+        elif name in ("vllm:num_preemptions_total", "vllm:prompt_tokens_total"):
+            key = name.removeprefix("vllm:").removesuffix("_total")
+        elif name.startswith("tokenvm:") and name.endswith("_total"):
+            key = name
         else:
-            name = line.split("{")[0].removeprefix("vllm:").removesuffix("_total")
-        totals[name] = totals.get(name, 0.0) + float(match["value"])
+            continue
+        totals[key] = totals.get(key, 0.0) + value
     return totals
-
-
-def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before /health answered")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return time.monotonic() - start
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"server not healthy after {timeout_s:.0f} s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def client_command(workload: str, opts: argparse.Namespace, out: Path, rate: float) -> list[str]:
@@ -183,51 +171,71 @@ def poisson_rate(out_dir: Path, opts: argparse.Namespace, running: dict[str, Any
                      "--out directory (run floor first)")
 
 
+def wait_remote_settled(url: str, quiet_s: float = 5, limit_s: float = 180) -> int:
+    """Wait until the Redis server behind ``url`` holds a steady number of keys (a server's
+    stores go out in the background, and a server that stops drops what is still queued);
+    returns the number of keys. Standalone Redis only."""
+    import redis  # the remote tier's client
+
+    client = redis.Redis.from_url(url)
+    keys, steady_since, start = -1, time.monotonic(), time.monotonic()
+    while time.monotonic() - start < limit_s:
+        now_keys = int(client.dbsize())
+        if now_keys != keys:
+            keys, steady_since = now_keys, time.monotonic()
+        elif time.monotonic() - steady_since >= quiet_s:
+            break
+        time.sleep(0.5)
+    return keys
+
+
 def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", opts.model,
-           "--port", str(opts.port), "--dtype", opts.dtype, "--max-num-seqs",
-           str(opts.max_num_seqs), "--max-model-len", str(opts.max_model_len), *config.args,
-           *opts.server_arg]
+    slug = re.sub(r"[^A-Za-z0-9_.@-]+", "-", config.name)
+    args = ["--dtype", opts.dtype, "--max-num-seqs", str(opts.max_num_seqs), "--max-model-len",
+            str(opts.max_model_len), *config.args, *opts.server_arg]
     if opts.dummy:
-        cmd += ["--load-format", "dummy"]
-    env = os.environ | config.env
+        args += ["--load-format", "dummy"]
+    # PYTHONHASHSEED: the same block hashes in every server (servers sharing a Redis need it)
+    env = {"PYTHONHASHSEED": "0", **config.env}
+    server = ApiServer(opts.model, args, logs / f"{slug}.server.log", port=opts.port, env=env)
     result: dict[str, Any] = {"config": config.name, "runner": config.runner,
-                              "server_cmd": cmd, "env": config.env, "workloads": {}}
-    with open(logs / f"{slug}.server.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        try:
-            result["startup_s"] = wait_healthy(opts.port, proc, opts.startup_timeout)
-            progress(f"{config.name}: up in {result['startup_s']:.0f} s")
-            for workload in opts.workloads:
-                if workload == "random" and config.kind == "floor":
-                    continue  # nothing to reuse: the floor is no offload here
-                rate = poisson_rate(out_dir, opts, result) if workload == "poisson" else 0.0
-                client_out = logs / f"{slug}.{workload}.json"
-                before = scrape(opts.port)
-                started = time.monotonic()
-                with open(logs / f"{slug}.{workload}.client.log", "wb") as client_log:
-                    subprocess.run(client_command(workload, opts, client_out, rate),
-                                   stdout=client_log, stderr=subprocess.STDOUT, check=True,
-                                   timeout=opts.workload_timeout)
-                after = scrape(opts.port)
-                client = json.loads(client_out.read_text())
-                for bulky in ("input_lens", "output_lens", "ttfts", "itls", "generated_texts",
-                              "errors", "start_times"):
-                    client.pop(bulky, None)
-                deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-                result["workloads"][workload] = {
-                    "client": client, "counters": deltas, "rate": rate,
-                    "wall_s": time.monotonic() - started}
-                progress(f"{config.name}: {workload} {client['total_token_throughput']:.0f} "
-                         f"tok/s, TTFT p50 {client['median_ttft_ms']:.0f} ms, TPOT "
-                         f"{client['mean_tpot_ms']:.2f} ms, computed "
-                         f"{deltas.get('prompt_tokens[local_compute]', 0):.0f}")
-        finally:
-            stop(proc)
+                              "tensor_parallel_size": opts.tensor_parallel_size,
+                              "server_cmd": server.cmd, "env": config.env, "workloads": {}}
+    try:
+        result["startup_s"] = server.wait_healthy(opts.startup_timeout)
+        progress(f"{config.name}: up in {result['startup_s']:.0f} s")
+        for workload in opts.workloads:
+            if workload == "random" and config.kind == "floor":
+                continue  # nothing to reuse: the floor is no offload here
+            rate = poisson_rate(out_dir, opts, result) if workload == "poisson" else 0.0
+            client_out = logs / f"{slug}.{workload}.json"
+            before = scrape(server)
+            started = time.monotonic()
+            with open(logs / f"{slug}.{workload}.client.log", "wb") as client_log:
+                subprocess.run(client_command(workload, opts, client_out, rate),
+                               stdout=client_log, stderr=subprocess.STDOUT, check=True,
+                               timeout=opts.workload_timeout)
+            after = scrape(server)
+            client = json.loads(client_out.read_text())
+            for bulky in ("input_lens", "output_lens", "ttfts", "itls", "generated_texts",
+                          "errors", "start_times"):
+                client.pop(bulky, None)
+            deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+            result["workloads"][workload] = {
+                "client": client, "counters": deltas, "rate": rate,
+                "wall_s": time.monotonic() - started}
+            progress(f"{config.name}: {workload} {client['total_token_throughput']:.0f} "
+                     f"tok/s, TTFT p50 {client['median_ttft_ms']:.0f} ms, TPOT "
+                     f"{client['mean_tpot_ms']:.2f} ms, computed "
+                     f"{deltas.get('prompt_tokens[local_compute]', 0):.0f}, external "
+                     f"{deltas.get('prompt_tokens[external_kv_transfer]', 0):.0f}")
+        if config.remote_url:
+            result["remote_keys"] = wait_remote_settled(config.remote_url)
+            progress(f"{config.name}: the remote tier holds {result['remote_keys']} keys")
+    finally:
+        server.stop()
     return result
 
 
@@ -344,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--floor-kv-gib", type=float, default=30)
     run.add_argument("--host-gib", type=float, default=20)
     run.add_argument("--max-num-seqs", type=int, default=32)
+    run.add_argument("--tensor-parallel-size", type=int, default=1,
+                     help="GPUs per server; --kv-gib is per GPU, --host-gib the total")
     run.add_argument("--max-model-len", type=int, default=8192)
     run.add_argument("--prefixes", type=int, default=32)
     run.add_argument("--prefix-len", type=int, default=4096)
