@@ -53,6 +53,14 @@ def test_labels_and_tensor_parallel_split_host_memory_like_vllm() -> None:
     assert "--tensor-parallel-size" not in ServerConfig.parse("none", opts()).args
 
 
+def test_config_list_keeps_each_servers_settings_together() -> None:
+    text = ("none,tokenvm@a:remote_url=redis://h:1/0,remote_ttl_s=60,"
+            "tokenvm@b:remote_url=redis://h:1/0,native_v1")
+    assert serve_bench.split_specs(text) == [
+        "none", "tokenvm@a:remote_url=redis://h:1/0,remote_ttl_s=60",
+        "tokenvm@b:remote_url=redis://h:1/0", "native_v1"]
+
+
 def test_counters_from_prometheus_text() -> None:
     text = "\n".join([
         "# HELP vllm:prompt_tokens_by_source_total Prompt tokens by source.",

@@ -112,6 +112,18 @@ class ServerConfig:
         return None
 
 
+def split_specs(text: str) -> list[str]:
+    """``--configs``: specs separated by commas, where a ``key=value`` piece (no ``:`` before
+    its ``=``) continues the settings of the spec before it."""
+    specs: list[str] = []
+    for piece in filter(None, text.split(",")):
+        if specs and ":" in specs[-1] and "=" in piece and ":" not in piece.partition("=")[0]:
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    return specs
+
+
 def scrape(server: ApiServer) -> dict[str, float]:
     """The counters this benchmark reports, from the server's ``/metrics``."""
     return counters(server.metrics())
@@ -380,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         if bad:
             raise SystemExit(f"serve_bench: unknown workloads {bad}; choose from {WORKLOADS}")
         opts.out.mkdir(parents=True, exist_ok=True)
-        configs = [ServerConfig.parse(spec, opts) for spec in opts.configs.split(",") if spec]
+        configs = [ServerConfig.parse(spec, opts) for spec in split_specs(opts.configs)]
         (opts.out / "settings.json").write_text(json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()}, indent=1))
         try:
