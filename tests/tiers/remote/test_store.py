@@ -199,3 +199,47 @@ def test_full_server_refuses_writes_and_serves_reads(
     assert store.available
     out = [np.zeros(SLOT, np.uint8) for _ in ks]
     assert store.get(ks, out).result(5) == [True] * 4
+
+
+def test_an_unexpected_client_error_is_a_miss_not_an_exception(
+        store: RemoteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What redis-py raised on the H200 when an outage seen by one I/O thread closed the client
+    under another one's read: a ValueError, not a RedisError. It reached vLLM's step and killed
+    the engine; every batch must end as misses instead."""
+    import redis
+
+    ks, data = keys(4), payloads(4)
+    assert store.put(ks, data).result(5) == [True] * 4
+
+    def closed_file(*_args: object, **_kwargs: object) -> list[object]:
+        raise ValueError("I/O operation on closed file.")
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", closed_file)
+    outs = [np.zeros(SLOT, np.uint8) for _ in range(4)]
+    assert store.get(ks, outs).result(5) == [False] * 4
+    assert store.put(ks, data).result(5) == [False] * 4
+    assert store.contains(ks).result(5) == [False] * 4
+    assert store.stats()["failed_batches"] >= 3
+    monkeypatch.undo()
+    assert store.get(ks, outs).result(5) == [True] * 4  # the tier is still there
+
+
+def test_client_closed_during_large_reads_never_raises(redis_server: RedisServer) -> None:
+    """The race itself: the client is closed (as an outage does) while large pipelined reads are
+    in flight on several I/O threads; every future completes with a list of bools."""
+    big = 1 << 20
+    with RemoteStore(redis_server.url, NS, 0, big, timeout_s=2.0, io_threads=4,
+                     retry_interval_s=0.2) as s:
+        rng = np.random.default_rng(1)
+        ks = keys(16, salt=5)
+        assert s.put(ks, [rng.integers(0, 256, big, dtype=np.uint8) for _ in ks]).result(20) \
+            == [True] * 16
+        for delay in (0.0, 0.002, 0.01, 0.03):
+            futures = [s.get(ks, [np.zeros(big, np.uint8) for _ in ks]) for _ in range(4)]
+            time.sleep(delay)
+            client = s._client  # what _mark_down closes
+            if client is not None:
+                s._close_client(client)
+            for future in futures:
+                result = future.result(20)
+                assert len(result) == 16 and all(isinstance(ok, bool) for ok in result)

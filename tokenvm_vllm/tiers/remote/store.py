@@ -376,7 +376,11 @@ class RemoteStore:
                 if self._timeouts_in_a_row >= _TIMEOUTS_BEFORE_DOWN:
                     self._mark_down(err, f"{op} (failed {self._timeouts_in_a_row} times)")
                 return [False] * n
-            except redis.RedisError as err:
+            except Exception as err:  # noqa: BLE001 - contract: a batch never raises
+                # RedisError, and whatever a connection closed under this thread raises (an
+                # outage seen by another thread closes the shared client: redis-py then fails
+                # with ValueError "I/O operation on closed file"). The future's result is read
+                # on vLLM's step path, where an exception kills the engine (seen on the H200).
                 self._count("failed_batches", 1)
                 self._warn_once(f"error-{type(err).__name__}", "TokenVM remote tier: %s on %s "
                                 "failed: %s; counted as a miss", op, self.where, self._scrub(err))
