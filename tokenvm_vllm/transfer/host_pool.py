@@ -332,6 +332,7 @@ class HostPool:
             self.buffer = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, pin_memory=True)
         else:
             mode = "pageable, pinned lazily" if lazy else "pageable"
+            mode += ", RAM used as slots are written"
             # Anonymous mmap: page-aligned (chunks never share a page) and untouched pages cost
             # no RAM, so a slot costs memory only once a block is written to it.
             self._mmap = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -361,6 +362,9 @@ class HostPool:
         """Return once the chunks under ``host_slots`` are page-locked (no-op unless lazily
         pinned). Every CUDA copy to or from the pool calls this before it is queued."""
         if self.pinner is not None:
+            # The first chunk too: torch's ``is_pinned()`` asks about the buffer's base address
+            # (the Triton mover checks it), so the pool reads as pinned before any copy runs.
+            self.pinner.ensure(0, 1)
             self.pinner.ensure_slots(host_slots, self.slot_bytes)
 
     def wait_pinned(self, timeout: float | None = None) -> bool:
