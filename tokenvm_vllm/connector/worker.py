@@ -104,6 +104,7 @@ class TokenVMWorker:
         self._remote_available = True
         """The remote store's availability at the last report (changes go to the scheduler)."""
         self._pool: HostPool | None = None
+        self._pinning_started = False
         self._host_slots: int | None = None
         """Host slots the scheduler uses (``TokenVMConnectorMetadata.host_slots``; known at
         start-up for a fixed ``host_bytes``, from the first metadata for 'auto')."""
@@ -134,7 +135,10 @@ class TokenVMWorker:
         pool = HostPool(
             num_slots, self.slot_bytes,
             pin=self.config.pin_memory and device.type == "cuda",
-            background=self._host_slots is not None,
+            # Not yet: vLLM captures its CUDA graphs after this, and a capture in CUDA's global
+            # mode is broken by a cudaHostRegister from another thread. The background thread
+            # starts with the first step (``_adopt_host_slots``); copies before it pin on demand.
+            background=False,
             device_index=device.index if device.type == "cuda" else None,
         )
         self._layer_index = {layer.name: i for i, layer in enumerate(self.layout.layers)}
@@ -358,21 +362,24 @@ class TokenVMWorker:
         self._layers_waited = set()
 
     def _adopt_host_slots(self, host_slots: int) -> None:
-        """Check the scheduler's host slot count against this worker's pool; with 'auto', the
-        first count is adopted and background pinning of those slots starts."""
-        if not host_slots or self._pool is None or host_slots == self._host_slots:
+        """Check the scheduler's host slot count against this worker's pool (with 'auto', adopt
+        the first one); the first time, start pinning those slots in the background."""
+        if not host_slots or self._pool is None:
             return
-        if self._host_slots is not None or host_slots > self._pool.num_slots:
+        if self._host_slots is None and host_slots <= self._pool.num_slots:  # 'auto'
+            self._host_slots = host_slots
+            logger.info("TokenVM worker: host_bytes='auto': the scheduler chose %d host slots "
+                        "(%.2f GiB) of the %d reserved", host_slots,
+                        host_slots * self.slot_bytes / 2**30, self._pool.num_slots)
+        if host_slots != self._host_slots:
             raise RuntimeError(
                 f"tokenvm: the scheduler uses {host_slots} host slots but this worker's pool "
                 f"has {self._host_slots or self._pool.num_slots} (host_bytes="
                 f"{self.config.host_bytes!r}); the scheduler and workers must see the same "
                 f"host_bytes")
-        self._host_slots = host_slots
-        self._pool.start_pinning(host_slots)
-        logger.info("TokenVM worker: host_bytes='auto': the scheduler chose %d host slots "
-                    "(%.2f GiB) of the %d reserved", host_slots,
-                    host_slots * self.slot_bytes / 2**30, self._pool.num_slots)
+        if not self._pinning_started:
+            self._pinning_started = True
+            self._pool.start_pinning(host_slots)
 
     def start_store(self, meta: TokenVMConnectorMetadata) -> None:
         self._adopt_host_slots(meta.host_slots)
