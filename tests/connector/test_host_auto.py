@@ -1,9 +1,9 @@
 """``host_bytes: "auto"`` (issue #13 item 4): parsing, the one resolution (in the scheduler) and its
 errors, and the workers adopting the scheduler's count from the connector metadata.
 
-The scheduler-level tests replace the two memory readings (``mem_available``/``mem_total``) with
-fixed numbers: the real ones would give the harness's 2 KiB blocks millions of slots and make the
-counts depend on what else this machine runs. Everything else is real (vLLM's scheduler, the
+The scheduler-level tests replace the memory reading (``mem_available``) with a fixed number: the
+real one would give the harness's 256-byte blocks tens of millions of slots and make the counts
+depend on what else this machine runs. Everything else is real (vLLM's scheduler, the
 worker side, the CPU copy engine).
 """
 
@@ -23,7 +23,12 @@ from tokenvm_vllm.config import (
 )
 from tokenvm_vllm.connector.metadata import TokenVMConnectorMetadata
 from tokenvm_vllm.transfer import host_pool
-from tokenvm_vllm.transfer.host_pool import auto_slot_bound, host_slots_for, mem_available
+from tokenvm_vllm.transfer.host_pool import (
+    AUTO_RESERVE_BYTES,
+    auto_slot_bound,
+    host_slots_for,
+    mem_available,
+)
 
 
 @pytest.mark.parametrize("text", ["auto", "AUTO", " auto "])
@@ -80,17 +85,18 @@ def test_fixed_size_slots_and_error():
 def test_the_workers_bound_covers_any_measurement():
     slot = 64 * 2**20
     available, _ = mem_available()
-    assert auto_slot_bound(slot, 2) >= host_slots_for("auto", slot, 2, available=available)[0]
+    assert auto_slot_bound(slot) >= host_slots_for("auto", slot, 2, available=available)[0]
+    # even a machine whose RAM grew after the workers reserved (a VM's balloon): capped
+    slots, how = host_slots_for("auto", slot, 1, available=2**50)
+    assert slots == auto_slot_bound(slot) == AUTO_RESERVE_BYTES // slot and "capped" in how
 
 
 @pytest.fixture
 def fixed_memory(monkeypatch):
-    """MemAvailable for 200 slots of the harness, MemTotal for 500 (both per worker, halved)."""
+    """MemAvailable for 200 slots of the harness (one worker, halved)."""
     def install(slot_bytes: int) -> None:
         available = int(200 * slot_bytes / HOST_BYTES_AUTO_FRACTION)
-        total = int(500 * slot_bytes / HOST_BYTES_AUTO_FRACTION)
         monkeypatch.setattr(host_pool, "mem_available", lambda: (available, "MemAvailable"))
-        monkeypatch.setattr(host_pool, "mem_total", lambda: total)
     return install
 
 
@@ -132,7 +138,8 @@ def test_workers_adopt_the_schedulers_count_and_kv_stays_exact(make_harness, fix
     h = make_harness(num_gpu_blocks=24, extra_config={"host_bytes": "auto"})
     worker = h.worker.worker
     assert h.connector.scheduler.tiers.host.num_slots == 200
-    assert worker._pool.num_slots == 500  # reserved for the largest count 'auto' can give
+    bound = auto_slot_bound(worker.slot_bytes)
+    assert worker._pool.num_slots == bound  # reserved for the largest count 'auto' can give
     assert worker._host_slots is None  # not known before the scheduler speaks
     log = tokenvm_log()
     first, again = prompts(2, prefix_blocks=8, suffix=5, seed=11)
@@ -150,9 +157,10 @@ def test_a_worker_refuses_a_count_it_cannot_hold(make_harness, fixed_memory):
     fixed_memory(slot_bytes_of_harness(make_harness))
     h = make_harness(extra_config={"host_bytes": "auto"})
     worker = h.worker.worker
-    with pytest.raises(RuntimeError, match="scheduler uses 501 host slots but this worker's "
-                                           "pool has 500"):
-        worker.start_load_kv(TokenVMConnectorMetadata(host_slots=501))
+    bound = worker._pool.num_slots
+    with pytest.raises(RuntimeError, match=f"scheduler uses {bound + 1} host slots but this "
+                                           f"worker's pool has {bound}"):
+        worker.start_load_kv(TokenVMConnectorMetadata(host_slots=bound + 1))
     worker.start_load_kv(TokenVMConnectorMetadata(host_slots=200))
     with pytest.raises(RuntimeError, match="scheduler uses 39 host slots"):
         worker.start_load_kv(TokenVMConnectorMetadata(host_slots=39))

@@ -127,8 +127,7 @@ class TokenVMWorker:
             # The scheduler measures later (it is built after the workers) and sends its count
             # in the metadata: reserve address space for the most it can choose (untouched
             # pages cost nothing) and pin only once the count is known.
-            workers = self.vllm_config.parallel_config.world_size
-            num_slots = auto_slot_bound(self.slot_bytes, workers)
+            num_slots = auto_slot_bound(self.slot_bytes)
         else:
             assert isinstance(host_bytes, int)
             num_slots = self._host_slots = num_host_slots(host_bytes, self.slot_bytes)
@@ -140,6 +139,7 @@ class TokenVMWorker:
             # starts with the first step (``_adopt_host_slots``); copies before it pin on demand.
             background=False,
             device_index=device.index if device.type == "cuda" else None,
+            reserve=host_bytes == HOST_BYTES_AUTO,
         )
         self._layer_index = {layer.name: i for i, layer in enumerate(self.layout.layers)}
         self._pool = pool

@@ -15,8 +15,8 @@ pinned.
 
 ``host_bytes: "auto"`` is resolved by the scheduler (``host_slots_for``) from MemAvailable and
 sent to the workers in the connector metadata; a worker reserves address space for the largest
-number "auto" could ever give (``auto_slot_bound``, from MemTotal), maps pages only as slots are
-written, and pins only the slots the scheduler uses.
+number "auto" can give (``auto_slot_bound``), uses RAM only as slots are written, and pins only
+the slots the scheduler uses.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ from tokenvm_vllm.config import HOST_BYTES_AUTO, HOST_BYTES_AUTO_FRACTION, Token
 
 logger = logging.getLogger("vllm.tokenvm")
 
+AUTO_RESERVE_BYTES = 2**40
+"""``host_bytes: "auto"`` gives a worker at most this much (1 TiB). A worker reserves this much
+address space before the scheduler has measured (``MAP_NORESERVE``: untouched pages cost neither
+RAM nor commit charge), so no later measurement can exceed what it holds, even where RAM grows
+after start-up (a VM whose balloon inflates as memory is used)."""
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Python < 3.13 lacks the constant
 CHUNK_BYTES = 256 * 2**20
 """Registration granule: small enough that a copy needing a chunk the background thread has not
 reached waits for one short call (about 0.15 s at the 0.6-0.8 s/GiB pinning rate measured),
@@ -74,17 +80,6 @@ def mem_available() -> tuple[int, str]:
     return int(psutil.virtual_memory().available), "MemAvailable"
 
 
-def mem_total() -> int:
-    """Bytes of RAM on this machine (MemTotal): an upper bound of every ``mem_available``."""
-    try:
-        import psutil
-    except ImportError:
-        import os
-
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(psutil.virtual_memory().total)
-
-
 def host_slots_for(
     host_bytes: int | str, slot_bytes: int, workers: int, available: int | None = None
 ) -> tuple[int, str]:
@@ -107,9 +102,12 @@ def host_slots_for(
     if available is None:
         available, source = mem_available()
     share = int(available * HOST_BYTES_AUTO_FRACTION) // max(1, workers)
-    slots = share // slot_bytes
     how = (f"host_bytes='auto': {HOST_BYTES_AUTO_FRACTION} x {source} {available} bytes / "
            f"{workers} worker(s) on this machine = {share} bytes per worker")
+    if share > AUTO_RESERVE_BYTES:
+        share = AUTO_RESERVE_BYTES
+        how += f", capped at {AUTO_RESERVE_BYTES}"
+    slots = share // slot_bytes
     if slots < 1:
         raise TokenVMConfigError(
             f"tokenvm: {how}, less than one block of all layers ({slot_bytes} bytes); free "
@@ -117,12 +115,10 @@ def host_slots_for(
     return slots, f"{how} -> {slots} slots of {slot_bytes} bytes ({slots * slot_bytes} bytes)"
 
 
-def auto_slot_bound(slot_bytes: int, workers: int) -> int:
-    """The most slots ``host_slots_for("auto", ...)`` can give on this machine (MemAvailable
-    never exceeds MemTotal, and both sides divide by the same ``workers``): what a worker
-    reserves before the scheduler has measured. At least 1."""
-    share = int(mem_total() * HOST_BYTES_AUTO_FRACTION) // max(1, workers)
-    return max(1, share // slot_bytes)
+def auto_slot_bound(slot_bytes: int) -> int:
+    """The most slots ``host_slots_for("auto", ...)`` can give (``AUTO_RESERVE_BYTES``): what a
+    worker reserves before the scheduler has measured."""
+    return max(1, AUTO_RESERVE_BYTES // slot_bytes)
 
 
 class LazyPinner:
@@ -306,6 +302,7 @@ class HostPool:
     ``uint8`` tensor whose address never changes).
 
     ``pin=False``: plain pageable memory (the CPU platform, or ``pin_memory=false``).
+    ``reserve``: the size is an upper bound (``host_bytes: "auto"``): map it ``MAP_NORESERVE``.
     ``pin=True``: page-locked for CUDA. Lazily by default: ``ensure_pinned`` before every CUDA
     copy, plus a background thread from ``start_pinning`` (at once, unless ``background`` is
     False). ``register``/``unregister`` replace the CUDA calls (tests on machines without CUDA).
@@ -318,6 +315,7 @@ class HostPool:
         self, num_slots: int, slot_bytes: int, pin: bool, *, background: bool = True,
         chunk_bytes: int = CHUNK_BYTES, register: RegisterFn | None = None,
         unregister: UnregisterFn | None = None, device_index: int | None = None,
+        reserve: bool = False,
     ) -> None:
         start = time.perf_counter()
         self.num_slots = num_slots
@@ -332,10 +330,20 @@ class HostPool:
             self.buffer = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, pin_memory=True)
         else:
             mode = "pageable, pinned lazily" if lazy else "pageable"
-            mode += ", RAM used as slots are written"
+            mode += ", address space only until the scheduler's count" if reserve else (
+                ", RAM used as slots are written")
             # Anonymous mmap: page-aligned (chunks never share a page) and untouched pages cost
             # no RAM, so a slot costs memory only once a block is written to it.
-            self._mmap = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_NORESERVE if reserve else 0)
+            try:
+                self._mmap = mmap.mmap(-1, self.nbytes, flags=flags)
+            except OSError as err:
+                what = "reserve address space for" if reserve else "allocate"
+                raise TokenVMConfigError(
+                    f"tokenvm: cannot {what} the host pool ({self.nbytes} bytes): {err}"
+                    + ("; host_bytes='auto' needs vm.overcommit_memory 0 or 1 and no "
+                       "'ulimit -v': set host_bytes to a size instead" if reserve else
+                       "; lower host_bytes")) from None
             self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
                 num_slots, slot_bytes)
         if lazy:
