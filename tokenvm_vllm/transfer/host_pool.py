@@ -7,7 +7,9 @@ On CUDA the pool must be page-locked for asynchronous DMA and for the ``uva`` Tr
 dereference host addresses on the GPU. Pinning 20 GiB up front (``cudaHostAlloc``) took 12-16 s
 before the server answered, so the pool is pinned lazily (``LazyPinner``): the memory is mapped
 pageable (untouched pages cost nothing), then registered with CUDA (``cudaHostRegister``, portable
-and mapped) in ``CHUNK_BYTES`` pieces by a background thread, in slot order. Correctness never
+and mapped) in ``CHUNK_BYTES`` pieces by a background thread, in slot order (the worker starts it
+at the first engine step, after vLLM's CUDA graph capture, which a register call from another
+thread would break). Correctness never
 depends on that thread's progress: every copy engine calls ``ensure_pinned(host_slots)`` before it
 queues a copy, which registers the chunks under those slots synchronously (or waits for the one
 the thread is registering). ``close`` unregisters everything. On the CPU platform nothing is
@@ -419,6 +421,7 @@ def _host_pointer_usable(device_index: int | None) -> bool:
     GPU on 64-bit Linux). False when it cannot be asked: then the pool is pinned eagerly."""
     if not torch.cuda.is_available():
         return False
+    torch.cuda.init()  # the driver must be initialized before it answers (cuInit)
     device = torch.cuda.current_device() if device_index is None else device_index
     try:
         libcuda = ctypes.CDLL("libcuda.so.1")
