@@ -31,6 +31,13 @@ ENV_PREFIX = "TOKENVM_"
 MAX_SIZE_BYTES = 2**60
 """Largest size any ``*_bytes`` key accepts (1 EiB): beyond it a value is a typo, not a size."""
 MAX_IO_THREADS = 256
+HOST_BYTES_AUTO = "auto"
+"""``host_bytes`` value: size the host tier from the RAM available when the server starts."""
+HOST_BYTES_AUTO_FRACTION = 0.5
+"""``host_bytes: "auto"``: the share of MemAvailable that the host tiers of all TokenVM workers on
+the machine take together (measured once, by the scheduler, after vLLM allocated its own memory;
+see ``transfer/host_pool.py``). Half leaves room for the page cache, the disk tier's I/O and
+whatever else the machine runs."""
 DEBUG_KNOBS = ("debug_fail_load_every", "debug_corrupt_loads", "debug_disk_faults")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
                "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40,
@@ -71,8 +78,11 @@ class CopyPath(Choice):
 class TokenVMConfig:
     """All TokenVM knobs. See the README's configuration table (generated from ``FIELDS``)."""
 
-    host_bytes: int = 4 * 2**30
-    """Host-RAM tier capacity in bytes (per worker). Accepts '512MiB', '4GiB', or an int."""
+    host_bytes: int | str = 4 * 2**30
+    """Host-RAM tier capacity in bytes (per worker). Accepts '512MiB', '4GiB', an int, or
+    'auto': half of MemAvailable (``HOST_BYTES_AUTO_FRACTION``), measured once by the scheduler
+    after vLLM allocated its memory, divided among the workers on the machine and rounded down
+    to whole blocks (the scheduler's log line states the numbers)."""
     write_mode: WriteMode = WriteMode.WRITE_THROUGH
     """'write_through': copy every full block to host as soon as a forward fills it.
     'write_back': copy only cached blocks near the eviction end of vLLM's GPU free queue."""
@@ -209,6 +219,14 @@ def _parse_int(key: str, value: Any) -> int:
 
 
 def _coerce(key: str, value: Any) -> Any:
+    if key == "host_bytes" and isinstance(value, str) and value.strip().lower() == HOST_BYTES_AUTO:
+        return HOST_BYTES_AUTO
+    if key == "host_bytes":
+        try:
+            return parse_size(key, value)
+        except TokenVMConfigError as err:  # name the third form too
+            raise TokenVMConfigError(
+                str(err).replace("bytes or '4GiB'", "bytes, '4GiB' or 'auto'")) from None
     if key.endswith("_bytes"):
         return parse_size(key, value)
     kind = type(getattr(TokenVMConfig, key))
@@ -344,14 +362,17 @@ class DebugKnobWarning:
         self._stop.set()
 
 
-def check_host_memory(host_bytes: int, workers: int = 1, pin: bool = False) -> None:
+def check_host_memory(host_bytes: int | str, workers: int = 1, pin: bool = False) -> None:
     """Refuse a host tier the machine cannot give, before anything is allocated.
 
-    ``workers`` processes on this machine each allocate ``host_bytes``. Compared with
+    ``workers`` processes on this machine each allocate ``host_bytes``
+    (``"auto"`` fits by construction: nothing to check). Compared with
     MemAvailable (psutil, a vLLM dependency; skipped without it). When pinning on CUDA, a finite
     RLIMIT_MEMLOCK below the pool only gets a warning: CUDA's driver pins host memory without
     mlock on the systems we know, so the limit does not always apply.
     """
+    if not isinstance(host_bytes, int):
+        return
     try:
         import psutil
     except ImportError:
@@ -380,7 +401,7 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
         if value not in choices:
             raise TokenVMConfigError(
                 f"tokenvm: {key}={value!r} is not one of {', '.join(choices)}")
-    if config.host_bytes <= 0:
+    if isinstance(config.host_bytes, int) and config.host_bytes <= 0:
         raise TokenVMConfigError(f"tokenvm: host_bytes={config.host_bytes} must be > 0")
     if config.min_load_blocks < 1:
         raise TokenVMConfigError(

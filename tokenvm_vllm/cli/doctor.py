@@ -140,7 +140,8 @@ def _check_pinned_memory(cuda: bool, pin_wanted: bool | None, host_bytes: int | 
               f"{gbps / h2d_s:.1f} GB/s, D2H {gbps / d2h_s:.1f} GB/s")
     if host_bytes:
         detail += (f"; pinning host_bytes {_size(host_bytes)} at that rate takes about "
-                   f"{alloc_s * host_bytes / PINNED_PROBE_BYTES:.1f} s at start-up")
+                   f"{alloc_s * host_bytes / PINNED_PROBE_BYTES:.1f} s, in the background "
+                   f"after start-up")
     if pin_wanted is False:
         detail += "; note: TOKENVM_PIN_MEMORY is off"
     return Check(OK, "pinned memory", detail)
@@ -157,7 +158,12 @@ def _mem_available() -> int | None:
 
 def _check_config(environ: Mapping[str, str]) -> tuple[list[Check], Any]:
     """The config check (and a host-memory check when it resolves) and the config, or None."""
-    from tokenvm_vllm.config import ENV_PREFIX, TokenVMConfigError, load_config
+    from tokenvm_vllm.config import (
+        ENV_PREFIX,
+        HOST_BYTES_AUTO_FRACTION,
+        TokenVMConfigError,
+        load_config,
+    )
 
     from_env = sorted(k for k in environ if k.startswith(ENV_PREFIX))
     source = f"env: {', '.join(from_env)}" if from_env else "defaults, no TOKENVM_* env vars"
@@ -174,9 +180,13 @@ def _check_config(environ: Mapping[str, str]) -> tuple[list[Check], Any]:
         checks.append(Check(WARN, "config debug", f"{', '.join(debug)} set: testing only, it "
                                                   f"makes loads fail or corrupts them"))
     available = _mem_available()
-    if available is not None:
-        share = config.host_bytes / available
-        detail = (f"host_bytes {_size(config.host_bytes)} per worker, "
+    host_bytes = config.host_bytes
+    if available is not None and isinstance(host_bytes, str):
+        checks.append(Check(OK, "host memory", f"host_bytes 'auto': {HOST_BYTES_AUTO_FRACTION} "
+                            f"of MemAvailable ({_size(available)} now) shared by the workers"))
+    elif available is not None and isinstance(host_bytes, int):
+        share = host_bytes / available
+        detail = (f"host_bytes {_size(host_bytes)} per worker, "
                   f"{_size(available)} available")
         status = WARN if share > 0.8 else OK
         if status == WARN:
@@ -339,6 +349,7 @@ def doctor_checks(disk_path: str | None = None,
     checks += _guarded("config", config_checks)
     pin = config[0].pin_memory if config[0] is not None else None
     host_bytes = config[0].host_bytes if config[0] is not None else None
+    host_bytes = host_bytes if isinstance(host_bytes, int) else None  # 'auto': unknown here
     checks += _guarded("pinned memory",
                        lambda: [_check_pinned_memory(cuda[0], pin, host_bytes)])
     checks += _guarded("PYTHONHASHSEED", lambda: [_check_hash_seed(env)])

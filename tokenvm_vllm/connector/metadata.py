@@ -92,6 +92,9 @@ class TokenVMConnectorMetadata(KVConnectorMetadata):
     """Remote -> host; the host slots are WRITING until each block's job finishes."""
     remote_writes: list[RemoteBatch] = field(default_factory=list)
     """Host -> remote copies of READABLE host blocks; their host slots are read-pinned."""
+    host_slots: int = 0
+    """The scheduler's host slot count (0: not stated). With ``host_bytes: "auto"`` only the
+    scheduler measures the machine; the workers pin this many slots (``worker.py``)."""
 
 
 @dataclass

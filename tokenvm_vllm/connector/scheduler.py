@@ -57,7 +57,7 @@ from tokenvm_vllm.connector.store_planner import StorePlanner
 from tokenvm_vllm.keys import BlockKey, make_block_key
 from tokenvm_vllm.tiers.disk import disk_slot_count
 from tokenvm_vllm.tiers.manager import TierManager
-from tokenvm_vllm.transfer.host_pool import num_host_slots
+from tokenvm_vllm.transfer.host_pool import host_slots_for
 from tokenvm_vllm.transfer.layout import block_size_for, slot_bytes_for
 
 if TYPE_CHECKING:
@@ -89,8 +89,12 @@ class TokenVMScheduler:
         self.hashes_per_block = self.block_size // tokens_per_hash
         self.num_workers = vllm_config.parallel_config.world_size
         slot_bytes = slot_bytes_for(kv_cache_config)
+        # 'auto' is measured here, once: the workers adopt the count from the metadata.
+        host_slots, host_how = host_slots_for(config.host_bytes, slot_bytes, self.num_workers)
+        if isinstance(config.host_bytes, str):
+            logger.info("TokenVM scheduler: %s", host_how)
         self.tiers = TierManager(
-            num_host_slots(config.host_bytes, slot_bytes),
+            host_slots,
             disk_slot_count(config.disk_bytes, slot_bytes) if config.disk_path else 0,
             config.policy, remote=bool(config.remote_url))
         self.jobs = JobTable(self.num_workers)
@@ -274,7 +278,7 @@ class TokenVMScheduler:
             disk_reads=self._step_disk_reads, disk_writes=disk_writes,
             disk_invalidations=self.tiers.take_freed_disk_slots(),
             remote_lookups=self._step_remote_lookups, remote_reads=self._step_remote_reads,
-            remote_writes=remote_writes)
+            remote_writes=remote_writes, host_slots=self.tiers.host.num_slots)
         self._step_loads = []
         self._step_disk_reads = []
         self._step_remote_lookups = []

@@ -39,14 +39,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokenvm_vllm import compat
-from tokenvm_vllm.config import LoadMode, TokenVMConfig, parse_disk_faults
+from tokenvm_vllm.config import HOST_BYTES_AUTO, LoadMode, TokenVMConfig, parse_disk_faults
 from tokenvm_vllm.connector.metadata import TokenVMConnectorMetadata, TokenVMWorkerMetadata
 from tokenvm_vllm.keys import Namespace, current_hash_seed
 from tokenvm_vllm.tiers.disk import DiskStore
 from tokenvm_vllm.tiers.disk.faults import DiskFaults
 from tokenvm_vllm.transfer.copy_engine import CopyEngine, TorchCopyEngine
 from tokenvm_vllm.transfer.disk_mover import DiskMover
-from tokenvm_vllm.transfer.host_pool import HostPool, num_host_slots
+from tokenvm_vllm.transfer.host_pool import HostPool, auto_slot_bound, num_host_slots
 from tokenvm_vllm.transfer.layout import KVLayout, slot_bytes_for
 from tokenvm_vllm.transfer.remote_mover import RemoteMover
 
@@ -104,6 +104,10 @@ class TokenVMWorker:
         self._remote_available = True
         """The remote store's availability at the last report (changes go to the scheduler)."""
         self._pool: HostPool | None = None
+        self._pinning_started = False
+        self._host_slots: int | None = None
+        """Host slots the scheduler uses (``TokenVMConnectorMetadata.host_slots``; known at
+        start-up for a fixed ``host_bytes``, from the first metadata for 'auto')."""
         rank = compat.tensor_parallel_rank_and_size()[0]
         self._fail_loads = config.debug_fail_load_every > 0 and config.debug_fail_load_rank in (
             -1, rank)
@@ -118,10 +122,24 @@ class TokenVMWorker:
             kv_caches, self.kv_cache_config.num_blocks, self.slot_bytes,
             block_dim=compat.kv_cache_block_dim() if block_dim is None else block_dim)
         device = next(iter(kv_caches.values())).device
+        host_bytes = self.config.host_bytes
+        if host_bytes == HOST_BYTES_AUTO:
+            # The scheduler measures later (it is built after the workers) and sends its count
+            # in the metadata: reserve address space for the most it can choose (untouched
+            # pages cost nothing) and pin only once the count is known.
+            num_slots = auto_slot_bound(self.slot_bytes)
+        else:
+            assert isinstance(host_bytes, int)
+            num_slots = self._host_slots = num_host_slots(host_bytes, self.slot_bytes)
         pool = HostPool(
-            num_host_slots(self.config.host_bytes, self.slot_bytes),
-            self.slot_bytes,
+            num_slots, self.slot_bytes,
             pin=self.config.pin_memory and device.type == "cuda",
+            # Not yet: vLLM captures its CUDA graphs after this, and a capture in CUDA's global
+            # mode is broken by a cudaHostRegister from another thread. The background thread
+            # starts with the first step (``_adopt_host_slots``); copies before it pin on demand.
+            background=False,
+            device_index=device.index if device.type == "cuda" else None,
+            reserve=host_bytes == HOST_BYTES_AUTO,
         )
         self._layer_index = {layer.name: i for i, layer in enumerate(self.layout.layers)}
         self._pool = pool
@@ -269,6 +287,7 @@ class TokenVMWorker:
         if meta is self._started_meta:
             return
         self._started_meta = meta
+        self._adopt_host_slots(meta.host_slots)
         if meta.disk_reads or meta.disk_writes or meta.disk_invalidations:
             self._start_disk_jobs(meta)
         if meta.remote_lookups or meta.remote_reads or meta.remote_writes:
@@ -342,7 +361,28 @@ class TokenVMWorker:
         self._step_layerwise = set()
         self._layers_waited = set()
 
+    def _adopt_host_slots(self, host_slots: int) -> None:
+        """Check the scheduler's host slot count against this worker's pool (with 'auto', adopt
+        the first one); the first time, start pinning those slots in the background."""
+        if not host_slots or self._pool is None:
+            return
+        if self._host_slots is None and host_slots <= self._pool.num_slots:  # 'auto'
+            self._host_slots = host_slots
+            logger.info("TokenVM worker: host_bytes='auto': the scheduler chose %d host slots "
+                        "(%.2f GiB) of the %d reserved", host_slots,
+                        host_slots * self.slot_bytes / 2**30, self._pool.num_slots)
+        if host_slots != self._host_slots:
+            raise RuntimeError(
+                f"tokenvm: the scheduler uses {host_slots} host slots but this worker's pool "
+                f"has {self._host_slots or self._pool.num_slots} (host_bytes="
+                f"{self.config.host_bytes!r}); the scheduler and workers must see the same "
+                f"host_bytes")
+        if not self._pinning_started:
+            self._pinning_started = True
+            self._pool.start_pinning(host_slots)
+
     def start_store(self, meta: TokenVMConnectorMetadata) -> None:
+        self._adopt_host_slots(meta.host_slots)
         if meta.store is not None:
             assert self.engine is not None
             self.engine.store(meta.store.job_id, meta.store.gpu_block_ids, meta.store.host_slots)
@@ -405,6 +445,8 @@ class TokenVMWorker:
             self.disk.shutdown()
         if self.remote is not None:
             self.remote.shutdown()
+        if self._pool is not None:
+            self._pool.close()  # after every copy that used it has finished
 
     def _fail_load(self, job_id: int) -> None:
         """Testing only: report a load as failed without copying (vLLM must recompute)."""

@@ -92,6 +92,7 @@ class TorchCopyEngine(CopyEngine):
 
     def store(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
         start = time.perf_counter()
+        self.pool.ensure_pinned(host_slots)  # (a pinned pool whose layout CUDA's engine lacks)
         ids = torch.tensor(gpu_block_ids, dtype=torch.long, device=self.kv_caches[0].device)
         slots = torch.tensor(host_slots, dtype=torch.long)
         for layer, kv in zip(self.layout.layers, self.kv_caches, strict=True):
@@ -102,6 +103,7 @@ class TorchCopyEngine(CopyEngine):
 
     def load(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
         start = time.perf_counter()
+        self.pool.ensure_pinned(host_slots)
         ids = torch.tensor(gpu_block_ids, dtype=torch.long, device=self.kv_caches[0].device)
         slots = torch.tensor(host_slots, dtype=torch.long)
         for layer, kv in zip(self.layout.layers, self.kv_caches, strict=True):

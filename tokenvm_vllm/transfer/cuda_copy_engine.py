@@ -190,6 +190,9 @@ class CudaCopyEngine(CopyEngine):
         self, job_id: int, is_load: bool, gpu_block_ids: list[int], host_slots: list[int],
         by_layer: bool = False,
     ) -> None:
+        # A lazily pinned pool: the chunks under these slots must be registered before a DMA
+        # or a kernel touches them (a no-op once the background thread is past them).
+        self.pool.ensure_pinned(host_slots)
         submitted = torch.cuda.Event()
         submitted.record(torch.cuda.current_stream(self.device))
         stream = self.load_stream if is_load else self.store_stream

@@ -1,18 +1,63 @@
 """The host pool: the bytes of the host tier, in the worker process.
 
-One ``uint8`` tensor of ``num_slots x slot_bytes``, allocated once at start-up: pinned (page-locked)
-on CUDA so copies are asynchronous DMA, plain memory on the CPU platform. Which slot holds which
-block is decided by the scheduler (``tokenvm_vllm/tiers/host_tier.py``).
+One ``uint8`` matrix of ``num_slots x slot_bytes``. Which slot holds which block is decided by the
+scheduler (``tokenvm_vllm/tiers/host_tier.py``); this module only owns the memory.
+
+On CUDA the pool must be page-locked for asynchronous DMA and for the ``uva`` Triton kernels, which
+dereference host addresses on the GPU. Pinning 20 GiB up front (``cudaHostAlloc``) took 12-16 s
+before the server answered, so the pool is pinned lazily (``LazyPinner``): the memory is mapped
+pageable (untouched pages cost nothing), then registered with CUDA (``cudaHostRegister``, portable
+and mapped) in ``CHUNK_BYTES`` pieces by a background thread, in slot order (the worker starts it
+at the first engine step, after vLLM's CUDA graph capture, which a register call from another
+thread would break). Correctness never
+depends on that thread's progress: every copy engine calls ``ensure_pinned(host_slots)`` before it
+queues a copy, which registers the chunks under those slots synchronously (or waits for the one
+the thread is registering). ``close`` unregisters everything. On the CPU platform nothing is
+pinned.
+
+``host_bytes: "auto"`` is resolved by the scheduler (``host_slots_for``) from MemAvailable and
+sent to the workers in the connector metadata; a worker reserves address space for the largest
+number "auto" can give (``auto_slot_bound``), uses RAM only as slots are written, and pins only
+the slots the scheduler uses.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
+import threading
 import time
+from collections.abc import Callable, Iterable
 
 import torch
 
+from tokenvm_vllm.config import HOST_BYTES_AUTO, HOST_BYTES_AUTO_FRACTION, TokenVMConfigError
+
 logger = logging.getLogger("vllm.tokenvm")
+
+AUTO_RESERVE_BYTES = 2**40
+"""``host_bytes: "auto"`` gives a worker at most this much (1 TiB). A worker reserves this much
+address space before the scheduler has measured (``MAP_NORESERVE``: untouched pages cost neither
+RAM nor commit charge), so no later measurement can exceed what it holds, even where RAM grows
+after start-up (a VM whose balloon inflates as memory is used)."""
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Python < 3.13 lacks the constant
+CHUNK_BYTES = 256 * 2**20
+"""Registration granule: small enough that a copy needing a chunk the background thread has not
+reached waits for one short call (about 0.15 s at the 0.6-0.8 s/GiB pinning rate measured),
+large enough that 20 GiB is 80 calls."""
+CUDA_HOST_REGISTER_PORTABLE = 1
+"""cudaHostRegisterPortable: pinned for every CUDA context (tensor-parallel ranks share none,
+but vLLM or a library may create a second context in the worker)."""
+CUDA_HOST_REGISTER_MAPPED = 2
+"""cudaHostRegisterMapped: mapped into the device address space, which the ``uva`` kernels and
+layer-wise loads need (they are given the host address itself; see ``_host_pointer_usable``)."""
+_CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM = 91
+
+RegisterFn = Callable[[int, int], None]
+"""``register(address, nbytes)``: page-lock a range; raises on failure."""
+UnregisterFn = Callable[[int], None]
+"""``unregister(address)``: undo one ``register`` call, given the address it started at."""
 
 
 def num_host_slots(host_bytes: int, slot_bytes: int) -> int:
@@ -25,17 +70,372 @@ def num_host_slots(host_bytes: int, slot_bytes: int) -> int:
     return slots
 
 
-class HostPool:
-    """``num_slots`` slots of ``slot_bytes`` each."""
+def mem_available() -> tuple[int, str]:
+    """Bytes of RAM available now and where the number came from (psutil's MemAvailable, a
+    vLLM dependency; without psutil the kernel's free pages, which understate it)."""
+    try:
+        import psutil
+    except ImportError:
+        import os
 
-    def __init__(self, num_slots: int, slot_bytes: int, pin: bool) -> None:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free pages"
+    return int(psutil.virtual_memory().available), "MemAvailable"
+
+
+def host_slots_for(
+    host_bytes: int | str, slot_bytes: int, workers: int, available: int | None = None
+) -> tuple[int, str]:
+    """The number of host slots every worker gets, and a sentence saying how it was reached.
+
+    A size: ``num_host_slots``. ``"auto"``: ``HOST_BYTES_AUTO_FRACTION`` of ``available``
+    (default: MemAvailable now) shared by the ``workers`` TokenVM workers on this machine,
+    rounded down to whole slots. Call it once per server, in the scheduler: the workers take
+    the number from the connector metadata, so they cannot disagree with it. Raises
+    ``TokenVMConfigError`` (one line) when that is less than one slot.
+    """
+    if host_bytes != HOST_BYTES_AUTO:
+        assert isinstance(host_bytes, int)
+        try:
+            slots = num_host_slots(host_bytes, slot_bytes)
+        except ValueError as err:
+            raise TokenVMConfigError(f"{err}; raise host_bytes") from None
+        return slots, f"host_bytes={host_bytes}: {slots} slots of {slot_bytes} bytes"
+    source = "given"
+    if available is None:
+        available, source = mem_available()
+    share = int(available * HOST_BYTES_AUTO_FRACTION) // max(1, workers)
+    how = (f"host_bytes='auto': {HOST_BYTES_AUTO_FRACTION} x {source} {available} bytes / "
+           f"{workers} worker(s) on this machine = {share} bytes per worker")
+    if share > AUTO_RESERVE_BYTES:
+        share = AUTO_RESERVE_BYTES
+        how += f", capped at {AUTO_RESERVE_BYTES}"
+    slots = share // slot_bytes
+    if slots < 1:
+        raise TokenVMConfigError(
+            f"tokenvm: {how}, less than one block of all layers ({slot_bytes} bytes); free "
+            f"memory or set host_bytes to a size (e.g. '{max(slot_bytes, 2**30) >> 20}MiB')")
+    return slots, f"{how} -> {slots} slots of {slot_bytes} bytes ({slots * slot_bytes} bytes)"
+
+
+def auto_slot_bound(slot_bytes: int) -> int:
+    """The most slots ``host_slots_for("auto", ...)`` can give (``AUTO_RESERVE_BYTES``): what a
+    worker reserves before the scheduler has measured."""
+    return max(1, AUTO_RESERVE_BYTES // slot_bytes)
+
+
+class LazyPinner:
+    """Registers the byte range ``[address, address + nbytes)`` in ``chunk_bytes`` chunks.
+
+    Chunk ``k`` is ``[k * chunk_bytes, (k + 1) * chunk_bytes)`` of the range (the last one
+    shorter); ``address`` and ``chunk_bytes`` must be page-aligned so that no page belongs to
+    two chunks (CUDA refuses to register a page twice). Every chunk is registered at most once
+    (one condition variable guards the per-chunk states), whether by the background thread
+    (``start``: chunks in order, up to a limit) or by ``ensure`` (the chunks under a byte range,
+    synchronously: it returns only once they are registered). ``close`` stops the thread and
+    unregisters every registered chunk; later ``ensure`` calls raise.
+    """
+
+    _TODO, _BUSY, _DONE = 0, 1, 2
+
+    def __init__(
+        self, address: int, nbytes: int, chunk_bytes: int, register: RegisterFn,
+        unregister: UnregisterFn, name: str = "host pool",
+    ) -> None:
+        if nbytes <= 0 or chunk_bytes <= 0:
+            raise ValueError(f"tokenvm: cannot pin {nbytes} bytes in chunks of {chunk_bytes}")
+        self.address = address
+        self.nbytes = nbytes
+        self.chunk_bytes = chunk_bytes
+        self.name = name
+        self._register = register
+        self._unregister = unregister
+        self.num_chunks = -(-nbytes // chunk_bytes)
+        self._state = bytearray(self.num_chunks)
+        self._cond = threading.Condition()
+        self._prefix = 0
+        """Chunks ``0 .. _prefix - 1`` are all registered (read without the lock: a stale value
+        only sends ``ensure`` to its slow path)."""
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._limit = 0
+        self.background_chunks = 0
+        self.on_demand_chunks = 0
+        self.started_at: float | None = None
+        self.pinned_seconds: float | None = None
+        """Seconds from ``start`` until the chunks up to its limit were all registered."""
+        self.error: str | None = None
+        """The background thread's failure, if it stopped on one."""
+        self.done = threading.Event()
+        """Set when the chunks up to ``start``'s limit are registered (or the thread stopped)."""
+
+    def chunk_range(self, start: int, stop: int) -> range:
+        """Chunks covering bytes ``[start, stop)`` of the range."""
+        if not 0 <= start < stop <= self.nbytes:
+            raise ValueError(f"tokenvm: bytes {start}..{stop} are outside the {self.name} "
+                             f"({self.nbytes} bytes)")
+        return range(start // self.chunk_bytes, (stop - 1) // self.chunk_bytes + 1)
+
+    def registered(self, chunk: int) -> bool:
+        return self._state[chunk] == self._DONE
+
+    @property
+    def registered_chunks(self) -> int:
+        return sum(1 for state in self._state if state == self._DONE)
+
+    def ensure(self, start: int, stop: int) -> None:
+        """Return once every chunk under bytes ``[start, stop)`` is registered."""
+        chunks = self.chunk_range(start, stop)
+        if chunks.stop <= self._prefix:
+            return
+        for chunk in chunks:
+            self._pin(chunk, background=False)
+
+    def ensure_slots(self, slots: Iterable[int], slot_bytes: int) -> None:
+        """``ensure`` for the rows ``slots`` of a ``slot_bytes``-wide matrix at ``address``."""
+        rows = list(slots)
+        if not rows:
+            return
+        chunk = self.chunk_bytes
+        last = ((max(rows) + 1) * slot_bytes - 1) // chunk
+        if last >= self.num_chunks or min(rows) < 0:
+            raise ValueError(f"tokenvm: slots {min(rows)}..{max(rows)} are outside the "
+                             f"{self.name} ({self.nbytes // slot_bytes} slots)")
+        if last < self._prefix:
+            return  # the common case once the background thread is past them
+        needed = {k for row in rows
+                  for k in range(row * slot_bytes // chunk,
+                                 ((row + 1) * slot_bytes - 1) // chunk + 1)}
+        for k in sorted(needed):
+            if k >= self._prefix:
+                self._pin(k, background=False)
+
+    def start(self, nbytes: int | None = None) -> None:
+        """Register the chunks covering the first ``nbytes`` (default: all) on a daemon thread,
+        in order, skipping those ``ensure`` registered; logs when they are all registered."""
+        if self._thread is not None or self._closed:
+            return
+        self._limit = self.num_chunks if nbytes is None else len(self.chunk_range(0, nbytes))
+        self.started_at = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="tokenvm-pin", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether the background pinning finished (successfully or not) within ``timeout``."""
+        return self.done.wait(timeout)
+
+    def close(self) -> None:
+        """Stop the thread (after its current chunk) and unregister every registered chunk."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        with self._cond:
+            while self._BUSY in self._state:  # an ensure on another thread: let it finish
+                self._cond.wait()
+            done = [k for k in range(self.num_chunks) if self._state[k] == self._DONE]
+            for chunk in done:
+                self._state[chunk] = self._TODO
+            self._prefix = 0
+        for chunk in done:
+            try:
+                self._unregister(self.address + chunk * self.chunk_bytes)
+            except Exception as err:  # shutting down: report, and unregister the rest
+                logger.warning("TokenVM: unregistering %s chunk %d failed: %s",
+                               self.name, chunk, err)
+
+    def _pin(self, chunk: int, background: bool) -> bool:
+        """Register ``chunk`` unless it is (or is being) registered; returns whether this call
+        registered it. Raises what ``register`` raised (the chunk stays unregistered)."""
+        with self._cond:
+            while self._state[chunk] == self._BUSY:
+                self._cond.wait()
+            if self._state[chunk] == self._DONE:
+                return False
+            if self._closed:
+                if background:
+                    return False
+                raise RuntimeError(f"tokenvm: the {self.name} is closed")
+            self._state[chunk] = self._BUSY
+        start = chunk * self.chunk_bytes
+        size = min(self.chunk_bytes, self.nbytes - start)
+        ok = False
+        try:
+            self._register(self.address + start, size)
+            ok = True
+        finally:
+            with self._cond:
+                self._state[chunk] = self._DONE if ok else self._TODO
+                while self._prefix < self.num_chunks and self._state[self._prefix] == self._DONE:
+                    self._prefix += 1
+                if ok and background:
+                    self.background_chunks += 1
+                elif ok:
+                    self.on_demand_chunks += 1
+                self._cond.notify_all()
+        return True
+
+    def _run(self) -> None:
+        try:
+            for chunk in range(self._limit):
+                if self._closed:
+                    return
+                self._pin(chunk, background=True)  # waits for one an ensure is registering
+            if self._closed:
+                return
+            assert self.started_at is not None
+            self.pinned_seconds = time.perf_counter() - self.started_at
+            pinned = min(self.nbytes, self._limit * self.chunk_bytes)
+            logger.info(
+                "TokenVM %s fully pinned: %.2f GiB in %d chunks in %.2f s after start-up "
+                "(%d in the background, %d on demand by copies)", self.name, pinned / 2**30,
+                self._limit, self.pinned_seconds, self.background_chunks,
+                self.on_demand_chunks)
+        except Exception as err:
+            self.error = str(err)
+            logger.error("TokenVM: pinning the %s in the background stopped: %s; copies pin "
+                         "what they need themselves and fail if that fails too", self.name, err)
+        finally:
+            self.done.set()
+
+
+class HostPool:
+    """``num_slots`` slots of ``slot_bytes`` each (``buffer``, a ``(num_slots, slot_bytes)``
+    ``uint8`` tensor whose address never changes).
+
+    ``pin=False``: plain pageable memory (the CPU platform, or ``pin_memory=false``).
+    ``reserve``: the size is an upper bound (``host_bytes: "auto"``): map it ``MAP_NORESERVE``.
+    ``pin=True``: page-locked for CUDA. Lazily by default: ``ensure_pinned`` before every CUDA
+    copy, plus a background thread from ``start_pinning`` (at once, unless ``background`` is
+    False). ``register``/``unregister`` replace the CUDA calls (tests on machines without CUDA).
+    Eagerly (``torch.empty(pin_memory=True)``, today's behaviour before lazy pinning) only where
+    the GPU cannot use a registered host address as a device address (see
+    ``_host_pointer_usable``). ``pinned`` is True in both pinned modes.
+    """
+
+    def __init__(
+        self, num_slots: int, slot_bytes: int, pin: bool, *, background: bool = True,
+        chunk_bytes: int = CHUNK_BYTES, register: RegisterFn | None = None,
+        unregister: UnregisterFn | None = None, device_index: int | None = None,
+        reserve: bool = False,
+    ) -> None:
         start = time.perf_counter()
         self.num_slots = num_slots
         self.slot_bytes = slot_bytes
+        self.nbytes = num_slots * slot_bytes
         self.pinned = pin
-        self.buffer = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, pin_memory=pin)
+        self.pinner: LazyPinner | None = None
+        self._mmap: mmap.mmap | None = None
+        lazy = pin and (register is not None or _host_pointer_usable(device_index))
+        if pin and not lazy:
+            mode = "pinned eagerly"
+            self.buffer = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, pin_memory=True)
+        else:
+            mode = "pageable, pinned lazily" if lazy else "pageable"
+            mode += ", address space only until the scheduler's count" if reserve else (
+                ", RAM used as slots are written")
+            # Anonymous mmap: page-aligned (chunks never share a page) and untouched pages cost
+            # no RAM, so a slot costs memory only once a block is written to it.
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_NORESERVE if reserve else 0)
+            try:
+                self._mmap = mmap.mmap(-1, self.nbytes, flags=flags)
+            except OSError as err:
+                what = "reserve address space for" if reserve else "allocate"
+                raise TokenVMConfigError(
+                    f"tokenvm: cannot {what} the host pool ({self.nbytes} bytes): {err}"
+                    + ("; host_bytes='auto' needs vm.overcommit_memory 0 or 1 and no "
+                       "'ulimit -v': set host_bytes to a size instead" if reserve else
+                       "; lower host_bytes")) from None
+            self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
+                num_slots, slot_bytes)
+        if lazy:
+            if register is None:
+                register, unregister = _cuda_register(device_index)
+            assert unregister is not None, "register without unregister"
+            page = mmap.PAGESIZE
+            self.pinner = LazyPinner(self.buffer.data_ptr(), self.nbytes,
+                                     -(-chunk_bytes // page) * page, register, unregister)
+            if background:
+                self.start_pinning()
         self.alloc_seconds = time.perf_counter() - start
         logger.info(
             "TokenVM host pool: %d slots x %d bytes = %.2f GiB (%s) allocated in %.2f s",
-            num_slots, slot_bytes, num_slots * slot_bytes / 2**30,
-            "pinned" if pin else "pageable", self.alloc_seconds)
+            num_slots, slot_bytes, self.nbytes / 2**30, mode, self.alloc_seconds)
+
+    def start_pinning(self, num_slots: int | None = None) -> None:
+        """Pin the first ``num_slots`` slots (default: all) in the background; no-op when the
+        pool is not lazily pinned or already started."""
+        if self.pinner is not None:
+            self.pinner.start(None if num_slots is None else num_slots * self.slot_bytes)
+
+    def ensure_pinned(self, host_slots: Iterable[int]) -> None:
+        """Return once the chunks under ``host_slots`` are page-locked (no-op unless lazily
+        pinned). Every CUDA copy to or from the pool calls this before it is queued."""
+        if self.pinner is not None:
+            # The first chunk too: torch's ``is_pinned()`` asks about the buffer's base address
+            # (the Triton mover checks it), so the pool reads as pinned before any copy runs.
+            self.pinner.ensure(0, 1)
+            self.pinner.ensure_slots(host_slots, self.slot_bytes)
+
+    def wait_pinned(self, timeout: float | None = None) -> bool:
+        """Whether background pinning has finished (True at once when not lazily pinned)."""
+        return self.pinner is None or self.pinner.wait(timeout)
+
+    def close(self) -> None:
+        """Unregister what was pinned (the memory stays valid until the pool is dropped)."""
+        if self.pinner is not None:
+            self.pinner.close()
+
+
+def _cuda_register(device_index: int | None) -> tuple[RegisterFn, UnregisterFn]:
+    """``cudaHostRegister``/``cudaHostUnregister`` through torch's cudart bindings (which release
+    the GIL during the call), on ``device_index`` whichever thread calls them (a new thread
+    would otherwise use device 0 and create a context there)."""
+    cudart = torch.cuda.cudart()
+    device = torch.cuda.current_device() if device_index is None else device_index
+    flags = CUDA_HOST_REGISTER_PORTABLE | CUDA_HOST_REGISTER_MAPPED
+
+    def register(address: int, nbytes: int) -> None:
+        torch.cuda.set_device(device)
+        err = cudart.cudaHostRegister(address, nbytes, flags)
+        if err != cudart.cudaError.success:
+            raise RuntimeError(
+                f"tokenvm: cudaHostRegister of {nbytes} bytes of the host pool failed: "
+                f"{cudart.cudaGetErrorString(err)}; lower host_bytes, raise 'ulimit -l', or set "
+                f"pin_memory=false")
+
+    def unregister(address: int) -> None:
+        torch.cuda.set_device(device)
+        err = cudart.cudaHostUnregister(address)
+        if err != cudart.cudaError.success:
+            raise RuntimeError(f"cudaHostUnregister: {cudart.cudaGetErrorString(err)}")
+
+    return register, unregister
+
+
+def _host_pointer_usable(device_index: int | None) -> bool:
+    """Whether kernels on the device may dereference a registered host address as is
+    (CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM): the ``uva`` and layer-wise
+    Triton movers are handed the host pool's own address. ``cudaHostAlloc`` memory always has
+    that property under UVA, registered memory only where the attribute says so (every recent
+    GPU on 64-bit Linux). False when it cannot be asked: then the pool is pinned eagerly."""
+    if not torch.cuda.is_available():
+        return False
+    torch.cuda.init()  # the driver must be initialized before it answers (cuInit)
+    device = torch.cuda.current_device() if device_index is None else device_index
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        value = ctypes.c_int(0)
+        result = libcuda.cuDeviceGetAttribute(
+            ctypes.byref(value), _CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM,
+            ctypes.c_int(device))
+    except (OSError, AttributeError) as err:
+        logger.warning("TokenVM: cannot ask the CUDA driver about registered host memory (%s); "
+                       "pinning the host pool eagerly", err)
+        return False
+    if result != 0 or value.value != 1:
+        logger.warning("TokenVM: GPU %d cannot use registered host memory at its host address "
+                       "(cuDeviceGetAttribute -> %d, value %d); pinning the host pool eagerly",
+                       device, result, value.value)
+        return False
+    return True

@@ -1,0 +1,103 @@
+"""The lazily pinned host pool on a real GPU (issue #13 item 4): blocks copied in and out through
+the real copy engine, every path, while the background thread is still registering chunks, and
+every byte checked. The register call is the real ``cudaHostRegister``, slowed down by a sleep so
+that the copies certainly run before the thread reaches their slots.
+
+Skipped without CUDA (CI has none); ``ci/gpu/run.sh tests`` runs it on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+NUM_BLOCKS = 64
+NUM_SLOTS = 512
+CHUNK = 2 * 2**20
+
+
+def make(path: str, delay: float = 0.05):
+    from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
+    from tokenvm_vllm.transfer.host_pool import HostPool, _cuda_register, _host_pointer_usable
+    from tokenvm_vllm.transfer.layout import KVLayout
+
+    assert _host_pointer_usable(torch.cuda.current_device()), "this GPU would pin eagerly"
+    register, unregister = _cuda_register(torch.cuda.current_device())
+
+    def slow_register(address: int, nbytes: int) -> None:
+        time.sleep(delay)  # the real call, later: copies overtake the background thread
+        register(address, nbytes)
+
+    # (blocks, block_size, kv_heads, head_size) per K and V: 16 x 8 x 128 bf16 = 32 KiB each
+    caches = {f"l{i}": torch.randn(2, NUM_BLOCKS, 16, 8, 128, device="cuda").to(torch.bfloat16)
+              for i in range(4)}
+    per = caches["l0"].numel() // NUM_BLOCKS * caches["l0"].element_size()
+    layout = KVLayout.from_kv_caches(caches, NUM_BLOCKS, per * 4)
+    pool = HostPool(NUM_SLOTS, per * 4, pin=True, background=False, chunk_bytes=CHUNK,
+                    register=slow_register, unregister=unregister)
+    pool.start_pinning()
+    engine = CudaCopyEngine(layout, caches, pool, path=path, staging_bytes=8 * pool.slot_bytes)
+    return engine, caches, pool
+
+
+def drain(engine, n):
+    results = []
+    deadline = time.monotonic() + 30
+    while len(results) < n and time.monotonic() < deadline:
+        results += engine.poll()
+    return results
+
+
+@pytest.mark.parametrize("path", ["uva", "staged", "layerwise"])
+def test_copies_overtake_background_pinning_and_every_byte_arrives(path):
+    engine, caches, pool = make("uva" if path == "layerwise" else path)
+    pinner = pool.pinner
+    assert pinner is not None and pinner.num_chunks == -(-NUM_SLOTS * pool.slot_bytes // CHUNK)
+    gen = torch.Generator().manual_seed(7)
+    src = torch.randperm(NUM_BLOCKS, generator=gen)[:20].tolist()
+    # slots near the end of the pool: chunks the background thread reaches last
+    slots = (NUM_SLOTS - 1 - torch.randperm(NUM_SLOTS // 4, generator=gen)[:20]).tolist()
+    engine.store(1, src, slots)
+    assert not pinner.done.is_set(), "background pinning finished before the copy: too fast"
+    assert all(pool.buffer[s].is_pinned() for s in slots)
+    torch.cuda.synchronize()
+    (stored,) = drain(engine, 1)
+    assert stored.ok
+    before = {k: v.clone() for k, v in caches.items()}
+    dst = [b for b in range(NUM_BLOCKS) if b not in src][:20]
+    if path == "layerwise":
+        engine.load_layers(2, dst, slots)
+    else:
+        engine.load(2, dst, slots)
+    torch.cuda.synchronize()
+    (loaded,) = drain(engine, 1)
+    assert loaded.ok and loaded.is_load
+    for layer in engine.layout.layers:
+        kv, old = caches[layer.name], before[layer.name]
+        for s, d in zip(src, dst, strict=True):
+            assert torch.equal(kv.select(layer.block_dim, d), old.select(layer.block_dim, s))
+    assert pinner.on_demand_chunks >= 1
+    assert pool.wait_pinned(timeout=120) and pinner.error is None
+    assert pinner.registered_chunks == pinner.num_chunks
+    assert pinner.background_chunks + pinner.on_demand_chunks == pinner.num_chunks
+    assert pool.buffer[0].is_pinned() and pool.buffer[NUM_SLOTS - 1].is_pinned()
+    pool.close()
+    assert not pool.buffer[NUM_SLOTS - 1].is_pinned()  # unregistered
+
+
+def test_real_pool_pins_lazily_in_the_background():
+    from tokenvm_vllm.transfer.host_pool import HostPool
+
+    pool = HostPool(256, 2**20, pin=True)  # 256 MiB, the real CUDA calls, default chunks
+    assert pool.pinner is not None and pool.alloc_seconds < 0.5
+    assert pool.wait_pinned(timeout=60) and pool.pinner.error is None
+    assert pool.buffer[255].is_pinned()
+    pool.buffer[255].fill_(3)
+    gpu = pool.buffer[255].to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert int(gpu.sum()) == 3 * 2**20
+    pool.close()

@@ -1,0 +1,212 @@
+"""The lazily pinned host pool (issue #13 item 4) on CPU: chunk bookkeeping, the background
+thread against on-demand pinning, and pinning before every copy.
+
+This machine has no CUDA, so ``cudaHostRegister``/``cudaHostUnregister`` are replaced by a
+recording fake (``Recorder``), injected through ``HostPool``'s ``register``/``unregister``
+arguments; everything else (the pool's memory, the copy engine, the threads) is real. The real
+CUDA calls are exercised by ``tests/gpu/test_lazy_pool.py``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+import time
+
+import pytest
+import torch
+
+from tokenvm_vllm.transfer.copy_engine import TorchCopyEngine
+from tokenvm_vllm.transfer.host_pool import HostPool, LazyPinner
+from tokenvm_vllm.transfer.layout import KVLayout
+
+PAGE = mmap.PAGESIZE
+
+
+class Recorder:
+    """Stands in for cudaHostRegister/Unregister: records every call, optionally slow or
+    failing, and refuses what CUDA refuses (a page registered twice, unregistering a range
+    that is not registered)."""
+
+    def __init__(self, delay: float = 0.0, fail_at: set[int] | None = None) -> None:
+        self.delay = delay
+        self.fail_at = fail_at or set()
+        self.lock = threading.Lock()
+        self.registered: dict[int, int] = {}
+        self.calls: list[tuple[str, int, int, str]] = []
+        self.on_register: list[object] = []
+        self.hook = None
+
+    def register(self, address: int, nbytes: int) -> None:
+        if self.delay:
+            time.sleep(self.delay)
+        with self.lock:
+            if address in self.fail_at:
+                self.fail_at.discard(address)
+                raise RuntimeError("cudaErrorMemoryAllocation (fake)")
+            for start, size in self.registered.items():
+                assert address + nbytes <= start or start + size <= address, "page pinned twice"
+            if self.hook is not None:
+                self.on_register.append(self.hook(address, nbytes))
+            self.registered[address] = nbytes
+            self.calls.append(("register", address, nbytes, threading.current_thread().name))
+
+    def unregister(self, address: int) -> None:
+        with self.lock:
+            assert address in self.registered, "unregistering a range that is not registered"
+            nbytes = self.registered.pop(address)
+            self.calls.append(("unregister", address, nbytes, threading.current_thread().name))
+
+
+def make_pool(rec: Recorder, num_slots: int = 40, slot_bytes: int = 3 * 1024,
+              chunk_bytes: int = 2 * PAGE, background: bool = False) -> HostPool:
+    return HostPool(num_slots, slot_bytes, pin=True, background=background,
+                    chunk_bytes=chunk_bytes, register=rec.register, unregister=rec.unregister)
+
+
+def test_pool_memory_is_page_aligned_and_chunks_tile_it():
+    rec = Recorder()
+    pool = make_pool(rec, num_slots=40, slot_bytes=3000, chunk_bytes=5000)  # rounded up to pages
+    pinner = pool.pinner
+    assert pinner is not None
+    base = pool.buffer.data_ptr()
+    assert base % PAGE == 0 and pinner.chunk_bytes % PAGE == 0 and pinner.chunk_bytes >= 5000
+    assert pool.buffer.shape == (40, 3000)
+    pool.ensure_pinned(range(40))
+    spans = sorted((address - base, size) for address, size in rec.registered.items())
+    assert spans[0][0] == 0 and sum(size for _, size in spans) == 40 * 3000
+    assert all(a + s == b for (a, s), (b, _) in zip(spans, spans[1:], strict=False))
+    assert len(spans) == pinner.num_chunks == -(-40 * 3000 // pinner.chunk_bytes)
+
+
+def test_ensure_pins_only_the_chunks_under_the_slots_once():
+    rec = Recorder()
+    pool = make_pool(rec, num_slots=40, slot_bytes=3 * 1024, chunk_bytes=2 * PAGE)
+    pinner = pool.pinner
+    assert pinner is not None
+    chunk = pinner.chunk_bytes
+    slot = 5  # bytes 15360..18431: chunks 1 and 2 with 8 KiB chunks (4 KiB pages)
+    expected = set(range(slot * 3072 // chunk, ((slot + 1) * 3072 - 1) // chunk + 1))
+    pool.ensure_pinned([slot])
+    expected.add(0)  # the first chunk always: torch's is_pinned() asks about the base address
+    assert {k for k in range(pinner.num_chunks) if pinner.registered(k)} == expected
+    pool.ensure_pinned([slot, slot])  # idempotent
+    assert len(rec.calls) == len(expected)
+    with pytest.raises(ValueError, match="outside the host pool"):
+        pool.ensure_pinned([40])
+    pool.close()
+    assert not rec.registered  # everything registered was unregistered, once
+    assert [c[0] for c in rec.calls].count("unregister") == len(expected)
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.ensure_pinned([0])
+
+
+def test_copies_pin_their_slots_before_touching_them():
+    """The copy engine calls ensure_pinned before it writes or reads a slot: at the moment a
+    chunk is registered, the slot the store is about to write still holds its old bytes."""
+    layers = 2
+    kv = {f"l{i}": torch.arange(8 * 4 * 16, dtype=torch.float32).reshape(8, 4, 16) + 1000 * i
+          for i in range(layers)}
+    slot_bytes = layers * 4 * 16 * 4
+    layout = KVLayout.from_kv_caches(kv, 8, slot_bytes, block_dim=0)
+    rec = Recorder()
+    pool = make_pool(rec, num_slots=64, slot_bytes=slot_bytes, chunk_bytes=PAGE)
+    engine = TorchCopyEngine(layout, kv, pool)
+    target = 37
+    rec.hook = lambda address, nbytes: bool(pool.buffer[target].eq(0).all())
+    engine.store(1, [3], [target])
+    assert rec.on_register and all(rec.on_register), "a chunk was pinned after the copy wrote it"
+    assert pool.buffer[target].ne(0).any()
+    pinned = {k for k in range(pool.pinner.num_chunks) if pool.pinner.registered(k)}
+    start, stop = target * slot_bytes, (target + 1) * slot_bytes
+    assert pinned == set(pool.pinner.chunk_range(start, stop)) | {0}
+    # a load from a slot in another chunk pins that chunk before reading it
+    for name in kv:
+        kv[name][5].zero_()
+    pool.buffer[50] = pool.buffer[target]
+    engine.load(2, [5], [50])
+    assert set(pool.pinner.chunk_range(50 * slot_bytes, 51 * slot_bytes)) <= {
+        k for k in range(pool.pinner.num_chunks) if pool.pinner.registered(k)}
+    assert all(torch.equal(kv[name][5], kv[name][3]) for name in kv)
+    assert len(engine.poll()) == 2
+
+
+def test_background_and_on_demand_pinning_meet_without_double_registration():
+    rec = Recorder(delay=0.01)
+    pool = make_pool(rec, num_slots=200, slot_bytes=1024, chunk_bytes=PAGE)  # 50 chunks
+    pinner = pool.pinner
+    assert pinner is not None
+    pool.start_pinning()
+    demanded = []
+    for slot in (199, 120, 3, 150, 60):  # ahead of, and behind, the background thread
+        pool.ensure_pinned([slot])
+        chunk = slot * 1024 // PAGE
+        assert pinner.registered(chunk), "ensure returned before its chunk was registered"
+        demanded.append(chunk)
+    assert pool.wait_pinned(timeout=30)
+    assert pinner.error is None and pinner.pinned_seconds is not None
+    starts = [c[1] for c in rec.calls if c[0] == "register"]
+    assert len(starts) == len(set(starts)) == pinner.num_chunks == 50
+    assert pinner.background_chunks + pinner.on_demand_chunks == 50
+    assert pinner.on_demand_chunks >= 1  # chunk 49 was needed long before the thread got there
+    assert any(c[3] == "tokenvm-pin" for c in rec.calls)
+    pool.close()
+    assert not rec.registered
+
+
+def test_background_stops_at_its_limit():
+    rec = Recorder()
+    pool = make_pool(rec, num_slots=100, slot_bytes=1024, chunk_bytes=PAGE)
+    pool.start_pinning(num_slots=30)  # 30 KiB: 8 chunks of 4 KiB
+    assert pool.wait_pinned(timeout=30)
+    assert pool.pinner is not None and pool.pinner.registered_chunks == -(-30 * 1024 // PAGE)
+    pool.close()
+
+
+def test_a_failed_registration_is_retried_by_the_next_copy_and_reported():
+    rec = Recorder()
+    pool = make_pool(rec, num_slots=16, slot_bytes=PAGE, chunk_bytes=PAGE)
+    base = pool.buffer.data_ptr()
+    rec.fail_at = {base + 3 * PAGE}
+    with pytest.raises(RuntimeError, match="fake"):
+        pool.ensure_pinned([3])
+    assert pool.pinner is not None and not pool.pinner.registered(3)
+    pool.ensure_pinned([3])  # the next copy tries again
+    assert pool.pinner.registered(3)
+    rec.fail_at = {base + 9 * PAGE}
+    pool.start_pinning()
+    assert pool.wait_pinned(timeout=30)
+    assert pool.pinner.error is not None and "fake" in pool.pinner.error
+    assert not pool.pinner.registered(9)
+    pool.ensure_pinned([9])
+    assert pool.pinner.registered(9)
+    pool.close()
+
+
+def test_close_waits_for_the_background_thread_and_unregisters_all():
+    rec = Recorder(delay=0.02)
+    pool = make_pool(rec, num_slots=400, slot_bytes=1024, chunk_bytes=PAGE)
+    pool.start_pinning()
+    time.sleep(0.1)
+    pool.close()
+    assert not rec.registered
+    registered = [c for c in rec.calls if c[0] == "register"]
+    assert 0 < len(registered) < 100  # stopped early, and undid what it did
+
+
+def test_unpinned_pool_is_plain_memory():
+    pool = HostPool(4, 1000, pin=False)
+    assert pool.pinner is None and not pool.pinned
+    pool.ensure_pinned([3])  # no-op
+    pool.buffer[3] = 7
+    assert int(pool.buffer[3].sum()) == 7000
+    assert pool.wait_pinned(0)
+    pool.close()
+
+
+def test_pinner_rejects_ranges_outside():
+    pinner = LazyPinner(0, 10 * PAGE, PAGE, lambda a, n: None, lambda a: None)
+    assert list(pinner.chunk_range(0, 1)) == [0]
+    assert list(pinner.chunk_range(PAGE - 1, PAGE + 1)) == [0, 1]
+    with pytest.raises(ValueError, match="outside"):
+        pinner.chunk_range(0, 10 * PAGE + 1)
