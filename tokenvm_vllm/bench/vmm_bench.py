@@ -85,7 +85,7 @@ def section_page(device: int, pages: int) -> dict[str, Any]:
     from tokenvm_vllm.elastic import vmm
 
     out: dict[str, Any] = {"pages": pages}
-    with vmm.VirtualRange(pages * 2 * MIB, device) as rng:
+    with vmm.VirtualRange(pages * vmm.granularity(device), device) as rng:
         page = rng.page_bytes
         t: dict[str, list[int]] = {k: [] for k in
                                    ("create", "map", "set_access", "unmap", "release")}
