@@ -166,3 +166,35 @@ def test_bench_sections_run_against_the_fake(fake):
     assert "page map_total" in text and "group v2_32_tensors (32 pages, 64 MiB" in text
     assert "hidden: ERROR RuntimeError: y" in text
     assert fake.fake_mapped_count() == 0
+
+
+def test_overlap_and_full_table():
+    """The hidden section's window arithmetic, and the table with every section present (the
+    shapes the GPU sections return), so the summary printed last cannot crash there."""
+    from tokenvm_vllm.bench import vmm_bench
+
+    assert vmm_bench.overlap_ns([(0, 10), (5, 10), (20, 5), (28, 10)], (5, 30)) == 5 + 10 + 5 + 2
+    st = vmm_bench.stats_us([1000, 2000, 3000])
+    assert st["p50"] == 2.0 and st["max"] == 3.0 and st["n"] == 3
+    assert vmm_bench.stats_us([]) == {"n": 0}
+    res = {
+        "info": {"gpu": "H200", "granularity_min": 2 * MIB, "granularity_recommended": 2 * MIB},
+        "page": {k: st for k in ("create", "map", "set_access", "map_total", "kept_handle_map",
+                                 "unmap", "release", "unmap_total", "kept_handle_unmap")}
+        | {"set_access_run_of_32_us": 5.0, "section_s": 0.1},
+        "group": {"v2_32_tensors": {"tensors": 32, "group_bytes": 64 * MIB,
+                                    "blocks_per_group": 32, "map_group": st,
+                                    "unmap_group": st},
+                  "kv_apart_64_tensors": {"error": "CudaDriverError: boom"}, "section_s": 0.2},
+        "hidden": {"matmul": 8192, "iters": 300, "tflops_alone": 780.0,
+                   "tflops_with_mapper": 770.0, "slowdown": 1.013, "groups_mapped_during": 41.0,
+                   "map_group_under_compute": st, "map_group_idle": st, "hidden_fraction": 0.97,
+                   "errors": []},
+        "physical": {"used_mib_vs_start": {"start": 0.0, "reserved": 0.0, "mapped": 1024.0}},
+        "view": {"write_read_ok": True, "kept_handle_remap_ok": True, "section_s": 0.0},
+        "elapsed_s": 12.0,
+    }
+    text = vmm_bench.table(res)
+    assert "hidden: matmul 8192x300 780 TFLOP/s alone" in text and "hidden 0.97" in text
+    assert "group kv_apart_64_tensors: ERROR CudaDriverError: boom" in text
+    assert "physical MiB used vs start: reserved 0, mapped 1024" in text
