@@ -1,0 +1,200 @@
+"""``elastic/vmm.py`` and ``page_groups.VmmMapper`` through ctypes against a stand-in libcuda
+(``fake_libcuda.c``, compiled here; host memory plays device memory). CPU machines have no GPU,
+so this is where CI exercises the argument types, struct fields, context handling and error paths
+of the real ctypes code; ``tests/gpu/test_vmm.py`` runs the same code on the real driver.
+Skipped when no C compiler is found."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenvm_vllm.elastic import vmm
+
+MIB = 1 << 20
+SOURCE = Path(__file__).with_name("fake_libcuda.c")
+CC = shutil.which("cc") or shutil.which("gcc")
+
+pytestmark = pytest.mark.skipif(CC is None, reason="needs a C compiler for the stand-in libcuda")
+
+
+@pytest.fixture(scope="module")
+def fake_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fakecuda") / "libfakecuda.so"
+    subprocess.run([CC, "-O1", "-Wall", "-Werror", "-shared", "-fPIC", "-o", str(out),
+                    str(SOURCE)], check=True)
+    return out
+
+
+@pytest.fixture
+def fake(fake_lib: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ctypes.CDLL]:
+    """The stand-in loaded as vmm's driver; ``fake_used_bytes()`` counts physical bytes."""
+    monkeypatch.setattr(vmm, "LIBCUDA", str(fake_lib))
+    monkeypatch.setattr(vmm, "_driver", None)
+    lib = ctypes.CDLL(str(fake_lib))
+    lib.fake_used_bytes.restype = ctypes.c_ulonglong
+    lib.fake_set_limit.argtypes = [ctypes.c_ulonglong]
+    lib.fake_set_limit(1 << 40)
+    yield lib
+    lib.fake_set_limit(1 << 40)
+
+
+def read_page(rng: vmm.VirtualRange, page: int) -> torch.Tensor:
+    return vmm.tensor_view(rng.address(page), rng.page_bytes, torch.int32,
+                           (rng.page_bytes // 4,), torch.device("cpu"))
+
+
+def test_map_write_unmap_remap_and_memory_follows(fake):
+    used0 = fake.fake_used_bytes()
+    with vmm.VirtualRange(5 * MIB) as rng:  # rounds up to 3 pages
+        assert (rng.num_pages, rng.page_bytes, rng.base % (2 * MIB)) == (3, 2 * MIB, 0)
+        assert fake.fake_used_bytes() == used0  # reserving takes no memory
+        rng.map(0)
+        rng.map(2)
+        assert fake.fake_used_bytes() - used0 == 4 * MIB
+        read_page(rng, 0).fill_(11)
+        read_page(rng, 2).copy_(torch.arange(rng.page_bytes // 4, dtype=torch.int32))
+        rng.unmap(0)
+        assert fake.fake_used_bytes() - used0 == 2 * MIB
+        rng.map(0)
+        read_page(rng, 0).fill_(12)
+        assert bool((read_page(rng, 0) == 12).all())
+        assert torch.equal(read_page(rng, 2), torch.arange(rng.page_bytes // 4,
+                                                          dtype=torch.int32))
+        # a kept handle carries its bytes to the next page mapped
+        rng.unmap(2, keep_handle=True)
+        assert rng.held_bytes == 4 * MIB and rng.mapped_pages == [0]
+        rng.map(1)
+        assert int(read_page(rng, 1)[12345]) == 12345
+    assert fake.fake_used_bytes() == used0  # release() gave every page back
+
+
+def test_driver_errors_name_the_call(fake):
+    with vmm.VirtualRange(4 * MIB) as rng:
+        with pytest.raises(vmm.CudaDriverError,
+                           match=r"cuMemMap failed: CUresult 1 \(CUDA_ERROR_INVALID_VALUE: "
+                                 r"invalid argument\)"):
+            vmm.map_handle(rng.address(0), rng.page_bytes, 0)
+        fake.fake_set_limit(fake.fake_used_bytes() + 2 * MIB)  # room for one page only
+        rng.map(0)
+        with pytest.raises(vmm.CudaDriverError, match="cuMemCreate failed.*OUT_OF_MEMORY"):
+            rng.map(1)
+        assert rng.mapped_pages == [0]  # the failed map left nothing behind
+    with pytest.raises(ValueError, match="page_bytes=3145728 is not a multiple"):
+        vmm.VirtualRange(8 * MIB, page_bytes=3 * MIB)
+
+
+def test_fresh_thread_gets_the_primary_context(fake):
+    results: dict[str, object] = {}
+    with vmm.VirtualRange(4 * MIB) as rng:
+
+        def bare() -> None:  # a raw call without ensure_context: the driver refuses
+            try:
+                vmm.create_handle(0, 2 * MIB)
+                results["bare"] = "no error"
+            except vmm.CudaDriverError as e:
+                results["bare"] = str(e)
+
+        def via_range() -> None:
+            try:
+                rng.map(1)
+                results["range"] = "ok"
+            except Exception as e:  # reported to the test thread
+                results["range"] = repr(e)
+
+        for fn in (bare, via_range):
+            t = threading.Thread(target=fn)
+            t.start()
+            t.join()
+        assert "CUDA_ERROR_INVALID_CONTEXT" in str(results["bare"])
+        assert results["range"] == "ok" and rng.mapped_pages == [1]
+
+
+def test_vmm_mapper_and_pool_over_fake_pages(fake):
+    from tokenvm_vllm.elastic.page_groups import (
+        BlockState,
+        PageGroupLayout,
+        PageGroupPool,
+        VmmMapper,
+    )
+
+    used0 = fake.fake_used_bytes()
+    layout = PageGroupLayout([64 << 10] * 4, 128)  # 4 layers, 4 groups of 32 blocks
+    mapper = VmmMapper.allocate(layout)
+    try:
+        pool = PageGroupPool(layout, mapper, ceiling_bytes=3 * layout.group_bytes(0))
+        plan = pool.grow(free_blocks=0, demand=128, ahead=0)
+        assert plan.groups == (0, 1, 2) and plan.short_by == 32  # the ceiling stops at 3
+        assert fake.fake_used_bytes() - used0 == 3 * 4 * 2 * MIB
+        for rng in mapper.ranges:
+            for g in plan.groups:
+                read_page(rng, g).fill_(g + 1)
+        shrink = pool.plan_shrink(lambda b: BlockState.IN_USE if b < 32 else BlockState.FREE)
+        assert shrink.groups == (1, 2)
+        pool.apply_shrink(shrink)
+        assert fake.fake_used_bytes() - used0 == 4 * 2 * MIB
+        assert all(bool((read_page(rng, 0) == 1).all()) for rng in mapper.ranges)
+    finally:
+        mapper.release()
+    assert fake.fake_used_bytes() == used0
+
+
+def test_bench_sections_run_against_the_fake(fake):
+    """The benchmark's driver-only sections and its table, so the GPU run's code paths have
+    run once before the GPU sees them."""
+    from tokenvm_vllm.bench import vmm_bench
+
+    page = vmm_bench.section_page(0, pages=8)
+    assert page["create"]["n"] == 8 and page["kept_handle_map"]["n"] == 8
+    assert page["set_access_run_of_32_us"] > 0
+    group = vmm_bench.section_group(0, groups=2)
+    assert group["v2_32_tensors"]["group_bytes"] == 64 * MIB
+    assert group["v2_32_tensors"]["blocks_per_group"] == 32
+    assert group["kv_apart_64_tensors"]["group_bytes"] == 128 * MIB
+    assert group["kv_apart_64_tensors"]["map_group"]["n"] == 2
+    res = {"info": {"error": "RuntimeError: x"}, "page": page, "group": group,
+           "hidden": {"error": "RuntimeError: y"}, "physical": {"error": "z"},
+           "view": {"error": "w"}, "elapsed_s": 1.0}
+    text = vmm_bench.table(res)
+    assert "page map_total" in text and "group v2_32_tensors (32 pages, 64 MiB" in text
+    assert "hidden: ERROR RuntimeError: y" in text
+    assert fake.fake_mapped_count() == 0
+
+
+def test_overlap_and_full_table():
+    """The hidden section's window arithmetic, and the table with every section present (the
+    shapes the GPU sections return), so the summary printed last cannot crash there."""
+    from tokenvm_vllm.bench import vmm_bench
+
+    assert vmm_bench.overlap_ns([(0, 10), (5, 10), (20, 5), (28, 10)], (5, 30)) == 5 + 10 + 5 + 2
+    st = vmm_bench.stats_us([1000, 2000, 3000])
+    assert st["p50"] == 2.0 and st["max"] == 3.0 and st["n"] == 3
+    assert vmm_bench.stats_us([]) == {"n": 0}
+    res = {
+        "info": {"gpu": "H200", "granularity_min": 2 * MIB, "granularity_recommended": 2 * MIB},
+        "page": {k: st for k in ("create", "map", "set_access", "map_total", "kept_handle_map",
+                                 "unmap", "release", "unmap_total", "kept_handle_unmap")}
+        | {"set_access_run_of_32_us": 5.0, "section_s": 0.1},
+        "group": {"v2_32_tensors": {"tensors": 32, "group_bytes": 64 * MIB,
+                                    "blocks_per_group": 32, "map_group": st,
+                                    "unmap_group": st},
+                  "kv_apart_64_tensors": {"error": "CudaDriverError: boom"}, "section_s": 0.2},
+        "hidden": {"matmul": 8192, "iters": 300, "tflops_alone": 780.0,
+                   "tflops_with_mapper": 770.0, "slowdown": 1.013, "groups_mapped_during": 41.0,
+                   "map_group_under_compute": st, "map_group_idle": st, "hidden_fraction": 0.97,
+                   "errors": []},
+        "physical": {"used_mib_vs_start": {"start": 0.0, "reserved": 0.0, "mapped": 1024.0}},
+        "view": {"write_read_ok": True, "kept_handle_remap_ok": True, "section_s": 0.0},
+        "elapsed_s": 12.0,
+    }
+    text = vmm_bench.table(res)
+    assert "hidden: matmul 8192x300 780 TFLOP/s alone" in text and "hidden 0.97" in text
+    assert "group kv_apart_64_tensors: ERROR CudaDriverError: boom" in text
+    assert "physical MiB used vs start: reserved 0, mapped 1024" in text

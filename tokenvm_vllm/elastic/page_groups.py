@@ -1,0 +1,452 @@
+"""Page-group accounting for elastic GPU KV memory: pure Python, no GPU needed.
+
+vLLM keeps its KV cache as one tensor per layer (per attention layer in the V2 runner, K and V
+together) with blocks along the outermost dimension, so block ``b`` of a tensor whose blocks are
+``B`` bytes occupies bytes ``[b*B, (b+1)*B)`` of it. Each tensor (a *region* here) lives in its
+own virtual range, cut into pages of ``page_bytes`` (2 MiB). A *page group* ``g`` is page ``g``
+of every region: it is mapped and unmapped as a unit, because a block id is usable only when every
+page under it, in every layer, is mapped (the forward pass writes block ``b`` of all layers).
+
+When regions have different block sizes (say K and V in separate tensors of different widths,
+or layers of different widths) group ``g`` covers different block ranges in different regions;
+everything below works per region and takes the union, so a block may need non-adjacent groups.
+
+Pieces:
+
+- ``PageGroupLayout``: the geometry (which groups a block needs, which blocks a group touches,
+  bytes per group).
+- ``Mapper``: what maps and unmaps a group. ``VmmMapper`` does it on the GPU with
+  ``vmm.VirtualRange``s; ``RecordingMapper`` is a test double for CPU machines.
+- ``PageGroupPool``: the mapped set, floor and ceiling, the map-ahead planner (``plan_grow``) and
+  the shrink planner (``plan_shrink``); ``ShrinkPolicy`` decides when an idle period allows one.
+
+Nothing here talks to vLLM; the block states come in through a callable (``BlockState``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tokenvm_vllm.elastic.vmm import VirtualRange
+
+PAGE_BYTES = 2 << 20  # the CUDA VMM granularity on every current NVIDIA GPU
+
+
+class BlockState(enum.Enum):
+    """What vLLM's block pool says about a block (ref count and prefix-cache hash)."""
+
+    FREE = "free"  # ref count 0, no cached content
+    CACHED = "cached"  # ref count 0, holds a prefix-cache entry (evictable, worth spilling)
+    IN_USE = "in_use"  # ref count > 0: a running request reads or writes it
+
+
+def _positive(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return value
+
+
+class PageGroupLayout:
+    """Which page groups hold which blocks, for ``num_blocks`` blocks in ``len(block_bytes)``
+    block-major regions (one per KV tensor) cut into ``page_bytes`` pages.
+
+    Region ``r`` has ``ceil(num_blocks * block_bytes[r] / page_bytes)`` pages; group ``g`` is page
+    ``g`` of every region that has one, so ``group_bytes(g)`` is ``page_bytes`` times the number of
+    such regions (non-increasing in ``g``).
+    """
+
+    def __init__(self, block_bytes: Sequence[int], num_blocks: int,
+                 page_bytes: int = PAGE_BYTES) -> None:
+        if not block_bytes:
+            raise ValueError("block_bytes=[] must name at least one KV tensor's bytes per block")
+        for i, b in enumerate(block_bytes):
+            _positive(f"block_bytes[{i}]", b)
+        self.block_bytes = tuple(block_bytes)
+        self.num_blocks = _positive("num_blocks", num_blocks)
+        self.page_bytes = _positive("page_bytes", page_bytes)
+        self.region_pages = tuple(-(-num_blocks * b // page_bytes) for b in self.block_bytes)
+        self.num_groups = max(self.region_pages)
+        # Identical regions (every layer of a model, as a rule) share one computation.
+        self._distinct = sorted(set(self.block_bytes))
+
+    def pages_in_group(self, group: int) -> int:
+        """How many regions have a page ``group``."""
+        self._check_group(group)
+        return sum(1 for p in self.region_pages if group < p)
+
+    def group_bytes(self, group: int) -> int:
+        """Physical bytes that mapping ``group`` takes."""
+        return self.pages_in_group(group) * self.page_bytes
+
+    def groups_of_block(self, block: int) -> tuple[int, ...]:
+        """The groups that must all be mapped for ``block`` to be usable, ascending."""
+        self._check_block(block)
+        groups: set[int] = set()
+        for b in self._distinct:
+            first = block * b // self.page_bytes
+            last = ((block + 1) * b - 1) // self.page_bytes
+            groups.update(range(first, last + 1))
+        return tuple(sorted(groups))
+
+    def blocks_of_group(self, group: int) -> list[int]:
+        """The blocks with at least one byte in ``group`` in some region (they all become
+        unusable when it is unmapped), ascending."""
+        self._check_group(group)
+        blocks: set[int] = set()
+        start, end = group * self.page_bytes, (group + 1) * self.page_bytes
+        for b in self._distinct:
+            first = start // b
+            last = min(-(-end // b) - 1, self.num_blocks - 1)
+            blocks.update(range(first, last + 1))
+        return sorted(blocks)
+
+    def is_usable(self, block: int, mapped: set[int] | frozenset[int]) -> bool:
+        return all(g in mapped for g in self.groups_of_block(block))
+
+    def _check_group(self, group: int) -> None:
+        if not 0 <= group < self.num_groups:
+            raise IndexError(f"page group {group} outside 0..{self.num_groups - 1}")
+
+    def _check_block(self, block: int) -> None:
+        if not 0 <= block < self.num_blocks:
+            raise IndexError(f"block {block} outside 0..{self.num_blocks - 1}")
+
+
+class Mapper(Protocol):
+    """Backs page groups with physical memory. ``map_group`` either maps every page of the
+    group or raises having mapped none; ``unmap_group`` is only called on mapped groups whose
+    pages no queued kernel still touches."""
+
+    def map_group(self, group: int) -> None: ...
+
+    def unmap_group(self, group: int) -> None: ...
+
+
+class RecordingMapper:
+    """Test double for CPU machines, which cannot map GPU memory: keeps the mapped set in a
+    Python set and records every call in ``calls`` as ``("map" | "unmap", group)``.
+
+    Mapping a mapped group or unmapping an unmapped one raises ``AssertionError`` (a bug in the
+    caller); groups in ``fail_on`` raise ``MemoryError`` on map, as a GPU out of memory would.
+    """
+
+    def __init__(self, fail_on: Iterable[int] = ()) -> None:
+        self.mapped: set[int] = set()
+        self.calls: list[tuple[str, int]] = []
+        self.fail_on = set(fail_on)
+
+    def map_group(self, group: int) -> None:
+        assert group not in self.mapped, f"group {group} mapped twice"
+        if group in self.fail_on:
+            raise MemoryError(f"simulated out of memory mapping group {group}")
+        self.mapped.add(group)
+        self.calls.append(("map", group))
+
+    def unmap_group(self, group: int) -> None:
+        assert group in self.mapped, f"group {group} unmapped while not mapped"
+        self.mapped.remove(group)
+        self.calls.append(("unmap", group))
+
+
+class VmmMapper:
+    """The real mapper: region ``r`` of the layout is ``ranges[r]``, a ``vmm.VirtualRange`` of at
+    least ``layout.region_pages[r]`` pages of ``layout.page_bytes``; group ``g`` is page ``g`` of
+    each range that has it. A failure part-way through a group unmaps the pages it mapped and
+    re-raises, so a group is never half mapped.
+
+    The caller synchronises the device before ``unmap_group`` (a kernel still reading the page
+    would fault).
+    """
+
+    def __init__(self, layout: PageGroupLayout, ranges: Sequence[VirtualRange]) -> None:
+        if len(ranges) != len(layout.block_bytes):
+            raise ValueError(f"VmmMapper: {len(ranges)} ranges for {len(layout.block_bytes)} "
+                             "regions; pass one VirtualRange per KV tensor")
+        for r, (rng, pages) in enumerate(zip(ranges, layout.region_pages, strict=True)):
+            if rng.page_bytes != layout.page_bytes or rng.num_pages < pages:
+                raise ValueError(
+                    f"VmmMapper: range {r} has {rng.num_pages} pages of {rng.page_bytes} bytes, "
+                    f"the layout needs {pages} of {layout.page_bytes}")
+        self.layout = layout
+        self.ranges = list(ranges)
+
+    @classmethod
+    def allocate(cls, layout: PageGroupLayout, device: int = 0) -> VmmMapper:
+        """Reserve one range per region (virtual addresses only; nothing is mapped)."""
+        ranges: list[VirtualRange] = []
+        try:
+            for pages in layout.region_pages:
+                ranges.append(VirtualRange(pages * layout.page_bytes, device, layout.page_bytes))
+        except BaseException:
+            for rng in ranges:
+                rng.release()
+            raise
+        return cls(layout, ranges)
+
+    def map_group(self, group: int) -> None:
+        done: list[VirtualRange] = []
+        try:
+            for rng, pages in zip(self.ranges, self.layout.region_pages, strict=True):
+                if group < pages:
+                    rng.map(group)
+                    done.append(rng)
+        except BaseException:
+            for rng in done:
+                rng.unmap(group)
+            raise
+
+    def unmap_group(self, group: int) -> None:
+        for rng, pages in zip(self.ranges, self.layout.region_pages, strict=True):
+            if group < pages:
+                rng.unmap(group)
+
+    def release(self) -> None:
+        """Unmap everything and free every range (the tensors viewing them become invalid)."""
+        for rng in self.ranges:
+            rng.release()
+
+
+@dataclass(frozen=True)
+class GrowPlan:
+    """Groups to map (ascending), the blocks they make usable, the bytes they take, and by how
+    many blocks the ceiling leaves the request short (0 when fully served)."""
+
+    groups: tuple[int, ...]
+    new_blocks: tuple[int, ...]
+    bytes: int
+    short_by: int
+
+
+@dataclass(frozen=True)
+class ShrinkPlan:
+    """Groups to unmap, with what the caller does first: ``spill`` lists the cached blocks to copy
+    to the host tier and drop from the prefix cache, ``unusable`` every mapped block the unmap
+    takes away (``spill`` included; the free ones leave vLLM's free list)."""
+
+    groups: tuple[int, ...]
+    spill: tuple[int, ...]
+    unusable: tuple[int, ...]
+    bytes: int
+
+
+@dataclass
+class PoolCounters:
+    """Running totals for metrics (``tokenvm:*`` once wired)."""
+
+    maps: int = 0
+    unmaps: int = 0
+    bytes_mapped_total: int = 0
+    bytes_unmapped_total: int = 0
+    blocks_spilled: int = 0
+    failed_maps: int = 0
+    history: list[tuple[str, int]] = field(default_factory=list)
+
+
+class PageGroupPool:
+    """The mapped set of page groups between ``floor_bytes`` and ``ceiling_bytes``.
+
+    Growth maps the lowest unmapped groups first (filling holes a shrink left), so usable blocks
+    stay as dense as possible. Invariants the tests check: mapped bytes never exceed the
+    ceiling; a shrink never unmaps a group holding an ``IN_USE`` block and never goes below the
+    floor; a failed map leaves the mapped set as it was before that group.
+    """
+
+    def __init__(self, layout: PageGroupLayout, mapper: Mapper, floor_bytes: int = 0,
+                 ceiling_bytes: int | None = None) -> None:
+        total = sum(layout.group_bytes(g) for g in range(layout.num_groups))
+        ceiling = total if ceiling_bytes is None else ceiling_bytes
+        if not isinstance(floor_bytes, int) or floor_bytes < 0:
+            raise ValueError(f"floor_bytes={floor_bytes!r} must be an integer >= 0")
+        if not isinstance(ceiling, int) or ceiling < floor_bytes:
+            raise ValueError(f"ceiling_bytes={ceiling_bytes!r} must be an integer >= floor_bytes "
+                             f"({floor_bytes}); raise the ceiling or lower the floor")
+        self.layout = layout
+        self.mapper = mapper
+        self.floor_bytes = floor_bytes
+        self.ceiling_bytes = min(ceiling, total)
+        self.total_bytes = total
+        self.mapped: set[int] = set()
+        self.counters = PoolCounters()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(self.layout.group_bytes(g) for g in self.mapped)
+
+    def usable_blocks(self) -> list[int]:
+        """Every block whose pages are all mapped, ascending (a full scan: for tests and
+        start-up, not the per-step path)."""
+        return [b for b in range(self.layout.num_blocks) if self.layout.is_usable(b, self.mapped)]
+
+    def set_ceiling(self, ceiling_bytes: int) -> None:
+        """Change the ceiling at run time. Lowering it below the mapped bytes maps nothing more;
+        the caller then shrinks with ``plan_shrink(target_bytes=ceiling_bytes)``."""
+        if not isinstance(ceiling_bytes, int) or ceiling_bytes < self.floor_bytes:
+            raise ValueError(f"ceiling_bytes={ceiling_bytes!r} must be an integer >= floor_bytes "
+                             f"({self.floor_bytes}); pick a larger ceiling")
+        self.ceiling_bytes = min(ceiling_bytes, self.total_bytes)
+
+    # -- growth --------------------------------------------------------------------------------
+
+    def plan_grow(self, free_blocks: int, demand: int, ahead: int) -> GrowPlan:
+        """Groups to map so that ``free_blocks`` (usable blocks vLLM could hand out now) covers
+        ``demand`` (blocks the next step allocates) plus ``ahead`` spare, within the ceiling.
+
+        Returns an empty plan when nothing is needed. Never plans beyond ``ceiling_bytes``:
+        ``short_by`` says how many blocks are still missing then.
+        """
+        for name, v in (("free_blocks", free_blocks), ("demand", demand), ("ahead", ahead)):
+            if v < 0:
+                raise ValueError(f"plan_grow: {name}={v} must be >= 0")
+        need = demand + ahead - free_blocks
+        if need <= 0:
+            return GrowPlan((), (), 0, 0)
+        chosen: list[int] = []
+        new: list[int] = []
+        would = set(self.mapped)
+        budget = self.ceiling_bytes - self.mapped_bytes
+        for g in range(self.layout.num_groups):
+            if len(new) >= need:
+                break
+            if g in would:
+                continue
+            cost = self.layout.group_bytes(g)
+            if cost > budget:
+                break  # group bytes never grow with g: nothing later fits either
+            budget -= cost
+            would.add(g)
+            chosen.append(g)
+            new.extend(b for b in self.layout.blocks_of_group(g)
+                       if self.layout.is_usable(b, would)
+                       and not self.layout.is_usable(b, self.mapped))
+        new_sorted = tuple(sorted(set(new)))
+        return GrowPlan(tuple(chosen), new_sorted,
+                        sum(self.layout.group_bytes(g) for g in chosen),
+                        max(0, need - len(new_sorted)))
+
+    def apply_grow(self, plan: GrowPlan) -> list[int]:
+        """Map the plan's groups in order; returns the blocks that became usable. If a map
+        fails, the groups mapped before it stay mapped (they are whole) and the error
+        propagates; ``mapped`` is exact either way."""
+        before = set(self.mapped)
+        for g in plan.groups:
+            try:
+                self.mapper.map_group(g)
+            except BaseException:
+                self.counters.failed_maps += 1
+                raise
+            self.mapped.add(g)
+            self.counters.maps += 1
+            self.counters.bytes_mapped_total += self.layout.group_bytes(g)
+            self.counters.history.append(("map", g))
+        return [b for g in plan.groups for b in self.layout.blocks_of_group(g)
+                if self.layout.is_usable(b, self.mapped)
+                and not self.layout.is_usable(b, before)]
+
+    def grow(self, free_blocks: int, demand: int, ahead: int) -> GrowPlan:
+        """``plan_grow`` then ``apply_grow``; returns the plan."""
+        plan = self.plan_grow(free_blocks, demand, ahead)
+        self.apply_grow(plan)
+        return plan
+
+    def ensure_floor(self) -> list[int]:
+        """Map the lowest groups until the floor is reached (at start-up), never past the
+        ceiling; returns them."""
+        chosen: list[int] = []
+        total = self.mapped_bytes
+        for g in range(self.layout.num_groups):
+            if total >= self.floor_bytes:
+                break
+            if g not in self.mapped:
+                if total + self.layout.group_bytes(g) > self.ceiling_bytes:
+                    break
+                chosen.append(g)
+                total += self.layout.group_bytes(g)
+        self.apply_grow(GrowPlan(tuple(chosen), (), 0, 0))
+        return chosen
+
+    # -- shrink --------------------------------------------------------------------------------
+
+    def plan_shrink(self, state_of: Callable[[int], BlockState],
+                    target_bytes: int | None = None) -> ShrinkPlan:
+        """Whole groups to unmap, bringing mapped bytes down towards ``max(target_bytes, floor)``
+        (the floor when ``target_bytes`` is None) without going below it.
+
+        A group qualifies only if none of its usable blocks is ``IN_USE``. Among those, groups
+        with fewer cached blocks go first (less to spill), then higher groups (growth refills
+        from the bottom). The plan may free less than asked when too few groups qualify.
+        """
+        goal = self.floor_bytes if target_bytes is None else max(target_bytes, self.floor_bytes)
+        excess = self.mapped_bytes - goal
+        if excess <= 0:
+            return ShrinkPlan((), (), (), 0)
+        candidates: list[tuple[int, int, list[int], list[int]]] = []
+        for g in self.mapped:
+            usable = [b for b in self.layout.blocks_of_group(g)
+                      if self.layout.is_usable(b, self.mapped)]
+            states = [state_of(b) for b in usable]
+            if any(s is BlockState.IN_USE for s in states):
+                continue
+            cached = [b for b, s in zip(usable, states, strict=True) if s is BlockState.CACHED]
+            candidates.append((len(cached), -g, cached, usable))
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        groups: list[int] = []
+        spill: set[int] = set()
+        unusable: set[int] = set()
+        freed = 0
+        for _, neg_g, cached, usable in candidates:
+            g = -neg_g
+            cost = self.layout.group_bytes(g)
+            if freed + cost > excess:
+                continue  # would cross the floor/target; a smaller (higher) group may still fit
+            groups.append(g)
+            spill.update(cached)
+            unusable.update(usable)
+            freed += cost
+        return ShrinkPlan(tuple(sorted(groups)), tuple(sorted(spill)), tuple(sorted(unusable)),
+                          freed)
+
+    def apply_shrink(self, plan: ShrinkPlan) -> None:
+        """Unmap the plan's groups. The caller has already spilled ``plan.spill``, removed
+        ``plan.unusable`` from vLLM's pool and synchronised the device."""
+        for g in plan.groups:
+            if g not in self.mapped:
+                raise ValueError(f"apply_shrink: group {g} is not mapped (stale plan); plan again")
+        for g in plan.groups:
+            self.mapper.unmap_group(g)
+            self.mapped.discard(g)
+            self.counters.unmaps += 1
+            self.counters.bytes_unmapped_total += self.layout.group_bytes(g)
+            self.counters.history.append(("unmap", g))
+        self.counters.blocks_spilled += len(plan.spill)
+
+
+class ShrinkPolicy:
+    """When to shrink: after ``idle_s`` seconds in which every observed step used at most
+    ``low_use_fraction`` of the usable blocks. Any busier step restarts the clock."""
+
+    def __init__(self, idle_s: float, low_use_fraction: float = 0.25) -> None:
+        if not idle_s > 0:
+            raise ValueError(f"idle_s={idle_s!r} must be > 0 seconds")
+        if not 0.0 <= low_use_fraction < 1.0:
+            raise ValueError(f"low_use_fraction={low_use_fraction!r} must be in [0, 1)")
+        self.idle_s = idle_s
+        self.low_use_fraction = low_use_fraction
+        self._busy_at: float | None = None
+
+    def observe(self, now: float, in_use_blocks: int, usable_blocks: int) -> None:
+        """Record one step's use. The first observation starts the clock."""
+        busy = usable_blocks > 0 and in_use_blocks > self.low_use_fraction * usable_blocks
+        if busy or self._busy_at is None:
+            self._busy_at = now
+
+    def should_shrink(self, now: float) -> bool:
+        return self._busy_at is not None and now - self._busy_at >= self.idle_s
+
+    def shrank(self, now: float) -> None:
+        """Restart the clock after a shrink, so the next one waits a full idle period."""
+        self._busy_at = now
