@@ -120,7 +120,8 @@ class TokenVMConfig:
     remote_timeout_s: float = 0.5
     """Deadline of every Redis call (connect, each batch); a late answer is a miss."""
     remote_io_threads: int = 4
-    """Threads per worker doing Redis calls (each sends one pipelined batch at a time)."""
+    """Threads per worker for Redis reads, and as many for writes (each sends one pipelined
+    batch at a time; a lookup never waits behind a backlog of writes)."""
     remote_max_pending_writes: int = 256
     """Host -> Redis block copies allowed in flight; beyond it new blocks are not shared."""
     policy: str = "queue_aware"

@@ -243,3 +243,34 @@ def test_client_closed_during_large_reads_never_raises(redis_server: RedisServer
             for future in futures:
                 result = future.result(20)
                 assert len(result) == 16 and all(isinstance(ok, bool) for ok in result)
+
+
+def test_lookups_do_not_wait_behind_a_backlog_of_writes(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write thread is stuck in a slow write; a lookup (which a request waits for) and a
+    read still answer. With one thread pool for both, they queued behind the writes (seen on
+    the H200: server A's requests waited for lookups while its blocks streamed out)."""
+    import redis
+
+    with make_store(redis_server.url, timeout_s=5.0, io_threads=2) as s:
+        ks, data = keys(4), payloads(4)
+        assert s.put(ks, data).result(5) == [True] * 4
+        release = threading.Event()
+        execute = redis.client.Pipeline.execute
+
+        def slow_writes(pipe: redis.client.Pipeline, *args: object, **kwargs: object) -> object:
+            if any(args_[0] == "SET" for args_, _ in pipe.command_stack):
+                release.wait(10)
+            return execute(pipe, *args, **kwargs)
+
+        monkeypatch.setattr(redis.client.Pipeline, "execute", slow_writes)
+        writes = [s.put(keys(2, salt=20 + i), payloads(2, seed=i)) for i in range(6)]
+        time.sleep(0.2)  # both write threads are now inside slow_writes
+        assert not any(w.done() for w in writes)
+        try:
+            assert s.contains(ks).result(3) == [True] * 4
+            outs = [np.zeros(SLOT, np.uint8) for _ in range(4)]
+            assert s.get(ks, outs).result(3) == [True] * 4
+        finally:
+            release.set()
+        assert all(w.result(10) == [True, True] for w in writes)

@@ -3,8 +3,10 @@
 Contract for callers (the scheduler's lookups, the worker's mover):
 
 * Nothing blocks on the network. ``contains``, ``get`` and ``put`` submit one *batch* (one
-  pipeline: one round trip per server node) to the store's own ``io_threads`` threads and return
-  a ``Future[list[bool]]`` at once, one bool per key.
+  pipeline: one round trip per server node) to the store's own threads and return a
+  ``Future[list[bool]]`` at once, one bool per key. Reads (``contains``, ``get``) and writes
+  (``put``, ``delete``) have ``io_threads`` threads each: a lookup, which a request waits for,
+  never queues behind a backlog of writes (on the H200 one shared pool did exactly that).
 * Queues are bounded: at most ``max_pending_reads`` read batches (``contains``, ``get``) and
   ``max_pending_writes`` write batches (``put``) wait or run; a batch that does not fit is
   refused at once (all False, counted in ``dropped_batches``).
@@ -79,7 +81,9 @@ class RemoteStore:
         self.timeout_s = timeout_s
         self.retry_interval_s = retry_interval_s
         self.where = self.target.describe()
-        self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix="tokenvm-remote")
+        self._executors = {queue: ThreadPoolExecutor(io_threads,
+                                                     thread_name_prefix=f"tokenvm-remote-{queue}")
+                           for queue in ("read", "write")}
         self._lock = threading.Lock()
         self._client: Client | None = None
         self._closed = threading.Event()
@@ -338,7 +342,7 @@ class RemoteStore:
                 return miss
             self._pending[queue] += 1
         submitted = time.monotonic()
-        return self._executor.submit(self._run, queue, op, n, run, submitted)
+        return self._executors[queue].submit(self._run, queue, op, n, run, submitted)
 
     def _run(self, queue: str, op: str, n: int, run: Callable[[Client], list[bool]],
              submitted: float) -> list[bool]:
@@ -426,7 +430,8 @@ class RemoteStore:
 
     def close(self) -> None:
         self._closed.set()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        for executor in self._executors.values():
+            executor.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
