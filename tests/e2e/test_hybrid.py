@@ -81,3 +81,30 @@ def test_corrupted_hybrid_loads_change_outputs(runs: dict[str, dict]) -> None:
     assert runs["corrupt"]["counters"]["tokenvm:loaded_blocks"] > 0
     baseline, corrupt = runs["baseline"]["outputs"], runs["corrupt"]["outputs"]
     assert sum(corrupt[k] != baseline[k] for k in baseline) > 0
+
+
+def test_mamba_hybrid_is_refused_at_startup_with_one_line(tmp_path: Path) -> None:
+    """Mamba / linear-attention state: vLLM's connector API hands TokenVM block ids, not a way
+    to store and restore a recurrent state at a prefix boundary, so TokenVM refuses such a
+    model when the engine starts, with one line (a tiny Jamba: Mamba + attention layers)."""
+    import subprocess
+    import sys
+
+    from tokenvm_vllm.tiny_hybrid import write_tiny_jamba
+
+    model = write_tiny_jamba(tmp_path / "tiny-jamba")
+    code = (
+        "from vllm import LLM\n"
+        f"LLM(model={str(model)!r}, dtype='float32', load_format='dummy', enforce_eager=True,"
+        " gpu_memory_utilization=0.3, max_model_len=512, max_num_seqs=2,"
+        " kv_transfer_config={'kv_connector': 'TokenVM', 'kv_role': 'kv_both',"
+        " 'kv_load_failure_policy': 'recompute'})\n"
+        "print('STARTED')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, start_new_session=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "STARTED" not in output, output[-3000:]
+    ours = [line for line in output.splitlines() if "ValueError: tokenvm: " in line]
+    assert ours, output[-3000:]
+    assert "is MambaSpec" in ours[-1] and "'model.layers.0.mixer'" in ours[-1]
+    assert "serve this model without the TokenVM connector" in ours[-1]
