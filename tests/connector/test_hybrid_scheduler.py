@@ -217,3 +217,44 @@ def test_window_blocks_freed_before_a_late_store_are_not_stored(make_harness):
     h.add(prefix + suffix[:3 * BLOCK] + [rng.randrange(3, 1000) for _ in range(5)])
     h.run()
     assert h.stats["host_hit_blocks"] == 4
+
+
+def run_prompts(h: Harness, seeds: list[int]) -> None:
+    for seed in seeds:
+        (p,) = prompts(1, prefix_blocks=8, suffix=5, seed=seed)
+        h.add(p)
+        h.run()
+
+
+def test_hybrid_blocks_go_to_disk_and_survive_a_restart(make_harness, tmp_path):
+    """Each group's blocks are their own disk slots (keys carry the group); after a restart
+    a revisit finds both groups' blocks again (checked exactly by the harness)."""
+    # 16 host slots of one block of one group: two prompts' blocks (2 x 8 x 2) do not fit
+    config = {"host_bytes": 16 * 128, "disk_path": str(tmp_path / "disk"), "disk_bytes": "4MiB"}
+    first = hybrid(make_harness, num_gpu_blocks=24, extra_config=config)
+    run_prompts(first, [500, 501, 502, 500])  # each prompt evicts the last from the GPU
+    assert first.stats["disk_written_blocks"] >= 32
+    assert first.stats["disk_promoted_blocks"] >= 8 + 3
+    assert first.stats["loaded_blocks"] >= 8 + 3
+    first.worker.worker.shutdown()
+    second = hybrid(make_harness, num_gpu_blocks=24, extra_config=config)
+    second.stats.clear()
+    run_prompts(second, [501])  # nothing in host: every hit comes from disk
+    assert second.stats["disk_recovered_blocks"] >= 16
+    assert second.stats["loaded_blocks"] == 8 + 3
+
+
+def test_hybrid_write_back_with_lagging_copies_stays_exact(make_harness):
+    """Write-back copies the cached blocks at the eviction end of vLLM's free queue, window
+    blocks freed mid-request among them (their pool hash names the group)."""
+    h = hybrid(make_harness, num_gpu_blocks=40, max_num_seqs=2, lagging_copies=True,
+               extra_config={"write_mode": "write_back"})
+    rng = random.Random(21)
+    docs = [prompts(1, prefix_blocks=rng.randrange(4, 9), suffix=3, seed=40 + d)[0]
+            for d in range(6)]
+    for _ in range(3):
+        for doc in rng.sample(docs, len(docs)):
+            h.add(doc, max_tokens=8)
+        h.run()
+    assert h.stats["stored_blocks"] > 0
+    assert h.stats["loaded_blocks"] > 0
