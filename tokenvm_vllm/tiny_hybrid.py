@@ -31,6 +31,7 @@ def write_tiny_hybrid(
     layer_types: list[str] | None = None,
     shape: TinyLlamaShape | None = None,
     seed: int = 0,
+    device: str = "cpu",
 ) -> Path:
     """Write the tiny Llama into ``path`` with ``layer_types`` (default: alternating, first
     layer sliding) and ``sliding_window`` (tokens) added to its config. Idempotent."""
@@ -41,7 +42,7 @@ def write_tiny_hybrid(
                          f"each {SLIDING!r} or {FULL!r}")
     if sliding_window < 1:
         raise ValueError(f"tokenvm: sliding_window {sliding_window} must be at least 1 token")
-    out = write_tiny_llama(path, shape=shape, seed=seed, weights=True)
+    out = write_tiny_llama(path, shape=shape, seed=seed, weights=True, device=device)
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     config["layer_types"] = types
