@@ -43,6 +43,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, hybrid_model: str) -> dict[st
     configs = {
         "baseline": base,
         "tokenvm": replace(base, connector="tokenvm"),
+        "layerwise": replace(base, connector="tokenvm", extra_config={"load_mode": "layerwise"}),
         "corrupt": replace(base, connector="tokenvm",
                            extra_config={"debug_corrupt_loads": True, "testing": True}),
     }
@@ -61,10 +62,14 @@ def test_vllm_keeps_two_kv_cache_groups(runs: dict[str, dict]) -> None:
     assert "Turning off hybrid kv cache manager" not in log
 
 
-def test_hybrid_outputs_equal_baseline(runs: dict[str, dict]) -> None:
-    baseline, tokenvm = runs["baseline"]["outputs"], runs["tokenvm"]["outputs"]
+@pytest.mark.parametrize("name", ["tokenvm", "layerwise"])
+def test_hybrid_outputs_equal_baseline(runs: dict[str, dict], name: str) -> None:
+    """Async loads, and layer-wise loads (each attention layer of either group waits for its
+    own layer's copy)."""
+    baseline, tokenvm = runs["baseline"]["outputs"], runs[name]["outputs"]
     assert len(baseline) == 2 * WORKLOAD.documents * WORKLOAD.questions
     assert tokenvm == baseline
+    assert runs[name]["counters"]["vllm:prompt_tokens_by_source[external_kv_transfer]"] > 0
 
 
 def test_hybrid_prompt_tokens_come_from_tokenvm(runs: dict[str, dict]) -> None:
