@@ -142,16 +142,17 @@ def test_window_blocks_freed_mid_prefill_are_fenced_and_exact(make_harness):
 
 @pytest.mark.parametrize("load_mode", ["async", "layerwise"])
 def test_hybrid_preemption_and_revisits_stay_exact(make_harness, load_mode):
-    h = hybrid(make_harness, num_gpu_blocks=40, max_num_seqs=4,
+    h = hybrid(make_harness, num_gpu_blocks=32, max_num_seqs=4,
                extra_config={"load_mode": load_mode})
     rng = random.Random(11)
     docs = [prompts(1, prefix_blocks=rng.randrange(3, 9), suffix=4, seed=20 + d)[0]
             for d in range(6)]
     for _ in range(3):
         for doc in rng.sample(docs, len(docs)):
-            h.add(doc, max_tokens=24)
+            h.add(doc, max_tokens=64)  # 4 growing requests outgrow the cache: preemptions
         h.run()
     assert h.stats["loaded_blocks"] > 0
+    assert h.preemptions > 0
 
 
 def test_single_group_models_keep_plain_keys(make_harness):
