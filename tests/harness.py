@@ -23,7 +23,12 @@ from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    SlidingWindowSpec,
+)
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
@@ -92,6 +97,10 @@ class Harness:
     layer_hooks: bool = True
     """Call ``wait_for_layer_load`` for every layer before the forward reads the KV cache, as
     vLLM's attention layers do; False imitates a model whose attention skips the hook."""
+    sliding_window: int = 0
+    """> 0: a hybrid model (vLLM's hybrid KV cache manager): ``LAYERS[0]`` is a sliding-window
+    layer of this many tokens in KV cache group 0, ``LAYERS[1]`` full attention in group 1.
+    The forward then checks, in the window layer, only the positions inside the window."""
     steps: int = 0
     preemptions: int = 0
     outputs: dict[str, list[int]] = field(default_factory=dict)
@@ -113,9 +122,15 @@ class Harness:
         self.vllm_config.cache_config.num_gpu_blocks = self.num_gpu_blocks
         spec = FullAttentionSpec(block_size=self.block_size, num_kv_heads=1, head_size=1,
                                  dtype=torch.float32)
+        groups = [KVCacheGroupSpec(list(LAYERS), spec)]
+        self.group_layers = [list(LAYERS)]
+        if self.sliding_window:
+            window = SlidingWindowSpec(block_size=self.block_size, num_kv_heads=1, head_size=1,
+                                       dtype=torch.float32, sliding_window=self.sliding_window)
+            groups = [KVCacheGroupSpec([LAYERS[0]], window), KVCacheGroupSpec([LAYERS[1]], spec)]
+            self.group_layers = [[LAYERS[0]], [LAYERS[1]]]
         self.kv_cache_config = KVCacheConfig(
-            num_blocks=self.num_gpu_blocks, kv_cache_tensors=[],
-            kv_cache_groups=[KVCacheGroupSpec(list(LAYERS), spec)])
+            num_blocks=self.num_gpu_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
         self.scheduler = Scheduler(
             vllm_config=self.vllm_config, kv_cache_config=self.kv_cache_config,
             structured_output_manager=StructuredOutputManager(self.vllm_config),
@@ -204,17 +219,23 @@ class Harness:
         for req_id, num_tokens in output.num_scheduled_tokens.items():
             request = self.scheduler.requests[req_id]
             tokens = list(request.all_token_ids)
-            block_ids = self.scheduler.kv_cache_manager.get_block_ids(req_id)[0]
             # schedule() already advanced num_computed_tokens past this step's tokens
             start = request.num_computed_tokens - num_tokens
             # A layer-wise load that failed leaves its blocks unwritten; the real forward reads
             # them anyway and vLLM, told after the forward, discards the step and recomputes.
             failed = self.worker.worker.pending_load_errors
-            for pos in range(start):  # everything already "computed" must be right
-                if block_ids[pos // self.block_size] not in failed:
-                    self._check(block_ids, pos, tokens[:pos + 1], req_id)
-            for pos in range(start, start + num_tokens):
-                self._write(block_ids, pos, prefix_value(tokens[:pos + 1]))
+            all_block_ids = self.scheduler.kv_cache_manager.get_block_ids(req_id)
+            for group, layers in enumerate(self.group_layers):
+                block_ids = all_block_ids[group]
+                # What attention reads: every earlier position, or (sliding window) those
+                # the step's first token still sees.
+                window = self.sliding_window if group == 0 and len(self.group_layers) > 1 else 0
+                first = max(0, start - window + 1) if window else 0
+                for pos in range(first, start):  # everything already "computed" must be right
+                    if block_ids[pos // self.block_size] not in failed:
+                        self._check(block_ids, pos, tokens[:pos + 1], req_id, layers)
+                for pos in range(start, start + num_tokens):
+                    self._write(block_ids, pos, prefix_value(tokens[:pos + 1]), layers)
             req_ids.append(req_id)
             done_prompt = start + num_tokens >= request.num_tokens
             sampled.append([3 + int(prefix_value(tokens)) % 900] if done_prompt else [])
@@ -223,15 +244,17 @@ class Harness:
     def _slot(self, block_ids: list[int], pos: int) -> tuple[int, int]:
         return block_ids[pos // self.block_size], pos % self.block_size
 
-    def _write(self, block_ids: list[int], pos: int, value: float) -> None:
+    def _write(self, block_ids: list[int], pos: int, value: float, layers: list[str]) -> None:
         block, offset = self._slot(block_ids, pos)
-        for kv in self.kv.values():
-            kv[block, :, offset] = value
+        assert block != 0, f"pos {pos} is in vLLM's null block"
+        for name in layers:
+            self.kv[name][block, :, offset] = value
 
-    def _check(self, block_ids: list[int], pos: int, tokens: list[int], req_id: str) -> None:
+    def _check(self, block_ids: list[int], pos: int, tokens: list[int], req_id: str,
+               layers: list[str]) -> None:
         block, offset = self._slot(block_ids, pos)
         want = prefix_value(tokens)
-        for name, kv in self.kv.items():
-            got = kv[block, :, offset].flatten().tolist()
+        for name in layers:
+            got = self.kv[name][block, :, offset].flatten().tolist()
             if got != [want, want]:
                 raise KVMismatch(f"{req_id} pos {pos} block {block} layer {name}: {got} != {want}")

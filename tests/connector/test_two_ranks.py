@@ -85,13 +85,15 @@ class TwoRankHarness(Harness):
             for out in outputs.outputs:
                 self.outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
 
-    def _write(self, block_ids: list[int], pos: int, value: float) -> None:
+    def _write(self, block_ids: list[int], pos: int, value: float,
+               layers: list[str] | None = None) -> None:  # (one group: every layer)
         block, offset = self._slot(block_ids, pos)
         for kv_caches in self.rank_kv:
             for kv in kv_caches.values():
                 kv[block, :, offset] = value
 
-    def _check(self, block_ids: list[int], pos: int, tokens: list[int], req_id: str) -> None:
+    def _check(self, block_ids: list[int], pos: int, tokens: list[int], req_id: str,
+               layers: list[str] | None = None) -> None:
         from tests.harness import prefix_value
 
         block, offset = self._slot(block_ids, pos)

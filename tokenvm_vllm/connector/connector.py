@@ -4,10 +4,13 @@ vLLM makes one instance per role: ``SCHEDULER`` in the engine-core process and `
 worker. This class only routes vLLM's calls to ``TokenVMScheduler`` (scheduler.py) or
 ``TokenVMWorker`` (worker.py); the logic lives there.
 
-Hybrid KV cache manager (``SupportsHMA``): not implemented. TokenVM keys, slots and copies assume
-one KV cache group; without ``SupportsHMA`` vLLM disables the hybrid manager, which merges
-sliding-window layers into one full-attention group, so such models still run (with more KV
-memory), and models that need several groups (Mamba hybrids) are refused at start-up.
+Hybrid KV cache manager (``SupportsHMA``): implemented, so vLLM keeps its hybrid manager on
+and a model with sliding-window and full-attention layers gets one KV cache group per kind
+(sliding-window blocks that fall out of the window are freed). TokenVM keys, stores and loads
+each group's blocks separately (``scheduler.py``: a hit every group can honor; sliding-window
+groups need only the blocks inside the window before the hit point). Groups that are not
+attention (Mamba / linear-attention state) are refused at start-up with one line
+(``transfer/layout.py: kv_cache_groups``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 
 from tokenvm_vllm.config import (
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 
-class TokenVMConnector(KVConnectorBase_V1):
+class TokenVMConnector(KVConnectorBase_V1, SupportsHMA):
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
     ) -> None:
@@ -120,6 +124,14 @@ class TokenVMConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         assert self.scheduler is not None
         return self.scheduler.request_finished(request, block_ids)
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM calls this instead of ``request_finished`` for a ``SupportsHMA`` connector,
+        once per request with every group's blocks (never delays the free, as above)."""
+        assert self.scheduler is not None
+        return self.scheduler.request_finished(request, block_ids[0] if block_ids else [])
 
     def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
         super().bind_gpu_block_pool(gpu_block_pool)

@@ -36,6 +36,9 @@ class CopyJob:
     """For loads: False, the request is parked until this job finishes (``finished_recving``);
     True, the request runs in this same step and each attention layer waits for its own
     layer's copy (``wait_for_layer_load``)."""
+    groups: list[int] | None = None
+    """Hybrid models: the KV cache group of each block (the layers ``gpu_block_ids[i]`` is
+    copied for). None: every block is in group 0 (models with one KV cache group)."""
 
 
 @dataclass

@@ -18,8 +18,11 @@ class RequestState:
     request: Request
     keys: list[BlockKey] = field(default_factory=list)
     """The request's block keys so far, from its first block (each computed once)."""
-    block_ids: list[int] = field(default_factory=list)
-    """The request's GPU block ids (group 0), as vLLM allocated them."""
+    block_ids: list[list[int]] = field(default_factory=list)
+    """The request's GPU block ids per KV cache group, as vLLM allocated them (a
+    sliding-window group holds ``compat.NULL_BLOCK_ID`` where vLLM skipped a block). Ids of
+    blocks vLLM freed later, once they fell out of the window, stay here: see
+    ``GroupInfo.first_needed_block`` for which ones are still the request's."""
     next_store_block: int = 0
     """Blocks below this index are stored, loaded or local hits: never stored again."""
     local_blocks: int = 0

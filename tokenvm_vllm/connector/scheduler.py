@@ -54,11 +54,11 @@ from tokenvm_vllm.connector.metadata import (
 from tokenvm_vllm.connector.requests import RequestState
 from tokenvm_vllm.connector.stats import TokenVMStats
 from tokenvm_vllm.connector.store_planner import StorePlanner
-from tokenvm_vllm.keys import BlockKey, make_block_key
+from tokenvm_vllm.keys import BlockKey, make_block_key, with_group
 from tokenvm_vllm.tiers.disk import disk_slot_count
 from tokenvm_vllm.tiers.manager import TierManager
 from tokenvm_vllm.transfer.host_pool import host_slots_for
-from tokenvm_vllm.transfer.layout import block_size_for, slot_bytes_for
+from tokenvm_vllm.transfer.layout import block_size_for, kv_cache_groups, slot_bytes_for
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -80,6 +80,11 @@ class TokenVMScheduler:
         self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: TokenVMConfig
     ) -> None:
         self.config = config
+        self.groups = kv_cache_groups(kv_cache_config)
+        """vLLM's KV cache groups: one for most models; hybrid models (``SupportsHMA``) have
+        e.g. a sliding-window group and a full-attention group, each block stored per group."""
+        self._full_groups = [g.index for g in self.groups if g.sliding_window is None]
+        self._window_groups = [g for g in self.groups if g.sliding_window is not None]
         self.block_size = block_size_for(kv_cache_config)
         tokens_per_hash = compat.tokens_per_hash(kv_cache_config, vllm_config)
         if self.block_size % tokens_per_hash:
@@ -115,15 +120,19 @@ class TokenVMScheduler:
             or 2 * vllm_config.scheduler_config.max_num_batched_tokens // self.block_size,
             self.tiers.host.num_slots // 2))
         self.planner = StorePlanner(config, self.tiers, self.jobs, self.block_size,
-                                    write_back_lookahead)
+                                    write_back_lookahead, groups=self.groups)
         self._disk_scans = 0
         self._disk_recovered: Counter[tuple[BlockKey, int]] = Counter()
         disk = self.tiers.disk
         logger.info(
-            "TokenVM scheduler: %d host slots of %d bytes, %s, block size %d, policy %s",
+            "TokenVM scheduler: %d host slots of %d bytes, %s, block size %d, policy %s%s",
             self.tiers.host.num_slots, slot_bytes,
             f"{disk.num_slots} disk slots" if disk else "no disk tier",
-            self.block_size, config.policy)
+            self.block_size, config.policy,
+            "" if len(self.groups) == 1 else ", KV cache groups " + ", ".join(
+                f"{g.index}: {len(g.layer_names)} layers "
+                + ("full" if g.sliding_window is None else f"window {g.sliding_window}")
+                for g in self.groups))
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -135,6 +144,42 @@ class TokenVMScheduler:
             per = self.hashes_per_block
             keys.extend(make_block_key(hashes[(i + 1) * per - 1]) for i in range(len(keys), stop))
         return keys[start:stop]
+
+    def group_keys(self, state: RequestState, start: int, stop: int) -> list[BlockKey]:
+        """Keys of the request's blocks ``start..stop-1`` in every KV cache group, block by
+        block (prefix order: a prefix of this list is a prefix of every group's blocks)."""
+        keys = self.block_keys(state, start, stop)
+        if len(self.groups) == 1:
+            return keys
+        return [with_group(key, group.index) for key in keys for group in self.groups]
+
+    def _hit_blocks(self, start: int, keys: list[BlockKey]) -> int:
+        """How many blocks from ``start`` (``keys``: group 0's keys from there) every group can
+        load now: the hit point ``h`` is where vLLM's coordinator will consider the request
+        computed, and every group must be able to hold it. A full-attention group needs all of
+        its blocks below ``h``; a sliding-window group only the blocks vLLM keeps for a
+        request with ``h`` blocks computed (``GroupInfo.first_needed_block``: vLLM gives it
+        null blocks below), so a window group's hit is found from the end."""
+        if len(self.groups) == 1 and not self._window_groups:
+            return self.tiers.lookup(keys)
+        stop = start + len(keys)
+        for index in self._full_groups:
+            group_keys = [with_group(key, index) for key in keys[:stop - start]]
+            stop = start + self.tiers.lookup(group_keys)
+        while stop > start:
+            for group in self._window_groups:
+                first = max(start, group.first_needed_block(stop * self.block_size,
+                                                            self.block_size))
+                needed = [with_group(key, group.index) for key in keys[first - start:stop - start]]
+                found = self.tiers.lookup(needed)
+                if found < len(needed):
+                    # Block first+found is missing: every hit point above it needs it (the
+                    # window only moves up with the hit point), the one just below it does not.
+                    stop = first + found
+                    break
+            else:
+                break
+        return stop - start
 
     def num_hashed_blocks(self, request: Request) -> int:
         return len(request.block_hashes) // self.hashes_per_block
@@ -151,7 +196,7 @@ class TokenVMScheduler:
         state.prefetch_deadline = time.monotonic() + self.config.disk_prefetch_timeout_s
         # Queued and running requests will need their prefix: the queue-aware policy evicts
         # those blocks last (other policies ignore protect/unprotect).
-        state.protected = self.block_keys(state, 0, self._lookup_stop(request))
+        state.protected = self.group_keys(state, 0, self._lookup_stop(request))
         self.tiers.protect(state.protected)
         self._prefetch(state, state.protected)
         self._remote_prefetch(state, state.protected)
@@ -193,9 +238,10 @@ class TokenVMScheduler:
         if stop <= start:
             return 0, False
         keys = self.block_keys(state, start, stop)
+        all_keys = self.group_keys(state, start, stop)
         if not state.promotions:
-            self._prefetch(state, keys)  # blocks may have reached disk since arrival
-        self._remote_prefetch(state, keys)
+            self._prefetch(state, all_keys)  # blocks may have reached disk since arrival
+        self._remote_prefetch(state, all_keys)
         waiting_for_disk = state.promotions or (
             self.tiers.disk is not None and not self.tiers.disk_ready) or (
             state.remote_lookup is not None or state.remote_reads)
@@ -208,7 +254,7 @@ class TokenVMScheduler:
             self.stats.add("prefetch_late_blocks" if late else "prefetch_on_time_blocks",
                            state.prefetched_blocks)
             state.prefetched_blocks, state.lookup_deferred = 0, False
-        hits = self.tiers.lookup(keys)
+        hits = self._hit_blocks(start, keys)
         self.stats.add("lookup_blocks", len(keys))
         self.stats.add("host_hit_blocks", hits)
         if hits < self.config.min_load_blocks:
@@ -223,30 +269,50 @@ class TokenVMScheduler:
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         state = self.requests.setdefault(request.request_id, RequestState(request))
-        state.block_ids = [block.block_id for block in blocks.blocks[0]]
+        state.block_ids = [[block.block_id for block in group] for group in blocks.blocks]
         start = state.local_blocks
         # Blocks past vLLM's own prefix hit were just taken from the free queue: an in-flight
         # copy may still use them. (Local hits were in use or cached, so no copy targets them.)
-        self.jobs.reallocated(state.block_ids[start:])
+        for ids in state.block_ids:
+            self.jobs.reallocated(ids[start:])
         state.next_store_block = max(state.next_store_block, start)
         if num_external_tokens == 0:
             return
         # A partial last block is loaded whole: its extra tokens are recomputed over it.
         num_blocks = -(-num_external_tokens // self.block_size)
         assert num_blocks <= state.hit_blocks, "vLLM asked for more than TokenVM offered"
-        keys = self.block_keys(state, start, start + num_blocks)
-        gpu_block_ids = state.block_ids[start:start + num_blocks]
+        keys, gpu_block_ids, groups = self._blocks_to_load(state, start, start + num_blocks)
         slots = self.tiers.prepare_load(keys)
         job = self.jobs.add(JobKind.LOAD, keys, gpu_block_ids, req_id=request.request_id)
         layerwise = self.config.load_mode is LoadMode.LAYERWISE
         self._step_loads.append(CopyJob(job, gpu_block_ids, slots, req_id=request.request_id,
-                                        layerwise=layerwise))
+                                        layerwise=layerwise,
+                                        groups=groups if len(self.groups) > 1 else None))
         if layerwise:
             state.layerwise_load = (job, start)
         else:
             state.load_job_id = job  # parked until the job finishes; a layer-wise one runs now
         state.next_store_block = max(state.next_store_block, start + num_blocks)
-        self.stats.add("loaded_blocks", num_blocks)
+        self.stats.add("loaded_blocks", len(keys))
+
+    def _blocks_to_load(
+        self, state: RequestState, start: int, stop: int
+    ) -> tuple[list[BlockKey], list[int], list[int]]:
+        """(keys, GPU blocks, groups) to load for blocks ``start..stop-1``: every group's
+        blocks that vLLM allocated (a sliding-window group has null blocks below its window,
+        which are not loaded). ``_hit_blocks`` checked that each of them is READABLE."""
+        base = self.block_keys(state, start, stop)
+        keys: list[BlockKey] = []
+        gpu_block_ids: list[int] = []
+        groups: list[int] = []
+        for group in self.groups:
+            ids = state.block_ids[group.index]
+            for i, key in enumerate(base, start):
+                if i < len(ids) and ids[i] != compat.NULL_BLOCK_ID:
+                    keys.append(with_group(key, group.index))
+                    gpu_block_ids.append(ids[i])
+                    groups.append(group.index)
+        return keys, gpu_block_ids, groups
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> TokenVMConnectorMetadata:
         if self.config.trace and scheduler_output.total_num_scheduled_tokens:
@@ -257,10 +323,13 @@ class TokenVMScheduler:
             if state is None or new_block_ids is None:
                 continue
             if resumed:
-                state.block_ids = list(new_block_ids[0])
+                state.block_ids = [list(ids) for ids in new_block_ids]
             elif req_id in scheduler_output.scheduled_cached_reqs.req_ids:
-                state.block_ids.extend(new_block_ids[0])
-                self.jobs.reallocated(new_block_ids[0])
+                if len(state.block_ids) != len(new_block_ids):
+                    state.block_ids = [[] for _ in new_block_ids]
+                for ids, new_ids in zip(state.block_ids, new_block_ids, strict=True):
+                    ids.extend(new_ids)
+                    self.jobs.reallocated(new_ids)
         for req_id in scheduler_output.preempted_req_ids or ():
             state = self.requests.get(req_id)
             if state is not None:
@@ -391,7 +460,9 @@ class TokenVMScheduler:
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        """Never delays the free: in-flight copies of freed blocks are fenced on re-use."""
+        """Never delays the free: in-flight copies of freed blocks are fenced on re-use. (vLLM
+        calls it through ``request_finished_all_groups`` for every model: one call, all
+        groups.)"""
         state = self.requests.pop(request.request_id, None)
         if state is not None and state.protected:
             self.tiers.unprotect(state.protected)

