@@ -74,7 +74,7 @@ def test_mla_is_exact(tmp_path: Path, tiny_deepseek: str) -> None:
     workload = Workload(documents=6, questions=2, prefix_blocks=4, suffix_tokens=10,
                         max_tokens=8, batch_size=1)
     base = EngineSettings(model=tiny_deepseek, block_size=32, num_gpu_blocks=12,
-                          max_model_len=512, dtype="bfloat16")
+                          max_model_len=256, dtype="bfloat16")
     runs = {name: run_in_subprocess(settings, workload, tmp_path / f"{name}.json")
             for name, settings in (("reference", replace(base, num_gpu_blocks=256)),
                                    ("tokenvm", replace(base, connector="tokenvm")))}
