@@ -95,7 +95,6 @@ def build_configs(base: EngineSettings, workload: Workload, mla_model: Callable[
         return replace(settings, num_gpu_blocks=REFERENCE_TOKENS // settings.block_size)
 
     layerwise = {"load_mode": "layerwise"}
-    graphs = {"enforce_eager": False}  # CUDA graphs on (PIECEWISE with layer-wise loads)
     corrupt = {"debug_corrupt_loads": True, "testing": True}
     configs: dict[str, Config] = {
         "reference": cfg(big(base), None), "none": cfg(base, "reference"),
@@ -109,10 +108,11 @@ def build_configs(base: EngineSettings, workload: Workload, mla_model: Callable[
         "native": cfg(replace(base, connector="native"), "reference"),
         "tokenvm_corrupt": cfg(replace(base, connector="tokenvm", extra_config=corrupt),
                                "reference", must_differ=True),
-        # CUDA graphs (torch.compile) change bf16 numerics: graph runs compare with each other
-        "reference_graphs": cfg(big(replace(base, **graphs)), None),
+        # CUDA graphs on (PIECEWISE with layer-wise loads). Graphs (torch.compile) change bf16
+        # numerics: graph runs compare with each other
+        "reference_graphs": cfg(big(replace(base, enforce_eager=False)), None),
         "tokenvm_layerwise_graphs": cfg(replace(base, connector="tokenvm",
-                                                extra_config=layerwise, **graphs),
+                                                extra_config=layerwise, enforce_eager=False),
                                         "reference_graphs"),
     }
     defaults = list(configs)
