@@ -84,8 +84,18 @@ def write_tiny_llama(
         "torch_dtype": "float32",
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(out, shape.vocab_words, shape.max_position_embeddings)
+    if weights:
+        _write_weights(out / "model.safetensors", shape, vocab_size, seed, device)
+    done.write_text("ok\n")
+    return out
+
+
+def write_tokenizer(out: Path, vocab_words: int, model_max_length: int) -> None:
+    """The word-level tokenizer (tokenizer.json, tokenizer_config.json): the special tokens,
+    then ``word(i)`` for i < ``vocab_words``. Shared by every generated model."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for i in range(shape.vocab_words):
+    for i in range(vocab_words):
         vocab[word(i)] = len(SPECIAL_TOKENS) + i
     tokenizer = {
         "version": "1.0",
@@ -107,12 +117,8 @@ def write_tiny_llama(
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": False, "add_eos_token": False,
-        "model_max_length": shape.max_position_embeddings,
+        "model_max_length": model_max_length,
     }))
-    if weights:
-        _write_weights(out / "model.safetensors", shape, vocab_size, seed, device)
-    done.write_text("ok\n")
-    return out
 
 
 def _write_weights(path: Path, shape: TinyLlamaShape, vocab_size: int, seed: int,

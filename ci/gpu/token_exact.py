@@ -23,7 +23,25 @@ whole blocks by DMA). ``--configs`` picks a subset (the reference of each is add
 
 ``--tp 2`` splits every engine over two GPUs (each rank keeps its own host pool).
 
+Configurations run only when ``--configs`` names them (issue #14 items 3-5), each against its
+own big-cache reference in the same KV dtype, model and block size:
+
+- ``tokenvm_fp8`` (``kv_cache_dtype="fp8"``, FLASH_ATTN with FA3 on Hopper; per-layer scalar
+  k/v scales, 1.0 here, nothing to store), ``tokenvm_fp8_e5m2`` (FA3 has no e5m2: vLLM picks
+  FlashInfer or Triton) and ``tokenvm_fp8_pth`` (``fp8_per_token_head``: TRITON_ATTN keeps one
+  float32 scale per token and head inline in the block, so the bytes TokenVM copies carry them);
+- ``tokenvm_mla`` on a tiny DeepSeek-V2-shaped model (``tiny_deepseek``: DeepSeek's 512 + 64
+  latent, 8 layers, no MoE; FLASH_ATTN_MLA on Hopper) and ``tokenvm_mla_corrupt``, its negative
+  control (must differ);
+- ``tokenvm_bs32``, ``tokenvm_bs64``, ``tokenvm_bs128``: the Llama at block sizes 32, 64, 128,
+  with the GPU cache, the prefixes and the reference cache holding the same tokens as at 16.
+
+Each configuration fails on its own (an engine that cannot start, or a model that cannot be
+generated, is reported and the others run); the summary lists every configuration.
+
     python ci/gpu/token_exact.py --out DIR [--runner v1] [--configs tokenvm,native] [--tp 2]
+    python ci/gpu/token_exact.py --out DIR --configs \
+        tokenvm_fp8,tokenvm_mla,tokenvm_bs32,tokenvm_bs64,tokenvm_bs128
 """
 
 from __future__ import annotations
@@ -31,14 +49,94 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from tokenvm_vllm.bench.prefix_reuse import EngineSettings, Workload, run_in_subprocess
+from tokenvm_vllm.tiny_deepseek import TinyDeepseekShape, write_tiny_deepseek
 from tokenvm_vllm.tiny_llama import TinyLlamaShape, write_tiny_llama
 
 SHAPE = TinyLlamaShape(vocab_words=4093, hidden_size=1024, intermediate_size=2816, num_layers=8,
                        num_heads=16, num_kv_heads=8)
+MLA_SHAPE = TinyDeepseekShape(vocab_words=4093, hidden_size=1024, intermediate_size=2816,
+                              num_layers=8, num_heads=16)
+"""DeepSeek-V2's latent (kv_lora_rank 512, rope 64) and head dims (128 + 64, v 128): the dims
+vLLM's Hopper MLA kernels are built for."""
+BLOCK_SIZE = 16
+CACHE_TOKENS = 160 * BLOCK_SIZE
+"""The small GPU cache: prefixes are evicted from it and revisited."""
+REFERENCE_TOKENS = 2048 * BLOCK_SIZE
+"""The reference's cache: keeps every prefix."""
+PREFIX_TOKENS = 16 * BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class Config:
+    make_settings: Callable[[], EngineSettings]
+    """Built when the configuration runs (the MLA model is generated only then, and a failure
+    to generate it fails only the configurations that need it)."""
+    reference: str | None
+    """The configuration whose outputs this one must equal (None: this is a reference)."""
+    workload: Workload
+    must_differ: bool = False
+    """A negative control (corrupted loads): must give different outputs."""
+
+
+def build_configs(base: EngineSettings, workload: Workload, mla_model: Callable[[], str],
+                  ) -> tuple[dict[str, Config], list[str]]:
+    """Every configuration by name, and the default set (what runs without ``--configs``)."""
+    def cfg(settings: EngineSettings, reference: str | None, wl: Workload = workload,
+            must_differ: bool = False) -> Config:
+        return Config(lambda: settings, reference, wl, must_differ)
+
+    def big(settings: EngineSettings) -> EngineSettings:
+        return replace(settings, num_gpu_blocks=REFERENCE_TOKENS // settings.block_size)
+
+    layerwise = {"load_mode": "layerwise"}
+    corrupt = {"debug_corrupt_loads": True, "testing": True}
+    configs: dict[str, Config] = {
+        "reference": cfg(big(base), None), "none": cfg(base, "reference"),
+        "tokenvm": cfg(replace(base, connector="tokenvm"), "reference"),
+        "tokenvm_uva": cfg(replace(base, connector="tokenvm", extra_config={"copy_path": "uva"}),
+                           "reference"),
+        "tokenvm_wt": cfg(replace(base, connector="tokenvm",
+                                  extra_config={"write_mode": "write_through"}), "reference"),
+        "tokenvm_layerwise": cfg(replace(base, connector="tokenvm", extra_config=layerwise),
+                                 "reference"),
+        "native": cfg(replace(base, connector="native"), "reference"),
+        "tokenvm_corrupt": cfg(replace(base, connector="tokenvm", extra_config=corrupt),
+                               "reference", must_differ=True),
+        # CUDA graphs on (PIECEWISE with layer-wise loads). Graphs (torch.compile) change bf16
+        # numerics: graph runs compare with each other
+        "reference_graphs": cfg(big(replace(base, enforce_eager=False)), None),
+        "tokenvm_layerwise_graphs": cfg(replace(base, connector="tokenvm",
+                                                extra_config=layerwise, enforce_eager=False),
+                                        "reference_graphs"),
+    }
+    defaults = list(configs)
+    for kv_dtype, suffix in (("fp8", "fp8"), ("fp8_e5m2", "fp8_e5m2"),
+                             ("fp8_per_token_head", "fp8_pth")):
+        fp8 = replace(base, kv_cache_dtype=kv_dtype)
+        configs[f"reference_{suffix}"] = cfg(big(fp8), None)
+        configs[f"tokenvm_{suffix}"] = cfg(replace(fp8, connector="tokenvm"),
+                                           f"reference_{suffix}")
+    for block_size in (32, 64, 128):
+        sized = replace(base, block_size=block_size, num_gpu_blocks=CACHE_TOKENS // block_size)
+        # the same prompts as at block size 16 (same prefix tokens, same random draws)
+        wl = replace(workload, prefix_blocks=PREFIX_TOKENS // block_size)
+        configs[f"reference_bs{block_size}"] = cfg(big(sized), None, wl)
+        configs[f"tokenvm_bs{block_size}"] = cfg(replace(sized, connector="tokenvm"),
+                                                 f"reference_bs{block_size}", wl)
+    configs["reference_mla"] = Config(
+        lambda: big(replace(base, model=mla_model())), None, workload)
+    configs["tokenvm_mla"] = Config(
+        lambda: replace(base, model=mla_model(), connector="tokenvm"), "reference_mla", workload)
+    configs["tokenvm_mla_corrupt"] = Config(
+        lambda: replace(base, model=mla_model(), connector="tokenvm", extra_config=corrupt),
+        "reference_mla", workload, must_differ=True)
+    return configs, defaults
 
 
 def main() -> None:
@@ -56,63 +154,98 @@ def main() -> None:
     # One request at a time: every configuration then runs the same forwards over the same
     # token ranges, so a difference can only come from the KV bytes (with batches of 8 the
     # parked loads change batch composition, and bf16 GEMMs then differ slightly).
-    workload = Workload(documents=16, questions=4, prefix_blocks=16, suffix_tokens=40,
-                        max_tokens=16, batch_size=1)
-    base = EngineSettings(model=model, block_size=16, num_gpu_blocks=160, max_num_seqs=1,
+    workload = Workload(documents=16, questions=4, prefix_blocks=PREFIX_TOKENS // BLOCK_SIZE,
+                        suffix_tokens=40, max_tokens=16, batch_size=1)
+    base = EngineSettings(model=model, block_size=BLOCK_SIZE,
+                          num_gpu_blocks=CACHE_TOKENS // BLOCK_SIZE, max_num_seqs=1,
                           dtype="bfloat16", gpu_memory_utilization=0.5, host_bytes="2GiB",
                           native_offload_gib=2.0, tensor_parallel_size=args.tp)
-    layerwise = {"load_mode": "layerwise"}
-    graphs = {"enforce_eager": False}  # CUDA graphs on (PIECEWISE with layer-wise loads)
-    configs = {"reference": replace(base, num_gpu_blocks=2048), "none": base,
-               "tokenvm": replace(base, connector="tokenvm"),
-               "tokenvm_uva": replace(base, connector="tokenvm",
-                                      extra_config={"copy_path": "uva"}),
-               "tokenvm_wt": replace(base, connector="tokenvm",
-                                     extra_config={"write_mode": "write_through"}),
-               "tokenvm_layerwise": replace(base, connector="tokenvm", extra_config=layerwise),
-               "native": replace(base, connector="native"),
-               "tokenvm_corrupt": replace(base, connector="tokenvm", extra_config={
-                   "debug_corrupt_loads": True, "testing": True}),
-               "reference_graphs": replace(base, num_gpu_blocks=2048, **graphs),
-               "tokenvm_layerwise_graphs": replace(base, connector="tokenvm",
-                                                   extra_config=layerwise, **graphs)}
+    configs, defaults = build_configs(
+        base, workload, lambda: str(write_tiny_deepseek(out / "small-deepseek", MLA_SHAPE,
+                                                        device="cuda")))
+    names = defaults
     if args.configs:
-        wanted = set(args.configs.split(","))
-        wanted |= {"reference_graphs" if n.endswith("graphs") else "reference" for n in wanted}
-        configs = {n: c for n, c in configs.items() if n in wanted}
-    results = {}
-    for name, settings in configs.items():
-        print(f"running {name} ...", flush=True)
+        names = [n.strip() for n in args.configs.split(",") if n.strip()]
+        unknown = [n for n in names if n not in configs]
+        if unknown:
+            parser.error(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(configs)}")
+    # a comparison needs its reference: add it, ahead of the configurations that use it
+    wanted: list[str] = []
+    for name in names:
+        reference = configs[name].reference
+        for n in ([reference] if reference else []) + [name]:
+            if n not in wanted:
+                wanted.append(n)
+    errors: dict[str, str] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for name in wanted:
+        config = configs[name]
+        print(f"running {name} (reference: {config.reference or '-'}) ...", flush=True)
         try:
-            results[name] = run_in_subprocess(settings, workload, out / f"exact_{name}.json")
-        except RuntimeError as err:
-            print(f"  {name} failed: {str(err)[-1500:]}", flush=True)
-    summary = {}
-    for name, r in results.items():
-        # CUDA graphs (torch.compile) change bf16 numerics: graph runs compare with each other
-        reference = "reference_graphs" if name.endswith("graphs") else "reference"
-        if reference not in results:
+            settings = config.make_settings()
+        except Exception as err:  # noqa: BLE001 - e.g. the MLA model cannot be generated
+            errors[name] = f"setup failed: {type(err).__name__}: {err}"
+            print(f"  {name} {errors[name]}", flush=True)
             continue
-        base_out = results[reference]["outputs"]
-        c = r["counters"]
-        summary[name] = {
-            "reference": reference,
-            "requests": len(r["outputs"]),
-            "differing": sum(r["outputs"][k] != base_out[k] for k in base_out),
-            "loaded_tokens": c.get("vllm:prompt_tokens_by_source[external_kv_transfer]", 0),
-            "tokenvm_loaded_blocks": c.get("tokenvm:loaded_blocks", 0),
-            "pass_s": [round(x, 2) for x in r["pass_s"]],
-        }
+        try:
+            results[name] = run_in_subprocess(settings, config.workload,
+                                              out / f"exact_{name}.json")
+        except Exception as err:  # noqa: BLE001 - one engine's failure must not stop the rest
+            errors[name] = f"engine failed: {type(err).__name__}: {str(err)[-1500:]}"
+            print(f"  {name} {errors[name]}", flush=True)
+    summary: dict[str, Any] = {}
+    for name in wanted:
+        config = configs[name]
+        if name in errors:
+            summary[name] = {"status": "FAILED", "error": errors[name][-600:]}
+        elif config.reference is None:
+            summary[name] = {"status": "reference", "requests": len(results[name]["outputs"]),
+                             "pass_s": [round(x, 2) for x in results[name]["pass_s"]]}
+        elif config.reference not in results:
+            summary[name] = {"status": "NO REFERENCE", "reference": config.reference}
+        else:
+            r, base_out = results[name], results[config.reference]["outputs"]
+            c = r["counters"]
+            entry: dict[str, Any] = {
+                "reference": config.reference,
+                "requests": len(r["outputs"]),
+                "differing": sum(r["outputs"][k] != base_out[k] for k in base_out),
+                "loaded_tokens": c.get("vllm:prompt_tokens_by_source[external_kv_transfer]", 0),
+                "tokenvm_loaded_blocks": c.get("tokenvm:loaded_blocks", 0),
+                "pass_s": [round(x, 2) for x in r["pass_s"]],
+            }
+            entry["status"] = _verdict(name, config, entry)
+            summary[name] = entry
         print(name, json.dumps(summary[name]), flush=True)
-    summary["_runner"] = args.runner  # type: ignore[assignment]
-    summary["_tp"] = args.tp  # type: ignore[assignment]
+    summary["_runner"] = args.runner
+    summary["_tp"] = args.tp
     (out / "token_exact.json").write_text(json.dumps(summary, indent=1))
-    must_match = [n for n in configs if n.startswith("tokenvm") and n != "tokenvm_corrupt"]
-    ok = (all(name in summary and summary[name]["differing"] == 0
-              and summary[name]["loaded_tokens"] > 0 for name in must_match)
-          and ("tokenvm_corrupt" not in configs
-               or summary.get("tokenvm_corrupt", {}).get("differing", 0) > 0))
+    print("\nTOKEN-EXACT per configuration:")
+    for name in wanted:
+        entry = summary[name]
+        if "error" in entry:  # its end names the cause (the engine log's last lines)
+            detail = " | ".join(entry["error"].splitlines())[-300:]
+        elif "differing" in entry:
+            detail = (f"{entry['differing']}/{entry['requests']} differ from "
+                      f"{entry['reference']}, {entry['loaded_tokens']:.0f} tokens loaded")
+        else:
+            detail = ""
+        print(f"  {name:28s} {entry['status']:12s} {detail}")
+    ok = all(summary[n]["status"] in ("PASS", "DIFFERS (ok)", "n/a", "reference")
+             for n in wanted)
     print("TOKEN-EXACT", "PASS" if ok else "FAIL")
+
+
+def _verdict(name: str, config: Config, entry: dict[str, Any]) -> str:
+    """PASS: TokenVM loaded KV and every output equals the reference's. A negative control
+    passes when outputs differ. Other configurations (``none``, ``native``) are reported only."""
+    if config.must_differ:
+        return "DIFFERS (ok)" if entry["differing"] > 0 else "SAME (FAIL)"
+    if not name.startswith("tokenvm"):
+        return "n/a"
+    if entry["differing"] == 0 and entry["loaded_tokens"] > 0:
+        return "PASS"
+    return "FAIL" if entry["differing"] else "NO LOADS (FAIL)"
 
 
 if __name__ == "__main__":

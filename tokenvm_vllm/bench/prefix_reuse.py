@@ -72,6 +72,11 @@ class EngineSettings:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     dtype: str = "float32"
+    kv_cache_dtype: str = "auto"
+    """vLLM's ``kv_cache_dtype``: 'auto' (the model dtype), 'fp8', 'fp8_e4m3', 'fp8_e5m2',
+    'fp8_per_token_head', ... (what the platform's attention backend accepts)."""
+    attention_backend: str | None = None
+    """vLLM's ``attention_backend`` (e.g. 'CPU_MLA', 'TRITON_ATTN'); None: vLLM's own pick."""
     load_format: str = "auto"
     host_bytes: str = "64MiB"
     native_offload_gib: float = 1.0
@@ -105,12 +110,15 @@ def run_engine(settings: EngineSettings, workload: Workload) -> dict[str, Any]:
     transfer = kv_transfer_config(settings)
     if transfer is not None:
         kwargs["kv_transfer_config"] = transfer
+    if settings.attention_backend is not None:
+        kwargs["attention_backend"] = settings.attention_backend
     if settings.connector == "native":
         kwargs["kv_offloading_size"] = settings.native_offload_gib
     start = time.perf_counter()
     llm = LLM(
         model=settings.model,
         dtype=settings.dtype,
+        kv_cache_dtype=settings.kv_cache_dtype,
         block_size=settings.block_size,
         num_gpu_blocks_override=settings.num_gpu_blocks,
         max_model_len=settings.max_model_len,

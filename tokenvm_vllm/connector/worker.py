@@ -45,7 +45,7 @@ from tokenvm_vllm.connector.metadata import (
     TokenVMConnectorMetadata,
     TokenVMWorkerMetadata,
 )
-from tokenvm_vllm.keys import Namespace, current_hash_seed
+from tokenvm_vllm.keys import Namespace, current_hash_seed, kv_dtype_name
 from tokenvm_vllm.tiers.disk import DiskStore
 from tokenvm_vllm.tiers.disk.faults import DiskFaults
 from tokenvm_vllm.transfer.copy_engine import CopyEngine, CopyResult, TorchCopyEngine
@@ -219,8 +219,11 @@ class TokenVMWorker:
         """What, besides the block hash, must match for stored bytes to be reused."""
         rank, size = compat.tensor_parallel_rank_and_size()
         assert self.layout is not None
+        cache = self.vllm_config.cache_config
         return Namespace(
-            model=str(self.vllm_config.model_config.model), kv_dtype=kv_dtype,
+            model=str(self.vllm_config.model_config.model),
+            kv_dtype=kv_dtype_name(str(cache.cache_dtype), kv_dtype,
+                                   bool(getattr(cache, "calculate_kv_scales", False))),
             block_size=self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size,
             tp_rank=rank, tp_size=size,
             pp_size=self.vllm_config.parallel_config.pipeline_parallel_size,

@@ -16,6 +16,11 @@ block table. A group's block is stored under its own key (the block hash plus th
 that group's layers; slots are sized for the largest group (vLLM makes the groups' page sizes
 equal, so in practice every slot is full).
 
+Nothing here depends on the KV dtype or on what a block holds: fp8 caches are ``uint8`` tensors
+(vLLM 0.26's ``fp8_per_token_head`` keeps its float32 scales inline in each head's content, and
+its page size counts them), and an MLA layer is one latent tensor (blocks, [1,] tokens,
+kv_lora_rank + rope dim) with no K/V split; each is bytes of one block per layer, like any other.
+
 No block size or tensor layout is hard-coded. The block dimension of each layer's tensor is the
 one vLLM states (``compat.kv_cache_block_dim``: its per-layer caches are views of the logical shape
 [blocks, heads, tokens, content]); only where vLLM states none is it found as the one dimension
