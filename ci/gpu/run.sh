@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU job (vLLM 0.26.0 on the GPU machine). Run from the repo root after the bundle is
-# unpacked into /tmp/site (see README "GPU runs"). Stages: tests, copy, exact, serve, remote,
-# revisit, disk.
+# unpacked into /tmp/site and .gpu/redis staged (see README "GPU runs"). Stages: tests, copy,
+# exact, serve, remote, vmm, hostpool, hybrid, revisit, disk.
 #   bash ci/gpu/run.sh "tests copy exact"
 # Work files (models, per-run logs) go to $WORK; the results JSON and a tarball of the logs go to
 # $OUT (the device tool brings back at most 8 files from there).
@@ -10,7 +10,8 @@ STAGES="${1:-tests copy exact revisit}"
 OUT="${OUT:-out/gpu}"
 WORK="${WORK:-/tmp/tokenvm-gpu}"
 mkdir -p "$OUT" "$WORK"
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
+# .gpu/redis/py: the redis client and hiredis, which the vLLM bundle lacks (ci/gpu/stage_redis.sh)
+export PYTHONPATH="/tmp/site:$PWD:$PWD/.gpu/redis/py" PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$WORK/install.log" 2>&1 \
   || echo "editable install failed (entry point unavailable): see $WORK/install.log"
 nvidia-smi -L
@@ -39,7 +40,7 @@ for stage in $STAGES; do
     remote)  # issue #15: server B served from Redis what server A computed, against recompute;
       # then the remote tier's throughput next to redis-benchmark. Redis comes from .gpu/redis
       # (ci/gpu/stage_redis.sh; carry it). REMOTE_ARGS: more serve_bench arguments.
-      export PATH="$PWD/.gpu/redis/bin:$PATH" PYTHONPATH="$PYTHONPATH:$PWD/.gpu/redis/py"
+      export PATH="$PWD/.gpu/redis/bin:$PATH"
       redis-server --bind 127.0.0.1 --port 6390 --save "" --appendonly no --daemonize yes \
         --maxmemory "${REDIS_MAXMEMORY:-48gb}" --maxmemory-policy allkeys-lru \
         --logfile "$WORK/redis.log" && sleep 1
@@ -56,6 +57,14 @@ for stage in $STAGES; do
       timeout 240 python3 -m tokenvm_vllm.cli remote-bench "$url" --json "$OUT/remote_bench.json" \
         2>&1 | tee "$WORK/remote_bench.log" | tail -14
       redis-cli -p 6390 shutdown nosave ;;
+    vmm)  # issue #13: CUDA VMM map/unmap cost per page and page group, how much is hidden
+      python3 -m tokenvm_vllm.bench.vmm_bench --out "$OUT/vmm_bench.json" 2>&1 \
+        | tee "$WORK/vmm_bench.log" | tail -20 ;;
+    hostpool)  # issue #13: a 20 GiB host pool, lazily pinned vs eagerly
+      python3 -m tokenvm_vllm.bench.host_pool_bench --gib 20 2>&1 | tee "$WORK/host_pool.log" \
+        | tail -3 ;;
+    hybrid)  # issue #14: full + sliding-window groups (SupportsHMA), token-exact
+      python3 ci/gpu/hybrid_exact.py --out "$WORK/hybrid" 2>&1 | tee "$WORK/hybrid.log" | tail -12 ;;
     revisit)
       python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
       python3 -m tokenvm_vllm.bench.revisit_bench --all --model "$WORK/llama8b" --out "$WORK/revisit" \
