@@ -20,12 +20,12 @@ Tensor names are those of DeepSeek-V2 checkpoints, as vLLM's ``DeepseekV2ForCaus
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from tokenvm_vllm.tiny_llama import SPECIAL_TOKENS, write_tokenizer
+from tokenvm_vllm.tiny_llama import SPECIAL_TOKENS, Normal, write_model_dir
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,10 @@ def write_tiny_deepseek(
     Idempotent: an existing complete directory is left as it is. ``weights=False`` writes no
     weight file (config-only, for schedulers and ``load_format="dummy"``).
     """
-    out = Path(path)
-    done = out / ".complete"
-    if done.exists():
-        return out
     if shape.kv_lora_rank <= 0 or shape.qk_rope_head_dim <= 0 or shape.qk_nope_head_dim <= 0:
         raise ValueError(
             f"tokenvm: tiny DeepSeek shape {shape}: kv_lora_rank, qk_rope_head_dim and "
             "qk_nope_head_dim must be positive (vLLM uses MLA only when they are)")
-    out.mkdir(parents=True, exist_ok=True)
     vocab_size = len(SPECIAL_TOKENS) + shape.vocab_words
     config = {
         "architectures": ["DeepseekV2ForCausalLM"],
@@ -112,28 +107,16 @@ def write_tiny_deepseek(
         "eos_token_id": 2,
         "torch_dtype": "float32",
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    write_tokenizer(out, shape.vocab_words, shape.max_position_embeddings)
-    if weights:
-        _write_weights(out / "model.safetensors", shape, vocab_size, seed, device)
-    done.write_text("ok\n")
-    return out
+    return write_model_dir(
+        path, config, shape.vocab_words, shape.max_position_embeddings,
+        (lambda normal: _deepseek_tensors(shape, vocab_size, normal)) if weights else None,
+        seed, device)
 
 
-def _write_weights(path: Path, shape: TinyDeepseekShape, vocab_size: int, seed: int,
-                   device: str) -> None:
-    """Random std-0.02 weights (norm weights 1), in safetensors format."""
+def _deepseek_tensors(shape: TinyDeepseekShape, vocab_size: int,
+                      normal: Normal) -> dict[str, Any]:
+    """DeepSeek-V2's tensors by checkpoint name (norm weights 1, everything else ``normal``)."""
     import torch
-
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise ImportError("tokenvm: writing the tiny DeepSeek's weights needs the safetensors "
-                          "package; install it with pip install 'tokenvm-vllm[bench]'") from None
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def normal(*size: int) -> torch.Tensor:
-        return (torch.randn(*size, generator=gen, device=device) * 0.02).cpu()
 
     h, inter, heads = shape.hidden_size, shape.intermediate_size, shape.num_heads
     qk_head = shape.qk_nope_head_dim + shape.qk_rope_head_dim
@@ -164,4 +147,4 @@ def _write_weights(path: Path, shape: TinyDeepseekShape, vocab_size: int, seed: 
             p + "input_layernorm.weight": torch.ones(h),
             p + "post_attention_layernorm.weight": torch.ones(h),
         }
-    save_file(tensors, str(path))
+    return tensors

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+Normal = Callable[..., Any]
+"""``normal(*size)``: a tensor of std-0.02 random values (see ``write_model_dir``)."""
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
@@ -56,11 +61,6 @@ def write_tiny_llama(
     Idempotent: an existing complete directory is left as it is. ``weights=False`` writes no
     weight file (for ``load_format="dummy"`` timing runs).
     """
-    out = Path(path)
-    done = out / ".complete"
-    if done.exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
     vocab_size = max(len(SPECIAL_TOKENS) + shape.vocab_words, shape.model_vocab_size)
     head_dim = shape.hidden_size // shape.num_heads
     config = {
@@ -83,10 +83,30 @@ def write_tiny_llama(
         "eos_token_id": 2,
         "torch_dtype": "float32",
     }
+    return write_model_dir(
+        path, config, shape.vocab_words, shape.max_position_embeddings,
+        (lambda normal: _llama_tensors(shape, vocab_size, normal)) if weights else None,
+        seed, device)
+
+
+def write_model_dir(
+    path: str | os.PathLike[str], config: dict[str, Any], vocab_words: int,
+    max_positions: int, tensors: Callable[[Normal], dict[str, Any]] | None, seed: int = 0,
+    device: str = "cpu",
+) -> Path:
+    """Write ``config`` (config.json), the word-level tokenizer and, unless ``tensors`` is None,
+    model.safetensors with the tensors ``tensors(normal)`` returns, where ``normal(*size)``
+    draws std-0.02 values from a generator seeded with ``seed`` (on ``device``, returned on the
+    CPU). Shared by every generated model. Idempotent: a complete directory is left as it is."""
+    out = Path(path)
+    done = out / ".complete"
+    if done.exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    write_tokenizer(out, shape.vocab_words, shape.max_position_embeddings)
-    if weights:
-        _write_weights(out / "model.safetensors", shape, vocab_size, seed, device)
+    write_tokenizer(out, vocab_words, max_positions)
+    if tensors is not None:
+        _save_weights(out / "model.safetensors", tensors, seed, device)
     done.write_text("ok\n")
     return out
 
@@ -121,23 +141,29 @@ def write_tokenizer(out: Path, vocab_words: int, model_max_length: int) -> None:
     }))
 
 
-def _write_weights(path: Path, shape: TinyLlamaShape, vocab_size: int, seed: int,
-                   device: str) -> None:
-    """Random std-0.02 weights in safetensors format (torch and safetensors imported here only:
-    a config-only model needs neither)."""
+def _save_weights(path: Path, tensors: Callable[[Normal], dict[str, Any]], seed: int,
+                  device: str) -> None:
+    """torch and safetensors are imported here only: a config-only model needs neither."""
     import torch
 
     try:
         from safetensors.torch import save_file
     except ImportError:
-        raise ImportError("tokenvm: writing the tiny Llama's weights needs the safetensors "
+        raise ImportError("tokenvm: writing a generated model's weights needs the safetensors "
                           "package; install it with pip install 'tokenvm-vllm[bench]'") from None
-    head_dim = shape.hidden_size // shape.num_heads
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def normal(*size: int) -> torch.Tensor:
         return (torch.randn(*size, generator=gen, device=device) * 0.02).cpu()
 
+    save_file(tensors(normal), str(path))
+
+
+def _llama_tensors(shape: TinyLlamaShape, vocab_size: int, normal: Normal) -> dict[str, Any]:
+    """Llama's tensors by checkpoint name (norm weights 1, everything else ``normal``)."""
+    import torch
+
+    head_dim = shape.hidden_size // shape.num_heads
     h, inter, kv = shape.hidden_size, shape.intermediate_size, shape.num_kv_heads * head_dim
     tensors = {
         "model.embed_tokens.weight": normal(vocab_size, h),
@@ -157,7 +183,7 @@ def _write_weights(path: Path, shape: TinyLlamaShape, vocab_size: int, seed: int
             p + "input_layernorm.weight": torch.ones(h),
             p + "post_attention_layernorm.weight": torch.ones(h),
         }
-    save_file(tensors, str(path))
+    return tensors
 
 
 def prompt_text(token_ids: list[int]) -> str:
