@@ -1,5 +1,8 @@
 """``RemoteStore`` against real redis-server processes on 127.0.0.1: round trips, checks, and
-the faults of issue #15 (down at start-up, killed mid-run, slow, full, restarted empty)."""
+the faults of issue #15 (down at start-up, killed mid-run, slow, full, restarted empty).
+
+Every test runs with both clients (``client_kind``): the raw-socket fast path (``raw``, what
+``auto`` picks for a standalone server) and redis-py."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import pytest
 
 from tests.redis_servers import HOST, RedisServer, free_port, require_redis_binaries
 from tokenvm_vllm.keys import make_block_key
+from tokenvm_vllm.tiers.remote.raw import RawRedis
 from tokenvm_vllm.tiers.remote.store import RemoteStore
 
 NS = bytes(range(16))
@@ -34,6 +38,16 @@ def make_store(url: str, **kwargs: object) -> RemoteStore:
     return RemoteStore(url, NS, 0, SLOT, **settings)  # type: ignore[arg-type]
 
 
+@pytest.fixture(autouse=True, params=["raw", "redis-py"])
+def client_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every ``RemoteStore`` made in the test uses this client (its ``client=`` default)."""
+    kind = str(request.param)
+    defaults = RemoteStore.__init__.__kwdefaults__
+    assert defaults is not None and "client" in defaults
+    monkeypatch.setitem(defaults, "client", kind)
+    return kind
+
+
 @pytest.fixture
 def store(redis_server: RedisServer) -> Iterator[RemoteStore]:
     with make_store(redis_server.url) as s:
@@ -49,7 +63,9 @@ def wait_until(predicate: object, timeout_s: float = 5.0) -> bool:
     return False
 
 
-def test_round_trip_with_ttl_and_stats(store: RemoteStore, redis_server: RedisServer) -> None:
+def test_round_trip_with_ttl_and_stats(store: RemoteStore, redis_server: RedisServer,
+                                       client_kind: str) -> None:
+    assert store.raw == (client_kind == "raw")
     ks, data = keys(20), payloads(20)
     assert store.put(ks, data).result(5) == [True] * 20
     assert store.contains(ks + keys(2, salt=9)).result(5) == [True] * 20 + [False, False]
@@ -202,7 +218,7 @@ def test_full_server_refuses_writes_and_serves_reads(
 
 
 def test_an_unexpected_client_error_is_a_miss_not_an_exception(
-        store: RemoteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: RemoteStore, monkeypatch: pytest.MonkeyPatch, client_kind: str) -> None:
     """What redis-py raised on the H200 when an outage seen by one I/O thread closed the client
     under another one's read: a ValueError, not a RedisError. It reached vLLM's step and killed
     the engine; every batch must end as misses instead."""
@@ -214,7 +230,10 @@ def test_an_unexpected_client_error_is_a_miss_not_an_exception(
     def closed_file(*_args: object, **_kwargs: object) -> list[object]:
         raise ValueError("I/O operation on closed file.")
 
-    monkeypatch.setattr(redis.client.Pipeline, "execute", closed_file)
+    if client_kind == "raw":
+        monkeypatch.setattr(RawRedis, "_batch", closed_file)
+    else:
+        monkeypatch.setattr(redis.client.Pipeline, "execute", closed_file)
     outs = [np.zeros(SLOT, np.uint8) for _ in range(4)]
     assert store.get(ks, outs).result(5) == [False] * 4
     assert store.put(ks, data).result(5) == [False] * 4
@@ -246,7 +265,7 @@ def test_client_closed_during_large_reads_never_raises(redis_server: RedisServer
 
 
 def test_lookups_do_not_wait_behind_a_backlog_of_writes(
-        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, client_kind: str) -> None:
     """Every write thread is stuck in a slow write; a lookup (which a request waits for) and a
     read still answer. With one thread pool for both, they queued behind the writes (seen on
     the H200: server A's requests waited for lookups while its blocks streamed out)."""
@@ -263,7 +282,16 @@ def test_lookups_do_not_wait_behind_a_backlog_of_writes(
                 release.wait(10)
             return execute(pipe, *args, **kwargs)
 
-        monkeypatch.setattr(redis.client.Pipeline, "execute", slow_writes)
+        set_many = RawRedis.set_many
+
+        def slow_raw_writes(client: RawRedis, *args: object, **kwargs: object) -> object:
+            release.wait(10)
+            return set_many(client, *args, **kwargs)  # type: ignore[arg-type]
+
+        if client_kind == "raw":
+            monkeypatch.setattr(RawRedis, "set_many", slow_raw_writes)
+        else:
+            monkeypatch.setattr(redis.client.Pipeline, "execute", slow_writes)
         writes = [s.put(keys(2, salt=20 + i), payloads(2, seed=i)) for i in range(6)]
         time.sleep(0.2)  # both write threads are now inside slow_writes
         assert not any(w.done() for w in writes)

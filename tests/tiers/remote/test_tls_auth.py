@@ -32,7 +32,8 @@ def make_certs(folder: Path) -> dict[str, Path]:
     return {name: folder / f"{name}" for name in ("ca.pem", "server.pem", "server.key")}
 
 
-def test_tls_with_acl_user(tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", ["raw", "redis-py"])
+def test_tls_with_acl_user(tmp_path: Path, client: str) -> None:
     require_redis_binaries()
     certs = make_certs(tmp_path)
     port = free_port()
@@ -44,18 +45,18 @@ def test_tls_with_acl_user(tmp_path: Path) -> None:
         server.cli("ACL", "SETUSER", "tokenvm", "on", ">user-secret", "~tkv:*", "+@all")
         url = (f"rediss://tokenvm:user-secret@{HOST}:{port}/0"
                f"?ssl_ca_certs={certs['ca.pem']}")
-        with make_store(url, key_prefix="tkv") as store:
-            assert store.available
+        with make_store(url, key_prefix="tkv", client=client) as store:
+            assert store.available and store.raw == (client == "raw")
             ks, data = keys(4), payloads(4)
             assert store.put(ks, data).result(5) == [True] * 4
             outs = [np.zeros(SLOT, np.uint8) for _ in ks]
             assert store.get(ks, outs).result(5) == [True] * 4
             assert np.array_equal(outs[3], data[3])
         # The ACL user may not touch keys outside its pattern: writes fail, no exception.
-        with make_store(url, key_prefix="other") as store:
+        with make_store(url, key_prefix="other", client=client) as store:
             assert store.put(keys(1), payloads(1)).result(5) == [False]
         # Without the CA the server's certificate is refused: served without the tier.
-        with make_store(f"rediss://tokenvm:user-secret@{HOST}:{port}/0") as store:
+        with make_store(f"rediss://tokenvm:user-secret@{HOST}:{port}/0", client=client) as store:
             assert not store.available
     finally:
         server.stop()

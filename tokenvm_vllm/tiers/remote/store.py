@@ -24,8 +24,16 @@ Contract for callers (the scheduler's lookups, the worker's mover):
 * Writes set a TTL (``ttl_s``); the server's own ``maxmemory-policy`` (e.g. ``allkeys-lru``)
   bounds it further.
 
+Two clients behind this one contract (``client=``): ``raw.RawRedis`` for a standalone server
+(plain or TLS): values read straight into ``out`` and written from the payload without copies;
+and redis-py (``redis.Redis`` / ``RedisCluster``) for a cluster, or on request. ``"auto"``
+picks the raw client for a standalone server. Both raise redis-py's error classes, so ``_run``
+treats their timeouts, outages and error replies alike.
+
 For ``get``, the caller must not touch an ``out`` buffer until the future is done; for ``put``,
-it must keep each payload unchanged until then (the scheduler's slot pins ensure both).
+it must keep each payload unchanged until then (the scheduler's slot pins ensure both). After a
+``get`` answered False for a block, its ``out`` holds unspecified bytes (the raw client reads a
+value into ``out`` before its checksum can be verified): a miss's host row is never served.
 """
 
 from __future__ import annotations
@@ -45,9 +53,16 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from tokenvm_vllm.keys import BlockKey
+from tokenvm_vllm.tiers.disk.format import CHECKSUMS, HEADER_BYTES, SlotHeader
 from tokenvm_vllm.tiers.remote.keys import namespace_pattern, remote_key
+from tokenvm_vllm.tiers.remote.raw import RawRedis
 from tokenvm_vllm.tiers.remote.url import RemoteTarget, parse_remote_url
-from tokenvm_vllm.tiers.remote.value import decode_into, encode_value
+from tokenvm_vllm.tiers.remote.value import (
+    check_header,
+    decode_into,
+    encode_value,
+    encode_value_parts,
+)
 
 logger = logging.getLogger("vllm.tokenvm")
 
@@ -56,23 +71,36 @@ _TIMEOUTS_BEFORE_DOWN = 3
 counts as down (hung, not just slow; the whole cluster, not one node failing over)."""
 
 Client = Any
-"""``redis.Redis`` or ``redis.cluster.RedisCluster`` (their common subset is what we use)."""
+"""``RawRedis``, ``redis.Redis`` or ``redis.cluster.RedisCluster`` (redis-py's two: their common
+subset is what we use)."""
+
+CLIENTS = ("auto", "raw", "redis-py")
+"""``client=`` values: ``raw`` (standalone only), ``redis-py``, ``auto`` (raw if standalone)."""
 
 
 class RemoteStore:
     """The remote tier for one namespace (a 16-byte fingerprint) and tensor-parallel rank.
 
-    ``slot_bytes``: every block's payload size (a host-pool row). See the module docstring for
-    the contract; ``stats()`` returns counters since the last call.
+    ``slot_bytes``: every block's payload size (a host-pool row). ``client``: one of
+    ``CLIENTS`` (module docstring). See the module docstring for the contract; ``stats()``
+    returns counters since the last call.
     """
 
     def __init__(
         self, url: str, namespace: bytes, tp_rank: int, slot_bytes: int, *,
         key_prefix: str = "tokenvm", ttl_s: float = 3600.0, timeout_s: float = 0.5,
         io_threads: int = 4, max_pending_reads: int = 64, max_pending_writes: int = 64,
-        retry_interval_s: float = 2.0,
+        retry_interval_s: float = 2.0, client: str = "auto",
     ) -> None:
         self.target: RemoteTarget = parse_remote_url(url)
+        if client not in CLIENTS:
+            raise ValueError(f"tokenvm: remote client={client!r} is not one of "
+                             f"{', '.join(CLIENTS)}: use auto")
+        if client == "raw" and self.target.cluster:
+            raise ValueError(f"tokenvm: remote client='raw' serves one standalone server, but "
+                             f"{self.target.describe()} is a cluster: use auto or redis-py")
+        self.raw = client == "raw" or (client == "auto" and not self.target.cluster)
+        """Whether this store talks to its server through ``RawRedis``."""
         self.namespace = namespace
         self.tp_rank = tp_rank
         self.slot_bytes = slot_bytes
@@ -109,6 +137,10 @@ class RemoteStore:
 
     def _make_client(self) -> Client:
         target, timeout = self.target, self.timeout_s
+        if self.raw:
+            raw = RawRedis(target, timeout)
+            raw.ping()
+            return raw
         common: dict[str, Any] = dict(
             username=target.username, password=target.password, ssl=target.tls,
             socket_timeout=timeout, socket_connect_timeout=timeout, **dict(target.tls_options))
@@ -213,6 +245,8 @@ class RemoteStore:
         names = [self.key_of(key) for key in keys]
 
         def run(client: Client) -> list[bool]:
+            if isinstance(client, RawRedis):
+                return client.exists_many(names)
             pipe = client.pipeline(transaction=False)
             for name in names:
                 pipe.exists(name)
@@ -223,8 +257,8 @@ class RemoteStore:
 
     def get(self, keys: Sequence[BlockKey], outs: Sequence[np.ndarray]) -> Future[list[bool]]:
         """Read each block into its ``out`` (a C-contiguous array of ``slot_bytes`` bytes, e.g.
-        a host-pool row). True: ``out`` holds the verified bytes; False: a miss, ``out`` may be
-        untouched or partly written only if it was a miss after a check passed (never)."""
+        a host-pool row). True: ``out`` holds the verified bytes; False: a miss, ``out``'s
+        bytes unspecified (module docstring)."""
         if len(keys) != len(outs):
             raise ValueError(f"tokenvm: remote get of {len(keys)} keys into {len(outs)} buffers")
         names = [self.key_of(key) for key in keys]
@@ -235,36 +269,70 @@ class RemoteStore:
                                  f"{self.slot_bytes}")
 
         def run(client: Client) -> list[bool]:
-            pipe = client.pipeline(transaction=False)
-            for name in names:
-                pipe.get(name)
-            values = pipe.execute(raise_on_error=False)
-            ok, bad = [], []
-            for name, key, value, view in zip(names, keys, values, views, strict=True):
-                if isinstance(value, Exception) or value is None:
-                    ok.append(False)
-                    continue
-                good = decode_into(value, self.namespace, self.tp_rank, key, view)
-                ok.append(good)
-                if good:
-                    self._count("read_bytes", len(value))
-                else:
-                    bad.append(name)
+            if isinstance(client, RawRedis):
+                ok, bad = self._raw_get(client, names, keys, views)
+            else:
+                ok, bad = self._redispy_get(client, names, keys, views)
             if bad:
                 self._count("corrupt_blocks", len(bad))
                 self._warn_once("corrupt", "TokenVM remote tier: %d value(s) on %s failed their "
                                 "checks (foreign, torn or another version); treated as misses "
                                 "and deleted", len(bad), self.where)
-                cleanup = client.pipeline(transaction=False)
-                for name in bad:
-                    cleanup.delete(name)
-                cleanup.execute(raise_on_error=False)
+                if isinstance(client, RawRedis):
+                    client.delete_many(bad)
+                else:
+                    cleanup = client.pipeline(transaction=False)
+                    for name in bad:
+                        cleanup.delete(name)
+                    cleanup.execute(raise_on_error=False)
             hits = sum(ok)
             self._count("hit_blocks", hits)
             self._count("miss_blocks", len(ok) - hits)
             return ok
 
         return self._submit("read", "get", len(keys), run)
+
+    def _redispy_get(self, client: Client, names: list[bytes], keys: Sequence[BlockKey],
+                     views: list[np.ndarray]) -> tuple[list[bool], list[bytes]]:
+        """(hit per key, names of values failing their checks) through a redis-py pipeline."""
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.get(name)
+        values = pipe.execute(raise_on_error=False)
+        ok, bad = [], []
+        for name, key, value, view in zip(names, keys, values, views, strict=True):
+            if isinstance(value, Exception) or value is None:
+                ok.append(False)
+                continue
+            good = decode_into(value, self.namespace, self.tp_rank, key, view)
+            ok.append(good)
+            if good:
+                self._count("read_bytes", len(value))
+            else:
+                bad.append(name)
+        return ok, bad
+
+    def _raw_get(self, client: RawRedis, names: list[bytes], keys: Sequence[BlockKey],
+                 views: list[np.ndarray]) -> tuple[list[bool], list[bytes]]:
+        """As ``_redispy_get``, each payload received straight into its ``out`` and checked
+        there: the header (key echo, namespace, rank, length) before the payload arrives, the
+        checksum after."""
+        headers: list[SlotHeader | None] = [None] * len(names)
+
+        def check(i: int, header: bytes | None, payload: memoryview | None) -> bool:
+            if header is not None:
+                headers[i] = check_header(header, self.namespace, self.tp_rank, keys[i],
+                                          self.slot_bytes)
+                return headers[i] is not None
+            found = headers[i]
+            return found is not None and CHECKSUMS[found.algo](payload) == found.payload_csum
+
+        results = client.get_into(names, memoryview(bytearray(HEADER_BYTES)),
+                                  [memoryview(view) for view in views], check)  # type: ignore[arg-type]
+        ok = [result is True for result in results]
+        bad = [name for name, result in zip(names, results, strict=True) if result is False]
+        self._count("read_bytes", sum(ok) * (HEADER_BYTES + self.slot_bytes))
+        return ok, bad
 
     def put(self, keys: Sequence[BlockKey], payloads: Sequence[Any]) -> Future[list[bool]]:
         """Store each block (``payloads[i]``: ``slot_bytes`` contiguous bytes) with the TTL.
@@ -275,13 +343,20 @@ class RemoteStore:
         names = [self.key_of(key) for key in keys]
 
         def run(client: Client) -> list[bool]:
-            pipe = client.pipeline(transaction=False)
             nbytes = 0
-            for name, key, payload in zip(names, keys, payloads, strict=True):
-                value = encode_value(self.namespace, self.tp_rank, key, payload)
-                nbytes += len(value)
-                pipe.set(name, value, px=self.ttl_ms)
-            results = pipe.execute(raise_on_error=False)
+            results: list[Any]
+            if isinstance(client, RawRedis):
+                parts = [encode_value_parts(self.namespace, self.tp_rank, key, payload)
+                         for key, payload in zip(keys, payloads, strict=True)]
+                nbytes = sum(len(header) + data.nbytes for header, data in parts)
+                results = client.set_many(names, parts, self.ttl_ms)
+            else:
+                pipe = client.pipeline(transaction=False)
+                for name, key, payload in zip(names, keys, payloads, strict=True):
+                    value = encode_value(self.namespace, self.tp_rank, key, payload)
+                    nbytes += len(value)
+                    pipe.set(name, value, px=self.ttl_ms)
+                results = pipe.execute(raise_on_error=False)
             ok = [result is True for result in results]
             errors = [r for r in results if isinstance(r, Exception)]
             if errors:
@@ -318,6 +393,8 @@ class RemoteStore:
         names = [self.key_of(key) for key in keys]
 
         def run(client: Client) -> list[bool]:
+            if isinstance(client, RawRedis):
+                return client.delete_many(names)
             pipe = client.pipeline(transaction=False)
             for name in names:
                 pipe.delete(name)

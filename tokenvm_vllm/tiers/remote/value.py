@@ -32,15 +32,34 @@ REMOTE_STRIDE = 0
 """The header's ``stride`` field in remote values (disk slots have their real stride there)."""
 
 
-def encode_value(namespace: bytes, tp_rank: int, key: BlockKey, payload: Any) -> bytes:
-    """Header + payload as one bytes object (one copy of the payload). ``payload``: any
-    C-contiguous buffer (a host-pool row as numpy, bytes, memoryview)."""
+def encode_value_parts(namespace: bytes, tp_rank: int, key: BlockKey,
+                       payload: Any) -> tuple[bytes, memoryview]:
+    """The value as (zero-padded header of ``HEADER_BYTES``, the payload itself, not copied).
+    ``payload``: any C-contiguous buffer (a host-pool row as numpy, bytes, memoryview)."""
     data = memoryview(payload).cast("B")
     header = encode_header(SlotHeader(
         namespace=namespace, slot=tp_rank, stride=REMOTE_STRIDE, payload_len=data.nbytes,
         seq=time.time_ns(), payload_csum=CHECKSUMS[DEFAULT_CSUM](data), algo=DEFAULT_CSUM,
         key=bytes(key)))
-    return b"".join((header, bytes(HEADER_BYTES - len(header)), data))
+    return header + bytes(HEADER_BYTES - len(header)), data
+
+
+def encode_value(namespace: bytes, tp_rank: int, key: BlockKey, payload: Any) -> bytes:
+    """Header + payload as one bytes object (one copy of the payload; ``encode_value_parts``
+    for none)."""
+    return b"".join(encode_value_parts(namespace, tp_rank, key, payload))
+
+
+def check_header(header_bytes: bytes, namespace: bytes, tp_rank: int, key: BlockKey,
+                 payload_len: int) -> SlotHeader | None:
+    """The header if it decodes and names this namespace, rank, key and payload length with a
+    known checksum algorithm (the payload's checksum is checked by the caller); else None."""
+    header = decode_header(header_bytes)
+    if (header is None or header.algo not in CHECKSUMS or header.namespace != namespace
+            or header.slot != tp_rank or header.stride != REMOTE_STRIDE
+            or header.payload_len != payload_len or header.key != key):
+        return None
+    return header
 
 
 def check_value(value: bytes, namespace: bytes, tp_rank: int, key: BlockKey,
@@ -49,10 +68,8 @@ def check_value(value: bytes, namespace: bytes, tp_rank: int, key: BlockKey,
     namespace and rank; None otherwise. Never raises on bad bytes."""
     if len(value) != HEADER_BYTES + payload_len:
         return None
-    header = decode_header(value[:HEADER_BYTES])
-    if (header is None or header.algo not in CHECKSUMS or header.namespace != namespace
-            or header.slot != tp_rank or header.stride != REMOTE_STRIDE
-            or header.payload_len != payload_len or header.key != key):
+    header = check_header(value[:HEADER_BYTES], namespace, tp_rank, key, payload_len)
+    if header is None:
         return None
     payload = memoryview(value)[HEADER_BYTES:]
     if CHECKSUMS[header.algo](payload) != header.payload_csum:

@@ -1,0 +1,411 @@
+"""``RawRedis``: the remote tier's fast path to one standalone Redis (plain or TLS), on raw
+sockets speaking RESP2, for the store's batch operations only.
+
+Why not redis-py: its reply path copies every value several times (64 KiB ``recv`` chunks into
+hiredis's buffer, then a ``bytes`` object, then our copy into the host-pool row), and a put
+builds one concatenated ``bytes`` of header and payload. At 1 MiB blocks that held the tier to
+a quarter of what ``redis-benchmark`` gets from the same server. Here:
+
+* ``get_into`` sends one pipeline of ``GET`` s and reads each bulk reply's 4 KiB header into a
+  small buffer, checks it (namespace, rank, key, length) *before* the payload arrives, then
+  ``recv_into`` s the payload straight into the caller's row and verifies its checksum in
+  place. Bytes already buffered with a reply line are copied once (at most one 64 KiB chunk).
+* ``set_many`` sends ``SET key value PX ttl`` for a whole batch as a list of buffers
+  (``sendmsg``; ``sendall`` piece by piece under TLS): the payload is never copied in Python.
+
+Errors follow redis-py's classes so ``RemoteStore._run`` handles both clients alike: a socket
+timeout is ``redis.TimeoutError``, a closed, reset or refused connection
+``redis.ConnectionError``, refused credentials ``redis.AuthenticationError``, an error reply in a
+batch is returned in its place (``redis.OutOfMemoryError`` for ``OOM``, else
+``redis.ResponseError``). A connection that failed mid-batch is closed, never reused (its
+stream position is unknown). Connections are pooled, one per concurrent caller; ``close``
+closes idle ones and shuts down busy ones, so a thread blocked in ``recv`` wakes with an error.
+
+Server error texts never contain the password; the password itself is only ever sent.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import redis
+
+from tokenvm_vllm.tiers.remote.url import RemoteTarget
+
+_CHUNK = 1 << 16
+"""Bytes asked of each buffered ``recv`` (reply lines and small replies)."""
+_IOV_MAX = 512
+"""Buffers per ``sendmsg`` call (Linux allows 1024)."""
+
+Reply = bytes | int | list[Any] | None | redis.RedisError
+
+
+def _bulk(data: bytes | memoryview) -> list[bytes | memoryview]:
+    return [b"$%d\r\n" % len(data), data, b"\r\n"]
+
+
+def encode_command(*args: bytes | memoryview) -> list[bytes | memoryview]:
+    """One RESP command as buffers (the arguments themselves are not copied)."""
+    out: list[bytes | memoryview] = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        out += _bulk(arg)
+    return out
+
+
+def _error(text: str) -> redis.RedisError:
+    if text.startswith("OOM"):
+        return redis.OutOfMemoryError(text)
+    if text.startswith(("WRONGPASS", "NOAUTH")) or "invalid password" in text:
+        return redis.AuthenticationError(text)
+    return redis.ResponseError(text)
+
+
+class _Conn:
+    """One socket and its read buffer. Not thread-safe: one user at a time (the pool's job)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(_CHUNK)
+        self.start = 0
+        self.end = 0
+        self.can_sendmsg = not isinstance(sock, ssl.SSLSocket)
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def send(self, buffers: Sequence[bytes | memoryview]) -> None:
+        """Send every buffer, in order, without joining them."""
+        if not self.can_sendmsg:
+            small: list[bytes | memoryview] = []
+            for piece in buffers:  # join the small pieces: one TLS record each otherwise
+                if len(piece) < 8192:
+                    small.append(piece)
+                    continue
+                if small:
+                    self.sock.sendall(b"".join(small))
+                    small = []
+                self.sock.sendall(piece)
+            if small:
+                self.sock.sendall(b"".join(small))
+            return
+        views = [memoryview(b).cast("B") for b in buffers]
+        i = 0
+        while i < len(views):
+            sent = self.sock.sendmsg(views[i:i + _IOV_MAX])
+            while sent and i < len(views):  # skip what went out; the rest of a partial one
+                if sent >= views[i].nbytes:
+                    sent -= views[i].nbytes
+                    i += 1
+                else:
+                    views[i] = views[i][sent:]
+                    sent = 0
+            while i < len(views) and views[i].nbytes == 0:
+                i += 1
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        """Read more into the buffer (compacting it first); EOF is a connection error."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.end == len(self.buf):
+            if self.start:
+                self.buf[:self.end - self.start] = self.buf[self.start:self.end]
+                self.end -= self.start
+                self.start = 0
+            else:  # a reply line longer than the buffer (a long error text): grow
+                self.buf.extend(bytes(len(self.buf)))
+        n = self.sock.recv_into(memoryview(self.buf)[self.end:])
+        if n == 0:
+            raise redis.ConnectionError("connection closed by the server")
+        self.end += n
+
+    def readline(self) -> bytes:
+        """The next line without its CRLF."""
+        while True:
+            at = self.buf.find(b"\r\n", self.start, self.end)
+            if at >= 0:
+                line = bytes(self.buf[self.start:at])
+                self.start = at + 2
+                return line
+            self._fill()
+
+    def read_into(self, out: memoryview) -> None:
+        """Exactly ``out.nbytes`` bytes: what is buffered first, then straight from the socket."""
+        have = min(self.end - self.start, out.nbytes)
+        if have:
+            out[:have] = memoryview(self.buf)[self.start:self.start + have]
+            self.start += have
+        while have < out.nbytes:
+            n = self.sock.recv_into(out[have:])
+            if n == 0:
+                raise redis.ConnectionError("connection closed by the server")
+            have += n
+
+    def skip(self, n: int) -> None:
+        """Read and drop ``n`` bytes (a value failing its checks, a CRLF)."""
+        scratch = memoryview(bytearray(min(n, 1 << 20))) if n > _CHUNK else None
+        while n:
+            buffered = min(self.end - self.start, n)
+            if buffered:
+                self.start += buffered
+                n -= buffered
+            elif scratch is not None:
+                got = self.sock.recv_into(scratch[:min(n, scratch.nbytes)])
+                if got == 0:
+                    raise redis.ConnectionError("connection closed by the server")
+                n -= got
+            else:
+                self._fill()
+
+    def read_reply(self) -> Reply:
+        """One whole reply (error replies returned, not raised)."""
+        line = self.readline()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            return _error(rest.decode(errors="replace"))
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = bytearray(n)
+            self.read_into(memoryview(data))
+            self.skip(2)
+            return bytes(data)
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self.read_reply() for _ in range(n)]
+        raise redis.ConnectionError(f"unexpected reply from the server: {line[:40]!r}")
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+ValueCheck = Callable[[int, bytes | None, memoryview | None], bool]
+
+
+class RawRedis:
+    """A pool of raw connections to ``target`` (standalone), each with AUTH / SELECT done as
+    redis-py does for our URL forms. Methods block the calling thread (the store's I/O
+    threads) and raise redis-py's error classes (module docstring)."""
+
+    def __init__(self, target: RemoteTarget, timeout_s: float) -> None:
+        if target.cluster:
+            raise ValueError("tokenvm: RawRedis serves one standalone server, not a cluster")
+        self.target = target
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._idle: list[_Conn] = []
+        self._busy: set[_Conn] = set()
+        self._closed = False
+        self._ssl = self._ssl_context() if target.tls else None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        options = dict(self.target.tls_options)
+        context = ssl.create_default_context(cafile=options.get("ssl_ca_certs") or None)  # type: ignore[arg-type]
+        context.check_hostname = bool(options.get("ssl_check_hostname", True))
+        if options.get("ssl_certfile"):
+            context.load_cert_chain(str(options["ssl_certfile"]),
+                                    str(options.get("ssl_keyfile") or "") or None)
+        return context
+
+    def _connect(self) -> _Conn:
+        host, port = self.target.nodes[0]
+        try:
+            sock = socket.create_connection((host, port), timeout=self.timeout_s)
+        except TimeoutError as err:
+            raise redis.TimeoutError(f"connecting to {host}:{port}: {err}") from err
+        except OSError as err:
+            raise redis.ConnectionError(f"connecting to {host}:{port}: {err}") from err
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(sock, server_hostname=host)
+            conn = _Conn(sock)
+            commands: list[list[bytes | memoryview]] = []
+            if self.target.password is not None:
+                auth = [self.target.password.encode()]
+                if self.target.username:
+                    auth.insert(0, self.target.username.encode())
+                commands.append(encode_command(b"AUTH", *auth))
+            if self.target.db:
+                commands.append(encode_command(b"SELECT", str(self.target.db).encode()))
+            commands.append(encode_command(b"PING"))
+            conn.send([piece for command in commands for piece in command])
+            for _ in commands:
+                reply = conn.read_reply()
+                if isinstance(reply, redis.RedisError):
+                    raise reply
+        except BaseException as err:
+            sock.close()
+            raise _converted(err) from err
+        return conn
+
+    def _pop_idle(self) -> _Conn | None:
+        with self._lock:
+            if self._closed:
+                raise redis.ConnectionError("client closed")
+            return self._idle.pop() if self._idle else None
+
+    def _take(self) -> _Conn:
+        conn = self._pop_idle() or self._connect()
+        with self._lock:
+            closed = self._closed  # close() may have run while this one connected
+            if not closed:
+                self._busy.add(conn)
+        if closed:
+            conn.close()
+            raise redis.ConnectionError("client closed")
+        return conn
+
+    def _give(self, conn: _Conn, healthy: bool) -> None:
+        with self._lock:
+            self._busy.discard(conn)
+            if healthy and not self._closed:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _batch(self, commands: Sequence[bytes | memoryview],
+               read: Callable[[_Conn], Any]) -> Any:
+        """Send ``commands`` on a pooled connection and ``read`` the replies."""
+        conn = self._take()
+        healthy = False
+        try:
+            conn.send(commands)
+            result = read(conn)
+            healthy = True
+            return result
+        except BaseException as err:
+            raise _converted(err) from err
+        finally:
+            self._give(conn, healthy)
+
+    # -- operations ------------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        self._batch(encode_command(b"PING"), lambda conn: conn.read_reply())
+
+    def exists_many(self, names: Sequence[bytes]) -> list[bool]:
+        commands = [p for name in names for p in encode_command(b"EXISTS", name)]
+        replies: list[Reply] = self._batch(commands, lambda conn: [
+            conn.read_reply() for _ in names])
+        return [isinstance(r, int) and r > 0 for r in replies]
+
+    def delete_many(self, names: Sequence[bytes]) -> list[bool]:
+        commands = [p for name in names for p in encode_command(b"DEL", name)]
+        replies: list[Reply] = self._batch(commands, lambda conn: [
+            conn.read_reply() for _ in names])
+        return [reply == 1 for reply in replies]
+
+    def set_many(self, names: Sequence[bytes], values: Sequence[Sequence[bytes | memoryview]],
+                 px: int) -> list[bool | redis.RedisError]:
+        """``SET name value PX px`` each; ``values[i]``: the value as buffers (header, payload),
+        sent as they are. True or the error reply, per name."""
+        ttl = str(px).encode()
+        commands: list[bytes | memoryview] = []
+        for name, parts in zip(names, values, strict=True):
+            size = sum(memoryview(part).nbytes for part in parts)
+            commands += [b"*5\r\n$3\r\nSET\r\n", *_bulk(name), b"$%d\r\n" % size, *parts,
+                         b"\r\n$2\r\nPX\r\n", *_bulk(ttl)]
+
+        def read(conn: _Conn) -> list[bool | redis.RedisError]:
+            out: list[bool | redis.RedisError] = []
+            for _ in names:
+                reply = conn.read_reply()
+                out.append(reply if isinstance(reply, redis.RedisError) else reply == b"OK")
+            return out
+
+        return self._batch(commands, read)  # type: ignore[no-any-return]
+
+    def get_into(self, names: Sequence[bytes], header: memoryview,
+                 outs: Sequence[memoryview], check: ValueCheck) -> list[bool | None]:
+        """``GET`` each name, each value read as ``header`` (its bytes) then ``outs[i]``.
+
+        ``check(i, header_or_None, out_or_None)`` is called twice per value of the expected size
+        (``header.nbytes + outs[i].nbytes``): with the header bytes (``out`` None) before the
+        payload is read, and, if that passed, with ``out`` (header None) once it holds the
+        payload. Per name: True (both checks passed), None (no such key, or an error reply),
+        False (a value of another size or one failing a check: ``outs[i]`` may hold its
+        bytes)."""
+        commands = [p for name in names for p in encode_command(b"GET", name)]
+
+        def read(conn: _Conn) -> list[bool | None]:
+            out: list[bool | None] = []
+            for i, view in enumerate(outs):
+                line = conn.readline()
+                if line[:1] == b"-":
+                    out.append(None)
+                    continue
+                if line[:1] != b"$":
+                    raise redis.ConnectionError(f"unexpected reply to GET: {line[:40]!r}")
+                size = int(line[1:])
+                if size < 0:
+                    out.append(None)
+                    continue
+                if size != header.nbytes + view.nbytes:
+                    conn.skip(size + 2)
+                    out.append(False)
+                    continue
+                conn.read_into(header)
+                if not check(i, bytes(header), None):
+                    conn.skip(view.nbytes + 2)
+                    out.append(False)
+                    continue
+                conn.read_into(view)
+                conn.skip(2)
+                out.append(check(i, None, view))
+            return out
+
+        return self._batch(commands, read)  # type: ignore[no-any-return]
+
+    def scan_iter(self, match: str, count: int = 1000) -> Iterator[bytes]:
+        """Keys matching ``match`` (SCAN; blocking, for tools)."""
+        cursor = b"0"
+        while True:
+            reply = self._batch(encode_command(b"SCAN", cursor, b"MATCH", match.encode(),
+                                               b"COUNT", str(count).encode()),
+                                lambda conn: conn.read_reply())
+            if isinstance(reply, redis.RedisError):
+                raise reply
+            cursor, names = reply
+            yield from names
+            if cursor == b"0":
+                return
+
+    def close(self) -> None:
+        """Close every connection; one in use is shut down so its reader fails at once."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            busy = list(self._busy)
+        for conn in idle:
+            conn.close()
+        for conn in busy:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _converted(err: BaseException) -> BaseException:
+    """``err`` as the redis-py error class ``RemoteStore._run`` expects."""
+    if isinstance(err, redis.RedisError):
+        return err
+    if isinstance(err, (TimeoutError, socket.timeout)):
+        return redis.TimeoutError(f"timed out: {err}")
+    if isinstance(err, ssl.SSLError):
+        return redis.ConnectionError(f"TLS: {err}")
+    if isinstance(err, OSError):
+        return redis.ConnectionError(str(err))
+    return err
