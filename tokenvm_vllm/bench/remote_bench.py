@@ -6,6 +6,10 @@ moving about ``megabytes`` MiB of payload. ``redis-benchmark`` then runs SET and
 value size, once with one connection and no pipelining (``-c 1 -P 1``) and once with ``threads``
 connections and ``batch``-deep pipelines, so each of our rows has a plain client's row to be
 measured against. Keys expire after 10 minutes; ``redis-benchmark`` writes its own ``key:*``.
+
+Rows of source ``tokenvm`` use the store's default client (the raw-socket fast path on a
+standalone server); on a standalone server the same rows follow with redis-py (source
+``tokenvm redis-py``), so the fast path is measured against the old path in the same run.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def _row(op: str, mode: str, size: int, blocks: int, seconds: float,
-         latencies: Sequence[float], ok: int) -> dict[str, Any]:
-    return {"source": "tokenvm", "op": op, "mode": mode, "block_bytes": size, "blocks": blocks,
+         latencies: Sequence[float], ok: int, source: str = "tokenvm") -> dict[str, Any]:
+    return {"source": source, "op": op, "mode": mode, "block_bytes": size, "blocks": blocks,
             "ok": ok, "seconds": round(seconds, 4),
             "blocks_per_s": round(blocks / seconds, 1) if seconds else 0.0,
             "gb_per_s": round(blocks * size / seconds / 1e9, 3) if seconds else 0.0,
@@ -43,11 +47,13 @@ def _row(op: str, mode: str, size: int, blocks: int, seconds: float,
 
 
 def bench_store(url: str, size: int, megabytes: int, batch: int, threads: int,
-                prefix: str = "tokenvm-bench") -> list[dict[str, Any]]:
-    """Our four rows (put/get x single/batched) for one block size."""
+                prefix: str = "tokenvm-bench", client: str = "auto") -> list[dict[str, Any]]:
+    """Our four rows (put/get x single/batched) for one block size, with ``client`` (a
+    ``RemoteStore`` client; rows of another than ``auto`` are labelled with it)."""
+    source = "tokenvm" if client == "auto" else f"tokenvm {client}"
     store = RemoteStore(url, NAMESPACE, 0, size, key_prefix=prefix, ttl_s=600, timeout_s=10.0,
                         io_threads=threads, max_pending_reads=threads,
-                        max_pending_writes=threads)
+                        max_pending_writes=threads, client=client)
     if not store.available:
         store.close()
         raise RuntimeError(f"tokenvm: {store.where} is unreachable")
@@ -71,7 +77,7 @@ def bench_store(url: str, size: int, megabytes: int, batch: int, threads: int,
                 latencies.append(time.perf_counter() - t0)
                 ok += sum(result)
             rows.append(_row(op, "single", size, single, time.perf_counter() - start,
-                             latencies, ok))
+                             latencies, ok, source))
         for op in ("put", "get"):
             ok, latencies = 0, []
             in_flight: list[tuple[float, Future[list[bool]]]] = []
@@ -95,7 +101,7 @@ def bench_store(url: str, size: int, megabytes: int, batch: int, threads: int,
                 ok += sum(future.result())
                 latencies.append(time.perf_counter() - t0)
             rows.append(_row(op, f"batch {batch} x {threads}", size, total,
-                             time.perf_counter() - start, latencies, ok))
+                             time.perf_counter() - start, latencies, ok, source))
         store.delete(keys).result()
     finally:
         store.close()
@@ -140,8 +146,11 @@ def redis_benchmark(url: str, size: int, megabytes: int, batch: int,
 def run(url: str, sizes: Sequence[int], megabytes: int, batch: int,
         threads: int) -> list[dict[str, Any]]:
     rows = []
+    standalone = not parse_remote_url(url).cluster
     for size in sizes:
         rows += bench_store(url, size, megabytes, batch, threads)
+        if standalone:  # the old path, for comparison
+            rows += bench_store(url, size, megabytes, batch, threads, client="redis-py")
         rows += redis_benchmark(url, size, megabytes, batch, threads)
     return rows
 
@@ -154,7 +163,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         base = plain.get((r["op"].replace("put", "set"), r["mode"], r["block_bytes"]))
-        share = (f"{r['gb_per_s'] / base:.0%}" if r["source"] == "tokenvm" and base else "")
+        share = (f"{r['gb_per_s'] / base:.0%}"
+                 if r["source"].startswith("tokenvm") and base else "")
         lines.append(f"| {r['source']} | {r['op']} | {r['mode']} | {r['block_bytes']} | "
                      f"{r['blocks_per_s']:.0f} | {r['gb_per_s']:.3f} | {r['p50_ms']:.3f} | "
                      f"{r['p99_ms']:.3f} | {share} |")

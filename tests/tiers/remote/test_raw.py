@@ -1,0 +1,220 @@
+"""The raw-socket client (``raw.RawRedis``) on the edges of RESP framing: values split across
+many ``recv`` calls, missing keys, values of the wrong size or failing their header check in the
+middle of a pipeline, and a server gone mid-reply. Against a real redis-server on 127.0.0.1, with
+a real TCP relay in between where the bytes' timing matters."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+
+from tests.redis_servers import HOST, RedisServer
+from tests.tiers.remote.test_store import NS, keys
+from tokenvm_vllm.tiers.remote import raw
+from tokenvm_vllm.tiers.remote.store import RemoteStore
+from tokenvm_vllm.tiers.remote.value import HEADER_BYTES, encode_value
+
+BIG = 1 << 20
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 to a real server. Server -> client bytes go out in random small
+    pieces (``max_piece``) with a pause every few pieces, so the client's reads see them split
+    at arbitrary points; ``cut_after`` closes the client's side after that many reply bytes (a
+    server gone mid-reply)."""
+
+    def __init__(self, port: int, max_piece: int = 3000, cut_after: int | None = None) -> None:
+        self.target = port
+        self.max_piece = max_piece
+        self.cut_after = cut_after
+        self.pieces = 0
+        self.sent_total = 0
+        """Reply bytes relayed so far (all connections)."""
+        self.listener = socket.create_server((HOST, 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((HOST, self.target))
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._pump, args=(client, upstream, False),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
+        rng = random.Random(7)
+        sent = 0
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if not replies:
+                    dst.sendall(data)
+                    continue
+                while data:
+                    piece = data[:rng.randint(1, self.max_piece)]
+                    if self.cut_after is not None and sent + len(piece) > self.cut_after:
+                        dst.sendall(piece[:self.cut_after - sent])
+                        raise ConnectionAbortedError
+                    dst.sendall(piece)
+                    sent += len(piece)
+                    self.sent_total += len(piece)
+                    data = data[len(piece):]
+                    self.pieces += 1
+                    if self.pieces % 8 == 0:
+                        time.sleep(0.0002)  # let the client drain: its reads end here
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def plain(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis(host=HOST, port=redis_server.port)
+    yield client
+    client.close()
+
+
+def big_payloads(n: int, seed: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, BIG, dtype=np.uint8) for _ in range(n)]
+
+
+class _Counting:
+    """A real socket whose ``recv_into`` calls are counted (everything else passes through)."""
+
+    def __init__(self, inner: socket.socket, calls: list[int]) -> None:
+        self.inner = inner
+        self.calls = calls
+
+    def recv_into(self, buf: memoryview, *args: int) -> int:
+        self.calls.append(1)
+        return self.inner.recv_into(buf, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_values_split_across_many_recv_calls(redis_server: RedisServer,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    init = raw._Conn.__init__
+
+    def counting_init(conn: raw._Conn, sock: socket.socket) -> None:
+        init(conn, _Counting(sock, calls))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(raw._Conn, "__init__", counting_init)
+    relay = Relay(redis_server.port)
+    try:
+        with RemoteStore(f"redis://{HOST}:{relay.port}/0", NS, 0, BIG, timeout_s=5.0,
+                         client="raw") as store:
+            ks, data = keys(6, salt=40), big_payloads(6)
+            assert store.put(ks, data).result(30) == [True] * 6
+            calls.clear()
+            outs = [np.zeros(BIG, np.uint8) for _ in ks]
+            assert store.get(ks, outs).result(30) == [True] * 6
+            assert all(np.array_equal(a, b) for a, b in zip(outs, data, strict=True))
+    finally:
+        relay.close()
+    # 6 values of 1 MiB + 4 KiB in pieces of at most 3000 bytes, the relay pausing every 8
+    # pieces: at least one read per pause, so hundreds per value.
+    assert len(calls) > 6 * 40, len(calls)
+
+
+def test_missing_keys_between_hits_keep_the_pipeline_aligned(redis_server: RedisServer) -> None:
+    with RemoteStore(redis_server.url, NS, 0, BIG, timeout_s=5.0, client="raw") as store:
+        present, absent = keys(3, salt=41), keys(3, salt=42)
+        data = big_payloads(3)
+        assert store.put(present, data).result(30) == [True] * 3
+        order = [absent[0], present[0], absent[1], present[1], present[2], absent[2]]
+        outs = [np.zeros(BIG, np.uint8) for _ in order]
+        assert store.get(order, outs).result(30) == [False, True, False, True, True, False]
+        assert np.array_equal(outs[1], data[0]) and np.array_equal(outs[4], data[2])
+        stats = store.stats()
+        assert stats["hit_blocks"] == 3 and stats["miss_blocks"] == 3
+        assert stats["corrupt_blocks"] == 0  # a missing key is a plain miss, nothing deleted
+
+
+def test_wrong_size_and_foreign_values_are_misses_deleted_mid_pipeline(
+        redis_server: RedisServer, plain: redis.Redis) -> None:
+    with RemoteStore(redis_server.url, NS, 0, BIG, timeout_s=5.0, client="raw") as store:
+        ks = keys(6, salt=43)
+        data = big_payloads(6)
+        assert store.put(ks, data).result(30) == [True] * 6
+        names = [store.key_of(k) for k in ks]
+        plain.set(names[0], b"short")  # shorter than a header: skipped from the buffer
+        plain.set(names[2], bytes(HEADER_BYTES + BIG + 1))  # one byte too long: skipped
+        # The right size, but another block's value: its header fails before the payload.
+        plain.set(names[4], encode_value(NS, 0, ks[5], data[5]))
+        outs = [np.zeros(BIG, np.uint8) for _ in ks]
+        assert store.get(ks, outs).result(30) == [False, True, False, True, False, True]
+        for i in (1, 3, 5):
+            assert np.array_equal(outs[i], data[i])
+        assert [plain.exists(names[i]) for i in (0, 2, 4)] == [0, 0, 0]
+        assert store.stats()["corrupt_blocks"] == 3
+        # The connection is still in step: a second batch on it reads right.
+        assert store.get(ks[1::2], outs[:3]).result(30) == [True] * 3
+
+
+def test_payload_bit_rot_found_in_place(redis_server: RedisServer, plain: redis.Redis) -> None:
+    with RemoteStore(redis_server.url, NS, 0, BIG, timeout_s=5.0, client="raw") as store:
+        ks, data = keys(2, salt=44), big_payloads(2)
+        assert store.put(ks, data).result(30) == [True] * 2
+        plain.setrange(store.key_of(ks[0]), HEADER_BYTES + BIG - 1,
+                       bytes([int(data[0][-1]) ^ 0xFF]))  # the payload's last byte flipped
+        outs = [np.zeros(BIG, np.uint8) for _ in ks]
+        assert store.get(ks, outs).result(30) == [False, True]
+        assert plain.exists(store.key_of(ks[0])) == 0
+
+
+@pytest.mark.parametrize("cut_after", [3, HEADER_BYTES // 2, HEADER_BYTES + BIG // 2,
+                                       2 * (HEADER_BYTES + BIG) + 5])
+def test_server_gone_mid_reply_is_a_miss_not_an_exception(redis_server: RedisServer,
+                                                          cut_after: int) -> None:
+    ks, data = keys(4, salt=45), big_payloads(4)
+    with RemoteStore(redis_server.url, NS, 0, BIG, timeout_s=5.0, client="raw") as direct:
+        assert direct.put(ks, data).result(30) == [True] * 4
+    relay = Relay(redis_server.port, max_piece=1 << 16, cut_after=3 if cut_after == 3 else None)
+    try:
+        # cut_after=3 cuts the connect's PING reply (down at start-up); the others let the
+        # connection come up and cut the GETs' replies that many bytes in.
+        with RemoteStore(f"redis://{HOST}:{relay.port}/0", NS, 0, BIG, timeout_s=5.0,
+                         retry_interval_s=60.0, client="raw") as store:
+            if cut_after == 3:
+                assert not store.available
+                return
+            relay.cut_after = relay.sent_total + cut_after
+            outs = [np.zeros(BIG, np.uint8) for _ in ks]
+            start = time.monotonic()
+            result = store.get(ks, outs).result(30)
+            assert result == [False] * 4
+            assert time.monotonic() - start < 5.0  # the closed connection, not a timeout
+            assert not store.available and store.outages == 1
+    finally:
+        relay.close()
