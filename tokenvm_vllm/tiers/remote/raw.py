@@ -40,6 +40,10 @@ _CHUNK = 1 << 16
 """Bytes asked of each buffered ``recv`` (reply lines and small replies)."""
 _IOV_MAX = 512
 """Buffers per ``sendmsg`` call (Linux allows 1024)."""
+SOCKET_BUFFER = 4 << 20
+"""``SO_RCVBUF`` / ``SO_SNDBUF`` asked for (the kernel caps them at ``net.core.*mem_max``):
+room for a whole large value in flight, so a 1 MiB block moves in few ``recv`` calls and
+few wake-ups of the server. 0 leaves the kernel's autotuning alone."""
 
 Reply = bytes | int | list[Any] | None | redis.RedisError
 
@@ -223,6 +227,9 @@ class RawRedis:
         host, port = self.target.nodes[0]
         try:
             sock = socket.create_connection((host, port), timeout=self.timeout_s)
+            if SOCKET_BUFFER:  # Linux sizes the window scale from tcp_rmem's max, not this
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         except TimeoutError as err:
             raise redis.TimeoutError(f"connecting to {host}:{port}: {err}") from err
         except OSError as err:
