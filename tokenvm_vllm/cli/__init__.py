@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data moved per measurement (256)")
     rbench.add_argument("--batch", type=int, default=32, help="blocks per batch (32)")
     rbench.add_argument("--threads", type=int, default=4, help="remote_io_threads (4)")
+    rbench.add_argument("--repeat", type=int, default=1,
+                        help="rounds; each row is the best of them (1)")
     rbench.add_argument("--json", help="also write the results to this file")
     rbench.set_defaults(func=cmd_remote_bench)
     return parser

@@ -163,7 +163,7 @@ def cmd_remote_bench(args: argparse.Namespace) -> int:
 
     try:
         sizes = [int(size) for size in args.block_bytes.split(",")]
-        rows = run(args.url, sizes, args.megabytes, args.batch, args.threads)
+        rows = run(args.url, sizes, args.megabytes, args.batch, args.threads, args.repeat)
     except (ValueError, RuntimeError) as exc:
         print(mask_url(str(exc)))
         return 1
