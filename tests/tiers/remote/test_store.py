@@ -169,6 +169,22 @@ def test_killed_mid_run_then_restarted_empty(store: RemoteStore,
     assert np.array_equal(out[0], payloads(8, seed=1)[0])
 
 
+def test_connections_the_server_closed_while_idle_are_replaced(
+        store: RemoteStore, redis_server: RedisServer) -> None:
+    """The server drops idle clients (its ``timeout``, a proxy's idle limit; here CLIENT KILL):
+    the next batch runs on a new connection, not a miss and an outage."""
+    ks, data = keys(4), payloads(4)
+    assert store.put(ks, data).result(5) == [True] * 4
+    outs = [np.zeros(SLOT, np.uint8) for _ in ks]
+    assert store.get(ks, outs).result(5) == [True] * 4
+    killed = int(redis_server.cli("CLIENT", "KILL", "TYPE", "normal"))
+    assert killed >= 1
+    time.sleep(0.1)
+    assert store.get(ks, outs).result(5) == [True] * 4
+    assert store.contains(ks).result(5) == [True] * 4
+    assert store.available and store.outages == 0
+
+
 def test_slow_server_calls_time_out_as_misses(store: RemoteStore,
                                               redis_server: RedisServer) -> None:
     ks = keys(2)

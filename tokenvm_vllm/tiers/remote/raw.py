@@ -26,6 +26,7 @@ Server error texts never contain the password; the password itself is only ever 
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import threading
@@ -259,10 +260,26 @@ class RawRedis:
         return conn
 
     def _pop_idle(self) -> _Conn | None:
-        with self._lock:
-            if self._closed:
-                raise redis.ConnectionError("client closed")
-            return self._idle.pop() if self._idle else None
+        """An idle connection the server has not closed, or None (then a new one is made).
+
+        An idle connection has nothing to read; if it is readable the server closed it (its
+        ``timeout`` setting, a restart, ``CLIENT KILL``, a proxy's idle limit) or sent
+        something unasked: it is dropped here, as redis-py's pool does, rather than failing
+        the next batch and taking the tier down for a retry interval."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise redis.ConnectionError("client closed")
+                if not self._idle:
+                    return None
+                conn = self._idle.pop()
+            try:
+                readable = bool(select.select([conn.sock], [], [], 0)[0])
+            except (OSError, ValueError):
+                readable = True
+            if not readable and conn.start == conn.end:
+                return conn
+            conn.close()
 
     def _take(self) -> _Conn:
         conn = self._pop_idle() or self._connect()
