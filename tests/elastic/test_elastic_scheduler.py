@@ -21,13 +21,14 @@ def prompts(n: int, prefix_blocks: int, suffix: int, seed: int) -> list[list[int
 
 
 def elastic_harness(make_harness, **extra) -> tuple[Harness, ElasticPool]:
-    # The harness's one region has 256 bytes per block (2 layers x 16 tokens x K,V x 4 bytes):
-    # 1 KiB pages make 4-block page groups; the floor is 2 groups (8 blocks, null block in).
+    # The harness lists no KV tensors: one region per layer, 128 bytes per block (16 tokens x
+    # K,V x 4 bytes). 512-byte pages make 4-block page groups of 1 KiB (a page in each of the
+    # 2 layers); the floor is 2 groups (8 blocks, the null block included).
     h = make_harness(num_gpu_blocks=64, max_num_seqs=4, extra_config={
-        "elastic": True, "elastic_page_bytes": 1024, "gpu_kv_floor_bytes": 2048,
+        "elastic": True, "elastic_page_bytes": 512, "gpu_kv_floor_bytes": 2048,
         "shrink_idle_s": 0.3, "host_bytes": "1MiB", **extra})
     elastic = h.connector.scheduler.elastic
-    assert elastic is not None and elastic.layout.block_bytes == (256,)
+    assert elastic is not None and elastic.layout.block_bytes == (128, 128)
     return h, elastic
 
 

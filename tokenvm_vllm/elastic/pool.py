@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tokenvm_vllm import compat
 from tokenvm_vllm.compat import NULL_BLOCK_ID
 from tokenvm_vllm.elastic.page_groups import (
     PAGE_BYTES,
@@ -95,17 +96,16 @@ def check_platform(elastic: bool) -> None:
 
 
 def layout_for(kv_cache_config: Any, page_bytes: int = PAGE_BYTES) -> PageGroupLayout:
-    """The page-group geometry of vLLM's KV cache: one region per KV tensor vLLM allocates
-    (``kv_cache_tensors``: bytes per block = size / num_blocks); where the config lists none
-    (scheduler-only harnesses), one region of every group's block bytes together."""
-    num_blocks = kv_cache_config.num_blocks
-    tensors = [t.size // num_blocks for t in kv_cache_config.kv_cache_tensors
-               if t.size >= num_blocks]
-    if not tensors:
+    """The page-group geometry of vLLM's KV cache: one region per block-major range vLLM
+    allocates (``compat.kv_cache_block_regions``); where the config lists no tensors
+    (scheduler-only harnesses), one region per layer of each group's per-layer block bytes."""
+    regions = compat.kv_cache_block_regions(kv_cache_config)
+    if not regions:
         from tokenvm_vllm.transfer.layout import kv_cache_groups
 
-        tensors = [sum(g.block_bytes for g in kv_cache_groups(kv_cache_config))]
-    return PageGroupLayout(tensors, num_blocks, page_bytes)
+        regions = [g.block_bytes // len(g.layer_names)
+                   for g in kv_cache_groups(kv_cache_config) for _ in g.layer_names]
+    return PageGroupLayout(regions, kv_cache_config.num_blocks, page_bytes)
 
 
 class ElasticPool:
@@ -188,10 +188,12 @@ class ElasticPool:
         self._park(to_park)
         self.counters = ElasticCounters()  # start-up parking is not a shrink
         logger.info("TokenVM elastic: %d of %d KV blocks usable at start (%d of %d bytes "
-                    "mapped, ceiling %d, %d page groups of up to %d bytes)", self.usable_blocks,
+                    "mapped, ceiling %d, %d page groups of up to %d bytes: one %d-byte page in "
+                    "each of %d regions of %s bytes per block)", self.usable_blocks,
                     self.layout.num_blocks, self.mapped_bytes, self.groups.total_bytes,
                     self.groups.ceiling_bytes, self.layout.num_groups,
-                    self.layout.group_bytes(0))
+                    self.layout.group_bytes(0), self.layout.page_bytes,
+                    len(self.layout.block_bytes), sorted(set(self.layout.block_bytes)))
 
     def _park(self, block_ids: Sequence[int]) -> None:
         """Take free, uncached blocks out of vLLM's circulation (as vLLM does its null block)."""
