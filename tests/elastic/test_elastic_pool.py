@@ -219,3 +219,18 @@ def test_layout_must_match_the_block_pool():
         ElasticPool(block_pool, PageGroupLayout([BLOCK_BYTES], 32, PAGE), RecordingMapper(),
                     floor_bytes=0, ceiling_bytes=None, idle_s=1, is_spilled=lambda k: True,
                     request_store=lambda pairs: None)
+
+
+def test_nothing_to_shrink_waits_another_idle_period():
+    s = Setup(floor_groups=1, idle_s=10)
+    s.pool.grow(demand=6)  # groups 0..1
+    held = s.block_pool.get_new_blocks(s.block_pool.get_num_free_blocks())  # all in use
+    s.block_pool.free_blocks(held[:2])  # low use by count, but every group has a block in use
+    s.pool.observe()
+    s.clock.now += 11
+    assert s.pool.maybe_shrink() == 0
+    s.block_pool.free_blocks(held[2:])
+    s.clock.now += 1
+    assert s.pool.maybe_shrink() == 0  # the clock restarted at the failed attempt
+    s.clock.now += 10
+    assert s.pool.maybe_shrink() == 1

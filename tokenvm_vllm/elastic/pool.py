@@ -260,7 +260,10 @@ class ElasticPool:
             return 0
         plan = self.groups.plan_shrink(self._state_of)
         if not plan.groups:
+            # At the floor, or every group above it has a block in use: try again after another
+            # idle period rather than scan every mapped block on every step.
             self._pending_spill.clear()
+            self.policy.shrank(now)
             return 0
         missing = [(self.block_pool.blocks[b].block_hash, b) for b in plan.spill
                    if not self.is_spilled(self.block_pool.blocks[b].block_hash)]
