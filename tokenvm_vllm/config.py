@@ -161,6 +161,11 @@ class TokenVMConfig:
     elastic_page_bytes: int = 2 * 2**20
     """elastic: bytes of one page of each KV tensor (a page group is that page of every
     tensor): the CUDA VMM granularity, 2 MiB. Smaller pages only make sense on CPU (tests)."""
+    elastic_ceiling_file: str = ""
+    """elastic: a file holding a ceiling ('6GiB' or bytes) that replaces gpu_kv_ceiling_bytes
+    while the server runs: read when its modification time changes (checked at most once a
+    second); a lower ceiling shrinks at once (no idle wait), cached blocks stored to host
+    first. A bad value is logged and ignored. Empty: no file."""
     trace: bool = False
     """Log a timestamped line (time.monotonic, shared by all processes) at each step of every
     load: lookup hit, submit, copy done on the device, completion seen by the scheduler."""
@@ -469,10 +474,10 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
 
 def _validate_elastic(config: TokenVMConfig) -> None:
     if not config.elastic:
-        for key in ("gpu_kv_floor_bytes", "gpu_kv_ceiling_bytes"):
+        for key in ("gpu_kv_floor_bytes", "gpu_kv_ceiling_bytes", "elastic_ceiling_file"):
             if getattr(config, key):
                 raise TokenVMConfigError(
-                    f"tokenvm: {key}={getattr(config, key)} is set but elastic is off; set "
+                    f"tokenvm: {key}={getattr(config, key)!r} is set but elastic is off; set "
                     f"elastic=true or unset {key}")
         return
     if config.gpu_kv_ceiling_bytes and config.gpu_kv_ceiling_bytes < config.gpu_kv_floor_bytes:

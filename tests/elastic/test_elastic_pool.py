@@ -234,3 +234,23 @@ def test_nothing_to_shrink_waits_another_idle_period():
     assert s.pool.maybe_shrink() == 0  # the clock restarted at the failed attempt
     s.clock.now += 10
     assert s.pool.maybe_shrink() == 1
+
+
+def test_lower_ceiling_shrinks_without_idle_and_stops_growth():
+    s = Setup(floor_groups=1, idle_s=1000)
+    s.pool.grow(demand=30)  # 8 groups: blocks 0..31
+    held = s.block_pool.get_new_blocks(30)
+    s.block_pool.free_blocks([b for b in held if b.block_id < 28])  # group 7 stays in use
+    s.pool.observe()
+    s.pool.set_ceiling(3 * GROUP_BYTES + GROUP_BYTES // 2)  # not a whole number of groups
+    assert s.pool.maybe_shrink() == 5  # down to 3 groups at once, the one in use kept
+    assert s.pool.groups.mapped == {0, 1, 7}
+    assert s.pool.mapped_bytes <= s.pool.groups.ceiling_bytes
+    assert s.pool.grow(demand=100) == 0  # at the ceiling
+    s.pool.set_ceiling(0)  # below the floor: the floor
+    assert s.pool.groups.ceiling_bytes == GROUP_BYTES
+    assert s.pool.maybe_shrink() == 1  # group 1; group 7 is still in use, group 0 the floor
+    assert s.pool.maybe_shrink() == 0
+    s.block_pool.free_blocks([b for b in held if b.block_id >= 28])
+    assert s.pool.maybe_shrink() == 1
+    assert s.pool.groups.mapped == {0}

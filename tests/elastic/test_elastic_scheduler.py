@@ -92,3 +92,32 @@ def test_write_back_shrink_stores_blocks_before_dropping_them(make_harness):
     h.run()
     assert h.stats["loaded_blocks"] >= h.stats["elastic_spilled_blocks"] - 8
     assert h.stats["elastic_spilled_blocks"] > 0
+
+
+def test_ceiling_file_lowers_the_pool_while_running(make_harness, tmp_path):
+    ceiling = tmp_path / "ceiling"
+    h, elastic = elastic_harness(make_harness, shrink_idle_s=3600,
+                                 elastic_ceiling_file=str(ceiling))
+    burst = prompts(4, prefix_blocks=6, suffix=5, seed=5)
+    for p in burst:
+        h.add(p)
+    h.run()
+    assert elastic.usable_blocks > 16
+    ceiling.write_text("4KiB")  # 4 groups of 1 KiB: 16 blocks
+    time.sleep(1.1)  # the file is looked at no more than once a second
+    (other,) = prompts(1, prefix_blocks=1, suffix=3, seed=6)
+    h.add(other, max_tokens=2)
+    h.run()
+    assert elastic.groups.ceiling_bytes == 4096
+    assert elastic.usable_blocks <= 16
+    assert h.stats["elastic_shrunk_groups"] > 0
+    for p in burst:  # spilled prefixes come back from host, exact, within the ceiling
+        h.add(p)
+    h.run()
+    assert h.stats["loaded_blocks"] > 0
+    assert elastic.usable_blocks <= 16
+    ceiling.write_text("lots")  # a bad value is ignored (logged)
+    time.sleep(1.1)
+    h.add(other, max_tokens=2)
+    h.run()
+    assert elastic.groups.ceiling_bytes == 4096

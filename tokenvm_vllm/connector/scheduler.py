@@ -36,12 +36,13 @@ worker reports its store unreachable, nothing is looked up (no request waits for
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from tokenvm_vllm import compat
-from tokenvm_vllm.config import LoadMode, TokenVMConfig
+from tokenvm_vllm.config import LoadMode, TokenVMConfig, TokenVMConfigError, parse_size
 from tokenvm_vllm.connector.jobs import Job, JobKind, JobState, JobTable
 from tokenvm_vllm.connector.metadata import (
     CopyJob,
@@ -133,6 +134,8 @@ class TokenVMScheduler:
         self._max_step_blocks = len(self.groups) * (
             -(-scheduler_config.max_num_batched_tokens // self.block_size)
             + scheduler_config.max_num_seqs)
+        self._ceiling_checked_at = float("-inf")
+        self._ceiling_file_seen: tuple[int, int] | None = None
         self._watermark_blocks = int(
             getattr(scheduler_config, "watermark", 0.0) * kv_cache_config.num_blocks)
         disk = self.tiers.disk
@@ -208,6 +211,7 @@ class TokenVMScheduler:
         if self.elastic is not None:
             # Between steps: the only safe place besides build_connector_meta to shrink (an
             # idle engine does not step, so an idle period ends here), then map ahead for it.
+            self._read_ceiling_file()
             self.elastic.maybe_shrink()
             self.elastic.grow(self._blocks_needed(state))
         state.prefetch_deadline = time.monotonic() + self.config.disk_prefetch_timeout_s
@@ -356,6 +360,7 @@ class TokenVMScheduler:
             if state is not None:
                 state.block_ids = []
         if self.elastic is not None:
+            self._read_ceiling_file()
             self.elastic.observe()
             self.elastic.maybe_shrink()  # may hand blocks to the planner's spill list
         store = self.planner.plan_store(scheduler_output, self.requests, self.block_keys,
@@ -392,6 +397,35 @@ class TokenVMScheduler:
         self.planner.gpu_block_pool = block_pool
         if self.config.elastic and self.elastic is None:
             self.elastic = self._make_elastic(block_pool)
+
+    def _read_ceiling_file(self) -> None:
+        """``elastic_ceiling_file``: apply a new ceiling when the file changed (its mtime and
+        size, looked at no more than once a second). A missing file or a bad value keeps the
+        ceiling in force and logs one line, once per change of the file."""
+        path = self.config.elastic_ceiling_file
+        now = time.monotonic()
+        if not path or self.elastic is None or now < self._ceiling_checked_at + 1.0:
+            return
+        self._ceiling_checked_at = now
+        try:
+            stat = os.stat(path)
+            seen = (stat.st_mtime_ns, stat.st_size)
+            if seen == self._ceiling_file_seen:
+                return
+            self._ceiling_file_seen = seen
+            with open(path) as f:
+                text = f.read().strip()
+            ceiling = parse_size("elastic_ceiling_file", text)
+        except FileNotFoundError:
+            return
+        except (OSError, TokenVMConfigError) as err:
+            logger.warning("TokenVM elastic: %s: %s; the ceiling stays %d bytes (write a size "
+                           "such as '6GiB' to the file)", path, err,
+                           self.elastic.groups.ceiling_bytes)
+            return
+        self.elastic.set_ceiling(ceiling or self.elastic.groups.total_bytes)
+        logger.info("TokenVM elastic: ceiling from %s: %d bytes (%s)", path,
+                    self.elastic.groups.ceiling_bytes, text)
 
     def _make_elastic(self, block_pool: Any) -> ElasticPool:
         config = self.config

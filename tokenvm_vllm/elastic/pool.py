@@ -240,6 +240,11 @@ class ElasticPool:
         self.counters.grown_groups += len(self.groups.mapped) - before
         return self._unpark_usable()
 
+    def set_ceiling(self, ceiling_bytes: int) -> None:
+        """A new ceiling while running: growth stops there, and the next ``maybe_shrink``
+        shrinks to it without waiting for an idle period. Below the floor: the floor."""
+        self.groups.set_ceiling(max(ceiling_bytes, self.groups.floor_bytes))
+
     # -- shrink ----------------------------------------------------------------------------
 
     def observe(self, now: float | None = None) -> None:
@@ -256,9 +261,16 @@ class ElasticPool:
 
         Call only between steps or at the end of ``schedule`` (see the module docstring)."""
         now = self.clock() if now is None else now
-        if not self.policy.should_shrink(now):
+        over_ceiling = self.mapped_bytes > self.groups.ceiling_bytes
+        if not over_ceiling and not self.policy.should_shrink(now):
             return 0
-        plan = self.groups.plan_shrink(self._state_of)
+        target = None
+        if over_ceiling:  # whole groups only: round the ceiling down to a group boundary
+            group = self.layout.group_bytes(0)
+            target = self.groups.ceiling_bytes // group * group
+        plan = self.groups.plan_shrink(self._state_of, target_bytes=target)
+        if not plan.groups and over_ceiling:
+            return 0  # the groups above the ceiling are in use: try again next step
         if not plan.groups:
             # At the floor, or every group above it has a block in use: try again after another
             # idle period rather than scan every mapped block on every step.
@@ -283,7 +295,9 @@ class ElasticPool:
         self.counters.shrunk_groups += len(plan.groups)
         self.counters.spilled_blocks += len(plan.spill)
         self.policy.shrank(now)
-        logger.info("TokenVM elastic: idle %.1fs, shrank by %d page groups (%d bytes); %d "
-                    "cached blocks were in host first, %d blocks usable now", self.policy.idle_s,
-                    len(plan.groups), plan.bytes, len(plan.spill), self.usable_blocks)
+        logger.info("TokenVM elastic: %s, shrank by %d page groups (%d bytes); %d cached blocks "
+                    "were in host first, %d blocks usable now",
+                    f"ceiling {self.groups.ceiling_bytes} bytes" if over_ceiling
+                    else f"idle {self.policy.idle_s:.1f}s", len(plan.groups), plan.bytes,
+                    len(plan.spill), self.usable_blocks)
         return len(plan.groups)
