@@ -254,3 +254,20 @@ def test_lower_ceiling_shrinks_without_idle_and_stops_growth():
     s.block_pool.free_blocks([b for b in held if b.block_id >= 28])
     assert s.pool.maybe_shrink() == 1
     assert s.pool.groups.mapped == {0}
+
+
+def test_shrink_gives_up_when_host_cannot_take_the_blocks():
+    s = Setup(floor_groups=1, idle_s=10)
+    s.pool.grow(demand=6)  # groups 0..1
+    s.cache_prefix(4)
+    s.request_store = lambda pairs: None  # type: ignore[method-assign]  # host never takes them
+    s.pool.request_store = s.request_store
+    s.pool.observe()
+    s.clock.now += 11
+    for _ in range(100):
+        assert s.pool.maybe_shrink() == 0 and s.pool.shrink_pending
+    assert s.pool.maybe_shrink() == 0
+    assert not s.pool.shrink_pending  # the engine may stop stepping
+    assert s.pool.groups.mapped == {0, 1} and s.evicted_while_unreadable == []
+    s.clock.now += 5
+    assert s.pool.maybe_shrink() == 0 and not s.pool.shrink_pending  # waits a new idle period

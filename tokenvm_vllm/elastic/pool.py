@@ -55,6 +55,10 @@ from tokenvm_vllm.elastic.page_groups import (
 
 logger = logging.getLogger("vllm.tokenvm")
 
+MAX_SPILL_ATTEMPTS = 100
+"""Steps a shrink waits for its blocks to become READABLE in host before it gives up (for an
+idle period): stores normally finish in a step or two."""
+
 
 class NullMapper:
     """The CPU mapper: maps nothing. CPU has no VMM for vLLM's KV tensors; with this mapper only
@@ -141,6 +145,7 @@ class ElasticPool:
         self.parked: set[int] = set()
         self._pending_spill: set[int] = set()
         """Blocks whose store to host was requested for a shrink and has not been seen done."""
+        self._spill_attempts = 0
         self._start()
 
     # -- state -----------------------------------------------------------------------------
@@ -280,6 +285,17 @@ class ElasticPool:
         missing = [(self.block_pool.blocks[b].block_hash, b) for b in plan.spill
                    if not self.is_spilled(self.block_pool.blocks[b].block_hash)]
         if missing:
+            self._spill_attempts += 1
+            if self._spill_attempts > MAX_SPILL_ATTEMPTS:
+                # The host tier cannot take them (every slot pinned, stores failing): keep the
+                # groups rather than drop blocks unsaved, and stop keeping the engine stepping.
+                logger.warning("TokenVM elastic: %d cached blocks could not be stored to host "
+                               "in %d steps; shrink postponed by %.1fs", len(missing),
+                               MAX_SPILL_ATTEMPTS, self.policy.idle_s)
+                self._pending_spill.clear()
+                self._spill_attempts = 0
+                self.policy.shrank(now)
+                return 0
             # A store asked for earlier is in flight (the key is WRITING: the planner skips it)
             # or failed (the key left the host tier): asking again covers both.
             self.request_store(missing)
@@ -288,6 +304,7 @@ class ElasticPool:
             self._pending_spill.update(b for _, b in missing)
             return 0  # blocks must be READABLE in host before vLLM drops them
         self._pending_spill.clear()
+        self._spill_attempts = 0
         if plan.spill:
             self.block_pool.evict_blocks(set(plan.spill))
         self._park(plan.unusable)
