@@ -139,3 +139,27 @@ def kv_cache_block_dim() -> int | None:
     if dim_l != 0 or dim_b != 1:  # another logical order: do not guess what it means
         return None
     return dim_b - 1  # the layer axis is dropped from each layer's view
+
+
+def kv_cache_block_regions(kv_cache_config: Any) -> list[int]:
+    """Bytes per block of each block-major region of vLLM's KV allocation (what elastic mode
+    maps page by page: block ``b`` of a region is bytes ``[b*B, (b+1)*B)`` of it).
+
+    vLLM 0.32: ``KVCacheTensor(size, layers, layer_stride, block_stride)``; a layer-outer layout
+    gives each layer its own region of ``block_stride`` bytes per block, a block-outer one a
+    single region whose block packs every layer. vLLM 0.26: one tensor per layer
+    (``shared_by``), ``size / num_blocks`` bytes per block. An empty list where the config
+    names no tensors (scheduler-only tests build it so). Cache groups that alias the same bytes
+    (hybrid models) are counted once per tensor: an over-estimate of the bytes, never an
+    under-estimate of the pages a block needs."""
+    num_blocks = kv_cache_config.num_blocks
+    regions: list[int] = []
+    for tensor in kv_cache_config.kv_cache_tensors:
+        block_stride = getattr(tensor, "block_stride", None)
+        layers = getattr(tensor, "layers", None)
+        if block_stride and layers is not None:
+            layer_outer = tensor.layer_stride >= num_blocks * block_stride
+            regions.extend([block_stride] * (len(layers) if layer_outer else 1))
+        elif tensor.size >= num_blocks:
+            regions.append(tensor.size // num_blocks)
+    return regions

@@ -143,6 +143,29 @@ class TokenVMConfig:
     ignore it (per-layer tensors; copies gather through the staging buffer)."""
     pin_memory: bool = True
     """Pin the host pool on CUDA (required for fast async DMA). Ignored on the CPU platform."""
+    elastic: bool = False
+    """Elastic GPU KV (issue #13, scheduler side): only the page groups between
+    gpu_kv_floor_bytes and gpu_kv_ceiling_bytes are usable by vLLM; more are made usable ahead
+    of demand, and after shrink_idle_s of low use whole groups are given back, their cached
+    blocks stored to host first (revisits load them instead of recomputing). CPU only for now:
+    the CPU has no VMM, so vLLM's cache stays allocated and only what vLLM may use changes;
+    refused on CUDA until the allocation hook is wired."""
+    gpu_kv_floor_bytes: int = 0
+    """elastic: KV bytes always usable (rounded up to whole page groups; at least the group
+    holding vLLM's null block)."""
+    gpu_kv_ceiling_bytes: int = 0
+    """elastic: most KV bytes usable at once. 0 = vLLM's whole cache (no ceiling)."""
+    shrink_idle_s: float = 30.0
+    """elastic: seconds of low use (at most a quarter of the usable blocks in use) before the
+    pool shrinks back to the floor."""
+    elastic_page_bytes: int = 2 * 2**20
+    """elastic: bytes of one page of each KV tensor (a page group is that page of every
+    tensor): the CUDA VMM granularity, 2 MiB. Smaller pages only make sense on CPU (tests)."""
+    elastic_ceiling_file: str = ""
+    """elastic: a file holding a ceiling ('6GiB' or bytes) that replaces gpu_kv_ceiling_bytes
+    while the server runs: read when its modification time changes (checked at most once a
+    second); a lower ceiling shrinks at once (no idle wait), cached blocks stored to host
+    first. A bad value is logged and ignored. Empty: no file."""
     trace: bool = False
     """Log a timestamped line (time.monotonic, shared by all processes) at each step of every
     load: lookup hit, submit, copy done on the device, completion seen by the scheduler."""
@@ -431,6 +454,7 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
     if config.disk_path:
         _check_disk_path(config.disk_path)
     _validate_remote(config)
+    _validate_elastic(config)
     parse_disk_faults(config.debug_disk_faults)
     if config.debug_fail_load_every < 0:
         raise TokenVMConfigError(
@@ -446,6 +470,28 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
                 f"tokenvm: {key}={getattr(config, key)!r} (from {where}) is a testing knob that "
                 f"breaks loads or disk I/O on purpose; it needs testing=true (TOKENVM_TESTING=1) "
                 f"too, else unset it")
+
+
+def _validate_elastic(config: TokenVMConfig) -> None:
+    if not config.elastic:
+        for key in ("gpu_kv_floor_bytes", "gpu_kv_ceiling_bytes", "elastic_ceiling_file"):
+            if getattr(config, key):
+                raise TokenVMConfigError(
+                    f"tokenvm: {key}={getattr(config, key)!r} is set but elastic is off; set "
+                    f"elastic=true or unset {key}")
+        return
+    if config.gpu_kv_ceiling_bytes and config.gpu_kv_ceiling_bytes < config.gpu_kv_floor_bytes:
+        raise TokenVMConfigError(
+            f"tokenvm: gpu_kv_ceiling_bytes={config.gpu_kv_ceiling_bytes} is below "
+            f"gpu_kv_floor_bytes={config.gpu_kv_floor_bytes}; raise the ceiling, lower the "
+            "floor, or set the ceiling to 0 (vLLM's whole cache)")
+    if not 0 < config.shrink_idle_s <= 86400:
+        raise TokenVMConfigError(
+            f"tokenvm: shrink_idle_s={config.shrink_idle_s} must be between 0 (exclusive) and "
+            "86400 seconds")
+    if config.elastic_page_bytes <= 0:
+        raise TokenVMConfigError(
+            f"tokenvm: elastic_page_bytes={config.elastic_page_bytes} must be > 0 (2MiB on GPU)")
 
 
 def _validate_remote(config: TokenVMConfig) -> None:

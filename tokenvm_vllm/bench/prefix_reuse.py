@@ -39,6 +39,9 @@ class Workload:
     max_tokens: int = 8
     batch_size: int = 8
     seed: int = 0
+    pause_s: float = 0.0
+    """Seconds the engine sits idle between the passes (elastic mode shrinks after
+    ``shrink_idle_s``)."""
 
     def prompts(self, block_size: int, vocab: int = 1000) -> list[list[int]]:
         """documents x questions prompts as token id lists (document-major)."""
@@ -138,7 +141,10 @@ def run_engine(settings: EngineSettings, workload: Workload) -> dict[str, Any]:
     prompts = workload.prompts(settings.block_size)
     outputs: dict[str, list[int]] = {}
     pass_seconds = []
+    pass_counters: list[dict[str, float]] = []
     for pass_idx, order in enumerate(workload.passes(len(prompts))):
+        if pass_idx and workload.pause_s:
+            time.sleep(workload.pause_s)
         pass_start = time.perf_counter()
         for b in range(0, len(order), workload.batch_size):
             batch = order[b:b + workload.batch_size]
@@ -147,9 +153,11 @@ def run_engine(settings: EngineSettings, workload: Workload) -> dict[str, Any]:
             for i, result in zip(batch, results, strict=True):
                 outputs[f"{pass_idx}:{i}"] = list(result.outputs[0].token_ids)
         pass_seconds.append(time.perf_counter() - pass_start)
+        pass_counters.append(_counters(llm))
     counters = _counters(llm)
     return {"settings": asdict(settings), "workload": asdict(workload), "startup_s": startup,
-            "pass_s": pass_seconds, "outputs": outputs, "counters": counters}
+            "pass_s": pass_seconds, "outputs": outputs, "counters": counters,
+            "pass_counters": pass_counters}
 
 
 def _counters(llm: Any) -> dict[str, float]:
@@ -164,7 +172,8 @@ def _counters(llm: Any) -> dict[str, float]:
     for family in REGISTRY.collect():
         if family.name.startswith("tokenvm:"):
             for sample in family.samples:
-                if sample.name.endswith("_total"):
+                if sample.name.endswith("_total") or (
+                        family.type == "gauge" and sample.name == family.name):
                     totals[family.name] = totals.get(family.name, 0.0) + sample.value
     wanted = ("vllm:prefix_cache", "vllm:external_prefix_cache",
               "vllm:num_preemptions", "vllm:prompt_tokens_by_source")

@@ -36,6 +36,7 @@ from tokenvm_vllm.connector.metadata import TokenVMConnectorMetadata
 from tokenvm_vllm.connector.scheduler import TokenVMScheduler
 from tokenvm_vllm.connector.stats import TokenVMPromMetrics, TokenVMStats
 from tokenvm_vllm.connector.worker import TokenVMWorker
+from tokenvm_vllm.elastic.pool import check_platform
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +58,7 @@ class TokenVMConnector(KVConnectorBase_V1, SupportsHMA):
         assert transfer_config is not None  # vLLM builds a connector only when one is configured
         config, sources = load_config_and_sources(transfer_config.kv_connector_extra_config)
         log_settings(config, sources)
+        check_platform(config.elastic)
         self.scheduler: TokenVMScheduler | None = None
         self.worker: TokenVMWorker | None = None
         self._debug_warning: DebugKnobWarning | None = None
@@ -76,6 +78,7 @@ class TokenVMConnector(KVConnectorBase_V1, SupportsHMA):
         this machine against the available RAM. Raises ``TokenVMConfigError``."""
         config, sources = load_config_and_sources(extra_config)
         log_settings(config, sources)
+        check_platform(config.elastic)
         workers = 1
         if vllm_config is not None:
             parallel = vllm_config.parallel_config

@@ -56,6 +56,17 @@ COUNTERS: dict[str, str] = {
     "remote_expired_batches": "Remote batches that waited past remote_timeout_s in the queue",
     "remote_outages": "Times the remote tier became unreachable (then retried in the "
                       "background)",
+    "elastic_grown_groups": "Elastic GPU KV: page groups made usable (mapped) ahead of demand",
+    "elastic_shrunk_groups": "Elastic GPU KV: page groups given back (unmapped) after an idle "
+                             "period",
+    "elastic_unparked_blocks": "Elastic GPU KV: blocks handed back to vLLM's free queue by a "
+                               "grow",
+    "elastic_parked_blocks": "Elastic GPU KV: blocks taken out of vLLM's use by a shrink",
+    "elastic_spilled_blocks": "Elastic GPU KV: prefix-cached blocks dropped from vLLM's cache "
+                              "by a shrink, each READABLE in TokenVM's tiers first",
+    "elastic_spill_store_blocks": "Elastic GPU KV: blocks a shrink had to store to host first "
+                                  "(not there yet)",
+    "elastic_failed_maps": "Elastic GPU KV: page-group maps that failed (out of memory)",
     "load_bytes": "Bytes copied host -> GPU",
     "store_bytes": "Bytes copied GPU -> host",
     "load_seconds": "Seconds spent in host -> GPU copies",
@@ -70,6 +81,12 @@ HISTOGRAMS: dict[str, str] = {
     "remote_io_seconds": "Time from submit to completion seen, per remote batch (lookup, read "
                          "or write)",
 }
+GAUGES: dict[str, str] = {
+    "elastic_usable_blocks": "Elastic GPU KV: blocks vLLM may use now (mapped page groups)",
+    "elastic_mapped_bytes": "Elastic GPU KV: bytes of mapped page groups (on CPU nothing is "
+                            "really mapped: what would be)",
+}
+"""Levels, not totals: each interval carries the latest value (absent: not reported)."""
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -83,6 +100,10 @@ class TokenVMStats(KVConnectorStats):
             self.data.setdefault(name, 0)
         for name in HISTOGRAMS:
             self.data.setdefault(name, [])
+
+    def set(self, name: str, value: float) -> None:
+        """Report gauge ``name``'s current level (the latest one wins on aggregation)."""
+        self.data[name] = value
 
     def add(self, name: str, value: float) -> None:
         self.data[name] += value
@@ -100,6 +121,8 @@ class TokenVMStats(KVConnectorStats):
                 self.data[name] = self.data.get(name, 0) + value
             elif name in HISTOGRAMS:
                 self.data.setdefault(name, []).extend(value)
+            elif name in GAUGES and value is not None:
+                self.data[name] = value
         return self
 
     def reduce(self) -> dict[str, int | float]:
@@ -108,10 +131,14 @@ class TokenVMStats(KVConnectorStats):
             values = self.data.get(name) or []
             if values:
                 summary[f"{name}_mean"] = round(sum(values) / len(values), 6)
+        for name in GAUGES:
+            if self.data.get(name) is not None:
+                summary[name] = self.data[name]
         return summary
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(name) for name in (*COUNTERS, *HISTOGRAMS))
+        return not any(self.data.get(name) for name in (*COUNTERS, *HISTOGRAMS)) and all(
+            self.data.get(name) is None for name in GAUGES)
 
 
 class TokenVMPromMetrics(KVConnectorPromMetrics):
@@ -141,6 +168,14 @@ class TokenVMPromMetrics(KVConnectorPromMetrics):
             )
             for name, doc in HISTOGRAMS.items()
         }
+        self._gauges = {
+            name: create_metric_per_engine(
+                self._gauge_cls(name=f"tokenvm:{name}", documentation=doc,
+                                labelnames=labelnames, multiprocess_mode="mostrecent"),
+                per_engine_labelvalues,
+            )
+            for name, doc in GAUGES.items()
+        }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for name, value in transfer_stats_data.items():
@@ -151,3 +186,6 @@ class TokenVMPromMetrics(KVConnectorPromMetrics):
             if histograms is not None:
                 for observation in value:
                     histograms[engine_idx].observe(observation)
+            gauges = self._gauges.get(name)
+            if gauges is not None and value is not None:
+                gauges[engine_idx].set(value)

@@ -51,6 +51,10 @@ class StorePlanner:
         """vLLM's KV cache groups (hybrid models: several; each block is stored per group)."""
         self.gpu_block_pool: Any = None
         """vLLM's GPU ``BlockPool`` (``bind_gpu_block_pool``); write-back walks its free queue."""
+        self.spill: list[tuple[BlockKey, int]] = []
+        """(key, GPU block) pairs an elastic shrink needs in host before it drops them from
+        vLLM's cache (``elastic/pool.py``): stored by the next ``plan_store``, whatever the
+        write mode, then cleared (the shrink asks again until they are READABLE)."""
 
     def plan_store(
         self, scheduler_output: SchedulerOutput, requests: Mapping[str, RequestState],
@@ -62,6 +66,7 @@ class StorePlanner:
             planned = self._write_back()
         else:
             planned = self._write_through(scheduler_output, requests, block_keys, hashed_blocks)
+        planned += self._spill()
         if not planned:
             return None
         keys = [key for key, _, _ in planned]
@@ -83,6 +88,21 @@ class StorePlanner:
             if slot is None:
                 break  # every host slot pinned
             planned.append((key, block.block_id, slot))
+        return planned
+
+    def _spill(self) -> Planned:
+        """The elastic shrink's blocks that no tier holds yet (one in flight is WRITING, so
+        ``contains`` skips it). A free cached block re-allocated while its copy runs is fenced
+        like a write-back one."""
+        planned: Planned = []
+        for key, gpu_block in self.spill:
+            if self.tiers.contains(key):
+                continue
+            slot = self.tiers.prepare_store(key)
+            if slot is None:
+                break  # every host slot pinned: the shrink waits
+            planned.append((key, gpu_block, slot))
+        self.spill = []
         return planned
 
     def _write_through(

@@ -1,0 +1,273 @@
+"""``ElasticPool`` against vLLM's real ``BlockPool`` (CPU) and TokenVM's real ``TierManager``.
+
+Geometry: 64 blocks of 256 bytes in one region, 1 KiB pages: page group g holds blocks
+4g..4g+3 (16 groups). The mapper is ``RecordingMapper`` (CPU has no VMM), so the tests can also
+check what would have been mapped and unmapped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.request import Request
+
+from tokenvm_vllm.elastic.page_groups import PageGroupLayout, RecordingMapper
+from tokenvm_vllm.elastic.pool import ElasticPool
+from tokenvm_vllm.keys import BlockKey
+from tokenvm_vllm.tiers.manager import TierManager
+from tokenvm_vllm.tiers.residency import Tier
+
+BLOCK_SIZE = 16
+NUM_BLOCKS = 64
+BLOCK_BYTES = 256
+PAGE = 1024  # 4 blocks per page group
+GROUP_BYTES = PAGE
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Setup:
+    """A fresh vLLM block pool, a host tier, and an ElasticPool over them."""
+
+    def __init__(self, floor_groups: int = 2, ceiling_groups: int | None = None,
+                 idle_s: float = 10.0, reserve_blocks: int = 0) -> None:
+        init_none_hash(sha256)
+        self.block_pool = BlockPool(NUM_BLOCKS, enable_caching=True, hash_block_size=BLOCK_SIZE)
+        self.tiers = TierManager(host_slots=64, policy="lru")
+        self.mapper = RecordingMapper()
+        self.clock = Clock()
+        self.stored: list[tuple[BlockKey, int, int]] = []  # (key, gpu block, host slot) in flight
+        self.evicted_while_unreadable: list[int] = []
+        self.pool = ElasticPool(
+            self.block_pool, PageGroupLayout([BLOCK_BYTES], NUM_BLOCKS, PAGE), self.mapper,
+            floor_bytes=floor_groups * GROUP_BYTES,
+            ceiling_bytes=None if ceiling_groups is None else ceiling_groups * GROUP_BYTES,
+            idle_s=idle_s, is_spilled=self.readable, request_store=self.request_store,
+            reserve_blocks=reserve_blocks, clock=self.clock)
+        # Spy on vLLM's eviction: every block it drops must already be READABLE in host.
+        real_evict = self.block_pool.evict_blocks
+
+        def checked_evict(block_ids: set[int]) -> None:
+            for b in block_ids:
+                key = self.block_pool.blocks[b].block_hash
+                if key is None or not self.readable(key):
+                    self.evicted_while_unreadable.append(b)
+            real_evict(block_ids)
+
+        self.block_pool.evict_blocks = checked_evict  # type: ignore[method-assign]
+        self._hasher = get_request_block_hasher(BLOCK_SIZE, sha256)
+        self._next = 0
+
+    def readable(self, key: Any) -> bool:
+        return self.tiers.index.is_readable(key, Tier.HOST)
+
+    def request_store(self, pairs: list[tuple[BlockKey, int]]) -> None:
+        """What the scheduler's store planner does: reserve a WRITING host slot per key."""
+        for key, block_id in pairs:
+            if not self.tiers.contains(key):
+                slot = self.tiers.prepare_store(key)
+                assert slot is not None
+                self.stored.append((key, block_id, slot))
+
+    def finish_stores(self) -> None:
+        """The workers' copies finished: the stored keys become READABLE."""
+        self.tiers.complete_store([key for key, _, _ in self.stored], ok=True)
+        self.stored = []
+
+    def cache_prefix(self, num_blocks: int) -> list[int]:
+        """Run one 'request' over ``num_blocks`` full blocks through vLLM's own calls
+        (allocate, cache, free): its blocks end up free and prefix-cached."""
+        self._next += 1
+        tokens = [(self._next * 7919 + i) % 1000 + 3 for i in range(num_blocks * BLOCK_SIZE)]
+        request = Request(request_id=f"r{self._next}", prompt_token_ids=tokens,
+                          sampling_params=SamplingParams(max_tokens=1), pooling_params=None,
+                          block_hasher=self._hasher)
+        blocks = self.block_pool.get_new_blocks(num_blocks)
+        self.block_pool.cache_full_blocks(request, blocks, 0, num_blocks, BLOCK_SIZE, 0)
+        self.block_pool.free_blocks(reversed(blocks))
+        return [b.block_id for b in blocks]
+
+    def free_ids(self) -> set[int]:
+        queue = self.block_pool.free_block_queue
+        return {b.block_id for b in queue.get_all_free_blocks()}
+
+
+def test_parked_blocks_are_never_handed_out():
+    s = Setup(floor_groups=2)
+    assert s.pool.usable_blocks == 8
+    assert s.block_pool.get_num_free_blocks() == 7  # blocks 1..7 (0 is vLLM's null block)
+    assert s.free_ids() == set(range(1, 8))
+    assert sorted(g for op, g in s.mapper.calls if op == "map") == [0, 1]
+    handed = s.block_pool.get_new_blocks(7)
+    assert {b.block_id for b in handed} == set(range(1, 8))
+    with pytest.raises(ValueError):
+        s.block_pool.get_new_blocks(1)  # parked blocks are not free in vLLM's eyes
+
+
+def test_grow_makes_blocks_usable_and_hands_them_out_first():
+    s = Setup(floor_groups=2)
+    cached = s.cache_prefix(3)  # 3 cached free blocks at the back of the queue
+    grown = s.pool.grow(demand=12)  # 7 free, 12 wanted: two more groups (8 blocks)
+    assert grown == 8 and s.pool.usable_blocks == 16
+    assert s.block_pool.get_num_free_blocks() == 15
+    assert s.pool.groups.mapped == {0, 1, 2, 3}
+    new = {b.block_id for b in s.block_pool.get_new_blocks(8)}
+    assert new == set(range(8, 16))  # the newly usable blocks, before any cached block
+    assert all(s.block_pool.blocks[b].block_hash is not None for b in cached)
+    assert s.pool.grow(demand=0) == 0  # nothing wanted, nothing mapped
+
+
+def test_grow_stops_at_the_ceiling():
+    s = Setup(floor_groups=1, ceiling_groups=3)
+    assert s.pool.grow(demand=100) == 8
+    assert s.pool.usable_blocks == 12 and len(s.pool.groups.mapped) == 3
+    assert s.pool.grow(demand=100) == 0
+
+
+def test_shrink_never_takes_a_block_in_use():
+    s = Setup(floor_groups=1, idle_s=10)
+    s.pool.grow(demand=20)  # 6 groups: blocks 0..23
+    held = s.block_pool.get_new_blocks(20)  # blocks 1..23 minus what stays free
+    held_ids = {b.block_id for b in held}
+    # release all but the blocks of group 4 (16..19): they stay in use
+    s.block_pool.free_blocks([b for b in held if not 16 <= b.block_id <= 19])
+    s.pool.observe()
+    s.clock.now += 11
+    assert s.pool.maybe_shrink() > 0
+    assert 4 in s.pool.groups.mapped  # the group with blocks in use stays
+    assert {16, 17, 18, 19} <= held_ids and not {16, 17, 18, 19} & s.pool.parked
+    for b in (16, 17, 18, 19):
+        assert s.block_pool.blocks[b].ref_cnt == 1  # still the request's alone
+    assert s.pool.groups.mapped == {0, 4}
+    assert not s.free_ids() & s.pool.parked
+
+
+def test_shrink_waits_until_cached_blocks_are_readable_in_host():
+    s = Setup(floor_groups=1, idle_s=10)
+    s.pool.grow(demand=10)  # groups 0..2
+    cached = s.cache_prefix(6)
+    assert cached == [4, 5, 6, 7, 8, 9]  # the newly usable blocks were handed out first
+    keys = [s.block_pool.blocks[b].block_hash for b in cached]
+    s.pool.observe()
+    s.clock.now += 11
+    assert s.pool.maybe_shrink() == 0  # first their stores to host
+    assert s.pool.shrink_pending
+    assert {k for k, _, _ in s.stored} == set(keys)
+    assert all(s.block_pool.get_cached_block(k[:-4], [0]) is not None for k in keys)  # cached
+    assert s.pool.maybe_shrink() == 0  # stores in flight (WRITING): still waiting
+    s.finish_stores()
+    assert s.pool.maybe_shrink() == 2
+    assert not s.pool.shrink_pending
+    assert s.evicted_while_unreadable == []
+    # the blocks of groups 1-2 are out of vLLM's prefix cache, parked, and in host
+    for b, key in zip(cached, keys, strict=True):
+        assert b in s.pool.parked and s.block_pool.blocks[b].block_hash is None
+        assert s.block_pool.get_cached_block(key[:-4], [0]) is None
+        assert s.readable(key)
+    assert s.pool.usable_blocks == 4
+    counters = s.pool.take_counters()
+    assert counters.shrunk_groups == 2 and counters.spilled_blocks == 6
+    assert counters.spill_store_blocks == 6 and counters.parked_blocks == 8
+    assert [c for c in s.mapper.calls if c[0] == "unmap"] == [("unmap", 1), ("unmap", 2)]
+
+
+def test_no_shrink_while_busy_or_before_idle_s():
+    s = Setup(floor_groups=1, idle_s=10)
+    s.pool.grow(demand=10)
+    s.pool.observe()
+    s.clock.now += 5
+    assert s.pool.maybe_shrink() == 0  # not idle long enough
+    held = s.block_pool.get_new_blocks(8)  # 8 of 12 usable in use: busy
+    s.pool.observe()
+    s.clock.now += 9
+    assert s.pool.maybe_shrink() == 0  # the busy step restarted the clock
+    s.block_pool.free_blocks(held)
+    s.pool.observe()
+    s.clock.now += 11
+    assert s.pool.maybe_shrink() == 2
+    assert s.pool.usable_blocks == 4
+
+
+def test_regrow_after_shrink_reuses_the_parked_blocks():
+    s = Setup(floor_groups=1, idle_s=1)
+    s.pool.grow(demand=15)
+    s.pool.observe()
+    s.clock.now += 2
+    s.pool.maybe_shrink()
+    assert s.pool.usable_blocks == 4
+    s.pool.grow(demand=10)
+    assert s.pool.usable_blocks >= 11
+    assert s.free_ids() == set(range(1, s.pool.usable_blocks))
+    assert not s.free_ids() & s.pool.parked
+
+
+def test_layout_must_match_the_block_pool():
+    init_none_hash(sha256)
+    block_pool = BlockPool(NUM_BLOCKS, enable_caching=True, hash_block_size=BLOCK_SIZE)
+    with pytest.raises(ValueError, match="layout has 32 blocks"):
+        ElasticPool(block_pool, PageGroupLayout([BLOCK_BYTES], 32, PAGE), RecordingMapper(),
+                    floor_bytes=0, ceiling_bytes=None, idle_s=1, is_spilled=lambda k: True,
+                    request_store=lambda pairs: None)
+
+
+def test_nothing_to_shrink_waits_another_idle_period():
+    s = Setup(floor_groups=1, idle_s=10)
+    s.pool.grow(demand=6)  # groups 0..1
+    held = s.block_pool.get_new_blocks(s.block_pool.get_num_free_blocks())  # all in use
+    s.block_pool.free_blocks(held[:2])  # low use by count, but every group has a block in use
+    s.pool.observe()
+    s.clock.now += 11
+    assert s.pool.maybe_shrink() == 0
+    s.block_pool.free_blocks(held[2:])
+    s.clock.now += 1
+    assert s.pool.maybe_shrink() == 0  # the clock restarted at the failed attempt
+    s.clock.now += 10
+    assert s.pool.maybe_shrink() == 1
+
+
+def test_lower_ceiling_shrinks_without_idle_and_stops_growth():
+    s = Setup(floor_groups=1, idle_s=1000)
+    s.pool.grow(demand=30)  # 8 groups: blocks 0..31
+    held = s.block_pool.get_new_blocks(30)
+    s.block_pool.free_blocks([b for b in held if b.block_id < 28])  # group 7 stays in use
+    s.pool.observe()
+    s.pool.set_ceiling(3 * GROUP_BYTES + GROUP_BYTES // 2)  # not a whole number of groups
+    assert s.pool.maybe_shrink() == 5  # down to 3 groups at once, the one in use kept
+    assert s.pool.groups.mapped == {0, 1, 7}
+    assert s.pool.mapped_bytes <= s.pool.groups.ceiling_bytes
+    assert s.pool.grow(demand=100) == 0  # at the ceiling
+    s.pool.set_ceiling(0)  # below the floor: the floor
+    assert s.pool.groups.ceiling_bytes == GROUP_BYTES
+    assert s.pool.maybe_shrink() == 1  # group 1; group 7 is still in use, group 0 the floor
+    assert s.pool.maybe_shrink() == 0
+    s.block_pool.free_blocks([b for b in held if b.block_id >= 28])
+    assert s.pool.maybe_shrink() == 1
+    assert s.pool.groups.mapped == {0}
+
+
+def test_shrink_gives_up_when_host_cannot_take_the_blocks():
+    s = Setup(floor_groups=1, idle_s=10)
+    s.pool.grow(demand=6)  # groups 0..1
+    s.cache_prefix(4)
+    s.request_store = lambda pairs: None  # type: ignore[method-assign]  # host never takes them
+    s.pool.request_store = s.request_store
+    s.pool.observe()
+    s.clock.now += 11
+    for _ in range(100):
+        assert s.pool.maybe_shrink() == 0 and s.pool.shrink_pending
+    assert s.pool.maybe_shrink() == 0
+    assert not s.pool.shrink_pending  # the engine may stop stepping
+    assert s.pool.groups.mapped == {0, 1} and s.evicted_while_unreadable == []
+    s.clock.now += 5
+    assert s.pool.maybe_shrink() == 0 and not s.pool.shrink_pending  # waits a new idle period

@@ -1,0 +1,123 @@
+"""Elastic GPU KV inside vLLM's real Scheduler (CPU harness, ``tests/harness.py``): the fake
+forward checks every KV position it reads, so a block handed out while parked, or dropped from
+vLLM's cache before its bytes were in host, shows up as ``KVMismatch`` or a wrong load."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from tests.harness import Harness
+from tokenvm_vllm.elastic.pool import ElasticPool
+
+BLOCK = 16
+
+
+def prompts(n: int, prefix_blocks: int, suffix: int, seed: int) -> list[list[int]]:
+    """``n`` prompts, each with its own prefix."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 1000) for _ in range(prefix_blocks * BLOCK + suffix)]
+            for _ in range(n)]
+
+
+def elastic_harness(make_harness, **extra) -> tuple[Harness, ElasticPool]:
+    # The harness lists no KV tensors: one region per layer, 128 bytes per block (16 tokens x
+    # K,V x 4 bytes). 512-byte pages make 4-block page groups of 1 KiB (a page in each of the
+    # 2 layers); the floor is 2 groups (8 blocks, the null block included).
+    h = make_harness(num_gpu_blocks=64, max_num_seqs=4, extra_config={
+        "elastic": True, "elastic_page_bytes": 512, "gpu_kv_floor_bytes": 2048,
+        "shrink_idle_s": 0.3, "host_bytes": "1MiB", **extra})
+    elastic = h.connector.scheduler.elastic
+    assert elastic is not None and elastic.layout.block_bytes == (128, 128)
+    return h, elastic
+
+
+def test_starts_at_the_floor_grows_for_a_burst_and_stays_exact(make_harness):
+    h, elastic = elastic_harness(make_harness)
+    assert elastic.usable_blocks == 8
+    assert h.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == 7
+    for p in prompts(4, prefix_blocks=6, suffix=5, seed=1):
+        h.add(p, max_tokens=8)
+    h.run()  # the fake forward checks every computed and cached position
+    assert len(h.outputs) == 4 and all(len(o) == 8 for o in h.outputs.values())
+    assert elastic.usable_blocks > 8
+    assert h.stats["elastic_grown_groups"] >= 6
+    assert h.stats["elastic_unparked_blocks"] == elastic.usable_blocks - 8
+    assert elastic.usable_blocks <= 64
+
+
+def test_idle_shrink_spills_to_host_and_revisits_load_exact(make_harness):
+    h, elastic = elastic_harness(make_harness)
+    burst = prompts(4, prefix_blocks=6, suffix=5, seed=2)
+    for p in burst:
+        h.add(p)
+    h.run()
+    peak = elastic.usable_blocks
+    assert h.stats.get("loaded_blocks", 0) == 0
+    time.sleep(0.4)  # idle past shrink_idle_s: no engine steps meanwhile
+    for p in burst:  # revisits: the first arrival ends the idle period and shrinks
+        h.add(p)
+    assert h.stats.get("elastic_shrunk_groups", 0) == 0  # stats are drained by a step
+    h.run()
+    assert h.stats["elastic_shrunk_groups"] > 0
+    assert h.stats["elastic_spilled_blocks"] >= 4 * 6 - 8  # what did not stay in the floor
+    # the revisits' prefixes came back from host (loaded), exact (the forward checked them)
+    assert h.stats["loaded_blocks"] >= h.stats["elastic_spilled_blocks"] - 8
+    assert elastic.usable_blocks <= peak
+
+
+def test_write_back_shrink_stores_blocks_before_dropping_them(make_harness):
+    """write_back stores only near the eviction end of vLLM's free queue: most cached blocks are
+    not in host when the idle period ends, so the shrink stores them first, steps, and only
+    then drops them from vLLM's cache."""
+    h, elastic = elastic_harness(make_harness, write_mode="write_back",
+                                 write_back_lookahead_blocks=1)
+    burst = prompts(4, prefix_blocks=6, suffix=5, seed=3)
+    for p in burst:
+        h.add(p)
+    h.run()
+    stored_before = h.stats.get("stored_blocks", 0)
+    time.sleep(0.4)
+    (other,) = prompts(1, prefix_blocks=1, suffix=3, seed=4)
+    h.add(other, max_tokens=2)  # ends the idle period: the shrink starts with their stores
+    assert elastic.shrink_pending  # asked for the stores; nothing dropped yet
+    assert h.stats.get("elastic_shrunk_groups", 0) == 0
+    h.run()
+    assert not elastic.shrink_pending
+    assert h.stats["elastic_spill_store_blocks"] > 0
+    assert h.stats["stored_blocks"] >= stored_before + h.stats["elastic_spill_store_blocks"]
+    assert h.stats["elastic_shrunk_groups"] > 0
+    for p in burst:  # the spilled prefixes come back from host, exact
+        h.add(p)
+    h.run()
+    assert h.stats["loaded_blocks"] >= h.stats["elastic_spilled_blocks"] - 8
+    assert h.stats["elastic_spilled_blocks"] > 0
+
+
+def test_ceiling_file_lowers_the_pool_while_running(make_harness, tmp_path):
+    ceiling = tmp_path / "ceiling"
+    h, elastic = elastic_harness(make_harness, shrink_idle_s=3600,
+                                 elastic_ceiling_file=str(ceiling))
+    burst = prompts(4, prefix_blocks=6, suffix=5, seed=5)
+    for p in burst:
+        h.add(p)
+    h.run()
+    assert elastic.usable_blocks > 16
+    ceiling.write_text("4KiB")  # 4 groups of 1 KiB: 16 blocks
+    time.sleep(1.1)  # the file is looked at no more than once a second
+    (other,) = prompts(1, prefix_blocks=1, suffix=3, seed=6)
+    h.add(other, max_tokens=2)
+    h.run()
+    assert elastic.groups.ceiling_bytes == 4096
+    assert elastic.usable_blocks <= 16
+    assert h.stats["elastic_shrunk_groups"] > 0
+    for p in burst:  # spilled prefixes come back from host, exact, within the ceiling
+        h.add(p)
+    h.run()
+    assert h.stats["loaded_blocks"] > 0
+    assert elastic.usable_blocks <= 16
+    ceiling.write_text("lots")  # a bad value is ignored (logged)
+    time.sleep(1.1)
+    h.add(other, max_tokens=2)
+    h.run()
+    assert elastic.groups.ceiling_bytes == 4096
