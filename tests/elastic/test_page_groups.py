@@ -179,7 +179,6 @@ def test_failed_map_keeps_the_mapped_set_exact():
     with pytest.raises(MemoryError):
         pool.grow(0, 32 * 4, 0)
     assert pool.mapped == {0, 1} == mapper.mapped
-    assert pool.counters.failed_maps == 1
 
 
 def test_ensure_floor_and_ceiling():
@@ -214,7 +213,6 @@ def test_shrink_picks_whole_free_groups_before_cached_ones():
     assert plan.bytes == 16 * MIB
     pool.apply_shrink(plan)
     assert pool.mapped == {0, 1} and pool.mapped_bytes == 8 * MIB
-    assert pool.counters.blocks_spilled == 1
 
 
 def test_shrink_respects_target_and_reports_short():

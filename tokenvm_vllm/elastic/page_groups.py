@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from tokenvm_vllm.elastic.vmm import VirtualRange
@@ -232,19 +232,6 @@ class ShrinkPlan:
     bytes: int
 
 
-@dataclass
-class PoolCounters:
-    """Running totals for metrics (``tokenvm:*`` once wired)."""
-
-    maps: int = 0
-    unmaps: int = 0
-    bytes_mapped_total: int = 0
-    bytes_unmapped_total: int = 0
-    blocks_spilled: int = 0
-    failed_maps: int = 0
-    history: list[tuple[str, int]] = field(default_factory=list)
-
-
 class PageGroupPool:
     """The mapped set of page groups between ``floor_bytes`` and ``ceiling_bytes``.
 
@@ -269,7 +256,6 @@ class PageGroupPool:
         self.ceiling_bytes = min(ceiling, total)
         self.total_bytes = total
         self.mapped: set[int] = set()
-        self.counters = PoolCounters()
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -334,15 +320,8 @@ class PageGroupPool:
         propagates; ``mapped`` is exact either way."""
         before = set(self.mapped)
         for g in plan.groups:
-            try:
-                self.mapper.map_group(g)
-            except BaseException:
-                self.counters.failed_maps += 1
-                raise
+            self.mapper.map_group(g)
             self.mapped.add(g)
-            self.counters.maps += 1
-            self.counters.bytes_mapped_total += self.layout.group_bytes(g)
-            self.counters.history.append(("map", g))
         return [b for g in plan.groups for b in self.layout.blocks_of_group(g)
                 if self.layout.is_usable(b, self.mapped)
                 and not self.layout.is_usable(b, before)]
@@ -419,10 +398,6 @@ class PageGroupPool:
         for g in plan.groups:
             self.mapper.unmap_group(g)
             self.mapped.discard(g)
-            self.counters.unmaps += 1
-            self.counters.bytes_unmapped_total += self.layout.group_bytes(g)
-            self.counters.history.append(("unmap", g))
-        self.counters.blocks_spilled += len(plan.spill)
 
 
 class ShrinkPolicy:
