@@ -187,24 +187,37 @@ class Harness:
     # -- one engine step -------------------------------------------------------------------------
 
     def step(self) -> None:
+        output = self._begin_step([self.worker])
+        req_ids, sampled = self._forward(output)
+        self._end_step(output, self._runner_output(self.worker, output, req_ids, sampled))
+
+    def _begin_step(self, workers: list[Any]) -> Any:
+        """Schedule one step and hand its connector metadata to every worker (rank)."""
         output = self.scheduler.schedule()
         self.steps += 1
         self.preemptions += len(output.preempted_req_ids or ())
         meta = output.kv_connector_metadata
-        worker = self.worker
-        worker.handle_preemptions(meta)
-        worker.bind_connector_metadata(meta)
-        worker.start_load_kv(None)
-        req_ids, sampled = self._forward(output)
+        for worker in workers:
+            worker.handle_preemptions(meta)
+            worker.bind_connector_metadata(meta)
+            worker.start_load_kv(None)
+        return output
+
+    @staticmethod
+    def _runner_output(worker: Any, output: Any, req_ids: list[str],
+                       sampled: list[list[int]]) -> ModelRunnerOutput:
+        """One worker's (rank's) ``ModelRunnerOutput`` for the step, with its connector output."""
         finished_sending, finished_recving = worker.get_finished(output.finished_req_ids)
         connector_output = KVConnectorOutput(
             finished_sending=finished_sending, finished_recving=finished_recving,
             invalid_block_ids=worker.get_block_ids_with_load_errors(),
             kv_connector_worker_meta=worker.build_connector_worker_meta())
         worker.clear_connector_metadata()
-        runner_output = ModelRunnerOutput(
-            req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-            sampled_token_ids=sampled, kv_connector_output=connector_output)
+        return ModelRunnerOutput(
+            req_ids=list(req_ids), req_id_to_index={r: i for i, r in enumerate(req_ids)},
+            sampled_token_ids=[list(s) for s in sampled], kv_connector_output=connector_output)
+
+    def _end_step(self, output: Any, runner_output: ModelRunnerOutput) -> None:
         engine_outputs = self.scheduler.update_from_output(output, runner_output)
         for outputs in engine_outputs.values():
             for out in outputs.outputs:

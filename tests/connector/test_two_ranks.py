@@ -19,7 +19,6 @@ import pytest
 import torch
 from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
 from tests.harness import Harness, KVMismatch
 from tokenvm_vllm import compat
@@ -56,34 +55,15 @@ class TwoRankHarness(Harness):
         self.aggregator = KVOutputAggregator(expected_finished_count=2)
 
     def step(self) -> None:
-        output = self.scheduler.schedule()
-        self.steps += 1
-        self.preemptions += len(output.preempted_req_ids or ())
-        meta = output.kv_connector_metadata
-        for worker in self.workers:
-            worker.handle_preemptions(meta)
-            worker.bind_connector_metadata(meta)
-            worker.start_load_kv(None)  # type: ignore[arg-type]
+        output = self._begin_step(self.workers)
         req_ids, sampled = self._forward(output)
-        per_rank = []
-        for worker in self.workers:
-            finished_sending, finished_recving = worker.get_finished(output.finished_req_ids)
-            connector_output = KVConnectorOutput(
-                finished_sending=finished_sending, finished_recving=finished_recving,
-                invalid_block_ids=worker.get_block_ids_with_load_errors(),
-                kv_connector_worker_meta=worker.build_connector_worker_meta())
-            worker.clear_connector_metadata()
-            per_rank.append(ModelRunnerOutput(
-                req_ids=list(req_ids), req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                sampled_token_ids=[list(s) for s in sampled],
-                kv_connector_output=connector_output))
+        per_rank = [self._runner_output(worker, output, req_ids, sampled)
+                    for worker in self.workers]
         if not self.union_errors:
             per_rank[1].kv_connector_output.invalid_block_ids = set()
         merged = self.aggregator.aggregate(per_rank)
         assert merged is not None
-        for outputs in self.scheduler.update_from_output(output, merged).values():
-            for out in outputs.outputs:
-                self.outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        self._end_step(output, merged)
 
     def _write(self, block_ids: list[int], pos: int, value: float,
                layers: list[str] | None = None) -> None:  # (one group: every layer)
