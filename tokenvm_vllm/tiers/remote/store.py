@@ -278,13 +278,7 @@ class RemoteStore:
                 self._warn_once("corrupt", "TokenVM remote tier: %d value(s) on %s failed their "
                                 "checks (foreign, torn or another version); treated as misses "
                                 "and deleted", len(bad), self.where)
-                if isinstance(client, RawRedis):
-                    client.delete_many(bad)
-                else:
-                    cleanup = client.pipeline(transaction=False)
-                    for name in bad:
-                        cleanup.delete(name)
-                    cleanup.execute(raise_on_error=False)
+                _delete_names(client, bad)
             hits = sum(ok)
             self._count("hit_blocks", hits)
             self._count("miss_blocks", len(ok) - hits)
@@ -392,15 +386,8 @@ class RemoteStore:
         """Remove ``keys`` (True: the key existed)."""
         names = [self.key_of(key) for key in keys]
 
-        def run(client: Client) -> list[bool]:
-            if isinstance(client, RawRedis):
-                return client.delete_many(names)
-            pipe = client.pipeline(transaction=False)
-            for name in names:
-                pipe.delete(name)
-            return [r == 1 for r in pipe.execute(raise_on_error=False)]
-
-        return self._submit("write", "delete", len(keys), run)
+        return self._submit("write", "delete", len(keys),
+                            lambda client: _delete_names(client, names))
 
     def _submit(self, queue: str, op: str, n: int,
                 run: Callable[[Client], list[bool]]) -> Future[list[bool]]:
@@ -519,3 +506,13 @@ class RemoteStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _delete_names(client: Client, names: list[bytes]) -> list[bool]:
+    """DEL each name in one pipeline, on either client (True: the key existed)."""
+    if isinstance(client, RawRedis):
+        return client.delete_many(names)
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.delete(name)
+    return [r == 1 for r in pipe.execute(raise_on_error=False)]
