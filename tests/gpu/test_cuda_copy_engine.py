@@ -91,6 +91,9 @@ class HostPoolLike:
         self.slot_bytes = pool.slot_bytes
         self.num_slots = pool.num_slots
 
+    def ensure_pinned(self, host_slots):
+        return  # a plain clone in pageable memory: the reference engine copies synchronously
+
 
 def test_fence_orders_compute_after_store():
     engine, caches, pool = make("flash", torch.bfloat16)

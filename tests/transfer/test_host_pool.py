@@ -210,3 +210,24 @@ def test_pinner_rejects_ranges_outside():
     assert list(pinner.chunk_range(PAGE - 1, PAGE + 1)) == [0, 1]
     with pytest.raises(ValueError, match="outside"):
         pinner.chunk_range(0, 10 * PAGE + 1)
+
+
+def test_a_pool_dropped_without_close_unregisters_before_its_memory_goes():
+    """CUDA keeps the registration of a freed range, so a pool that was never closed must
+    unregister when it is collected; otherwise the next pool mapped at the same address fails
+    to register (seen on the H200 when tests built one pool after another)."""
+    import gc
+
+    rec = Recorder()
+    pool = make_pool(rec)
+    pool.ensure_pinned(range(40))
+    registered = dict(rec.registered)
+    assert registered
+    del pool
+    gc.collect()
+    assert rec.registered == {}
+    assert sorted(a for kind, a, _, _ in rec.calls if kind == "unregister") == sorted(registered)
+    again = make_pool(rec)  # may land at the same address: registering it must not collide
+    again.ensure_pinned(range(40))
+    again.close()
+    assert rec.registered == {}

@@ -28,6 +28,7 @@ import logging
 import mmap
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -355,6 +356,12 @@ class HostPool:
             page = mmap.PAGESIZE
             self.pinner = LazyPinner(self.buffer.data_ptr(), self.nbytes,
                                      -(-chunk_bytes // page) * page, register, unregister)
+            # A pool dropped without ``close`` must still unregister before its memory is
+            # unmapped: CUDA keeps the registration of a freed range, and the next mmap placed
+            # at that address then fails to register ("part or all of the requested memory
+            # range is already mapped"; seen on the H200 when tests built pool after pool). The
+            # finalizer holds the mmap, so the memory outlives the unregistering.
+            weakref.finalize(self, _unpin_then_release, self.pinner, self._mmap)
             if background:
                 self.start_pinning()
         self.alloc_seconds = time.perf_counter() - start
@@ -387,28 +394,50 @@ class HostPool:
             self.pinner.close()
 
 
+def _unpin_then_release(pinner: LazyPinner, memory: mmap.mmap | None) -> None:
+    """A lazily pinned pool's finalizer: unregister (idempotent after ``close``); ``memory`` is
+    only held so that the mapping outlives the registration."""
+    del memory
+    pinner.close()
+
+
 def _cuda_register(device_index: int | None) -> tuple[RegisterFn, UnregisterFn]:
-    """``cudaHostRegister``/``cudaHostUnregister`` through torch's cudart bindings (which release
-    the GIL during the call), on ``device_index`` whichever thread calls them (a new thread
-    would otherwise use device 0 and create a context there)."""
-    cudart = torch.cuda.cudart()
+    """``cuMemHostRegister``/``cuMemHostUnregister`` (driver API through ctypes, which releases
+    the GIL during the call), in ``device_index``'s primary context whichever thread calls them.
+
+    Not the runtime's ``cudaHostRegister``: a failed runtime call leaves a "last error" that
+    the next kernel launch on that thread reports as its own (seen on the H200: a failed
+    register surfaced as an error in an unrelated ``torch.randn``). The driver API keeps no such
+    state, so a failure stays the pinner's, with its own message.
+    """
+    from tokenvm_vllm.elastic.vmm import driver  # (loads libcuda once; a CUDA-only path)
+
     device = torch.cuda.current_device() if device_index is None else device_index
-    flags = CUDA_HOST_REGISTER_PORTABLE | CUDA_HOST_REGISTER_MAPPED
+    cuda = driver()
+    lib = ctypes.CDLL("libcuda.so.1")
+    host_register = lib.cuMemHostRegister_v2
+    host_register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+    host_register.restype = ctypes.c_int
+    host_unregister = lib.cuMemHostUnregister
+    host_unregister.argtypes = [ctypes.c_void_p]
+    host_unregister.restype = ctypes.c_int
+    flags = CUDA_HOST_REGISTER_PORTABLE | CUDA_HOST_REGISTER_MAPPED  # same bits in the driver API
 
     def register(address: int, nbytes: int) -> None:
-        torch.cuda.set_device(device)
-        err = cudart.cudaHostRegister(address, nbytes, flags)
-        if err != cudart.cudaError.success:
+        cuda.ensure_context(device)  # a fresh thread (the background pinner) has no context
+        code = host_register(address, nbytes, flags)
+        if code != 0:
+            name, text = cuda.error_text(code)
             raise RuntimeError(
-                f"tokenvm: cudaHostRegister of {nbytes} bytes of the host pool failed: "
-                f"{cudart.cudaGetErrorString(err)}; lower host_bytes, raise 'ulimit -l', or set "
-                f"pin_memory=false")
+                f"tokenvm: registering {nbytes} bytes of the host pool with CUDA failed: {name} "
+                f"({text}); lower host_bytes, raise 'ulimit -l', or set pin_memory=false")
 
     def unregister(address: int) -> None:
-        torch.cuda.set_device(device)
-        err = cudart.cudaHostUnregister(address)
-        if err != cudart.cudaError.success:
-            raise RuntimeError(f"cudaHostUnregister: {cudart.cudaGetErrorString(err)}")
+        cuda.ensure_context(device)
+        code = host_unregister(address)
+        if code != 0:
+            name, text = cuda.error_text(code)
+            raise RuntimeError(f"cuMemHostUnregister: {name} ({text})")
 
     return register, unregister
 
