@@ -31,6 +31,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--configs", default="", help="comma-separated subset")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                        help="each engine's share of the GPU")
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                        help="skip vLLM's memory profiling (needed side by side: another "
+                             "engine freeing memory meanwhile fails it); blocks still come "
+                             "from each configuration's block count")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,7 +45,9 @@ def main() -> None:
     workload = Workload(documents=12, questions=3, prefix_blocks=16, suffix_tokens=40,
                         max_tokens=16, batch_size=1)
     base = EngineSettings(model=model, block_size=16, num_gpu_blocks=160, max_num_seqs=1,
-                          max_model_len=1024, dtype="bfloat16", gpu_memory_utilization=0.5,
+                          max_model_len=1024, dtype="bfloat16",
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                           host_bytes="2GiB")
     configs = {"reference": replace(base, num_gpu_blocks=4096),
                "tokenvm": replace(base, connector="tokenvm"),

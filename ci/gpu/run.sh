@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU job (vLLM 0.26.0 on the GPU machine). Run from the repo root after the bundle is
 # unpacked into /tmp/site and .gpu/redis staged (see README "GPU runs"). Stages: tests, copy,
-# exact, serve, remote, vmm, hostpool, hybrid, revisit, disk.
+# exact, rows, serve, remote, vmm, hostpool, hybrid, revisit, disk.
 #   bash ci/gpu/run.sh "tests copy exact"
 # Work files (models, per-run logs) go to $WORK; the results JSON and a tarball of the logs go to
 # $OUT (the device tool brings back at most 8 files from there).
@@ -28,6 +28,39 @@ for stage in $STAGES; do
       VLLM_BATCH_INVARIANT=1 python3 ci/gpu/token_exact.py --out "$WORK/$stage" \
         --runner "${runner:-default}" ${EXACT_ARGS:-} 2>&1 | tee "$WORK/$stage.log" | tail -14
       cp "$WORK/$stage/token_exact.json" "$OUT/token_$stage.json" 2>/dev/null ;;
+    rows)  # issue #14: the Supported table's GPU rows, side by side on one GPU: one process per
+      # row (each engine takes 0.04 of the GPU and skips vLLM's memory profiling, which another
+      # engine freeing memory would fail; the checks run one request at a time, so they barely
+      # share compute). ROWS: "runner:script:configs" items. Logs and JSON under $OUT/rows.
+      mkdir -p "$OUT/rows"; pids=()
+      default_rows="v2:exact:tokenvm_fp8 v2:exact:tokenvm_fp8_e5m2 v2:exact:tokenvm_fp8_pth
+        v2:exact:tokenvm_mla,tokenvm_mla_corrupt v2:exact:tokenvm_bs32 v2:exact:tokenvm_bs64
+        v2:exact:tokenvm_bs128 v2:hybrid:tokenvm,tokenvm_corrupt v1:exact:tokenvm_fp8
+        v1:exact:tokenvm_fp8_e5m2 v1:exact:tokenvm_fp8_pth v1:exact:tokenvm_mla
+        v1:exact:tokenvm_bs32 v1:exact:tokenvm_bs64 v1:exact:tokenvm_bs128 v1:hybrid:tokenvm"
+      for row in ${ROWS:-$default_rows}; do
+        IFS=: read -r r script configs <<< "$row"
+        name="${r}_${script}_${configs%%,*}"
+        common=(--configs "$configs" --gpu-memory-utilization 0.04 --kv-cache-memory-bytes $((2**30)))
+        if [ "$script" = hybrid ]; then
+          VLLM_USE_V2_MODEL_RUNNER=$([ "$r" = v1 ] && echo 0 || echo 1) \
+            python3 ci/gpu/hybrid_exact.py --out "$WORK/rows/$name" "${common[@]}" \
+            > "$OUT/rows/$name.log" 2>&1 &
+        else
+          VLLM_BATCH_INVARIANT=1 python3 ci/gpu/token_exact.py --out "$WORK/rows/$name" \
+            --runner "$r" "${common[@]}" > "$OUT/rows/$name.log" 2>&1 &
+        fi
+        pids+=($!)
+      done
+      for p in "${pids[@]}"; do wait "$p"; done
+      for d in "$WORK"/rows/*/; do
+        for f in token_exact.json hybrid_exact.json; do
+          [ -f "$d/$f" ] && cp "$d/$f" "$OUT/rows/$(basename "$d").json"
+        done
+      done
+      # per row: its verdict and each configuration's line (cut: the output tail is limited)
+      grep -H "TOKEN-EXACT\|^  tokenvm\|^tokenvm" "$OUT"/rows/*.log | sed "s|$OUT/rows/||" \
+        | cut -c1-160 ;;
     disk) python3 -m tokenvm_vllm.bench.disk_bench --path /tmp/tokenvm-disk-bench --gib 4 \
              --out "$OUT/disk_bench.json" 2>&1 | tee "$WORK/disk_bench.log" | tail -6 ;;
     serve)  # the headline: vllm serve + vllm bench serve; SERVE_ARGS picks configs/workloads

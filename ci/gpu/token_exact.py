@@ -145,6 +145,13 @@ def main() -> None:
     parser.add_argument("--runner", choices=("default", "v1", "v2"), default="default")
     parser.add_argument("--configs", default="", help="comma-separated subset")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (GPUs)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                        help="each engine's share of the GPU (lower it to run several checks "
+                             "side by side: ci/gpu/run.sh rows)")
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                        help="skip vLLM's memory profiling (needed side by side: another "
+                             "engine freeing memory meanwhile fails it); blocks still come "
+                             "from each configuration's block count")
     args = parser.parse_args()
     if args.runner != "default":  # inherited by every engine process
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if args.runner == "v2" else "0"
@@ -158,7 +165,9 @@ def main() -> None:
                         suffix_tokens=40, max_tokens=16, batch_size=1)
     base = EngineSettings(model=model, block_size=BLOCK_SIZE,
                           num_gpu_blocks=CACHE_TOKENS // BLOCK_SIZE, max_num_seqs=1,
-                          dtype="bfloat16", gpu_memory_utilization=0.5, host_bytes="2GiB",
+                          dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization,
+                          kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                          host_bytes="2GiB",
                           native_offload_gib=2.0, tensor_parallel_size=args.tp)
     configs, defaults = build_configs(
         base, workload, lambda: str(write_tiny_deepseek(out / "small-deepseek", MLA_SHAPE,

