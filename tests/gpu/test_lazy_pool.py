@@ -101,3 +101,45 @@ def test_real_pool_pins_lazily_in_the_background():
     torch.cuda.synchronize()
     assert int(gpu.sum()) == 3 * 2**20
     pool.close()
+
+
+@pytest.mark.parametrize("chunk_pages", [64, 96])
+def test_consecutive_slots_across_registration_chunks_move_by_dma(chunk_pages):
+    """A store of consecutive slots is one DMA run; with the pool registered in chunks it must be
+    cut at each chunk (cuMemcpyBatchAsync refuses a copy spanning two registrations: seen on
+    the H200 as 'cuMemcpyBatchAsync failed at index 0 with error 1' in a serving run).
+    Slots are 256 KiB: 64 pages is one slot per chunk, 96 pages one and a half (cuts fall
+    inside rows)."""
+    import mmap
+
+    from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
+    from tokenvm_vllm.transfer.host_pool import HostPool, _cuda_register
+    from tokenvm_vllm.transfer.layout import KVLayout
+
+    register, unregister = _cuda_register(torch.cuda.current_device())
+    caches = {f"l{i}": torch.randn(2, NUM_BLOCKS, 16, 8, 128, device="cuda").to(torch.bfloat16)
+              for i in range(4)}
+    per = caches["l0"].numel() // NUM_BLOCKS * caches["l0"].element_size()
+    layout = KVLayout.from_kv_caches(caches, NUM_BLOCKS, per * 4)
+    pool = HostPool(NUM_SLOTS, per * 4, pin=True, background=False,
+                    chunk_bytes=chunk_pages * mmap.PAGESIZE, register=register,
+                    unregister=unregister)
+    engine = CudaCopyEngine(layout, caches, pool, path="staged",
+                            staging_bytes=48 * pool.slot_bytes)
+    src = list(range(5, 45))
+    slots = list(range(100, 140))  # one run of 40 consecutive slots
+    engine.store(1, src, slots)
+    torch.cuda.synchronize()
+    (stored,) = drain(engine, 1)
+    assert stored.ok
+    before = {k: v.clone() for k, v in caches.items()}
+    dst = list(range(NUM_BLOCKS - 40, NUM_BLOCKS))
+    engine.load(2, dst, slots)
+    torch.cuda.synchronize()
+    (loaded,) = drain(engine, 1)
+    assert loaded.ok
+    for layer in engine.layout.layers:
+        kv, old = caches[layer.name], before[layer.name]
+        for s, d in zip(src, dst, strict=True):
+            assert torch.equal(kv.select(layer.block_dim, d), old.select(layer.block_dim, s))
+    pool.close()

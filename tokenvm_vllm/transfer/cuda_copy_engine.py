@@ -243,13 +243,14 @@ class CudaCopyEngine(CopyEngine):
         slot order so that consecutive slots become one DMA run. Returns the id tensors the
         kernels read (kept alive until the job completes)."""
         order = sorted(range(len(host_slots)), key=host_slots.__getitem__)
+        split = self.pool.pin_chunk_bytes  # no DMA may span two of the pool's registrations
         if self.direct_rows is not None:
             ids = [gpu_block_ids[i] for i in order]
             slots = [host_slots[i] for i in order]
             if is_load:
-                dma.copy_rows(self.pool.buffer, self.direct_rows, slots, ids)
+                dma.copy_rows(self.pool.buffer, self.direct_rows, slots, ids, src_split=split)
             else:
-                dma.copy_rows(self.direct_rows, self.pool.buffer, ids, slots)
+                dma.copy_rows(self.direct_rows, self.pool.buffer, ids, slots, dst_split=split)
             return []
         staging = self.load_staging if is_load else self.store_staging
         kept = []
@@ -261,11 +262,11 @@ class CudaCopyEngine(CopyEngine):
             kept.append(ids_gpu)
             rows = range(len(part))
             if is_load:
-                dma.copy_rows(self.pool.buffer, staging, slots, rows)
+                dma.copy_rows(self.pool.buffer, staging, slots, rows, src_split=split)
                 self.stage_mover.scatter(staging, ids_gpu[0])
             else:
                 self.stage_mover.gather(ids_gpu[0], staging)
-                dma.copy_rows(staging, self.pool.buffer, rows, slots)
+                dma.copy_rows(staging, self.pool.buffer, rows, slots, dst_split=split)
         return kept
 
     def poll(self) -> list[CopyResult]:

@@ -32,27 +32,55 @@ def row_runs(src_rows: Sequence[int], dst_rows: Sequence[int]) -> list[tuple[int
     return runs
 
 
+def byte_spans(
+    runs: Sequence[tuple[int, int, int]], width: int, src_split: int = 0, dst_split: int = 0
+) -> list[tuple[int, int, int]]:
+    """``(src_offset, dst_offset, nbytes)`` copies for row ``runs`` of ``width``-byte rows, cut
+    wherever a copy would cross a multiple of ``src_split`` bytes in the source or of
+    ``dst_split`` in the destination (0: never cut that side).
+
+    Why: a lazily pinned host pool is registered with CUDA in chunks, each its own registration,
+    and ``cuMemcpyBatchAsync`` refuses a copy whose host range spans two of them
+    (CUDA_ERROR_INVALID_VALUE; seen on the H200 once a store's consecutive slots crossed a
+    256 MiB chunk). A cut may fall inside a row when rows do not tile the chunks."""
+    spans: list[tuple[int, int, int]] = []
+    for s, d, n in runs:
+        src, dst, left = s * width, d * width, n * width
+        while left:
+            size = left
+            for offset, split in ((src, src_split), (dst, dst_split)):
+                if split:
+                    size = min(size, split - offset % split)
+            spans.append((src, dst, size))
+            src, dst, left = src + size, dst + size, left - size
+    return spans
+
+
 def copy_rows(
-    src: torch.Tensor, dst: torch.Tensor, src_rows: Sequence[int], dst_rows: Sequence[int]
+    src: torch.Tensor, dst: torch.Tensor, src_rows: Sequence[int], dst_rows: Sequence[int],
+    src_split: int = 0, dst_split: int = 0,
 ) -> int:
     """Queue copies of ``src[src_rows[i]]`` to ``dst[dst_rows[i]]`` on the current stream.
 
     ``src`` and ``dst`` are 2-D ``uint8`` matrices with rows of the same width, each contiguous,
-    one on the GPU and one in pinned host memory (or both on the GPU). Returns the number of
-    copies submitted (runs). Asynchronous: the caller orders later work with events.
+    one on the GPU and one in pinned host memory (or both on the GPU). ``src_split`` /
+    ``dst_split``: the host side's registration chunk in bytes (``HostPool.pin_chunk_bytes``),
+    which no single copy may cross (``byte_spans``). Returns the number of copies submitted.
+    Asynchronous: the caller orders later work with events.
     """
     width = src.shape[1]
     if dst.shape[1] != width or not (src.is_contiguous() and dst.is_contiguous()):
         raise ValueError("tokenvm: DMA rows must be contiguous and of one width")
-    runs = row_runs(src_rows, dst_rows)
+    spans = byte_spans(row_runs(src_rows, dst_rows), width, src_split, dst_split)
     batch = compat.dma_batch_copy()
     if batch is None:
-        for s, d, n in runs:
-            dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
-        return len(runs)
+        src_bytes, dst_bytes = src.view(-1), dst.view(-1)
+        for s, d, n in spans:
+            dst_bytes[d:d + n].copy_(src_bytes[s:s + n], non_blocking=True)
+        return len(spans)
     src_base, dst_base = src.data_ptr(), dst.data_ptr()
-    src_ptrs = torch.tensor([src_base + s * width for s, _, _ in runs], dtype=torch.int64)
-    dst_ptrs = torch.tensor([dst_base + d * width for _, d, _ in runs], dtype=torch.int64)
-    sizes = torch.tensor([n * width for _, _, n in runs], dtype=torch.int64)
+    src_ptrs = torch.tensor([src_base + s for s, _, _ in spans], dtype=torch.int64)
+    dst_ptrs = torch.tensor([dst_base + d for _, d, _ in spans], dtype=torch.int64)
+    sizes = torch.tensor([n for _, _, n in spans], dtype=torch.int64)
     batch(src_ptrs, dst_ptrs, sizes)
-    return len(runs)
+    return len(spans)

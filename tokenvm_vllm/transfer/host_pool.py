@@ -369,6 +369,12 @@ class HostPool:
             "TokenVM host pool: %d slots x %d bytes = %.2f GiB (%s) allocated in %.2f s",
             num_slots, slot_bytes, self.nbytes / 2**30, mode, self.alloc_seconds)
 
+    @property
+    def pin_chunk_bytes(self) -> int:
+        """Bytes per CUDA registration when lazily pinned (0 otherwise). Each chunk is a
+        registration of its own, and a DMA copy must not span two (``dma.byte_spans``)."""
+        return self.pinner.chunk_bytes if self.pinner is not None else 0
+
     def start_pinning(self, num_slots: int | None = None) -> None:
         """Pin the first ``num_slots`` slots (default: all) in the background; no-op when the
         pool is not lazily pinned or already started."""
