@@ -38,9 +38,11 @@ def make(path: str, delay: float = 0.05):
     per = caches["l0"].numel() // NUM_BLOCKS * caches["l0"].element_size()
     layout = KVLayout.from_kv_caches(caches, NUM_BLOCKS, per * 4)
     pool = HostPool(NUM_SLOTS, per * 4, pin=True, background=False, chunk_bytes=CHUNK,
-                    register=slow_register, unregister=unregister)
-    pool.start_pinning()
+                    register=slow_register, unregister=unregister, duty=1.0)
     engine = CudaCopyEngine(layout, caches, pool, path=path, staging_bytes=8 * pool.slot_bytes)
+    # After the engine: building it may compile Triton kernels for longer than the background
+    # thread needs (the test then saw pinning finish before its first copy).
+    pool.start_pinning()
     return engine, caches, pool
 
 

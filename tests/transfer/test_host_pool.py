@@ -231,3 +231,34 @@ def test_a_pool_dropped_without_close_unregisters_before_its_memory_goes():
     again.ensure_pinned(range(40))
     again.close()
     assert rec.registered == {}
+
+
+def test_background_pinning_is_paced_to_its_duty_and_close_cuts_the_pause_short():
+    """Registering holds up the process's GPU work, so the thread registers at most ``duty`` of
+    the time: with calls of 20 ms and duty 0.25 it idles ~60 ms after each."""
+    rec = Recorder(delay=0.02)
+    pinner = LazyPinner(0x10000, 6 * PAGE, PAGE, rec.register, rec.unregister, duty=0.25)
+    began = time.perf_counter()
+    pinner.start()
+    assert pinner.wait(timeout=10) and pinner.error is None
+    took = time.perf_counter() - began
+    assert pinner.registered_chunks == 6
+    assert took >= 6 * 0.02 / 0.25 * 0.8, f"not paced: {took:.3f} s for 6 chunks of 20 ms"
+    pinner.close()
+    slow = LazyPinner(0x10000, 50 * PAGE, PAGE, rec.register, rec.unregister, duty=0.001)
+    slow.start()  # would idle ~20 s after its first chunk
+    time.sleep(0.1)
+    began = time.perf_counter()
+    slow.close()
+    assert time.perf_counter() - began < 2, "close waited out the pause"
+    assert rec.registered == {}
+    with pytest.raises(ValueError, match="duty"):
+        LazyPinner(0x10000, PAGE, PAGE, rec.register, rec.unregister, duty=0)
+
+
+def test_a_reserved_pool_cannot_be_pinned_eagerly():
+    rec = Recorder()
+    with pytest.raises(ValueError, match="lazily"):
+        HostPool(4, 1000, pin=True, lazy=False, reserve=True, register=rec.register,
+                 unregister=rec.unregister)
+    assert rec.calls == []

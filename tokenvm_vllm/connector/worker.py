@@ -160,6 +160,7 @@ class TokenVMWorker:
         pool = HostPool(
             num_slots, self.slot_bytes,
             pin=self.config.pin_memory and device.type == "cuda",
+            lazy=self.config.pin_mode == "lazy" or host_bytes == HOST_BYTES_AUTO,
             # Not yet: vLLM captures its CUDA graphs after this, and a capture in CUDA's global
             # mode is broken by a cudaHostRegister from another thread. The background thread
             # starts with the first step (``_adopt_host_slots``); copies before it pin on demand.

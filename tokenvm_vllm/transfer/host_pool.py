@@ -4,8 +4,10 @@ One ``uint8`` matrix of ``num_slots x slot_bytes``. Which slot holds which block
 scheduler (``tokenvm_vllm/tiers/host_tier.py``); this module only owns the memory.
 
 On CUDA the pool must be page-locked for asynchronous DMA and for the ``uva`` Triton kernels, which
-dereference host addresses on the GPU. Pinning 20 GiB up front (``cudaHostAlloc``) took 12-16 s
-before the server answered, so the pool is pinned lazily (``LazyPinner``): the memory is mapped
+dereference host addresses on the GPU. Pinning 20 GiB up front (``cudaHostAlloc``, ``pin_mode:
+eager``, the default) took 12-16 s before the server answered; with ``pin_mode: lazy`` the pool is
+pinned lazily (``LazyPinner``, paced: registering holds up the process's GPU work, see
+``CHUNK_BYTES``): the memory is mapped
 pageable (untouched pages cost nothing), then registered with CUDA (``cudaHostRegister``, portable
 and mapped) in ``CHUNK_BYTES`` pieces by a background thread, in slot order (the worker starts it
 at the first engine step, after vLLM's CUDA graph capture, which a register call from another
@@ -43,10 +45,15 @@ address space before the scheduler has measured (``MAP_NORESERVE``: untouched pa
 RAM nor commit charge), so no later measurement can exceed what it holds, even where RAM grows
 after start-up (a VM whose balloon inflates as memory is used)."""
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Python < 3.13 lacks the constant
-CHUNK_BYTES = 256 * 2**20
-"""Registration granule: small enough that a copy needing a chunk the background thread has not
-reached waits for one short call (about 0.15 s at the 0.6-0.8 s/GiB pinning rate measured),
-large enough that 20 GiB is 80 calls."""
+CHUNK_BYTES = 32 * 2**20
+"""Registration granule. Registering holds up the process's other GPU work for the length of
+the call (the H200 serving run: 256 MiB chunks, ~0.11 s each, back to back, stalled every
+request for the 9 s the pool took), so a chunk is small: ~14 ms at the 0.45 s/GiB measured, and
+20 GiB is 640 calls."""
+BACKGROUND_DUTY = 0.1
+"""The background thread registers at most this fraction of the time (it sleeps 9x each call's
+length after it): the pool is pinned 10x more slowly, and the GPU work it holds up is spread
+thin instead of stopped for seconds."""
 CUDA_HOST_REGISTER_PORTABLE = 1
 """cudaHostRegisterPortable: pinned for every CUDA context (tensor-parallel ranks share none,
 but vLLM or a library may create a second context in the worker)."""
@@ -140,7 +147,7 @@ class LazyPinner:
 
     def __init__(
         self, address: int, nbytes: int, chunk_bytes: int, register: RegisterFn,
-        unregister: UnregisterFn, name: str = "host pool",
+        unregister: UnregisterFn, name: str = "host pool", duty: float = 1.0,
     ) -> None:
         if nbytes <= 0 or chunk_bytes <= 0:
             raise ValueError(f"tokenvm: cannot pin {nbytes} bytes in chunks of {chunk_bytes}")
@@ -150,6 +157,9 @@ class LazyPinner:
         self.name = name
         self._register = register
         self._unregister = unregister
+        if not 0 < duty <= 1:
+            raise ValueError(f"tokenvm: background pinning duty {duty} must be in (0, 1]")
+        self.duty = duty
         self.num_chunks = -(-nbytes // chunk_bytes)
         self._state = bytearray(self.num_chunks)
         self._cond = threading.Condition()
@@ -281,7 +291,12 @@ class LazyPinner:
             for chunk in range(self._limit):
                 if self._closed:
                     return
-                self._pin(chunk, background=True)  # waits for one an ensure is registering
+                began = time.perf_counter()
+                if self._pin(chunk, background=True) and self.duty < 1:
+                    # pace: idle (1/duty - 1) times the call's length; close() wakes it
+                    idle = (time.perf_counter() - began) * (1 / self.duty - 1)
+                    with self._cond:
+                        self._cond.wait_for(lambda: self._closed, timeout=idle)
             if self._closed:
                 return
             assert self.started_at is not None
@@ -306,19 +321,20 @@ class HostPool:
 
     ``pin=False``: plain pageable memory (the CPU platform, or ``pin_memory=false``).
     ``reserve``: the size is an upper bound (``host_bytes: "auto"``): map it ``MAP_NORESERVE``.
-    ``pin=True``: page-locked for CUDA. Lazily by default: ``ensure_pinned`` before every CUDA
-    copy, plus a background thread from ``start_pinning`` (at once, unless ``background`` is
-    False). ``register``/``unregister`` replace the CUDA calls (tests on machines without CUDA).
-    Eagerly (``torch.empty(pin_memory=True)``, today's behaviour before lazy pinning) only where
-    the GPU cannot use a registered host address as a device address (see
-    ``_host_pointer_usable``). ``pinned`` is True in both pinned modes.
+    ``pin=True``: page-locked for CUDA. With ``lazy`` (``pin_mode: lazy``, or a reserved pool):
+    ``ensure_pinned`` before every CUDA copy, plus a background thread from ``start_pinning``
+    (at once, unless ``background`` is False) registering at most ``duty`` of the time.
+    ``register``/``unregister`` replace the CUDA calls (tests on machines without CUDA).
+    Eagerly (``torch.empty(pin_memory=True)``) with ``lazy=False`` (``pin_mode: eager``, the
+    worker's default) or where the GPU cannot use a registered host address as a device address
+    (see ``_host_pointer_usable``). ``pinned`` is True in both pinned modes.
     """
 
     def __init__(
         self, num_slots: int, slot_bytes: int, pin: bool, *, background: bool = True,
         chunk_bytes: int = CHUNK_BYTES, register: RegisterFn | None = None,
         unregister: UnregisterFn | None = None, device_index: int | None = None,
-        reserve: bool = False,
+        reserve: bool = False, lazy: bool = True, duty: float = BACKGROUND_DUTY,
     ) -> None:
         start = time.perf_counter()
         self.num_slots = num_slots
@@ -327,7 +343,10 @@ class HostPool:
         self.pinned = pin
         self.pinner: LazyPinner | None = None
         self._mmap: mmap.mmap | None = None
-        lazy = pin and (register is not None or _host_pointer_usable(device_index))
+        if reserve and pin and not lazy:
+            raise ValueError("tokenvm: a reserved (host_bytes='auto') pool can only be pinned "
+                             "lazily")
+        lazy = pin and lazy and (register is not None or _host_pointer_usable(device_index))
         if pin and not lazy:
             mode = "pinned eagerly"
             self.buffer = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, pin_memory=True)
@@ -355,7 +374,8 @@ class HostPool:
             assert unregister is not None, "register without unregister"
             page = mmap.PAGESIZE
             self.pinner = LazyPinner(self.buffer.data_ptr(), self.nbytes,
-                                     -(-chunk_bytes // page) * page, register, unregister)
+                                     -(-chunk_bytes // page) * page, register, unregister,
+                                     duty=duty)
             # A pool dropped without ``close`` must still unregister before its memory is
             # unmapped: CUDA keeps the registration of a freed range, and the next mmap placed
             # at that address then fails to register ("part or all of the requested memory
