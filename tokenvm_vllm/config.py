@@ -143,6 +143,11 @@ class TokenVMConfig:
     ignore it (per-layer tensors; copies gather through the staging buffer)."""
     pin_memory: bool = True
     """Pin the host pool on CUDA (required for fast async DMA). Ignored on the CPU platform."""
+    mla_store_once: bool = True
+    """MLA models (one latent KV tensor per layer, replicated on every tensor-parallel rank)
+    at TP>1: keep one copy per node instead of one per rank (a host pool shared by the ranks
+    in /dev/shm, one disk directory, one set of remote keys; rank 0 writes, every rank loads).
+    false: one copy per rank, as for other models. No effect at TP=1 or without MLA."""
     elastic: bool = False
     """Elastic GPU KV (issue #13, scheduler side): only the page groups between
     gpu_kv_floor_bytes and gpu_kv_ceiling_bytes are usable by vLLM; more are made usable ahead

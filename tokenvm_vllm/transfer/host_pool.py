@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -317,7 +318,7 @@ class HostPool:
         self, num_slots: int, slot_bytes: int, pin: bool, *, background: bool = True,
         chunk_bytes: int = CHUNK_BYTES, register: RegisterFn | None = None,
         unregister: UnregisterFn | None = None, device_index: int | None = None,
-        reserve: bool = False,
+        reserve: bool = False, shared_path: str | None = None,
     ) -> None:
         start = time.perf_counter()
         self.num_slots = num_slots
@@ -327,7 +328,16 @@ class HostPool:
         self.pinner: LazyPinner | None = None
         self._mmap: mmap.mmap | None = None
         lazy = pin and (register is not None or _host_pointer_usable(device_index))
-        if pin and not lazy:
+        if shared_path is not None:
+            if pin and not lazy:
+                raise TokenVMConfigError(
+                    "tokenvm: this GPU cannot use registered host memory, which a host pool "
+                    "shared by the tensor-parallel ranks needs: set mla_store_once=false")
+            mode = "shared by this node's ranks, " + ("pinned lazily" if lazy else "pageable")
+            self._mmap = _map_shared(shared_path, self.nbytes, reserve)
+            self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
+                num_slots, slot_bytes)
+        elif pin and not lazy:
             mode = "pinned eagerly"
             self.buffer = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, pin_memory=True)
         else:
@@ -385,6 +395,44 @@ class HostPool:
         """Unregister what was pinned (the memory stays valid until the pool is dropped)."""
         if self.pinner is not None:
             self.pinner.close()
+
+
+def _map_shared(path: str, nbytes: int, reserve: bool) -> mmap.mmap:
+    """``nbytes`` of the file ``path``, mapped ``MAP_SHARED``. Every opener sizes the file to
+    ``nbytes`` (only ever growing it, so concurrent openers agree and no written byte is lost).
+    The file is sparse: a page costs RAM once written. Unless ``reserve`` (an upper bound, see
+    ``AUTO_RESERVE_BYTES``) the file system must have room for all of it: a tmpfs that runs
+    out would kill the worker with SIGBUS on a write instead."""
+    directory = os.path.dirname(path) or "."
+    if not reserve:
+        stat = os.statvfs(directory)
+        free = stat.f_bavail * stat.f_frsize
+        try:
+            free += os.stat(path).st_size  # another rank created it already
+        except FileNotFoundError:
+            pass
+        if free < nbytes:
+            raise TokenVMConfigError(
+                f"tokenvm: the shared host pool needs {nbytes} bytes in {directory}, which "
+                f"has {free} free: lower host_bytes, enlarge {directory} (docker: --shm-size), "
+                f"or set mla_store_once=false")
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as err:
+        raise TokenVMConfigError(
+            f"tokenvm: cannot open the shared host pool {path}: {err}; "
+            "set mla_store_once=false") from None
+    try:
+        if os.fstat(fd).st_size < nbytes:
+            os.ftruncate(fd, nbytes)
+        return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | (_MAP_NORESERVE if reserve else 0))
+    except OSError as err:
+        raise TokenVMConfigError(
+            f"tokenvm: cannot map the shared host pool {path} ({nbytes} bytes): {err}; lower "
+            "host_bytes or set mla_store_once=false") from None
+    finally:
+        os.close(fd)
 
 
 def _cuda_register(device_index: int | None) -> tuple[RegisterFn, UnregisterFn]:
