@@ -333,7 +333,8 @@ class HostPool:
                 raise TokenVMConfigError(
                     "tokenvm: this GPU cannot use registered host memory, which a host pool "
                     "shared by the tensor-parallel ranks needs: set mla_store_once=false")
-            mode = "shared by this node's ranks, " + ("pinned lazily" if lazy else "pageable")
+            mode = (f"shared by this node's ranks in {shared_path}, "
+                    + ("pinned lazily" if lazy else "pageable"))
             self._mmap = _map_shared(shared_path, self.nbytes, reserve)
             self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
                 num_slots, slot_bytes)
