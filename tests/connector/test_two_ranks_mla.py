@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.connector.test_two_ranks import BLOCK, SLOT_BYTES, TwoRankHarness, prompts, revisit
+from tests.redis_servers import RedisServer
 from tokenvm_vllm.connector.worker import TokenVMWorker
 
 
@@ -118,5 +119,31 @@ def test_disk_blocks_survive_a_restart_with_one_scan(tiny_model_config: str, tmp
     rid = second.add(prompt)
     second.run()  # nothing in host: every hit comes from disk, checked on both ranks
     assert second.stats["disk_recovered_blocks"] >= 8
+    assert second.stats["loaded_blocks"] >= 8
+    assert len(second.outputs[rid]) == 4
+
+
+def test_remote_tier_is_written_once_and_serves_both_ranks(
+        tiny_model_config: str, redis_server: RedisServer) -> None:
+    """Rank 0 alone talks to Redis (rank 0's keys, one copy per block); rank 1 answers its
+    lookups as "all found", so rank 0's answer decides; a fresh server's two ranks both load
+    the blocks rank 0 read from Redis."""
+    config: dict[str, Any] = {"host_bytes": 64 * SLOT_BYTES, "remote_url": redis_server.url,
+                              "remote_timeout_s": 1.0}
+    (prompt,) = prompts(1, prefix_blocks=8, suffix=5, seed=1000)
+    first = make(tiny_model_config, **config)
+    rank0, rank1 = ranks(first)
+    assert rank0.remote is not None and rank1.remote is None
+    first.add(prompt)
+    first.run()
+    written = first.stats["remote_written_blocks"]
+    assert written >= 8
+    assert int(redis_server.cli("DBSIZE")) == written  # one key per block, not one per rank
+    for worker in ranks(first):
+        worker.shutdown()
+    second = make(tiny_model_config, **config)
+    rid = second.add(prompt)
+    second.run()  # empty host: the prefix comes from Redis, checked on both ranks
+    assert second.stats["remote_hit_blocks"] >= 8
     assert second.stats["loaded_blocks"] >= 8
     assert len(second.outputs[rid]) == 4
