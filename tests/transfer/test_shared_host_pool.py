@@ -14,7 +14,7 @@ from tokenvm_vllm.transfer.host_pool import HostPool
 def test_two_pools_over_one_file_share_their_bytes(tmp_path: Path) -> None:
     path = str(tmp_path / "tokenvm-engine.pool")
     rank0 = HostPool(4, 4096, pin=False, shared_path=path)
-    rank1 = HostPool(4, 4096, pin=False, shared_path=path)  # sizes the file again: no loss
+    rank1 = HostPool(4, 4096, pin=False, shared_path=path, create=False)
     rank0.buffer[3, :8] = 5
     assert rank1.buffer[3, :8].tolist() == [5] * 8
     assert Path(path).stat().st_size == 4 * 4096  # one pool's bytes, not two
@@ -37,3 +37,13 @@ def test_mla_store_once_bad_value_names_the_key() -> None:
     assert "mla_store_once='sometimes' is not a boolean" in str(err.value)
     assert "\n" not in str(err.value)
     assert load_config({}, environ={"TOKENVM_MLA_STORE_ONCE": "0"}).mla_store_once is False
+
+
+def test_a_rank_that_never_sees_the_file_fails(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenvm_vllm.transfer import host_pool
+
+    monkeypatch.setattr(host_pool, "SHARED_POOL_WAIT_S", 0.2)
+    with pytest.raises(TokenVMConfigError, match="cannot open the shared host pool") as err:
+        HostPool(4, 4096, pin=False, shared_path=str(tmp_path / "absent.pool"), create=False)
+    assert "\n" not in str(err.value)

@@ -202,6 +202,7 @@ class TokenVMWorker:
             device_index=device.index if device.type == "cuda" else None,
             reserve=host_bytes == HOST_BYTES_AUTO,
             shared_path=self._shared_pool_path() if self.store_once else None,
+            create=self.writer,  # rank 0 creates it; the others wait for it
         )
         self._layer_index = {layer.name: (g, i) for g, layout in enumerate(self.layouts)
                              for i, layer in enumerate(layout.layers)}

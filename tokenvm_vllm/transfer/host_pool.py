@@ -312,13 +312,20 @@ class HostPool:
     Eagerly (``torch.empty(pin_memory=True)``, today's behaviour before lazy pinning) only where
     the GPU cannot use a registered host address as a device address (see
     ``_host_pointer_usable``). ``pinned`` is True in both pinned modes.
+
+    ``shared_path``: map this file (e.g. in ``/dev/shm``) ``MAP_SHARED`` instead of anonymous
+    memory, so the workers of one node that open the same path share one pool (MLA's
+    replicated latent KV, stored once: ``connector/worker.py``). Never pinned eagerly (that
+    buffer is private to the process); the caller removes the file. ``create``: make the file
+    if missing; False: another process makes it, wait for it (``SHARED_POOL_WAIT_S``), so a
+    rank that cannot see the creator's file fails instead of serving from an empty pool.
     """
 
     def __init__(
         self, num_slots: int, slot_bytes: int, pin: bool, *, background: bool = True,
         chunk_bytes: int = CHUNK_BYTES, register: RegisterFn | None = None,
         unregister: UnregisterFn | None = None, device_index: int | None = None,
-        reserve: bool = False, shared_path: str | None = None,
+        reserve: bool = False, shared_path: str | None = None, create: bool = True,
     ) -> None:
         start = time.perf_counter()
         self.num_slots = num_slots
@@ -335,7 +342,7 @@ class HostPool:
                     "shared by the tensor-parallel ranks needs: set mla_store_once=false")
             mode = (f"shared by this node's ranks in {shared_path}, "
                     + ("pinned lazily" if lazy else "pageable"))
-            self._mmap = _map_shared(shared_path, self.nbytes, reserve)
+            self._mmap = _map_shared(shared_path, self.nbytes, reserve, create)
             self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
                 num_slots, slot_bytes)
         elif pin and not lazy:
@@ -398,7 +405,12 @@ class HostPool:
             self.pinner.close()
 
 
-def _map_shared(path: str, nbytes: int, reserve: bool) -> mmap.mmap:
+SHARED_POOL_WAIT_S = 120.0
+"""How long a rank waits for the rank that creates the shared pool (both are registering
+vLLM's KV caches at that moment, one collective call of vLLM's executor)."""
+
+
+def _map_shared(path: str, nbytes: int, reserve: bool, create: bool = True) -> mmap.mmap:
     """``nbytes`` of the file ``path``, mapped ``MAP_SHARED``. Every opener sizes the file to
     ``nbytes`` (only ever growing it, so concurrent openers agree and no written byte is lost).
     The file is sparse: a page costs RAM once written. Unless ``reserve`` (an upper bound, see
@@ -417,9 +429,17 @@ def _map_shared(path: str, nbytes: int, reserve: bool) -> mmap.mmap:
                 f"tokenvm: the shared host pool needs {nbytes} bytes in {directory}, which "
                 f"has {free} free: lower host_bytes, enlarge {directory} (docker: --shm-size), "
                 f"or set mla_store_once=false")
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    flags = os.O_RDWR | (os.O_CREAT if create else 0) | getattr(os, "O_NOFOLLOW", 0)
+    deadline = time.monotonic() + SHARED_POOL_WAIT_S
     try:
-        fd = os.open(path, flags, 0o600)
+        while True:
+            try:
+                fd = os.open(path, flags, 0o600)
+                break
+            except FileNotFoundError:
+                if create or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
     except OSError as err:
         raise TokenVMConfigError(
             f"tokenvm: cannot open the shared host pool {path}: {err}; "
