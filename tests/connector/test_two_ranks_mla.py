@@ -12,11 +12,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import pytest
+import torch
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    MLAAttentionSpec,
+)
 
 from tests.connector.test_two_ranks import BLOCK, SLOT_BYTES, TwoRankHarness, prompts, revisit
 from tests.redis_servers import RedisServer
 from tokenvm_vllm.connector.worker import TokenVMWorker
+from tokenvm_vllm.transfer.layout import replicated_latent_kv
 
 
 def make(tiny_model_config: str, mla: bool = True, **extra: Any) -> TwoRankHarness:
@@ -147,3 +158,28 @@ def test_remote_tier_is_written_once_and_serves_both_ranks(
     assert second.stats["remote_hit_blocks"] >= 8
     assert second.stats["loaded_blocks"] >= 8
     assert len(second.outputs[rid]) == 4
+
+
+@pytest.mark.parametrize(("change", "once"), [
+    ({}, True),
+    ({"tensor_parallel_size": 1}, False),
+    ({"pipeline_parallel_size": 2}, False),
+    ({"decode_context_parallel_size": 2}, False),
+    ({"prefill_context_parallel_size": 2}, False),
+    ({"distributed_executor_backend": "ray"}, False),
+    ({"distributed_executor_backend": "external_launcher"}, False),
+    ({"nnodes": 2}, False),
+])
+def test_which_deployments_store_once(change: dict[str, Any], once: bool) -> None:
+    """One copy per node only where every rank holds the same latent and maps this node's
+    /dev/shm: MLA, TP>1, one pipeline stage, no context parallelism, local processes."""
+    parallel = {"tensor_parallel_size": 2, "pipeline_parallel_size": 1,
+                "decode_context_parallel_size": 1, "prefill_context_parallel_size": 1,
+                "distributed_executor_backend": "mp", "nnodes": 1, **change}
+    vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(**parallel))
+    mla = MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=576, dtype=torch.bfloat16)
+    full = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=64, dtype=torch.bfloat16)
+    for spec, want in ((mla, once), (full, False)):
+        config = KVCacheConfig(num_blocks=8, kv_cache_tensors=[],
+                               kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
+        assert replicated_latent_kv(vllm_config, config) is want

@@ -160,6 +160,11 @@ class TokenVMScheduler:
                 + ("full" if g.sliding_window is None else f"window {g.sliding_window}")
                 for g in self.groups))
 
+        if self.store_once:
+            logger.info("TokenVM scheduler: MLA latent KV replicated on %d tensor-parallel "
+                        "ranks: stored once per node (rank 0 writes, one host pool in %s)",
+                        vllm_config.parallel_config.tensor_parallel_size, "/dev/shm")
+
     @staticmethod
     def _shared_pool_room() -> int:
         """What 'auto' may share out when the ranks share one pool in /dev/shm: MemAvailable,
