@@ -27,6 +27,7 @@ from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
+    MLAAttentionSpec,
     SlidingWindowSpec,
 )
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
@@ -101,6 +102,12 @@ class Harness:
     """> 0: a hybrid model (vLLM's hybrid KV cache manager): ``LAYERS[0]`` is a sliding-window
     layer of this many tokens in KV cache group 0, ``LAYERS[1]`` full attention in group 1.
     The forward then checks, in the window layer, only the positions inside the window."""
+    mla: bool = False
+    """An MLA model's KV cache group (``MLAAttentionSpec``: one latent tensor per layer, here
+    the same (blocks, 1, block_size, 2) float32 tensors, so the same 128 bytes per block)."""
+    tensor_parallel_size: int = 1
+    """What vLLM's parallel config says (``TwoRankHarness`` sets 2): the worker side reads it
+    to decide whether MLA's latent KV is stored once."""
     steps: int = 0
     preemptions: int = 0
     outputs: dict[str, list[int]] = field(default_factory=dict)
@@ -120,8 +127,13 @@ class Harness:
         )
         self.vllm_config = args.create_engine_config()
         self.vllm_config.cache_config.num_gpu_blocks = self.num_gpu_blocks
-        spec = FullAttentionSpec(block_size=self.block_size, num_kv_heads=1, head_size=1,
-                                 dtype=torch.float32)
+        parallel = self.vllm_config.parallel_config
+        parallel.tensor_parallel_size = parallel.world_size = self.tensor_parallel_size
+        spec: FullAttentionSpec = FullAttentionSpec(
+            block_size=self.block_size, num_kv_heads=1, head_size=1, dtype=torch.float32)
+        if self.mla:
+            spec = MLAAttentionSpec(block_size=self.block_size, num_kv_heads=1, head_size=2,
+                                    dtype=torch.float32)
         groups = [KVCacheGroupSpec(list(LAYERS), spec)]
         self.group_layers = [list(LAYERS)]
         if self.sliding_window:

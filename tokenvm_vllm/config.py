@@ -152,6 +152,11 @@ class TokenVMConfig:
     chunks) stalled every request for the whole 9 s of registration (TTFT p90 9.9 s against
     0.6 s), as registering pinned memory holds up the GPU work of the process meanwhile.
     ``host_bytes: "auto"`` always pins lazily (its size is known only after start-up)."""
+    mla_store_once: bool = True
+    """MLA models (one latent KV tensor per layer, replicated on every tensor-parallel rank)
+    at TP>1: keep one copy per node instead of one per rank (a host pool shared by the ranks
+    in /dev/shm, one disk directory, one set of remote keys; rank 0 writes, every rank loads).
+    false: one copy per rank, as for other models. No effect at TP=1 or without MLA."""
     elastic: bool = False
     """Elastic GPU KV (issue #13, scheduler side): only the page groups between
     gpu_kv_floor_bytes and gpu_kv_ceiling_bytes are usable by vLLM; more are made usable ahead

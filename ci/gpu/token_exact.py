@@ -33,6 +33,9 @@ own big-cache reference in the same KV dtype, model and block size:
 - ``tokenvm_mla`` on a tiny DeepSeek-V2-shaped model (``tiny_deepseek``: DeepSeek's 512 + 64
   latent, 8 layers, no MoE; FLASH_ATTN_MLA on Hopper) and ``tokenvm_mla_corrupt``, its negative
   control (must differ);
+- ``tokenvm_mla_tp2``: the same MLA model at TP=2 (two GPUs, whatever ``--tp`` says) against
+  its own TP=2 reference; the latent KV is stored once (rank 0 writes a host pool both ranks
+  map), so its ``tokenvm:store_bytes`` is ``stored_blocks`` x one block;
 - ``tokenvm_bs32``, ``tokenvm_bs64``, ``tokenvm_bs128``: the Llama at block sizes 32, 64, 128,
   with the GPU cache, the prefixes and the reference cache holding the same tokens as at 16.
 
@@ -136,6 +139,14 @@ def build_configs(base: EngineSettings, workload: Workload, mla_model: Callable[
     configs["tokenvm_mla_corrupt"] = Config(
         lambda: replace(base, model=mla_model(), connector="tokenvm", extra_config=corrupt),
         "reference_mla", workload, must_differ=True)
+    # MLA at TP=2 whatever --tp says: the latent KV is replicated, stored once by rank 0 into
+    # a host pool both ranks map (mla_store_once); exact_tokenvm_mla_tp2.json's counters show
+    # store_bytes == stored_blocks x one block (not twice that).
+    configs["reference_mla_tp2"] = Config(
+        lambda: big(replace(base, model=mla_model(), tensor_parallel_size=2)), None, workload)
+    configs["tokenvm_mla_tp2"] = Config(
+        lambda: replace(base, model=mla_model(), connector="tokenvm", tensor_parallel_size=2),
+        "reference_mla_tp2", workload)
     return configs, defaults
 
 

@@ -60,8 +60,13 @@ from tokenvm_vllm.keys import BlockKey, make_block_key, with_group
 from tokenvm_vllm.tiers.disk import disk_slot_count
 from tokenvm_vllm.tiers.manager import TierManager
 from tokenvm_vllm.tiers.residency import Tier
-from tokenvm_vllm.transfer.host_pool import host_slots_for
-from tokenvm_vllm.transfer.layout import block_size_for, kv_cache_groups, slot_bytes_for
+from tokenvm_vllm.transfer.host_pool import host_slots_for, mem_available
+from tokenvm_vllm.transfer.layout import (
+    block_size_for,
+    kv_cache_groups,
+    replicated_latent_kv,
+    slot_bytes_for,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -96,9 +101,15 @@ class TokenVMScheduler:
                 f"size {tokens_per_hash}")
         self.hashes_per_block = self.block_size // tokens_per_hash
         self.num_workers = vllm_config.parallel_config.world_size
+        self.store_once = config.mla_store_once and replicated_latent_kv(
+            vllm_config, kv_cache_config)
+        """MLA at TP>1: one host pool per node (in /dev/shm), one disk store and one writer,
+        rank 0 (``connector/worker.py``); every rank still reports every job."""
         slot_bytes = slot_bytes_for(kv_cache_config)
         # 'auto' is measured here, once: the workers adopt the count from the metadata.
-        host_slots, host_how = host_slots_for(config.host_bytes, slot_bytes, self.num_workers)
+        host_slots, host_how = host_slots_for(
+            config.host_bytes, slot_bytes, 1 if self.store_once else self.num_workers,
+            available=self._shared_pool_room() if self.store_once else None)
         if isinstance(config.host_bytes, str):
             logger.info("TokenVM scheduler: %s", host_how)
         self.tiers = TierManager(
@@ -148,6 +159,20 @@ class TokenVMScheduler:
                 f"{g.index}: {len(g.layer_names)} layers "
                 + ("full" if g.sliding_window is None else f"window {g.sliding_window}")
                 for g in self.groups))
+
+        if self.store_once:
+            logger.info("TokenVM scheduler: MLA latent KV replicated on %d tensor-parallel "
+                        "ranks: stored once per node (rank 0 writes, one host pool in %s)",
+                        vllm_config.parallel_config.tensor_parallel_size, "/dev/shm")
+
+    @staticmethod
+    def _shared_pool_room() -> int:
+        """What 'auto' may share out when the ranks share one pool in /dev/shm: MemAvailable,
+        or /dev/shm's free space where that is smaller (a container's default 64 MiB)."""
+        from tokenvm_vllm.connector.worker import SHARED_POOL_DIR
+
+        stat = os.statvfs(SHARED_POOL_DIR)
+        return min(mem_available()[0], stat.f_bavail * stat.f_frsize)
 
     # -- keys --------------------------------------------------------------------------------
 
@@ -493,10 +518,11 @@ class TokenVMScheduler:
         """Take over what every worker's start-up scan found (the same key in the same slot)."""
         self._disk_scans += meta.disk_scanned
         self._disk_recovered.update(meta.disk_recovered)
-        if self._disk_scans < self.num_workers or self.tiers.disk_ready:
+        scanners = 1 if self.store_once else self.num_workers  # (store_once: rank 0's store)
+        if self._disk_scans < scanners or self.tiers.disk_ready:
             return
         found = {key: slot for (key, slot), count in self._disk_recovered.items()
-                 if count == self.num_workers}
+                 if count == scanners}
         adopted = self.tiers.adopt_disk(found)
         self._disk_recovered.clear()
         logger.info("TokenVM disk tier ready: %d blocks recovered from %s", adopted,

@@ -26,12 +26,32 @@ With a remote tier (``remote_url``) it owns this rank's ``RemoteStore`` (through
 ``RemoteMover``): each step it starts the step's remote lookups, reads (remote -> host slot) and
 writes (host slot -> remote) as pipelined batches on the store's threads, and reports each
 block's job, and each lookup's answer (``remote_found``), in ``get_finished``.
+
+MLA at TP>1 (``mla_store_once``, ``layout.replicated_latent_kv``): every rank's latent KV is the
+same bytes, so the node keeps one copy, not one per rank:
+
+* host: the ranks map one pool, ``/dev/shm/tokenvm-<engine id>.pool`` (vLLM's engine id is the
+  same in all of an engine's workers and differs between engines and data-parallel replicas).
+  Rank 0 removes the name at its first step (every rank mapped it while vLLM registered the KV
+  caches, before any step), so a crash leaves nothing behind in /dev/shm.
+* rank 0 is the only writer: it alone copies GPU -> host, and owns the disk store (``rank-0``)
+  and the remote store (rank 0's keys); the namespace says ``tp_rank=0`` on every rank. The
+  other ranks report those jobs finished at once without doing anything (a remote lookup as
+  "all found", so the smallest answer, rank 0's, counts).
+* loads: every rank copies host -> its own GPU from the one copy.
+
+The scheduler's plan is unchanged. A job is finished only when every rank reported it
+(``JobTable``), so a block becomes READABLE only once the one writer's copy is done, and a load
+that fails on any rank fails the job and is recomputed on all (vLLM unions the ranks' load
+errors). The scheduler counts one disk scan instead of one per rank and, for 'auto', sizes the
+host tier for one pool per node.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -51,7 +71,12 @@ from tokenvm_vllm.tiers.disk.faults import DiskFaults
 from tokenvm_vllm.transfer.copy_engine import CopyEngine, CopyResult, TorchCopyEngine
 from tokenvm_vllm.transfer.disk_mover import DiskMover
 from tokenvm_vllm.transfer.host_pool import HostPool, auto_slot_bound, num_host_slots
-from tokenvm_vllm.transfer.layout import KVLayout, kv_cache_groups, slot_bytes_for
+from tokenvm_vllm.transfer.layout import (
+    KVLayout,
+    kv_cache_groups,
+    replicated_latent_kv,
+    slot_bytes_for,
+)
 from tokenvm_vllm.transfer.remote_mover import RemoteMover
 
 if TYPE_CHECKING:
@@ -59,6 +84,9 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 logger = logging.getLogger("vllm.tokenvm")
+
+SHARED_POOL_DIR = "/dev/shm"
+"""Where the host pool that the ranks share (MLA, ``mla_store_once``) is created."""
 
 CROSS_LAYERS = "__cross_layers__"
 """The layer name under which a cross-layer KV cache is registered (one row per block)."""
@@ -123,6 +151,13 @@ class TokenVMWorker:
         """Host slots the scheduler uses (``TokenVMConnectorMetadata.host_slots``; known at
         start-up for a fixed ``host_bytes``, from the first metadata for 'auto')."""
         rank = compat.tensor_parallel_rank_and_size()[0]
+        self.store_once = config.mla_store_once and replicated_latent_kv(
+            vllm_config, kv_cache_config)
+        """MLA at TP>1: one copy per node, written by rank 0 (module docstring)."""
+        self.writer = not self.store_once or rank == 0
+        """Whether this rank writes stores, disk and remote (every rank, unless store_once)."""
+        self.shared_pool_path: str | None = None
+        """The shared host pool's file while its name exists (store_once only)."""
         self._fail_loads = config.debug_fail_load_every > 0 and config.debug_fail_load_rank in (
             -1, rank)
         """Testing only: this rank fails every ``debug_fail_load_every``-th load."""
@@ -167,15 +202,17 @@ class TokenVMWorker:
             background=False,
             device_index=device.index if device.type == "cuda" else None,
             reserve=host_bytes == HOST_BYTES_AUTO,
+            shared_path=self._shared_pool_path() if self.store_once else None,
+            create=self.writer,  # rank 0 creates it; the others wait for it
         )
         self._layer_index = {layer.name: (g, i) for g, layout in enumerate(self.layouts)
                              for i, layer in enumerate(layout.layers)}
         self._pool = pool
         self.engines = [make_copy_engine(layout, caches, pool, self.config)
                         for layout, caches in zip(self.layouts, per_group, strict=True)]
-        if self.config.disk_path:
+        if self.config.disk_path and self.writer:
             self._open_disk_store(first_dtype=str(next(iter(kv_caches.values())).dtype))
-        if self.config.remote_url:
+        if self.config.remote_url and self.writer:
             self._open_remote_store(first_dtype=str(next(iter(kv_caches.values())).dtype))
         first = next(iter(kv_caches.values()))
         logger.info(
@@ -185,6 +222,26 @@ class TokenVMWorker:
             self.layouts[0].layers[0].nbytes, type(self.engines[0]).__name__,
             "" if len(self.groups) == 1 else
             f" (one per KV cache group: {len(self.groups)} groups)")
+
+    def _shared_pool_path(self) -> str:
+        """The host pool file every rank of this engine maps (``store_once``)."""
+        transfer = self.vllm_config.kv_transfer_config
+        engine_id = str(getattr(transfer, "engine_id", None) or "")
+        if not engine_id:
+            raise ValueError("tokenvm: kv_transfer_config.engine_id is empty, so the ranks "
+                             "cannot name a shared host pool: set mla_store_once=false")
+        self.shared_pool_path = os.path.join(
+            SHARED_POOL_DIR, "tokenvm-" + re.sub(r"[^A-Za-z0-9_.-]", "_", engine_id) + ".pool")
+        return self.shared_pool_path
+
+    def _unlink_shared_pool(self) -> None:
+        """Remove the shared pool's name (the mappings stay valid)."""
+        path, self.shared_pool_path = self.shared_pool_path, None
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:  # another rank removed it
+                pass
 
     @property
     def layout(self) -> KVLayout | None:
@@ -226,7 +283,7 @@ class TokenVMWorker:
             kv_dtype=kv_dtype_name(str(cache.cache_dtype), kv_dtype,
                                    bool(getattr(cache, "calculate_kv_scales", False))),
             block_size=self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size,
-            tp_rank=rank, tp_size=size,
+            tp_rank=0 if self.store_once else rank, tp_size=size,
             pp_size=self.vllm_config.parallel_config.pipeline_parallel_size,
             hash_algo=str(self.vllm_config.cache_config.prefix_caching_hash_algo),
             hash_seed=current_hash_seed(),
@@ -341,10 +398,13 @@ class TokenVMWorker:
             return
         self._started_meta = meta
         self._adopt_host_slots(meta.host_slots)
-        if meta.disk_reads or meta.disk_writes or meta.disk_invalidations:
-            self._start_disk_jobs(meta)
-        if meta.remote_lookups or meta.remote_reads or meta.remote_writes:
-            self._start_remote_jobs(meta)
+        if not self.writer:
+            self._skip_tier_jobs(meta)
+        else:
+            if meta.disk_reads or meta.disk_writes or meta.disk_invalidations:
+                self._start_disk_jobs(meta)
+            if meta.remote_lookups or meta.remote_reads or meta.remote_writes:
+                self._start_remote_jobs(meta)
         if not meta.loads:
             return
         assert self.engines, "loads planned before the KV cache was registered"
@@ -370,6 +430,20 @@ class TokenVMWorker:
             if self.config.debug_corrupt_loads:
                 for job_id in self._step_layerwise:
                     self._corrupt(job_id)
+
+    def _skip_tier_jobs(self, meta: TokenVMConnectorMetadata) -> None:
+        """Not the writer (``store_once``): the disk and remote jobs are rank 0's; report
+        them finished here, and every lookup as finding all its blocks (rank 0's answer is
+        the smallest, so it counts)."""
+        done = self._worker_meta.completed
+        for disk_job in (*meta.disk_reads, *meta.disk_writes):
+            done[disk_job.job_id] += 1
+        for lookup in meta.remote_lookups:
+            done[lookup.job_id] += 1
+            self._worker_meta.remote_found[(lookup.job_id, len(lookup.keys))] += 1
+        for batch in (*meta.remote_reads, *meta.remote_writes):
+            for job_id in batch.job_ids:
+                done[job_id] += 1
 
     def _submit(self, op: str, job: CopyJob) -> None:
         """Start ``job`` (``op``: ``store``, ``load`` or ``load_layers``) on the engine of
@@ -488,12 +562,17 @@ class TokenVMWorker:
         if not self._pinning_started:
             self._pinning_started = True
             self._pool.start_pinning(host_slots)
+            if self.writer:  # every rank mapped the shared pool before the first step
+                self._unlink_shared_pool()
 
     def start_store(self, meta: TokenVMConnectorMetadata) -> None:
         self._adopt_host_slots(meta.host_slots)
         if meta.store is not None:
             assert self.engines, "a store planned before the KV cache was registered"
-            self._submit("store", meta.store)
+            if self.writer:
+                self._submit("store", meta.store)
+            else:  # rank 0 writes the one copy; the job finishes when it reports
+                self._worker_meta.completed[meta.store.job_id] += 1
 
     def get_finished(self) -> set[str]:
         """Collect finished jobs; returns the requests whose loads finished (finished_recving)."""
@@ -556,6 +635,7 @@ class TokenVMWorker:
             self.remote.shutdown()
         if self._pool is not None:
             self._pool.close()  # after every copy that used it has finished
+        self._unlink_shared_pool()  # (if no step ran)
 
     def _fail_load(self, job_id: int) -> None:
         """Testing only: report a load as failed without copying (vLLM must recompute)."""

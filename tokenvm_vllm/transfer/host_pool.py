@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import threading
 import time
 import weakref
@@ -328,6 +329,13 @@ class HostPool:
     Eagerly (``torch.empty(pin_memory=True)``) with ``lazy=False`` (``pin_mode: eager``, the
     worker's default) or where the GPU cannot use a registered host address as a device address
     (see ``_host_pointer_usable``). ``pinned`` is True in both pinned modes.
+
+    ``shared_path``: map this file (e.g. in ``/dev/shm``) ``MAP_SHARED`` instead of anonymous
+    memory, so the workers of one node that open the same path share one pool (MLA's
+    replicated latent KV, stored once: ``connector/worker.py``). Never pinned eagerly (that
+    buffer is private to the process); the caller removes the file. ``create``: make the file
+    if missing; False: another process makes it, wait for it (``SHARED_POOL_WAIT_S``), so a
+    rank that cannot see the creator's file fails instead of serving from an empty pool.
     """
 
     def __init__(
@@ -335,6 +343,7 @@ class HostPool:
         chunk_bytes: int = CHUNK_BYTES, register: RegisterFn | None = None,
         unregister: UnregisterFn | None = None, device_index: int | None = None,
         reserve: bool = False, lazy: bool = True, duty: float = BACKGROUND_DUTY,
+        shared_path: str | None = None, create: bool = True,
     ) -> None:
         start = time.perf_counter()
         self.num_slots = num_slots
@@ -346,8 +355,20 @@ class HostPool:
         if reserve and pin and not lazy:
             raise ValueError("tokenvm: a reserved (host_bytes='auto') pool can only be pinned "
                              "lazily")
-        lazy = pin and lazy and (register is not None or _host_pointer_usable(device_index))
-        if pin and not lazy:
+        # A shared pool is always pinned lazily: an eager pinned buffer is private memory.
+        lazy = pin and (lazy or shared_path is not None) and (
+            register is not None or _host_pointer_usable(device_index))
+        if shared_path is not None:
+            if pin and not lazy:
+                raise TokenVMConfigError(
+                    "tokenvm: this GPU cannot use registered host memory, which a host pool "
+                    "shared by the tensor-parallel ranks needs: set mla_store_once=false")
+            mode = (f"shared by this node's ranks in {shared_path}, "
+                    + ("pinned lazily" if lazy else "pageable"))
+            self._mmap = _map_shared(shared_path, self.nbytes, reserve, create)
+            self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
+                num_slots, slot_bytes)
+        elif pin and not lazy:
             mode = "pinned eagerly"
             self.buffer = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, pin_memory=True)
         else:
@@ -425,6 +446,57 @@ def _unpin_then_release(pinner: LazyPinner, memory: mmap.mmap | None) -> None:
     only held so that the mapping outlives the registration."""
     del memory
     pinner.close()
+
+
+SHARED_POOL_WAIT_S = 120.0
+"""How long a rank waits for the rank that creates the shared pool (both are registering
+vLLM's KV caches at that moment, one collective call of vLLM's executor)."""
+
+
+def _map_shared(path: str, nbytes: int, reserve: bool, create: bool = True) -> mmap.mmap:
+    """``nbytes`` of the file ``path``, mapped ``MAP_SHARED``. Every opener sizes the file to
+    ``nbytes`` (only ever growing it, so concurrent openers agree and no written byte is lost).
+    The file is sparse: a page costs RAM once written. Unless ``reserve`` (an upper bound, see
+    ``AUTO_RESERVE_BYTES``) the file system must have room for all of it: a tmpfs that runs
+    out would kill the worker with SIGBUS on a write instead."""
+    directory = os.path.dirname(path) or "."
+    if not reserve:
+        stat = os.statvfs(directory)
+        free = stat.f_bavail * stat.f_frsize
+        try:
+            free += os.stat(path).st_size  # another rank created it already
+        except FileNotFoundError:
+            pass
+        if free < nbytes:
+            raise TokenVMConfigError(
+                f"tokenvm: the shared host pool needs {nbytes} bytes in {directory}, which "
+                f"has {free} free: lower host_bytes, enlarge {directory} (docker: --shm-size), "
+                f"or set mla_store_once=false")
+    flags = os.O_RDWR | (os.O_CREAT if create else 0) | getattr(os, "O_NOFOLLOW", 0)
+    deadline = time.monotonic() + SHARED_POOL_WAIT_S
+    try:
+        while True:
+            try:
+                fd = os.open(path, flags, 0o600)
+                break
+            except FileNotFoundError:
+                if create or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    except OSError as err:
+        raise TokenVMConfigError(
+            f"tokenvm: cannot open the shared host pool {path}: {err}; "
+            "set mla_store_once=false") from None
+    try:
+        if os.fstat(fd).st_size < nbytes:
+            os.ftruncate(fd, nbytes)
+        return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | (_MAP_NORESERVE if reserve else 0))
+    except OSError as err:
+        raise TokenVMConfigError(
+            f"tokenvm: cannot map the shared host pool {path} ({nbytes} bytes): {err}; lower "
+            "host_bytes or set mla_store_once=false") from None
+    finally:
+        os.close(fd)
 
 
 def _cuda_register(device_index: int | None) -> tuple[RegisterFn, UnregisterFn]:

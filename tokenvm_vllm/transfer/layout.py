@@ -30,7 +30,7 @@ whose length is the number of blocks (ambiguous when, e.g., 32 blocks of 32 toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -95,6 +95,32 @@ def kv_cache_groups(kv_cache_config: KVCacheConfig) -> tuple[GroupInfo, ...]:
             f"tokenvm: the KV cache groups have block sizes {sorted(sizes)}; TokenVM supports "
             "hybrid models whose groups share one block size only")
     return tuple(infos)
+
+
+def replicated_latent_kv(vllm_config: Any, kv_cache_config: KVCacheConfig) -> bool:
+    """Whether every tensor-parallel rank holds the same bytes for every block: MLA (every KV
+    cache group an ``MLAAttentionSpec``: one latent vector per token, computed by a replicated
+    projection, never split by heads) at TP>1. The rule vLLM's own stores use (Mooncake's
+    store worker: ``use_mla`` -> one KV head, shared by ``tp_size`` ranks, one key namespace).
+    False with pipeline parallelism (each stage holds other layers, TokenVM keys ranks by
+    their TP rank only), with decode/prefill context parallelism (it splits the latent KV of a
+    sequence over ranks, so the copies differ), and unless every rank is a process on this
+    node (the ranks share one host pool in /dev/shm): vLLM's multiprocessing executor on one
+    node only (not Ray, torchrun or ``nnodes`` > 1)."""
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size <= 1 or parallel.pipeline_parallel_size > 1:
+        return False
+    if parallel.distributed_executor_backend not in (None, "mp") or int(
+            getattr(parallel, "nnodes", 1) or 1) > 1:
+        return False
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if int(getattr(parallel, name, 1) or 1) > 1:
+            return False
+    groups = kv_cache_config.kv_cache_groups
+    return bool(groups) and all(
+        isinstance(group.kv_cache_spec, MLAAttentionSpec) for group in groups)
 
 
 def slot_bytes_for(kv_cache_config: KVCacheConfig) -> int:
