@@ -93,8 +93,9 @@ for stage in $STAGES; do
     vmm)  # issue #13: CUDA VMM map/unmap cost per page and page group, how much is hidden
       python3 -m tokenvm_vllm.bench.vmm_bench --out "$OUT/vmm_bench.json" 2>&1 \
         | tee "$WORK/vmm_bench.log" | tail -20 ;;
-    hostpool)  # issue #13: a 20 GiB host pool, lazily pinned vs eagerly
-      python3 -m tokenvm_vllm.bench.host_pool_bench --gib 20 2>&1 | tee "$WORK/host_pool.log" \
+    hostpool)  # issue #13: a 20 GiB host pool, lazily pinned (paced, unpaced) vs eagerly, with a
+      # GPU step loop running meanwhile (~2 min)
+      python3 -m tokenvm_vllm.bench.host_pool_bench --gib 20 2>&1 | tee "$OUT/host_pool.log" \
         | tail -3 ;;
     hybrid)  # issue #14: full + sliding-window groups (SupportsHMA), token-exact
       python3 ci/gpu/hybrid_exact.py --out "$WORK/hybrid" 2>&1 | tee "$WORK/hybrid.log" | tail -12 ;;

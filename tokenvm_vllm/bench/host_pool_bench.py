@@ -1,31 +1,82 @@
-"""How long a host pool keeps start-up waiting: lazily pinned against eagerly pinned (issue #13).
+"""How a host pool's pinning costs serving: lazily (paced or not) against eagerly (issue #13).
 
     python -m tokenvm_vllm.bench.host_pool_bench --gib 20
 
-Measures, on a CUDA machine, with 2 MiB slots: the time to construct a lazily pinned pool (what
-start-up waits for now), the time until its background thread has pinned all of it, the longest
-stall of the main thread while that thread pins (the register call releases the GIL, so a step
-loop keeps running), one copy to a slot far ahead of the thread (pinned on demand), the time to
-unregister it, and the time to construct an eagerly pinned pool of the same size
-(``torch.empty(pin_memory=True)``, what start-up waited for before). Prints one JSON line last.
+On a CUDA machine, with 2 MiB slots, for each lazy variant (``paced``: the default 32 MiB
+chunks at 10% duty; ``unpaced``: 256 MiB chunks back to back, what the first serving run used):
+the time to construct the pool (what start-up waits for), the time until the background thread
+has pinned all of it, one copy to a slot far ahead of the thread (pinned on demand), and a
+stand-in for the engine's step loop running meanwhile: a 4096^3 bf16 matmul plus a synchronize,
+back to back, whose step times (p50, p99, max) are compared with the same loop on an idle
+pool. A serving run stalled for the 9 s of unpaced pinning (``results/lazy_pinning_stall_h200``):
+registering pinned memory holds up the process's GPU work, which the step times show and a
+Python-only loop would not. Then the eager pool (``torch.empty(pin_memory=True)``, what start-up
+waits for with ``pin_mode: eager``). Prints one JSON line last.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from typing import Any
 
 import torch
 
-from tokenvm_vllm.transfer.host_pool import HostPool
+from tokenvm_vllm.transfer.host_pool import BACKGROUND_DUTY, CHUNK_BYTES, HostPool
 
 SLOT_BYTES = 2 * 2**20
+VARIANTS = {"paced": (CHUNK_BYTES, BACKGROUND_DUTY), "unpaced": (256 * 2**20, 1.0)}
+
+
+def step_times(until: Any, seconds: float | None = None) -> list[float]:
+    """Run matmul + synchronize steps until ``until()`` is true (or for ``seconds``); their
+    durations in ms."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    times: list[float] = []
+    stop = None if seconds is None else time.perf_counter() + seconds
+    while not (until() if stop is None else time.perf_counter() >= stop):
+        began = time.perf_counter()
+        (a @ a).sum().item()
+        times.append((time.perf_counter() - began) * 1000)
+    return times
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    return {"steps": len(ordered), "p50_ms": statistics.median(ordered),
+            "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+            "max_ms": ordered[-1], "sum_ms": sum(ordered)}
+
+
+def lazy_variant(slots: int, chunk_bytes: int, duty: float) -> dict[str, Any]:
+    result: dict[str, Any] = {"chunk_bytes": chunk_bytes, "duty": duty}
+    start = time.perf_counter()
+    pool = HostPool(slots, SLOT_BYTES, pin=True, chunk_bytes=chunk_bytes, duty=duty)
+    result["construct_s"] = time.perf_counter() - start
+    assert pool.pinner is not None, "pinned eagerly: this GPU cannot use registered memory"
+    gpu = torch.full((SLOT_BYTES,), 7, dtype=torch.uint8, device="cuda")
+    copy_start = time.perf_counter()
+    pool.ensure_pinned([slots - 1])  # far ahead of the background thread: pinned on demand
+    pool.buffer[slots - 1].copy_(gpu, non_blocking=True)
+    torch.cuda.synchronize()
+    result["first_copy_far_ahead_s"] = time.perf_counter() - copy_start
+    assert int(pool.buffer[slots - 1, :16].sum()) == 7 * 16
+    result["steps_while_pinning"] = summary(step_times(pool.pinner.done.is_set))
+    result["fully_pinned_s"] = time.perf_counter() - start
+    result["chunks"] = pool.pinner.num_chunks
+    result["error"] = pool.pinner.error or ""
+    start = time.perf_counter()
+    pool.close()
+    result["unregister_s"] = time.perf_counter() - start
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=20.0, help="pool size in GiB")
+    parser.add_argument("--variants", default="paced,unpaced", help="lazy variants to run")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager pool")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -33,39 +84,12 @@ def main() -> None:
     torch.zeros(1, device="cuda")  # CUDA's own start-up outside the timings
     torch.cuda.synchronize()
     slots = int(args.gib * 2**30) // SLOT_BYTES
-    result: dict[str, float | int | str] = {"gib": slots * SLOT_BYTES / 2**30, "slots": slots}
-
-    start = time.perf_counter()
-    pool = HostPool(slots, SLOT_BYTES, pin=True)
-    result["lazy_construct_s"] = time.perf_counter() - start
-    assert pool.pinner is not None, "pinned eagerly: this GPU cannot use registered memory"
-    # A copy to the last slot, far ahead of the background thread: pinned on demand.
-    gpu = torch.full((SLOT_BYTES,), 7, dtype=torch.uint8, device="cuda")
-    copy_start = time.perf_counter()
-    pool.ensure_pinned([slots - 1])
-    pool.buffer[slots - 1].copy_(gpu, non_blocking=True)
-    torch.cuda.synchronize()
-    result["first_copy_far_ahead_s"] = time.perf_counter() - copy_start
-    assert int(pool.buffer[slots - 1, :16].sum()) == 7 * 16
-    # A stand-in for the engine's step loop: how long can the main thread be kept waiting?
-    longest = 0.0
-    last = time.perf_counter()
-    while not pool.pinner.done.is_set():
-        time.sleep(0.001)
-        now = time.perf_counter()
-        longest = max(longest, now - last)
-        last = now
-    result["fully_pinned_s"] = time.perf_counter() - start
-    result["pinner_pinned_seconds"] = pool.pinner.pinned_seconds or -1.0
-    result["main_thread_longest_stall_ms"] = longest * 1000
-    result["chunks"] = pool.pinner.num_chunks
-    result["on_demand_chunks"] = pool.pinner.on_demand_chunks
-    result["error"] = pool.pinner.error or ""
-    start = time.perf_counter()
-    pool.close()
-    result["unregister_s"] = time.perf_counter() - start
-    del pool
-
+    result: dict[str, Any] = {"gib": slots * SLOT_BYTES / 2**30, "slots": slots,
+                              "steps_idle": summary(step_times(lambda: False, seconds=3.0))}
+    for name in args.variants.split(","):
+        chunk_bytes, duty = VARIANTS[name]
+        result[name] = lazy_variant(slots, chunk_bytes, duty)
+        print(name, json.dumps(result[name]), flush=True)
     if not args.no_eager:
         start = time.perf_counter()
         eager = torch.empty((slots, SLOT_BYTES), dtype=torch.uint8, pin_memory=True)
