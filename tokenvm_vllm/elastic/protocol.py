@@ -89,6 +89,11 @@ class CommandMapper:
         self._commands.append(("unmap", group))
         self.unmaps += 1
 
+    @property
+    def pending(self) -> list[Command]:
+        """Commands recorded and not yet taken (they go with the next metadata)."""
+        return list(self._commands)
+
     def take(self) -> list[Command]:
         """The commands recorded since the last call, in order (for the step's metadata)."""
         commands, self._commands = self._commands, []
