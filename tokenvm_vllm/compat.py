@@ -235,7 +235,7 @@ def install_elastic_kv_hook(allocate: ElasticAllocator) -> None:
             return v1_original(self, kv_cache_config) if out is None else out
 
         v1_allocate._tokenvm_elastic = True  # type: ignore[attr-defined]
-        GPUModelRunner._allocate_kv_cache_tensors = v1_allocate  # type: ignore[method-assign]
+        GPUModelRunner._allocate_kv_cache_tensors = v1_allocate
 
 
 def uninstall_elastic_kv_hook(allocate: ElasticAllocator) -> None:
