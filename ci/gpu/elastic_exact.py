@@ -47,7 +47,7 @@ SHAPE = TinyLlamaShape(vocab_words=4093, hidden_size=1024, intermediate_size=281
 BLOCK_SIZE = 16
 IDLE_S = 3.0
 WORKLOAD = Workload(documents=6, questions=2, prefix_blocks=100, suffix_tokens=40,
-                    max_tokens=16, batch_size=1)
+                    max_tokens=16, batch_size=1, pause_s=IDLE_S + 1.5)
 HOOK_LINE = "reserved as CUDA VMM ranges"
 
 

@@ -12,8 +12,10 @@ elastic_commands``). Every worker applies the same list (``WorkerKV.apply``) in
   travel in step N's metadata. A block is first handed out by a ``schedule`` call, so the step
   that first uses it carries (or follows) the metadata that maps its pages.
 - Zeroing: newly mapped pages hold whatever the driver gives (possibly NaN bit patterns, which
-  attention would read through masked-out slots); they are zeroed on the current stream and the
-  stream is waited for before the step's loads (on TokenVM's copy stream) may write them.
+  attention would read through masked-out slots); they are zeroed on the current (compute)
+  stream before the step's loads are submitted. No CPU wait: by the ``CopyEngine`` contract a
+  job first waits on the GPU for the compute stream's work queued before its submission, so a
+  load cannot be overwritten by the zeroing, and the forward runs after it on the same stream.
 - Ordering of unmaps: a group is unmapped only after the scheduler parked every block on it (no
   request holds them, vLLM cannot hand them out). Kernels of earlier steps, and TokenVM's own
   copies, may still be queued on them: the worker synchronises the device before the first
@@ -179,20 +181,18 @@ class WorkerKV:
                 self._zero(group)
 
     def apply(self, commands: Sequence[Command]) -> None:
-        """Apply one step's commands in order. Maps: mapped and zeroed (then the stream is
-        waited for, so the step's loads on another stream cannot be overwritten by the zeroing).
-        Unmaps: the device is synchronised once, before the first, so no queued kernel or copy
-        still reads or writes the pages. A failed map (out of memory) raises: the scheduler has
-        already handed the blocks out, serving on would fault."""
+        """Apply one step's commands in order. Maps: mapped and zeroed on the current stream
+        (ordered before the step's loads and forward; see the module docstring). Unmaps: the
+        device is synchronised once, before the first, so no queued kernel or copy still reads
+        or writes the pages. A failed map (out of memory) raises: the scheduler has already
+        handed the blocks out, serving on would fault."""
         self.history.append(list(commands))
         if not commands:
             return
         synced = False
-        zeroed = False
         for op, group in commands:
             if op == "map":
                 self._map_all((group,))
-                zeroed = True
                 self.maps += 1
             elif op == "unmap":
                 if self.is_cuda and not synced:
@@ -205,10 +205,6 @@ class WorkerKV:
                 self.unmaps += 1
             else:
                 raise ValueError(f"tokenvm elastic: unknown command {op!r} (a bug)")
-        if zeroed and self.is_cuda:
-            import torch
-
-            torch.cuda.current_stream(self._device).synchronize()
 
     def release(self) -> None:
         """Free the ranges (CUDA); the KV tensors viewing them are invalid afterwards."""
