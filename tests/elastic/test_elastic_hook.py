@@ -121,3 +121,17 @@ def test_sleep_mode_is_refused(vllm_026, monkeypatch):
     with pytest.raises(TokenVMConfigError, match="enable_sleep_mode"):
         protocol.build_worker_kv(config, load_config({"elastic": True}, environ={}),
                                  vllm_config)
+
+
+def test_data_parallel_is_refused(vllm_026, monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
+    config = _kv_config([KVCacheTensor(size=64 * 32768, shared_by=["l0"])])
+    vllm_config = SimpleNamespace(model_config=SimpleNamespace(enable_sleep_mode=False),
+                                  parallel_config=SimpleNamespace(data_parallel_size=2))
+    with pytest.raises(TokenVMConfigError, match="data_parallel_size=2"):
+        protocol.build_worker_kv(config, load_config({"elastic": True}, environ={}),
+                                 vllm_config)

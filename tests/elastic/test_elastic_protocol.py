@@ -172,3 +172,16 @@ def test_worker_applies_commands_and_rejects_an_unknown_one():
         kv.apply([("map", 3)])  # the recording mapper refuses what the GPU would corrupt
     with pytest.raises(ValueError, match="unknown command"):
         kv.apply([("remap", 2)])
+
+
+def test_warm_up_maps_everything_and_the_first_step_trims_to_the_start_set():
+    """vLLM 0.26's V2 warm-up writes KV into blocks 1..N before any metadata: the worker maps
+    every group for it and the first step's ``apply`` gives back all but the start set."""
+    layout = PageGroupLayout([1024, 1024], num_blocks=16, page_bytes=4096)  # 4 groups
+    kv = WorkerKV(layout, initial_groups(layout, 4096 * 2, None))  # floor: 1 group (2 pages)
+    assert kv.mapped == {0}
+    kv.map_all_for_warm_up()
+    assert kv.mapped == {0, 1, 2, 3} and all(kv.is_usable(b) for b in range(16))
+    kv.apply([("map", 2)])  # the first step: trim to the start set, then its commands
+    assert kv.mapped == {0, 2} and kv.mapper.mapped == {0, 2} and not kv.warming_up
+    assert (kv.maps, kv.unmaps) == (1, 0)  # the trim is not a scheduler command

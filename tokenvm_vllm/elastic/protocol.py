@@ -21,9 +21,14 @@ elastic_commands``). Every worker applies the same list (``WorkerKV.apply``) in
   copies, may still be queued on them: the worker synchronises the device before the first
   unmap of a step (shrinks are rare; the stall does not matter).
 - Start: both sides compute the same start set (``initial_groups``: the floor, then the null
-  block's groups); the worker maps it when it allocates the KV tensors (warm-up and CUDA graph
-  capture run before the first metadata and write the null block), the scheduler records no
-  commands for it.
+  block's groups); the scheduler records no commands for it.
+- Warm-up: on CUDA the worker maps *every* group when it allocates the KV tensors, because
+  vLLM writes KV before the first metadata: V2's ``warmup_kernels`` runs fake requests on
+  blocks 1..N (as many as ``max_num_seqs`` and the token budget need), CUDA graph capture and
+  V1's dummy runs write the null block. The first ``apply`` (the first real step; warm-up runs
+  with the connector disabled or bypassed) synchronises the device and unmaps everything
+  outside the start set. Start-up thus needs the full KV size for a moment, as vLLM without
+  elastic mode does; the memory is given back before the first request is computed.
 
 On CPU (no VMM for vLLM's tensors) the worker keeps the mapped set with a ``RecordingMapper``:
 the protocol, and that no step touches a block on an unmapped group, are checked there.
@@ -122,6 +127,8 @@ class WorkerKV:
         self.history: list[list[Command]] = []
         self._ranges: list[Any] = []
         self._device: torch.device | None = None
+        self.warming_up = False
+        """Every group is mapped for vLLM's warm-up; the first ``apply`` trims to the start."""
         if not cuda:  # CPU: nothing to allocate, the start set is mapped at once
             self._map_all(self.start)
 
@@ -155,12 +162,31 @@ class WorkerKV:
         tensors = [rng.as_tensor(torch.int8, (size,)) for rng, size in
                    zip(mapper.ranges, sizes, strict=True)]
         self._map_all(self.start)
+        self.map_all_for_warm_up()
         torch.cuda.current_stream(device).synchronize()
         logger.info("TokenVM elastic: %d KV tensors of %s bytes reserved as CUDA VMM ranges, "
-                    "%d of %d page groups mapped at start (%d bytes)", len(sizes),
-                    sorted(set(sizes)), len(self.mapped), self.layout.num_groups,
-                    sum(self.layout.group_bytes(g) for g in self.mapped))
+                    "all %d page groups mapped for vLLM's warm-up; %d stay mapped from the "
+                    "first step (%d bytes)", len(sizes), sorted(set(sizes)),
+                    self.layout.num_groups, len(self.start),
+                    sum(self.layout.group_bytes(g) for g in self.start))
         return tensors
+
+    def map_all_for_warm_up(self) -> None:
+        """Map every group (see the module docstring: vLLM's warm-up writes blocks 1..N)."""
+        self._map_all([g for g in range(self.layout.num_groups) if g not in self.mapped])
+        self.warming_up = True
+
+    def _end_warm_up(self) -> None:
+        """Unmap every group outside the start set once warm-up is over (device synchronised:
+        the warm-up's kernels may still be queued)."""
+        if self.is_cuda:
+            import torch
+
+            torch.cuda.synchronize(self._device)
+        for group in sorted(self.mapped - set(self.start)):
+            self.mapper.unmap_group(group)
+            self.mapped.discard(group)
+        self.warming_up = False
 
     def _zero(self, group: int) -> None:
         """Zero ``group``'s pages (a cudaMemset on the current stream)."""
@@ -187,6 +213,8 @@ class WorkerKV:
         or writes the pages. A failed map (out of memory) raises: the scheduler has already
         handed the blocks out, serving on would fault."""
         self.history.append(list(commands))
+        if self.warming_up:
+            self._end_warm_up()
         if not commands:
             return
         synced = False
@@ -219,7 +247,8 @@ def build_worker_kv(kv_cache_config: Any, config: Any, vllm_config: Any = None) 
     On CUDA it installs the allocation hook (``compat.install_elastic_kv_hook``): vLLM builds
     the connector before it allocates the KV cache, so the next allocation of a config with
     this layout becomes VMM ranges. Raises ``TokenVMConfigError`` (one line) where elastic mode
-    cannot work: sleep mode (vLLM's CuMemAllocator would have to own the KV memory)."""
+    cannot work: sleep mode (vLLM's CuMemAllocator would have to own the KV memory), data
+    parallelism (dummy forwards of idle ranks)."""
     from tokenvm_vllm import compat
     from tokenvm_vllm.config import TokenVMConfigError
     from tokenvm_vllm.elastic.pool import layout_for
@@ -238,6 +267,13 @@ def build_worker_kv(kv_cache_config: Any, config: Any, vllm_config: Any = None) 
             "tokenvm: elastic=true with enable_sleep_mode=True: sleep mode frees KV memory "
             "through vLLM's CuMemAllocator, which does not own elastic mode's VMM ranges; "
             "unset one of them")
+    parallel_config = getattr(vllm_config, "parallel_config", None)
+    data_parallel = getattr(parallel_config, "data_parallel_size", 1)
+    if isinstance(data_parallel, int) and data_parallel > 1:
+        raise TokenVMConfigError(
+            f"tokenvm: elastic=true with data_parallel_size={data_parallel}: an idle DP rank "
+            "runs dummy forwards over stale block tables, which may name unmapped blocks; "
+            "unset elastic or use data_parallel_size=1")
     num_blocks = kv_cache_config.num_blocks
 
     def allocate(alloc_config: Any, device: Any) -> dict[str, Any] | None:
