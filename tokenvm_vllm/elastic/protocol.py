@@ -145,9 +145,9 @@ class WorkerKV:
 
     def allocate(self, sizes: Sequence[int], device: torch.device) -> list[torch.Tensor]:
         """Reserve one virtual range per KV tensor of ``sizes`` bytes (region ``r`` of the
-        layout is ``sizes[r]``), map and zero the start groups, and return ``int8`` views of
-        exactly ``sizes[r]`` bytes each: what vLLM's ``torch.zeros`` would have returned, with
-        only the start groups backed by memory."""
+        layout is ``sizes[r]``), map every group for vLLM's warm-up (the first ``apply`` keeps
+        only the start set), zero them, and return ``int8`` views of exactly ``sizes[r]`` bytes
+        each: what vLLM's ``torch.zeros`` would have returned."""
         if len(sizes) != len(self.layout.block_bytes):
             raise ValueError(f"tokenvm elastic: vLLM allocates {len(sizes)} KV tensors, the "
                              f"layout has {len(self.layout.block_bytes)} regions; file a bug")
@@ -161,8 +161,10 @@ class WorkerKV:
 
         tensors = [rng.as_tensor(torch.int8, (size,)) for rng, size in
                    zip(mapper.ranges, sizes, strict=True)]
-        self._map_all(self.start)
-        self.map_all_for_warm_up()
+        self._map_all(self.start, zero=False)
+        self.map_all_for_warm_up(zero=False)
+        for tensor in tensors:  # one memset per tensor rather than one per page
+            tensor.zero_()
         torch.cuda.current_stream(device).synchronize()
         logger.info("TokenVM elastic: %d KV tensors of %s bytes reserved as CUDA VMM ranges, "
                     "all %d page groups mapped for vLLM's warm-up; %d stay mapped from the "
@@ -171,9 +173,9 @@ class WorkerKV:
                     sum(self.layout.group_bytes(g) for g in self.start))
         return tensors
 
-    def map_all_for_warm_up(self) -> None:
+    def map_all_for_warm_up(self, zero: bool = True) -> None:
         """Map every group (see the module docstring: vLLM's warm-up writes blocks 1..N)."""
-        self._map_all([g for g in range(self.layout.num_groups) if g not in self.mapped])
+        self._map_all([g for g in range(self.layout.num_groups) if g not in self.mapped], zero)
         self.warming_up = True
 
     def _end_warm_up(self) -> None:
@@ -199,11 +201,11 @@ class WorkerKV:
 
     # -- the protocol -------------------------------------------------------------------------
 
-    def _map_all(self, groups: Sequence[int]) -> None:
+    def _map_all(self, groups: Sequence[int], zero: bool = True) -> None:
         for group in groups:
             self.mapper.map_group(group)
             self.mapped.add(group)
-            if self.is_cuda:
+            if zero and self.is_cuda:
                 self._zero(group)
 
     def apply(self, commands: Sequence[Command]) -> None:
