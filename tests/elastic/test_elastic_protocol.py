@@ -122,7 +122,7 @@ def test_blocks_are_mapped_before_use_and_unmapped_after_parking_on_every_rank(
     burst_idle_revisit(h, seed=11)
     assert kv0.history == kv1.history
     assert kv0.maps > 6 and kv0.unmaps > 0 and kv0.maps == kv1.maps
-    assert h.recorded_unmaps == kv0.unmaps and h.checked_unmaps > 0
+    assert 0 < kv0.unmaps <= h.recorded_unmaps and h.checked_unmaps > 0
     assert h.checked_blocks > 100
     assert h.stats["elastic_shrunk_groups"] > 0 and h.stats["loaded_blocks"] > 0
     pool = h.connector.scheduler.elastic.pool
@@ -148,13 +148,19 @@ def test_start_set_is_the_floor_then_the_null_blocks_groups():
     assert initial_groups(odd, 0, None) == (0, 1)
 
 
-def test_command_mapper_records_in_order_and_refuses_nonsense():
-    m = CommandMapper()
+def test_command_mapper_sends_the_difference_and_refuses_nonsense():
+    m = CommandMapper(start=[0])
     m.map_group(3)
     m.map_group(1)
-    m.unmap_group(3)
-    assert m.take() == [("map", 3), ("map", 1), ("unmap", 3)]
+    m.unmap_group(3)  # mapped and unmapped before any metadata: the workers never see it
+    assert m.take() == [("map", 1)]
     assert m.take() == []
+    m.map_group(4)
+    m.unmap_group(1)
+    m.map_group(1)  # an idle shrink at an arrival, then growth for it: nothing to do for 1
+    m.unmap_group(0)
+    assert m.pending == m.take() == [("unmap", 0), ("map", 4)]  # unmaps first
+    assert (m.maps, m.unmaps) == (4, 3)
     with pytest.raises(AssertionError, match="mapped twice"):
         m.map_group(1)
     with pytest.raises(AssertionError, match="unmapped twice"):

@@ -73,37 +73,45 @@ def initial_groups(layout: PageGroupLayout, floor_bytes: int,
 
 
 class CommandMapper:
-    """The scheduler's ``Mapper``: records commands for the workers instead of mapping.
+    """The scheduler's ``Mapper``: records what the workers must change instead of mapping.
 
-    Keeps its own mapped set so a command that makes no sense (mapping a mapped group) fails
-    here, in the process that made the mistake, not later in every worker."""
+    Keeps its own mapped set (so a call that makes no sense, mapping a mapped group, fails here,
+    in the process that made the mistake) and the set the workers have once they applied every
+    batch taken so far. A batch is the difference of the two: unmaps first (they free memory
+    for the maps), then maps, each ascending. A group unmapped and mapped again between two
+    metadata (an idle shrink at an arrival, then growth for that arrival) is left alone: its
+    blocks were evicted, so its stale bytes are never read (vLLM writes a block before it reads
+    it), and no zeroing is needed (they are KV a forward wrote, or zeros). A group mapped and
+    unmapped between two metadata never reaches the workers: none of its blocks was handed to
+    a step (they were parked again before the metadata was built)."""
 
     def __init__(self, start: Sequence[int] = ()) -> None:
         self.mapped: set[int] = set(start)
-        self._commands: list[Command] = []
+        self.sent: set[int] = set(start)
+        """What the workers have mapped once they applied every batch taken."""
         self.maps = 0
         self.unmaps = 0
 
     def map_group(self, group: int) -> None:
         assert group not in self.mapped, f"tokenvm elastic: group {group} mapped twice (a bug)"
         self.mapped.add(group)
-        self._commands.append(("map", group))
         self.maps += 1
 
     def unmap_group(self, group: int) -> None:
         assert group in self.mapped, f"tokenvm elastic: group {group} unmapped twice (a bug)"
         self.mapped.remove(group)
-        self._commands.append(("unmap", group))
         self.unmaps += 1
 
     @property
     def pending(self) -> list[Command]:
-        """Commands recorded and not yet taken (they go with the next metadata)."""
-        return list(self._commands)
+        """The batch the next ``take`` returns."""
+        return ([("unmap", g) for g in sorted(self.sent - self.mapped)]
+                + [("map", g) for g in sorted(self.mapped - self.sent)])
 
     def take(self) -> list[Command]:
-        """The commands recorded since the last call, in order (for the step's metadata)."""
-        commands, self._commands = self._commands, []
+        """The batch for the step's metadata (see the class docstring)."""
+        commands = self.pending
+        self.sent = set(self.mapped)
         return commands
 
 
