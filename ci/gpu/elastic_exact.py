@@ -25,6 +25,7 @@ memory back (free GPU memory after the shrink must rise by at least half the unm
 whose log lacks the allocation hook's line.
 
     python ci/gpu/elastic_exact.py --out DIR [--runners v2,v1] [--configs elastic,tokenvm]
+    python ci/gpu/elastic_exact.py --out DIR --smoke   # on CPU: the script's own plumbing
 """
 
 from __future__ import annotations
