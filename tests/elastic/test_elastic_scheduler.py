@@ -27,7 +27,7 @@ def elastic_harness(make_harness, **extra) -> tuple[Harness, ElasticPool]:
     h = make_harness(num_gpu_blocks=64, max_num_seqs=4, extra_config={
         "elastic": True, "elastic_page_bytes": 512, "gpu_kv_floor_bytes": 2048,
         "shrink_idle_s": 0.3, "host_bytes": "1MiB", **extra})
-    elastic = h.connector.scheduler.elastic
+    elastic = h.connector.scheduler.elastic.pool
     assert elastic is not None and elastic.layout.block_bytes == (128, 128)
     return h, elastic
 

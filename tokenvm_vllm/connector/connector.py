@@ -58,7 +58,7 @@ class TokenVMConnector(KVConnectorBase_V1, SupportsHMA):
         assert transfer_config is not None  # vLLM builds a connector only when one is configured
         config, sources = load_config_and_sources(transfer_config.kv_connector_extra_config)
         log_settings(config, sources)
-        check_platform(config.elastic)
+        check_platform(config.elastic, config.testing)
         self.scheduler: TokenVMScheduler | None = None
         self.worker: TokenVMWorker | None = None
         self._debug_warning: DebugKnobWarning | None = None
@@ -78,7 +78,7 @@ class TokenVMConnector(KVConnectorBase_V1, SupportsHMA):
         this machine against the available RAM. Raises ``TokenVMConfigError``."""
         config, sources = load_config_and_sources(extra_config)
         log_settings(config, sources)
-        check_platform(config.elastic)
+        check_platform(config.elastic, config.testing)
         workers = 1
         if vllm_config is not None:
             parallel = vllm_config.parallel_config

@@ -98,6 +98,9 @@ class TokenVMConnectorMetadata(KVConnectorMetadata):
     host_slots: int = 0
     """The scheduler's host slot count (0: not stated). With ``host_bytes: "auto"`` only the
     scheduler measures the machine; the workers pin this many slots (``worker.py``)."""
+    elastic_commands: list[tuple[str, int]] = field(default_factory=list)
+    """Elastic GPU KV: ``("map" | "unmap", page group)`` in order, applied by every worker
+    before this step's loads and forward (``elastic/protocol.py``)."""
 
 
 @dataclass

@@ -42,7 +42,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from tokenvm_vllm import compat
-from tokenvm_vllm.config import LoadMode, TokenVMConfig, TokenVMConfigError, parse_size
+from tokenvm_vllm.config import LoadMode, TokenVMConfig
 from tokenvm_vllm.connector.jobs import Job, JobKind, JobState, JobTable
 from tokenvm_vllm.connector.metadata import (
     CopyJob,
@@ -55,7 +55,7 @@ from tokenvm_vllm.connector.metadata import (
 from tokenvm_vllm.connector.requests import RequestState
 from tokenvm_vllm.connector.stats import TokenVMStats
 from tokenvm_vllm.connector.store_planner import StorePlanner
-from tokenvm_vllm.elastic.pool import ElasticPool, NullMapper, layout_for
+from tokenvm_vllm.elastic.scheduler_side import SchedulerElastic, blocks_needed
 from tokenvm_vllm.keys import BlockKey, make_block_key, with_group
 from tokenvm_vllm.tiers.disk import disk_slot_count
 from tokenvm_vllm.tiers.manager import TierManager
@@ -138,15 +138,13 @@ class TokenVMScheduler:
         self._disk_scans = 0
         self._disk_recovered: Counter[tuple[BlockKey, int]] = Counter()
         self._kv_cache_config = kv_cache_config
-        self.elastic: ElasticPool | None = None
+        self.elastic: SchedulerElastic | None = None
         """Elastic GPU KV (``config.elastic``): built when vLLM binds its block pool."""
         scheduler_config = vllm_config.scheduler_config
         # What one step can allocate at most: its token budget plus a block per sequence.
         self._max_step_blocks = len(self.groups) * (
             -(-scheduler_config.max_num_batched_tokens // self.block_size)
             + scheduler_config.max_num_seqs)
-        self._ceiling_checked_at = float("-inf")
-        self._ceiling_file_seen: tuple[int, int] | None = None
         self._watermark_blocks = int(
             getattr(scheduler_config, "watermark", 0.0) * kv_cache_config.num_blocks)
         disk = self.tiers.disk
@@ -234,11 +232,7 @@ class TokenVMScheduler:
     def on_new_request(self, request: Request) -> None:
         state = self.requests.setdefault(request.request_id, RequestState(request))
         if self.elastic is not None:
-            # Between steps: the only safe place besides build_connector_meta to shrink (an
-            # idle engine does not step, so an idle period ends here), then map ahead for it.
-            self._read_ceiling_file()
-            self.elastic.maybe_shrink()
-            self.elastic.grow(self._blocks_needed(state))
+            self.elastic.between_steps(self._blocks_needed(state))
         state.prefetch_deadline = time.monotonic() + self.config.disk_prefetch_timeout_s
         # Queued and running requests will need their prefix: the queue-aware policy evicts
         # those blocks last (other policies ignore protect/unprotect).
@@ -278,9 +272,7 @@ class TokenVMScheduler:
         state = self.requests.setdefault(request.request_id, RequestState(request))
         state.hit_blocks = 0
         if self.elastic is not None:
-            # vLLM allocates for this request next: make sure it can (growing only adds free
-            # blocks, safe inside schedule; shrinking here is not: see elastic/pool.py).
-            self.elastic.grow(self._blocks_needed(state))
+            self.elastic.before_alloc(self._blocks_needed(state))
         if state.load_job_id is not None:
             return None, False  # a load for this request is still in flight
         start = state.local_blocks = num_computed_tokens // self.block_size
@@ -385,9 +377,7 @@ class TokenVMScheduler:
             if state is not None:
                 state.block_ids = []
         if self.elastic is not None:
-            self._read_ceiling_file()
-            self.elastic.observe()
-            self.elastic.maybe_shrink()  # may hand blocks to the planner's spill list
+            self.elastic.end_of_schedule()  # may hand blocks to the planner's spill list
         store = self.planner.plan_store(scheduler_output, self.requests, self.block_keys,
                                         self.num_hashed_blocks)
         if store is not None:
@@ -401,60 +391,29 @@ class TokenVMScheduler:
             disk_reads=self._step_disk_reads, disk_writes=disk_writes,
             disk_invalidations=self.tiers.take_freed_disk_slots(),
             remote_lookups=self._step_remote_lookups, remote_reads=self._step_remote_reads,
-            remote_writes=remote_writes, host_slots=self.tiers.host.num_slots)
+            remote_writes=remote_writes, host_slots=self.tiers.host.num_slots,
+            elastic_commands=self.elastic.take_commands() if self.elastic is not None else [])
         self._step_loads = []
         self._step_disk_reads = []
         self._step_remote_lookups = []
         self._step_remote_reads = []
         if self.elastic is not None:  # map ahead for the next step's allocations
-            self.elastic.grow(min(self._max_step_blocks, sum(
-                self._blocks_needed(state) for state in self.requests.values())))
+            self.elastic.after_meta(sum(
+                self._blocks_needed(state) for state in self.requests.values()))
         return meta
 
     def _blocks_needed(self, state: RequestState) -> int:
         """Blocks ``state``'s request still needs for its prompt and one more token, in every
         KV cache group (an over-estimate: local prefix hits need no new block)."""
-        request = state.request
         have = min((len(ids) for ids in state.block_ids), default=0)
-        return len(self.groups) * max(0, -(-(request.num_tokens + 1) // self.block_size) - have)
+        return blocks_needed(state.request.num_tokens, have, self.block_size, len(self.groups))
 
     def bind_gpu_block_pool(self, block_pool: Any) -> None:
         self.planner.gpu_block_pool = block_pool
         if self.config.elastic and self.elastic is None:
             self.elastic = self._make_elastic(block_pool)
 
-    def _read_ceiling_file(self) -> None:
-        """``elastic_ceiling_file``: apply a new ceiling when the file changed (its mtime and
-        size, looked at no more than once a second). A missing file or a bad value keeps the
-        ceiling in force and logs one line, once per change of the file."""
-        path = self.config.elastic_ceiling_file
-        now = time.monotonic()
-        if not path or self.elastic is None or now < self._ceiling_checked_at + 1.0:
-            return
-        self._ceiling_checked_at = now
-        try:
-            stat = os.stat(path)
-            seen = (stat.st_mtime_ns, stat.st_size)
-            if seen == self._ceiling_file_seen:
-                return
-            self._ceiling_file_seen = seen
-            with open(path) as f:
-                text = f.read().strip()
-            ceiling = parse_size("elastic_ceiling_file", text)
-        except FileNotFoundError:
-            return
-        except (OSError, TokenVMConfigError) as err:
-            logger.warning("TokenVM elastic: %s: %s; the ceiling stays %d bytes (write a size "
-                           "such as '6GiB' to the file)", path, err,
-                           self.elastic.groups.ceiling_bytes)
-            return
-        self.elastic.set_ceiling(ceiling or self.elastic.groups.total_bytes)
-        logger.info("TokenVM elastic: ceiling from %s: %d bytes (%s)", path,
-                    self.elastic.groups.ceiling_bytes, text)
-
-    def _make_elastic(self, block_pool: Any) -> ElasticPool:
-        config = self.config
-
+    def _make_elastic(self, block_pool: Any) -> SchedulerElastic:
         def is_spilled(key: BlockKey) -> bool:
             index = self.tiers.index
             return index.is_readable(key, Tier.HOST) or index.is_readable(key, Tier.DISK)
@@ -462,12 +421,10 @@ class TokenVMScheduler:
         def request_store(pairs: list[tuple[BlockKey, int]]) -> None:
             self.planner.spill.extend(pairs)
 
-        return ElasticPool(
-            block_pool, layout_for(self._kv_cache_config, config.elastic_page_bytes),
-            NullMapper(), floor_bytes=config.gpu_kv_floor_bytes,
-            ceiling_bytes=config.gpu_kv_ceiling_bytes or None, idle_s=config.shrink_idle_s,
-            is_spilled=is_spilled, request_store=request_store,
-            reserve_blocks=self._watermark_blocks + len(self.groups))
+        return SchedulerElastic(
+            block_pool, self._kv_cache_config, self.config, is_spilled=is_spilled,
+            request_store=request_store, reserve_blocks=self._watermark_blocks + len(self.groups),
+            max_step_blocks=self._max_step_blocks)
 
     # -- planning copies out (connector/store_planner.py) -------------------------------------
 
@@ -590,10 +547,7 @@ class TokenVMScheduler:
         for name, count in self.tiers.get_stats().items():
             self.stats.add(name, count)
         if self.elastic is not None:
-            for name, count in vars(self.elastic.take_counters()).items():
-                self.stats.add(f"elastic_{name}", count)
-            self.stats.set("elastic_usable_blocks", self.elastic.usable_blocks)
-            self.stats.set("elastic_mapped_bytes", self.elastic.mapped_bytes)
+            self.elastic.export(self.stats)
         if self.stats.is_empty():
             return None
         stats, self.stats = self.stats, TokenVMStats()

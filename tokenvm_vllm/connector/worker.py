@@ -65,6 +65,7 @@ from tokenvm_vllm.connector.metadata import (
     TokenVMConnectorMetadata,
     TokenVMWorkerMetadata,
 )
+from tokenvm_vllm.elastic.protocol import WorkerKV, build_worker_kv
 from tokenvm_vllm.keys import Namespace, current_hash_seed, kv_dtype_name
 from tokenvm_vllm.tiers.disk import DiskStore
 from tokenvm_vllm.tiers.disk.faults import DiskFaults
@@ -161,6 +162,10 @@ class TokenVMWorker:
         self._fail_loads = config.debug_fail_load_every > 0 and config.debug_fail_load_rank in (
             -1, rank)
         """Testing only: this rank fails every ``debug_fail_load_every``-th load."""
+        self.elastic: WorkerKV | None = (
+            build_worker_kv(kv_cache_config, config, vllm_config) if config.elastic else None)
+        """Elastic GPU KV: the mapped page groups of this worker's KV tensors (on CUDA their
+        VMM ranges, built by the allocation hook) and the scheduler's commands applied."""
 
     def register_kv_caches(
         self, kv_caches: dict[str, torch.Tensor], block_dim: int | None = None
@@ -168,6 +173,12 @@ class TokenVMWorker:
         """vLLM's per-layer KV tensors (or one cross-layer row matrix, ``block_dim=0``): build
         the layouts (one per KV cache group, over the group's layers), the host pool, the copy
         engines and, with a disk tier, the disk mover."""
+        if self.elastic is not None and self.elastic.cuda and not self.elastic.is_cuda:
+            from tokenvm_vllm.config import TokenVMConfigError
+
+            raise TokenVMConfigError(
+                "tokenvm: elastic=true, but vLLM allocated its KV cache without TokenVM's "
+                "allocation hook (an untested model runner or layout); unset elastic")
         if len(self.groups) == 1:
             per_group = [kv_caches]  # every registered layer, as before hybrid support
         else:
@@ -263,6 +274,7 @@ class TokenVMWorker:
         """Whether to ask vLLM for one cross-layer KV tensor (V1 runner of vLLM 0.26 only).
         Not with layer-wise loads: they wait per layer, and a cross-layer block is one copy."""
         return (self.config.cross_layer_blocks and self.config.load_mode is LoadMode.ASYNC
+                and not self.config.elastic  # elastic hooks the per-layer allocation only
                 and len(self.groups) == 1 and torch.cuda.is_available())
 
     def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any) -> None:
@@ -397,6 +409,10 @@ class TokenVMWorker:
         if meta is self._started_meta:
             return
         self._started_meta = meta
+        if self.elastic is not None:
+            # Before anything this step does: its loads and forward may use blocks on the
+            # groups mapped here (elastic/protocol.py).
+            self.elastic.apply(meta.elastic_commands)
         self._adopt_host_slots(meta.host_slots)
         if not self.writer:
             self._skip_tier_jobs(meta)

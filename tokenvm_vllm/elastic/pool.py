@@ -23,11 +23,11 @@ parks blocks, so it must never run while vLLM holds a reference to a free block 
 only between steps (``on_new_request``) and at the end of ``schedule`` (``build_connector_meta``).
 Growing only adds free blocks and is safe anywhere.
 
-Mapping goes through the ``Mapper`` interface. On CPU there is no virtual memory API for the KV
-tensors, so ``NullMapper`` maps nothing: the block pool's behaviour (what vLLM may use, what is
-spilled and evicted) is real, the memory footprint is not. On CUDA the ``VmmMapper`` would map
-pages, but backing vLLM's KV tensors with VMM ranges (the allocation hook) is not wired yet, so
-elastic mode is refused on CUDA (``connector.py``).
+Mapping goes through the ``Mapper`` interface. In the engine it is ``protocol.CommandMapper``:
+the scheduler only records map/unmap commands, which every worker applies to its KV tensors
+(VMM ranges on CUDA, a recorded set on CPU, where the block pool's behaviour is real and the
+memory footprint is not); see ``protocol.py`` for when workers map and unmap. ``NullMapper``
+maps nothing (unit tests).
 
 vLLM side effects to know: parked blocks count as *used* in vLLM's ``kv_cache_usage`` metric,
 and vLLM's ``reset_prefix_cache`` refuses while any block is parked (it wants every block free).
@@ -52,6 +52,7 @@ from tokenvm_vllm.elastic.page_groups import (
     PageGroupPool,
     ShrinkPolicy,
 )
+from tokenvm_vllm.elastic.protocol import initial_groups
 
 logger = logging.getLogger("vllm.tokenvm")
 
@@ -84,9 +85,13 @@ class ElasticCounters:
     failed_maps: int = 0
 
 
-def check_platform(elastic: bool) -> None:
-    """Refuse elastic mode where it would pretend: on CUDA the KV tensors would have to be VMM
-    ranges (the allocation hook), which is not wired yet. Raises ``TokenVMConfigError``."""
+def check_platform(elastic: bool, testing: bool = False) -> None:
+    """Refuse elastic mode where its hooks are not written: on CUDA, a vLLM release other than
+    the one whose KV allocation ``compat.install_elastic_kv_hook`` wraps; and on CUDA at all
+    unless ``testing`` (the CUDA path has not run on a GPU yet: a page mapped late would give
+    wrong tokens, not an error, so it stays behind the test switch until the GPU check
+    ``ci/gpu/elastic_exact.py``, which sets it, has passed). CPU (no VMM: only the set of usable
+    blocks changes) is accepted. Raises ``TokenVMConfigError``."""
     if not elastic:
         return
     from vllm.platforms import current_platform
@@ -94,9 +99,20 @@ def check_platform(elastic: bool) -> None:
     if current_platform.is_cuda_alike():
         from tokenvm_vllm.config import TokenVMConfigError
 
-        raise TokenVMConfigError(
-            "tokenvm: elastic=true is not wired on GPU yet (vLLM's KV tensors are not backed by "
-            "CUDA VMM ranges, so nothing could be unmapped); unset elastic on this machine")
+        version = compat.vllm_version()
+        if not current_platform.is_cuda():
+            raise TokenVMConfigError(
+                "tokenvm: elastic=true needs NVIDIA CUDA's virtual memory API; this GPU "
+                "platform is not CUDA; unset elastic")
+        if version not in compat.ELASTIC_CUDA_VLLM:
+            raise TokenVMConfigError(
+                f"tokenvm: elastic=true on GPU needs vLLM "
+                f"{' or '.join(compat.ELASTIC_CUDA_VLLM)} (its KV allocation is hooked there), "
+                f"this is vLLM {version}; unset elastic")
+        if not testing:
+            raise TokenVMConfigError(
+                "tokenvm: elastic=true on CUDA has not run on a GPU yet (issue #13): it is "
+                "refused outside testing=true (ci/gpu/elastic_exact.py); unset elastic")
 
 
 def layout_for(kv_cache_config: Any, page_bytes: int = PAGE_BYTES) -> PageGroupLayout:
@@ -182,11 +198,10 @@ class ElasticPool:
             raise RuntimeError(f"ElasticPool: vLLM's block pool has {free} free blocks of "
                                f"{self.layout.num_blocks}; elastic mode must start on a fresh "
                                "pool")
-        self.groups.ensure_floor()
-        # The null block is never freed and is written by padded slots: keep it mapped.
-        missing = tuple(g for g in self.layout.groups_of_block(NULL_BLOCK_ID)
-                        if g not in self.groups.mapped)
-        self.groups.apply_grow(GrowPlan(missing, (), 0, 0))
+        # The floor, and the null block's groups (never freed, written by padded slots): the
+        # same set every worker maps at allocation (protocol.initial_groups).
+        start = initial_groups(self.layout, self.groups.floor_bytes, self.groups.ceiling_bytes)
+        self.groups.apply_grow(GrowPlan(start, (), 0, 0))
         mapped = frozenset(self.groups.mapped)
         to_park = [b for b in range(self.layout.num_blocks)
                    if b != NULL_BLOCK_ID and not self.layout.is_usable(b, mapped)]

@@ -1,0 +1,193 @@
+"""The scheduler -> workers mapping protocol of elastic GPU KV (``elastic/protocol.py``), on CPU.
+
+vLLM's real Scheduler with TokenVM's scheduler side and two real TokenVM worker ranks
+(``TwoRankHarness``). After every step's metadata reached the workers, and before the fake
+forward runs, the test checks what the GPU would need: every block the step touches (the
+scheduled requests' blocks, the step's loads and store) is on page groups every rank has
+mapped; a group whose last command is an unmap has every block parked in the scheduler; both
+ranks applied the same command list and agree with the scheduler's mapped set.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.connector.test_two_ranks import TwoRankHarness
+from tests.elastic.test_elastic_scheduler import prompts
+from tokenvm_vllm.elastic.page_groups import PageGroupLayout
+from tokenvm_vllm.elastic.protocol import CommandMapper, WorkerKV, initial_groups
+
+
+class ProtocolViolation(AssertionError):
+    pass
+
+
+@dataclass
+class ElasticRanks(TwoRankHarness):
+    checked_blocks: int = 0
+    checked_unmaps: int = 0
+    recorded_unmaps: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        elastic = self.connector.scheduler.elastic
+        pool, unmap = elastic.pool, elastic.mapper.unmap_group
+
+        def checked_unmap(group: int) -> None:  # at the moment the scheduler decides
+            loose = [b for b in pool.layout.blocks_of_group(group) if b not in pool.parked]
+            if loose:
+                raise ProtocolViolation(f"group {group} unmapped with blocks {loose} unparked")
+            self.recorded_unmaps += 1
+            unmap(group)
+
+        elastic.mapper.unmap_group = checked_unmap
+
+    def _begin_step(self, workers: list[Any]) -> Any:
+        output = super()._begin_step(workers)
+        self._check_protocol(output)
+        return output
+
+    def _check_protocol(self, output: Any) -> None:
+        elastic = self.connector.scheduler.elastic
+        pool = elastic.pool
+        ranks: list[WorkerKV] = [w.worker.elastic for w in self.workers]
+        meta = output.kv_connector_metadata
+        if any(kv.history[-1] != ranks[0].history[-1] for kv in ranks):
+            raise ProtocolViolation("the ranks applied different commands")
+        # The scheduler's map-ahead after the metadata was built travels with the next one.
+        sent = set(pool.groups.mapped)
+        for op, group in reversed(elastic.mapper.pending):
+            sent.discard(group) if op == "map" else sent.add(group)
+        if any(kv.mapped != sent for kv in ranks):
+            raise ProtocolViolation(f"worker mapped {sorted(ranks[0].mapped)}, scheduler "
+                                    f"{sorted(sent)} as of this metadata")
+        touched: set[int] = set()
+        for req_id in output.num_scheduled_tokens:
+            for ids in self.scheduler.kv_cache_manager.get_block_ids(req_id):
+                touched.update(ids)
+        for job in meta.loads:
+            touched.update(job.gpu_block_ids)
+        if meta.store is not None:
+            touched.update(meta.store.gpu_block_ids)
+        for block in touched:
+            for kv in ranks:
+                if not kv.is_usable(block):
+                    raise ProtocolViolation(f"step {self.steps} uses block {block}, on a page "
+                                            f"group not mapped in its metadata")
+        self.checked_blocks += len(touched)
+        last: dict[int, str] = {}
+        for op, group in meta.elastic_commands:
+            last[group] = op
+        remapped = {g for op, g in elastic.mapper.pending if op == "map"}
+        for group, op in last.items():
+            if op != "unmap" or group in remapped:  # mapped again for the next step: usable
+                continue
+            loose = [b for b in pool.layout.blocks_of_group(group) if b not in pool.parked]
+            if loose:
+                raise ProtocolViolation(f"group {group} unmapped with blocks {loose} unparked")
+            self.checked_unmaps += 1
+
+
+def elastic_ranks(tiny_model_config: str, **extra: Any) -> ElasticRanks:
+    # as test_elastic_scheduler: 4-block page groups of 1 KiB, a floor of 2 groups
+    return ElasticRanks(tiny_model_config, block_size=16, num_gpu_blocks=64, max_num_seqs=4,
+                        extra_config={"elastic": True, "elastic_page_bytes": 512,
+                                      "gpu_kv_floor_bytes": 2048, "shrink_idle_s": 0.3,
+                                      "host_bytes": "1MiB", **extra})
+
+
+def burst_idle_revisit(h: ElasticRanks, seed: int) -> None:
+    burst = prompts(4, prefix_blocks=6, suffix=5, seed=seed)
+    for p in burst:
+        h.add(p, max_tokens=6)
+    h.run()
+    time.sleep(0.4)  # idle past shrink_idle_s: the first revisit shrinks, then it grows again
+    for p in burst:
+        h.add(p, max_tokens=6)
+    h.run()
+    time.sleep(0.4)  # idle again; one small request: the pool stays small this time
+    h.add(prompts(1, prefix_blocks=1, suffix=3, seed=seed + 100)[0], max_tokens=2)
+    h.run()
+
+
+def test_blocks_are_mapped_before_use_and_unmapped_after_parking_on_every_rank(
+        tiny_model_config):
+    h = elastic_ranks(tiny_model_config)
+    kv0, kv1 = (w.worker.elastic for w in h.workers)
+    assert kv0.start == (0, 1) and kv0.mapped == {0, 1}  # the floor, the null block's group
+    burst_idle_revisit(h, seed=11)
+    assert kv0.history == kv1.history
+    assert kv0.maps > 6 and kv0.unmaps > 0 and kv0.maps == kv1.maps
+    assert 0 < kv0.unmaps <= h.recorded_unmaps and h.checked_unmaps > 0
+    assert h.checked_blocks > 100
+    assert h.stats["elastic_shrunk_groups"] > 0 and h.stats["loaded_blocks"] > 0
+    pool = h.connector.scheduler.elastic.pool
+    # the workers' own mapper agrees with the scheduler (the CPU stand-in for cuMemMap)
+    assert kv0.mapper.mapped == kv0.mapped
+    assert not h.connector.scheduler.elastic.mapper.pending or kv0.mapped != pool.groups.mapped
+
+
+def test_a_metadata_without_its_commands_is_caught(tiny_model_config, monkeypatch):
+    """Negative control: drop the commands on their way to the workers; the first step that
+    uses a newly usable block must be flagged."""
+    h = elastic_ranks(tiny_model_config)
+    monkeypatch.setattr(h.connector.scheduler.elastic, "take_commands", lambda: [])
+    with pytest.raises(ProtocolViolation):
+        burst_idle_revisit(h, seed=12)
+
+
+def test_start_set_is_the_floor_then_the_null_blocks_groups():
+    layout = PageGroupLayout([1000], num_blocks=100, page_bytes=4096)  # ~4 blocks per page
+    assert initial_groups(layout, 0, None) == (0,)  # no floor: only the null block's group
+    assert initial_groups(layout, 3 * 4096, None) == (0, 1, 2)
+    odd = PageGroupLayout([5000], num_blocks=10, page_bytes=4096)  # block 0 spans 2 pages
+    assert initial_groups(odd, 0, None) == (0, 1)
+
+
+def test_command_mapper_sends_the_difference_and_refuses_nonsense():
+    m = CommandMapper(start=[0])
+    m.map_group(3)
+    m.map_group(1)
+    m.unmap_group(3)  # mapped and unmapped before any metadata: the workers never see it
+    assert m.take() == [("map", 1)]
+    assert m.take() == []
+    m.map_group(4)
+    m.unmap_group(1)
+    m.map_group(1)  # an idle shrink at an arrival, then growth for it: nothing to do for 1
+    m.unmap_group(0)
+    assert m.pending == m.take() == [("unmap", 0), ("map", 4)]  # unmaps first
+    assert (m.maps, m.unmaps) == (4, 3)
+    with pytest.raises(AssertionError, match="mapped twice"):
+        m.map_group(1)
+    with pytest.raises(AssertionError, match="unmapped twice"):
+        m.unmap_group(3)
+
+
+def test_worker_applies_commands_and_rejects_an_unknown_one():
+    layout = PageGroupLayout([1024, 1024], num_blocks=16, page_bytes=4096)  # 4 blocks/group
+    kv = WorkerKV(layout, initial_groups(layout, 0, None))
+    assert kv.mapped == {0} and kv.is_usable(3) and not kv.is_usable(4)
+    kv.apply([("map", 1), ("map", 3), ("unmap", 1)])
+    assert kv.mapped == {0, 3} and kv.is_usable(12) and not kv.is_usable(4)
+    assert (kv.maps, kv.unmaps) == (2, 1)
+    with pytest.raises(AssertionError, match="mapped twice"):
+        kv.apply([("map", 3)])  # the recording mapper refuses what the GPU would corrupt
+    with pytest.raises(ValueError, match="unknown command"):
+        kv.apply([("remap", 2)])
+
+
+def test_warm_up_maps_everything_and_the_first_step_trims_to_the_start_set():
+    """vLLM 0.26's V2 warm-up writes KV into blocks 1..N before any metadata: the worker maps
+    every group for it and the first step's ``apply`` gives back all but the start set."""
+    layout = PageGroupLayout([1024, 1024], num_blocks=16, page_bytes=4096)  # 4 groups
+    kv = WorkerKV(layout, initial_groups(layout, 4096 * 2, None))  # floor: 1 group (2 pages)
+    assert kv.mapped == {0}
+    kv.map_all_for_warm_up()
+    assert kv.mapped == {0, 1, 2, 3} and all(kv.is_usable(b) for b in range(16))
+    kv.apply([("map", 2)])  # the first step: trim to the start set, then its commands
+    assert kv.mapped == {0, 2} and kv.mapper.mapped == {0, 2} and not kv.warming_up
+    assert (kv.maps, kv.unmaps) == (1, 0)  # the trim is not a scheduler command

@@ -1,0 +1,64 @@
+"""Elastic GPU KV's worker side on a real GPU (``elastic/protocol.py``): the allocation hook's
+half, ``WorkerKV.allocate``, and the application of the scheduler's commands. Skipped without
+CUDA (CI has none); ``ci/gpu/run.sh tests`` runs it. The end-to-end check with vLLM is
+``ci/gpu/elastic_exact.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+MIB = 1 << 20
+BLOCK = 32 * 1024  # 64 blocks per 2 MiB page
+
+
+@pytest.fixture
+def worker_kv():
+    from tokenvm_vllm.elastic.page_groups import PageGroupLayout
+    from tokenvm_vllm.elastic.protocol import WorkerKV, initial_groups
+
+    torch.cuda.init()
+    layout = PageGroupLayout([BLOCK, BLOCK], num_blocks=8 * 64)  # 2 layers, 8 page groups
+    kv = WorkerKV(layout, initial_groups(layout, 0, None), cuda=True)
+    device = torch.device("cuda", torch.cuda.current_device())
+    tensors = kv.allocate([8 * 64 * BLOCK] * 2, device)
+    yield kv, tensors
+    torch.cuda.synchronize()
+    kv.release()
+
+
+def test_allocation_is_vllm_shaped_zeroed_and_fully_mapped_for_warm_up(worker_kv):
+    kv, tensors = worker_kv
+    assert [t.dtype for t in tensors] == [torch.int8] * 2
+    assert [t.numel() for t in tensors] == [8 * 64 * BLOCK] * 2
+    assert kv.mapped == set(range(8)) and kv.warming_up
+    # what vLLM's runner does with the raw tensor: a bf16 view in its KV cache shape
+    cache = tensors[0].view(torch.bfloat16).view(8 * 64, 2, 16, 8, 64)
+    assert int(cache.float().abs().sum().item()) == 0
+    cache[100].fill_(1.0)  # a warm-up write into block 100 (group 1)
+    torch.cuda.synchronize()
+
+
+def test_first_step_trims_then_commands_map_zeroed_pages_and_free_memory(worker_kv):
+    kv, tensors = worker_kv
+    tensors[1].fill_(7)  # garbage everywhere, as warm-up could leave
+    torch.cuda.synchronize()
+    free_full, _ = torch.cuda.mem_get_info()
+    kv.apply([])  # the first step: only the null block's group stays
+    assert kv.mapped == {0} and not kv.warming_up
+    free_trimmed, _ = torch.cuda.mem_get_info()
+    assert free_trimmed - free_full >= 7 * 2 * 2 * MIB  # 7 groups of 2 pages given back
+    kv.apply([("map", 3)])
+    torch.cuda.synchronize()
+    free_mapped, _ = torch.cuda.mem_get_info()
+    block = tensors[1].view(8 * 64, BLOCK)
+    assert int(block[3 * 64:4 * 64].abs().sum().item()) == 0  # remapped pages are zeroed
+    block[3 * 64 + 5].fill_(42)
+    assert int(block[3 * 64 + 5].float().mean().item()) == 42
+    assert int(block[0].abs().sum().item()) == 7 * BLOCK  # group 0 kept its bytes
+    kv.apply([("unmap", 3)])
+    assert kv.mapped == {0} and kv.unmaps == 1
+    free_after, _ = torch.cuda.mem_get_info()
+    assert free_after - free_mapped >= 2 * 2 * MIB  # the unmap gave the group's pages back

@@ -1,0 +1,312 @@
+"""The mapping protocol of elastic GPU KV: the scheduler decides, every worker maps.
+
+The ``ElasticPool`` (scheduler, engine-core process) decides which page groups are mapped; the
+KV tensors live in the worker processes (one per tensor-parallel rank). Its mapper here,
+``CommandMapper``, maps nothing itself: it records ``("map" | "unmap", group)`` commands, which
+the scheduler puts into the step's connector metadata (``TokenVMConnectorMetadata.
+elastic_commands``). Every worker applies the same list (``WorkerKV.apply``) in
+``bind_connector_metadata``, before the step's forward is launched:
+
+- Ordering of maps: a block becomes usable (unparked) in the scheduler only after its groups'
+  map commands were recorded, and the commands recorded up to ``build_connector_meta`` of step N
+  travel in step N's metadata. A block is first handed out by a ``schedule`` call, so the step
+  that first uses it carries (or follows) the metadata that maps its pages.
+- Zeroing: newly mapped pages hold whatever the driver gives (possibly NaN bit patterns, which
+  attention would read through masked-out slots); they are zeroed on the current (compute)
+  stream before the step's loads are submitted. No CPU wait: by the ``CopyEngine`` contract a
+  job first waits on the GPU for the compute stream's work queued before its submission, so a
+  load cannot be overwritten by the zeroing, and the forward runs after it on the same stream.
+- Ordering of unmaps: a group is unmapped only after the scheduler parked every block on it (no
+  request holds them, vLLM cannot hand them out). Kernels of earlier steps, and TokenVM's own
+  copies, may still be queued on them: the worker synchronises the device before the first
+  unmap of a step (shrinks are rare; the stall does not matter).
+- Start: both sides compute the same start set (``initial_groups``: the floor, then the null
+  block's groups); the scheduler records no commands for it.
+- Warm-up: on CUDA the worker maps *every* group when it allocates the KV tensors, because
+  vLLM writes KV before the first metadata: V2's ``warmup_kernels`` runs fake requests on
+  blocks 1..N (as many as ``max_num_seqs`` and the token budget need), CUDA graph capture and
+  V1's dummy runs write the null block. The first ``apply`` (the first real step; warm-up runs
+  with the connector disabled or bypassed) synchronises the device and unmaps everything
+  outside the start set. Start-up thus needs the full KV size for a moment, as vLLM without
+  elastic mode does; the memory is given back before the first request is computed.
+
+On CPU (no VMM for vLLM's tensors) the worker keeps the mapped set with a ``RecordingMapper``:
+the protocol, and that no step touches a block on an unmapped group, are checked there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from tokenvm_vllm.compat import NULL_BLOCK_ID
+from tokenvm_vllm.elastic.page_groups import (
+    GrowPlan,
+    Mapper,
+    PageGroupLayout,
+    PageGroupPool,
+    RecordingMapper,
+    VmmMapper,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger("vllm.tokenvm")
+
+Command = tuple[str, int]
+"""``("map", group)`` or ``("unmap", group)``."""
+
+
+def initial_groups(layout: PageGroupLayout, floor_bytes: int,
+                   ceiling_bytes: int | None) -> tuple[int, ...]:
+    """The groups mapped at start, in mapping order: the floor's (lowest first, never past the
+    ceiling), then any group of the null block not among them (it is written by padded slots and
+    read by warm-up runs, so it is always mapped). The scheduler's ``ElasticPool`` and every
+    worker call this with the same arguments and so agree without a message."""
+    pool = PageGroupPool(layout, RecordingMapper(), floor_bytes, ceiling_bytes)
+    chosen = list(pool.ensure_floor())
+    missing = tuple(g for g in layout.groups_of_block(NULL_BLOCK_ID) if g not in pool.mapped)
+    pool.apply_grow(GrowPlan(missing, (), 0, 0))
+    return (*chosen, *missing)
+
+
+class CommandMapper:
+    """The scheduler's ``Mapper``: records what the workers must change instead of mapping.
+
+    Keeps its own mapped set (so a call that makes no sense, mapping a mapped group, fails here,
+    in the process that made the mistake) and the set the workers have once they applied every
+    batch taken so far. A batch is the difference of the two: unmaps first (they free memory
+    for the maps), then maps, each ascending. A group unmapped and mapped again between two
+    metadata (an idle shrink at an arrival, then growth for that arrival) is left alone: its
+    blocks were evicted, so its stale bytes are never read (vLLM writes a block before it reads
+    it), and no zeroing is needed (they are KV a forward wrote, or zeros). A group mapped and
+    unmapped between two metadata never reaches the workers: none of its blocks was handed to
+    a step (they were parked again before the metadata was built)."""
+
+    def __init__(self, start: Sequence[int] = ()) -> None:
+        self.mapped: set[int] = set(start)
+        self.sent: set[int] = set(start)
+        """What the workers have mapped once they applied every batch taken."""
+        self.maps = 0
+        self.unmaps = 0
+
+    def map_group(self, group: int) -> None:
+        assert group not in self.mapped, f"tokenvm elastic: group {group} mapped twice (a bug)"
+        self.mapped.add(group)
+        self.maps += 1
+
+    def unmap_group(self, group: int) -> None:
+        assert group in self.mapped, f"tokenvm elastic: group {group} unmapped twice (a bug)"
+        self.mapped.remove(group)
+        self.unmaps += 1
+
+    @property
+    def pending(self) -> list[Command]:
+        """The batch the next ``take`` returns."""
+        return ([("unmap", g) for g in sorted(self.sent - self.mapped)]
+                + [("map", g) for g in sorted(self.mapped - self.sent)])
+
+    def take(self) -> list[Command]:
+        """The batch for the step's metadata (see the class docstring)."""
+        commands = self.pending
+        self.sent = set(self.mapped)
+        return commands
+
+
+class WorkerKV:
+    """A worker's side of elastic GPU KV: the layout, the mapper of its KV tensors, and the
+    application of the scheduler's commands.
+
+    ``mapper`` is a ``VmmMapper`` over the ranges that back vLLM's KV tensors (CUDA: built by
+    ``allocate``) or a ``RecordingMapper`` (CPU, or CUDA before ``allocate``). ``history``
+    keeps, per applied metadata, the commands it carried (tests compare ranks)."""
+
+    def __init__(self, layout: PageGroupLayout, start: Sequence[int], cuda: bool = False) -> None:
+        self.layout = layout
+        self.start = tuple(start)
+        self.cuda = cuda
+        """On CUDA nothing is mapped until ``allocate`` (the allocation hook) runs."""
+        self.mapper: Mapper = RecordingMapper()
+        self.mapped: set[int] = set()
+        self.maps = 0
+        self.unmaps = 0
+        self.history: list[list[Command]] = []
+        self._ranges: list[Any] = []
+        self._device: torch.device | None = None
+        self.warming_up = False
+        """Every group is mapped for vLLM's warm-up; the first ``apply`` trims to the start."""
+        if not cuda:  # CPU: nothing to allocate, the start set is mapped at once
+            self._map_all(self.start)
+
+    @property
+    def is_cuda(self) -> bool:
+        """Whether vLLM's KV tensors are this object's VMM ranges (``allocate`` ran)."""
+        return self._device is not None
+
+    def is_usable(self, block: int) -> bool:
+        """Whether every page of ``block`` is mapped here (what a step may touch)."""
+        return self.layout.is_usable(block, self.mapped)
+
+    # -- CUDA: the allocation hook's half -----------------------------------------------------
+
+    def allocate(self, sizes: Sequence[int], device: torch.device) -> list[torch.Tensor]:
+        """Reserve one virtual range per KV tensor of ``sizes`` bytes (region ``r`` of the
+        layout is ``sizes[r]``), map every group for vLLM's warm-up (the first ``apply`` keeps
+        only the start set), zero them, and return ``int8`` views of exactly ``sizes[r]`` bytes
+        each: what vLLM's ``torch.zeros`` would have returned."""
+        if len(sizes) != len(self.layout.block_bytes):
+            raise ValueError(f"tokenvm elastic: vLLM allocates {len(sizes)} KV tensors, the "
+                             f"layout has {len(self.layout.block_bytes)} regions; file a bug")
+        index = device.index if device.index is not None else 0
+        mapper = VmmMapper.allocate(self.layout, index)
+        self.mapper = mapper
+        self._ranges = list(mapper.ranges)
+        self._device = device
+        self.mapped = set()
+        import torch
+
+        tensors = [rng.as_tensor(torch.int8, (size,)) for rng, size in
+                   zip(mapper.ranges, sizes, strict=True)]
+        self._map_all(self.start, zero=False)
+        self.map_all_for_warm_up(zero=False)
+        for tensor in tensors:  # one memset per tensor rather than one per page
+            tensor.zero_()
+        torch.cuda.current_stream(device).synchronize()
+        logger.info("TokenVM elastic: %d KV tensors of %s bytes reserved as CUDA VMM ranges, "
+                    "all %d page groups mapped for vLLM's warm-up; %d stay mapped from the "
+                    "first step (%d bytes)", len(sizes), sorted(set(sizes)),
+                    self.layout.num_groups, len(self.start),
+                    sum(self.layout.group_bytes(g) for g in self.start))
+        return tensors
+
+    def map_all_for_warm_up(self, zero: bool = True) -> None:
+        """Map every group (see the module docstring: vLLM's warm-up writes blocks 1..N)."""
+        self._map_all([g for g in range(self.layout.num_groups) if g not in self.mapped], zero)
+        self.warming_up = True
+
+    def _end_warm_up(self) -> None:
+        """Unmap every group outside the start set once warm-up is over (device synchronised:
+        the warm-up's kernels may still be queued)."""
+        if self.is_cuda:
+            import torch
+
+            torch.cuda.synchronize(self._device)
+        for group in sorted(self.mapped - set(self.start)):
+            self.mapper.unmap_group(group)
+            self.mapped.discard(group)
+        self.warming_up = False
+
+    def _zero(self, group: int) -> None:
+        """Zero ``group``'s pages (a cudaMemset on the current stream)."""
+        import torch
+
+        page = self.layout.page_bytes
+        for rng, pages in zip(self._ranges, self.layout.region_pages, strict=True):
+            if group < pages:
+                rng.as_tensor(torch.int8, (page,), offset_bytes=group * page).zero_()
+
+    # -- the protocol -------------------------------------------------------------------------
+
+    def _map_all(self, groups: Sequence[int], zero: bool = True) -> None:
+        for group in groups:
+            self.mapper.map_group(group)
+            self.mapped.add(group)
+            if zero and self.is_cuda:
+                self._zero(group)
+
+    def apply(self, commands: Sequence[Command]) -> None:
+        """Apply one step's commands in order. Maps: mapped and zeroed on the current stream
+        (ordered before the step's loads and forward; see the module docstring). Unmaps: the
+        device is synchronised once, before the first, so no queued kernel or copy still reads
+        or writes the pages. A failed map (out of memory) raises: the scheduler has already
+        handed the blocks out, serving on would fault."""
+        self.history.append(list(commands))
+        if self.warming_up:
+            self._end_warm_up()
+        if not commands:
+            return
+        synced = False
+        for op, group in commands:
+            if op == "map":
+                self._map_all((group,))
+                self.maps += 1
+            elif op == "unmap":
+                if self.is_cuda and not synced:
+                    import torch
+
+                    torch.cuda.synchronize(self._device)
+                    synced = True
+                self.mapper.unmap_group(group)
+                self.mapped.discard(group)
+                self.unmaps += 1
+            else:
+                raise ValueError(f"tokenvm elastic: unknown command {op!r} (a bug)")
+
+    def release(self) -> None:
+        """Free the ranges (CUDA); the KV tensors viewing them are invalid afterwards."""
+        if isinstance(self.mapper, VmmMapper):
+            self.mapper.release()
+        self._ranges = []
+
+
+def build_worker_kv(kv_cache_config: Any, config: Any, vllm_config: Any = None) -> WorkerKV:
+    """The worker's ``WorkerKV`` for ``config.elastic`` (``config``: a ``TokenVMConfig``).
+
+    On CUDA it installs the allocation hook (``compat.install_elastic_kv_hook``): vLLM builds
+    the connector before it allocates the KV cache, so the next allocation of a config with
+    this layout becomes VMM ranges. Raises ``TokenVMConfigError`` (one line) where elastic mode
+    cannot work: sleep mode (vLLM's CuMemAllocator would have to own the KV memory), data
+    parallelism (dummy forwards of idle ranks)."""
+    from tokenvm_vllm import compat
+    from tokenvm_vllm.config import TokenVMConfigError
+    from tokenvm_vllm.elastic.pool import layout_for
+
+    layout = layout_for(kv_cache_config, config.elastic_page_bytes)
+    start = initial_groups(layout, config.gpu_kv_floor_bytes, config.gpu_kv_ceiling_bytes or None)
+    from vllm.platforms import current_platform
+
+    cuda = current_platform.is_cuda_alike()
+    kv = WorkerKV(layout, start, cuda=cuda)
+    if not cuda:
+        return kv
+    model_config = getattr(vllm_config, "model_config", None)
+    if getattr(model_config, "enable_sleep_mode", False):
+        raise TokenVMConfigError(
+            "tokenvm: elastic=true with enable_sleep_mode=True: sleep mode frees KV memory "
+            "through vLLM's CuMemAllocator, which does not own elastic mode's VMM ranges; "
+            "unset one of them")
+    parallel_config = getattr(vllm_config, "parallel_config", None)
+    data_parallel = getattr(parallel_config, "data_parallel_size", 1)
+    if isinstance(data_parallel, int) and data_parallel > 1:
+        raise TokenVMConfigError(
+            f"tokenvm: elastic=true with data_parallel_size={data_parallel}: an idle DP rank "
+            "runs dummy forwards over stale block tables, which may name unmapped blocks; "
+            "unset elastic or use data_parallel_size=1")
+    num_blocks = kv_cache_config.num_blocks
+
+    def allocate(alloc_config: Any, device: Any) -> dict[str, Any] | None:
+        if kv.is_cuda or alloc_config.num_blocks != num_blocks:
+            return None  # not the allocation this worker was built for (V1's profiling run)
+        tensors = alloc_config.kv_cache_tensors
+        for t in tensors:
+            if getattr(t, "block_stride", 0):
+                raise TokenVMConfigError(
+                    f"tokenvm: elastic=true: vLLM packs several layers per block (KVCacheTensor"
+                    f" block_stride={t.block_stride}); elastic mode maps one region per tensor: "
+                    "unset elastic for this model")
+            if t.size % num_blocks:
+                raise TokenVMConfigError(
+                    f"tokenvm: elastic=true: a KV tensor of {t.size} bytes is not {num_blocks} "
+                    "equal blocks; unset elastic for this model")
+        if layout_for(alloc_config, layout.page_bytes).block_bytes != layout.block_bytes:
+            raise TokenVMConfigError(
+                "tokenvm: elastic=true: vLLM's KV tensors in the worker differ from the "
+                "connector's KV cache config; unset elastic (and file a bug)")
+        views = kv.allocate([t.size for t in tensors], device)
+        return {layer: view for t, view in zip(tensors, views, strict=True)
+                for layer in t.shared_by}
+
+    compat.install_elastic_kv_hook(allocate)
+    return kv
