@@ -183,3 +183,17 @@ def test_which_deployments_store_once(change: dict[str, Any], once: bool) -> Non
         config = KVCacheConfig(num_blocks=8, kv_cache_tensors=[],
                                kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
         assert replicated_latent_kv(vllm_config, config) is want
+
+
+def test_auto_host_bytes_for_a_shared_pool_is_bounded_by_dev_shm() -> None:
+    """host_bytes='auto' with one pool per node: no more than MemAvailable or /dev/shm's free
+    space (a container's default 64 MiB /dev/shm would otherwise SIGBUS a worker)."""
+    import os
+
+    from tokenvm_vllm.connector.scheduler import TokenVMScheduler
+    from tokenvm_vllm.connector.worker import SHARED_POOL_DIR
+    from tokenvm_vllm.transfer.host_pool import mem_available
+
+    room = TokenVMScheduler._shared_pool_room()
+    stat = os.statvfs(SHARED_POOL_DIR)
+    assert 0 < room <= min(mem_available()[0], stat.f_bavail * stat.f_frsize) * 1.05
