@@ -20,7 +20,8 @@ NUM_SLOTS = 512
 CHUNK = 2 * 2**20
 
 
-def make(path: str, delay: float = 0.05):
+def make(path: str, delay: float = 0.05, chunk_bytes: int = CHUNK, background: bool = True,
+         staging_slots: int = 8):
     from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
     from tokenvm_vllm.transfer.host_pool import HostPool, _cuda_register, _host_pointer_usable
     from tokenvm_vllm.transfer.layout import KVLayout
@@ -37,13 +38,23 @@ def make(path: str, delay: float = 0.05):
               for i in range(4)}
     per = caches["l0"].numel() // NUM_BLOCKS * caches["l0"].element_size()
     layout = KVLayout.from_kv_caches(caches, NUM_BLOCKS, per * 4)
-    pool = HostPool(NUM_SLOTS, per * 4, pin=True, background=False, chunk_bytes=CHUNK,
+    pool = HostPool(NUM_SLOTS, per * 4, pin=True, background=False, chunk_bytes=chunk_bytes,
                     register=slow_register, unregister=unregister, duty=1.0)
-    engine = CudaCopyEngine(layout, caches, pool, path=path, staging_bytes=8 * pool.slot_bytes)
-    # After the engine: building it may compile Triton kernels for longer than the background
-    # thread needs (the test then saw pinning finish before its first copy).
-    pool.start_pinning()
+    engine = CudaCopyEngine(layout, caches, pool, path=path,
+                            staging_bytes=staging_slots * pool.slot_bytes)
+    if background:
+        # After the engine: building it may compile Triton kernels for longer than the
+        # background thread needs (the test then saw pinning finish before its first copy).
+        pool.start_pinning()
     return engine, caches, pool
+
+
+def assert_moved(engine, caches, before, src, dst):
+    """Every layer's block ``dst[i]`` now holds what block ``src[i]`` held in ``before``."""
+    for layer in engine.layout.layers:
+        kv, old = caches[layer.name], before[layer.name]
+        for s, d in zip(src, dst, strict=True):
+            assert torch.equal(kv.select(layer.block_dim, d), old.select(layer.block_dim, s))
 
 
 def drain(engine, n):
@@ -78,10 +89,7 @@ def test_copies_overtake_background_pinning_and_every_byte_arrives(path):
     torch.cuda.synchronize()
     (loaded,) = drain(engine, 1)
     assert loaded.ok and loaded.is_load
-    for layer in engine.layout.layers:
-        kv, old = caches[layer.name], before[layer.name]
-        for s, d in zip(src, dst, strict=True):
-            assert torch.equal(kv.select(layer.block_dim, d), old.select(layer.block_dim, s))
+    assert_moved(engine, caches, before, src, dst)
     assert pinner.on_demand_chunks >= 1
     assert pool.wait_pinned(timeout=120) and pinner.error is None
     assert pinner.registered_chunks == pinner.num_chunks
@@ -114,20 +122,8 @@ def test_consecutive_slots_across_registration_chunks_move_by_dma(chunk_pages):
     inside rows)."""
     import mmap
 
-    from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
-    from tokenvm_vllm.transfer.host_pool import HostPool, _cuda_register
-    from tokenvm_vllm.transfer.layout import KVLayout
-
-    register, unregister = _cuda_register(torch.cuda.current_device())
-    caches = {f"l{i}": torch.randn(2, NUM_BLOCKS, 16, 8, 128, device="cuda").to(torch.bfloat16)
-              for i in range(4)}
-    per = caches["l0"].numel() // NUM_BLOCKS * caches["l0"].element_size()
-    layout = KVLayout.from_kv_caches(caches, NUM_BLOCKS, per * 4)
-    pool = HostPool(NUM_SLOTS, per * 4, pin=True, background=False,
-                    chunk_bytes=chunk_pages * mmap.PAGESIZE, register=register,
-                    unregister=unregister)
-    engine = CudaCopyEngine(layout, caches, pool, path="staged",
-                            staging_bytes=48 * pool.slot_bytes)
+    engine, caches, pool = make("staged", delay=0.0, chunk_bytes=chunk_pages * mmap.PAGESIZE,
+                                background=False, staging_slots=48)
     src = list(range(5, 45))
     slots = list(range(100, 140))  # one run of 40 consecutive slots
     engine.store(1, src, slots)
@@ -140,8 +136,5 @@ def test_consecutive_slots_across_registration_chunks_move_by_dma(chunk_pages):
     torch.cuda.synchronize()
     (loaded,) = drain(engine, 1)
     assert loaded.ok
-    for layer in engine.layout.layers:
-        kv, old = caches[layer.name], before[layer.name]
-        for s, d in zip(src, dst, strict=True):
-            assert torch.equal(kv.select(layer.block_dim, d), old.select(layer.block_dim, s))
+    assert_moved(engine, caches, before, src, dst)
     pool.close()
