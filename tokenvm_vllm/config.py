@@ -182,7 +182,8 @@ class TokenVMConfig:
     first. A bad value is logged and ignored. Empty: no file."""
     trace: bool = False
     """Log a timestamped line (time.monotonic, shared by all processes) at each step of every
-    load: lookup hit, submit, copy done on the device, completion seen by the scheduler."""
+    load: lookup hit, submit, copy done on the device, completion seen by the scheduler, the
+    request's first tokens scheduled; and every engine step (``bench/timeline.py`` reads them)."""
     debug_fail_load_every: int = 0
     """Testing only: fail every N-th load job (its blocks are reported as load errors)."""
     debug_fail_load_rank: int = -1

@@ -30,7 +30,8 @@ def runs(tmp_path_factory, engine_settings) -> dict:
     base = engine_settings(num_gpu_blocks=72)
     configs = {
         "baseline": base,
-        "tokenvm": replace(base, connector="tokenvm"),
+        # trace only logs (bench/timeline.py reads it): the outputs stay the default's
+        "tokenvm": replace(base, connector="tokenvm", extra_config={"trace": True}),
         "corrupt": replace(base, connector="tokenvm",
                            extra_config={"debug_corrupt_loads": True, "testing": True}),
         "fail": replace(base, connector="tokenvm",
@@ -39,8 +40,10 @@ def runs(tmp_path_factory, engine_settings) -> dict:
         "layerwise_fail": replace(base, connector="tokenvm", extra_config={
             "load_mode": "layerwise", "debug_fail_load_every": 2, "testing": True}),
     }
-    return {name: run_in_subprocess(settings, WORKLOAD, Path(tmp / f"{name}.json"))
+    runs = {name: run_in_subprocess(settings, WORKLOAD, Path(tmp / f"{name}.json"))
             for name, settings in configs.items()}
+    runs["tokenvm"]["log"] = (tmp / "tokenvm.log").read_text()
+    return runs
 
 
 def differing(a: dict, b: dict) -> int:
@@ -97,3 +100,20 @@ def test_failed_layerwise_loads_are_recomputed_exactly(runs):
     counters = runs["layerwise_fail"]["counters"]
     assert counters["tokenvm:failed_load_blocks"] > 0
     assert differing(runs["layerwise_fail"]["outputs"], runs["baseline"]["outputs"]) == 0
+
+
+def test_trace_gives_every_async_load_its_timeline(runs):
+    """bench/timeline.py joins the trace events of every load (lookup, submitted, polled,
+    finished, scheduled) in order; each load's first tokens run after it finished."""
+    from tokenvm_vllm.bench.timeline import PHASES, parse, summarize
+
+    timeline = parse(runs["tokenvm"]["log"].splitlines())
+    assert timeline.loads and timeline.incomplete == 0
+    assert sum(load.blocks for load in timeline.loads) == runs["tokenvm"]["counters"][
+        "tokenvm:loaded_blocks"]
+    for load in timeline.loads:
+        gaps = load.gaps_ms()
+        assert gaps is not None and all(gaps[name] >= 0 for name in PHASES), (load, gaps)
+    summary = summarize(timeline)
+    assert summary["step_interval_ms"]["n"] > 0
+    assert summary["lookup->scheduled"]["n"] == len(timeline.loads)

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenvm_vllm.bench.server import ApiServer
+from tokenvm_vllm.bench.timeline import PHASES, parse, summarize
 
 WORKLOADS = ("p8", "p32", "poisson", "random")
 SEEDS = {"p8": 11, "p32": 12, "poisson": 13, "random": 14}
@@ -237,7 +238,8 @@ def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path) ->
             deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
             result["workloads"][workload] = {
                 "client": client, "counters": deltas, "rate": rate,
-                "wall_s": time.monotonic() - started}
+                "wall_s": time.monotonic() - started,
+                "window": [started, time.monotonic()]}
             progress(f"{config.name}: {workload} {client['total_token_throughput']:.0f} "
                      f"tok/s, TTFT p50 {client['median_ttft_ms']:.0f} ms, TPOT "
                      f"{client['mean_tpot_ms']:.2f} ms, computed "
@@ -248,7 +250,25 @@ def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path) ->
             progress(f"{config.name}: the remote tier holds {result['remote_keys']} keys")
     finally:
         server.stop()
+    add_load_timelines(result, logs / f"{slug}.server.log")
     return result
+
+
+def add_load_timelines(result: dict[str, Any], server_log: Path) -> None:
+    """With ``trace: true`` in the configuration: each workload's load timeline (where a load's
+    time went, ``bench/timeline.py``) from the server log, over that workload's time window (the
+    server and this process share ``time.monotonic()``)."""
+    if not server_log.exists():
+        return
+    lines = server_log.read_text(errors="replace").splitlines()
+    if not any("TokenVM trace " in line for line in lines):
+        return
+    for workload, entry in result["workloads"].items():
+        summary = summarize(parse(lines, *entry["window"]))
+        entry["load_timeline"] = summary
+        gaps = "  ".join(f"{name} {summary[name]['p50']:.1f}" for name in (
+            *PHASES, "copy_device_ms") if summary[name]["n"])
+        progress(f"{result['config']}: {workload} load timeline, p50 ms: {gaps or 'no loads'}")
 
 
 def progress(text: str) -> None:

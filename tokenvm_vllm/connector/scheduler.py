@@ -357,10 +357,16 @@ class TokenVMScheduler:
         return keys, gpu_block_ids, groups
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> TokenVMConnectorMetadata:
-        if self.config.trace and scheduler_output.total_num_scheduled_tokens:
+        trace = self.config.trace and scheduler_output.total_num_scheduled_tokens > 0
+        if trace:
             logger.info("TokenVM trace %.6f step-scheduled tokens=%d", time.monotonic(),
                         scheduler_output.total_num_scheduled_tokens)
+        admitted = {new.req_id for new in scheduler_output.scheduled_new_reqs} if trace else set()
         for req_id, new_block_ids, resumed in compat.yield_req_data(scheduler_output):
+            if req_id in admitted or (trace and resumed):
+                # its first tokens since admission (after its load, if it had one) run in this
+                # step: bench/timeline.py measures load-finished -> here
+                logger.info("TokenVM trace %.6f scheduled-new req=%s", time.monotonic(), req_id)
             state = self.requests.get(req_id)
             if state is None or new_block_ids is None:
                 continue

@@ -1,0 +1,83 @@
+"""bench/timeline.py: joining trace events into per-load gaps (the parser alone; the events of
+a real engine are checked in tests/e2e/test_llm_exact.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenvm_vllm.bench.timeline import parse, summarize
+
+
+def trace(t: float, event: str, **fields: object) -> str:
+    rest = "".join(f" {k}={v}" for k, v in fields.items())
+    return f"(EngineCore pid=1) INFO 11-30 02:00:00 [x.py:1] TokenVM trace {t:.6f} {event}{rest}"
+
+
+def test_gaps_per_load_with_two_ranks_and_a_late_lookup() -> None:
+    lines = [
+        trace(10.000, "lookup", req="a", hit_blocks=4),
+        trace(10.001, "step-scheduled", tokens=100),
+        trace(10.002, "lookup", req="a", hit_blocks=4),  # asked again: the latest counts
+        trace(10.005, "load-submitted", job=7, blocks=4, layerwise=False),  # rank 0
+        trace(10.006, "load-submitted", job=7, blocks=4, layerwise=False),  # rank 1
+        "unrelated line",
+        trace(10.020, "step-scheduled", tokens=50),
+        trace(10.025, "load-polled", job=7, device_ms=3.5),
+        trace(10.030, "load-polled", job=7, device_ms=4.0),  # the last rank's report
+        trace(10.031, "load-finished", job=7, req="a", blocks=4),
+        trace(10.040, "step-scheduled", tokens=80),
+        trace(10.040, "scheduled-new", req="a"),
+        trace(10.050, "load-submitted", job=9, blocks=2, layerwise=False),  # never finished
+    ]
+    timeline = parse(lines)
+    assert timeline.incomplete == 1
+    (load,) = timeline.loads
+    assert (load.job, load.req, load.blocks, load.device_ms) == (7, "a", 4, 4.0)
+    gaps = load.gaps_ms()
+    assert gaps is not None
+    assert gaps["lookup->submitted"] == pytest.approx(4.0)
+    assert gaps["submitted->polled"] == pytest.approx(24.0)
+    assert gaps["polled->finished"] == pytest.approx(1.0)
+    assert gaps["finished->scheduled"] == pytest.approx(9.0)
+    assert timeline.step_intervals_ms == pytest.approx([19.0, 20.0])
+    summary = summarize(timeline)
+    assert summary["lookup->scheduled"]["p50"] == pytest.approx(38.0)
+    assert summary["incomplete_loads"] == 1
+
+
+def test_a_request_scheduled_before_its_load_finished_is_not_matched() -> None:
+    lines = [
+        trace(1.0, "lookup", req="b", hit_blocks=1),
+        trace(1.1, "scheduled-new", req="b"),  # an earlier, unrelated scheduling
+        trace(1.2, "load-submitted", job=1, blocks=1, layerwise=False),
+        trace(1.3, "load-polled", job=1, device_ms=1.0),
+        trace(1.4, "load-finished", job=1, req="b", blocks=1),
+    ]
+    timeline = parse(lines)
+    assert timeline.loads == [] and timeline.incomplete == 1
+
+
+def test_serve_bench_splits_a_server_log_by_workload_window(tmp_path) -> None:
+    from tokenvm_vllm.bench.serve_bench import add_load_timelines
+
+    def one_load(t0: float, job: int, req: str) -> list[str]:
+        return [trace(t0, "lookup", req=req, hit_blocks=2),
+                trace(t0 + 0.01, "load-submitted", job=job, blocks=2, layerwise=False),
+                trace(t0 + 0.02, "load-polled", job=job, device_ms=2.0),
+                trace(t0 + 0.03, "load-finished", job=job, req=req, blocks=2),
+                trace(t0 + 0.05, "scheduled-new", req=req)]
+
+    log = tmp_path / "x.server.log"
+    log.write_text("\n".join(one_load(100.0, 1, "a") + one_load(200.0, 2, "b")
+                             + one_load(201.0, 3, "c")))
+    result = {"config": "tokenvm", "workloads": {"p8": {"window": [99.0, 150.0]},
+                                                 "p32": {"window": [199.0, 250.0]}}}
+    add_load_timelines(result, log)
+    assert result["workloads"]["p8"]["load_timeline"]["lookup->scheduled"]["n"] == 1
+    p32 = result["workloads"]["p32"]["load_timeline"]
+    assert p32["lookup->scheduled"]["n"] == 2
+    assert p32["finished->scheduled"]["p50"] == pytest.approx(20.0)
+    untraced = {"config": "none", "workloads": {"p8": {"window": [0.0, 1.0]}}}
+    (tmp_path / "none.server.log").write_text("no trace here\n")
+    add_load_timelines(untraced, tmp_path / "none.server.log")
+    assert "load_timeline" not in untraced["workloads"]["p8"]

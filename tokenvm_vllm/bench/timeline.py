@@ -1,0 +1,159 @@
+"""Where a load's time goes, from a server or engine log written with ``trace: true``.
+
+    python -m tokenvm_vllm.bench.timeline SERVER_LOG [--json OUT]
+
+Issue #10 asks for a per-step timeline: under load TokenVM and vLLM native both compute the
+minimum, so TTFT differences come from how a load reaches the forward pass. With ``trace`` on,
+the scheduler and every worker log ``TokenVM trace <time.monotonic()> <event> k=v ...`` (one
+clock for all processes of a machine). Each async load goes through five events, and this tool
+measures the four gaps between them, per load, then prints their distributions:
+
+- ``lookup`` (scheduler: the hit) -> ``load-submitted`` (worker: the copy is queued; the gap is
+  the scheduling step plus the metadata reaching the worker),
+- ``load-submitted`` -> ``load-polled`` (worker: ``get_finished`` saw the copy done; includes
+  the wait for the step that polls; ``device_ms`` is the copy's own time on the GPU),
+- ``load-polled`` -> ``load-finished`` (scheduler: every rank has reported),
+- ``load-finished`` -> ``scheduled-new`` (scheduler: the request's first tokens are scheduled).
+
+Also the engine step interval (``step-scheduled`` to the next). A load is listed only when every
+event was found; the count of incomplete ones is printed (a log that ends mid-run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+TRACE = re.compile(r"TokenVM trace (\d+\.\d+) (\S+)((?: \S+=\S+)*)")
+PHASES = ("lookup->submitted", "submitted->polled", "polled->finished", "finished->scheduled")
+
+
+@dataclass
+class Load:
+    """The events of one async load (times in seconds of ``time.monotonic()``)."""
+
+    job: int
+    req: str | None = None
+    lookup: float | None = None
+    submitted: float | None = None
+    polled: float | None = None
+    device_ms: float | None = None
+    finished: float | None = None
+    scheduled: float | None = None
+    blocks: int = 0
+
+    def gaps_ms(self) -> dict[str, float] | None:
+        """The four gaps in ms, or None while an event is missing."""
+        times = (self.lookup, self.submitted, self.polled, self.finished, self.scheduled)
+        if any(t is None for t in times):
+            return None
+        points = [t for t in times if t is not None]
+        return {name: (b - a) * 1000
+                for name, (a, b) in zip(PHASES, pairwise(points), strict=True)}
+
+
+@dataclass
+class Timeline:
+    loads: list[Load] = field(default_factory=list)
+    step_intervals_ms: list[float] = field(default_factory=list)
+    incomplete: int = 0
+
+
+def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf")) -> Timeline:
+    """Join the trace events of ``lines`` stamped in ``[since, until]`` (``time.monotonic()``:
+    e.g. one workload of a serving run) into loads. With several ranks, a job's
+    ``load-polled`` is the last rank's (the job finishes only when every rank has reported)."""
+    events: list[tuple[float, str, dict[str, str]]] = []
+    for line in lines:
+        match = TRACE.search(line)
+        if match and since <= float(match.group(1)) <= until:
+            fields = dict(kv.split("=", 1) for kv in match.group(3).split())
+            events.append((float(match.group(1)), match.group(2), fields))
+    events.sort(key=lambda e: e[0])
+    loads: dict[int, Load] = {}
+    lookups: dict[str, float] = {}  # req -> time of its latest hit
+    waiting: dict[str, Load] = {}  # req -> its finished load, until the request is scheduled
+    steps: list[float] = []
+    for t, name, f in events:
+        if name == "lookup":
+            lookups[f["req"]] = t
+        elif name == "load-submitted":
+            loads[int(f["job"])] = Load(job=int(f["job"]), submitted=t, blocks=int(f["blocks"]))
+        elif name == "load-polled" and int(f["job"]) in loads:
+            load = loads[int(f["job"])]
+            load.polled, load.device_ms = t, float(f["device_ms"])
+        elif name == "load-finished" and int(f["job"]) in loads:
+            load = loads[int(f["job"])]
+            load.finished, load.req = t, f["req"]
+            load.lookup = lookups.get(f["req"])
+            waiting[f["req"]] = load
+        elif name == "scheduled-new" and f["req"] in waiting:
+            waiting.pop(f["req"]).scheduled = t
+        elif name == "step-scheduled":
+            steps.append(t)
+    timeline = Timeline(step_intervals_ms=[(b - a) * 1000 for a, b in pairwise(steps)])
+    for load in loads.values():
+        if load.gaps_ms() is None:
+            timeline.incomplete += 1
+        else:
+            timeline.loads.append(load)
+    return timeline
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+    return {"n": len(ordered), "p50": statistics.median(ordered),
+            "p90": ordered[int(0.9 * (len(ordered) - 1))], "max": ordered[-1],
+            "mean": statistics.fmean(ordered)}
+
+
+def summarize(timeline: Timeline) -> dict[str, Any]:
+    gaps = [load.gaps_ms() for load in timeline.loads]
+    summary: dict[str, Any] = {
+        name: _stats([g[name] for g in gaps if g is not None]) for name in PHASES}
+    summary["copy_device_ms"] = _stats([load.device_ms or 0.0 for load in timeline.loads])
+    summary["lookup->scheduled"] = _stats(
+        [sum(g.values()) for g in gaps if g is not None])
+    summary["step_interval_ms"] = _stats(timeline.step_intervals_ms)
+    summary["incomplete_loads"] = timeline.incomplete
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(f"{'gap (ms)':24s} {'n':>6s} {'p50':>9s} {'p90':>9s} {'max':>9s} {'mean':>9s}")
+    for name in (*PHASES, "lookup->scheduled", "copy_device_ms", "step_interval_ms"):
+        s = summary[name]
+        if not s["n"]:
+            print(f"{name:24s} {0:6d}")
+            continue
+        print(f"{name:24s} {s['n']:6d} {s['p50']:9.2f} {s['p90']:9.2f} {s['max']:9.2f} "
+              f"{s['mean']:9.2f}")
+    if summary["incomplete_loads"]:
+        print(f"({summary['incomplete_loads']} loads without every event: left out)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("logs", nargs="+", help="server or engine logs written with trace: true")
+    parser.add_argument("--json", help="write the summary here too")
+    args = parser.parse_args()
+    lines: list[str] = []
+    for path in args.logs:
+        lines.extend(Path(path).read_text(errors="replace").splitlines())
+    summary = summarize(parse(lines))
+    print_summary(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
