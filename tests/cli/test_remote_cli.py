@@ -76,9 +76,13 @@ def test_remote_bench_prints_both_sources(redis_server: RedisServer, tmp_path: P
     assert {(r["op"], r["mode"]) for r in ours} == {
         ("put", "single"), ("get", "single"), ("put", "batch 8 x 2"), ("get", "batch 8 x 2")}
     assert all(r["ok"] == r["blocks"] and r["gb_per_s"] > 0 for r in ours)
-    assert {r["op"] for r in rows if r["source"] == "redis-benchmark"} == {"set", "get"}
+    plain = [r for r in rows if r["source"] == "redis-benchmark"]
+    assert {r["op"] for r in plain} == {"set", "get"}
+    # Like for like: redis-benchmark moves values of our size (block + header).
+    assert {r["value_bytes"] for r in rows} == {65536 + 4096}
     # The redis-py path next to the fast path; one row each, the best of the two rounds.
     assert len([r for r in rows if r["source"] == "tokenvm redis-py"]) == 4 and len(ours) == 4
     assert "| tokenvm | get | batch 8 x 2 | 65536 |" in capsys.readouterr().out
     assert int(redis_server.cli("EVAL", "return #redis.call('keys', 'tokenvm-bench:*')",
                                 "0")) == 0  # our keys are deleted after the run
+    assert int(redis_server.cli("DBSIZE")) == 0  # and redis-benchmark's keyspace too
