@@ -29,6 +29,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -82,7 +83,8 @@ class _Conn:
     # -- sending ---------------------------------------------------------------------------------
 
     def send(self, buffers: Sequence[bytes | memoryview]) -> None:
-        """Send every buffer, in order, without joining them."""
+        """Send every buffer, in order, without joining them. Each is ``bytes`` or a 1-D
+        memoryview of format ``B`` (so ``len`` is its size in bytes: no per-buffer cast)."""
         if not self.can_sendmsg:
             small: list[bytes | memoryview] = []
             for piece in buffers:  # join the small pieces: one TLS record each otherwise
@@ -96,19 +98,18 @@ class _Conn:
             if small:
                 self.sock.sendall(b"".join(small))
             return
-        views = [memoryview(b).cast("B") for b in buffers]
         i = 0
-        while i < len(views):
-            sent = self.sock.sendmsg(views[i:i + _IOV_MAX])
-            while sent and i < len(views):  # skip what went out; the rest of a partial one
-                if sent >= views[i].nbytes:
-                    sent -= views[i].nbytes
+        while i < len(buffers):
+            chunk = buffers[i:i + _IOV_MAX]
+            sent = self.sock.sendmsg(chunk)
+            for piece in chunk:  # skip what went out; the rest of a partial one goes next
+                if sent >= len(piece):
+                    sent -= len(piece)
                     i += 1
-                else:
-                    views[i] = views[i][sent:]
-                    sent = 0
-            while i < len(views) and views[i].nbytes == 0:
-                i += 1
+                    continue
+                buffers = [memoryview(piece)[sent:], *buffers[i + 1:]]
+                i = 0
+                break
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -196,7 +197,7 @@ class _Conn:
             pass
 
 
-ValueCheck = Callable[[int, bytes | None, memoryview | None], bool]
+ValueCheck = Callable[[int, memoryview | None, memoryview | None], bool]
 
 
 class RawRedis:
@@ -254,6 +255,8 @@ class RawRedis:
                 reply = conn.read_reply()
                 if isinstance(reply, redis.RedisError):
                     raise reply
+            if self._ssl is None:
+                _kernel_timeouts(sock, self.timeout_s)
         except BaseException as err:
             sock.close()
             raise _converted(err) from err
@@ -273,11 +276,7 @@ class RawRedis:
                 if not self._idle:
                     return None
                 conn = self._idle.pop()
-            try:
-                readable = bool(select.select([conn.sock], [], [], 0)[0])
-            except (OSError, ValueError):
-                readable = True
-            if not readable and conn.start == conn.end:
+            if conn.start == conn.end and _nothing_to_read(conn):
                 return conn
             conn.close()
 
@@ -334,14 +333,19 @@ class RawRedis:
 
     def set_many(self, names: Sequence[bytes], values: Sequence[Sequence[bytes | memoryview]],
                  px: int) -> list[bool | redis.RedisError]:
-        """``SET name value PX px`` each; ``values[i]``: the value as buffers (header, payload),
-        sent as they are. True or the error reply, per name."""
-        ttl = str(px).encode()
+        """``SET name value PX px`` each; ``values[i]``: the value as buffers (e.g. header,
+        padding, payload: ``bytes`` or 1-D byte memoryviews), sent as they are. True or the
+        error reply, per name."""
+        tail = b"\r\n$2\r\nPX\r\n$%d\r\n%d\r\n" % (len(str(px)), px)
         commands: list[bytes | memoryview] = []
         for name, parts in zip(names, values, strict=True):
-            size = sum(memoryview(part).nbytes for part in parts)
-            commands += [b"*5\r\n$3\r\nSET\r\n", *_bulk(name), b"$%d\r\n" % size, *parts,
-                         b"\r\n$2\r\nPX\r\n", *_bulk(ttl)]
+            size = sum(len(part) for part in parts)
+            head = b"*5\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(name), name, size)
+            first, *rest = parts
+            if len(first) < 1024:  # a short header: one buffer with the command's head
+                commands += [head + first, *rest, tail]
+            else:
+                commands += [head, first, *rest, tail]
 
         def read(conn: _Conn) -> list[bool | redis.RedisError]:
             out: list[bool | redis.RedisError] = []
@@ -357,11 +361,11 @@ class RawRedis:
         """``GET`` each name, each value read as ``header`` (its bytes) then ``outs[i]``.
 
         ``check(i, header_or_None, out_or_None)`` is called twice per value of the expected size
-        (``header.nbytes + outs[i].nbytes``): with the header bytes (``out`` None) before the
-        payload is read, and, if that passed, with ``out`` (header None) once it holds the
-        payload. Per name: True (both checks passed), None (no such key, or an error reply),
-        False (a value of another size or one failing a check: ``outs[i]`` may hold its
-        bytes)."""
+        (``header.nbytes + outs[i].nbytes``): with ``header`` holding the value's header
+        (``out`` None; valid during the call only, the next value reuses it) before the payload
+        is read, and, if that passed, with ``out`` (header None) once it holds the payload. Per
+        name: True (both checks passed), None (no such key, or an error reply), False (a value
+        of another size or one failing a check: ``outs[i]`` may hold its bytes)."""
         commands = [p for name in names for p in encode_command(b"GET", name)]
 
         def read(conn: _Conn) -> list[bool | None]:
@@ -382,7 +386,7 @@ class RawRedis:
                     out.append(False)
                     continue
                 conn.read_into(header)
-                if not check(i, bytes(header), None):
+                if not check(i, header, None):
                     conn.skip(view.nbytes + 2)
                     out.append(False)
                     continue
@@ -422,11 +426,43 @@ class RawRedis:
                 pass
 
 
+def _kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
+    """Make a plain TCP socket blocking with the kernel's ``SO_RCVTIMEO`` / ``SO_SNDTIMEO`` as
+    its deadline per call. Python's own socket timeout ``poll`` s before every ``recv`` and
+    ``send`` (one more system call each); a kernel timeout fails the call itself with
+    ``EAGAIN`` (``BlockingIOError``, which ``_converted`` makes ``redis.TimeoutError``).
+    Not for TLS: an ``SSLSocket`` turns ``EAGAIN`` into ``SSLWantReadError``."""
+    seconds = max(timeout_s, 1e-3)
+    timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def _nothing_to_read(conn: _Conn) -> bool:
+    """Whether an idle connection's socket has nothing to read (an open connection the server
+    sent nothing unasked). One non-blocking peek on a plain socket; ``select`` under TLS (an
+    ``SSLSocket`` takes no ``recv`` flags)."""
+    if conn.can_sendmsg:
+        try:
+            conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False  # b"" (closed) or bytes nobody asked for
+    try:
+        return not select.select([conn.sock], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False
+
+
 def _converted(err: BaseException) -> BaseException:
-    """``err`` as the redis-py error class ``RemoteStore._run`` expects."""
+    """``err`` as the redis-py error class ``RemoteStore._run`` expects (``BlockingIOError``:
+    a kernel socket timeout, ``_kernel_timeouts``)."""
     if isinstance(err, redis.RedisError):
         return err
-    if isinstance(err, (TimeoutError, socket.timeout)):
+    if isinstance(err, (TimeoutError, socket.timeout, BlockingIOError)):
         return redis.TimeoutError(f"timed out: {err}")
     if isinstance(err, ssl.SSLError):
         return redis.ConnectionError(f"TLS: {err}")

@@ -53,15 +53,15 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from tokenvm_vllm.keys import BlockKey
-from tokenvm_vllm.tiers.disk.format import CHECKSUMS, HEADER_BYTES, SlotHeader
+from tokenvm_vllm.tiers.disk.format import CHECKSUMS, HEADER_BYTES
 from tokenvm_vllm.tiers.remote.keys import namespace_pattern, remote_key
 from tokenvm_vllm.tiers.remote.raw import RawRedis
 from tokenvm_vllm.tiers.remote.url import RemoteTarget, parse_remote_url
 from tokenvm_vllm.tiers.remote.value import (
-    check_header,
+    HeaderCheck,
     decode_into,
     encode_value,
-    encode_value_parts,
+    encode_value_iov,
 )
 
 logger = logging.getLogger("vllm.tokenvm")
@@ -109,6 +109,7 @@ class RemoteStore:
         self.timeout_s = timeout_s
         self.retry_interval_s = retry_interval_s
         self.where = self.target.describe()
+        self._header_check = HeaderCheck(namespace, tp_rank, slot_bytes)
         self._executors = {queue: ThreadPoolExecutor(io_threads,
                                                      thread_name_prefix=f"tokenvm-remote-{queue}")
                            for queue in ("read", "write")}
@@ -311,15 +312,15 @@ class RemoteStore:
         """As ``_redispy_get``, each payload received straight into its ``out`` and checked
         there: the header (key echo, namespace, rank, length) before the payload arrives, the
         checksum after."""
-        headers: list[SlotHeader | None] = [None] * len(names)
+        headers: list[tuple[int, int] | None] = [None] * len(names)
+        header_check = self._header_check
 
-        def check(i: int, header: bytes | None, payload: memoryview | None) -> bool:
+        def check(i: int, header: memoryview | None, payload: memoryview | None) -> bool:
             if header is not None:
-                headers[i] = check_header(header, self.namespace, self.tp_rank, keys[i],
-                                          self.slot_bytes)
+                headers[i] = header_check(header, keys[i])
                 return headers[i] is not None
             found = headers[i]
-            return found is not None and CHECKSUMS[found.algo](payload) == found.payload_csum
+            return found is not None and CHECKSUMS[found[0]](payload) == found[1]
 
         results = client.get_into(names, memoryview(bytearray(HEADER_BYTES)),
                                   [memoryview(view) for view in views], check)  # type: ignore[arg-type]
@@ -340,9 +341,9 @@ class RemoteStore:
             nbytes = 0
             results: list[Any]
             if isinstance(client, RawRedis):
-                parts = [encode_value_parts(self.namespace, self.tp_rank, key, payload)
+                parts = [encode_value_iov(self.namespace, self.tp_rank, key, payload)
                          for key, payload in zip(keys, payloads, strict=True)]
-                nbytes = sum(len(header) + data.nbytes for header, data in parts)
+                nbytes = sum(HEADER_BYTES + data.nbytes for _, _, data in parts)
                 results = client.set_many(names, parts, self.ttl_ms)
             else:
                 pipe = client.pipeline(transaction=False)
