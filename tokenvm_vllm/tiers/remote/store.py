@@ -231,6 +231,11 @@ class RemoteStore:
         with self._counts_lock:
             self._counts[name] += n
 
+    def _count_many(self, **counts: int) -> None:
+        """Several counters under one lock (a batch's counters together)."""
+        with self._counts_lock:
+            self._counts.update(counts)
+
     def _warn_once(self, kind: str, msg: str, *args: Any) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
@@ -281,8 +286,8 @@ class RemoteStore:
                                 "and deleted", len(bad), self.where)
                 _delete_names(client, bad)
             hits = sum(ok)
-            self._count("hit_blocks", hits)
-            self._count("miss_blocks", len(ok) - hits)
+            self._count_many(hit_blocks=hits, miss_blocks=len(ok) - hits,
+                             read_bytes=hits * (HEADER_BYTES + self.slot_bytes))
             return ok
 
         return self._submit("read", "get", len(keys), run)
@@ -301,9 +306,7 @@ class RemoteStore:
                 continue
             good = decode_into(value, self.namespace, self.tp_rank, key, view)
             ok.append(good)
-            if good:
-                self._count("read_bytes", len(value))
-            else:
+            if not good:
                 bad.append(name)
         return ok, bad
 
@@ -326,7 +329,6 @@ class RemoteStore:
                                   [memoryview(view) for view in views], check)  # type: ignore[arg-type]
         ok = [result is True for result in results]
         bad = [name for name, result in zip(names, results, strict=True) if result is False]
-        self._count("read_bytes", sum(ok) * (HEADER_BYTES + self.slot_bytes))
         return ok, bad
 
     def put(self, keys: Sequence[BlockKey], payloads: Sequence[Any]) -> Future[list[bool]]:
@@ -360,9 +362,8 @@ class RemoteStore:
                 self._full = False
                 logger.info("TokenVM remote tier: %s accepts writes again", self.where)
             written = sum(ok)
-            self._count("written_blocks", written)
-            self._count("write_failed_blocks", len(ok) - written)
-            self._count("written_bytes", nbytes * written // max(1, len(ok)))
+            self._count_many(written_blocks=written, write_failed_blocks=len(ok) - written,
+                             written_bytes=nbytes * written // max(1, len(ok)))
             return ok
 
         return self._submit("write", "put", len(keys), run)
