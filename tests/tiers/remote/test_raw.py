@@ -19,6 +19,7 @@ from tests.redis_servers import HOST, RedisServer
 from tests.tiers.remote.test_store import NS, keys
 from tokenvm_vllm.tiers.remote import raw
 from tokenvm_vllm.tiers.remote.store import RemoteStore
+from tokenvm_vllm.tiers.remote.url import parse_remote_url
 from tokenvm_vllm.tiers.remote.value import HEADER_BYTES, encode_value
 
 BIG = 1 << 20
@@ -218,3 +219,61 @@ def test_server_gone_mid_reply_is_a_miss_not_an_exception(redis_server: RedisSer
             assert not store.available and store.outages == 1
     finally:
         relay.close()
+
+
+def test_partial_sends_resume_mid_buffer() -> None:
+    """``_Conn.send`` over a socket that takes a little at a time (a non-blocking socket with
+    small buffers, a slow reader): every byte arrives once, in order, whatever the split."""
+    left, right = socket.socketpair()
+    for sock in (left, right):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    left.settimeout(5.0)  # Python's timeout mode: sendmsg returns after a partial write
+    rng = np.random.default_rng(5)
+    pieces: list[bytes | memoryview] = []
+    for n in (3, 70_000, 1, 0, 9000, 200_000, 5):
+        chunk = rng.integers(0, 256, n, dtype=np.uint8)
+        pieces.append(chunk.tobytes() if n % 2 else memoryview(chunk))
+    expected = b"".join(bytes(p) for p in pieces)
+    got = bytearray()
+
+    def drain() -> None:
+        while len(got) < len(expected):
+            data = right.recv(rng_sizes.pop() if rng_sizes else 4096)
+            if not data:
+                return
+            got.extend(data)
+            time.sleep(0.0001)
+
+    rng_sizes = [int(x) for x in rng.integers(1, 3000, 2000)]
+    reader = threading.Thread(target=drain)
+    reader.start()
+    conn = raw._Conn(left)
+    assert conn.can_sendmsg
+    conn.send(pieces)
+    reader.join(10)
+    left.close()
+    right.close()
+    assert bytes(got) == expected
+
+
+def test_kernel_timeout_is_a_redis_timeout(redis_server: RedisServer) -> None:
+    """Plain connections wait with the kernel's SO_RCVTIMEO, not Python's socket timeout; a
+    server that does not answer in time is ``redis.TimeoutError`` (a miss upstream), never a
+    connection error (which would take the tier down)."""
+    client = raw.RawRedis(parse_remote_url(redis_server.url), 0.3)
+    try:
+        client.ping()
+        conn = client._idle[0]
+        assert conn.sock.gettimeout() is None  # blocking: no poll() before each recv
+        sleeper = threading.Thread(target=redis_server.cli, args=("DEBUG", "SLEEP", "1"))
+        sleeper.start()
+        time.sleep(0.1)
+        start = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            client.ping()
+        assert time.monotonic() - start < 0.8
+        sleeper.join()
+        client.ping()  # a fresh connection replaces the one that timed out
+    finally:
+        client.close()
