@@ -54,7 +54,7 @@ from redis.retry import Retry
 
 from tokenvm_vllm.keys import BlockKey
 from tokenvm_vllm.tiers.disk.format import CHECKSUMS, HEADER_BYTES
-from tokenvm_vllm.tiers.remote.keys import namespace_pattern, remote_key
+from tokenvm_vllm.tiers.remote.keys import key_name_prefix, namespace_pattern
 from tokenvm_vllm.tiers.remote.raw import RawRedis
 from tokenvm_vllm.tiers.remote.url import RemoteTarget, parse_remote_url
 from tokenvm_vllm.tiers.remote.value import (
@@ -110,6 +110,7 @@ class RemoteStore:
         self.retry_interval_s = retry_interval_s
         self.where = self.target.describe()
         self._header_check = HeaderCheck(namespace, tp_rank, slot_bytes)
+        self._name_prefix = key_name_prefix(key_prefix, namespace, tp_rank)
         self._executors = {queue: ThreadPoolExecutor(io_threads,
                                                      thread_name_prefix=f"tokenvm-remote-{queue}")
                            for queue in ("read", "write")}
@@ -244,7 +245,8 @@ class RemoteStore:
     # -- batches -------------------------------------------------------------------------------
 
     def key_of(self, key: BlockKey) -> bytes:
-        return remote_key(self.key_prefix, self.namespace, self.tp_rank, key)
+        """Block ``key``'s Redis key (``keys.remote_key``, its fixed start computed once)."""
+        return self._name_prefix + key.hex().encode()
 
     def contains(self, keys: Sequence[BlockKey]) -> Future[list[bool]]:
         """Which ``keys`` the server holds now (EXISTS; the value is checked only on ``get``)."""
