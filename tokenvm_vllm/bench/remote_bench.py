@@ -15,7 +15,8 @@ Like for like (what each side's server does is the same; only the client differs
   the server's cache, each SET replacing a value of the same size). Here it gets a keyspace of
   as many keys as our rows use (``-r``), filled beforehand, and our puts overwrite keys an
   unmeasured first pass wrote: both sides overwrite existing values on SET and read values
-  spread over the same amount of memory on GET.
+  spread over the same amount of memory on GET. Not in a cluster: there redis-benchmark tags
+  its key names per node itself, so it keeps its one key per node (its rows flatter it).
 * Concurrency: single rows are one caller, one value at a time on both sides (ours through the
   store's I/O thread, as the tier does: that hop is part of our cost); batched rows are
   ``threads`` connections with ``batch`` requests in flight each on both sides.
@@ -162,14 +163,20 @@ def redis_benchmark(url: str, size: int, megabytes: int, batch: int,
     total = max(batch, megabytes * 2**20 // size)
     value_bytes = HEADER_BYTES + size
     rows = []
-    _keyspace(target, total, value_bytes, fill=True)
+    # In a cluster redis-benchmark names its keys with a hash tag of its own per node
+    # (key:{tag}:...), which cannot be filled beforehand: it keeps one key per node there.
+    keyspace = not target.cluster
+    if keyspace:
+        _keyspace(target, total, value_bytes, fill=True)
     try:
         for mode, clients, pipeline, requests in (
                 ("single", 1, 1, max(16, min(total // 4, 2000))),
                 (f"batch {batch} x {threads}", threads, batch, total)):
             cmd = ["redis-benchmark", "-h", host, "-p", str(port), "-t", "set,get",
-                   "-d", str(value_bytes), "-r", str(total), "-n", str(requests),
+                   "-d", str(value_bytes), "-n", str(requests),
                    "-c", str(clients), "-P", str(pipeline), "--csv"]
+            if keyspace:
+                cmd += ["-r", str(total)]
             if target.cluster:
                 cmd.append("--cluster")
             else:
@@ -180,7 +187,9 @@ def redis_benchmark(url: str, size: int, megabytes: int, batch: int,
                 cmd += ["-a", target.password, "--no-auth-warning"]
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                                     check=False)
-            for record in csv.DictReader(io.StringIO(result.stdout)):
+            # With --cluster the CSV follows a list of the masters: start at its header.
+            csv_text = result.stdout[max(0, result.stdout.find('"test",')):]
+            for record in csv.DictReader(io.StringIO(csv_text)):
                 rps = float(record["rps"])
                 rows.append({"source": "redis-benchmark", "op": record["test"].lower(),
                              "mode": mode, "block_bytes": size, "value_bytes": value_bytes,
@@ -190,7 +199,8 @@ def redis_benchmark(url: str, size: int, megabytes: int, batch: int,
                              "p50_ms": float(record.get("p50_latency_ms", 0) or 0),
                              "p99_ms": float(record.get("p99_latency_ms", 0) or 0)})
     finally:
-        _keyspace(target, total, value_bytes, fill=False)
+        if keyspace:
+            _keyspace(target, total, value_bytes, fill=False)
     return rows
 
 
