@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -108,7 +109,8 @@ def big_payloads(n: int, seed: int = 3) -> list[np.ndarray]:
 
 
 class _Counting:
-    """A real socket whose ``recv_into`` calls are counted (everything else passes through)."""
+    """A real socket whose ``recv_into`` and ``recvmsg_into`` calls are counted (everything
+    else passes through)."""
 
     def __init__(self, inner: socket.socket, calls: list[int]) -> None:
         self.inner = inner
@@ -117,6 +119,10 @@ class _Counting:
     def recv_into(self, buf: memoryview, *args: int) -> int:
         self.calls.append(1)
         return self.inner.recv_into(buf, *args)
+
+    def recvmsg_into(self, buffers: list[memoryview], *args: int) -> tuple[Any, ...]:
+        self.calls.append(1)
+        return self.inner.recvmsg_into(buffers, *args)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
@@ -277,3 +283,36 @@ def test_kernel_timeout_is_a_redis_timeout(redis_server: RedisServer) -> None:
         client.ping()  # a fresh connection replaces the one that timed out
     finally:
         client.close()
+
+
+def test_scatter_read_keeps_what_follows_a_value_buffered() -> None:
+    """``read_views`` fills header and payload straight from the socket and leaves the bytes
+    it read past them (the CRLF, the next replies: a nil, a short value) in the buffer, where
+    the following reads find them in order, whichever way the stream was split."""
+    for split in (3, 7, 4096, 4100, 9000, 20000):
+        left, right = socket.socketpair()
+        left.settimeout(5.0)  # a byte lost by the reader fails the test instead of hanging
+        conn = raw._Conn(left)
+        header = memoryview(bytearray(4096))
+        payload = memoryview(bytearray(10_000))
+        value = bytes(range(256)) * 16 + bytes(reversed(range(256))) * 39 + b"x" * 16
+        stream = b"$14096\r\n" + value + b"\r\n$-1\r\n$5\r\nhello\r\n-ERR no\r\n"
+
+        def feed(data: bytes = stream, sock: socket.socket = right, step: int = split) -> None:
+            for n, at in enumerate(range(0, len(data), step)):
+                sock.sendall(data[at:at + step])
+                if n % 64 == 0:
+                    time.sleep(0.001)
+
+        writer = threading.Thread(target=feed)
+        writer.start()
+        assert conn.readline() == b"$14096"
+        conn.read_views((header, payload))
+        assert bytes(header) + bytes(payload) == value, split
+        conn.skip(2)
+        assert conn.read_reply() is None
+        assert conn.read_reply() == b"hello"
+        assert isinstance(conn.read_reply(), redis.ResponseError)
+        writer.join()
+        left.close()
+        right.close()

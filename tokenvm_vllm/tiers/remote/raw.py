@@ -6,12 +6,18 @@ hiredis's buffer, then a ``bytes`` object, then our copy into the host-pool row)
 builds one concatenated ``bytes`` of header and payload. At 1 MiB blocks that held the tier to
 a quarter of what ``redis-benchmark`` gets from the same server. Here:
 
-* ``get_into`` sends one pipeline of ``GET`` s and reads each bulk reply's 4 KiB header into a
-  small buffer, checks it (namespace, rank, key, length) *before* the payload arrives, then
-  ``recv_into`` s the payload straight into the caller's row and verifies its checksum in
-  place. Bytes already buffered with a reply line are copied once (at most one 64 KiB chunk).
+* ``get_into`` sends one pipeline of ``GET`` s. On a plain socket each bulk reply of the
+  expected size is received by scatter reads (``recvmsg_into``) straight into a 4 KiB header
+  buffer and the caller's row, each read also taking the CRLF and the next reply's line into
+  the small read buffer (``_Conn.read_views``): no payload byte passes through that buffer and
+  one system call per value suffices when the data is there. Then the header is checked
+  (namespace, rank, key, length) and the payload's checksum verified in place. Under TLS the
+  header is read and checked first and a failing value's payload skipped.
 * ``set_many`` sends ``SET key value PX ttl`` for a whole batch as a list of buffers
   (``sendmsg``; ``sendall`` piece by piece under TLS): the payload is never copied in Python.
+* Plain sockets are blocking with the kernel's send/receive timeouts (``_kernel_timeouts``),
+  so no ``recv`` or ``send`` is preceded by a ``poll``; an idle connection is checked with one
+  non-blocking ``MSG_PEEK``.
 
 Errors follow redis-py's classes so ``RemoteStore._run`` handles both clients alike: a socket
 timeout is ``redis.TimeoutError``, a closed, reset or refused connection
@@ -40,6 +46,9 @@ from tokenvm_vllm.tiers.remote.url import RemoteTarget
 
 _CHUNK = 1 << 16
 """Bytes asked of each buffered ``recv`` (reply lines and small replies)."""
+_LOOKAHEAD = 2 + 32
+"""Bytes a scatter read takes past a value (``_Conn.read_views``): its CRLF and the next
+reply's line (``$<size>``: a few digits)."""
 _IOV_MAX = 512
 """Buffers per ``sendmsg`` call (Linux allows 1024)."""
 SOCKET_BUFFER = 4 << 20
@@ -158,6 +167,36 @@ class _Conn:
             if n == 0:
                 raise redis.ConnectionError("connection closed by the server")
             have += n
+
+    def read_views(self, views: Sequence[memoryview]) -> None:
+        """Fill ``views`` in order with the stream's next bytes: what is buffered first, then
+        straight from the socket by scatter reads (``recvmsg_into``), each of which also takes
+        up to ``_LOOKAHEAD`` bytes past the views into the (then empty) buffer: the bulk's CRLF
+        and the next reply's line, so the next value needs no ``recv`` of its own for them and
+        none of its payload passes through the buffer. Plain sockets only (``can_sendmsg``:
+        an ``SSLSocket`` has no ``recvmsg_into``)."""
+        pending: list[memoryview] = []
+        for view in views:
+            have = min(self.end - self.start, view.nbytes)
+            if have:
+                view[:have] = memoryview(self.buf)[self.start:self.start + have]
+                self.start += have
+            if have < view.nbytes:
+                pending.append(view[have:])
+        if not pending:
+            return
+        self.start = self.end = 0  # every buffered byte went into the views
+        tail = memoryview(self.buf)[:_LOOKAHEAD]
+        while pending:
+            n = self.sock.recvmsg_into([*pending, tail])[0]
+            if n == 0:
+                raise redis.ConnectionError("connection closed by the server")
+            while pending and n >= pending[0].nbytes:
+                n -= pending.pop(0).nbytes
+            if pending:
+                pending[0] = pending[0][n:]
+            else:
+                self.end = n  # what landed past the views
 
     def skip(self, n: int) -> None:
         """Read and drop ``n`` bytes (a value failing its checks, a CRLF)."""
@@ -392,6 +431,11 @@ class RawRedis:
                 if size != header.nbytes + view.nbytes:
                     conn.skip(size + 2)
                     out.append(False)
+                    continue
+                if conn.can_sendmsg:  # header and payload in one scatter read
+                    conn.read_views((header, view))
+                    conn.skip(2)
+                    out.append(check(i, header, None) and check(i, None, view))
                     continue
                 conn.read_into(header)
                 if not check(i, header, None):

@@ -315,8 +315,8 @@ class RemoteStore:
     def _raw_get(self, client: RawRedis, names: list[bytes], keys: Sequence[BlockKey],
                  views: list[np.ndarray]) -> tuple[list[bool], list[bytes]]:
         """As ``_redispy_get``, each payload received straight into its ``out`` and checked
-        there: the header (key echo, namespace, rank, length) before the payload arrives, the
-        checksum after."""
+        there: the header (key echo, namespace, rank, length), then the payload's checksum
+        (``RawRedis.get_into``)."""
         headers: list[tuple[int, int] | None] = [None] * len(names)
         header_check = self._header_check
 
