@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.redis_servers import HOST, RedisServer, free_port, require_redis_binaries
+from tests.redis_servers import HOST, RedisCluster, RedisServer, free_port, require_redis_binaries
 from tokenvm_vllm import cli
 from tokenvm_vllm.cli.remote import remote_checks
 from tokenvm_vllm.keys import make_block_key
@@ -76,9 +76,30 @@ def test_remote_bench_prints_both_sources(redis_server: RedisServer, tmp_path: P
     assert {(r["op"], r["mode"]) for r in ours} == {
         ("put", "single"), ("get", "single"), ("put", "batch 8 x 2"), ("get", "batch 8 x 2")}
     assert all(r["ok"] == r["blocks"] and r["gb_per_s"] > 0 for r in ours)
-    assert {r["op"] for r in rows if r["source"] == "redis-benchmark"} == {"set", "get"}
+    plain = [r for r in rows if r["source"] == "redis-benchmark"]
+    assert {r["op"] for r in plain} == {"set", "get"}
+    # Like for like: redis-benchmark moves values of our size (block + header).
+    assert {r["value_bytes"] for r in rows} == {65536 + 4096}
     # The redis-py path next to the fast path; one row each, the best of the two rounds.
     assert len([r for r in rows if r["source"] == "tokenvm redis-py"]) == 4 and len(ours) == 4
     assert "| tokenvm | get | batch 8 x 2 | 65536 |" in capsys.readouterr().out
     assert int(redis_server.cli("EVAL", "return #redis.call('keys', 'tokenvm-bench:*')",
                                 "0")) == 0  # our keys are deleted after the run
+    assert int(redis_server.cli("DBSIZE")) == 0  # and redis-benchmark's keyspace too
+
+
+def test_remote_bench_on_a_cluster_compares_and_cleans_up(redis_cluster: RedisCluster,
+                                                          tmp_path: Path) -> None:
+    """On a cluster: our rows (redis-py's cluster client) next to ``redis-benchmark
+    --cluster`` over its keyspace, which is filled and deleted across the masters."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["remote-bench", "redis://" + redis_cluster.seeds, "--block-bytes",
+                     "16384", "--megabytes", "1", "--batch", "8", "--threads", "2",
+                     "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    ours = [r for r in rows if r["source"] == "tokenvm"]
+    assert len(ours) == 4 and all(r["ok"] == r["blocks"] for r in ours)
+    assert {r["op"] for r in rows if r["source"] == "redis-benchmark"} == {"set", "get"}
+    # Our keys are deleted on every master (redis-benchmark keeps one key per node there).
+    assert all(int(node.cli("EVAL", "return #redis.call('keys', 'tokenvm-bench:*')", "0")) == 0
+               for node in redis_cluster.masters())

@@ -2,10 +2,27 @@
 
 For each block size: single-block puts and gets (one call at a time: latency), then batched puts
 and gets (``batch`` blocks per pipeline, up to ``threads`` batches in flight: throughput), each
-moving about ``megabytes`` MiB of payload. ``redis-benchmark`` then runs SET and GET of the same
-value size, once with one connection and no pipelining (``-c 1 -P 1``) and once with ``threads``
-connections and ``batch``-deep pipelines, so each of our rows has a plain client's row to be
-measured against. Keys expire after 10 minutes; ``redis-benchmark`` writes its own ``key:*``.
+moving about ``megabytes`` MiB of payload. ``redis-benchmark`` then runs SET and GET, once with
+one connection and no pipelining (``-c 1 -P 1``) and once with ``threads`` connections and
+``batch``-deep pipelines, so each of our rows has a plain client's row to be measured against.
+
+Like for like (what each side's server does is the same; only the client differs):
+
+* Value size: ours are the block plus its ``HEADER_BYTES`` header, so ``redis-benchmark`` moves
+  values of that size (``-d``); shares are of blocks/s (values per second), so they compare the
+  same bytes on the wire. GB/s columns count the block's payload for both.
+* Keys: without ``-r``, redis-benchmark SETs and GETs one key over and over (one value hot in
+  the server's cache, each SET replacing a value of the same size). Here it gets a keyspace of
+  as many keys as our rows use (``-r``), filled beforehand, and our puts overwrite keys an
+  unmeasured first pass wrote: both sides overwrite existing values on SET and read values
+  spread over the same amount of memory on GET. Not in a cluster: there redis-benchmark tags
+  its key names per node itself, so it keeps its one key per node (its rows flatter it).
+* Concurrency: single rows are one caller, one value at a time on both sides (ours through the
+  store's I/O thread, as the tier does: that hop is part of our cost); batched rows are
+  ``threads`` connections with ``batch`` requests in flight each on both sides.
+
+Keys expire after 10 minutes; our ``{prefix}:*`` keys and redis-benchmark's ``key:*`` keyspace
+(``key:000000000000`` ...) are deleted after each block size.
 
 Rows of source ``tokenvm`` use the store's default client (the raw-socket fast path on a
 standalone server); on a standalone server the same rows follow with redis-py (source
@@ -26,8 +43,9 @@ from typing import Any
 import numpy as np
 
 from tokenvm_vllm.keys import make_block_key
+from tokenvm_vllm.tiers.disk.format import HEADER_BYTES
 from tokenvm_vllm.tiers.remote.store import RemoteStore
-from tokenvm_vllm.tiers.remote.url import parse_remote_url
+from tokenvm_vllm.tiers.remote.url import RemoteTarget, parse_remote_url
 
 NAMESPACE = b"remote-bench-ns!"
 
@@ -38,8 +56,9 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 def _row(op: str, mode: str, size: int, blocks: int, seconds: float,
          latencies: Sequence[float], ok: int, source: str = "tokenvm") -> dict[str, Any]:
-    return {"source": source, "op": op, "mode": mode, "block_bytes": size, "blocks": blocks,
-            "ok": ok, "seconds": round(seconds, 4),
+    return {"source": source, "op": op, "mode": mode, "block_bytes": size,
+            "value_bytes": HEADER_BYTES + size, "blocks": blocks, "ok": ok,
+            "seconds": round(seconds, 4),
             "blocks_per_s": round(blocks / seconds, 1) if seconds else 0.0,
             "gb_per_s": round(blocks * size / seconds / 1e9, 3) if seconds else 0.0,
             "p50_ms": round(_percentile(latencies, 50) * 1000, 3),
@@ -64,6 +83,11 @@ def bench_store(url: str, size: int, megabytes: int, batch: int, threads: int,
         payload = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
         keys = [make_block_key(i.to_bytes(32, "big")) for i in range(total)]
         outs = [np.empty(size, np.uint8) for _ in range(batch)]
+        # Unmeasured: every key written once, so measured puts overwrite values of the same
+        # size, as redis-benchmark's SETs do (module docstring).
+        for first in range(0, total, batch):
+            store.put(keys[first:first + batch], [payload] * len(keys[first:first + batch])
+                      ).result()
         for op in ("put", "get"):
             latencies = []
             ok = 0
@@ -108,38 +132,75 @@ def bench_store(url: str, size: int, megabytes: int, batch: int, threads: int,
     return rows
 
 
+def _keyspace(target: RemoteTarget, total: int, value_bytes: int, fill: bool) -> None:
+    """Write (``fill``) or delete redis-benchmark's ``-r total`` keys, ``key:%012d``."""
+    from tokenvm_vllm.cli.remote import _client
+
+    client = _client(target, 10.0)
+    try:
+        value = bytes(value_bytes)
+        for first in range(0, total, 32):
+            pipe = client.pipeline(transaction=False)
+            for i in range(first, min(total, first + 32)):
+                if fill:
+                    pipe.set(f"key:{i:012d}", value, px=600_000)
+                else:
+                    pipe.delete(f"key:{i:012d}")
+            pipe.execute()
+    finally:
+        client.close()
+
+
 def redis_benchmark(url: str, size: int, megabytes: int, batch: int,
                     threads: int) -> list[dict[str, Any]]:
-    """``redis-benchmark`` SET/GET of ``size``-byte values, single and pipelined. Empty when the
-    tool is missing or the URL is a cluster or TLS (not compared then)."""
+    """``redis-benchmark`` SET/GET of values of our size (``HEADER_BYTES + size``) over a
+    keyspace of as many keys as our rows use, single and pipelined (module docstring). Empty
+    when the tool is missing or the URL is TLS (not compared then)."""
     target = parse_remote_url(url)
     if shutil.which("redis-benchmark") is None or target.tls:
         return []
     host, port = target.nodes[0]
     total = max(batch, megabytes * 2**20 // size)
+    value_bytes = HEADER_BYTES + size
     rows = []
-    for mode, clients, pipeline, requests in (
-            ("single", 1, 1, max(16, min(total // 4, 2000))),
-            (f"batch {batch} x {threads}", threads, batch, total)):
-        cmd = ["redis-benchmark", "-h", host, "-p", str(port), "-t", "set,get", "-d", str(size),
-               "-n", str(requests), "-c", str(clients), "-P", str(pipeline), "--csv"]
-        if target.cluster:
-            cmd.append("--cluster")
-        else:
-            cmd += ["--dbnum", str(target.db)]
-        if target.username:
-            cmd += ["--user", target.username]
-        if target.password:
-            cmd += ["-a", target.password, "--no-auth-warning"]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-        for record in csv.DictReader(io.StringIO(result.stdout)):
-            rps = float(record["rps"])
-            rows.append({"source": "redis-benchmark", "op": record["test"].lower(),
-                         "mode": mode, "block_bytes": size, "blocks": requests, "ok": requests,
-                         "seconds": round(requests / rps, 4) if rps else 0.0,
-                         "blocks_per_s": rps, "gb_per_s": round(rps * size / 1e9, 3),
-                         "p50_ms": float(record.get("p50_latency_ms", 0) or 0),
-                         "p99_ms": float(record.get("p99_latency_ms", 0) or 0)})
+    # In a cluster redis-benchmark names its keys with a hash tag of its own per node
+    # (key:{tag}:...), which cannot be filled beforehand: it keeps one key per node there.
+    keyspace = not target.cluster
+    if keyspace:
+        _keyspace(target, total, value_bytes, fill=True)
+    try:
+        for mode, clients, pipeline, requests in (
+                ("single", 1, 1, max(16, min(total // 4, 2000))),
+                (f"batch {batch} x {threads}", threads, batch, total)):
+            cmd = ["redis-benchmark", "-h", host, "-p", str(port), "-t", "set,get",
+                   "-d", str(value_bytes), "-n", str(requests),
+                   "-c", str(clients), "-P", str(pipeline), "--csv"]
+            if keyspace:
+                cmd += ["-r", str(total)]
+            if target.cluster:
+                cmd.append("--cluster")
+            else:
+                cmd += ["--dbnum", str(target.db)]
+            if target.username:
+                cmd += ["--user", target.username]
+            if target.password:
+                cmd += ["-a", target.password, "--no-auth-warning"]
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                                    check=False)
+            # With --cluster the CSV follows a list of the masters: start at its header.
+            csv_text = result.stdout[max(0, result.stdout.find('"test",')):]
+            for record in csv.DictReader(io.StringIO(csv_text)):
+                rps = float(record["rps"])
+                rows.append({"source": "redis-benchmark", "op": record["test"].lower(),
+                             "mode": mode, "block_bytes": size, "value_bytes": value_bytes,
+                             "blocks": requests, "ok": requests,
+                             "seconds": round(requests / rps, 4) if rps else 0.0,
+                             "blocks_per_s": rps, "gb_per_s": round(rps * size / 1e9, 3),
+                             "p50_ms": float(record.get("p50_latency_ms", 0) or 0),
+                             "p99_ms": float(record.get("p99_latency_ms", 0) or 0)})
+    finally:
+        if keyspace:
+            _keyspace(target, total, value_bytes, fill=False)
     return rows
 
 
@@ -170,14 +231,15 @@ _SOURCES = ["tokenvm", "tokenvm redis-py", "redis-benchmark"]
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table; each TokenVM row with its share of redis-benchmark's GB/s."""
-    plain = {(r["op"].replace("put", "set"), r["mode"], r["block_bytes"]): r["gb_per_s"]
+    """Markdown table; each TokenVM row with its share of redis-benchmark's blocks/s (values
+    of the same size per second; GB/s columns count the block's payload on both sides)."""
+    plain = {(r["op"].replace("put", "set"), r["mode"], r["block_bytes"]): r["blocks_per_s"]
              for r in rows if r["source"] == "redis-benchmark"}
     lines = ["| source | op | mode | block | blocks/s | GB/s | p50 ms | p99 ms | vs plain |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         base = plain.get((r["op"].replace("put", "set"), r["mode"], r["block_bytes"]))
-        share = (f"{r['gb_per_s'] / base:.0%}"
+        share = (f"{r['blocks_per_s'] / base:.0%}"
                  if r["source"].startswith("tokenvm") and base else "")
         lines.append(f"| {r['source']} | {r['op']} | {r['mode']} | {r['block_bytes']} | "
                      f"{r['blocks_per_s']:.0f} | {r['gb_per_s']:.3f} | {r['p50_ms']:.3f} | "

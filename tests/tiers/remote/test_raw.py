@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from tests.redis_servers import HOST, RedisServer
 from tests.tiers.remote.test_store import NS, keys
 from tokenvm_vllm.tiers.remote import raw
 from tokenvm_vllm.tiers.remote.store import RemoteStore
+from tokenvm_vllm.tiers.remote.url import parse_remote_url
 from tokenvm_vllm.tiers.remote.value import HEADER_BYTES, encode_value
 
 BIG = 1 << 20
@@ -107,7 +109,8 @@ def big_payloads(n: int, seed: int = 3) -> list[np.ndarray]:
 
 
 class _Counting:
-    """A real socket whose ``recv_into`` calls are counted (everything else passes through)."""
+    """A real socket whose ``recv_into`` and ``recvmsg_into`` calls are counted (everything
+    else passes through)."""
 
     def __init__(self, inner: socket.socket, calls: list[int]) -> None:
         self.inner = inner
@@ -116,6 +119,10 @@ class _Counting:
     def recv_into(self, buf: memoryview, *args: int) -> int:
         self.calls.append(1)
         return self.inner.recv_into(buf, *args)
+
+    def recvmsg_into(self, buffers: list[memoryview], *args: int) -> tuple[Any, ...]:
+        self.calls.append(1)
+        return self.inner.recvmsg_into(buffers, *args)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
@@ -218,3 +225,94 @@ def test_server_gone_mid_reply_is_a_miss_not_an_exception(redis_server: RedisSer
             assert not store.available and store.outages == 1
     finally:
         relay.close()
+
+
+def test_partial_sends_resume_mid_buffer() -> None:
+    """``_Conn.send`` over a socket that takes a little at a time (a non-blocking socket with
+    small buffers, a slow reader): every byte arrives once, in order, whatever the split."""
+    left, right = socket.socketpair()
+    for sock in (left, right):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    left.settimeout(5.0)  # Python's timeout mode: sendmsg returns after a partial write
+    rng = np.random.default_rng(5)
+    pieces: list[bytes | memoryview] = []
+    for n in (3, 70_000, 1, 0, 9000, 200_000, 5):
+        chunk = rng.integers(0, 256, n, dtype=np.uint8)
+        pieces.append(chunk.tobytes() if n % 2 else memoryview(chunk))
+    expected = b"".join(bytes(p) for p in pieces)
+    got = bytearray()
+
+    def drain() -> None:
+        while len(got) < len(expected):
+            data = right.recv(rng_sizes.pop() if rng_sizes else 4096)
+            if not data:
+                return
+            got.extend(data)
+            time.sleep(0.0001)
+
+    rng_sizes = [int(x) for x in rng.integers(1, 3000, 2000)]
+    reader = threading.Thread(target=drain)
+    reader.start()
+    conn = raw._Conn(left)
+    assert conn.can_sendmsg
+    conn.send(pieces)
+    reader.join(10)
+    left.close()
+    right.close()
+    assert bytes(got) == expected
+
+
+def test_kernel_timeout_is_a_redis_timeout(redis_server: RedisServer) -> None:
+    """Plain connections wait with the kernel's SO_RCVTIMEO, not Python's socket timeout; a
+    server that does not answer in time is ``redis.TimeoutError`` (a miss upstream), never a
+    connection error (which would take the tier down)."""
+    client = raw.RawRedis(parse_remote_url(redis_server.url), 0.3)
+    try:
+        client.ping()
+        conn = client._idle[0]
+        assert conn.sock.gettimeout() is None  # blocking: no poll() before each recv
+        sleeper = threading.Thread(target=redis_server.cli, args=("DEBUG", "SLEEP", "1"))
+        sleeper.start()
+        time.sleep(0.1)
+        start = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            client.ping()
+        assert time.monotonic() - start < 0.8
+        sleeper.join()
+        client.ping()  # a fresh connection replaces the one that timed out
+    finally:
+        client.close()
+
+
+def test_scatter_read_keeps_what_follows_a_value_buffered() -> None:
+    """``read_views`` fills header and payload straight from the socket and leaves the bytes
+    it read past them (the CRLF, the next replies: a nil, a short value) in the buffer, where
+    the following reads find them in order, whichever way the stream was split."""
+    for split in (3, 7, 4096, 4100, 9000, 20000):
+        left, right = socket.socketpair()
+        left.settimeout(5.0)  # a byte lost by the reader fails the test instead of hanging
+        conn = raw._Conn(left)
+        header = memoryview(bytearray(4096))
+        payload = memoryview(bytearray(10_000))
+        value = bytes(range(256)) * 16 + bytes(reversed(range(256))) * 39 + b"x" * 16
+        stream = b"$14096\r\n" + value + b"\r\n$-1\r\n$5\r\nhello\r\n-ERR no\r\n"
+
+        def feed(data: bytes = stream, sock: socket.socket = right, step: int = split) -> None:
+            for n, at in enumerate(range(0, len(data), step)):
+                sock.sendall(data[at:at + step])
+                if n % 64 == 0:
+                    time.sleep(0.001)
+
+        writer = threading.Thread(target=feed)
+        writer.start()
+        assert conn.readline() == b"$14096"
+        conn.read_views((header, payload))
+        assert bytes(header) + bytes(payload) == value, split
+        conn.skip(2)
+        assert conn.read_reply() is None
+        assert conn.read_reply() == b"hello"
+        assert isinstance(conn.read_reply(), redis.ResponseError)
+        writer.join()
+        left.close()
+        right.close()

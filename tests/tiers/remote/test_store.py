@@ -16,6 +16,7 @@ import pytest
 
 from tests.redis_servers import HOST, RedisServer, free_port, require_redis_binaries
 from tokenvm_vllm.keys import make_block_key
+from tokenvm_vllm.tiers.remote.keys import remote_key
 from tokenvm_vllm.tiers.remote.raw import RawRedis
 from tokenvm_vllm.tiers.remote.store import RemoteStore
 
@@ -72,6 +73,7 @@ def test_round_trip_with_ttl_and_stats(store: RemoteStore, redis_server: RedisSe
     outs = [np.zeros(SLOT, np.uint8) for _ in range(20)]
     assert store.get(ks, outs).result(5) == [True] * 20
     assert all(np.array_equal(a, b) for a, b in zip(outs, data, strict=True))
+    assert store.key_of(ks[0]) == remote_key("tokenvm", NS, 0, ks[0])  # the one key format
     ttl_ms = int(redis_server.cli("PTTL", store.key_of(ks[0]).decode()))
     assert 0 < ttl_ms <= 3600_000
     stats = store.stats()

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 
 from tokenvm_vllm.keys import make_block_key
+from tokenvm_vllm.tiers.disk.format import CHECKSUMS, DEFAULT_CSUM
 from tokenvm_vllm.tiers.remote.keys import remote_key
 from tokenvm_vllm.tiers.remote.url import mask_url, parse_remote_url
-from tokenvm_vllm.tiers.remote.value import HEADER_BYTES, check_value, decode_into, encode_value
+from tokenvm_vllm.tiers.remote.value import (
+    HEADER_BYTES,
+    HeaderCheck,
+    check_header,
+    check_value,
+    decode_into,
+    encode_value,
+    encode_value_iov,
+)
 
 NS = bytes(range(16))
 KEY = make_block_key(b"\x01" * 32)
@@ -86,3 +97,56 @@ def test_value_round_trip_and_every_check() -> None:
     assert check_value(bytes(flipped), NS, 0, KEY, 1000) is None  # header bit rot
     out[:] = 7
     assert not decode_into(bytes(flipped), NS, 0, KEY, out) and (out == 7).all()
+
+
+def test_value_as_buffers_is_the_same_value() -> None:
+    payload = np.arange(1000, dtype=np.uint8)
+    parts = encode_value_iov(NS, 0, KEY, payload)
+    value = b"".join(parts)
+    assert len(value) == HEADER_BYTES + payload.nbytes
+    assert value[HEADER_BYTES:] == payload.tobytes()
+    assert (value[len(parts[0]):HEADER_BYTES] == bytes(HEADER_BYTES - len(parts[0])))
+    out = np.zeros_like(payload)
+    assert decode_into(value, NS, 0, KEY, out) and np.array_equal(out, payload)
+
+
+def test_header_check_rejects_every_bit_flip_and_agrees_with_check_header() -> None:
+    """The fast header check (``HeaderCheck``) against the reference (``check_header``): the
+    same answer for the valid header and for every single-bit flip in the encoded part
+    (fixed fields, key, the header's own checksum), all of which are rejected; flips in the
+    zero padding (covered by no checksum, as before) are accepted by both."""
+    payload = np.arange(1000, dtype=np.uint8)
+    header = b"".join(encode_value_iov(NS, 0, KEY, payload)[:2])
+    fast = HeaderCheck(NS, 0, payload.nbytes)
+    reference = check_header(header, NS, 0, KEY, payload.nbytes)
+    assert reference is not None
+    assert fast(memoryview(header), KEY) == (reference.algo, reference.payload_csum)
+    assert fast(header, make_block_key(b"\x02" * 32)) is None  # another block
+    assert HeaderCheck(NS, 1, payload.nbytes)(header, KEY) is None  # another rank
+    assert HeaderCheck(NS, 0, 999)(header, KEY) is None  # another size
+    assert HeaderCheck(bytes(16), 0, payload.nbytes)(header, KEY) is None  # another namespace
+    encoded = len(encode_value_iov(NS, 0, KEY, payload)[0])
+    for byte in [*range(encoded), encoded + 5, HEADER_BYTES - 1]:
+        for bit in range(8):
+            flipped = bytearray(header)
+            flipped[byte] ^= 1 << bit
+            expected = check_header(bytes(flipped), NS, 0, KEY, payload.nbytes)
+            got = fast(memoryview(flipped), KEY)
+            assert got == (None if expected is None else
+                           (expected.algo, expected.payload_csum)), (byte, bit)
+            assert (got is None) == (byte < encoded), (byte, bit)
+
+
+def test_header_check_falls_back_to_the_reference_decoder() -> None:
+    """A header ``check_header`` accepts but that differs from what this version writes (here
+    the reserved byte set, checksum recomputed) is still accepted, through the fallback."""
+    payload = np.arange(1000, dtype=np.uint8)
+    encoded = bytearray(encode_value_iov(NS, 0, KEY, payload)[0])
+    body = encoded[:-8]
+    body[11] = 1  # the reserved byte after magic (8), version (2), algorithm (1)
+    header = bytes(body) + struct.pack("<Q", CHECKSUMS[DEFAULT_CSUM](bytes(body)))
+    header += bytes(HEADER_BYTES - len(header))
+    reference = check_header(header, NS, 0, KEY, payload.nbytes)
+    assert reference is not None
+    assert HeaderCheck(NS, 0, payload.nbytes)(header, KEY) == (reference.algo,
+                                                                reference.payload_csum)

@@ -129,6 +129,22 @@ def encode_header(header: SlotHeader) -> bytes:
     return body + _CSUM.pack(CHECKSUMS[header.algo](body))
 
 
+def header_prefix(algo: int, namespace: bytes, slot: int, stride: int, payload_len: int) -> bytes:
+    """The bytes every header with these fields starts with (magic, version, ``algo``, the
+    reserved byte as ``encode_header`` writes it, namespace, slot, stride, payload length), for
+    a reader that expects exactly these fields to compare a header against without decoding
+    it; ``PREFIX_TAIL`` (sequence number, payload checksum, key length) follows it."""
+    return _FIXED.pack(MAGIC, FORMAT_VERSION, algo, 0, namespace, slot, stride, payload_len,
+                       0, 0, 0)[:_FIXED.size - PREFIX_TAIL.size]
+
+
+PREFIX_TAIL = struct.Struct("<QQH")
+"""The header's last fixed fields after ``header_prefix``: sequence number, payload checksum,
+key length (the key and the header's own checksum, ``HEADER_CSUM``, follow)."""
+HEADER_CSUM = _CSUM
+"""The header's own checksum field (after the key)."""
+
+
 def decode_header(data: bytes) -> SlotHeader | None:
     """The header in ``data`` (at least ``HEADER_BYTES``) if its magic, version and own checksum
     verify; None otherwise. Never raises on bad bytes.

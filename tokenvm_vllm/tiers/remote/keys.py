@@ -21,9 +21,15 @@ from __future__ import annotations
 from tokenvm_vllm.keys import BlockKey
 
 
+def key_name_prefix(prefix: str, namespace: bytes, tp_rank: int) -> bytes:
+    """What every block's Redis key in ``namespace`` for ``tp_rank`` starts with (a store
+    computes it once; the block key's hex follows)."""
+    return f"{prefix}:{namespace.hex()}:r{tp_rank}:".encode()
+
+
 def remote_key(prefix: str, namespace: bytes, tp_rank: int, key: BlockKey) -> bytes:
     """The Redis key of block ``key`` in ``namespace`` (a 16-byte fingerprint) for ``tp_rank``."""
-    return f"{prefix}:{namespace.hex()}:r{tp_rank}:{key.hex()}".encode()
+    return key_name_prefix(prefix, namespace, tp_rank) + key.hex().encode()
 
 
 def namespace_pattern(prefix: str, namespace: bytes, tp_rank: int | None = None) -> str:

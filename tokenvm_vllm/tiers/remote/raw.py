@@ -6,12 +6,18 @@ hiredis's buffer, then a ``bytes`` object, then our copy into the host-pool row)
 builds one concatenated ``bytes`` of header and payload. At 1 MiB blocks that held the tier to
 a quarter of what ``redis-benchmark`` gets from the same server. Here:
 
-* ``get_into`` sends one pipeline of ``GET`` s and reads each bulk reply's 4 KiB header into a
-  small buffer, checks it (namespace, rank, key, length) *before* the payload arrives, then
-  ``recv_into`` s the payload straight into the caller's row and verifies its checksum in
-  place. Bytes already buffered with a reply line are copied once (at most one 64 KiB chunk).
+* ``get_into`` sends one pipeline of ``GET`` s. On a plain socket each bulk reply of the
+  expected size is received by scatter reads (``recvmsg_into``) straight into a 4 KiB header
+  buffer and the caller's row, each read also taking the CRLF and the next reply's line into
+  the small read buffer (``_Conn.read_views``): no payload byte passes through that buffer and
+  one system call per value suffices when the data is there. Then the header is checked
+  (namespace, rank, key, length) and the payload's checksum verified in place. Under TLS the
+  header is read and checked first and a failing value's payload skipped.
 * ``set_many`` sends ``SET key value PX ttl`` for a whole batch as a list of buffers
   (``sendmsg``; ``sendall`` piece by piece under TLS): the payload is never copied in Python.
+* Plain sockets are blocking with the kernel's send/receive timeouts (``_kernel_timeouts``),
+  so no ``recv`` or ``send`` is preceded by a ``poll``; an idle connection is checked with one
+  non-blocking ``MSG_PEEK``.
 
 Errors follow redis-py's classes so ``RemoteStore._run`` handles both clients alike: a socket
 timeout is ``redis.TimeoutError``, a closed, reset or refused connection
@@ -29,6 +35,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -39,12 +46,18 @@ from tokenvm_vllm.tiers.remote.url import RemoteTarget
 
 _CHUNK = 1 << 16
 """Bytes asked of each buffered ``recv`` (reply lines and small replies)."""
+_LOOKAHEAD = 2 + 32
+"""Bytes a scatter read takes past a value (``_Conn.read_views``): its CRLF and the next
+reply's line (``$<size>``: a few digits)."""
 _IOV_MAX = 512
 """Buffers per ``sendmsg`` call (Linux allows 1024)."""
 SOCKET_BUFFER = 4 << 20
 """``SO_RCVBUF`` / ``SO_SNDBUF`` asked for (the kernel caps them at ``net.core.*mem_max``):
 room for a whole large value in flight, so a 1 MiB block moves in few ``recv`` calls and
 few wake-ups of the server. 0 leaves the kernel's autotuning alone."""
+
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+"""``recv`` flags of the idle-connection check (an int: combining the enum costs per call)."""
 
 Reply = bytes | int | list[Any] | None | redis.RedisError
 
@@ -59,6 +72,11 @@ def encode_command(*args: bytes | memoryview) -> list[bytes | memoryview]:
     for arg in args:
         out += _bulk(arg)
     return out
+
+
+def _key_command(verb: bytes, name: bytes) -> bytes:
+    """``verb name`` as one RESP buffer (a key is short: joining beats one buffer per part)."""
+    return b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(verb), verb, len(name), name)
 
 
 def _error(text: str) -> redis.RedisError:
@@ -82,7 +100,8 @@ class _Conn:
     # -- sending ---------------------------------------------------------------------------------
 
     def send(self, buffers: Sequence[bytes | memoryview]) -> None:
-        """Send every buffer, in order, without joining them."""
+        """Send every buffer, in order, without joining them. Each is ``bytes`` or a 1-D
+        memoryview of format ``B`` (so ``len`` is its size in bytes: no per-buffer cast)."""
         if not self.can_sendmsg:
             small: list[bytes | memoryview] = []
             for piece in buffers:  # join the small pieces: one TLS record each otherwise
@@ -96,19 +115,18 @@ class _Conn:
             if small:
                 self.sock.sendall(b"".join(small))
             return
-        views = [memoryview(b).cast("B") for b in buffers]
         i = 0
-        while i < len(views):
-            sent = self.sock.sendmsg(views[i:i + _IOV_MAX])
-            while sent and i < len(views):  # skip what went out; the rest of a partial one
-                if sent >= views[i].nbytes:
-                    sent -= views[i].nbytes
+        while i < len(buffers):
+            chunk = buffers[i:i + _IOV_MAX]
+            sent = self.sock.sendmsg(chunk)
+            for piece in chunk:  # skip what went out; the rest of a partial one goes next
+                if sent >= len(piece):
+                    sent -= len(piece)
                     i += 1
-                else:
-                    views[i] = views[i][sent:]
-                    sent = 0
-            while i < len(views) and views[i].nbytes == 0:
-                i += 1
+                    continue
+                buffers = [memoryview(piece)[sent:], *buffers[i + 1:]]
+                i = 0
+                break
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -149,6 +167,36 @@ class _Conn:
             if n == 0:
                 raise redis.ConnectionError("connection closed by the server")
             have += n
+
+    def read_views(self, views: Sequence[memoryview]) -> None:
+        """Fill ``views`` in order with the stream's next bytes: what is buffered first, then
+        straight from the socket by scatter reads (``recvmsg_into``), each of which also takes
+        up to ``_LOOKAHEAD`` bytes past the views into the (then empty) buffer: the bulk's CRLF
+        and the next reply's line, so the next value needs no ``recv`` of its own for them and
+        none of its payload passes through the buffer. Plain sockets only (``can_sendmsg``:
+        an ``SSLSocket`` has no ``recvmsg_into``)."""
+        pending: list[memoryview] = []
+        for view in views:
+            have = min(self.end - self.start, view.nbytes)
+            if have:
+                view[:have] = memoryview(self.buf)[self.start:self.start + have]
+                self.start += have
+            if have < view.nbytes:
+                pending.append(view[have:])
+        if not pending:
+            return
+        self.start = self.end = 0  # every buffered byte went into the views
+        tail = memoryview(self.buf)[:_LOOKAHEAD]
+        while pending:
+            n = self.sock.recvmsg_into([*pending, tail])[0]
+            if n == 0:
+                raise redis.ConnectionError("connection closed by the server")
+            while pending and n >= pending[0].nbytes:
+                n -= pending.pop(0).nbytes
+            if pending:
+                pending[0] = pending[0][n:]
+            else:
+                self.end = n  # what landed past the views
 
     def skip(self, n: int) -> None:
         """Read and drop ``n`` bytes (a value failing its checks, a CRLF)."""
@@ -196,7 +244,7 @@ class _Conn:
             pass
 
 
-ValueCheck = Callable[[int, bytes | None, memoryview | None], bool]
+ValueCheck = Callable[[int, memoryview | None, memoryview | None], bool]
 
 
 class RawRedis:
@@ -254,6 +302,8 @@ class RawRedis:
                 reply = conn.read_reply()
                 if isinstance(reply, redis.RedisError):
                     raise reply
+            if self._ssl is None:
+                _kernel_timeouts(sock, self.timeout_s)
         except BaseException as err:
             sock.close()
             raise _converted(err) from err
@@ -273,11 +323,7 @@ class RawRedis:
                 if not self._idle:
                     return None
                 conn = self._idle.pop()
-            try:
-                readable = bool(select.select([conn.sock], [], [], 0)[0])
-            except (OSError, ValueError):
-                readable = True
-            if not readable and conn.start == conn.end:
+            if conn.start == conn.end and _nothing_to_read(conn):
                 return conn
             conn.close()
 
@@ -321,27 +367,32 @@ class RawRedis:
         self._batch(encode_command(b"PING"), lambda conn: conn.read_reply())
 
     def exists_many(self, names: Sequence[bytes]) -> list[bool]:
-        commands = [p for name in names for p in encode_command(b"EXISTS", name)]
+        commands = [_key_command(b"EXISTS", name) for name in names]
         replies: list[Reply] = self._batch(commands, lambda conn: [
             conn.read_reply() for _ in names])
         return [isinstance(r, int) and r > 0 for r in replies]
 
     def delete_many(self, names: Sequence[bytes]) -> list[bool]:
-        commands = [p for name in names for p in encode_command(b"DEL", name)]
+        commands = [_key_command(b"DEL", name) for name in names]
         replies: list[Reply] = self._batch(commands, lambda conn: [
             conn.read_reply() for _ in names])
         return [reply == 1 for reply in replies]
 
     def set_many(self, names: Sequence[bytes], values: Sequence[Sequence[bytes | memoryview]],
                  px: int) -> list[bool | redis.RedisError]:
-        """``SET name value PX px`` each; ``values[i]``: the value as buffers (header, payload),
-        sent as they are. True or the error reply, per name."""
-        ttl = str(px).encode()
+        """``SET name value PX px`` each; ``values[i]``: the value as buffers (e.g. header,
+        padding, payload: ``bytes`` or 1-D byte memoryviews), sent as they are. True or the
+        error reply, per name."""
+        tail = b"\r\n$2\r\nPX\r\n$%d\r\n%d\r\n" % (len(str(px)), px)
         commands: list[bytes | memoryview] = []
         for name, parts in zip(names, values, strict=True):
-            size = sum(memoryview(part).nbytes for part in parts)
-            commands += [b"*5\r\n$3\r\nSET\r\n", *_bulk(name), b"$%d\r\n" % size, *parts,
-                         b"\r\n$2\r\nPX\r\n", *_bulk(ttl)]
+            size = sum(len(part) for part in parts)
+            head = b"*5\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(name), name, size)
+            first, *rest = parts
+            if len(first) < 1024:  # a short header: one buffer with the command's head
+                commands += [head + first, *rest, tail]
+            else:
+                commands += [head, first, *rest, tail]
 
         def read(conn: _Conn) -> list[bool | redis.RedisError]:
             out: list[bool | redis.RedisError] = []
@@ -357,12 +408,12 @@ class RawRedis:
         """``GET`` each name, each value read as ``header`` (its bytes) then ``outs[i]``.
 
         ``check(i, header_or_None, out_or_None)`` is called twice per value of the expected size
-        (``header.nbytes + outs[i].nbytes``): with the header bytes (``out`` None) before the
-        payload is read, and, if that passed, with ``out`` (header None) once it holds the
-        payload. Per name: True (both checks passed), None (no such key, or an error reply),
-        False (a value of another size or one failing a check: ``outs[i]`` may hold its
-        bytes)."""
-        commands = [p for name in names for p in encode_command(b"GET", name)]
+        (``header.nbytes + outs[i].nbytes``): with ``header`` holding the value's header
+        (``out`` None; valid during the call only, the next value reuses it) before the payload
+        is read, and, if that passed, with ``out`` (header None) once it holds the payload. Per
+        name: True (both checks passed), None (no such key, or an error reply), False (a value
+        of another size or one failing a check: ``outs[i]`` may hold its bytes)."""
+        commands = [_key_command(b"GET", name) for name in names]
 
         def read(conn: _Conn) -> list[bool | None]:
             out: list[bool | None] = []
@@ -381,8 +432,13 @@ class RawRedis:
                     conn.skip(size + 2)
                     out.append(False)
                     continue
+                if conn.can_sendmsg:  # header and payload in one scatter read
+                    conn.read_views((header, view))
+                    conn.skip(2)
+                    out.append(check(i, header, None) and check(i, None, view))
+                    continue
                 conn.read_into(header)
-                if not check(i, bytes(header), None):
+                if not check(i, header, None):
                     conn.skip(view.nbytes + 2)
                     out.append(False)
                     continue
@@ -422,11 +478,43 @@ class RawRedis:
                 pass
 
 
+def _kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
+    """Make a plain TCP socket blocking with the kernel's ``SO_RCVTIMEO`` / ``SO_SNDTIMEO`` as
+    its deadline per call. Python's own socket timeout ``poll`` s before every ``recv`` and
+    ``send`` (one more system call each); a kernel timeout fails the call itself with
+    ``EAGAIN`` (``BlockingIOError``, which ``_converted`` makes ``redis.TimeoutError``).
+    Not for TLS: an ``SSLSocket`` turns ``EAGAIN`` into ``SSLWantReadError``."""
+    seconds = max(timeout_s, 1e-3)
+    timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def _nothing_to_read(conn: _Conn) -> bool:
+    """Whether an idle connection's socket has nothing to read (an open connection the server
+    sent nothing unasked). One non-blocking peek on a plain socket; ``select`` under TLS (an
+    ``SSLSocket`` takes no ``recv`` flags)."""
+    if conn.can_sendmsg:
+        try:
+            conn.sock.recv(1, _PEEK_NOW)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False  # b"" (closed) or bytes nobody asked for
+    try:
+        return not select.select([conn.sock], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False
+
+
 def _converted(err: BaseException) -> BaseException:
-    """``err`` as the redis-py error class ``RemoteStore._run`` expects."""
+    """``err`` as the redis-py error class ``RemoteStore._run`` expects (``BlockingIOError``:
+    a kernel socket timeout, ``_kernel_timeouts``)."""
     if isinstance(err, redis.RedisError):
         return err
-    if isinstance(err, (TimeoutError, socket.timeout)):
+    if isinstance(err, (TimeoutError, socket.timeout, BlockingIOError)):
         return redis.TimeoutError(f"timed out: {err}")
     if isinstance(err, ssl.SSLError):
         return redis.ConnectionError(f"TLS: {err}")

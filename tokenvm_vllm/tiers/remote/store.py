@@ -53,15 +53,15 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from tokenvm_vllm.keys import BlockKey
-from tokenvm_vllm.tiers.disk.format import CHECKSUMS, HEADER_BYTES, SlotHeader
-from tokenvm_vllm.tiers.remote.keys import namespace_pattern, remote_key
+from tokenvm_vllm.tiers.disk.format import CHECKSUMS, HEADER_BYTES
+from tokenvm_vllm.tiers.remote.keys import key_name_prefix, namespace_pattern
 from tokenvm_vllm.tiers.remote.raw import RawRedis
 from tokenvm_vllm.tiers.remote.url import RemoteTarget, parse_remote_url
 from tokenvm_vllm.tiers.remote.value import (
-    check_header,
+    HeaderCheck,
     decode_into,
     encode_value,
-    encode_value_parts,
+    encode_value_iov,
 )
 
 logger = logging.getLogger("vllm.tokenvm")
@@ -109,6 +109,8 @@ class RemoteStore:
         self.timeout_s = timeout_s
         self.retry_interval_s = retry_interval_s
         self.where = self.target.describe()
+        self._header_check = HeaderCheck(namespace, tp_rank, slot_bytes)
+        self._name_prefix = key_name_prefix(key_prefix, namespace, tp_rank)
         self._executors = {queue: ThreadPoolExecutor(io_threads,
                                                      thread_name_prefix=f"tokenvm-remote-{queue}")
                            for queue in ("read", "write")}
@@ -230,6 +232,11 @@ class RemoteStore:
         with self._counts_lock:
             self._counts[name] += n
 
+    def _count_many(self, **counts: int) -> None:
+        """Several counters under one lock (a batch's counters together)."""
+        with self._counts_lock:
+            self._counts.update(counts)
+
     def _warn_once(self, kind: str, msg: str, *args: Any) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
@@ -238,7 +245,8 @@ class RemoteStore:
     # -- batches -------------------------------------------------------------------------------
 
     def key_of(self, key: BlockKey) -> bytes:
-        return remote_key(self.key_prefix, self.namespace, self.tp_rank, key)
+        """Block ``key``'s Redis key (``keys.remote_key``, its fixed start computed once)."""
+        return self._name_prefix + key.hex().encode()
 
     def contains(self, keys: Sequence[BlockKey]) -> Future[list[bool]]:
         """Which ``keys`` the server holds now (EXISTS; the value is checked only on ``get``)."""
@@ -280,8 +288,8 @@ class RemoteStore:
                                 "and deleted", len(bad), self.where)
                 _delete_names(client, bad)
             hits = sum(ok)
-            self._count("hit_blocks", hits)
-            self._count("miss_blocks", len(ok) - hits)
+            self._count_many(hit_blocks=hits, miss_blocks=len(ok) - hits,
+                             read_bytes=hits * (HEADER_BYTES + self.slot_bytes))
             return ok
 
         return self._submit("read", "get", len(keys), run)
@@ -300,32 +308,29 @@ class RemoteStore:
                 continue
             good = decode_into(value, self.namespace, self.tp_rank, key, view)
             ok.append(good)
-            if good:
-                self._count("read_bytes", len(value))
-            else:
+            if not good:
                 bad.append(name)
         return ok, bad
 
     def _raw_get(self, client: RawRedis, names: list[bytes], keys: Sequence[BlockKey],
                  views: list[np.ndarray]) -> tuple[list[bool], list[bytes]]:
         """As ``_redispy_get``, each payload received straight into its ``out`` and checked
-        there: the header (key echo, namespace, rank, length) before the payload arrives, the
-        checksum after."""
-        headers: list[SlotHeader | None] = [None] * len(names)
+        there: the header (key echo, namespace, rank, length), then the payload's checksum
+        (``RawRedis.get_into``)."""
+        headers: list[tuple[int, int] | None] = [None] * len(names)
+        header_check = self._header_check
 
-        def check(i: int, header: bytes | None, payload: memoryview | None) -> bool:
+        def check(i: int, header: memoryview | None, payload: memoryview | None) -> bool:
             if header is not None:
-                headers[i] = check_header(header, self.namespace, self.tp_rank, keys[i],
-                                          self.slot_bytes)
+                headers[i] = header_check(header, keys[i])
                 return headers[i] is not None
             found = headers[i]
-            return found is not None and CHECKSUMS[found.algo](payload) == found.payload_csum
+            return found is not None and CHECKSUMS[found[0]](payload) == found[1]
 
         results = client.get_into(names, memoryview(bytearray(HEADER_BYTES)),
                                   [memoryview(view) for view in views], check)  # type: ignore[arg-type]
         ok = [result is True for result in results]
         bad = [name for name, result in zip(names, results, strict=True) if result is False]
-        self._count("read_bytes", sum(ok) * (HEADER_BYTES + self.slot_bytes))
         return ok, bad
 
     def put(self, keys: Sequence[BlockKey], payloads: Sequence[Any]) -> Future[list[bool]]:
@@ -340,9 +345,9 @@ class RemoteStore:
             nbytes = 0
             results: list[Any]
             if isinstance(client, RawRedis):
-                parts = [encode_value_parts(self.namespace, self.tp_rank, key, payload)
+                parts = [encode_value_iov(self.namespace, self.tp_rank, key, payload)
                          for key, payload in zip(keys, payloads, strict=True)]
-                nbytes = sum(len(header) + data.nbytes for header, data in parts)
+                nbytes = sum(HEADER_BYTES + data.nbytes for _, _, data in parts)
                 results = client.set_many(names, parts, self.ttl_ms)
             else:
                 pipe = client.pipeline(transaction=False)
@@ -359,9 +364,8 @@ class RemoteStore:
                 self._full = False
                 logger.info("TokenVM remote tier: %s accepts writes again", self.where)
             written = sum(ok)
-            self._count("written_blocks", written)
-            self._count("write_failed_blocks", len(ok) - written)
-            self._count("written_bytes", nbytes * written // max(1, len(ok)))
+            self._count_many(written_blocks=written, write_failed_blocks=len(ok) - written,
+                             written_bytes=nbytes * written // max(1, len(ok)))
             return ok
 
         return self._submit("write", "put", len(keys), run)
