@@ -81,6 +81,7 @@ def test_modes_are_parsed_once_into_enum_members() -> None:
     assert config.load_mode is LoadMode.LAYERWISE and config.copy_path is CopyPath.UVA
     assert repr(config.write_mode) == "'write_back'" and str(config.copy_path) == "uva"
     assert load_config({}).write_mode is WriteMode.WRITE_THROUGH
-    with pytest.raises(TokenVMConfigError, match=r"^tokenvm: copy_path='dma' is not one of "
-                                                 r"staged, uva$"):
-        load_config({"copy_path": "dma"})
+    assert load_config({"copy_path": "DMA"}).copy_path is CopyPath.DMA
+    with pytest.raises(TokenVMConfigError, match=r"^tokenvm: copy_path='nvlink' is not one of "
+                                                 r"staged, uva, dma$"):
+        load_config({"copy_path": "nvlink"})

@@ -72,6 +72,7 @@ class LoadMode(Choice):
 class CopyPath(Choice):
     STAGED = "staged"
     UVA = "uva"
+    DMA = "dma"
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,9 @@ class TokenVMConfig:
     """CUDA copies: 'staged' gathers blocks into a GPU staging buffer (a short on-device
     kernel) and moves them over PCIe with DMA, leaving the SMs to the model; 'uva' has a Triton
     kernel read/write pinned host memory directly (fastest lone copy, but it holds SMs for the
-    whole transfer and slows decode steps beside it). Ignored on the CPU platform."""
+    whole transfer and slows decode steps beside it); 'dma' has no kernel: one batched DMA per
+    job, a copy per contiguous chunk of each block (what vLLM native does on V2). Ignored on the
+    CPU platform."""
     staging_bytes: int = 128 * 2**20
     """copy_path='staged': GPU staging buffer per direction (stores and loads each get one);
     larger jobs go through it in rounds. At least one block of all layers."""

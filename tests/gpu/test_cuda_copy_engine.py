@@ -47,7 +47,7 @@ def drain(engine, n):
 @pytest.mark.parametrize("kind", ["flash", "hnd", "vllm026"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("count", [1, 3, 17, 40])
-@pytest.mark.parametrize("path", ["uva", "staged", "staged-runs"])
+@pytest.mark.parametrize("path", ["uva", "staged", "staged-runs", "dma"])
 def test_round_trip_every_byte(kind, dtype, count, path):
     """``staged`` with 8 staging rows: 17 and 40 blocks take several rounds through them;
     ``staged-runs`` uses consecutive host slots, which DMA moves as merged runs."""

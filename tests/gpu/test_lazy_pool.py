@@ -65,7 +65,7 @@ def drain(engine, n):
     return results
 
 
-@pytest.mark.parametrize("path", ["uva", "staged", "layerwise"])
+@pytest.mark.parametrize("path", ["uva", "staged", "layerwise", "dma"])
 def test_copies_overtake_background_pinning_and_every_byte_arrives(path):
     engine, caches, pool = make("uva" if path == "layerwise" else path)
     pinner = pool.pinner
@@ -113,8 +113,9 @@ def test_real_pool_pins_lazily_in_the_background():
     pool.close()
 
 
+@pytest.mark.parametrize("path", ["staged", "dma"])
 @pytest.mark.parametrize("chunk_pages", [64, 96])
-def test_consecutive_slots_across_registration_chunks_move_by_dma(chunk_pages):
+def test_consecutive_slots_across_registration_chunks_move_by_dma(chunk_pages, path):
     """A store of consecutive slots is one DMA run; with the pool registered in chunks it must be
     cut at each chunk (cuMemcpyBatchAsync refuses a copy spanning two registrations: seen on
     the H200 as 'cuMemcpyBatchAsync failed at index 0 with error 1' in a serving run).
@@ -122,7 +123,7 @@ def test_consecutive_slots_across_registration_chunks_move_by_dma(chunk_pages):
     inside rows)."""
     import mmap
 
-    engine, caches, pool = make("staged", delay=0.0, chunk_bytes=chunk_pages * mmap.PAGESIZE,
+    engine, caches, pool = make(path, delay=0.0, chunk_bytes=chunk_pages * mmap.PAGESIZE,
                                 background=False, staging_slots=48)
     src = list(range(5, 45))
     slots = list(range(100, 140))  # one run of 40 consecutive slots

@@ -224,3 +224,51 @@ def test_layer_movers_each_move_one_layer(kind):
             got = as_bits(kv).index_select(layer.block_dim, targets)
             source = block_ids if j <= i else targets  # later layers not written yet
             assert torch.equal(got, old.index_select(layer.block_dim, source)), (i, j)
+
+
+def memmove_all(src: torch.Tensor, dst: torch.Tensor, sizes: torch.Tensor) -> None:
+    """What ``swap_blocks_batch`` does on the GPU, on CPU addresses: copy every span."""
+    import ctypes
+
+    for s, d, n in zip(src.tolist(), dst.tolist(), sizes.tolist(), strict=True):
+        ctypes.memmove(d, s, n)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("split", [0, 64, 100])
+def test_dma_chunk_copies_store_and_load_every_byte(kind, split):
+    """``copy_path: dma``'s pointer table (``dma.chunk_copies``), executed with memmove: the
+    rows it writes equal ``TorchCopyEngine``'s slot layout byte for byte, and the reverse
+    restores blocks. ``split``: host registrations that copies must not cross (100 bytes: cuts
+    inside chunks and rows)."""
+    from tokenvm_vllm.transfer.dma import chunk_copies
+
+    caches, layout = make_caches(kind, torch.float16, seed=7)
+    mover = mover_for(layout, caches)
+    gen = torch.Generator().manual_seed(3)
+    n, num_rows = 9, 14
+    block_ids = torch.randperm(NUM_BLOCKS, generator=gen)[:n].tolist()
+    slots = torch.randperm(num_rows, generator=gen)[:n].tolist()
+    junk = torch.randint(0, 256, (num_rows, layout.slot_bytes), dtype=torch.uint8, generator=gen)
+    reference = HostPool(num_rows, layout.slot_bytes, pin=False)
+    reference.buffer.copy_(junk)
+    TorchCopyEngine(layout, caches, reference).store(0, block_ids, slots)
+    rows = junk.clone()
+    kv_ptrs, host_ptrs, sizes = chunk_copies(mover.chunks, block_ids, slots, layout.slot_bytes,
+                                             rows.data_ptr(), split)
+    if split:
+        offsets = host_ptrs - rows.data_ptr()
+        assert bool((offsets // split == (offsets + sizes - 1) // split).all())
+    memmove_all(kv_ptrs, host_ptrs, sizes)
+    assert torch.equal(rows, reference.buffer)
+    before = {name: kv.clone() for name, kv in caches.items()}
+    targets = [b for b in range(NUM_BLOCKS) if b not in block_ids][:n]
+    kv_ptrs, host_ptrs, sizes = chunk_copies(mover.chunks, targets, slots, layout.slot_bytes,
+                                             rows.data_ptr(), split)
+    memmove_all(host_ptrs, kv_ptrs, sizes)
+    for layer in layout.layers:
+        kv, old = as_bits(caches[layer.name]), as_bits(before[layer.name])
+        source_of = dict(zip(targets, block_ids, strict=True))
+        for b in range(NUM_BLOCKS):
+            expected = old.select(layer.block_dim, source_of.get(b, b))
+            assert torch.equal(kv.select(layer.block_dim, b), expected), (layer.name, b)

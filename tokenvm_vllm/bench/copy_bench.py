@@ -11,7 +11,8 @@ events, warm-up first, median of repeats):
   caps (8 GPU->host, 16 host->GPU: they leave SMs to the forward); ``tokenvm x2 programs``:
   twice those caps; ``tokenvm layerwise h2d``: a layer-wise load (one launch and one event per
   layer); ``tokenvm staged``: ``copy_path="staged"`` (on-device gather into a GPU staging
-  buffer, then DMA of whole slot rows; the default);
+  buffer, then DMA of whole slot rows; the default); ``tokenvm dma``: ``copy_path="dma"`` (one
+  batched DMA of every block's per-layer chunks, no kernel: what native does on V2);
 - ``memcpy peak``: one contiguous pinned ``copy_`` of the same bytes (the PCIe ceiling);
 - ``vllm dma 64K``: vLLM's ``swap_blocks_batch`` (cuMemcpyBatchAsync) over the same 64 KiB blocks;
 - ``vllm dma 2M``: the same with vLLM native offloading's cross-layer layout (one 2 MiB chunk per
@@ -66,12 +67,16 @@ def make_cases(
         "tokenvm h2d": lambda: run_jobs(("load", ids, slots)),
         "tokenvm both": lambda: run_jobs(("store", ids, slots), ("load", ids2, slots2)),
         "tokenvm layerwise h2d": lambda: run_jobs(("load_layers", ids, slots)),
-        "tokenvm staged d2h": lambda: run_jobs(("store", ids, slots), staged=True),
-        "tokenvm staged h2d": lambda: run_jobs(("load", ids, slots), staged=True),
+        "tokenvm staged d2h": lambda: run_jobs(("store", ids, slots), via="staged"),
+        "tokenvm staged h2d": lambda: run_jobs(("load", ids, slots), via="staged"),
         "tokenvm staged both": lambda: run_jobs(("store", ids, slots), ("load", ids2, slots2),
-                                                staged=True),
-        "tokenvm x2 programs d2h": lambda: run_jobs(("store", ids, slots), wide=True),
-        "tokenvm x2 programs h2d": lambda: run_jobs(("load", ids, slots), wide=True),
+                                                via="staged"),
+        "tokenvm dma d2h": lambda: run_jobs(("store", ids, slots), via="dma"),
+        "tokenvm dma h2d": lambda: run_jobs(("load", ids, slots), via="dma"),
+        "tokenvm dma both": lambda: run_jobs(("store", ids, slots), ("load", ids2, slots2),
+                                             via="dma"),
+        "tokenvm x2 programs d2h": lambda: run_jobs(("store", ids, slots), via="wide"),
+        "tokenvm x2 programs h2d": lambda: run_jobs(("load", ids, slots), via="wide"),
         "memcpy d2h": lambda: host_flat.copy_(gpu_flat, non_blocking=True),
         "memcpy h2d": lambda: gpu_flat.copy_(host_flat, non_blocking=True),
         "vllm dma 64K d2h": lambda: dma(ids, slots, True, False),
@@ -105,19 +110,19 @@ def main() -> None:
     staged_engine = CudaCopyEngine(layout, caches, pool, path="staged")
     wide_engine = CudaCopyEngine(layout, caches, pool, store_programs=2 * STORE_PROGRAMS,
                                  load_programs=2 * LOAD_PROGRAMS, path="uva")
+    engines = {"uva": engine, "staged": staged_engine, "wide": wide_engine,
+               "dma": CudaCopyEngine(layout, caches, pool, path="dma")}
     print(f"host pool {n} x {block_bytes >> 20} MiB pinned in {pool.alloc_seconds:.2f} s",
           flush=True)
 
-    def submit(*jobs: tuple[str, list[int], list[int]], wide: bool = False,
-               staged: bool = False) -> CudaCopyEngine:
-        chosen = wide_engine if wide else staged_engine if staged else engine
+    def submit(*jobs: tuple[str, list[int], list[int]], via: str = "uva") -> CudaCopyEngine:
+        chosen = engines[via]
         for job_id, (method, ids, slots) in enumerate(jobs):
             getattr(chosen, method)(job_id, ids, slots)
         return chosen
 
-    def run_jobs(*jobs: tuple[str, list[int], list[int]], wide: bool = False,
-                 staged: bool = False) -> None:
-        chosen = submit(*jobs, wide=wide, staged=staged)
+    def run_jobs(*jobs: tuple[str, list[int], list[int]], via: str = "uva") -> None:
+        chosen = submit(*jobs, via=via)
         torch.cuda.synchronize()
         chosen.poll()
 
@@ -167,7 +172,7 @@ def main() -> None:
     for row in results:
         print(f"{row['blocks']:>7}" + "".join(f"{row[k]:>18.1f}" for k in names))
     def drain() -> None:
-        for chosen in (engine, staged_engine, wide_engine):
+        for chosen in engines.values():
             chosen.poll()
 
     slowdown = interference(submit, dma, n, drain)
@@ -193,8 +198,10 @@ def interference(
         "none": lambda: None,
         "uva d2h": lambda: submit(("store", ids, slots)),
         "uva h2d": lambda: submit(("load", ids, slots)),
-        "staged d2h": lambda: submit(("store", ids, slots), staged=True),
-        "staged h2d": lambda: submit(("load", ids, slots), staged=True),
+        "staged d2h": lambda: submit(("store", ids, slots), via="staged"),
+        "staged h2d": lambda: submit(("load", ids, slots), via="staged"),
+        "dma d2h": lambda: submit(("store", ids, slots), via="dma"),
+        "dma h2d": lambda: submit(("load", ids, slots), via="dma"),
         "vllm dma 64K d2h": lambda: dma(ids, slots, True, False),
     }
     table: dict[str, dict[str, float]] = {}

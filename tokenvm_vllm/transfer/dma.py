@@ -1,4 +1,5 @@
-"""Batched DMA between slot rows: GPU staging rows <-> pinned host-pool slots.
+"""Batched DMA between slot rows (GPU staging rows <-> pinned host-pool slots), and between
+vLLM's per-layer KV tensors and host slots directly (``chunk_copies``: ``copy_path: dma``).
 
 A DMA copy runs on the GPU's copy engines, not on its SMs, so it never competes with the model's
 kernels for compute (a Triton copy kernel reading pinned memory over PCIe does: its programs hold
@@ -12,10 +13,14 @@ vLLM's ``swap_blocks_batch`` (``cuMemcpyBatchAsync``) when vLLM has it (``compat
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokenvm_vllm import compat
+
+if TYPE_CHECKING:
+    from tokenvm_vllm.transfer.triton_gather import Chunk
 
 
 def row_runs(src_rows: Sequence[int], dst_rows: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -84,3 +89,48 @@ def copy_rows(
     sizes = torch.tensor([n for _, _, n in spans], dtype=torch.int64)
     batch(src_ptrs, dst_ptrs, sizes)
     return len(spans)
+
+
+def chunk_copies(
+    chunks: Sequence[Chunk], block_ids: Sequence[int], slots: Sequence[int], slot_bytes: int,
+    host_base: int, host_split: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kv_ptrs, host_ptrs, sizes)``: one copy per chunk of each block, between block
+    ``block_ids[i]`` of vLLM's layer tensors and slot ``slots[i]`` of the host pool at
+    ``host_base`` (CPU int64 tensors for ``swap_blocks_batch``; a store copies kv -> host, a load
+    host -> kv). A chunk is a run of bytes contiguous on both sides (``triton_gather.Chunk``:
+    for FlashAttention's per-layer tensors a layer's K or V block, 32 KiB for Llama-3.1-8B), so
+    each copy is one DMA and nothing runs on the SMs: what vLLM's native offloading does on the
+    V2 runner. ``host_split``: no copy may cross a multiple of it in the host pool (a lazily
+    pinned pool's registrations, see ``byte_spans``); the few that would are cut in two."""
+    blocks = torch.tensor(list(block_ids), dtype=torch.int64)
+    rows = torch.tensor(list(slots), dtype=torch.int64)
+    kv_addr = torch.tensor([c.kv_addr for c in chunks], dtype=torch.int64)
+    stride = torch.tensor([c.block_stride for c in chunks], dtype=torch.int64)
+    offset = torch.tensor([c.slot_offset for c in chunks], dtype=torch.int64)
+    nbytes = torch.tensor([c.nbytes for c in chunks], dtype=torch.int64)
+    kv_ptrs = (kv_addr[None, :] + blocks[:, None] * stride[None, :]).reshape(-1)
+    host_off = (rows[:, None] * slot_bytes + offset[None, :]).reshape(-1)
+    sizes = nbytes.expand(len(blocks), -1).reshape(-1)
+    if host_split:
+        crossing = (host_off // host_split != (host_off + sizes - 1) // host_split).nonzero()
+        if len(crossing):
+            keep = torch.ones(len(sizes), dtype=torch.bool)
+            keep[crossing[:, 0]] = False
+            extra = [(int(kv_ptrs[i]) + h - int(host_off[i]), h, n)
+                     for i in crossing[:, 0].tolist()
+                     for h, n in _cut(int(host_off[i]), int(sizes[i]), host_split)]
+            kv_ptrs = torch.cat([kv_ptrs[keep], torch.tensor([e[0] for e in extra])])
+            host_off = torch.cat([host_off[keep], torch.tensor([e[1] for e in extra])])
+            sizes = torch.cat([sizes[keep], torch.tensor([e[2] for e in extra])])
+    return kv_ptrs, host_off + host_base, sizes
+
+
+def _cut(offset: int, nbytes: int, split: int) -> list[tuple[int, int]]:
+    """``(offset, nbytes)`` pieces of a byte range, cut at every multiple of ``split``."""
+    pieces = []
+    while nbytes:
+        size = min(nbytes, split - offset % split)
+        pieces.append((offset, size))
+        offset, nbytes = offset + size, nbytes - size
+    return pieces
