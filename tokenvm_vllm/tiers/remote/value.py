@@ -60,12 +60,8 @@ def encode_value_parts(namespace: bytes, tp_rank: int, key: BlockKey,
                        payload: Any) -> tuple[bytes, memoryview]:
     """The value as (zero-padded header of ``HEADER_BYTES``, the payload itself, not copied).
     ``payload``: any C-contiguous buffer (a host-pool row as numpy, bytes, memoryview)."""
-    data = memoryview(payload).cast("B")
-    header = encode_header(SlotHeader(
-        namespace=namespace, slot=tp_rank, stride=REMOTE_STRIDE, payload_len=data.nbytes,
-        seq=time.time_ns(), payload_csum=CHECKSUMS[DEFAULT_CSUM](data), algo=DEFAULT_CSUM,
-        key=bytes(key)))
-    return header + bytes(HEADER_BYTES - len(header)), data
+    header, padding, data = encode_value_iov(namespace, tp_rank, key, payload)
+    return header + padding, data
 
 
 def encode_value(namespace: bytes, tp_rank: int, key: BlockKey, payload: Any) -> bytes:
