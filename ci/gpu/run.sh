@@ -3,8 +3,9 @@
 # unpacked into /tmp/site and .gpu/redis staged (see README "GPU runs"). Stages: tests, copy,
 # exact, rows, serve, remote, vmm, hostpool, hybrid, elastic, revisit, disk.
 #   bash ci/gpu/run.sh "tests copy exact"
-# Work files (models, per-run logs) go to $WORK; the results JSON and a tarball of the logs go to
-# $OUT (the device tool brings back at most 8 files from there).
+# Work files (models, per-engine logs) go to $WORK; each stage's own log, its results JSON and a
+# tarball of the logs go to $OUT (the device tool brings back at most 8 files from there). A stage
+# log is written to $OUT as it runs, so a call cut short by a timeout still brings it back.
 set -uo pipefail
 STAGES="${1:-tests copy exact revisit}"
 OUT="${OUT:-out/gpu}"
@@ -20,19 +21,19 @@ for stage in $STAGES; do
   echo "== $stage"
   case $stage in
     tests) python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_plugin.py \
-             > "$WORK/gpu_tests.log" 2>&1; tail -3 "$WORK/gpu_tests.log" ;;
+             > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log" ;;
     copy) python3 -m tokenvm_vllm.bench.copy_bench --out "$OUT/copy_bench.json" \
              > "$WORK/copy_bench.log" 2>&1; tail -9 "$WORK/copy_bench.log" ;;
     exact|exact_v1|exact_v2)  # EXACT_ARGS: e.g. --configs tokenvm,native
       runner=${stage#exact}; runner=${runner#_}
       VLLM_BATCH_INVARIANT=1 python3 ci/gpu/token_exact.py --out "$WORK/$stage" \
-        --runner "${runner:-default}" ${EXACT_ARGS:-} 2>&1 | tee "$WORK/$stage.log" | tail -14
+        --runner "${runner:-default}" ${EXACT_ARGS:-} 2>&1 | tee "$OUT/$stage.log" | tail -14
       cp "$WORK/$stage/token_exact.json" "$OUT/token_$stage.json" 2>/dev/null ;;
     rows)  # issue #14: the Supported table's GPU rows, side by side on one GPU: one process per
       # row (each engine takes 0.04 of the GPU and skips vLLM's memory profiling, which another
       # engine freeing memory would fail; the checks run one request at a time, so they barely
-      # share compute). ROWS: "runner:script:configs" items. Logs and JSON under $OUT/rows.
-      mkdir -p "$OUT/rows"; pids=()
+      # share compute). ROWS: "runner:script:configs" items. Logs and JSON: $OUT/rows.tgz.
+      mkdir -p "$WORK/rows"; pids=()
       default_rows="v2:exact:tokenvm_fp8 v2:exact:tokenvm_fp8_e5m2 v2:exact:tokenvm_fp8_pth
         v2:exact:tokenvm_mla,tokenvm_mla_corrupt v2:exact:tokenvm_bs32 v2:exact:tokenvm_bs64
         v2:exact:tokenvm_bs128 v2:hybrid:tokenvm,tokenvm_corrupt v1:exact:tokenvm_fp8
@@ -45,21 +46,22 @@ for stage in $STAGES; do
         if [ "$script" = hybrid ]; then
           VLLM_USE_V2_MODEL_RUNNER=$([ "$r" = v1 ] && echo 0 || echo 1) \
             python3 ci/gpu/hybrid_exact.py --out "$WORK/rows/$name" "${common[@]}" \
-            > "$OUT/rows/$name.log" 2>&1 &
+            > "$WORK/rows/$name.log" 2>&1 &
         else
           VLLM_BATCH_INVARIANT=1 python3 ci/gpu/token_exact.py --out "$WORK/rows/$name" \
-            --runner "$r" "${common[@]}" > "$OUT/rows/$name.log" 2>&1 &
+            --runner "$r" "${common[@]}" > "$WORK/rows/$name.log" 2>&1 &
         fi
         pids+=($!)
       done
       for p in "${pids[@]}"; do wait "$p"; done
       for d in "$WORK"/rows/*/; do
         for f in token_exact.json hybrid_exact.json; do
-          [ -f "$d/$f" ] && cp "$d/$f" "$OUT/rows/$(basename "$d").json"
+          [ -f "$d/$f" ] && cp "$d/$f" "$WORK/rows/$(basename "$d").json"
         done
       done
       # per row: its verdict and each configuration's line (cut: the output tail is limited)
-      grep -H "TOKEN-EXACT\|^  tokenvm\|^tokenvm" "$OUT"/rows/*.log | sed "s|$OUT/rows/||" \
+      tar czf "$OUT/rows.tgz" -C "$WORK/rows" $(cd "$WORK/rows" && ls ./*.log ./*.json 2>/dev/null)
+      grep -H "TOKEN-EXACT\|^  tokenvm\|^tokenvm" "$WORK"/rows/*.log | sed "s|$WORK/rows/||" \
         | cut -c1-160 ;;
     disk) python3 -m tokenvm_vllm.bench.disk_bench --path /tmp/tokenvm-disk-bench --gib 4 \
              --out "$OUT/disk_bench.json" 2>&1 | tee "$WORK/disk_bench.log" | tail -6 ;;
@@ -68,7 +70,7 @@ for stage in $STAGES; do
       # SERVE_TIMEOUT (s) ends it inside the device call's limit so the results still come back
       timeout --signal=INT "${SERVE_TIMEOUT:-540}" \
         python3 -m tokenvm_vllm.bench.serve_bench run --model "$WORK/llama8b" --dummy \
-        --out "$WORK/serve" ${SERVE_ARGS:-} 2>&1 | tee "$WORK/serve.log"
+        --out "$WORK/serve" ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve${SERVE_TAG:-}.log"
       tar czf "$OUT/serve${SERVE_TAG:-}.tgz" -C "$WORK/serve" . ;;
     remote)  # issue #15: server B served from Redis what server A computed, against recompute;
       # then the remote tier's throughput next to redis-benchmark. Redis comes from .gpu/redis
@@ -84,7 +86,7 @@ for stage in $STAGES; do
         python3 -m tokenvm_vllm.bench.serve_bench run --model "$WORK/llama8b" --dummy \
         --out "$WORK/remote" --workloads p8 --prefixes 16 --num-prompts 16 \
         --configs "none,tokenvm@a:$remote,tokenvm@b:$remote" ${REMOTE_ARGS:-} 2>&1 \
-        | tee "$WORK/remote.log"
+        | tee "$OUT/remote.log"
       tar czf "$OUT/remote.tgz" -C "$WORK/remote" .
       redis-cli -p 6390 flushall > /dev/null
       timeout 240 python3 -m tokenvm_vllm.cli remote-bench "$url" --json "$OUT/remote_bench.json" \
@@ -98,11 +100,11 @@ for stage in $STAGES; do
       python3 -m tokenvm_vllm.bench.host_pool_bench --gib 20 2>&1 | tee "$OUT/host_pool.log" \
         | tail -3 ;;
     hybrid)  # issue #14: full + sliding-window groups (SupportsHMA), token-exact
-      python3 ci/gpu/hybrid_exact.py --out "$WORK/hybrid" 2>&1 | tee "$WORK/hybrid.log" | tail -12 ;;
+      python3 ci/gpu/hybrid_exact.py --out "$WORK/hybrid" 2>&1 | tee "$OUT/hybrid.log" | tail -12 ;;
     elastic)  # issue #13: elastic GPU KV on V2 and V1, token-exact across a shrink/grow cycle
       # ELASTIC_ARGS: e.g. --configs elastic,elastic_graphs --runners v2
       python3 ci/gpu/elastic_exact.py --out "$WORK/elastic" ${ELASTIC_ARGS:-} 2>&1 \
-        | tee "$WORK/elastic.log" | tail -40
+        | tee "$OUT/elastic.log" | tail -40
       cp "$WORK/elastic/elastic_exact.json" "$OUT/elastic_exact.json" 2>/dev/null ;;
     revisit)
       python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
