@@ -48,17 +48,23 @@ def byte_spans(
     and ``cuMemcpyBatchAsync`` refuses a copy whose host range spans two of them
     (CUDA_ERROR_INVALID_VALUE; seen on the H200 once a store's consecutive slots crossed a
     256 MiB chunk). A cut may fall inside a row when rows do not tile the chunks."""
-    spans: list[tuple[int, int, int]] = []
-    for s, d, n in runs:
-        src, dst, left = s * width, d * width, n * width
-        while left:
-            size = left
-            for offset, split in ((src, src_split), (dst, dst_split)):
-                if split:
-                    size = min(size, split - offset % split)
-            spans.append((src, dst, size))
-            src, dst, left = src + size, dst + size, left - size
-    return spans
+    return [span for s, d, n in runs
+            for span in _cut_span(s * width, d * width, n * width, src_split, dst_split)]
+
+
+def _cut_span(src: int, dst: int, nbytes: int, src_split: int,
+              dst_split: int) -> list[tuple[int, int, int]]:
+    """One copy of ``nbytes`` from ``src`` to ``dst`` as ``(src, dst, nbytes)`` pieces, none
+    crossing a multiple of ``src_split`` in the source or ``dst_split`` in the destination."""
+    pieces = []
+    while nbytes:
+        size = nbytes
+        for offset, split in ((src, src_split), (dst, dst_split)):
+            if split:
+                size = min(size, split - offset % split)
+        pieces.append((src, dst, size))
+        src, dst, nbytes = src + size, dst + size, nbytes - size
+    return pieces
 
 
 def copy_rows(
@@ -117,20 +123,10 @@ def chunk_copies(
         if len(crossing):
             keep = torch.ones(len(sizes), dtype=torch.bool)
             keep[crossing[:, 0]] = False
-            extra = [(int(kv_ptrs[i]) + h - int(host_off[i]), h, n)
-                     for i in crossing[:, 0].tolist()
-                     for h, n in _cut(int(host_off[i]), int(sizes[i]), host_split)]
+            extra = [piece for i in crossing[:, 0].tolist()
+                     for piece in _cut_span(int(kv_ptrs[i]), int(host_off[i]), int(sizes[i]),
+                                            0, host_split)]
             kv_ptrs = torch.cat([kv_ptrs[keep], torch.tensor([e[0] for e in extra])])
             host_off = torch.cat([host_off[keep], torch.tensor([e[1] for e in extra])])
             sizes = torch.cat([sizes[keep], torch.tensor([e[2] for e in extra])])
     return kv_ptrs, host_off + host_base, sizes
-
-
-def _cut(offset: int, nbytes: int, split: int) -> list[tuple[int, int]]:
-    """``(offset, nbytes)`` pieces of a byte range, cut at every multiple of ``split``."""
-    pieces = []
-    while nbytes:
-        size = min(nbytes, split - offset % split)
-        pieces.append((offset, size))
-        offset, nbytes = offset + size, nbytes - size
-    return pieces
