@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from tokenvm_vllm.bench.stats import percentile
 from tokenvm_vllm.transfer.host_pool import BACKGROUND_DUTY, CHUNK_BYTES, HostPool
 
 SLOT_BYTES = 2 * 2**20
@@ -46,7 +47,7 @@ def step_times(until: Any, seconds: float | None = None) -> list[float]:
 def summary(times: list[float]) -> dict[str, float]:
     ordered = sorted(times)
     return {"steps": len(ordered), "p50_ms": statistics.median(ordered),
-            "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+            "p99_ms": percentile(ordered, 0.99),
             "max_ms": ordered[-1], "sum_ms": sum(ordered)}
 
 

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tokenvm_vllm.bench.stats import percentile
+
 CONFIGS = ("none", "gpu_hit", "native", "tokenvm", "tokenvm_wt", "tokenvm_layerwise",
            "tokenvm_disk", "native_fs")
 """none: no offload; gpu_hit: no offload, GPU cache big enough to keep every document (the floor:
@@ -35,11 +37,6 @@ a revisit that copies nothing); native: vLLM's CPU offloading (kv_offloading_siz
 tier with the defaults (write-back, async loads); tokenvm_wt: write-through; tokenvm_layerwise:
 layer-wise loads; tokenvm_disk: small host tier + disk tier; native_fs: vLLM's tiering (small
 CPU tier + fs tier)."""
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from tokenvm_vllm.bench.stats import percentile
+
 TRACE = re.compile(r"TokenVM trace (\d+\.\d+) (\S+)((?: \S+=\S+)*)")
 PHASES = ("lookup->submitted", "submitted->polled", "polled->finished", "finished->scheduled")
 
@@ -112,7 +114,7 @@ def _stats(values: list[float]) -> dict[str, float]:
         return {"n": 0}
     ordered = sorted(values)
     return {"n": len(ordered), "p50": statistics.median(ordered),
-            "p90": ordered[int(0.9 * (len(ordered) - 1))], "max": ordered[-1],
+            "p90": percentile(ordered, 0.9), "max": ordered[-1],
             "mean": statistics.fmean(ordered)}
 
 
