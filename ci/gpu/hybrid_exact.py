@@ -18,7 +18,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from tokenvm_vllm.bench.prefix_reuse import EngineSettings, Workload, run_in_subprocess
+from tokenvm_vllm.bench.prefix_reuse import (
+    EngineSettings,
+    Workload,
+    add_gpu_share_args,
+    run_in_subprocess,
+)
 from tokenvm_vllm.tiny_hybrid import write_tiny_hybrid
 from tokenvm_vllm.tiny_llama import TinyLlamaShape
 
@@ -31,12 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--configs", default="", help="comma-separated subset")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
-                        help="each engine's share of the GPU")
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None,
-                        help="skip vLLM's memory profiling (needed side by side: another "
-                             "engine freeing memory meanwhile fails it); blocks still come "
-                             "from each configuration's block count")
+    add_gpu_share_args(parser)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

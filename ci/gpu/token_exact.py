@@ -57,7 +57,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tokenvm_vllm.bench.prefix_reuse import EngineSettings, Workload, run_in_subprocess
+from tokenvm_vllm.bench.prefix_reuse import (
+    EngineSettings,
+    Workload,
+    add_gpu_share_args,
+    run_in_subprocess,
+)
 from tokenvm_vllm.tiny_deepseek import TinyDeepseekShape, write_tiny_deepseek
 from tokenvm_vllm.tiny_llama import TinyLlamaShape, write_tiny_llama
 
@@ -156,13 +161,7 @@ def main() -> None:
     parser.add_argument("--runner", choices=("default", "v1", "v2"), default="default")
     parser.add_argument("--configs", default="", help="comma-separated subset")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (GPUs)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
-                        help="each engine's share of the GPU (lower it to run several checks "
-                             "side by side: ci/gpu/run.sh rows)")
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None,
-                        help="skip vLLM's memory profiling (needed side by side: another "
-                             "engine freeing memory meanwhile fails it); blocks still come "
-                             "from each configuration's block count")
+    add_gpu_share_args(parser)
     args = parser.parse_args()
     if args.runner != "default":  # inherited by every engine process
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if args.runner == "v2" else "0"

@@ -95,6 +95,18 @@ class EngineSettings:
     (``VLLM_CPU_OMP_THREADS_BIND``, e.g. ``"0|1"`` for two)."""
 
 
+def add_gpu_share_args(parser: argparse.ArgumentParser) -> None:
+    """``--gpu-memory-utilization`` and ``--kv-cache-memory-bytes`` for the GPU checks
+    (``ci/gpu/*_exact.py``), which ``ci/gpu/run.sh rows`` runs side by side on one GPU."""
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                        help="each engine's share of the GPU (lower it to run several checks "
+                             "side by side: ci/gpu/run.sh rows)")
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                        help="skip vLLM's memory profiling (needed side by side: another "
+                             "engine freeing memory meanwhile fails it); blocks still come "
+                             "from each configuration's block count")
+
+
 def kv_transfer_config(settings: EngineSettings) -> dict[str, Any] | None:
     if settings.connector == "tokenvm":
         return {
