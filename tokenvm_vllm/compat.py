@@ -45,6 +45,17 @@ def vllm_version() -> str:
     return getattr(vllm, "__version__", "unknown")
 
 
+def cuda_graphs_on(vllm_config: Any) -> bool:
+    """Whether the engine will replay CUDA graphs: not with ``enforce_eager``, nor with
+    ``cudagraph_mode`` NONE (both releases keep these two fields; ``enforce_eager`` sets the
+    mode to NONE, so either answers)."""
+    model = getattr(vllm_config, "model_config", None)
+    if model is not None and getattr(model, "enforce_eager", False):
+        return False
+    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
+
+
 def tokens_per_hash(kv_cache_config: KVCacheConfig, vllm_config: VllmConfig) -> int:
     """Tokens covered by one entry of ``Request.block_hashes``."""
     from vllm.v1.core.kv_cache_utils import resolve_kv_cache_block_sizes

@@ -66,7 +66,11 @@ def sample(llm: Any, event: str, start: float) -> dict[str, Any]:
             "usable_blocks": counters.get("tokenvm:elastic_usable_blocks"),
             "grown_groups": counters.get("tokenvm:elastic_grown_groups", 0),
             "shrunk_groups": counters.get("tokenvm:elastic_shrunk_groups", 0),
-            "loaded_blocks": counters.get("tokenvm:loaded_blocks", 0),
+            # vLLM's own count of prompt tokens loaded by the connector: offline ``LLM`` drops
+            # the scheduler stats (tokenvm:*) of a step with no request output (vLLM 0.26
+            # llm_engine.py: ``len(outputs.outputs) > 0``), which is every step a load parks in
+            "loaded_tokens": counters.get(
+                "vllm:prompt_tokens_by_source[external_kv_transfer]", 0),
             "free_bytes": free, "total_bytes": total}
 
 
@@ -137,7 +141,7 @@ def check(name: str, r: dict[str, Any], ref: dict[str, Any], runner: str) -> dic
     summary: dict[str, Any] = {
         "requests": len(r["outputs"]), "differing": len(diff), "differing_keys": diff[:8],
         "runner_seen": "V2" if "Using V2 Model Runner" in r["log"] else "V1",
-        "loaded_blocks": tl[-1]["loaded_blocks"]}
+        "loaded_tokens": tl[-1]["loaded_tokens"]}
     problems = []
     if diff:
         problems.append(f"{len(diff)} outputs differ from the reference")
@@ -153,13 +157,13 @@ def check(name: str, r: dict[str, Any], ref: dict[str, Any], runner: str) -> dic
             "mapped_peak_pass1": peak, "mapped_after_shrink": after["mapped_bytes"],
             "mapped_end": tl[-1]["mapped_bytes"],
             "free_gain_after_shrink": after["free_bytes"] - before["free_bytes"],
-            "loaded_pass2": tl[-1]["loaded_blocks"] - after["loaded_blocks"],
+            "loaded_tokens_pass2": tl[-1]["loaded_tokens"] - after["loaded_tokens"],
             "timeline_mib": [(s["t"], s["event"], (s["mapped_bytes"] or 0) / 2**20,
                               s["free_bytes"] / 2**20) for s in tl]})
         if not summary["hook"] and runner != "cpu":  # CPU needs no allocation hook
             problems.append("the allocation hook's log line is missing")
-        if not (summary["maps"] > 0 and summary["unmaps"] > 0):
-            problems.append("no grow/shrink cycle")
+        # (the cycle is judged by the mapped-bytes gauge below: the grow/shrink counters are
+        # tokenvm:* counters, which offline LLM can drop, see sample())
         if after["mapped_bytes"] is None or after["mapped_bytes"] >= peak:
             problems.append("mapped bytes did not go down after the idle period")
         elif runner != "cpu" and (summary["free_gain_after_shrink"]
@@ -167,7 +171,7 @@ def check(name: str, r: dict[str, Any], ref: dict[str, Any], runner: str) -> dic
             problems.append("free GPU memory did not rise with the shrink")
         if tl[-1]["mapped_bytes"] is None or tl[-1]["mapped_bytes"] <= after["mapped_bytes"]:
             problems.append("the pool did not grow again for pass 2")
-        if summary["loaded_pass2"] <= 0:
+        if summary["loaded_tokens_pass2"] <= 0:
             problems.append("pass 2 loaded nothing from host")
     summary["problems"] = problems
     return summary

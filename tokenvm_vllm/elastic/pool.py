@@ -85,13 +85,16 @@ class ElasticCounters:
     failed_maps: int = 0
 
 
-def check_platform(elastic: bool, testing: bool = False) -> None:
-    """Refuse elastic mode where its hooks are not written: on CUDA, a vLLM release other than
-    the one whose KV allocation ``compat.install_elastic_kv_hook`` wraps; and on CUDA at all
-    unless ``testing`` (the CUDA path has not run on a GPU yet: a page mapped late would give
-    wrong tokens, not an error, so it stays behind the test switch until the GPU check
-    ``ci/gpu/elastic_exact.py``, which sets it, has passed). CPU (no VMM: only the set of usable
-    blocks changes) is accepted. Raises ``TokenVMConfigError``."""
+def check_platform(elastic: bool, testing: bool = False, cuda_graphs: bool = False) -> None:
+    """Refuse elastic mode where its hooks are not written or not checked: on CUDA, a vLLM
+    release other than the one whose KV allocation ``compat.install_elastic_kv_hook`` wraps;
+    and on CUDA with CUDA graphs (``cuda_graphs``: ``compat.cuda_graphs_on``) unless
+    ``testing``. The GPU check ``ci/gpu/elastic_exact.py`` passed token-exact on vLLM 0.26's V2
+    and V1 runners with eager engines (H200, 2026-11-30); with graphs, a replayed graph reads
+    padded block-table rows that may name blocks whose pages are unmapped, which would give
+    wrong tokens rather than an error, and that configuration (``elastic_graphs``) has not run
+    yet. CPU (no VMM: only the set of usable blocks changes) is accepted. Raises
+    ``TokenVMConfigError``."""
     if not elastic:
         return
     from vllm.platforms import current_platform
@@ -109,10 +112,11 @@ def check_platform(elastic: bool, testing: bool = False) -> None:
                 f"tokenvm: elastic=true on GPU needs vLLM "
                 f"{' or '.join(compat.ELASTIC_CUDA_VLLM)} (its KV allocation is hooked there), "
                 f"this is vLLM {version}; unset elastic")
-        if not testing:
+        if cuda_graphs and not testing:
             raise TokenVMConfigError(
-                "tokenvm: elastic=true on CUDA has not run on a GPU yet (issue #13): it is "
-                "refused outside testing=true (ci/gpu/elastic_exact.py); unset elastic")
+                "tokenvm: elastic=true with CUDA graphs has not passed its GPU check (issue "
+                "#13, ci/gpu/elastic_exact.py --configs elastic_graphs); add --enforce-eager "
+                "or unset elastic")
 
 
 def layout_for(kv_cache_config: Any, page_bytes: int = PAGE_BYTES) -> PageGroupLayout:
