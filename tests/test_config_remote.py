@@ -27,6 +27,7 @@ def test_remote_settings_parse_from_env_and_extra_config() -> None:
     ("remote_io_threads", 0, "remote_io_threads=0"),
     ("remote_io_threads", 1000, "between 1 and 256"),
     ("remote_max_pending_writes", 0, "remote_max_pending_writes=0"),
+    ("remote_batch_bytes", 0, "remote_batch_bytes=0"),
 ])
 def test_bad_remote_values_are_one_clear_line(key: str, value: object, words: str) -> None:
     with pytest.raises(TokenVMConfigError, match=None) as err:

@@ -125,6 +125,10 @@ class TokenVMConfig:
     batch at a time; a lookup never waits behind a backlog of writes)."""
     remote_max_pending_writes: int = 256
     """Host -> Redis block copies allowed in flight; beyond it new blocks are not shared."""
+    remote_batch_bytes: int = 32 * 2**20
+    """Most value bytes in one pipeline to Redis (at least one block): a larger read or write
+    batch goes out as several pipelines in turn, so no call holds the single-threaded server
+    long enough for other calls to pass remote_timeout_s."""
     policy: str = "queue_aware"
     """Host-tier eviction policy: 'lru', '2q', 'arc' or 'queue_aware' (tokenvm_vllm.policies)."""
     min_load_blocks: int = 1
@@ -538,6 +542,10 @@ def _validate_remote(config: TokenVMConfig) -> None:
     if config.remote_max_pending_writes < 1:
         raise TokenVMConfigError(
             f"tokenvm: remote_max_pending_writes={config.remote_max_pending_writes} must be >= 1")
+    if config.remote_batch_bytes < 1:
+        raise TokenVMConfigError(
+            f"tokenvm: remote_batch_bytes={config.remote_batch_bytes} must be at least 1 byte "
+            f"(each pipeline holds at least one block whatever it says); try '32MiB'")
 
 
 def parse_disk_faults(text: str) -> dict[str, tuple[str, int]]:

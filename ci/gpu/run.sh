@@ -74,7 +74,8 @@ for stage in $STAGES; do
       tar czf "$OUT/serve${SERVE_TAG:-}.tgz" -C "$WORK/serve" . ;;
     remote)  # issue #15: server B served from Redis what server A computed, against recompute;
       # then the remote tier's throughput next to redis-benchmark. Redis comes from .gpu/redis
-      # (ci/gpu/stage_redis.sh; carry it). REMOTE_ARGS: more serve_bench arguments.
+      # (ci/gpu/stage_redis.sh; carry it). REMOTE_ARGS: more serve_bench arguments; REMOTE_BENCH=0
+      # skips the throughput part.
       export PATH="$PWD/.gpu/redis/bin:$PATH"
       redis-server --bind 127.0.0.1 --port 6390 --save "" --appendonly no --daemonize yes \
         --maxmemory "${REDIS_MAXMEMORY:-48gb}" --maxmemory-policy allkeys-lru \
@@ -89,8 +90,10 @@ for stage in $STAGES; do
         | tee "$OUT/remote.log"
       tar czf "$OUT/remote.tgz" -C "$WORK/remote" .
       redis-cli -p 6390 flushall > /dev/null
-      timeout 240 python3 -m tokenvm_vllm.cli remote-bench "$url" --json "$OUT/remote_bench.json" \
-        2>&1 | tee "$WORK/remote_bench.log" | tail -14
+      if [ "${REMOTE_BENCH:-1}" = 1 ]; then  # REMOTE_BENCH=0: the A/B only
+        timeout 240 python3 -m tokenvm_vllm.cli remote-bench "$url" --json "$OUT/remote_bench.json" \
+          2>&1 | tee "$WORK/remote_bench.log" | tail -14
+      fi
       redis-cli -p 6390 shutdown nosave ;;
     vmm)  # issue #13: CUDA VMM map/unmap cost per page and page group, how much is hidden
       python3 -m tokenvm_vllm.bench.vmm_bench --out "$OUT/vmm_bench.json" 2>&1 \

@@ -329,7 +329,8 @@ class TokenVMWorker:
             config.remote_url, namespace.fingerprint(), namespace.tp_rank, self.slot_bytes,
             key_prefix=config.remote_key_prefix, ttl_s=config.remote_ttl_s,
             timeout_s=config.remote_timeout_s, io_threads=config.remote_io_threads,
-            max_pending_writes=config.remote_max_pending_writes)  # batches <= blocks
+            max_pending_writes=config.remote_max_pending_writes,  # batches <= blocks
+            batch_bytes=config.remote_batch_bytes)
         self.remote = RemoteMover(store, self._pool)
         self._report_remote_state()  # down at start-up: the scheduler asks nothing
 

@@ -320,3 +320,41 @@ def test_lookups_do_not_wait_behind_a_backlog_of_writes(
         finally:
             release.set()
         assert all(w.result(10) == [True, True] for w in writes)
+
+
+def test_a_batch_goes_out_in_pipelines_of_batch_bytes(redis_server: RedisServer,
+                                                      client_kind: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch bigger than ``batch_bytes`` is sent as several pipelines, in order: every block
+    lands and comes back at its own index (a miss in the middle stays in the middle)."""
+    import redis as redis_py
+
+    calls: list[int] = []
+
+    def spy(cls: type, name: str) -> None:
+        original = getattr(cls, name)
+
+        def counted(self: object, *args: object, **kwargs: object) -> object:
+            calls.append(1)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counted)
+
+    if client_kind == "raw":
+        spy(RawRedis, "set_many")
+        spy(RawRedis, "get_into")
+    else:
+        spy(redis_py.client.Pipeline, "execute")
+    from tokenvm_vllm.tiers.disk.format import HEADER_BYTES
+
+    with make_store(redis_server.url, batch_bytes=3 * (HEADER_BYTES + SLOT)) as store:
+        assert store.blocks_per_call == 3
+        ks, data = keys(8), payloads(8, seed=4)
+        assert store.put(ks[:5] + ks[6:], data[:5] + data[6:]).result(5) == [True] * 7
+        assert len(calls) == 3  # 7 blocks: 3 + 3 + 1
+        outs = [np.zeros(SLOT, np.uint8) for _ in range(8)]
+        assert store.get(ks, outs).result(5) == [True] * 5 + [False] + [True] * 2
+        assert len(calls) == 6  # 8 blocks: 3 + 3 + 2
+        assert all(np.array_equal(outs[i], data[i]) for i in (0, 1, 2, 3, 4, 6, 7))
+    with make_store(redis_server.url, batch_bytes=1) as store:
+        assert store.blocks_per_call == 1  # at least one block per pipeline

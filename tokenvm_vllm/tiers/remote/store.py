@@ -90,7 +90,7 @@ class RemoteStore:
         self, url: str, namespace: bytes, tp_rank: int, slot_bytes: int, *,
         key_prefix: str = "tokenvm", ttl_s: float = 3600.0, timeout_s: float = 0.5,
         io_threads: int = 4, max_pending_reads: int = 64, max_pending_writes: int = 64,
-        retry_interval_s: float = 2.0, client: str = "auto",
+        retry_interval_s: float = 2.0, client: str = "auto", batch_bytes: int = 32 << 20,
     ) -> None:
         self.target: RemoteTarget = parse_remote_url(url)
         if client not in CLIENTS:
@@ -104,6 +104,11 @@ class RemoteStore:
         self.namespace = namespace
         self.tp_rank = tp_rank
         self.slot_bytes = slot_bytes
+        self.blocks_per_call = max(1, batch_bytes // (HEADER_BYTES + slot_bytes))
+        """Blocks per pipeline sent to the server (``batch_bytes`` of values, at least one):
+        a batch larger than that goes out as several pipelines, one after another on its
+        thread. On the H200 one pipeline of 256 2-MiB values held the single-threaded server
+        long enough that other threads' calls passed ``timeout_s`` and the tier was marked down."""
         self.key_prefix = key_prefix
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.timeout_s = timeout_s
@@ -277,10 +282,17 @@ class RemoteStore:
                                  f"{self.slot_bytes}")
 
         def run(client: Client) -> list[bool]:
-            if isinstance(client, RawRedis):
-                ok, bad = self._raw_get(client, names, keys, views)
-            else:
-                ok, bad = self._redispy_get(client, names, keys, views)
+            ok: list[bool] = []
+            bad: list[bytes] = []
+            for part in self._calls(len(names)):
+                if isinstance(client, RawRedis):
+                    ok_part, bad_part = self._raw_get(client, names[part], keys[part],
+                                                      views[part])
+                else:
+                    ok_part, bad_part = self._redispy_get(client, names[part], keys[part],
+                                                          views[part])
+                ok += ok_part
+                bad += bad_part
             if bad:
                 self._count("corrupt_blocks", len(bad))
                 self._warn_once("corrupt", "TokenVM remote tier: %d value(s) on %s failed their "
@@ -343,19 +355,21 @@ class RemoteStore:
 
         def run(client: Client) -> list[bool]:
             nbytes = 0
-            results: list[Any]
-            if isinstance(client, RawRedis):
-                parts = [encode_value_iov(self.namespace, self.tp_rank, key, payload)
-                         for key, payload in zip(keys, payloads, strict=True)]
-                nbytes = sum(HEADER_BYTES + data.nbytes for _, _, data in parts)
-                results = client.set_many(names, parts, self.ttl_ms)
-            else:
-                pipe = client.pipeline(transaction=False)
-                for name, key, payload in zip(names, keys, payloads, strict=True):
-                    value = encode_value(self.namespace, self.tp_rank, key, payload)
-                    nbytes += len(value)
-                    pipe.set(name, value, px=self.ttl_ms)
-                results = pipe.execute(raise_on_error=False)
+            results: list[Any] = []
+            for part in self._calls(len(names)):
+                if isinstance(client, RawRedis):
+                    parts = [encode_value_iov(self.namespace, self.tp_rank, key, payload)
+                             for key, payload in zip(keys[part], payloads[part], strict=True)]
+                    nbytes += sum(HEADER_BYTES + data.nbytes for _, _, data in parts)
+                    results += client.set_many(names[part], parts, self.ttl_ms)
+                else:
+                    pipe = client.pipeline(transaction=False)
+                    for name, key, payload in zip(names[part], keys[part], payloads[part],
+                                                  strict=True):
+                        value = encode_value(self.namespace, self.tp_rank, key, payload)
+                        nbytes += len(value)
+                        pipe.set(name, value, px=self.ttl_ms)
+                    results += pipe.execute(raise_on_error=False)
             ok = [result is True for result in results]
             errors = [r for r in results if isinstance(r, Exception)]
             if errors:
@@ -392,6 +406,11 @@ class RemoteStore:
 
         return self._submit("write", "delete", len(keys),
                             lambda client: _delete_names(client, names))
+
+    def _calls(self, n: int) -> list[slice]:
+        """The pipelines one batch of ``n`` blocks goes out as (``blocks_per_call`` each)."""
+        step = self.blocks_per_call
+        return [slice(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
     def _submit(self, queue: str, op: str, n: int,
                 run: Callable[[Client], list[bool]]) -> Future[list[bool]]:
