@@ -56,6 +56,32 @@ def cuda_graphs_on(vllm_config: Any) -> bool:
     return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
 
 
+def device_free_bytes_probe(vllm_config: Any) -> Callable[[], int] | None:
+    """A function giving the free memory, in bytes, of the least free GPU among this node's
+    ranks of the engine (NVML through vLLM's bundled ``pynvml``: no CUDA context needed, and it
+    sees every process's use), or None where there is none (CPU, no NVML)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return None
+    try:
+        from vllm.third_party import pynvml
+
+        pynvml.nvmlInit()
+        parallel = vllm_config.parallel_config
+        local = max(1, min(parallel.tensor_parallel_size * parallel.pipeline_parallel_size,
+                           pynvml.nvmlDeviceGetCount()))
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(
+            int(current_platform.device_id_to_physical_device_id(i))) for i in range(local)]
+    except Exception:  # noqa: BLE001 - no NVML library or device: no probe
+        return None
+
+    def free_bytes() -> int:
+        return min(int(pynvml.nvmlDeviceGetMemoryInfo(h).free) for h in handles)
+
+    return free_bytes
+
+
 def tokens_per_hash(kv_cache_config: KVCacheConfig, vllm_config: VllmConfig) -> int:
     """Tokens covered by one entry of ``Request.block_hashes``."""
     from vllm.v1.core.kv_cache_utils import resolve_kv_cache_block_sizes

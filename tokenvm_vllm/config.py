@@ -168,9 +168,10 @@ class TokenVMConfig:
     """Elastic GPU KV (issue #13, scheduler side): only the page groups between
     gpu_kv_floor_bytes and gpu_kv_ceiling_bytes are usable by vLLM; more are made usable ahead
     of demand, and after shrink_idle_s of low use whole groups are given back, their cached
-    blocks stored to host first (revisits load them instead of recomputing). CPU only for now:
-    the CPU has no VMM, so vLLM's cache stays allocated and only what vLLM may use changes;
-    refused on CUDA until the allocation hook is wired."""
+    blocks stored to host first (revisits load them instead of recomputing). On CUDA (vLLM
+    0.26) vLLM's KV tensors are CUDA VMM ranges whose pages are mapped and unmapped (eager
+    engines; with CUDA graphs refused outside testing until that check has run); on CPU (no
+    VMM) vLLM's cache stays allocated and only what vLLM may use changes."""
     gpu_kv_floor_bytes: int = 0
     """elastic: KV bytes always usable (rounded up to whole page groups; at least the group
     holding vLLM's null block)."""
@@ -187,6 +188,12 @@ class TokenVMConfig:
     while the server runs: read when its modification time changes (checked at most once a
     second); a lower ceiling shrinks at once (no idle wait), cached blocks stored to host
     first. A bad value is logged and ignored. Empty: no file."""
+    gpu_free_target_bytes: int = 0
+    """elastic: device memory to leave free for other processes (another vLLM server on the
+    same GPU): the pool does not grow where the device's free memory (NVML, checked at most
+    once a second) would fall below it, and when another process takes memory so that it does,
+    idle page groups are given back at once (cached blocks to host first), never below the
+    floor. 0 = off. Needs NVIDIA's NVML; on CPU it has no effect (a warning says so)."""
     trace: bool = False
     """Log a timestamped line (time.monotonic, shared by all processes) at each step of every
     load: lookup hit, submit, copy done on the device, completion seen by the scheduler, the
@@ -496,7 +503,8 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
 
 def _validate_elastic(config: TokenVMConfig) -> None:
     if not config.elastic:
-        for key in ("gpu_kv_floor_bytes", "gpu_kv_ceiling_bytes", "elastic_ceiling_file"):
+        for key in ("gpu_kv_floor_bytes", "gpu_kv_ceiling_bytes", "elastic_ceiling_file",
+                    "gpu_free_target_bytes"):
             if getattr(config, key):
                 raise TokenVMConfigError(
                     f"tokenvm: {key}={getattr(config, key)!r} is set but elastic is off; set "

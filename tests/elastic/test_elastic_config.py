@@ -36,6 +36,7 @@ def test_sizes_and_idle_parse():
     ({"gpu_kv_floor_bytes": "1GiB"}, ["gpu_kv_floor_bytes=1073741824", "elastic is off"]),
     ({"gpu_kv_ceiling_bytes": "1GiB"}, ["gpu_kv_ceiling_bytes", "elastic=true"]),
     ({"elastic_ceiling_file": "/tmp/c"}, ["elastic_ceiling_file='/tmp/c'", "elastic is off"]),
+    ({"gpu_free_target_bytes": "1GiB"}, ["gpu_free_target_bytes=1073741824", "elastic is off"]),
     ({"elastic": True, "gpu_kv_floor_bytes": "2GiB", "gpu_kv_ceiling_bytes": "1GiB"},
      ["gpu_kv_ceiling_bytes=1073741824", "below gpu_kv_floor_bytes=2147483648"]),
     ({"elastic": True, "shrink_idle_s": 0}, ["shrink_idle_s=0.0", "between 0"]),

@@ -121,3 +121,43 @@ def test_ceiling_file_lowers_the_pool_while_running(make_harness, tmp_path):
     h.add(other, max_tokens=2)
     h.run()
     assert elastic.groups.ceiling_bytes == 4096
+
+
+def test_free_memory_target_gives_groups_back_when_another_process_needs_the_device(
+        make_harness, caplog):
+    """``gpu_free_target_bytes`` with vLLM's real scheduler: a simulated device of 40 KiB (the
+    pool's page groups are 1 KiB) shared with another process. While the other process takes
+    little, the pool grows as usual; when it takes more, the pool gives idle groups back at
+    once (no idle wait), cached blocks to host first, down to the floor; when it lets go, the
+    pool grows again and the spilled prefixes load from host, exact."""
+    h, elastic = elastic_harness(make_harness, shrink_idle_s=3600,
+                                 gpu_free_target_bytes="8KiB")
+    side = h.connector.scheduler.elastic
+    assert side._free_probe is None  # CPU: no NVML, the setting is inert (and says so)
+    assert "has no effect here" in caplog.text
+    now = [0.0]
+    other = [10 * 1024]
+    side._free_probe = lambda: 40 * 1024 - other[0] - elastic.mapped_bytes
+    side.clock = lambda: now[0]
+    burst = prompts(4, prefix_blocks=6, suffix=5, seed=7)
+    for p in burst:
+        h.add(p)
+    h.run()
+    grown = elastic.mapped_bytes
+    assert grown > 4096 and elastic.groups.ceiling_bytes == 16 * 1024  # not limited
+    other[0] = 34 * 1024  # the other process takes memory: free < target at any size > floor
+    now[0] += 1.1
+    (small,) = prompts(1, prefix_blocks=1, suffix=3, seed=8)
+    h.add(small, max_tokens=2)
+    h.run()
+    assert elastic.groups.ceiling_bytes == 2048  # the floor
+    assert elastic.mapped_bytes == 2048 < grown
+    assert h.stats["elastic_shrunk_groups"] > 0 and h.stats["elastic_spilled_blocks"] > 0
+    other[0] = 10 * 1024  # it lets go: growth is allowed again
+    now[0] += 1.1
+    for p in burst:
+        h.add(p)
+    h.run()
+    assert elastic.groups.ceiling_bytes == 16 * 1024
+    assert elastic.mapped_bytes > 2048
+    assert h.stats["loaded_blocks"] > 0  # the spilled prefixes came back from host

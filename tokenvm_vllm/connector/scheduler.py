@@ -88,6 +88,7 @@ class TokenVMScheduler:
         self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: TokenVMConfig
     ) -> None:
         self.config = config
+        self._vllm_config = vllm_config
         self.groups = kv_cache_groups(kv_cache_config)
         """vLLM's KV cache groups: one for most models; hybrid models (``SupportsHMA``) have
         e.g. a sliding-window group and a full-attention group, each block stored per group."""
@@ -430,7 +431,9 @@ class TokenVMScheduler:
         return SchedulerElastic(
             block_pool, self._kv_cache_config, self.config, is_spilled=is_spilled,
             request_store=request_store, reserve_blocks=self._watermark_blocks + len(self.groups),
-            max_step_blocks=self._max_step_blocks)
+            max_step_blocks=self._max_step_blocks,
+            free_probe=(compat.device_free_bytes_probe(self._vllm_config)
+                        if self.config.gpu_free_target_bytes else None))
 
     # -- planning copies out (connector/store_planner.py) -------------------------------------
 

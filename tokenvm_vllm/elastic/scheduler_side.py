@@ -42,12 +42,16 @@ class SchedulerElastic:
 
     ``is_spilled(key)``: the key is READABLE in host or disk; ``request_store(pairs)``: store
     ``(key, block)`` pairs to host in the next store job; ``max_step_blocks``: what one step can
-    allocate at most (caps the map-ahead); ``reserve_blocks``: kept free on top of demand."""
+    allocate at most (caps the map-ahead); ``reserve_blocks``: kept free on top of demand;
+    ``free_probe``: the device's free bytes (``compat.device_free_bytes_probe``), which
+    ``gpu_free_target_bytes`` needs (None: that setting has no effect)."""
 
     def __init__(self, block_pool: Any, kv_cache_config: Any, config: TokenVMConfig, *,
                  is_spilled: Callable[[Any], bool],
                  request_store: Callable[[list[tuple[Any, int]]], None],
-                 reserve_blocks: int, max_step_blocks: int) -> None:
+                 reserve_blocks: int, max_step_blocks: int,
+                 free_probe: Callable[[], int] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.mapper = CommandMapper()
         self.pool = ElasticPool(
@@ -59,13 +63,25 @@ class SchedulerElastic:
         # (protocol.initial_groups), before warm-up runs touch the null block.
         self.mapper.take()
         self.max_step_blocks = max_step_blocks
+        self.clock = clock
         self._ceiling_checked_at = float("-inf")
         self._ceiling_file_seen: tuple[int, int] | None = None
+        self._ceiling_setting = self.pool.groups.ceiling_bytes
+        """The ceiling the settings ask for (gpu_kv_ceiling_bytes, then the ceiling file); the
+        pool's ceiling is this, lowered while the free-memory target needs it."""
+        self._free_probe = free_probe if config.gpu_free_target_bytes else None
+        self._free_checked_at = float("-inf")
+        self._free_limited = False
+        if config.gpu_free_target_bytes and free_probe is None:
+            logger.warning("TokenVM elastic: gpu_free_target_bytes=%d has no effect here (no "
+                           "NVIDIA GPU or NVML to read free device memory from)",
+                           config.gpu_free_target_bytes)
 
     # -- hook points ------------------------------------------------------------------------
 
     def between_steps(self, demand: int) -> None:
         self._read_ceiling_file()
+        self._follow_free_memory()
         self.pool.maybe_shrink()
         self.pool.grow(demand)
 
@@ -74,6 +90,7 @@ class SchedulerElastic:
 
     def end_of_schedule(self) -> None:
         self._read_ceiling_file()
+        self._follow_free_memory()
         self.pool.observe()
         self.pool.maybe_shrink()
 
@@ -121,6 +138,39 @@ class SchedulerElastic:
                            "such as '6GiB' to the file)", path, err,
                            self.pool.groups.ceiling_bytes)
             return
-        self.pool.set_ceiling(ceiling or self.pool.groups.total_bytes)
+        self._ceiling_setting = min(max(ceiling or self.pool.groups.total_bytes,
+                                        self.pool.groups.floor_bytes),
+                                    self.pool.groups.total_bytes)
+        self.pool.set_ceiling(self._ceiling_setting)
+        self._free_checked_at = float("-inf")  # the free-memory target applies on top of it
+        self._follow_free_memory()
         logger.info("TokenVM elastic: ceiling from %s: %d bytes (%s)", path,
-                    self.pool.groups.ceiling_bytes, text)
+                    self._ceiling_setting, text)
+
+    # -- the free-memory target -------------------------------------------------------------
+
+    def _follow_free_memory(self) -> None:
+        """``gpu_free_target_bytes``: at most once a second, lower the pool's ceiling to what
+        leaves that much of the device free (mapped + free - target, never below the floor),
+        or raise it back toward the set ceiling when memory came free. A ceiling below the
+        mapped bytes makes the next ``maybe_shrink`` give idle groups back at once."""
+        if self._free_probe is None:
+            return
+        now = self.clock()
+        if now < self._free_checked_at + 1.0:
+            return
+        self._free_checked_at = now
+        groups = self.pool.groups
+        reachable = groups.mapped_bytes + self._free_probe() - self.config.gpu_free_target_bytes
+        ceiling = max(groups.floor_bytes, min(self._ceiling_setting, reachable))
+        if ceiling == groups.ceiling_bytes:
+            return
+        self.pool.set_ceiling(ceiling)
+        limited = ceiling < self._ceiling_setting
+        if limited != self._free_limited or ceiling < groups.mapped_bytes:
+            logger.info("TokenVM elastic: %s; ceiling now %d bytes (%d mapped, set ceiling %d)",
+                        f"free device memory is short of gpu_free_target_bytes="
+                        f"{self.config.gpu_free_target_bytes}" if limited else
+                        "free device memory is back above gpu_free_target_bytes",
+                        ceiling, groups.mapped_bytes, self._ceiling_setting)
+        self._free_limited = limited
