@@ -189,12 +189,30 @@ class Harness:
         return req_id
 
     def run(self, max_steps: int = 2000) -> None:
-        """Step until every request finished."""
+        """Step until every request finished and TokenVM's copies are done (not waiting out an
+        elastic idle period: ``run_idle`` does that, as vLLM's engine would)."""
         for _ in range(max_steps):
-            if not self.scheduler.has_requests() and not self.connector.has_pending_push_work():
+            if not (self.scheduler.has_unfinished_requests()
+                    or self.scheduler.has_finished_requests() or self._copies_pending()):
                 return
             self.step()
         raise RuntimeError("requests did not finish")
+
+    def run_idle(self, max_steps: int = 2000) -> int:
+        """Step while the connector asks vLLM to (``has_pending_push_work``), as vLLM's engine
+        does with no request: elastic mode's empty steps through an idle period. Returns the
+        steps taken."""
+        for steps in range(max_steps):
+            if not self.scheduler.has_requests():
+                return steps
+            self.step()
+        raise RuntimeError("the connector kept the engine stepping")
+
+    def _copies_pending(self) -> bool:
+        scheduler = self.connector.scheduler
+        if scheduler is None:
+            return bool(self.connector.has_pending_push_work())
+        return bool(scheduler.has_pending_work(idle=False))
 
     # -- one engine step -------------------------------------------------------------------------
 

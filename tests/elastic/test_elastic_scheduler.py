@@ -161,3 +161,23 @@ def test_free_memory_target_gives_groups_back_when_another_process_needs_the_dev
     assert elastic.groups.ceiling_bytes == 16 * 1024
     assert elastic.mapped_bytes > 2048
     assert h.stats["loaded_blocks"] > 0  # the spilled prefixes came back from host
+
+
+def test_an_idle_engine_keeps_stepping_until_the_idle_shrink_is_done(make_harness):
+    """No request arrives after the burst: TokenVM keeps vLLM's engine stepping (empty steps,
+    paced) through the idle period, so the memory goes back on time, then lets it sleep."""
+    h, elastic = elastic_harness(make_harness)  # shrink_idle_s 0.3
+    for p in prompts(4, prefix_blocks=6, suffix=5, seed=9):
+        h.add(p, max_tokens=4)
+    h.run()
+    grown = elastic.mapped_bytes
+    assert grown > 2048 and elastic.awaiting_idle_shrink
+    assert h.scheduler.has_requests()  # vLLM's engine would step again with no request
+    start = time.monotonic()
+    steps = h.run_idle()
+    waited = time.monotonic() - start
+    assert elastic.mapped_bytes == 2048 < grown  # back to the floor with no arrival
+    assert h.stats["elastic_shrunk_groups"] > 0
+    assert not elastic.awaiting_idle_shrink and not h.scheduler.has_requests()
+    assert waited >= 0.25  # it waited out shrink_idle_s ...
+    assert steps <= waited / 0.02 + 5  # ... at most one empty step per IDLE_TICK_S

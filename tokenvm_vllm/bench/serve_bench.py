@@ -286,7 +286,7 @@ def run_wave(server: ApiServer, opts: argparse.Namespace, out_dir: Path, logs: P
         progress(f"{result['config']}: idle for {opts.wave_idle_s:.0f} s")
         time.sleep(opts.wave_idle_s)
         sampler.sample()
-        wave.poke(server)  # ends the idle period (an idle engine does not step)
+        wave.poke(server)  # the first arrival after the idle period
         sampler.set_phase("wave2")
         result["workloads"]["wave2"] = run_client(server, "wave2", opts, logs, slug, rate,
                                                   result["config"])

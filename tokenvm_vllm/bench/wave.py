@@ -2,10 +2,10 @@
 again, with the KV memory a server holds sampled over time.
 
 Three phases on one server: ``wave1``, a burst of ``prefix_repetition`` prompts at Poisson
-arrivals; ``idle``, ``--wave-idle-s`` seconds without requests, ended by one short request (an
-idle vLLM engine does not step, so elastic mode gives memory back at the next arrival: that
-request is it); ``wave2``, the same burst again (same seed: the same prompts, so every prefix is
-a revisit, and a prefix spilled by the shrink comes back from host instead of being recomputed).
+arrivals; ``idle``, ``--wave-idle-s`` seconds without requests (elastic mode shrinks
+``shrink_idle_s`` into it: TokenVM keeps the idle engine stepping until then), ended by one short
+request; ``wave2``, the same burst again (same seed: the same prompts, so every prefix is a
+revisit, and a prefix spilled by the shrink comes back from host instead of being recomputed).
 
 Meanwhile a ``Sampler`` thread reads, every ``--sample-s`` seconds, the server's
 ``tokenvm:elastic_mapped_bytes`` gauge (elastic mode only) and the GPU memory in use
@@ -104,7 +104,7 @@ def summarize(samples: list[list[Any]]) -> dict[str, Any]:
 
 
 def poke(server: ApiServer) -> None:
-    """One short request: an idle engine steps again (and elastic mode shrinks there)."""
+    """One short request, the end of the idle period (the first arrival after it)."""
     server.complete([3, 5, 7, 11], max_tokens=1)
 
 

@@ -83,6 +83,12 @@ REMOTE_STORE_COUNTERS = ("read_bytes", "written_bytes", "corrupt_blocks", "timeo
 """``RemoteStore.stats()`` names passed on to /metrics as ``tokenvm:remote_<name>``."""
 
 
+IDLE_TICK_S = 0.02
+"""Elastic mode: the pace of the empty steps that wait out an idle period (``has_pending_work``):
+at most 50 a second while the engine has nothing else to do; a request arriving meanwhile waits
+at most this long for the step in progress."""
+
+
 class TokenVMScheduler:
     def __init__(
         self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: TokenVMConfig
@@ -384,6 +390,9 @@ class TokenVMScheduler:
             if state is not None:
                 state.block_ids = []
         if self.elastic is not None:
+            if (scheduler_output.total_num_scheduled_tokens == 0 and not self.requests
+                    and not self.has_pending_work(idle=False)):
+                time.sleep(IDLE_TICK_S)  # an empty step only to wait out the idle period
             self.elastic.end_of_schedule()  # may hand blocks to the planner's spill list
         store = self.planner.plan_store(scheduler_output, self.requests, self.block_keys,
                                         self.num_hashed_blocks)
@@ -547,10 +556,14 @@ class TokenVMScheduler:
             self.tiers.unprotect(state.protected)
         return False, None
 
-    def has_pending_work(self) -> bool:
-        """Keep the engine stepping while copies are in flight, so their completions arrive."""
+    def has_pending_work(self, idle: bool = True) -> bool:
+        """Keep the engine stepping while copies are in flight, so their completions arrive;
+        and, with ``idle``, while elastic mode waits out an idle period to shrink (an idle
+        vLLM engine does not step: without these empty steps the memory would stay mapped
+        until the next request; ``build_connector_meta`` paces them, ``IDLE_TICK_S``)."""
         return len(self.jobs) > 0 or self.tiers.has_pending_work() or (
-            self.elastic is not None and self.elastic.shrink_pending)
+            self.elastic is not None and (self.elastic.shrink_pending or (
+                idle and self.elastic.awaiting_idle_shrink)))
 
     def get_stats(self) -> TokenVMStats | None:
         for name, count in self.tiers.get_stats().items():

@@ -413,11 +413,13 @@ class ShrinkPolicy:
         self.low_use_fraction = low_use_fraction
         self._busy_at: float | None = None
 
-    def observe(self, now: float, in_use_blocks: int, usable_blocks: int) -> None:
-        """Record one step's use. The first observation starts the clock."""
+    def observe(self, now: float, in_use_blocks: int, usable_blocks: int) -> bool:
+        """Record one step's use; returns whether it was busy (restarting the clock). The
+        first observation starts the clock."""
         busy = usable_blocks > 0 and in_use_blocks > self.low_use_fraction * usable_blocks
         if busy or self._busy_at is None:
             self._busy_at = now
+        return busy
 
     def should_shrink(self, now: float) -> bool:
         return self._busy_at is not None and now - self._busy_at >= self.idle_s

@@ -166,7 +166,11 @@ class ElasticPool:
         self._pending_spill: set[int] = set()
         """Blocks whose store to host was requested for a shrink and has not been seen done."""
         self._spill_attempts = 0
+        self._idle_shrink_tried = False
+        """An idle-period shrink was tried since the last busy step (see ``awaiting_idle_
+        shrink``)."""
         self._start()
+        self._start_bytes = self.mapped_bytes
 
     # -- state -----------------------------------------------------------------------------
 
@@ -183,6 +187,15 @@ class ElasticPool:
     def shrink_pending(self) -> bool:
         """A shrink waits for stores to host: the engine must keep stepping to finish it."""
         return bool(self._pending_spill)
+
+    @property
+    def awaiting_idle_shrink(self) -> bool:
+        """More than the start set is mapped and the idle period since the last busy step has
+        not yet ended in a shrink attempt: the engine should keep stepping (empty steps) so the
+        shrink happens on time even when no request arrives (an idle vLLM engine does not
+        step). False once the attempt was made, whatever its outcome, until the next busy
+        step."""
+        return not self._idle_shrink_tried and self.mapped_bytes > self._start_bytes
 
     def take_counters(self) -> ElasticCounters:
         counters, self.counters = self.counters, ElasticCounters()
@@ -276,7 +289,8 @@ class ElasticPool:
         now = self.clock() if now is None else now
         usable = self.usable_blocks
         in_use = usable - self.block_pool.get_num_free_blocks()
-        self.policy.observe(now, in_use, usable)
+        if self.policy.observe(now, in_use, usable):
+            self._idle_shrink_tried = False
 
     def maybe_shrink(self, now: float | None = None) -> int:
         """Shrink to the floor if the pool has been idle ``idle_s``; returns the groups
@@ -288,6 +302,7 @@ class ElasticPool:
         over_ceiling = self.mapped_bytes > self.groups.ceiling_bytes
         if not over_ceiling and not self.policy.should_shrink(now):
             return 0
+        idle = self.policy.should_shrink(now)
         target = None
         if over_ceiling:  # whole groups only: round the ceiling down to a group boundary
             group = self.layout.group_bytes(0)
@@ -300,6 +315,7 @@ class ElasticPool:
             # idle period rather than scan every mapped block on every step.
             self._pending_spill.clear()
             self.policy.shrank(now)
+            self._idle_shrink_tried = self._idle_shrink_tried or idle
             return 0
         missing = [(self.block_pool.blocks[b].block_hash, b) for b in plan.spill
                    if not self.is_spilled(self.block_pool.blocks[b].block_hash)]
@@ -314,6 +330,7 @@ class ElasticPool:
                 self._pending_spill.clear()
                 self._spill_attempts = 0
                 self.policy.shrank(now)
+                self._idle_shrink_tried = self._idle_shrink_tried or idle
                 return 0
             # A store asked for earlier is in flight (the key is WRITING: the planner skips it)
             # or failed (the key left the host tier): asking again covers both.
@@ -331,6 +348,7 @@ class ElasticPool:
         self.counters.shrunk_groups += len(plan.groups)
         self.counters.spilled_blocks += len(plan.spill)
         self.policy.shrank(now)
+        self._idle_shrink_tried = self._idle_shrink_tried or idle
         logger.info("TokenVM elastic: %s, shrank by %d page groups (%d bytes); %d cached blocks "
                     "were in host first, %d blocks usable now",
                     f"ceiling {self.groups.ceiling_bytes} bytes" if over_ceiling

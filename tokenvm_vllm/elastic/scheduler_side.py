@@ -104,6 +104,10 @@ class SchedulerElastic:
     def shrink_pending(self) -> bool:
         return self.pool.shrink_pending
 
+    @property
+    def awaiting_idle_shrink(self) -> bool:
+        return self.pool.awaiting_idle_shrink
+
     def export(self, stats: Any) -> None:
         """Add the counters since the last call to ``stats`` (``tokenvm:elastic_*``)."""
         for name, count in vars(self.pool.take_counters()).items():
