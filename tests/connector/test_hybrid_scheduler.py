@@ -140,7 +140,7 @@ def test_window_blocks_freed_mid_prefill_are_fenced_and_exact(make_harness):
     assert h.stats["loaded_blocks"] > 0
 
 
-@pytest.mark.parametrize("load_mode", ["async", "layerwise"])
+@pytest.mark.parametrize("load_mode", ["async", "layerwise", "sync"])
 def test_hybrid_preemption_and_revisits_stay_exact(make_harness, load_mode):
     h = hybrid(make_harness, num_gpu_blocks=32, max_num_seqs=4,
                extra_config={"load_mode": load_mode})

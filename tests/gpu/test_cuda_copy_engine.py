@@ -141,6 +141,54 @@ def test_layerwise_load_orders_each_layer_after_its_copy(kind):
     assert result.is_load and result.ok
 
 
+@pytest.mark.parametrize("path", ["uva", "staged"])
+def test_sync_load_orders_a_replayed_cuda_graph_after_its_copy(path):
+    """load_mode="sync": the whole load is queued, then ``fence`` makes the compute stream wait
+    for it (no CPU sync); a CUDA graph captured before (as vLLM's FULL graphs are) and replayed
+    after the fence reads the loaded bytes."""
+    engine, caches, pool = make("flash", torch.bfloat16, path=path)
+    layers = engine.layout.layers
+    src, slots, dst = [3, 7, 11, 20], [0, 5, 9, 17], [40, 41, 50, 95]
+    engine.store(1, src, slots)
+    torch.cuda.synchronize()
+    drain(engine, 1)
+    before = {k: v.clone() for k, v in caches.items()}
+    dst_ids = torch.tensor(dst, device="cuda")
+    outs = [torch.empty_like(caches[layer.name].index_select(layer.block_dim, dst_ids))
+            for layer in layers]
+
+    def forward() -> None:  # reads every layer's loaded blocks into static outputs
+        for layer, out in zip(layers, outs, strict=True):
+            out.copy_(caches[layer.name].index_select(layer.block_dim, dst_ids))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()  # warm-up before capture (also loads the kernels' modules)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    torch.cuda._sleep(1000)  # (loads the sleep kernel's module before the copy is held)
+    torch.cuda.synchronize()
+    first = layers[0]
+    with torch.cuda.stream(engine.load_stream):
+        torch.cuda._sleep(200_000_000)  # hold the copy back (~0.1 s) so a missing wait shows
+    engine.load(2, dst, slots)
+    early = caches[first.name].index_select(first.block_dim, dst_ids)  # read without waiting
+    engine.fence({2})
+    graph.replay()
+    torch.cuda.synchronize()
+    # the control: without the fence the forward would have read the blocks' old bytes
+    assert torch.equal(early, before[first.name].index_select(first.block_dim, dst_ids))
+    src_ids = torch.tensor(src, device="cuda")
+    for layer, out in zip(layers, outs, strict=True):
+        assert torch.equal(out, before[layer.name].index_select(layer.block_dim, src_ids))
+    (result,) = drain(engine, 1)
+    assert result.is_load and result.ok
+
+
 def test_id_staging_wraps_and_stays_correct():
     """Jobs whose ids wrap round a small staging ring (and one larger than it) copy exactly."""
     from tokenvm_vllm.transfer.cuda_copy_engine import PinnedIdStaging

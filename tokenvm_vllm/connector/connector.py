@@ -195,8 +195,10 @@ class TokenVMConnector(KVConnectorBase_V1, SupportsHMA):
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
         """Layer-wise loads need ``wait_for_layer_load`` to run between graph pieces: a FULL
-        CUDA graph would replay the attention layers without it. vLLM calls this while it
-        builds its config (front end, FULL CUDA graphs only): the settings are validated here."""
+        CUDA graph would replay the attention layers without it. Async and sync loads do not
+        (a sync load's forward waits for the whole copy before the graph is replayed), so their
+        graphs stay FULL. vLLM calls this while it builds its config (front end, FULL CUDA
+        graphs only): the settings are validated here."""
         return cls.validate_early(extra_config).load_mode is LoadMode.LAYERWISE
 
     @classmethod

@@ -33,9 +33,12 @@ class CopyJob:
     req_id: str | None = None
     """For loads: the request the blocks are for. None for stores."""
     layerwise: bool = False
-    """For loads: False, the request is parked until this job finishes (``finished_recving``);
-    True, the request runs in this same step and each attention layer waits for its own
-    layer's copy (``wait_for_layer_load``)."""
+    """For loads: False, the request is parked until this job finishes (``finished_recving``),
+    unless ``sync``; True, the request runs in this same step and each attention layer waits
+    for its own layer's copy (``wait_for_layer_load``)."""
+    sync: bool = False
+    """For loads: the request runs in this same step and the step's forward waits (on the GPU)
+    for the whole copy, queued before it (``load_mode="sync"``)."""
     groups: list[int] | None = None
     """Hybrid models: the KV cache group of each block (the layers ``gpu_block_ids[i]`` is
     copied for). None: every block is in group 0 (models with one KV cache group)."""

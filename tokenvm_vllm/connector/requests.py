@@ -30,10 +30,11 @@ class RequestState:
     hit_blocks: int = 0
     """The host hit the last lookup promised, in blocks after ``local_blocks``."""
     load_job_id: int | None = None
-    layerwise_load: tuple[int, int] | None = None
-    """(job id, first block) of a layer-wise load in flight. Until it completes the request's
-    new blocks are not stored: if the load fails, the forward that ran beside it read bad KV,
-    and the blocks it filled are recomputed by vLLM before they may be stored."""
+    in_step_load: tuple[int, int] | None = None
+    """(job id, first block) of a load in flight that the request runs beside, in the same
+    step (``load_mode`` layerwise or sync). Until it completes the request's new blocks are
+    not stored: if the load fails, the forward that ran beside it read bad KV, and the blocks
+    it filled are recomputed by vLLM before they may be stored."""
     protected: list[BlockKey] = field(default_factory=list)
     """Prompt block keys the eviction policy protects while the request lives."""
     promotions: set[int] = field(default_factory=set)

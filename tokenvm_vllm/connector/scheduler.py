@@ -10,9 +10,10 @@ Life of a block, by hook:
   once (prefetch), overlapping the request's wait in vLLM's queue.
 * ``get_num_new_matched_tokens``: counts the host-READABLE blocks after vLLM's own prefix hit.
   ``load_mode="async"`` answers ``(tokens, True)``: vLLM allocates GPU blocks and parks the
-  request until the load finishes. ``"layerwise"`` answers ``(tokens, False)``: the request runs
-  in the same step while its copy goes layer by layer. While a promotion for the request (or the
-  disk tier's start-up scan) is in flight it answers "ask again" (None), until
+  request until the load finishes. ``"layerwise"`` and ``"sync"`` answer ``(tokens, False)``:
+  the request runs in the same step while its copy goes layer by layer (layerwise) or whole,
+  before the forward, which waits for it on the GPU (sync). While a promotion for the request
+  (or the disk tier's start-up scan) is in flight it answers "ask again" (None), until
   ``disk_prefetch_timeout_s``; after that only what is ready counts.
 * ``update_state_after_alloc``: pins the host slots and plans a load job.
 * ``build_connector_meta``: plans the step's store (``write_back``: cached blocks nearest the
@@ -333,16 +334,19 @@ class TokenVMScheduler:
         keys, gpu_block_ids, groups = self._blocks_to_load(state, start, start + num_blocks)
         slots = self.tiers.prepare_load(keys)
         job = self.jobs.add(JobKind.LOAD, keys, gpu_block_ids, req_id=request.request_id)
-        layerwise = self.config.load_mode is LoadMode.LAYERWISE
+        mode = self.config.load_mode
         self._step_loads.append(CopyJob(job, gpu_block_ids, slots, req_id=request.request_id,
-                                        layerwise=layerwise,
+                                        layerwise=mode is LoadMode.LAYERWISE,
+                                        sync=mode is LoadMode.SYNC,
                                         groups=groups if len(self.groups) > 1 else None))
-        if layerwise:
-            state.layerwise_load = (job, start)
+        if mode.runs_in_step:
+            state.in_step_load = (job, start)
         else:
-            state.load_job_id = job  # parked until the job finishes; a layer-wise one runs now
+            state.load_job_id = job  # parked until the job finishes; the others run now
         state.next_store_block = max(state.next_store_block, start + num_blocks)
         self.stats.add("loaded_blocks", len(keys))
+        if mode is LoadMode.SYNC:
+            self.stats.add("sync_loaded_blocks", len(keys))
 
     def _blocks_to_load(
         self, state: RequestState, start: int, stop: int
@@ -516,10 +520,10 @@ class TokenVMScheduler:
                             time.monotonic(), job.job_id, job.req_id, len(job.keys))
             if state is not None and state.load_job_id == job.job_id:
                 state.load_job_id = None
-            if state is not None and state.layerwise_load is not None:
-                load_job, first = state.layerwise_load
+            if state is not None and state.in_step_load is not None:
+                load_job, first = state.in_step_load
                 if load_job == job.job_id:
-                    state.layerwise_load = None
+                    state.in_step_load = None
                     if not ok:  # vLLM recomputes from the first failed block: store it again
                         state.next_store_block = min(state.next_store_block, first)
         elif job.kind is JobKind.REMOTE_LOOKUP:

@@ -25,6 +25,8 @@ COUNTERS: dict[str, str] = {
     "host_evicted_blocks": "Blocks evicted from the host tier to make room",
     "layerwise_loaded_blocks": "Blocks loaded layer by layer under the forward that needed "
                                "them (load_mode=layerwise, each layer awaiting only its copy)",
+    "sync_loaded_blocks": "Blocks loaded whole before the forward that needed them, the "
+                          "forward waiting for the copy on the GPU (load_mode=sync)",
     "failed_load_blocks": "Blocks whose load failed (vLLM recomputes them)",
     "disk_recovered_blocks": "Blocks found on disk at start-up (survived a restart)",
     "disk_promoted_blocks": "Blocks read disk -> host ahead of their request (prefetch)",

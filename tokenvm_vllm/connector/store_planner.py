@@ -117,8 +117,8 @@ class StorePlanner:
         planned: Planned = []
         for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             state = requests.get(req_id)
-            if state is None or state.layerwise_load is not None:
-                continue  # (stored once its layer-wise load is known good: see RequestState)
+            if state is None or state.in_step_load is not None:
+                continue  # (stored once its in-step load is known good: see RequestState)
             request = state.request
             filled = min(
                 (request.num_computed_tokens + num_scheduled) // self.block_size,

@@ -5,7 +5,8 @@ It owns the host pool's bytes and a copy engine, and carries out what the schedu
     handle_preemptions  fence: make this step's KV writes wait for jobs on re-allocated blocks;
                         then start this step's loads (host -> GPU, one job per request) and
                         disk jobs, before vLLM prepares the step's inputs
-    start_load_kv       the same start, if handle_preemptions did not run
+    start_load_kv       the same start, if handle_preemptions did not run; sync loads
+                        (``load_mode="sync"``) are then awaited by the forward, on the GPU
     wait_for_layer_load layer-wise loads only: make this attention layer wait (on the GPU) for
                         its own layer's copy
     get_finished        start this step's store (GPU -> host; ordered after the forward), then
@@ -128,8 +129,8 @@ class TokenVMWorker:
         self._empty_jobs: list[CopyResult] = []
         """Jobs with no block in any group (done at once), returned by the next poll."""
         self._load_jobs: dict[int, tuple[str | None, list[int], list[int] | None]] = {}
-        """job id -> (request parked for it, or None for a layer-wise load; its GPU blocks;
-        their groups, None for group 0)"""
+        """job id -> (request parked for it, or None for a load the request runs beside
+        (layer-wise or sync); its GPU blocks; their groups, None for group 0)"""
         self._layer_index: dict[str, tuple[int, int]] = {}
         """layer name -> (group, index of the layer in that group's layout)"""
         self._step_layerwise: set[int] = set()
@@ -272,8 +273,10 @@ class TokenVMWorker:
     @property
     def prefers_cross_layer_blocks(self) -> bool:
         """Whether to ask vLLM for one cross-layer KV tensor (V1 runner of vLLM 0.26 only).
-        Not with layer-wise loads: they wait per layer, and a cross-layer block is one copy."""
-        return (self.config.cross_layer_blocks and self.config.load_mode is LoadMode.ASYNC
+        Not with layer-wise loads: they wait per layer, and a cross-layer block is one copy.
+        (Sync loads copy whole blocks, as async ones do.)"""
+        return (self.config.cross_layer_blocks
+                and self.config.load_mode is not LoadMode.LAYERWISE
                 and not self.config.elastic  # elastic hooks the per-layer allocation only
                 and len(self.groups) == 1 and torch.cuda.is_available())
 
@@ -425,10 +428,11 @@ class TokenVMWorker:
         if not meta.loads:
             return
         assert self.engines, "loads planned before the KV cache was registered"
+        step_sync: set[int] = set()
         for job in meta.loads:
             assert job.req_id is not None
             self._load_jobs[job.job_id] = (
-                None if job.layerwise else job.req_id, job.gpu_block_ids, job.groups)
+                None if job.layerwise or job.sync else job.req_id, job.gpu_block_ids, job.groups)
             self._num_loads += 1
             if self._fail_loads and self._num_loads % self.config.debug_fail_load_every == 0:
                 self._fail_load(job.job_id)
@@ -438,15 +442,31 @@ class TokenVMWorker:
                 self._step_layerwise.add(job.job_id)
             else:
                 self._submit("load", job)
+                if job.sync:
+                    step_sync.add(job.job_id)
             if self.config.trace:
-                logger.info("TokenVM trace %.6f load-submitted job=%d blocks=%d layerwise=%s",
-                            time.monotonic(), job.job_id, len(job.gpu_block_ids), job.layerwise)
+                logger.info("TokenVM trace %.6f load-submitted job=%d blocks=%d layerwise=%s "
+                            "sync=%s", time.monotonic(), job.job_id, len(job.gpu_block_ids),
+                            job.layerwise, job.sync)
+        if step_sync:
+            self._await_sync_loads(step_sync)
         if self._step_layerwise and (not self.layer_hooks or self.config.debug_corrupt_loads):
             # Not yet known that every layer will wait for its copy: wait for all of it.
             self._fence(self._step_layerwise)
             if self.config.debug_corrupt_loads:
                 for job_id in self._step_layerwise:
                     self._corrupt(job_id)
+
+    def _await_sync_loads(self, job_ids: set[int]) -> None:
+        """Make this step's forward wait for the sync loads ``job_ids``, whole: on CUDA the
+        compute stream waits for each copy's completion event (the copy runs on the load
+        stream; no CPU stall, nothing per layer, so a FULL CUDA graph replayed after this still
+        reads loaded blocks); the CPU engine copied them already. The jobs stay in flight (their
+        host slots pinned by the scheduler) until ``get_finished`` polls them done."""
+        self._fence(job_ids)
+        if self.config.debug_corrupt_loads:  # (ordered after the copies by the fence above)
+            for job_id in job_ids:
+                self._corrupt(job_id)
 
     def _skip_tier_jobs(self, meta: TokenVMConnectorMetadata) -> None:
         """Not the writer (``store_once``): the disk and remote jobs are rank 0's; report
@@ -612,7 +632,7 @@ class TokenVMWorker:
                         self._worker_meta.failed[result.job_id] += 1
                         self._load_errors.update(gpu_block_ids)
                     elif self.config.debug_corrupt_loads and req_id is not None:
-                        # (layer-wise loads: corrupted before the forward, above)
+                        # (layer-wise and sync loads: corrupted before the forward, above)
                         self._corrupt(result.job_id)
                     del self._load_jobs[result.job_id]
                 else:
