@@ -81,3 +81,24 @@ def test_serve_bench_splits_a_server_log_by_workload_window(tmp_path) -> None:
     (tmp_path / "none.server.log").write_text("no trace here\n")
     add_load_timelines(untraced, tmp_path / "none.server.log")
     assert "load_timeline" not in untraced["workloads"]["p8"]
+
+
+def test_in_step_loads_are_measured_from_lookup_to_their_own_step() -> None:
+    """load_mode sync (or layerwise): the request is scheduled in its lookup step, before its
+    copy is queued; only lookup -> scheduled and the copy's device time apply."""
+    lines = [
+        trace(2.000, "lookup", req="c", hit_blocks=3),
+        trace(2.004, "scheduled-new", req="c"),
+        trace(2.006, "load-submitted", job=4, blocks=3, layerwise=False, sync=True),
+        trace(2.020, "load-polled", job=4, device_ms=2.5),
+        trace(2.030, "load-finished", job=4, req="c", blocks=3),
+        trace(2.040, "scheduled-new", req="c"),  # a later step: not its first
+    ]
+    timeline = parse(lines)
+    assert timeline.loads == [] and timeline.incomplete == 0
+    (load,) = timeline.in_step
+    assert load.scheduled == pytest.approx(2.004)
+    summary = summarize(timeline)
+    assert summary["in-step lookup->scheduled"]["p50"] == pytest.approx(4.0)
+    assert summary["in-step copy_device_ms"]["p50"] == pytest.approx(2.5)
+    assert summary["lookup->scheduled"]["n"] == 0

@@ -321,7 +321,7 @@ def add_load_timelines(result: dict[str, Any], server_log: Path) -> None:
         summary = summarize(parse(lines, *entry["window"]))
         entry["load_timeline"] = summary
         gaps = "  ".join(f"{name} {summary[name]['p50']:.1f}" for name in (
-            *PHASES, "copy_device_ms") if summary[name]["n"])
+            *PHASES, "copy_device_ms", "in-step lookup->scheduled") if summary[name]["n"])
         progress(f"{result['config']}: {workload} load timeline, p50 ms: {gaps or 'no loads'}")
 
 

@@ -17,6 +17,10 @@ measures the four gaps between them, per load, then prints their distributions:
 
 Also the engine step interval (``step-scheduled`` to the next). A load is listed only when every
 event was found; the count of incomplete ones is printed (a log that ends mid-run).
+
+In-step loads (``load_mode`` ``sync`` or ``layerwise``) schedule the request in its lookup step,
+before the copy is even queued: for them only ``lookup -> scheduled`` and the copy's device time
+mean something, and they are listed apart (``in-step``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class Load:
     finished: float | None = None
     scheduled: float | None = None
     blocks: int = 0
+    in_step: bool = False
+    """Sync or layer-wise: the request was scheduled in its lookup step, before the copy."""
 
     def gaps_ms(self) -> dict[str, float] | None:
         """The four gaps in ms, or None while an event is missing."""
@@ -66,6 +72,8 @@ class Timeline:
     loads: list[Load] = field(default_factory=list)
     step_intervals_ms: list[float] = field(default_factory=list)
     incomplete: int = 0
+    in_step: list[Load] = field(default_factory=list)
+    """Loads whose request was scheduled before the load finished (sync, layer-wise)."""
 
 
 def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf")) -> Timeline:
@@ -82,12 +90,16 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
     loads: dict[int, Load] = {}
     lookups: dict[str, float] = {}  # req -> time of its latest hit
     waiting: dict[str, Load] = {}  # req -> its finished load, until the request is scheduled
+    scheduled: dict[str, float] = {}  # req -> when it was first scheduled after its lookup
     steps: list[float] = []
     for t, name, f in events:
         if name == "lookup":
             lookups[f["req"]] = t
+            scheduled.pop(f["req"], None)
         elif name == "load-submitted":
-            loads[int(f["job"])] = Load(job=int(f["job"]), submitted=t, blocks=int(f["blocks"]))
+            loads[int(f["job"])] = Load(
+                job=int(f["job"]), submitted=t, blocks=int(f["blocks"]),
+                in_step="True" in (f.get("sync"), f.get("layerwise")))
         elif name == "load-polled" and int(f["job"]) in loads:
             load = loads[int(f["job"])]
             load.polled, load.device_ms = t, float(f["device_ms"])
@@ -95,14 +107,24 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
             load = loads[int(f["job"])]
             load.finished, load.req = t, f["req"]
             load.lookup = lookups.get(f["req"])
-            waiting[f["req"]] = load
+            if load.in_step:  # its request runs since its lookup step
+                load.scheduled = scheduled.get(f["req"])
+            else:
+                waiting[f["req"]] = load
         elif name == "scheduled-new" and f["req"] in waiting:
             waiting.pop(f["req"]).scheduled = t
+        elif name == "scheduled-new" and f["req"] in lookups:
+            scheduled.setdefault(f["req"], t)
         elif name == "step-scheduled":
             steps.append(t)
     timeline = Timeline(step_intervals_ms=[(b - a) * 1000 for a, b in pairwise(steps)])
     for load in loads.values():
-        if load.gaps_ms() is None:
+        if load.in_step:
+            if load.lookup is None or load.scheduled is None or load.polled is None:
+                timeline.incomplete += 1
+            else:
+                timeline.in_step.append(load)
+        elif load.gaps_ms() is None:
             timeline.incomplete += 1
         else:
             timeline.loads.append(load)
@@ -125,6 +147,11 @@ def summarize(timeline: Timeline) -> dict[str, Any]:
     summary["copy_device_ms"] = _stats([load.device_ms or 0.0 for load in timeline.loads])
     summary["lookup->scheduled"] = _stats(
         [sum(g.values()) for g in gaps if g is not None])
+    summary["in-step lookup->scheduled"] = _stats(
+        [(load.scheduled - load.lookup) * 1000 for load in timeline.in_step
+         if load.scheduled is not None and load.lookup is not None])
+    summary["in-step copy_device_ms"] = _stats(
+        [load.device_ms or 0.0 for load in timeline.in_step])
     summary["step_interval_ms"] = _stats(timeline.step_intervals_ms)
     summary["incomplete_loads"] = timeline.incomplete
     return summary
@@ -132,8 +159,10 @@ def summarize(timeline: Timeline) -> dict[str, Any]:
 
 def print_summary(summary: dict[str, Any]) -> None:
     print(f"{'gap (ms)':24s} {'n':>6s} {'p50':>9s} {'p90':>9s} {'max':>9s} {'mean':>9s}")
-    for name in (*PHASES, "lookup->scheduled", "copy_device_ms", "step_interval_ms"):
-        s = summary[name]
+    names = (*PHASES, "lookup->scheduled", "copy_device_ms", "in-step lookup->scheduled",
+             "in-step copy_device_ms", "step_interval_ms")
+    for name in names:
+        s = summary.get(name, {"n": 0})
         if not s["n"]:
             print(f"{name:24s} {0:6d}")
             continue
