@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU job (vLLM 0.26.0 on the GPU machine). Run from the repo root after the bundle is
 # unpacked into /tmp/site and .gpu/redis staged (see README "GPU runs"). Stages: tests, copy,
-# exact, rows, serve, remote, vmm, hostpool, hybrid, elastic, wave, twoservers, revisit,
-# disk.
+# exact, rows, serve, remote, vmm, hostpool, hybrid, elastic, wave, long,
+# twoservers, revisit, disk.
 #   bash ci/gpu/run.sh "tests copy exact"
 # Work files (models, per-engine logs) go to $WORK; each stage's own log, its results JSON and a
 # tarball of the logs go to $OUT (the device tool brings back at most 8 files from there). A stage
@@ -121,6 +121,16 @@ for stage in $STAGES; do
         --configs "tokenvm_v2@fixed,tokenvm_v2@elastic:elastic=true,shrink_idle_s=20" \
         ${WAVE_ARGS:-} 2>&1 | tee "$OUT/wave.log"
       tar czf "$OUT/wave.tgz" -C "$WORK/wave" . ;;
+    long)  # issue #13: conversations over 32k-token documents; elastic against a fixed pool of
+      # the same size (--kv-gib), both eager; KV held on average next to throughput (~4 min)
+      python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
+      timeout --signal=INT "${LONG_TIMEOUT:-540}" \
+        python3 -m tokenvm_vllm.bench.serve_bench run --model "$WORK/llama8b" --dummy \
+        --out "$WORK/long" --workloads long --server-arg=--enforce-eager --kv-gib 30 \
+        --max-model-len 36000 --long-len 32768 --long-docs 8 --long-prompts 64 --long-rate 1 \
+        --configs "tokenvm_v2@fixed,tokenvm_v2@elastic:elastic=true,shrink_idle_s=10" \
+        ${LONG_ARGS:-} 2>&1 | tee "$OUT/long.log"
+      tar czf "$OUT/long.tgz" -C "$WORK/long" . ;;
     twoservers)  # issue #13: two elastic servers on one GPU, alternating bursts, token-exact
       # against a fixed-cache reference (ci/gpu/two_servers.py; ~5 min). TWO_ARGS: its arguments.
       timeout --signal=INT "${TWO_TIMEOUT:-560}" python3 ci/gpu/two_servers.py \

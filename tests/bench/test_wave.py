@@ -37,3 +37,15 @@ def test_summary_reads_the_levels_held_at_the_end_of_idle_and_after_the_shrink()
     fixed = wave.summarize([[0.0, "wave1", None, 900.0], [1.0, "idle", None, 900.0]])
     assert fixed["wave1"]["mapped_bytes"] == {"mean": None, "peak": None}  # not elastic
     assert fixed["held_after_shrink"] is None  # no wave2 sample
+
+
+def test_long_contexts_ask_questions_about_long_documents_at_a_rate(tmp_path: Path) -> None:
+    opts = argparse.Namespace(port=1, model="m", suffix_len=8, output_len=2, long_len=32768,
+                              long_docs=8, long_prompts=64, long_rate=1.5)
+    cmd = client_command("long", opts, tmp_path / "l.json", 0.0)
+    assert cmd[cmd.index("--prefix-repetition-prefix-len") + 1] == "32768"
+    assert cmd[cmd.index("--prefix-repetition-num-prefixes") + 1] == "8"
+    assert cmd[cmd.index("--num-prompts") + 1] == "64"
+    assert cmd[cmd.index("--request-rate") + 1] == "1.500"
+    summary = wave.summarize([[0.0, "long", 2.0 * 2**20, None], [1.0, "long", 4.0 * 2**20, None]])
+    assert summary["long"]["mapped_bytes"] == {"mean": 3.0 * 2**20, "peak": 4.0 * 2**20}

@@ -28,8 +28,11 @@ closed loop at concurrency 8 / 32; ``poisson``: the same with Poisson arrivals a
 same output directory); ``random``: ``random`` prompts of prefix + suffix length, no reuse,
 concurrency 8; ``wave`` (issue #13, ``bench/wave.py``): a Poisson burst (``--wave-rate``, default
 the poisson rate), ``--wave-idle-s`` of idle ended by one short request, the same burst again,
-with mapped KV bytes and GPU memory sampled meanwhile (``serve_wave.png``). Each workload has its
-own seed, so no workload reuses another's prefixes.
+with mapped KV bytes and GPU memory sampled meanwhile (``serve_wave.png``); ``long`` (issue
+#13, long contexts): conversations over long documents, ``--long-docs`` documents of
+``--long-len`` tokens each asked ``--long-prompts`` / ``--long-docs`` questions at Poisson
+arrivals (``--long-rate``), with KV memory sampled (needs ``--max-model-len`` above
+``--long-len``). Each workload has its own seed, so no workload reuses another's prefixes.
 
 Ratios in the report: against native on the same runner, against the best native, against the
 floor (P workloads) and against no offload (``random``). Absolute times mean something only on
@@ -53,10 +56,10 @@ from tokenvm_vllm.bench import wave
 from tokenvm_vllm.bench.server import ApiServer
 from tokenvm_vllm.bench.timeline import PHASES, parse, summarize
 
-WORKLOADS = ("p8", "p32", "poisson", "random", "wave")
+WORKLOADS = ("p8", "p32", "poisson", "random", "wave", "long")
 """What ``--workloads`` accepts; ``wave`` runs as its phases ``wave1`` and ``wave2``."""
-REPORTED = ("p8", "p32", "poisson", "random", "wave1", "wave2")
-SEEDS = {"p8": 11, "p32": 12, "poisson": 13, "random": 14, "wave": 15}
+REPORTED = ("p8", "p32", "poisson", "random", "wave1", "wave2", "long")
+SEEDS = {"p8": 11, "p32": 12, "poisson": 13, "random": 14, "wave": 15, "long": 16}
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,13 @@ def client_command(workload: str, opts: argparse.Namespace, out: Path, rate: flo
            "--seed", str(SEEDS["wave" if workload.startswith("wave") else workload]),
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
            "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
+    if workload == "long":
+        return cmd + ["--dataset-name", "prefix_repetition", "--num-prompts",
+                      str(opts.long_prompts), "--prefix-repetition-prefix-len", str(opts.long_len),
+                      "--prefix-repetition-suffix-len", str(opts.suffix_len),
+                      "--prefix-repetition-num-prefixes", str(opts.long_docs),
+                      "--prefix-repetition-output-len", str(opts.output_len),
+                      "--request-rate", f"{opts.long_rate:.3f}", "--max-concurrency", "64"]
     if workload == "random":
         cmd += ["--dataset-name", "random", "--num-prompts", str(opts.random_prompts),
                 "--random-input-len", str(opts.prefix_len + opts.suffix_len),
@@ -251,10 +261,17 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
     client_out = logs / f"{slug}.{workload}.json"
     before = scrape(server)
     started = time.monotonic()
-    with open(logs / f"{slug}.{workload}.client.log", "wb") as client_log:
-        subprocess.run(client_command(workload, opts, client_out, rate),
-                       stdout=client_log, stderr=subprocess.STDOUT, check=True,
-                       timeout=opts.workload_timeout)
+    sampler = wave.Sampler(server, opts.sample_s) if workload == "long" else None
+    if sampler is not None:
+        sampler.start()
+        sampler.set_phase(workload)
+    try:
+        with open(logs / f"{slug}.{workload}.client.log", "wb") as client_log:
+            subprocess.run(client_command(workload, opts, client_out, rate),
+                           stdout=client_log, stderr=subprocess.STDOUT, check=True,
+                           timeout=opts.workload_timeout)
+    finally:
+        samples = sampler.stop() if sampler is not None else []
     after = scrape(server)
     client = json.loads(client_out.read_text())
     for bulky in ("input_lens", "output_lens", "ttfts", "itls", "generated_texts",
@@ -266,8 +283,11 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
              f"{client['mean_tpot_ms']:.2f} ms, computed "
              f"{deltas.get('prompt_tokens[local_compute]', 0):.0f}, external "
              f"{deltas.get('prompt_tokens[external_kv_transfer]', 0):.0f}")
-    return {"client": client, "counters": deltas, "rate": rate,
-            "wall_s": time.monotonic() - started, "window": [started, time.monotonic()]}
+    entry = {"client": client, "counters": deltas, "rate": rate,
+             "wall_s": time.monotonic() - started, "window": [started, time.monotonic()]}
+    if samples:  # KV memory over the run: the mean is what issue #13's long-context goal reads
+        entry["memory"] = {"samples": samples, **wave.summarize(samples)[workload]}
+    return entry
 
 
 def run_wave(server: ApiServer, opts: argparse.Namespace, out_dir: Path, logs: Path, slug: str,
@@ -402,6 +422,28 @@ def report(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def memory_report(results: dict[str, dict[str, Any]]) -> None:
+    """Workloads run with memory samples (``long``): KV bytes held on average (an elastic
+    pool: its mapped bytes; a fixed pool: its size, ``--kv-gib``) next to throughput."""
+    rows = [(name, workload, w) for name, data in results.items()
+            for workload, w in data["workloads"].items() if "memory" in w]
+    if not rows:
+        return
+    print(f"\n{'memory':8} {'config':44} {'tok/s':>8} {'TTFT p50':>9} {'KV held mean':>13} "
+          f"{'KV held peak':>13} {'GPU MiB mean':>12}")
+    for name, workload, w in rows:
+        kv_gib = results[name].get("settings", {}).get("kv_gib")
+        mapped = w["memory"]["mapped_bytes"]
+        fixed = float(kv_gib) * 2**30 if kv_gib is not None else None
+        elastic = bool(mapped["peak"])  # (the gauge reads 0 on a TokenVM server without it)
+        mean = mapped["mean"] if elastic else fixed
+        peak = mapped["peak"] if elastic else fixed
+        gpu = w["memory"]["gpu_used_mib"]["mean"]
+        print(f"{workload:8} {name[:44]:44} {w['client']['total_token_throughput']:8.0f} "
+              f"{w['client']['median_ttft_ms']:9.0f} {_mib(mean):>13} {_mib(peak):>13} "
+              f"{'-' if gpu is None else f'{gpu:.0f}':>12}")
+
+
 def wave_report(waves: dict[str, dict[str, Any]]) -> None:
     """The ``wave`` workload's memory table: mean mapped KV and GPU memory per burst, and what
     was held at the end of the idle period and right after the shrink."""
@@ -472,7 +514,11 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--wave-idle-s", type=float, default=45.0,
                      help="wave: idle seconds between the bursts (longer than shrink_idle_s)")
     run.add_argument("--sample-s", type=float, default=0.5,
-                     help="wave: seconds between samples of KV memory")
+                     help="wave, long: seconds between samples of KV memory")
+    run.add_argument("--long-len", type=int, default=32768, help="long: tokens per document")
+    run.add_argument("--long-docs", type=int, default=8, help="long: documents")
+    run.add_argument("--long-prompts", type=int, default=64, help="long: questions in all")
+    run.add_argument("--long-rate", type=float, default=1.0, help="long: requests/s")
     run.add_argument("--dtype", default="bfloat16")
     run.add_argument("--dummy", action="store_true", help="--load-format dummy (timing only)")
     run.add_argument("--port", type=int, default=8321)
@@ -515,6 +561,7 @@ def main(argv: list[str] | None = None) -> None:
                                          else None)
     if rows and png:
         plot(rows, png)
+    memory_report(results)
     waves = {name: data for name, data in results.items() if "wave" in data}
     if waves:
         wave_report(waves)

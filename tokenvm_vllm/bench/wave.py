@@ -81,7 +81,8 @@ class Sampler(threading.Thread):
 
 
 def summarize(samples: list[list[Any]]) -> dict[str, Any]:
-    """Per phase: mean and peak of the mapped bytes and of the GPU memory used; and the two
+    """Per phase (the wave's three, and any other the samples name): mean and peak of the
+    mapped bytes and of the GPU memory used; and the two
     levels issue #13 judges: ``held_end_of_idle`` (the last idle sample before the request that
     ends it) and ``held_after_shrink`` (the first sample of ``wave2``)."""
 
@@ -91,9 +92,10 @@ def summarize(samples: list[list[Any]]) -> dict[str, Any]:
             return {"mean": None, "peak": None}
         return {"mean": sum(values) / len(values), "peak": max(values)}
 
+    phases = dict.fromkeys([*PHASES, *(s[1] for s in samples)])  # (the wave's, then any other)
     summary: dict[str, Any] = {
         phase: {"mapped_bytes": stats(2, phase), "gpu_used_mib": stats(3, phase)}
-        for phase in PHASES}
+        for phase in phases}
     idle = [s for s in samples if s[1] == "idle"]
     wave2 = [s for s in samples if s[1] == "wave2"]
     summary["held_end_of_idle"] = {"mapped_bytes": idle[-1][2], "gpu_used_mib": idle[-1][3]} \
