@@ -148,6 +148,7 @@ class TokenVMWorker:
         """The remote store's availability at the last report (changes go to the scheduler)."""
         self._pool: HostPool | None = None
         self._pinning_started = False
+        self._host_commands_meta: TokenVMConnectorMetadata | None = None
         self._host_slots: int | None = None
         """Host slots the scheduler uses (``TokenVMConnectorMetadata.host_slots``; known at
         start-up for a fixed ``host_bytes``, from the first metadata for 'auto')."""
@@ -415,6 +416,7 @@ class TokenVMWorker:
             # groups mapped here (elastic/protocol.py).
             self.elastic.apply(meta.elastic_commands)
         self._adopt_host_slots(meta.host_slots)
+        self._apply_host_commands(meta)
         if not self.writer:
             self._skip_tier_jobs(meta)
         else:
@@ -582,8 +584,26 @@ class TokenVMWorker:
             if self.writer:  # every rank mapped the shared pool before the first step
                 self._unlink_shared_pool()
 
+    def _apply_host_commands(self, meta: TokenVMConnectorMetadata) -> None:
+        """Memory pressure (``tiers/host_pressure.py``): release or regrow the pool's top
+        slots, once per metadata, before any of the step's copies. The scheduler sends a
+        release only once no block (and so no copy) is left in those slots."""
+        if not meta.host_commands or meta is self._host_commands_meta or self._pool is None:
+            return
+        self._host_commands_meta = meta
+        for op, slot in meta.host_commands:
+            if op == "release":
+                given = self._pool.release(slot)
+                logger.info("TokenVM worker: host pool slots %d.. given back (%.1f MiB of "
+                            "address range returned to the OS)", slot, given / 2**20)
+            elif op == "grow":
+                self._pool.regrow(slot)
+            else:
+                raise ValueError(f"tokenvm: unknown host pool command {op!r}")
+
     def start_store(self, meta: TokenVMConnectorMetadata) -> None:
         self._adopt_host_slots(meta.host_slots)
+        self._apply_host_commands(meta)
         if meta.store is not None:
             assert self.engines, "a store planned before the KV cache was registered"
             if self.writer:
