@@ -137,8 +137,7 @@ class HostPressure:
         host = self.host
         if available < self.threshold:
             self._calm_since = None
-            self._shrink(available)
-            if self._pending is not None:
+            if self._shrink(available):
                 self._finish_shrink(commands)
         elif host.usable_slots < host.num_slots and available >= self.threshold + 2 * self.margin:
             if self._calm_since is None:
@@ -150,7 +149,8 @@ class HostPressure:
             self._calm_since = None
         return commands
 
-    def _shrink(self, available: int) -> None:
+    def _shrink(self, available: int) -> bool:
+        """Begin a shrink if the tier holds memory it can give back; returns whether."""
         host = self.host
         need = (self.threshold + self.margin - available) / self.pools  # bytes per pool
         resident = min(host.high_water, host.usable_slots) * self.slot_bytes
@@ -165,11 +165,12 @@ class HostPressure:
                     "back (%d of %d slots usable, %d written, floor %d)", available,
                     self.threshold, host.usable_slots, host.num_slots, host.high_water,
                     self.floor_slots)
-            return
+            return False
         self._at_floor_logged = False
         before = host.usable_slots
         dropped = host.begin_shrink(usable)
         self._pending = (before, available, dropped)
+        return True
 
     def _finish_shrink(self, commands: list[HostCommand]) -> None:
         assert self._pending is not None
