@@ -38,8 +38,7 @@ HOST_BYTES_AUTO_FRACTION = 0.5
 the machine take together (measured once, by the scheduler, after vLLM allocated its own memory;
 see ``transfer/host_pool.py``). Half leaves room for the page cache, the disk tier's I/O and
 whatever else the machine runs."""
-DEBUG_KNOBS = ("debug_fail_load_every", "debug_corrupt_loads", "debug_disk_faults",
-               "debug_host_available_file")
+DEBUG_KNOBS = ("debug_fail_load_every", "debug_corrupt_loads", "debug_disk_faults")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
                "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40,
                "tib": 2**40}
@@ -537,6 +536,11 @@ def _validate_host_pressure(config: TokenVMConfig) -> None:
         raise TokenVMConfigError(
             f"tokenvm: host_regrow_after_s={config.host_regrow_after_s} must be between 0 and "
             "86400")
+    if config.debug_host_available_file and not config.testing:
+        raise TokenVMConfigError(
+            f"tokenvm: debug_host_available_file={config.debug_host_available_file!r} is a "
+            "testing knob that replaces the machine's available memory; it needs testing=true "
+            "(TOKENVM_TESTING=1) too, else unset it")
     if config.debug_host_available_file and not value:
         raise TokenVMConfigError(
             f"tokenvm: debug_host_available_file={config.debug_host_available_file!r} is set "

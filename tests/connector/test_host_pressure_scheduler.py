@@ -44,12 +44,12 @@ def test_shrink_waits_for_copies_and_revisits_stay_exact(make_harness, tmp_path)
     releases: list[int] = []
     release = pool.release
 
-    def checked_release(first: int) -> int:
+    def checked_release(first: int, stop: int | None = None) -> int:
         in_flight = [job for job, _ in [*engine.queued, *getattr(engine, "_ready", [])]]
         touching = [job for job in in_flight if any(s >= first for s in slots_of.get(job, []))]
         assert not touching, f"released slots {first}.. under copies in flight: {touching}"
         releases.append(first)
-        return release(first)
+        return release(first, stop)
 
     pool.release = checked_release  # type: ignore[method-assign]
 
@@ -103,7 +103,7 @@ def test_threshold_is_a_size_or_a_fraction(value, expected):
     ({"host_min_available_bytes": "-1GiB"}, "host_min_available_bytes='-1GiB' is negative"),
     ({"host_regrow_after_s": -1}, "host_regrow_after_s=-1.0 must be between 0 and 86400"),
     ({"debug_host_available_file": "/x", "host_min_available_bytes": "1GiB"},
-     "debug_host_available_file='/x'"),
+     "debug_host_available_file='/x' is a testing knob"),
     ({"debug_host_available_file": "/x", "testing": True},
      "is set but host_min_available_bytes is 0"),
 ])

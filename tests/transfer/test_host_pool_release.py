@@ -45,6 +45,14 @@ def test_release_gives_the_memory_back_and_the_slots_read_zeros():
     assert bool((pool.buffer[100] == 3).all())
 
 
+def test_release_stops_at_the_slots_in_use():
+    pool = HostPool(256, MIB, pin=False, reserve=True)  # 'auto': reserved beyond what is used
+    pool.buffer[:96].fill_(1)
+    assert pool.release(64, stop_slot=96) == 32 * MIB
+    assert torch.count_nonzero(pool.buffer[64:96]) == 0
+    assert bool((pool.buffer[:64] == 1).all())
+
+
 def test_release_keeps_a_chunk_that_also_holds_a_slot_in_use():
     rec = Recorder()
     chunk = 2 * PAGE

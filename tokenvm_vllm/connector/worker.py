@@ -593,7 +593,7 @@ class TokenVMWorker:
         self._host_commands_meta = meta
         for op, slot in meta.host_commands:
             if op == "release":
-                given = self._pool.release(slot)
+                given = self._pool.release(slot, self._host_slots)
                 logger.info("TokenVM worker: host pool slots %d.. given back (%.1f MiB of "
                             "address range returned to the OS)", slot, given / 2**20)
             elif op == "grow":

@@ -490,7 +490,7 @@ class HostPool:
         """Whether background pinning has finished (True at once when not lazily pinned)."""
         return self.pinner is None or self.pinner.wait(timeout)
 
-    def release(self, first_slot: int) -> int:
+    def release(self, first_slot: int, stop_slot: int | None = None) -> int:
         """Give the memory under slots ``first_slot`` and up back to the OS; returns the bytes
         of address range given back (whole pinning chunks: ``CHUNK_BYTES`` geometry, from the
         first chunk boundary at or above the slot's start, so a chunk that also holds a slot
@@ -501,7 +501,8 @@ class HostPool:
         then dropped: ``MADV_DONTNEED`` on private memory (they read as zeros afterwards and
         cost RAM again only once written), ``MADV_REMOVE`` on a shared pool (frees the /dev/shm
         pages for every rank). An eagerly pinned pool (``cudaHostAlloc``) cannot give memory
-        back: 0, and the slots are only left unused."""
+        back: 0, and the slots are only left unused. ``stop_slot``: the slots in use end
+        there (a reserved 'auto' pool is larger); the range above holds no RAM anyway."""
         if self._mmap is None:
             if not self._warned_eager:
                 self._warned_eager = True
@@ -512,13 +513,15 @@ class HostPool:
         chunk = self.pinner.chunk_bytes if self.pinner is not None else _page_round(CHUNK_BYTES)
         first_chunk = -(-(first_slot * self.slot_bytes) // chunk)
         start = first_chunk * chunk
-        if start >= self.nbytes:
+        stop = self.nbytes if stop_slot is None else min(
+            self.nbytes, _page_round(stop_slot * self.slot_bytes))
+        if start >= stop:
             return 0
         if self.pinner is not None:
             self.pinner.release(first_chunk)
         advice = mmap.MADV_REMOVE if self.shared else mmap.MADV_DONTNEED
-        self._mmap.madvise(advice, start, self.nbytes - start)
-        return self.nbytes - start
+        self._mmap.madvise(advice, start, stop - start)
+        return stop - start
 
     def regrow(self, stop_slot: int) -> None:
         """Slots below ``stop_slot`` may be used again: their chunks may be registered again
