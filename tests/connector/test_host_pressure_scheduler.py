@@ -22,7 +22,8 @@ from tokenvm_vllm.config import TokenVMConfigError, load_config
 def test_shrink_waits_for_copies_and_revisits_stay_exact(make_harness, tmp_path):
     available = tmp_path / "available"
     available.write_text("1TiB")
-    h: Harness = make_harness(num_gpu_blocks=24, lagging_copies=True, extra_config={
+    h: Harness = make_harness(num_gpu_blocks=24, lagging_copies=True, max_num_seqs=1,
+                              extra_config={
         "host_bytes": "32KiB",  # 128 slots of 256 bytes (all the blocks below fit); floor 16
         "host_min_available_bytes": "1GiB", "host_regrow_after_s": 0,
         "debug_host_available_file": str(available), "testing": True})
@@ -52,6 +53,15 @@ def test_shrink_waits_for_copies_and_revisits_stay_exact(make_harness, tmp_path)
         return release(first, stop)
 
     pool.release = checked_release  # type: ignore[method-assign]
+    moved: list[int] = []
+    move = pool.move
+
+    def recorded_move(sources: list[int], targets: list[int]) -> None:
+        assert not releases, "a move after the release"
+        moved.extend(sources)
+        move(sources, targets)
+
+    pool.move = recorded_move  # type: ignore[method-assign]
 
     docs = [prompts(2, prefix_blocks=8, suffix=5, seed=10 + d) for d in range(4)]
     for first, _ in docs:
@@ -63,8 +73,11 @@ def test_shrink_waits_for_copies_and_revisits_stay_exact(make_harness, tmp_path)
     # shrink begins, so loads and stores are in flight on slots being given up.
     available.write_text("0")
     sched.pressure._next_check = 0.0  # (checked at most once a second: check now)
-    for _, again in reversed(docs):  # docs 3 and 2 first: their blocks are in slots 16..31
-        h.add(again)
+    # Doc 3 (slots 24..31) first, then doc 0 (slots 0..7), then the others: with one
+    # sequence at a time, only doc 3's load is in flight when the shrink begins; doc 0 is
+    # queued, protected by the queue-aware policy: among the hottest blocks kept.
+    for d in (3, 0, 1, 2):
+        h.add(docs[d][1])
     waited = False
     for _ in range(2000):
         if not h.scheduler.has_requests() and not h.connector.has_pending_push_work():
@@ -73,10 +86,14 @@ def test_shrink_waits_for_copies_and_revisits_stay_exact(make_harness, tmp_path)
         # (the fake forward checks every KV position: a dropped block must be recomputed)
         waited = waited or sched.pressure.pending
     assert releases == [16]
+    # The queued docs 0, 1, 2 are the hottest (protected); 16 slots keep two of them: doc 0
+    # where it is and doc 2, moved down from slots 16..23; doc 1 is dropped (recomputed).
+    assert sorted(moved) == list(range(16, 24))
     assert sched.tiers.host.usable_slots == 16
     assert h.stats["host_shrinks"] == 1 and h.stats["host_shrink_dropped_blocks"] > 0
     assert waited, "no copy was in flight on the given-up slots when the shrink began"
-    assert h.stats["loaded_blocks"] >= 8  # blocks in the kept slots still loaded
+    # Loaded: doc 3 (before its slots were given up), doc 0 and the moved doc 2, KV-exact.
+    assert h.stats["loaded_blocks"] == 24
     # Relief: the tier grows back at the next check and serves revisits from host again.
     available.write_text("1TiB")
     sched.pressure._next_check = 0.0

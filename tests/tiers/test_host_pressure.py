@@ -58,12 +58,20 @@ def test_shrink_drops_unpinned_blocks_and_waits_for_copies_in_flight() -> None:
     assert pressure.pending
     host = manager.host
     assert host.usable_slots == 16
-    for key in blocks[16:30]:
-        if key != blocks[25]:
-            assert not manager.contains(key, Tier.HOST)  # dropped at once
+    # The policy's order decides (LRU here): the 16 hottest unpinned blocks stay (13..29 but
+    # 25, which a load pins), the 13 coldest (0..12) are dropped, and the hot blocks in the
+    # given-up slots move down into the slots freed.
+    for key in blocks[:13]:
+        assert not manager.contains(key, Tier.HOST)
+    kept = [key for key in blocks[13:30] if key != blocks[25]]
+    assert manager.lookup(kept) == 16
+    residencies = [manager.index.get(key, Tier.HOST) for key in kept]
+    assert all(r is not None and r.slot < 16 for r in residencies)
+    moves = host.take_moves()
+    assert len(moves) == 13 and all(src >= 16 > dst for src, dst in moves)
+    assert sorted(src for src, _ in moves) == [s for s in range(16, 30) if s != 25]
+    assert host.take_moves() == []  # once
     assert manager.contains(blocks[25], Tier.HOST)  # still being read: kept until done
-    assert manager.lookup(blocks[:16]) == 16  # the kept slots still hit
-    assert manager.lookup(blocks[16:17]) == 0
     # New blocks go only into the usable slots (evicting there).
     for key in keys(5, b"new"):
         slot = manager.prepare_store(key)
@@ -79,7 +87,7 @@ def test_shrink_drops_unpinned_blocks_and_waits_for_copies_in_flight() -> None:
     stats = Stats()
     pressure.export(stats)
     assert stats.counts["host_released_bytes"] == 16 * SLOT
-    assert stats.counts["host_shrink_dropped_blocks"] == 15
+    assert stats.counts["host_shrink_dropped_blocks"] == 15  # 13 + the two pinned ones
     assert stats.gauges["host_usable_bytes"] == 16 * SLOT
 
 
@@ -92,8 +100,9 @@ def test_shrunk_blocks_on_disk_stay_readable_there() -> None:
     pressure = machine.pressure(manager, threshold=1 * MIB)
     assert pressure.step() == [("release", pressure.floor_slots)]
     assert manager.host.usable_slots == 2  # the floor: an eighth of 16
-    assert manager.lookup(blocks) == 2
-    dropped = blocks[2:]
+    assert manager.lookup(blocks[14:]) == 2  # the two hottest stay
+    assert manager.lookup(blocks) == 0
+    dropped = blocks[:14]
     assert all(manager.index.is_readable(key, Tier.DISK) for key in dropped)
     transfers = manager.prepare_promotions(blocks)  # they come back from disk into host
     assert transfers and all(t.host_slot < 2 for t in transfers)

@@ -117,3 +117,11 @@ def test_shared_pool_release_frees_the_shm_pages(tmp_path):
         assert bool((pool.buffer[:32] == 1).all())
     finally:
         os.unlink(path)
+
+
+def test_move_copies_slots_for_a_shrink():
+    pool = HostPool(8, PAGE, pin=False)
+    for slot in range(8):
+        pool.buffer[slot].fill_(slot)
+    pool.move([6, 7], [1, 2])
+    assert [int(pool.buffer[slot][0]) for slot in range(8)] == [0, 6, 7, 3, 4, 5, 6, 7]

@@ -413,7 +413,7 @@ class TokenVMScheduler:
             remote_lookups=self._step_remote_lookups, remote_reads=self._step_remote_reads,
             remote_writes=remote_writes, host_slots=self.tiers.host.num_slots,
             elastic_commands=self.elastic.take_commands() if self.elastic is not None else [],
-            host_commands=host_commands)
+            host_commands=host_commands, host_moves=self.tiers.host.take_moves())
         self._step_loads = []
         self._step_disk_reads = []
         self._step_remote_lookups = []

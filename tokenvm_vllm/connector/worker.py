@@ -588,9 +588,14 @@ class TokenVMWorker:
         """Memory pressure (``tiers/host_pressure.py``): release or regrow the pool's top
         slots, once per metadata, before any of the step's copies. The scheduler sends a
         release only once no block (and so no copy) is left in those slots."""
-        if not meta.host_commands or meta is self._host_commands_meta or self._pool is None:
+        if not (meta.host_commands or meta.host_moves) or meta is self._host_commands_meta or (
+                self._pool is None):
             return
         self._host_commands_meta = meta
+        if meta.host_moves and (self.writer or not self.store_once):
+            # (a shared pool: rank 0 moves the one copy; the ranks' steps run in lock step)
+            self._pool.move([src for src, _ in meta.host_moves],
+                            [dst for _, dst in meta.host_moves])
         for op, slot in meta.host_commands:
             if op == "release":
                 given = self._pool.release(slot, self._host_slots)

@@ -10,8 +10,9 @@ gives up its top slots: ``begin_shrink(n)`` makes only slots ``0 .. n - 1`` usab
 block goes above), drops the unpinned blocks above at once and each pinned one as soon as its
 copy completes (a copy in flight always finishes on its slot); ``take_release`` then says
 that no block is left above ``n``, and the workers may give that memory back. ``grow(n)``
-makes slots usable again. Slots are handed out lowest first, so the top slots are the ones
-last written (``high_water``: slots above it never held a block, so they cost no RAM).
+makes slots usable again. Slots are handed out lowest first (``high_water``: slots above it
+never held a block, so they cost no RAM). What a shrink drops follows the eviction policy: the
+hottest blocks are kept, those in given-up slots moved down (``take_moves``).
 """
 
 from __future__ import annotations
@@ -40,13 +41,18 @@ class HostTier(SlotTier):
         """A shrink's new ``usable_slots`` while blocks above it are still pinned."""
         self.shrink_dropped = 0
         """Blocks dropped because their slot was given up (counted, not reset here)."""
+        self._moves: list[tuple[int, int]] = []
 
     # -- shrink and grow ---------------------------------------------------------------------
 
     def begin_shrink(self, usable: int) -> int:
-        """Give up slots ``usable`` and up: no block is written there any more, unpinned blocks
-        there are dropped now (their copies on disk, if any, stay), pinned ones when their copy
-        completes. Returns how many were dropped now. ``take_release`` says when it is done."""
+        """Give up slots ``usable`` and up: no block is written there any more. The tier keeps
+        its hottest unpinned blocks, as many as the kept slots hold (the policy's order:
+        ``candidates`` gives the coldest first) and drops the rest now (their copies on disk,
+        if any, stay); a kept block in a given-up slot moves to a free kept slot
+        (``take_moves``: the workers copy it before any later copy may use it). Pinned blocks
+        stay where they are; in a given-up slot they are dropped when their copy completes.
+        Returns how many were dropped now. ``take_release`` says when the shrink is done."""
         if not 1 <= usable < self.usable_slots:
             raise ValueError(f"tokenvm: cannot shrink the host tier from {self.usable_slots} to "
                              f"{usable} slots")
@@ -54,13 +60,29 @@ class HostTier(SlotTier):
             raise ValueError("tokenvm: a host tier shrink is already in progress")
         self.usable_slots = usable
         self.releasing_from = usable
-        self._free_slots = [slot for slot in self._free_slots if slot < usable]
-        victims = [key for key, residency in self.index.residents(self.tier)
-                   if residency.slot >= usable and not residency.pinned]
+        pinned_below = sum(1 for _, residency in self.index.residents(self.tier)
+                           if residency.pinned and residency.slot < usable)
+        coldest_first = list(self._victims())  # unpinned READABLE blocks
+        keep = max(0, usable - pinned_below)
+        victims = coldest_first[:max(0, len(coldest_first) - keep)]
         for key in victims:
-            self._release(key)
+            self._release(key)  # (a slot at or above ``usable`` is not freed: see ``_free``)
+        self._free_slots = [slot for slot in self._free_slots if slot < usable]
+        for key in coldest_first[len(victims):]:
+            residency = self.index.get(key, self.tier)
+            assert residency is not None
+            if residency.slot >= usable:
+                target = self._free_slots.pop()  # there is room: counted above
+                self._moves.append((residency.slot, target))
+                residency.slot = target
         self.shrink_dropped += len(victims)
         return len(victims)
+
+    def take_moves(self) -> list[tuple[int, int]]:
+        """(from slot, to slot) copies a shrink needs, once: the workers make them before any
+        copy of the step that carries them."""
+        moves, self._moves = self._moves, []
+        return moves
 
     def pinned_above(self, slot: int) -> int:
         """Blocks in slots ``slot`` and up (all pinned while a shrink waits for them)."""

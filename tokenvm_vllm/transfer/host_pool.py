@@ -523,6 +523,13 @@ class HostPool:
         self._mmap.madvise(advice, start, stop - start)
         return stop - start
 
+    def move(self, sources: list[int], targets: list[int]) -> None:
+        """Copy slot ``sources[i]`` to ``targets[i]`` (disjoint sets: a shrink moves blocks
+        from the slots it gives up into free kept ones; no copy in flight uses either)."""
+        self.ensure_pinned(targets)  # a CUDA copy may read them right after
+        index = torch.tensor(targets, dtype=torch.long)
+        self.buffer[index] = self.buffer[torch.tensor(sources, dtype=torch.long)]
+
     def regrow(self, stop_slot: int) -> None:
         """Slots below ``stop_slot`` may be used again: their chunks may be registered again
         (in the background, paced, if background pinning ran; else on demand by copies).
