@@ -9,11 +9,14 @@ reads the machine's available memory at most once per ``CHECK_INTERVAL_S`` (one
   ``HostTier.high_water`` ever held RAM) bring available memory back to threshold +
   ``margin``, rounded to whole pinning chunks (``CHUNK_BYTES``: the pool registers and gives
   back in those), never below ``floor_slots`` (an eighth of the tier, at least one slot: the
-  tier keeps working, with less room). Unpinned blocks in those slots are dropped at once
-  (those on disk stay readable there; the rest are recomputed when next needed); blocks being
-  loaded, stored, demoted or promoted finish their copy first and are dropped then. Once no
-  block is left there, the step's metadata carries ``("release", first_slot)`` and every worker
-  unregisters and ``madvise``s that range (``HostPool.release``).
+  tier keeps working, with less room). The tier keeps its hottest unpinned blocks (policy
+  order), as many as the kept slots hold, moving those in given-up slots down (``host_moves``
+  in the metadata, copied by the workers first); the coldest are dropped at once (those on
+  disk stay readable there; the rest are recomputed when next needed). Blocks being loaded,
+  stored, demoted or promoted stay put, finish their copy, and are dropped then if their slot
+  was given up. Once no block is left there, the step's metadata carries
+  ``("release", first_slot)`` and every worker unregisters and ``madvise``s that range
+  (``HostPool.release``).
 * Grow: the tier is smaller than configured and available memory has stayed above threshold +
   2 x margin for ``host_regrow_after_s``: the step's metadata carries ``("grow", usable)`` (the
   workers re-pin paced, like lazy pinning; pages cost RAM again only as blocks are written) and
