@@ -110,11 +110,11 @@ def test_shared_pool_release_frees_the_shm_pages(tmp_path):
         pool = HostPool(128, MIB, pin=False, shared_path=path)
         pool.buffer.fill_(1)
         used = os.stat(path).st_blocks * 512
-        given = pool.release(20)  # from the next 32 MiB chunk boundary (CHUNK_BYTES) up
-        assert given == 96 * MIB
+        given = pool.release(20)  # not pinned: from the slot's first page up
+        assert given == 108 * MIB
         assert os.stat(path).st_blocks * 512 <= used - given
-        assert torch.count_nonzero(pool.buffer[32:]) == 0
-        assert bool((pool.buffer[:32] == 1).all())
+        assert torch.count_nonzero(pool.buffer[20:]) == 0
+        assert bool((pool.buffer[:20] == 1).all())
     finally:
         os.unlink(path)
 

@@ -183,8 +183,7 @@ class HostPressure:
         before, available, dropped = self._pending
         self._pending = None
         commands.append(("release", first))
-        first_byte = -(-(first * self.slot_bytes) // self.chunk_bytes) * self.chunk_bytes
-        given = max(0, before * self.slot_bytes - first_byte) * self.pools
+        given = (before - first) * self.slot_bytes * self.pools  # (pinned: less, whole chunks)
         self.released_bytes += given
         self.shrinks += 1
         logger.info(

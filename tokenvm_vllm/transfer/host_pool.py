@@ -492,10 +492,11 @@ class HostPool:
 
     def release(self, first_slot: int, stop_slot: int | None = None) -> int:
         """Give the memory under slots ``first_slot`` and up back to the OS; returns the bytes
-        of address range given back (whole pinning chunks: ``CHUNK_BYTES`` geometry, from the
-        first chunk boundary at or above the slot's start, so a chunk that also holds a slot
-        in use stays). The caller (the scheduler's command, ``connector/worker.py``)
-        guarantees that no copy uses those slots until ``regrow``.
+        of address range given back: from the first boundary at or above the slot's start of
+        a page, or, lazily pinned, of a registration chunk (``CHUNK_BYTES`` geometry: a chunk
+        that also holds a slot in use stays registered and resident). The caller (the
+        scheduler's command, ``connector/worker.py``) guarantees that no copy uses those slots
+        until ``regrow``.
 
         Lazily pinned: the chunks are unregistered first (pinned pages cannot be dropped),
         then dropped: ``MADV_DONTNEED`` on private memory (they read as zeros afterwards and
@@ -510,7 +511,8 @@ class HostPool:
                                "cannot be given back under pressure, only left unused; set "
                                "pin_mode: lazy")
             return 0
-        chunk = self.pinner.chunk_bytes if self.pinner is not None else _page_round(CHUNK_BYTES)
+        # Pinned lazily: whole registration chunks (a registration cannot be split); else pages.
+        chunk = self.pinner.chunk_bytes if self.pinner is not None else mmap.PAGESIZE
         first_chunk = -(-(first_slot * self.slot_bytes) // chunk)
         start = first_chunk * chunk
         stop = self.nbytes if stop_slot is None else min(
