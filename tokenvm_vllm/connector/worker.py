@@ -109,6 +109,15 @@ def make_copy_engine(
     return TorchCopyEngine(layout, kv_caches, pool)
 
 
+def _resident_bytes() -> int:
+    """This process's resident set (/proc/self/statm; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class TokenVMWorker:
     def __init__(
         self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: TokenVMConfig
@@ -598,9 +607,12 @@ class TokenVMWorker:
                             [dst for _, dst in meta.host_moves])
         for op, slot in meta.host_commands:
             if op == "release":
+                rss = _resident_bytes()
                 given = self._pool.release(slot, self._host_slots)
                 logger.info("TokenVM worker: host pool slots %d.. given back (%.1f MiB of "
-                            "address range returned to the OS)", slot, given / 2**20)
+                            "address range returned to the OS; this process's resident set "
+                            "%.1f -> %.1f MiB)", slot, given / 2**20, rss / 2**20,
+                            _resident_bytes() / 2**20)
             elif op == "grow":
                 self._pool.regrow(slot)
             else:
