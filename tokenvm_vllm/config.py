@@ -223,6 +223,19 @@ class TokenVMConfig:
     and fault an errno name ('ENOSPC', 'EIO') or 'slow<seconds>', e.g. 'write:ENOSPC:1'."""
     testing: bool = False
     """Allow the debug_* knobs (without it they are refused at start-up). For tests only."""
+    host_min_available_bytes: int | float = 0
+    """Give host memory back under memory pressure: when the machine's available memory
+    (MemAvailable) drops below this, the host tier shrinks (its top slots' blocks are dropped,
+    or stay on disk where the disk tier holds them; the memory goes back to the OS) until
+    available memory is this plus a margin again; it grows back once memory stays available
+    for host_regrow_after_s. A size ('8GiB'), or a fraction of total RAM below 1 (0.1).
+    0 = off. Checked at most once a second, by the scheduler."""
+    host_regrow_after_s: float = 30.0
+    """host_min_available_bytes: seconds available memory must stay above the threshold plus
+    the margin before a shrunk host tier grows back."""
+    debug_host_available_file: str = ""
+    """Testing only: a file holding the available memory (bytes or '4GiB') that the memory
+    pressure check uses instead of MemAvailable (read at each check)."""
 
 
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TokenVMConfig)}
@@ -261,6 +274,22 @@ def parse_size(key: str, value: Any) -> int:
     return result
 
 
+def _parse_size_or_fraction(key: str, value: Any) -> int | float:
+    """A size (``parse_size``), or a number strictly between 0 and 1: a fraction of RAM."""
+    try:
+        number = float(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if isinstance(number, float) and 0 < number < 1:
+        return number
+    try:
+        return parse_size(key, value)
+    except TokenVMConfigError as err:
+        raise TokenVMConfigError(
+            str(err).replace("bytes or '4GiB'", "bytes, '4GiB' or a fraction of RAM like 0.1")
+        ) from None
+
+
 def _parse_bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -293,6 +322,8 @@ def _coerce(key: str, value: Any) -> Any:
         except TokenVMConfigError as err:  # name the third form too
             raise TokenVMConfigError(
                 str(err).replace("bytes or '4GiB'", "bytes, '4GiB' or 'auto'")) from None
+    if key == "host_min_available_bytes":
+        return _parse_size_or_fraction(key, value)
     if key.endswith("_bytes"):
         return parse_size(key, value)
     kind = type(getattr(TokenVMConfig, key))
@@ -497,6 +528,7 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
         _check_disk_path(config.disk_path)
     _validate_remote(config)
     _validate_elastic(config)
+    _validate_host_pressure(config)
     parse_disk_faults(config.debug_disk_faults)
     if config.debug_fail_load_every < 0:
         raise TokenVMConfigError(
@@ -512,6 +544,27 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
                 f"tokenvm: {key}={getattr(config, key)!r} (from {where}) is a testing knob that "
                 f"breaks loads or disk I/O on purpose; it needs testing=true (TOKENVM_TESTING=1) "
                 f"too, else unset it")
+
+
+def _validate_host_pressure(config: TokenVMConfig) -> None:
+    value = config.host_min_available_bytes
+    if isinstance(value, float) and not 0 < value < 1:
+        raise TokenVMConfigError(
+            f"tokenvm: host_min_available_bytes={value!r} must be a size or a fraction of RAM "
+            "between 0 and 1 (e.g. '8GiB' or 0.1); 0 turns it off")
+    if not 0 <= config.host_regrow_after_s <= 86400:
+        raise TokenVMConfigError(
+            f"tokenvm: host_regrow_after_s={config.host_regrow_after_s} must be between 0 and "
+            "86400")
+    if config.debug_host_available_file and not config.testing:
+        raise TokenVMConfigError(
+            f"tokenvm: debug_host_available_file={config.debug_host_available_file!r} is a "
+            "testing knob that replaces the machine's available memory; it needs testing=true "
+            "(TOKENVM_TESTING=1) too, else unset it")
+    if config.debug_host_available_file and not value:
+        raise TokenVMConfigError(
+            f"tokenvm: debug_host_available_file={config.debug_host_available_file!r} is set "
+            "but host_min_available_bytes is 0: set a threshold or unset the file")
 
 
 def _validate_elastic(config: TokenVMConfig) -> None:

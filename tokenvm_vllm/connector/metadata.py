@@ -104,6 +104,15 @@ class TokenVMConnectorMetadata(KVConnectorMetadata):
     elastic_commands: list[tuple[str, int]] = field(default_factory=list)
     """Elastic GPU KV: ``("map" | "unmap", page group)`` in order, applied by every worker
     before this step's loads and forward (``elastic/protocol.py``)."""
+    host_moves: list[tuple[int, int]] = field(default_factory=list)
+    """Host memory pressure: ``(from slot, to slot)`` copies inside the host pool (a shrink
+    keeps its hottest blocks by moving them below the slots given up), made by every worker
+    before ``host_commands`` and before any of this step's copies."""
+    host_commands: list[tuple[str, int]] = field(default_factory=list)
+    """Host memory pressure (``tiers/host_pressure.py``): ``("release", first_slot)``, no block
+    is left in that slot or above, give the memory back; ``("grow", usable_slots)``, slots
+    below may be used again from this step on. Applied by every worker before this step's
+    copies."""
 
 
 @dataclass

@@ -59,6 +59,7 @@ from tokenvm_vllm.connector.store_planner import StorePlanner
 from tokenvm_vllm.elastic.scheduler_side import SchedulerElastic, blocks_needed
 from tokenvm_vllm.keys import BlockKey, make_block_key, with_group
 from tokenvm_vllm.tiers.disk import disk_slot_count
+from tokenvm_vllm.tiers.host_pressure import HostPressure, file_available
 from tokenvm_vllm.tiers.manager import TierManager
 from tokenvm_vllm.tiers.residency import Tier
 from tokenvm_vllm.transfer.host_pool import host_slots_for, mem_available
@@ -124,6 +125,17 @@ class TokenVMScheduler:
             host_slots,
             disk_slot_count(config.disk_bytes, slot_bytes) if config.disk_path else 0,
             config.policy, remote=bool(config.remote_url))
+        self.pressure: HostPressure | None = None
+        """host_min_available_bytes: shrinks and grows the host tier (``tiers/host_pressure``)."""
+        if config.host_min_available_bytes:
+            self.pressure = HostPressure(
+                self.tiers.host, slot_bytes, 1 if self.store_once else self.num_workers,
+                config.host_min_available_bytes, config.host_regrow_after_s,
+                available=file_available(config.debug_host_available_file)
+                if config.debug_host_available_file else None)
+            logger.info("TokenVM scheduler: host memory given back below %d bytes available "
+                        "(margin %d, floor %d slots)", self.pressure.threshold,
+                        self.pressure.margin, self.pressure.floor_slots)
         self.jobs = JobTable(self.num_workers)
         self._step_remote_lookups: list[RemoteLookup] = []
         self._step_remote_reads: list[RemoteBatch] = []
@@ -393,6 +405,8 @@ class TokenVMScheduler:
             state = self.requests.get(req_id)
             if state is not None:
                 state.block_ids = []
+        # Before planning stores: a shrink's slots take no new block from this step on.
+        host_commands = self.pressure.step() if self.pressure is not None else []
         if self.elastic is not None:
             if (scheduler_output.total_num_scheduled_tokens == 0 and not self.requests
                     and not self.has_pending_work(idle=False)):
@@ -412,7 +426,8 @@ class TokenVMScheduler:
             disk_invalidations=self.tiers.take_freed_disk_slots(),
             remote_lookups=self._step_remote_lookups, remote_reads=self._step_remote_reads,
             remote_writes=remote_writes, host_slots=self.tiers.host.num_slots,
-            elastic_commands=self.elastic.take_commands() if self.elastic is not None else [])
+            elastic_commands=self.elastic.take_commands() if self.elastic is not None else [],
+            host_commands=host_commands, host_moves=self.tiers.host.take_moves())
         self._step_loads = []
         self._step_disk_reads = []
         self._step_remote_lookups = []
@@ -567,13 +582,16 @@ class TokenVMScheduler:
         until the next request; ``build_connector_meta`` paces them, ``IDLE_TICK_S``)."""
         return len(self.jobs) > 0 or self.tiers.has_pending_work() or (
             self.elastic is not None and (self.elastic.shrink_pending or (
-                idle and self.elastic.awaiting_idle_shrink)))
+                idle and self.elastic.awaiting_idle_shrink))) or (
+            self.pressure is not None and self.pressure.pending)
 
     def get_stats(self) -> TokenVMStats | None:
         for name, count in self.tiers.get_stats().items():
             self.stats.add(name, count)
         if self.elastic is not None:
             self.elastic.export(self.stats)
+        if self.pressure is not None:
+            self.pressure.export(self.stats)
         if self.stats.is_empty():
             return None
         stats, self.stats = self.stats, TokenVMStats()

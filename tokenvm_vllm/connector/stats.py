@@ -69,6 +69,12 @@ COUNTERS: dict[str, str] = {
     "elastic_spill_store_blocks": "Elastic GPU KV: blocks a shrink had to store to host first "
                                   "(not there yet)",
     "elastic_failed_maps": "Elastic GPU KV: page-group maps that failed (out of memory)",
+    "host_released_bytes": "Host tier bytes given back to the OS under memory pressure "
+                           "(host_min_available_bytes), all pools",
+    "host_shrinks": "Host tier shrinks under memory pressure",
+    "host_grows": "Host tier grows back after memory pressure eased",
+    "host_shrink_dropped_blocks": "Host blocks dropped because their slot was given back "
+                                  "(copies on disk stay readable)",
     "load_bytes": "Bytes copied host -> GPU",
     "store_bytes": "Bytes copied GPU -> host",
     "load_seconds": "Seconds spent in host -> GPU copies",
@@ -85,6 +91,8 @@ HISTOGRAMS: dict[str, str] = {
 }
 GAUGES: dict[str, str] = {
     "elastic_usable_blocks": "Elastic GPU KV: blocks vLLM may use now (mapped page groups)",
+    "host_usable_bytes": "Host tier bytes per pool usable now (less than host_bytes after a "
+                         "shrink under memory pressure)",
     "elastic_mapped_bytes": "Elastic GPU KV: bytes of mapped page groups (on CPU nothing is "
                             "really mapped: what would be)",
 }

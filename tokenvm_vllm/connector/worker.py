@@ -110,6 +110,15 @@ def make_copy_engine(
     return TorchCopyEngine(layout, kv_caches, pool)
 
 
+def _resident_bytes() -> int:
+    """This process's resident set (/proc/self/statm; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class TokenVMWorker:
     def __init__(
         self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: TokenVMConfig
@@ -149,6 +158,7 @@ class TokenVMWorker:
         """The remote store's availability at the last report (changes go to the scheduler)."""
         self._pool: HostPool | None = None
         self._pinning_started = False
+        self._host_commands_meta: TokenVMConnectorMetadata | None = None
         self._host_slots: int | None = None
         """Host slots the scheduler uses (``TokenVMConnectorMetadata.host_slots``; known at
         start-up for a fixed ``host_bytes``, from the first metadata for 'auto')."""
@@ -418,6 +428,7 @@ class TokenVMWorker:
             # groups mapped here (elastic/protocol.py).
             self.elastic.apply(meta.elastic_commands)
         self._adopt_host_slots(meta.host_slots)
+        self._apply_host_commands(meta)
         if not self.writer:
             self._skip_tier_jobs(meta)
         else:
@@ -602,8 +613,34 @@ class TokenVMWorker:
             if self.writer:  # every rank mapped the shared pool before the first step
                 self._unlink_shared_pool()
 
+    def _apply_host_commands(self, meta: TokenVMConnectorMetadata) -> None:
+        """Memory pressure (``tiers/host_pressure.py``): release or regrow the pool's top
+        slots, once per metadata, before any of the step's copies. The scheduler sends a
+        release only once no block (and so no copy) is left in those slots."""
+        if not (meta.host_commands or meta.host_moves) or meta is self._host_commands_meta or (
+                self._pool is None):
+            return
+        self._host_commands_meta = meta
+        if meta.host_moves and (self.writer or not self.store_once):
+            # (a shared pool: rank 0 moves the one copy; the ranks' steps run in lock step)
+            self._pool.move([src for src, _ in meta.host_moves],
+                            [dst for _, dst in meta.host_moves])
+        for op, slot in meta.host_commands:
+            if op == "release":
+                rss = _resident_bytes()
+                given = self._pool.release(slot, self._host_slots)
+                logger.info("TokenVM worker: host pool slots %d.. given back (%.1f MiB of "
+                            "address range returned to the OS; this process's resident set "
+                            "%.1f -> %.1f MiB)", slot, given / 2**20, rss / 2**20,
+                            _resident_bytes() / 2**20)
+            elif op == "grow":
+                self._pool.regrow(slot)
+            else:
+                raise ValueError(f"tokenvm: unknown host pool command {op!r}")
+
     def start_store(self, meta: TokenVMConnectorMetadata) -> None:
         self._adopt_host_slots(meta.host_slots)
+        self._apply_host_commands(meta)
         if meta.store is not None:
             assert self.engines, "a store planned before the KV cache was registered"
             if self.writer:

@@ -71,6 +71,11 @@ class ResidencyIndex:
             del self._entries[key]
         return residency
 
+    def residents(self, tier: Tier) -> list[tuple[BlockKey, Residency]]:
+        """Every (key, residency) of ``tier``, in any state (a scan: for rare callers)."""
+        return [(key, placements[tier]) for key, placements in self._entries.items()
+                if tier in placements]
+
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 

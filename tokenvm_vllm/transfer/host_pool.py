@@ -179,6 +179,9 @@ class LazyPinner:
         """The background thread's failure, if it stopped on one."""
         self.done = threading.Event()
         """Set when the chunks up to ``start``'s limit are registered (or the thread stopped)."""
+        self._ceiling = self.num_chunks
+        """Chunks from here up were given back (``release``): registered by nobody until
+        ``regrow`` raises it again."""
 
     def chunk_range(self, start: int, stop: int) -> range:
         """Chunks covering bytes ``[start, stop)`` of the range."""
@@ -256,6 +259,36 @@ class LazyPinner:
                 logger.warning("TokenVM: unregistering %s chunk %d failed: %s",
                                self.name, chunk, err)
 
+    def release(self, first_chunk: int) -> int:
+        """Give back chunks ``first_chunk`` and up: unregister those registered (waiting for
+        one being registered) and register none of them again until ``regrow``. The caller
+        guarantees no copy uses them. Returns how many chunks were unregistered."""
+        with self._cond:
+            self._ceiling = min(self._ceiling, max(0, first_chunk))
+            while self._BUSY in self._state[first_chunk:]:
+                self._cond.wait()
+            done = [k for k in range(first_chunk, self.num_chunks)
+                    if self._state[k] == self._DONE]
+            for chunk in done:
+                self._state[chunk] = self._TODO
+            self._prefix = min(self._prefix, first_chunk)
+        for chunk in done:
+            self._unregister(self.address + chunk * self.chunk_bytes)
+        return len(done)
+
+    def regrow(self, stop_chunk: int) -> None:
+        """Chunks below ``stop_chunk`` may be registered again; if background pinning was
+        started, a paced thread registers those of them below its limit (copies meanwhile
+        register what they need, as at start-up)."""
+        with self._cond:
+            first = self._ceiling
+            self._ceiling = max(self._ceiling, min(stop_chunk, self.num_chunks))
+            if self._closed or self._thread is None or first >= min(self._limit, self._ceiling):
+                return
+            chunks = range(first, min(self._limit, self._ceiling))
+        threading.Thread(target=self._run, args=(chunks, True), name="tokenvm-repin",
+                         daemon=True).start()
+
     def _pin(self, chunk: int, background: bool) -> bool:
         """Register ``chunk`` unless it is (or is being) registered; returns whether this call
         registered it. Raises what ``register`` raised (the chunk stays unregistered)."""
@@ -264,6 +297,11 @@ class LazyPinner:
                 self._cond.wait()
             if self._state[chunk] == self._DONE:
                 return False
+            if chunk >= self._ceiling:
+                if background:
+                    return False
+                raise RuntimeError(f"tokenvm: chunk {chunk} of the {self.name} was given back "
+                                   "under memory pressure; no copy may use it until it regrows")
             if self._closed:
                 if background:
                     return False
@@ -287,7 +325,22 @@ class LazyPinner:
                 self._cond.notify_all()
         return True
 
-    def _run(self) -> None:
+    def _run(self, chunks: range | None = None, regrow: bool = False) -> None:
+        if regrow:  # a regrown range: paced like start-up, no "fully pinned" bookkeeping
+            assert chunks is not None
+            try:
+                for chunk in chunks:
+                    began = time.perf_counter()
+                    if self._closed:
+                        return
+                    if self._pin(chunk, background=True) and self.duty < 1:
+                        idle = (time.perf_counter() - began) * (1 / self.duty - 1)
+                        with self._cond:
+                            self._cond.wait_for(lambda: self._closed, timeout=idle)
+            except Exception as err:
+                logger.error("TokenVM: re-pinning the regrown %s stopped: %s; copies pin what "
+                             "they need themselves", self.name, err)
+            return
         try:
             for chunk in range(self._limit):
                 if self._closed:
@@ -352,6 +405,8 @@ class HostPool:
         self.pinned = pin
         self.pinner: LazyPinner | None = None
         self._mmap: mmap.mmap | None = None
+        self.shared = shared_path is not None
+        self._warned_eager = False
         if reserve and pin and not lazy:
             raise ValueError("tokenvm: a reserved (host_bytes='auto') pool can only be pinned "
                              "lazily")
@@ -435,10 +490,63 @@ class HostPool:
         """Whether background pinning has finished (True at once when not lazily pinned)."""
         return self.pinner is None or self.pinner.wait(timeout)
 
+    def release(self, first_slot: int, stop_slot: int | None = None) -> int:
+        """Give the memory under slots ``first_slot`` and up back to the OS; returns the bytes
+        of address range given back: from the first boundary at or above the slot's start of
+        a page, or, lazily pinned, of a registration chunk (``CHUNK_BYTES`` geometry: a chunk
+        that also holds a slot in use stays registered and resident). The caller (the
+        scheduler's command, ``connector/worker.py``) guarantees that no copy uses those slots
+        until ``regrow``.
+
+        Lazily pinned: the chunks are unregistered first (pinned pages cannot be dropped),
+        then dropped: ``MADV_DONTNEED`` on private memory (they read as zeros afterwards and
+        cost RAM again only once written), ``MADV_REMOVE`` on a shared pool (frees the /dev/shm
+        pages for every rank). An eagerly pinned pool (``cudaHostAlloc``) cannot give memory
+        back: 0, and the slots are only left unused. ``stop_slot``: the slots in use end
+        there (a reserved 'auto' pool is larger); the range above holds no RAM anyway."""
+        if self._mmap is None:
+            if not self._warned_eager:
+                self._warned_eager = True
+                logger.warning("TokenVM host pool: pinned eagerly (pin_mode: eager), so memory "
+                               "cannot be given back under pressure, only left unused; set "
+                               "pin_mode: lazy")
+            return 0
+        # Pinned lazily: whole registration chunks (a registration cannot be split); else pages.
+        chunk = self.pinner.chunk_bytes if self.pinner is not None else mmap.PAGESIZE
+        first_chunk = -(-(first_slot * self.slot_bytes) // chunk)
+        start = first_chunk * chunk
+        stop = self.nbytes if stop_slot is None else min(
+            self.nbytes, _page_round(stop_slot * self.slot_bytes))
+        if start >= stop:
+            return 0
+        if self.pinner is not None:
+            self.pinner.release(first_chunk)
+        advice = mmap.MADV_REMOVE if self.shared else mmap.MADV_DONTNEED
+        self._mmap.madvise(advice, start, stop - start)
+        return stop - start
+
+    def move(self, sources: list[int], targets: list[int]) -> None:
+        """Copy slot ``sources[i]`` to ``targets[i]`` (disjoint sets: a shrink moves blocks
+        from the slots it gives up into free kept ones; no copy in flight uses either)."""
+        self.ensure_pinned(targets)  # a CUDA copy may read them right after
+        index = torch.tensor(targets, dtype=torch.long)
+        self.buffer[index] = self.buffer[torch.tensor(sources, dtype=torch.long)]
+
+    def regrow(self, stop_slot: int) -> None:
+        """Slots below ``stop_slot`` may be used again: their chunks may be registered again
+        (in the background, paced, if background pinning ran; else on demand by copies).
+        Their pages cost RAM again only as blocks are written."""
+        if self.pinner is not None:
+            self.pinner.regrow(-(-(stop_slot * self.slot_bytes) // self.pinner.chunk_bytes))
+
     def close(self) -> None:
         """Unregister what was pinned (the memory stays valid until the pool is dropped)."""
         if self.pinner is not None:
             self.pinner.close()
+
+
+def _page_round(nbytes: int) -> int:
+    return -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 def _unpin_then_release(pinner: LazyPinner, memory: mmap.mmap | None) -> None:
