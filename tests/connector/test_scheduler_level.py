@@ -316,15 +316,19 @@ def revisit_steps(h: Harness, seed: int) -> int:
     return h.steps - before
 
 
-def test_layerwise_load_runs_the_request_in_its_lookup_step(make_harness):
+@pytest.mark.parametrize("mode", ["layerwise", "sync"])
+def test_in_step_load_runs_the_request_in_its_lookup_step(make_harness, mode):
+    """layerwise and sync: no step spent parked while the copy runs; only layerwise needs the
+    per-layer hooks (sync makes the forward wait once, before it starts)."""
     parked = make_harness(num_gpu_blocks=24)
-    layerwise = make_harness(num_gpu_blocks=24, extra_config=LAYERWISE)
+    in_step = make_harness(num_gpu_blocks=24, extra_config={"load_mode": mode})
     parked_steps = revisit_steps(parked, seed=40)
-    layerwise_steps = revisit_steps(layerwise, seed=40)
-    assert layerwise.stats["loaded_blocks"] == parked.stats["loaded_blocks"] == 8
-    assert layerwise_steps == parked_steps - 1  # no step spent parked while the copy runs
-    assert layerwise.worker.worker.layer_hooks is True
-    assert len(layerwise.scheduler.connector.scheduler.jobs) == 0
+    in_step_steps = revisit_steps(in_step, seed=40)
+    assert in_step.stats["loaded_blocks"] == parked.stats["loaded_blocks"] == 8
+    assert in_step_steps == parked_steps - 1
+    assert bool(in_step.worker.worker.layer_hooks) is (mode == "layerwise")
+    assert in_step.stats.get("sync_loaded_blocks", 0) == (8 if mode == "sync" else 0)
+    assert len(in_step.scheduler.connector.scheduler.jobs) == 0
 
 
 def test_layerwise_loads_with_lagging_copies_stay_exact(make_harness):

@@ -57,18 +57,6 @@ def host_keys(h: Harness, req_id: str, blocks: int) -> list[Any]:
     return scheduler.block_keys(scheduler.requests[req_id], 0, blocks)
 
 
-def test_sync_load_runs_the_request_in_its_lookup_step(make_harness):
-    parked = make_harness(num_gpu_blocks=24)
-    sync = make_harness(num_gpu_blocks=24, extra_config=SYNC)
-    parked_steps = revisit_steps(parked, seed=40)
-    sync_steps = revisit_steps(sync, seed=40)
-    assert sync.stats["loaded_blocks"] == parked.stats["loaded_blocks"] == 8
-    assert sync.stats["sync_loaded_blocks"] == 8
-    assert sync_steps == parked_steps - 1  # no step spent parked while the copy runs
-    assert sync.stats.get("layerwise_loaded_blocks", 0) == 0  # no per-layer waits involved
-    assert len(sync.scheduler.connector.scheduler.jobs) == 0
-
-
 def test_sync_load_is_pinned_until_its_job_finishes(make_harness):
     """The request computes in its lookup step, while its load job stays in flight: the host
     blocks it reads stay pinned (an eviction keeps them) until the job is reported done."""

@@ -2,11 +2,13 @@
 
 The tiny Llama has random std-0.02 weights (not vLLM's dummy loader), so outputs depend on the
 whole context and a wrong KV block changes them: ``test_corrupted_loads_change_outputs`` proves
-the comparison can fail. Each engine runs in its own process (``run_in_subprocess``).
+the comparison can fail. Each engine runs in its own process (``run_in_subprocess``). Every
+load mode (async, layer-wise, sync) shares the one baseline.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,10 +41,16 @@ def runs(tmp_path_factory, engine_settings) -> dict:
         "layerwise": replace(base, connector="tokenvm", extra_config={"load_mode": "layerwise"}),
         "layerwise_fail": replace(base, connector="tokenvm", extra_config={
             "load_mode": "layerwise", "debug_fail_load_every": 2, "testing": True}),
+        # trace: the scheduler's events show when each loading request first ran
+        "sync": replace(base, connector="tokenvm",
+                        extra_config={"load_mode": "sync", "trace": True}),
+        "sync_fail": replace(base, connector="tokenvm", extra_config={
+            "load_mode": "sync", "debug_fail_load_every": 2, "testing": True}),
     }
     runs = {name: run_in_subprocess(settings, WORKLOAD, Path(tmp / f"{name}.json"))
             for name, settings in configs.items()}
     runs["tokenvm"]["log"] = (tmp / "tokenvm.log").read_text()
+    runs["sync"]["log"] = (tmp / "sync.log").read_text()
     return runs
 
 
@@ -117,3 +125,48 @@ def test_trace_gives_every_async_load_its_timeline(runs):
     summary = summarize(timeline)
     assert summary["step_interval_ms"]["n"] > 0
     assert summary["lookup->scheduled"]["n"] == len(timeline.loads)
+
+
+# -- load_mode="sync": loads run in the lookup step (never parked) --------------------------
+
+SYNC_TRACE = re.compile(
+    r"TokenVM trace (\d+\.\d+) (lookup|load-finished|scheduled-new) .*req=(\S+)")
+
+
+def test_sync_loads_are_exact(runs):
+    counters = runs["sync"]["counters"]
+    assert counters["tokenvm:sync_loaded_blocks"] > 100
+    assert counters["tokenvm:sync_loaded_blocks"] == counters["tokenvm:loaded_blocks"]
+    assert counters["vllm:prompt_tokens_by_source[external_kv_transfer]"] > 0
+    assert differing(runs["sync"]["outputs"], runs["baseline"]["outputs"]) == 0
+
+
+def test_sync_loads_run_their_request_before_the_copy_is_reported(runs):
+    """Not parked: each loading request's first tokens are scheduled in its lookup's step, so
+    before the scheduler hears that the load finished (an async load comes after it)."""
+    lookup: dict[str, float] = {}
+    scheduled: dict[str, float] = {}
+    loads = 0
+    for line in runs["sync"]["log"].splitlines():
+        match = SYNC_TRACE.search(line)
+        if match is None:
+            continue
+        t, event, req = float(match.group(1)), match.group(2), match.group(3)
+        if event == "lookup":
+            lookup[req] = t
+            scheduled.pop(req, None)
+        elif event == "scheduled-new":
+            scheduled.setdefault(req, t)
+        else:  # load-finished
+            loads += 1
+            assert req in scheduled and lookup[req] <= scheduled[req] <= t, req
+    assert loads > 0
+
+
+def test_failed_sync_loads_are_recomputed_exactly(runs):
+    """A failed load is reported after the forward that read its blocks: vLLM must discard
+    that step's work on them and recompute."""
+    counters = runs["sync_fail"]["counters"]
+    assert counters["tokenvm:failed_load_blocks"] > 0
+    assert counters["tokenvm:loaded_blocks"] > counters["tokenvm:failed_load_blocks"]
+    assert differing(runs["sync_fail"]["outputs"], runs["baseline"]["outputs"]) == 0
