@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from enum import Enum
@@ -442,8 +443,11 @@ class DebugKnobWarning:
         self._thread: threading.Thread | None = None
         if self.knobs:
             self._warn()
-            self._thread = threading.Thread(target=self._run, name="tokenvm-debug-warning",
-                                             daemon=True)
+            # The thread holds only a weak reference: it ends with its owner (a connector that
+            # was dropped without ``stop``), not with the process.
+            self._thread = threading.Thread(
+                target=_remind, args=(weakref.ref(self), self._stop, interval_s),
+                name="tokenvm-debug-warning", daemon=True)
             self._thread.start()
 
     def _warn(self) -> None:
@@ -451,12 +455,18 @@ class DebugKnobWarning:
             "TokenVM: debug knob(s) %s are ON: loads or disk I/O fail, corrupt or stall on "
             "purpose (testing only; unset them and 'testing' for real use)", ", ".join(self.knobs))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._warn()
-
     def stop(self) -> None:
         self._stop.set()
+
+
+def _remind(owner: weakref.ref[DebugKnobWarning], stop: threading.Event,
+            interval_s: float) -> None:
+    while not stop.wait(interval_s):
+        warning = owner()
+        if warning is None:
+            return
+        warning._warn()
+        del warning
 
 
 def check_host_memory(host_bytes: int | str, workers: int = 1, pin: bool = False) -> None:

@@ -75,6 +75,21 @@ def test_debug_knob_warning_repeats_until_stopped(caplog):
         assert sum("debug_fail_load_every=4" in r.getMessage() for r in caplog.records) == count
 
 
+def test_debug_knob_warning_ends_with_its_owner():
+    """A connector dropped without ``stop`` (tests, a failed start-up) takes its reminder thread
+    with it: it must not go on logging into later work (it did, into another test's checks)."""
+    import gc
+
+    config = load_config({"debug_fail_load_every": 4, "testing": True}, environ={})
+    nag = cfg.DebugKnobWarning(config, interval_s=0.02)
+    thread = nag._thread
+    assert thread is not None and thread.is_alive()
+    del nag
+    gc.collect()
+    thread.join(timeout=2)
+    assert not thread.is_alive()
+
+
 def test_no_debug_warning_without_knobs(caplog):
     with caplog.at_level(logging.WARNING, logger="vllm.tokenvm"):
         nag = cfg.DebugKnobWarning(load_config({}, environ={}), interval_s=0.01)

@@ -147,7 +147,10 @@ def test_down_at_start_up_then_back(tmp_path: object, caplog: pytest.LogCaptureF
                 assert store.put(keys(4), payloads(4)).result(5) == [True] * 4
             finally:
                 server.stop()
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    # the store's own warnings (another test's engine may still log on this logger, e.g. the
+    # debug-knob reminder thread every minute: seen in CI)
+    warnings = [r for r in caplog.records
+                if r.levelno == logging.WARNING and r.pathname.endswith("remote/store.py")]
     assert len(warnings) == 1 and "serving without the remote tier" in warnings[0].message
     assert "reachable again" in caplog.text
 
