@@ -408,7 +408,8 @@ class TokenVMScheduler:
         # Before planning stores: a shrink's slots take no new block from this step on.
         host_commands = self.pressure.step() if self.pressure is not None else []
         if self.elastic is not None:
-            if (scheduler_output.total_num_scheduled_tokens == 0 and not self.requests
+            if (self.elastic.awaiting_idle_shrink and not self.requests
+                    and scheduler_output.total_num_scheduled_tokens == 0
                     and not self.has_pending_work(idle=False)):
                 time.sleep(IDLE_TICK_S)  # an empty step only to wait out the idle period
             self.elastic.end_of_schedule()  # may hand blocks to the planner's spill list
