@@ -64,13 +64,12 @@ class SchedulerElastic:
         self.mapper.take()
         self.max_step_blocks = max_step_blocks
         self.clock = clock
-        self._ceiling_checked_at = float("-inf")
+        self._polled_at = float("-inf")
         self._ceiling_file_seen: tuple[int, int] | None = None
         self._ceiling_setting = self.pool.groups.ceiling_bytes
         """The ceiling the settings ask for (gpu_kv_ceiling_bytes, then the ceiling file); the
         pool's ceiling is this, lowered while the free-memory target needs it."""
         self._free_probe = free_probe if config.gpu_free_target_bytes else None
-        self._free_checked_at = float("-inf")
         self._free_limited = False
         if config.gpu_free_target_bytes and free_probe is None:
             logger.warning("TokenVM elastic: gpu_free_target_bytes=%d has no effect here (no "
@@ -80,8 +79,7 @@ class SchedulerElastic:
     # -- hook points ------------------------------------------------------------------------
 
     def between_steps(self, demand: int) -> None:
-        self._read_ceiling_file()
-        self._follow_free_memory()
+        self._poll_limits()
         self.pool.maybe_shrink()
         self.pool.grow(demand)
 
@@ -89,8 +87,7 @@ class SchedulerElastic:
         self.pool.grow(demand)
 
     def end_of_schedule(self) -> None:
-        self._read_ceiling_file()
-        self._follow_free_memory()
+        self._poll_limits()
         self.pool.observe()
         self.pool.maybe_shrink()
 
@@ -115,17 +112,24 @@ class SchedulerElastic:
         stats.set("elastic_usable_blocks", self.pool.usable_blocks)
         stats.set("elastic_mapped_bytes", self.pool.mapped_bytes)
 
-    # -- the ceiling file -------------------------------------------------------------------
+    # -- the ceiling: the file and the free-memory target -----------------------------------
+
+    def _poll_limits(self) -> None:
+        """At most once a second: the ceiling file, then the free-memory target on top of it."""
+        now = self.clock()
+        if now < self._polled_at + 1.0:
+            return
+        self._polled_at = now
+        self._read_ceiling_file()
+        self._follow_free_memory()
 
     def _read_ceiling_file(self) -> None:
         """``elastic_ceiling_file``: apply a new ceiling when the file changed (its mtime and
-        size, looked at no more than once a second). A missing file or a bad value keeps the
-        ceiling in force and logs one line, once per change of the file."""
+        size). A missing file or a bad value keeps the ceiling in force and logs one line, once
+        per change of the file."""
         path = self.config.elastic_ceiling_file
-        now = time.monotonic()
-        if not path or now < self._ceiling_checked_at + 1.0:
+        if not path:
             return
-        self._ceiling_checked_at = now
         try:
             stat = os.stat(path)
             seen = (stat.st_mtime_ns, stat.st_size)
@@ -146,24 +150,16 @@ class SchedulerElastic:
                                         self.pool.groups.floor_bytes),
                                     self.pool.groups.total_bytes)
         self.pool.set_ceiling(self._ceiling_setting)
-        self._free_checked_at = float("-inf")  # the free-memory target applies on top of it
-        self._follow_free_memory()
         logger.info("TokenVM elastic: ceiling from %s: %d bytes (%s)", path,
                     self._ceiling_setting, text)
 
-    # -- the free-memory target -------------------------------------------------------------
-
     def _follow_free_memory(self) -> None:
-        """``gpu_free_target_bytes``: at most once a second, lower the pool's ceiling to what
-        leaves that much of the device free (mapped + free - target, never below the floor),
-        or raise it back toward the set ceiling when memory came free. A ceiling below the
-        mapped bytes makes the next ``maybe_shrink`` give idle groups back at once."""
+        """``gpu_free_target_bytes``: lower the pool's ceiling to what leaves that much of the
+        device free (mapped + free - target, never below the floor), or raise it back toward
+        the set ceiling when memory came free. A ceiling below the mapped bytes makes the next
+        ``maybe_shrink`` give idle groups back at once."""
         if self._free_probe is None:
             return
-        now = self.clock()
-        if now < self._free_checked_at + 1.0:
-            return
-        self._free_checked_at = now
         groups = self.pool.groups
         reachable = groups.mapped_bytes + self._free_probe() - self.config.gpu_free_target_bytes
         ceiling = max(groups.floor_bytes, min(self._ceiling_setting, reachable))
