@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from tokenvm_vllm.config import TokenVMConfigError, parse_size
 from tokenvm_vllm.tiers.host_tier import HostTier
-from tokenvm_vllm.transfer.host_pool import CHUNK_BYTES, mem_available
+from tokenvm_vllm.transfer.host_pool import CHUNK_BYTES, mem_available, total_memory
 
 if TYPE_CHECKING:
     from tokenvm_vllm.connector.stats import TokenVMStats
@@ -53,17 +53,6 @@ FLOOR_FRACTION = 0.125
 
 HostCommand = tuple[str, int]
 """``("release", first_slot)`` or ``("grow", usable_slots)``, for every worker's pool."""
-
-
-def total_memory() -> int:
-    """Bytes of RAM on this machine (for a fractional ``host_min_available_bytes``)."""
-    try:
-        import psutil
-    except ImportError:
-        import os
-
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(psutil.virtual_memory().total)
 
 
 def file_available(path: str) -> Callable[[], int]:

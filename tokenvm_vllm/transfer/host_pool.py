@@ -91,6 +91,17 @@ def mem_available() -> tuple[int, str]:
     return int(psutil.virtual_memory().available), "MemAvailable"
 
 
+def total_memory() -> int:
+    """Bytes of RAM on this machine (psutil, as ``mem_available``; else the kernel's count)."""
+    try:
+        import psutil
+    except ImportError:
+        import os
+
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.virtual_memory().total)
+
+
 def host_slots_for(
     host_bytes: int | str, slot_bytes: int, workers: int, available: int | None = None
 ) -> tuple[int, str]:
