@@ -297,7 +297,7 @@ class LazyPinner:
             if self._closed or self._thread is None or first >= min(self._limit, self._ceiling):
                 return
             chunks = range(first, min(self._limit, self._ceiling))
-        threading.Thread(target=self._run, args=(chunks, True), name="tokenvm-repin",
+        threading.Thread(target=self._repin, args=(chunks,), name="tokenvm-repin",
                          daemon=True).start()
 
     def _pin(self, chunk: int, background: bool) -> bool:
@@ -336,33 +336,31 @@ class LazyPinner:
                 self._cond.notify_all()
         return True
 
-    def _run(self, chunks: range | None = None, regrow: bool = False) -> None:
-        if regrow:  # a regrown range: paced like start-up, no "fully pinned" bookkeeping
-            assert chunks is not None
-            try:
-                for chunk in chunks:
-                    began = time.perf_counter()
-                    if self._closed:
-                        return
-                    if self._pin(chunk, background=True) and self.duty < 1:
-                        idle = (time.perf_counter() - began) * (1 / self.duty - 1)
-                        with self._cond:
-                            self._cond.wait_for(lambda: self._closed, timeout=idle)
-            except Exception as err:
-                logger.error("TokenVM: re-pinning the regrown %s stopped: %s; copies pin what "
-                             "they need themselves", self.name, err)
-            return
-        try:
-            for chunk in range(self._limit):
-                if self._closed:
-                    return
-                began = time.perf_counter()
-                if self._pin(chunk, background=True) and self.duty < 1:
-                    # pace: idle (1/duty - 1) times the call's length; close() wakes it
-                    idle = (time.perf_counter() - began) * (1 / self.duty - 1)
-                    with self._cond:
-                        self._cond.wait_for(lambda: self._closed, timeout=idle)
+    def _pin_paced(self, chunks: range) -> bool:
+        """Register ``chunks`` in order, busy at most ``duty`` of the time (each registration is
+        followed by (1/duty - 1) times its length of idle; ``close`` wakes it). False when the
+        pinner was closed meanwhile."""
+        for chunk in chunks:
             if self._closed:
+                return False
+            began = time.perf_counter()
+            if self._pin(chunk, background=True) and self.duty < 1:
+                idle = (time.perf_counter() - began) * (1 / self.duty - 1)
+                with self._cond:
+                    self._cond.wait_for(lambda: self._closed, timeout=idle)
+        return not self._closed
+
+    def _repin(self, chunks: range) -> None:
+        """A regrown range, paced like start-up (no "fully pinned" bookkeeping)."""
+        try:
+            self._pin_paced(chunks)
+        except Exception as err:
+            logger.error("TokenVM: re-pinning the regrown %s stopped: %s; copies pin what "
+                         "they need themselves", self.name, err)
+
+    def _run(self) -> None:
+        try:
+            if not self._pin_paced(range(self._limit)):
                 return
             assert self.started_at is not None
             self.pinned_seconds = time.perf_counter() - self.started_at
