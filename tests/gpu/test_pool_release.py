@@ -9,8 +9,6 @@ Skipped without CUDA (CI has none); ``ci/gpu/run.sh tests`` runs it on the GPU m
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -19,13 +17,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 MIB = 2**20
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def test_release_unregisters_gives_memory_back_and_regrow_serves_dma_again():
-    from tokenvm_vllm.transfer.host_pool import HostPool
+    from tokenvm_vllm.transfer.host_pool import HostPool, resident_bytes
 
     device = torch.cuda.current_device()
     pool = HostPool(256, MIB, pin=True, lazy=True, background=False, device_index=device,
@@ -39,9 +32,9 @@ def test_release_unregisters_gives_memory_back_and_regrow_serves_dma_again():
     gpu.copy_(pool.buffer[200], non_blocking=True)  # DMA from the pinned pool
     torch.cuda.synchronize()
     assert bool((gpu == 7).all())
-    before = rss_bytes()
+    before = resident_bytes()
     given = pool.release(64)
-    after = rss_bytes()
+    after = resident_bytes()
     assert given == 192 * MIB
     assert pinner.registered_chunks == 8  # the kept 64 MiB: 8 chunks still registered
     assert before - after > 150 * MIB, (before, after)

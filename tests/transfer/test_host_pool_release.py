@@ -17,25 +17,19 @@ import pytest
 import torch
 
 from tests.transfer.test_host_pool import Recorder
-from tokenvm_vllm.transfer.host_pool import HostPool
+from tokenvm_vllm.transfer.host_pool import HostPool, resident_bytes
 
 PAGE = mmap.PAGESIZE
 MIB = 2**20
-
-
-def rss_bytes() -> int:
-    """This process's resident set now (/proc/self/statm, second field, in pages)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def test_release_gives_the_memory_back_and_the_slots_read_zeros():
     slot_bytes = 1 * MIB
     pool = HostPool(256, slot_bytes, pin=False)  # 256 MiB, pageable (the CPU platform)
     pool.buffer.fill_(7)  # every page touched: resident
-    before = rss_bytes()
+    before = resident_bytes()
     given = pool.release(64)
-    after = rss_bytes()
+    after = resident_bytes()
     assert given == 192 * MIB
     assert before - after > 150 * MIB, (before, after)  # the RSS really fell
     assert torch.count_nonzero(pool.buffer[64:]) == 0  # released pages read as zeros

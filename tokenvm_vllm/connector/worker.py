@@ -72,7 +72,12 @@ from tokenvm_vllm.tiers.disk import DiskStore
 from tokenvm_vllm.tiers.disk.faults import DiskFaults
 from tokenvm_vllm.transfer.copy_engine import CopyEngine, CopyResult, TorchCopyEngine
 from tokenvm_vllm.transfer.disk_mover import DiskMover
-from tokenvm_vllm.transfer.host_pool import HostPool, auto_slot_bound, num_host_slots
+from tokenvm_vllm.transfer.host_pool import (
+    HostPool,
+    auto_slot_bound,
+    num_host_slots,
+    resident_bytes,
+)
 from tokenvm_vllm.transfer.layout import (
     KVLayout,
     kv_cache_groups,
@@ -108,15 +113,6 @@ def make_copy_engine(
         except ValueError as err:  # a KV layout the Triton mover does not cover
             logger.warning("TokenVM: %s; falling back to the (slow) torch copy engine", err)
     return TorchCopyEngine(layout, kv_caches, pool)
-
-
-def _resident_bytes() -> int:
-    """This process's resident set (/proc/self/statm; 0 where there is none)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class TokenVMWorker:
@@ -627,12 +623,12 @@ class TokenVMWorker:
                             [dst for _, dst in meta.host_moves])
         for op, slot in meta.host_commands:
             if op == "release":
-                rss = _resident_bytes()
+                rss = resident_bytes()
                 given = self._pool.release(slot, self._host_slots)
                 logger.info("TokenVM worker: host pool slots %d.. given back (%.1f MiB of "
                             "address range returned to the OS; this process's resident set "
                             "%.1f -> %.1f MiB)", slot, given / 2**20, rss / 2**20,
-                            _resident_bytes() / 2**20)
+                            resident_bytes() / 2**20)
             elif op == "grow":
                 self._pool.regrow(slot)
             else:

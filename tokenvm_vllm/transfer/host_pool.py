@@ -102,6 +102,16 @@ def total_memory() -> int:
     return int(psutil.virtual_memory().total)
 
 
+def resident_bytes() -> int:
+    """This process's resident set now (/proc/self/statm, second field, in pages; 0 where
+    there is none)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def host_slots_for(
     host_bytes: int | str, slot_bytes: int, workers: int, available: int | None = None
 ) -> tuple[int, str]:
