@@ -41,7 +41,8 @@ class Setup:
     """A fresh vLLM block pool, a host tier, and an ElasticPool over them."""
 
     def __init__(self, floor_groups: int = 2, ceiling_groups: int | None = None,
-                 idle_s: float = 10.0, reserve_blocks: int = 0) -> None:
+                 idle_s: float = 10.0, reserve_blocks: int = 0,
+                 spill_capacity: int | None = None) -> None:
         init_none_hash(sha256)
         self.block_pool = BlockPool(NUM_BLOCKS, enable_caching=True, hash_block_size=BLOCK_SIZE)
         self.tiers = TierManager(host_slots=64, policy="lru")
@@ -54,7 +55,8 @@ class Setup:
             floor_bytes=floor_groups * GROUP_BYTES,
             ceiling_bytes=None if ceiling_groups is None else ceiling_groups * GROUP_BYTES,
             idle_s=idle_s, is_spilled=self.readable, request_store=self.request_store,
-            reserve_blocks=reserve_blocks, clock=self.clock)
+            reserve_blocks=reserve_blocks, clock=self.clock,
+            spill_capacity=None if spill_capacity is None else (lambda: spill_capacity))
         # Spy on vLLM's eviction: every block it drops must already be READABLE in host.
         real_evict = self.block_pool.evict_blocks
 
@@ -180,6 +182,29 @@ def test_shrink_waits_until_cached_blocks_are_readable_in_host():
     assert counters.shrunk_groups == 2 and counters.spilled_blocks == 6
     assert counters.spill_store_blocks == 6 and counters.parked_blocks == 8
     assert [c for c in s.mapper.calls if c[0] == "unmap"] == [("unmap", 1), ("unmap", 2)]
+
+
+def test_a_spill_larger_than_the_tiers_below_keeps_the_most_recent_and_finishes():
+    """A shrink whose cached blocks outnumber what host and disk hold stores only the most
+    recently used that fit and lets vLLM drop the coldest: storing them all would evict its own
+    earlier stores, never finish, and flush the host tier (the H200 long-context run: 14,430
+    blocks, 28 GiB, into a 20 GiB host tier)."""
+    s = Setup(floor_groups=1, idle_s=10, spill_capacity=3)
+    s.pool.grow(demand=10)  # groups 0..2
+    cached = s.cache_prefix(6)  # freed last block first: 4 is the most recently used
+    keys = {b: s.block_pool.blocks[b].block_hash for b in cached}
+    s.pool.observe()
+    s.clock.now += 11
+    assert s.pool.maybe_shrink() == 0
+    assert sorted(b for _, b, _ in s.stored) == [4, 5, 6]  # the hottest three only
+    s.finish_stores()
+    assert s.pool.maybe_shrink() == 2  # done: the dropped three are not waited for
+    assert sorted(s.evicted_while_unreadable) == [7, 8, 9]
+    assert all(s.readable(keys[b]) for b in (4, 5, 6))
+    assert not any(s.tiers.contains(keys[b]) for b in (7, 8, 9))
+    counters = s.pool.take_counters()
+    assert counters.spill_dropped_blocks == 3 and counters.spilled_blocks == 6
+    assert counters.spill_store_blocks == 3
 
 
 def test_no_shrink_while_busy_or_before_idle_s():

@@ -163,6 +163,19 @@ def test_free_memory_target_gives_groups_back_when_another_process_needs_the_dev
     assert h.stats["loaded_blocks"] > 0  # the spilled prefixes came back from host
 
 
+def test_one_empty_step_right_after_start_up_ends_the_warm_up_mapping(make_harness):
+    """The workers map the whole range for vLLM's warm-up and trim it at their first step's
+    metadata; an idle server does not step, so TokenVM asks for exactly one empty step at once
+    (a second server starting on the same GPU needs that memory), then lets the engine sleep."""
+    h, elastic = elastic_harness(make_harness)
+    scheduler = h.connector.scheduler
+    assert scheduler.elastic.warm_up_pending
+    assert h.scheduler.has_requests()  # vLLM's engine steps with no request
+    assert h.run_idle() == 1
+    assert not scheduler.elastic.warm_up_pending and not h.scheduler.has_requests()
+    assert elastic.mapped_bytes == 2048  # the start set: nothing else was asked for
+
+
 def test_an_idle_engine_keeps_stepping_until_the_idle_shrink_is_done(make_harness):
     """No request arrives after the burst: TokenVM keeps vLLM's engine stepping (empty steps,
     paced) through the idle period, so the memory goes back on time, then lets it sleep."""

@@ -62,3 +62,24 @@ def test_first_step_trims_then_commands_map_zeroed_pages_and_free_memory(worker_
     assert kv.mapped == {0} and kv.unmaps == 1
     free_after, _ = torch.cuda.mem_get_info()
     assert free_after - free_mapped >= 2 * 2 * MIB  # the unmap gave the group's pages back
+
+
+def test_a_warm_up_that_does_not_fit_stops_start_up_with_one_line_and_leaves_nothing():
+    """Two servers starting at once on one GPU: the second's warm-up mapping (the whole range)
+    finds too little memory; start-up stops with a line that says what to do, and the pages it
+    had mapped are given back."""
+    from tokenvm_vllm.elastic.page_groups import PageGroupLayout
+    from tokenvm_vllm.elastic.protocol import WorkerKV, initial_groups
+
+    torch.cuda.init()
+    free, _ = torch.cuda.mem_get_info()
+    blocks = (free // (2 * MIB) + 64) * 64  # more 2 MiB page groups than the GPU has free
+    layout = PageGroupLayout([BLOCK], num_blocks=blocks)
+    kv = WorkerKV(layout, initial_groups(layout, 0, None), cuda=True)
+    device = torch.device("cuda", torch.cuda.current_device())
+    with pytest.raises(RuntimeError, match="warm-up needs the whole KV range.*start this server "
+                                           "once the other servers on this GPU have started"):
+        kv.allocate([blocks * BLOCK], device)
+    torch.cuda.synchronize()
+    after, _ = torch.cuda.mem_get_info()
+    assert after >= free - 64 * MIB  # the mapped part went back

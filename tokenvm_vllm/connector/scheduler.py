@@ -457,9 +457,16 @@ class TokenVMScheduler:
         def request_store(pairs: list[tuple[BlockKey, int]]) -> None:
             self.planner.spill.extend(pairs)
 
+        def spill_capacity() -> int:
+            # Three quarters of what host (as far as memory pressure leaves it) and disk hold:
+            # the rest stays for blocks pinned by loads and stores in flight.
+            disk = self.tiers.disk.num_slots if self.tiers.disk is not None else 0
+            return (self.tiers.host.usable_slots + disk) * 3 // 4
+
         return SchedulerElastic(
             block_pool, self._kv_cache_config, self.config, is_spilled=is_spilled,
-            request_store=request_store, reserve_blocks=self._watermark_blocks + len(self.groups),
+            request_store=request_store, spill_capacity=spill_capacity,
+            reserve_blocks=self._watermark_blocks + len(self.groups),
             max_step_blocks=self._max_step_blocks,
             free_probe=(compat.device_free_bytes_probe(self._vllm_config)
                         if self.config.gpu_free_target_bytes else None))
@@ -578,12 +585,14 @@ class TokenVMScheduler:
 
     def has_pending_work(self, idle: bool = True) -> bool:
         """Keep the engine stepping while copies are in flight, so their completions arrive;
-        and, with ``idle``, while elastic mode waits out an idle period to shrink (an idle
+        in elastic mode until the first step after start-up (it ends the workers' warm-up
+        mapping) and, with ``idle``, while it waits out an idle period to shrink (an idle
         vLLM engine does not step: without these empty steps the memory would stay mapped
         until the next request; ``build_connector_meta`` paces them, ``IDLE_TICK_S``)."""
         return len(self.jobs) > 0 or self.tiers.has_pending_work() or (
-            self.elastic is not None and (self.elastic.shrink_pending or (
-                idle and self.elastic.awaiting_idle_shrink))) or (
+            self.elastic is not None and (
+                self.elastic.warm_up_pending or self.elastic.shrink_pending or (
+                    idle and self.elastic.awaiting_idle_shrink))) or (
             self.pressure is not None and self.pressure.pending)
 
     def get_stats(self) -> TokenVMStats | None:

@@ -68,6 +68,8 @@ COUNTERS: dict[str, str] = {
                               "by a shrink, each READABLE in TokenVM's tiers first",
     "elastic_spill_store_blocks": "Elastic GPU KV: blocks a shrink had to store to host first "
                                   "(not there yet)",
+    "elastic_spill_dropped_blocks": "Elastic GPU KV: cached blocks a shrink left unstored "
+                                    "(more than the host and disk tiers hold; the coldest)",
     "elastic_failed_maps": "Elastic GPU KV: page-group maps that failed (out of memory)",
     "host_released_bytes": "Host tier bytes given back to the OS under memory pressure "
                            "(host_min_available_bytes), all pools",

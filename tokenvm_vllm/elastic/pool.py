@@ -82,6 +82,7 @@ class ElasticCounters:
     parked_blocks: int = 0
     spilled_blocks: int = 0
     spill_store_blocks: int = 0
+    spill_dropped_blocks: int = 0
     failed_maps: int = 0
 
 
@@ -148,6 +149,7 @@ class ElasticPool:
         is_spilled: Callable[[Any], bool],
         request_store: Callable[[list[tuple[Any, int]]], None],
         reserve_blocks: int = 0, low_use_fraction: float = 0.25,
+        spill_capacity: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if layout.num_blocks != block_pool.num_gpu_blocks:
@@ -159,12 +161,16 @@ class ElasticPool:
         self.policy = ShrinkPolicy(idle_s, low_use_fraction)
         self.is_spilled = is_spilled
         self.request_store = request_store
+        self.spill_capacity = spill_capacity
         self.reserve_blocks = reserve_blocks
         self.clock = clock
         self.counters = ElasticCounters()
         self.parked: set[int] = set()
         self._pending_spill: set[int] = set()
         """Blocks whose store to host was requested for a shrink and has not been seen done."""
+        self._spill_dropped: set[int] = set()
+        """Cached blocks of the shrink in progress left unstored: more than the tiers below
+        hold (``spill_capacity``); vLLM drops them with the groups."""
         self._spill_attempts = 0
         self._idle_shrink_tried = False
         """An idle-period shrink was tried since the last busy step (see ``awaiting_idle_
@@ -231,6 +237,29 @@ class ElasticPool:
                     self.groups.ceiling_bytes, self.layout.num_groups,
                     self.layout.group_bytes(0), self.layout.page_bytes,
                     len(self.layout.block_bytes), sorted(set(self.layout.block_bytes)))
+
+    def _cap_spill(self, missing: list[tuple[Any, int]], already: int) -> list[tuple[Any, int]]:
+        """Of the shrink's cached blocks not yet in host (``missing``; ``already`` more are),
+        the ones to store: all, unless together they are more than the tiers below hold
+        (``spill_capacity``). Then storing them all would evict this shrink's own earlier
+        stores and never finish, churning the host tier empty of what it held (seen on the
+        H200: a 28 GiB spill into a 20 GiB host tier); so only the most recently used fit, and
+        the coldest are left for vLLM to drop with their groups (``spill_dropped_blocks``)."""
+        if self.spill_capacity is None or not missing:
+            return missing
+        budget = max(0, self.spill_capacity() - already)
+        if len(missing) <= budget:
+            return missing
+        queued = {b for _, b in missing}
+        # vLLM's free queue runs from the next block it evicts (coldest) to the hottest.
+        order = {block.block_id: i for i, block in enumerate(compat.iter_free_blocks(
+            self.block_pool, self.block_pool.get_num_free_blocks())) if block.block_id in queued}
+        ranked = sorted(missing, key=lambda kb: order.get(kb[1], -1), reverse=True)
+        self._spill_dropped.update(b for _, b in ranked[budget:])
+        logger.info("TokenVM elastic: a shrink's %d cached blocks are more than the tiers below "
+                    "hold; keeping the %d most recently used, dropping %d",
+                    len(missing) + already, budget + already, len(missing) - budget)
+        return ranked[:budget]
 
     def _park(self, block_ids: Sequence[int]) -> None:
         """Take free, uncached blocks out of vLLM's circulation (as vLLM does its null block)."""
@@ -314,11 +343,14 @@ class ElasticPool:
             # At the floor, or every group above it has a block in use: try again after another
             # idle period rather than scan every mapped block on every step.
             self._pending_spill.clear()
+            self._spill_dropped.clear()
             self.policy.shrank(now)
             self._idle_shrink_tried = self._idle_shrink_tried or idle
             return 0
-        missing = [(self.block_pool.blocks[b].block_hash, b) for b in plan.spill
-                   if not self.is_spilled(self.block_pool.blocks[b].block_hash)]
+        unstored = [(self.block_pool.blocks[b].block_hash, b) for b in plan.spill
+                    if not self.is_spilled(self.block_pool.blocks[b].block_hash)]
+        missing = self._cap_spill([kb for kb in unstored if kb[1] not in self._spill_dropped],
+                                  already=len(plan.spill) - len(unstored))
         if missing:
             self._spill_attempts += 1
             if self._spill_attempts > MAX_SPILL_ATTEMPTS:
@@ -328,6 +360,7 @@ class ElasticPool:
                                "in %d steps; shrink postponed by %.1fs", len(missing),
                                MAX_SPILL_ATTEMPTS, self.policy.idle_s)
                 self._pending_spill.clear()
+                self._spill_dropped.clear()
                 self._spill_attempts = 0
                 self.policy.shrank(now)
                 self._idle_shrink_tried = self._idle_shrink_tried or idle
@@ -340,6 +373,8 @@ class ElasticPool:
             self._pending_spill.update(b for _, b in missing)
             return 0  # blocks must be READABLE in host before vLLM drops them
         self._pending_spill.clear()
+        self.counters.spill_dropped_blocks += sum(1 for b in plan.spill if b in self._spill_dropped)
+        self._spill_dropped.clear()
         self._spill_attempts = 0
         if plan.spill:
             self.block_pool.evict_blocks(set(plan.spill))

@@ -28,7 +28,9 @@ elastic_commands``). Every worker applies the same list (``WorkerKV.apply``) in
   V1's dummy runs write the null block. The first ``apply`` (the first real step; warm-up runs
   with the connector disabled or bypassed) synchronises the device and unmaps everything
   outside the start set. Start-up thus needs the full KV size for a moment, as vLLM without
-  elastic mode does; the memory is given back before the first request is computed.
+  elastic mode does; the memory is given back in an empty step right after start-up
+  (``SchedulerElastic.warm_up_pending``). Servers sharing a GPU therefore start one after
+  another; a warm-up that finds too little free memory stops start-up with one line saying so.
 
 On CPU (no VMM for vLLM's tensors) the worker keeps the mapped set with a ``RecordingMapper``:
 the protocol, and that no step touches a block on an unmapped group, are checked there.
@@ -49,6 +51,7 @@ from tokenvm_vllm.elastic.page_groups import (
     RecordingMapper,
     VmmMapper,
 )
+from tokenvm_vllm.elastic.vmm import CUDA_ERROR_OUT_OF_MEMORY, CudaDriverError
 
 if TYPE_CHECKING:
     import torch
@@ -160,17 +163,33 @@ class WorkerKV:
             raise ValueError(f"tokenvm elastic: vLLM allocates {len(sizes)} KV tensors, the "
                              f"layout has {len(self.layout.block_bytes)} regions; file a bug")
         index = device.index if device.index is not None else 0
+        import torch
+
         mapper = VmmMapper.allocate(self.layout, index)
         self.mapper = mapper
         self._ranges = list(mapper.ranges)
         self._device = device
         self.mapped = set()
-        import torch
 
         tensors = [rng.as_tensor(torch.int8, (size,)) for rng, size in
                    zip(mapper.ranges, sizes, strict=True)]
-        self._map_all(self.start, zero=False)
-        self.map_all_for_warm_up(zero=False)
+        try:
+            self._map_all(self.start, zero=False)
+            self.map_all_for_warm_up(zero=False)
+        except CudaDriverError as err:
+            if err.code != CUDA_ERROR_OUT_OF_MEMORY:
+                raise
+            total = sum(self.layout.group_bytes(g) for g in range(self.layout.num_groups))
+            free, _ = torch.cuda.mem_get_info(device)
+            mapped, self.mapped = len(self.mapped), set()
+            self.release()  # vLLM gives up start-up; leave no mapping behind in this process
+            raise RuntimeError(
+                f"tokenvm elastic: vLLM's warm-up needs the whole KV range mapped for a moment "
+                f"({total / 2**30:.2f} GiB) and GPU {index} had {free / 2**30:.2f} GiB free "
+                f"after {mapped} of {self.layout.num_groups} page groups; start this "
+                f"server once the other servers on this GPU have started (each gives its "
+                f"warm-up memory back right after start-up), or lower --kv-cache-memory-bytes"
+            ) from err
         for tensor in tensors:  # one memset per tensor rather than one per page
             tensor.zero_()
         torch.cuda.current_stream(device).synchronize()

@@ -13,6 +13,12 @@
 ``take_commands()`` gives the map/unmap commands recorded since the last call, for the step's
 metadata (``protocol.py``). Commands recorded by ``after_meta`` travel with the next step: the
 blocks they make usable can only be handed out by the next ``schedule``.
+
+``warm_up_pending``: the workers keep the whole range mapped from vLLM's warm-up until they apply
+their first step's metadata (``protocol.py``). An idle server does not step, so until then the
+scheduler reports pending work (``has_pending_work``) and the engine runs one empty step right
+after start-up: the warm-up memory goes back before the first request, not at it (a second
+server starting on the same GPU needs it).
 """
 
 from __future__ import annotations
@@ -41,8 +47,10 @@ class SchedulerElastic:
     """Builds the ``ElasticPool`` on vLLM's fresh block pool with a ``CommandMapper`` and runs it.
 
     ``is_spilled(key)``: the key is READABLE in host or disk; ``request_store(pairs)``: store
-    ``(key, block)`` pairs to host in the next store job; ``max_step_blocks``: what one step can
-    allocate at most (caps the map-ahead); ``reserve_blocks``: kept free on top of demand;
+    ``(key, block)`` pairs to host in the next store job; ``spill_capacity()``: how many blocks
+    the tiers below can take (a shrink stores at most that many); ``max_step_blocks``: what one
+    step can allocate at most (caps the map-ahead); ``reserve_blocks``: kept free on top of
+    demand;
     ``free_probe``: the device's free bytes (``compat.device_free_bytes_probe``), which
     ``gpu_free_target_bytes`` needs (None: that setting has no effect)."""
 
@@ -50,6 +58,7 @@ class SchedulerElastic:
                  is_spilled: Callable[[Any], bool],
                  request_store: Callable[[list[tuple[Any, int]]], None],
                  reserve_blocks: int, max_step_blocks: int,
+                 spill_capacity: Callable[[], int] | None = None,
                  free_probe: Callable[[], int] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -58,10 +67,13 @@ class SchedulerElastic:
             block_pool, layout_for(kv_cache_config, config.elastic_page_bytes), self.mapper,
             floor_bytes=config.gpu_kv_floor_bytes,
             ceiling_bytes=config.gpu_kv_ceiling_bytes or None, idle_s=config.shrink_idle_s,
-            is_spilled=is_spilled, request_store=request_store, reserve_blocks=reserve_blocks)
+            is_spilled=is_spilled, request_store=request_store, reserve_blocks=reserve_blocks,
+            spill_capacity=spill_capacity)
         # The start set: every worker maps it itself when it allocates the KV tensors
         # (protocol.initial_groups), before warm-up runs touch the null block.
         self.mapper.take()
+        self.warm_up_pending = True
+        """No step's metadata has gone out yet: the workers still hold the warm-up mapping."""
         self.max_step_blocks = max_step_blocks
         self.clock = clock
         self._polled_at = float("-inf")
@@ -95,6 +107,8 @@ class SchedulerElastic:
         self.pool.grow(min(self.max_step_blocks, demand))
 
     def take_commands(self) -> list[Command]:
+        """The commands for this step's metadata; the first call ends the warm-up mapping."""
+        self.warm_up_pending = False
         return self.mapper.take()
 
     @property
