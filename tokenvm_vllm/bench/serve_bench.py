@@ -445,20 +445,27 @@ def memory_report(results: dict[str, dict[str, Any]]) -> None:
 
 
 def wave_report(waves: dict[str, dict[str, Any]]) -> None:
-    """The ``wave`` workload's memory table: mean mapped KV and GPU memory per burst, and what
-    was held at the end of the idle period and right after the shrink."""
-    print(f"\n{'wave':44} {'mapped mean w1':>14} {'end of idle':>12} {'after shrink':>12} "
-          f"{'mapped mean w2':>14} {'GPU MiB w1':>10} {'idle end':>9} {'after':>9}")
+    """The ``wave`` workload's memory table: mean KV held and GPU memory per burst, and what
+    was held at the end of the idle period and right after the shrink (an elastic pool: its
+    mapped bytes; a fixed pool: its size, ``--kv-gib``, all the time)."""
+    print(f"\n{'wave':44} {'KV mean w1':>14} {'end of idle':>12} {'after shrink':>12} "
+          f"{'KV mean w2':>14} {'GPU MiB w1':>10} {'idle end':>9} {'after':>9}")
     for name, data in waves.items():
         s = data["wave"]["summary"]
         held, after = s["held_end_of_idle"] or {}, s["held_after_shrink"] or {}
+        kv_gib = data.get("settings", {}).get("kv_gib")
+        fixed = None if any(s[phase]["mapped_bytes"]["peak"] for phase in wave.PHASES) \
+            or kv_gib is None else float(kv_gib) * 2**30  # (the gauge reads 0 without elastic)
+
+        def kv(value: float | None, fixed: float | None = fixed) -> str:
+            return _mib(value if fixed is None else fixed)
 
         def mib(value: float | None) -> str:
             return "-" if value is None else f"{value:.0f}"
 
-        print(f"{name[:44]:44} {_mib(s['wave1']['mapped_bytes']['mean']):>14} "
-              f"{_mib(held.get('mapped_bytes')):>12} {_mib(after.get('mapped_bytes')):>12} "
-              f"{_mib(s['wave2']['mapped_bytes']['mean']):>14} "
+        print(f"{name[:44]:44} {kv(s['wave1']['mapped_bytes']['mean']):>14} "
+              f"{kv(held.get('mapped_bytes')):>12} {kv(after.get('mapped_bytes')):>12} "
+              f"{kv(s['wave2']['mapped_bytes']['mean']):>14} "
               f"{mib(s['wave1']['gpu_used_mib']['mean']):>10} "
               f"{mib(held.get('gpu_used_mib')):>9} {mib(after.get('gpu_used_mib')):>9}")
 

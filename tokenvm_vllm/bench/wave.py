@@ -111,7 +111,8 @@ def poke(server: ApiServer) -> None:
 
 
 def plot(results: dict[str, dict[str, Any]], png: Path) -> None:
-    """Mapped KV bytes (elastic) and GPU memory used over time, one line per configuration."""
+    """KV bytes held (elastic: mapped; a fixed pool: its size, the settings' ``kv_gib``) and
+    GPU memory used over time, one line per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,11 +125,14 @@ def plot(results: dict[str, dict[str, Any]], png: Path) -> None:
             continue
         t0 = samples[0][0]
         times = [s[0] - t0 for s in samples]
-        if any(s[2] is not None for s in samples):
+        kv_gib = data.get("settings", {}).get("kv_gib")
+        if any(s[2] for s in samples):
             top.plot(times, [(s[2] or 0) / 2**30 for s in samples], label=name[:40])
+        elif kv_gib is not None:  # (the mapped-bytes gauge reads 0 without elastic mode)
+            top.plot(times, [float(kv_gib)] * len(times), label=f"{name[:32]} (fixed)")
         if any(s[3] is not None for s in samples):
             bottom.plot(times, [(s[3] or 0) / 1024 for s in samples], label=name[:40])
-    top.set_ylabel("mapped KV (GiB, elastic)")
+    top.set_ylabel("KV held (GiB)")
     bottom.set_ylabel("GPU memory used (GiB)")
     bottom.set_xlabel("seconds (wave1, idle, wave2)")
     for ax in (top, bottom):
