@@ -40,6 +40,24 @@ def test_revisit_loads_from_host_and_kv_is_exact(make_harness):
     assert len(h.histograms["store_job_seconds"]) >= 2
 
 
+def test_a_prefix_another_request_is_loading_is_waited_for_not_loaded_twice(make_harness):
+    """Two requests with one host-resident prefix arrive together: the second waits for the
+    first's load and then hits vLLM's own cache (as vLLM native does), instead of a second
+    copy of the same blocks into a second set of GPU blocks."""
+    h = make_harness(num_gpu_blocks=32)
+    first, a, b = prompts(3, prefix_blocks=8, suffix=5, seed=21)
+    h.add(first)
+    h.run()
+    evict_everything(h, seed=22)
+    ids = [h.add(a), h.add(b)]
+    h.run()  # the fake forward checks every KV position both requests read
+    assert h.stats["loaded_blocks"] == 8  # not 16
+    assert h.stats["lookup_deferred_loading"] >= 1
+    assert len(h.histograms["load_job_seconds"]) == 1
+    assert all(len(h.outputs[i]) == 4 for i in ids)
+    assert not h.connector.scheduler._loading  # nothing left marked as loading
+
+
 def test_local_hit_is_not_loaded_again(make_harness):
     h = make_harness(num_gpu_blocks=64)
     a, b = prompts(2, prefix_blocks=4, suffix=5, seed=3)
