@@ -80,12 +80,12 @@ def test_counters_from_prometheus_text() -> None:
 
 
 def write_result(directory: Path, config: str, runner: str, tok_s: float, ttft: float,
-                 computed: float) -> None:
+                 computed: float, round_no: int = 1) -> None:
     client = {"total_token_throughput": tok_s, "median_ttft_ms": ttft, "p99_ttft_ms": 2 * ttft,
               "mean_tpot_ms": 10.0}
     workload = {"client": client, "counters": {"prompt_tokens[local_compute]": computed}}
-    (directory / f"{config}.json").write_text(json.dumps(
-        {"config": config, "runner": runner, "workloads": {"p8": workload}}))
+    (directory / f"{config}{serve_bench.round_suffix(round_no)}.json").write_text(json.dumps(
+        {"config": config, "round": round_no, "runner": runner, "workloads": {"p8": workload}}))
 
 
 def test_report_ratios_against_native_same_runner_best_native_and_floor(tmp_path: Path) -> None:
@@ -102,3 +102,24 @@ def test_report_ratios_against_native_same_runner_best_native_and_floor(tmp_path
     assert mine["x_base"] == pytest.approx(0.6)  # against the floor
     assert mine["ttft_x_native_same"] == pytest.approx(0.8)
     assert mine["x_min_computed"] == pytest.approx(1.1)  # minimum: 2 x 100 + 10 x 10
+
+
+def test_rounds_report_the_median_and_the_spread(tmp_path: Path) -> None:
+    """``--rounds 3``: each configuration's three interleaved runs come back as one row of
+    medians, with the throughput's spread, and the ratios are taken between the medians."""
+    for round_no, (native, mine) in enumerate([(100.0, 90.0), (80.0, 120.0), (90.0, 110.0)], 1):
+        write_result(tmp_path, "native_v2", "V2", native, 100.0, 300.0, round_no)
+        write_result(tmp_path, "tokenvm_v2", "V2", mine, 50.0 * round_no, 300.0, round_no)
+    results = serve_bench.load_results([tmp_path])
+    assert set(results) == {"native_v2", "tokenvm_v2"}
+    rows = {r["config"]: r for r in report(results)}
+    mine = rows["tokenvm_v2"]
+    assert mine["tok_s"] == 110.0 and mine["ttft_p50"] == 100.0  # medians, not round 1
+    assert mine["rounds"] == 3 and mine["spread"] == pytest.approx(30 / 110)
+    assert mine["x_native_same"] == pytest.approx(110 / 90)
+    assert rows["native_v2"]["spread"] == pytest.approx(20 / 90)
+
+
+def test_rounds_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--rounds 0: give 1 or more"):
+        serve_bench.main(["run", "--model", "m", "--out", str(tmp_path), "--rounds", "0"])

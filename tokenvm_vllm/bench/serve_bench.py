@@ -34,6 +34,11 @@ with mapped KV bytes and GPU memory sampled meanwhile (``serve_wave.png``); ``lo
 arrivals (``--long-rate``), with KV memory sampled (needs ``--max-model-len`` above
 ``--long-len``). Each workload has its own seed, so no workload reuses another's prefixes.
 
+``--rounds N`` runs every configuration N times, interleaved (all configurations, then all
+again): the report gives the median of each client number and the throughput's spread
+((max - min) / median), so a difference can be told from the run-to-run noise (5-10% between
+single runs on the H200).
+
 Ratios in the report: against native on the same runner, against the best native, against the
 floor (P workloads) and against no offload (``random``). Absolute times mean something only on
 the GPU machine.
@@ -219,10 +224,11 @@ def wait_remote_settled(url: str, quiet_s: float = 5, limit_s: float = 180) -> i
     return keys
 
 
-def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path,
+               round_no: int = 1) -> dict[str, Any]:
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9_.@-]+", "-", config.name)
+    slug = re.sub(r"[^A-Za-z0-9_.@-]+", "-", config.name) + round_suffix(round_no)
     args = ["--dtype", opts.dtype, "--max-num-seqs", str(opts.max_num_seqs), "--max-model-len",
             str(opts.max_model_len), *config.args, *opts.server_arg]
     if opts.dummy:
@@ -230,7 +236,7 @@ def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path) ->
     # PYTHONHASHSEED: the same block hashes in every server (servers sharing a Redis need it)
     env = {"PYTHONHASHSEED": "0", **config.env}
     server = ApiServer(opts.model, args, logs / f"{slug}.server.log", port=opts.port, env=env)
-    result: dict[str, Any] = {"config": config.name, "runner": config.runner,
+    result: dict[str, Any] = {"config": config.name, "round": round_no, "runner": config.runner,
                               "tensor_parallel_size": opts.tensor_parallel_size,
                               "server_cmd": server.cmd, "env": config.env, "workloads": {}}
     try:
@@ -345,16 +351,29 @@ def add_load_timelines(result: dict[str, Any], server_log: Path) -> None:
         progress(f"{result['config']}: {workload} load timeline, p50 ms: {gaps or 'no loads'}")
 
 
+def round_suffix(round_no: int) -> str:
+    """File-name suffix of a round's results and logs: none for the first (as without
+    ``--rounds``), ``.r2``, ``.r3`` ... after it."""
+    return "" if round_no == 1 else f".r{round_no}"
+
+
 def progress(text: str) -> None:
     print(f"[serve_bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 # -- report ------------------------------------------------------------------------------------
 
+ROUND_METRICS = ("total_token_throughput", "request_throughput", "median_ttft_ms",
+                 "p99_ttft_ms", "mean_tpot_ms")
+"""The client's numbers a configuration run in several rounds reports as their median."""
+
+
 def load_results(dirs: list[Path]) -> dict[str, dict[str, Any]]:
     """Every configuration's results in ``dirs`` (a later directory wins), each with the run's
-    ``settings`` attached."""
-    results: dict[str, dict[str, Any]] = {}
+    ``settings`` attached. A configuration run in several rounds (``--rounds``) comes back as
+    one, its client numbers (``ROUND_METRICS``) the median over the rounds, and per workload
+    ``rounds`` (how many) and ``spread`` (throughput's (max - min) / median)."""
+    by_config: dict[str, dict[int, dict[str, Any]]] = {}
     for directory in dirs:
         settings_file = directory / "settings.json"
         settings = json.loads(settings_file.read_text()) if settings_file.exists() else {}
@@ -362,8 +381,32 @@ def load_results(dirs: list[Path]) -> dict[str, dict[str, Any]]:
             data = json.loads(path.read_text())
             if "workloads" in data and "config" in data:
                 data["settings"] = settings
-                results[data["config"]] = data
-    return results
+                by_config.setdefault(data["config"], {})[data.get("round", 1)] = data
+    return {name: merge_rounds([rounds[r] for r in sorted(rounds)])
+            for name, rounds in by_config.items()}
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's rounds as one result: the first round's data (counters, memory,
+    samples), its client numbers replaced by the median over the rounds that ran the
+    workload."""
+    import statistics
+
+    merged = dict(rounds[0])
+    merged["workloads"] = {}
+    for workload, first in rounds[0]["workloads"].items():
+        runs = [r["workloads"][workload] for r in rounds if workload in r["workloads"]]
+        entry = dict(first)
+        entry["client"] = dict(first["client"])
+        for metric in ROUND_METRICS:
+            values = [run["client"][metric] for run in runs if metric in run["client"]]
+            if values:
+                entry["client"][metric] = statistics.median(values)
+        tok_s = [run["client"]["total_token_throughput"] for run in runs]
+        entry["rounds"] = len(runs)
+        entry["spread"] = (max(tok_s) - min(tok_s)) / statistics.median(tok_s)
+        merged["workloads"][workload] = entry
+    return merged
 
 
 def minimum_computed(settings: dict[str, Any]) -> float:
@@ -386,6 +429,7 @@ def report(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "computed": w["counters"].get("prompt_tokens[local_compute]", float("nan")),
                 "external": w["counters"].get("prompt_tokens[external_kv_transfer]", 0.0),
                 "preemptions": w["counters"].get("num_preemptions", 0.0),
+                "rounds": w.get("rounds", 1), "spread": w.get("spread", 0.0),
                 "x_min_computed": (  # (wave2 repeats wave1's prompts: no minimum)
                     w["counters"].get("prompt_tokens[local_compute]", float("nan"))
                     / minimum_computed(data["settings"])
@@ -411,14 +455,15 @@ def report(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows.sort(key=lambda r: (order.get(r["workload"], 9), r["config"]))
     header = (f"{'workload':8} {'config':44} {'tok/s':>8} {'TTFT p50':>9} {'p99':>7} "
               f"{'TPOT':>6} {'computed':>9} {'x nat(same)':>11} {'x nat(best)':>11} "
-              f"{'x floor/none':>12} {'TTFT x nat':>10} {'TPOT x nat':>10} {'comp x min':>10}")
+              f"{'x floor/none':>12} {'TTFT x nat':>10} {'TPOT x nat':>10} {'comp x min':>10} "
+              f"{'n':>2} {'spread':>6}")
     print(header)
     for r in rows:
         print(f"{r['workload']:8} {r['config'][:44]:44} {r['tok_s']:8.0f} {r['ttft_p50']:9.0f} "
               f"{r['ttft_p99']:7.0f} {r['tpot']:6.2f} {r['computed']:9.0f} "
               f"{r['x_native_same']:11.3f} {r['x_native_best']:11.3f} {r['x_base']:12.3f} "
               f"{r['ttft_x_native_same']:10.3f} {r['tpot_x_native_same']:10.3f} "
-              f"{r['x_min_computed']:10.3f}")
+              f"{r['x_min_computed']:10.3f} {r['rounds']:2d} {r['spread']:6.1%}")
     return rows
 
 
@@ -502,6 +547,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--out", required=True, type=Path)
     run.add_argument("--configs", default="floor,none,native_v2,native_v1,tokenvm_v2,tokenvm_v1")
     run.add_argument("--workloads", default=",".join(WORKLOADS))
+    run.add_argument("--rounds", type=int, default=1,
+                     help="run every configuration this many times, interleaved (A B A B); "
+                          "the report gives medians and the spread")
     run.add_argument("--kv-gib", type=float, default=6)
     run.add_argument("--floor-kv-gib", type=float, default=30)
     run.add_argument("--host-gib", type=float, default=20)
@@ -539,6 +587,8 @@ def main(argv: list[str] | None = None) -> None:
     rep.add_argument("--json", type=Path, help="write the rows as JSON")
     opts = parser.parse_args(argv)
     if opts.cmd == "run":
+        if opts.rounds < 1:
+            raise SystemExit(f"serve_bench: --rounds {opts.rounds}: give 1 or more")
         opts.workloads = [w for w in opts.workloads.split(",") if w]
         bad = [w for w in opts.workloads if w not in WORKLOADS]
         if bad:
@@ -548,14 +598,18 @@ def main(argv: list[str] | None = None) -> None:
         (opts.out / "settings.json").write_text(json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()}, indent=1))
         try:
-            for i, config in enumerate(configs, 1):
-                progress(f"config {i}/{len(configs)}: {config.name}")
+            # Rounds interleave the configurations (A B A B): whatever drifts during the run
+            # (the machine's other load, clocks) reaches every configuration alike.
+            runs = [(r, config) for r in range(1, opts.rounds + 1) for config in configs]
+            for i, (round_no, config) in enumerate(runs, 1):
+                progress(f"config {i}/{len(runs)}: {config.name}"
+                         + (f" (round {round_no} of {opts.rounds})" if opts.rounds > 1 else ""))
                 try:
-                    result = run_config(config, opts, opts.out)
+                    result = run_config(config, opts, opts.out, round_no)
                 except (RuntimeError, subprocess.SubprocessError) as err:
                     progress(f"{config.name}: FAILED: {err} (logs in {opts.out / 'logs'})")
                     continue
-                slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name)
+                slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name) + round_suffix(round_no)
                 (opts.out / f"{slug}.json").write_text(json.dumps(result, indent=1))
         except KeyboardInterrupt:  # e.g. `timeout --signal=INT`: report what finished
             progress("interrupted: reporting the configurations that finished")
