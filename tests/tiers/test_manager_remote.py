@@ -64,3 +64,39 @@ def test_writes_pin_host_copies_within_the_limit() -> None:
     assert counts["remote_written_blocks"] == 1 and counts["remote_write_failed_blocks"] == 1
     assert counts["remote_write_skipped_blocks"] == 1  # k(3): over the limit
     assert not manager.has_pending_work()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_blocks_the_remote_tier_holds_are_not_written_back_until_that_is_old_news() -> None:
+    """A server that recomputed blocks Redis holds (its read timed out) must not send them all
+    back, competing with reads on Redis's one thread; once the sighting is older than
+    ``remote_known_s`` (Redis may have evicted them) they are written again."""
+    clock = Clock()
+    manager = TierManager(8, remote=True, remote_known_s=60.0, clock=clock)
+    manager.note_in_remote([k(1), k(2), k(5)])  # a lookup found them
+    stored(manager, k(1), k(2), k(3))
+    assert [key for key, _ in manager.prepare_remote_writes(10)] == [k(3)]
+    manager.complete_remote_write(k(3), ok=True)
+    assert manager.get_stats()["remote_write_known_blocks"] == 2
+    clock.now += 61  # k(5)'s sighting is too old to rely on
+    stored(manager, k(5))
+    assert [key for key, _ in manager.prepare_remote_writes(10)] == [k(5)]
+    manager.note_in_remote([k(6)])
+    (read,) = manager.prepare_remote_reads([k(6)])
+    manager.complete_remote_read(k(6), ok=False)  # missing or corrupt after all: forgotten
+    stored(manager, k(6))
+    assert [key for key, _ in manager.prepare_remote_writes(10)] == [k(6)]
+
+
+def test_the_remote_sightings_are_bounded() -> None:
+    manager = TierManager(4, remote=True)
+    manager.REMOTE_KNOWN_MAX = 3  # type: ignore[misc]
+    manager.note_in_remote([k(i) for i in range(5)])
+    assert list(manager._remote_known) == [k(2), k(3), k(4)]  # oldest forgotten first

@@ -127,7 +127,8 @@ class TokenVMScheduler:
         self.tiers = TierManager(
             host_slots,
             disk_slot_count(config.disk_bytes, slot_bytes) if config.disk_path else 0,
-            config.policy, remote=bool(config.remote_url))
+            config.policy, remote=bool(config.remote_url),
+            remote_known_s=min(600.0, config.remote_ttl_s / 2))
         self.pressure: HostPressure | None = None
         """host_min_available_bytes: shrinks and grows the host tier (``tiers/host_pressure``)."""
         if config.host_min_available_bytes:
@@ -570,6 +571,7 @@ class TokenVMScheduler:
             self.stats.add("remote_miss_blocks", len(job.keys) - found)
             if state is not None:
                 state.remote_lookup = None
+            self.tiers.note_in_remote(job.keys[:found])  # (not written back if recomputed)
             if found and (state is not None or job.req_id is None):
                 self._plan_remote_reads(state, job.keys[:found])
         elif job.kind is JobKind.REMOTE_READ:

@@ -51,6 +51,8 @@ COUNTERS: dict[str, str] = {
     "remote_written_blocks": "Blocks copied host -> remote tier",
     "remote_write_failed_blocks": "Host -> remote copies that failed (server down, full, slow)",
     "remote_write_skipped_blocks": "Blocks not sent to the remote tier (too many in flight)",
+    "remote_write_known_blocks": "Blocks not sent to the remote tier because it was seen "
+                                 "holding them within the last 10 minutes (or half its TTL)",
     "remote_read_bytes": "Bytes read from the remote tier (values: header and block)",
     "remote_written_bytes": "Bytes written to the remote tier (values: header and block)",
     "remote_corrupt_blocks": "Remote values that failed their checks (deleted)",

@@ -54,8 +54,9 @@ Counters (``get_stats``): what the tiers did, by ``tokenvm:*`` counter name, sin
 
 from __future__ import annotations
 
-from collections import Counter, deque
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from tokenvm_vllm.keys import BlockKey
@@ -81,8 +82,12 @@ class TierManager:
     tiers (``tokenvm_vllm.policies.POLICIES``).
     """
 
+    REMOTE_KNOWN_MAX = 1 << 16
+    """How many keys known to be in the remote tier are remembered (oldest forgotten first)."""
+
     def __init__(self, host_slots: int, disk_slots: int = 0, policy: str = "lru",
-                 remote: bool = False) -> None:
+                 remote: bool = False, remote_known_s: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.index = ResidencyIndex()
         self.host = HostTier(host_slots, self.index, make_policy(policy))
         self.disk = DiskTier(disk_slots, self.index, make_policy(policy)) if disk_slots else None
@@ -93,6 +98,16 @@ class TierManager:
         self.remote = remote
         self._remote_writes_queued: deque[BlockKey] = deque()
         """Blocks made READABLE in host by ``complete_store``, to copy to the remote tier."""
+        self._remote_known: OrderedDict[BlockKey, float] = OrderedDict()
+        """Key -> when the remote tier was last seen holding it (a lookup found it, a read or
+        a write of it succeeded; a failed read forgets it), oldest first. A block stored to
+        host that the remote tier holds is not written again for ``remote_known_s``: a server
+        that recomputed what Redis holds (its reads were skipped as slower than recompute)
+        would otherwise send it all back, competing for the one Redis thread. (Redis may evict
+        it meanwhile: then it is missing there until that time has passed and it is stored
+        again.)"""
+        self.remote_known_s = remote_known_s
+        self.clock = clock
         self._counts: Counter[str] = Counter()
         self._host_evictions_seen = 0
 
@@ -158,7 +173,11 @@ class TierManager:
         if ok and self.disk is not None:
             self._demotions_queued.extend(keys)
         if ok and self.remote:
-            self._remote_writes_queued.extend(keys)
+            for key in keys:
+                if self._in_remote(key):
+                    self._counts["remote_write_known_blocks"] += 1
+                else:
+                    self._remote_writes_queued.append(key)
 
     # -- disk -> host (promotion) ----------------------------------------------------------
 
@@ -236,6 +255,20 @@ class TierManager:
 
     # -- remote tier ---------------------------------------------------------------------------
 
+    def note_in_remote(self, keys: Iterable[BlockKey]) -> None:
+        """The remote tier holds ``keys`` now (see ``_remote_known``)."""
+        now = self.clock()
+        known = self._remote_known
+        for key in keys:
+            known[key] = now
+            known.move_to_end(key)
+        while len(known) > self.REMOTE_KNOWN_MAX:
+            known.popitem(last=False)
+
+    def _in_remote(self, key: BlockKey) -> bool:
+        seen = self._remote_known.get(key)
+        return seen is not None and self.clock() - seen < self.remote_known_s
+
     def remote_candidates(self, keys: Sequence[BlockKey]) -> list[BlockKey]:
         """The keys of the prefix ``keys`` that neither host (any state) nor disk (READABLE)
         holds, in order: what to ask the remote tier for. Empty without a remote tier."""
@@ -263,6 +296,10 @@ class TierManager:
         checks) its slot is freed."""
         self.host.end_write(key, ok=ok)
         self._counts["remote_hit_blocks" if ok else "remote_read_failed_blocks"] += 1
+        if ok:
+            self.note_in_remote((key,))
+        else:  # missing, corrupt (deleted) or late: not known to be there any more
+            self._remote_known.pop(key, None)
 
     def prepare_remote_writes(self, limit: int) -> list[tuple[BlockKey, int]]:
         """(key, host slot read-pinned) for up to ``limit`` of the blocks ``complete_store``
@@ -287,6 +324,8 @@ class TierManager:
         """Unpin the host copy (it stays READABLE either way)."""
         self.host.end_read([key])
         self._counts["remote_written_blocks" if ok else "remote_write_failed_blocks"] += 1
+        if ok:
+            self.note_in_remote((key,))
 
     # -- disk start-up and invalidation -------------------------------------------------
 
