@@ -16,11 +16,10 @@ class Clock:
         return self.now
 
 
-def steps(gate: RemoteGate, clock: Clock, count: int, tokens: int, seconds: float,
-          prefill: bool = True) -> None:
+def steps(gate: RemoteGate, clock: Clock, count: int, tokens: int, seconds: float) -> None:
     """``count`` back-to-back steps of ``tokens`` tokens, ``seconds`` each."""
     for _ in range(count):
-        gate.step_scheduled(tokens, tokens if prefill else 0)
+        gate.step_scheduled(tokens)
         clock.now += seconds
         gate.step_finished()
 
@@ -85,23 +84,42 @@ def test_overlapping_reads_measure_throughput_not_latency() -> None:
     assert gate.read_rate == pytest.approx(200)
 
 
-def test_compute_rate_counts_busy_prefill_steps_only() -> None:
+def test_compute_rate_is_the_marginal_cost_of_a_token() -> None:
+    """Issue #15's server B: only 128-token suffixes and decodes to compute. An 8-sequence
+    decode step takes 25 ms, a step with a suffix 28 ms: a token costs 3 ms / 128, ~43k tok/s
+    (what recomputing a prefix would cost), not the 2.3k tok/s of tokens over time."""
     clock = Clock()
     gate = RemoteGate(clock=clock)
-    steps(gate, clock, 4, tokens=1000, seconds=0.01)
-    clock.now += 100  # idle between steps: the next step is timed from its schedule
-    steps(gate, clock, 50, tokens=8, seconds=0.01, prefill=False)  # decode: left out
-    gate.step_finished()  # the end of a step of no tokens: nothing to pop
+    for _ in range(10):
+        steps(gate, clock, 1, tokens=8 + 128, seconds=0.028)
+        steps(gate, clock, 5, tokens=8, seconds=0.025)
+    assert gate.compute_rate == pytest.approx(128 / 0.003)
+    # 2 MiB blocks of 16 tokens at ~1.5 GB/s: 700 blocks/s, 11k tok/s: recompute
+    read(gate, clock, 700, 1.0)
+    assert not gate.should_read(256, 4096)
+    # a plain tokens/second (2.3k tok/s) would have read
+    assert 256 / 700 < 4096 / ((10 * 136 + 50 * 8) / (10 * 0.028 + 50 * 0.025))
+
+
+def test_compute_rate_falls_back_to_tokens_per_second() -> None:
+    clock = Clock()
+    gate = RemoteGate(clock=clock)
+    steps(gate, clock, 4, tokens=1000, seconds=0.01)  # alike steps: no slope
     assert gate.compute_rate == pytest.approx(100_000)
+    clock.now += 100  # idle between steps: the next step is timed from its schedule
+    gate.step_finished()  # the end of a step of no tokens: nothing to pop
+    steps(gate, clock, 4, tokens=3000, seconds=0.01)  # bigger, no slower: noise, not a slope
+    assert gate.compute_rate == pytest.approx(16_000 / 0.08)
     # Pipelined (async scheduling): the next step is scheduled before the previous ends; its
     # time runs from the previous one's end.
-    gate.step_scheduled(1000, 1000)
-    gate.step_scheduled(1000, 1000)
+    pipelined = RemoteGate(clock=clock)
+    pipelined.step_scheduled(1000)
+    pipelined.step_scheduled(1000)
     clock.now += 0.01
-    gate.step_finished()
+    pipelined.step_finished()
     clock.now += 0.01
-    gate.step_finished()
-    assert gate.compute_rate == pytest.approx(100_000)
+    pipelined.step_finished()
+    assert pipelined.compute_rate == pytest.approx(100_000)
 
 
 def test_margin_and_ties() -> None:

@@ -441,9 +441,7 @@ class TokenVMScheduler:
             # from here (to update_connector_output).
             self.remote_gate.reads_submitted(sum(len(batch.keys)
                                                  for batch in self._step_remote_reads))
-            self.remote_gate.step_scheduled(
-                scheduler_output.total_num_scheduled_tokens,
-                sum(n for n in scheduler_output.num_scheduled_tokens.values() if n > 1))
+            self.remote_gate.step_scheduled(scheduler_output.total_num_scheduled_tokens)
         self._step_loads = []
         self._step_disk_reads = []
         self._step_remote_lookups = []

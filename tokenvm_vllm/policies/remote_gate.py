@@ -10,11 +10,16 @@ Contract:
 
 * Rates. ``read_rate``: remote values (blocks, one per KV cache group) read per second while
   any read is in flight (``reads_submitted`` -> ``reads_finished``; overlapping batches share the
-  time, so it is the tier's throughput, not one batch's). ``compute_rate``: tokens the engine
-  computes per second, from the steps that are mostly prefill (``step_scheduled`` ->
-  ``step_finished``: a step's time is from its schedule, or the previous step's end if later,
-  to its end; decode-heavy steps would understate what a recompute costs and are left out).
-  Each is a sum over the last ``window`` observations; ``None`` until measured.
+  time, so it is the tier's throughput, not one batch's), summed over the last ``window``
+  completions. ``compute_rate``: what one more token costs, from the engine's recent busy
+  steps (``step_scheduled`` -> ``step_finished``: a step's time is from its schedule, or the
+  previous step's end if later, to its end): step time = fixed cost + tokens / rate, fitted by
+  least squares over the last ``steps_window`` steps. A step's fixed cost (a decode of 8
+  sequences of an 8B model is ~25 ms on an H200) is paid whether a prefix is read or not, so
+  plain tokens/second would make recomputing look several times dearer than it is. Where the
+  steps are too alike to fit (token counts within 2x of each other, or a slope that is not
+  positive) it falls back to tokens/second over the window, which errs towards reading.
+  ``None`` until measured.
 * ``should_read(values, tokens)``: True when either rate is unknown (cold start: read), when
   ``probe_interval_s`` passed since reads last went out (a probe: the read rate is measured
   only while reading, so without it a skip would be for ever), or when
@@ -34,7 +39,9 @@ PROBE_INTERVAL_S = 10.0
 """Read anyway when no read went out for this long: the only way to see Redis get faster (or
 the engine slower, e.g. under load) after a skip. A probe costs at most one request's TTFT."""
 WINDOW = 32
-"""Observations each rate sums over (recent steps; recent read completions)."""
+"""Read completions (one per engine step that saw some) the read rate sums over."""
+STEPS_WINDOW = 64
+"""Busy engine steps the compute rate is fitted over."""
 
 
 class RemoteGate:
@@ -46,15 +53,16 @@ class RemoteGate:
         probe_interval_s: float = PROBE_INTERVAL_S,
         margin: float = 1.0,
         window: int = WINDOW,
+        steps_window: int = STEPS_WINDOW,
     ) -> None:
         self.clock = clock
         self.probe_interval_s = probe_interval_s
         self.margin = margin
         """Read while the estimated read time is below ``margin`` x the recompute time."""
-        self._steps: deque[tuple[float, int, bool]] = deque()
-        """Steps scheduled, not yet finished: (schedule time, tokens, counted)."""
+        self._steps: deque[tuple[float, int]] = deque()
+        """Steps scheduled, not yet finished: (schedule time, tokens)."""
         self._last_step_end: float | None = None
-        self._compute: deque[tuple[int, float]] = deque(maxlen=window)
+        self._compute: deque[tuple[int, float]] = deque(maxlen=steps_window)
         self._reads_in_flight = 0
         self._reads_mark = 0.0
         """While reads are in flight: the last time read-busy time was accounted up to."""
@@ -65,28 +73,40 @@ class RemoteGate:
 
     # -- compute side ----------------------------------------------------------------------
 
-    def step_scheduled(self, tokens: int, prefill_tokens: int) -> None:
-        """A step of ``tokens`` tokens went to the workers, ``prefill_tokens`` of them in
-        requests computing more than one token (prompts). Steps of no token are not tracked
+    def step_scheduled(self, tokens: int) -> None:
+        """A step of ``tokens`` tokens went to the workers. Steps of no token are not tracked
         (their end is still reported: ``step_finished`` ignores it)."""
         if tokens > 0:
-            self._steps.append((self.clock(), tokens, 2 * prefill_tokens >= tokens))
+            self._steps.append((self.clock(), tokens))
 
     def step_finished(self) -> None:
         """The oldest step in flight ended (the workers' output for it arrived)."""
         now = self.clock()
         if self._steps:
-            started, tokens, counted = self._steps.popleft()
+            started, tokens = self._steps.popleft()
             if self._last_step_end is not None:
                 started = max(started, self._last_step_end)  # pipelined: after the previous
-            if counted and now > started:
+            if now > started:
                 self._compute.append((tokens, now - started))
         self._last_step_end = now
 
     @property
     def compute_rate(self) -> float | None:
-        """Tokens per second over the recent prefill-heavy steps; None before the first."""
-        return _rate(self._compute)
+        """Tokens per second one more token in a step costs (the fitted slope's inverse; see
+        the module's contract); None before the first busy step."""
+        average = _rate(self._compute)
+        steps = self._compute
+        if average is None or len(steps) < 4:
+            return average
+        if max(n for n, _ in steps) < 2 * min(n for n, _ in steps):
+            return average  # steps alike: no slope to see
+        mean_n = sum(n for n, _ in steps) / len(steps)
+        mean_s = sum(s for _, s in steps) / len(steps)
+        covariance = sum((n - mean_n) * (s - mean_s) for n, s in steps)
+        variance = sum((n - mean_n) ** 2 for n, _ in steps)
+        if covariance <= 0:
+            return average  # bigger steps no slower: noise, not a rate
+        return max(average, variance / covariance)
 
     # -- read side -------------------------------------------------------------------------
 
