@@ -32,6 +32,10 @@ first, Redis holds; the smallest answer over ranks counts), then read into WRITI
 to ``disk_prefetch_timeout_s``. Blocks that became READABLE in host go out to the remote tier in
 the background (``remote_writes``, at most ``remote_max_pending_writes`` in flight). While a
 worker reports its store unreachable, nothing is looked up (no request waits for a dead tier).
+With ``remote_reads="auto"`` the blocks found are read only while ``remote_gate``
+(``policies/remote_gate.py``) expects that to beat recomputing them; it is fed here: each
+step's tokens (``build_connector_meta`` -> ``update_connector_output``) and each step's read
+batches (sent -> reported done).
 """
 
 from __future__ import annotations
