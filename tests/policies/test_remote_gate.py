@@ -64,6 +64,7 @@ def test_probe_after_interval_measures_again() -> None:
     assert not gate.should_read(100, 1600)
     clock.now += 5  # 10 s since the last read went out: probe
     assert gate.should_read(100, 1600)
+    assert not gate.should_read(100, 1600)  # one request probes, the next one recomputes
     # The probe finds the tier fast now; the window's sum moves to it as reads go on.
     for _ in range(40):
         read(gate, clock, 100, 0.01)  # 10,000 blocks/s

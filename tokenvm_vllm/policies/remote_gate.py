@@ -18,11 +18,12 @@ Contract:
   sequences of an 8B model is ~25 ms on an H200) is paid whether a prefix is read or not, so
   plain tokens/second would make recomputing look several times dearer than it is. Where the
   steps are too alike to fit (token counts within 2x of each other, or a slope that is not
-  positive) it falls back to tokens/second over the window, which errs towards reading.
-  ``None`` until measured.
+  positive) it falls back to tokens/second over the window, which errs towards reading; it is
+  never below that. ``None`` until measured.
 * ``should_read(values, tokens)``: True when either rate is unknown (cold start: read), when
-  ``probe_interval_s`` passed since reads last went out (a probe: the read rate is measured
-  only while reading, so without it a skip would be for ever), or when
+  ``probe_interval_s`` passed since reads last went out or were last decided (a probe, one
+  request's: the read rate is measured only while reading, so without it a skip would be for
+  ever), or when
   ``values / read_rate < margin * tokens / compute_rate``. Otherwise False: the caller
   recomputes.
 * Time comes only from ``clock`` (``time.monotonic`` by default), so tests can drive it.
@@ -147,8 +148,9 @@ class RemoteGate:
         read_rate, compute_rate = self.read_rate, self.compute_rate
         if read_rate is None or compute_rate is None:
             return True
-        if self._last_read_sent is None or (
-                self.clock() - self._last_read_sent >= self.probe_interval_s):
+        now = self.clock()
+        if self._last_read_sent is None or now - self._last_read_sent >= self.probe_interval_s:
+            self._last_read_sent = now  # one probe: the requests decided with it recompute
             return True
         return values / read_rate < self.margin * tokens / compute_rate
 
