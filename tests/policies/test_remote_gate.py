@@ -86,7 +86,7 @@ def test_overlapping_reads_measure_throughput_not_latency() -> None:
 
 
 def test_compute_rate_is_the_marginal_cost_of_a_token() -> None:
-    """Issue #15's server B: only 128-token suffixes and decodes to compute. An 8-sequence
+    """Issue #15's server B: only 128-token suffixes and decodes to compute. Say an 8-sequence
     decode step takes 25 ms, a step with a suffix 28 ms: a token costs 3 ms / 128, ~43k tok/s
     (what recomputing a prefix would cost), not the 2.3k tok/s of tokens over time."""
     clock = Clock()
@@ -111,6 +111,13 @@ def test_compute_rate_falls_back_to_tokens_per_second() -> None:
     gate.step_finished()  # the end of a step of no tokens: nothing to pop
     steps(gate, clock, 4, tokens=3000, seconds=0.01)  # bigger, no slower: noise, not a slope
     assert gate.compute_rate == pytest.approx(16_000 / 0.08)
+    # 1- and 8-token steps (a tiny model on a CPU): too close to fit a slope from; the noise
+    # here would say a token costs 1 us, recomputing ~free
+    small = RemoteGate(clock=clock)
+    for _ in range(10):
+        steps(small, clock, 1, tokens=8, seconds=0.020007)
+        steps(small, clock, 5, tokens=1, seconds=0.02)
+    assert small.compute_rate == pytest.approx(130 / (10 * 0.020007 + 50 * 0.02))
     # Pipelined (async scheduling): the next step is scheduled before the previous ends; its
     # time runs from the previous one's end.
     pipelined = RemoteGate(clock=clock)

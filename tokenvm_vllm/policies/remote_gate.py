@@ -14,18 +14,18 @@ Contract:
   completions. ``compute_rate``: what one more token costs, from the engine's recent busy
   steps (``step_scheduled`` -> ``step_finished``: a step's time is from its schedule, or the
   previous step's end if later, to its end): step time = fixed cost + tokens / rate, fitted by
-  least squares over the last ``steps_window`` steps. A step's fixed cost (a decode of 8
-  sequences of an 8B model is ~25 ms on an H200) is paid whether a prefix is read or not, so
-  plain tokens/second would make recomputing look several times dearer than it is. Where the
-  steps are too alike to fit (token counts within 2x of each other, or a slope that is not
-  positive) it falls back to tokens/second over the window, which errs towards reading; it is
-  never below that. ``None`` until measured.
+  least squares over the last ``steps_window`` steps. A step's fixed cost (tens of ms for
+  an eager decode step of an 8B model: not measured here) is paid whether a prefix is read or
+  not, so plain tokens/second would make recomputing look several times dearer than it is.
+  Where the
+  steps are too alike to fit (token counts within 2x or ``MIN_FIT_SPREAD_TOKENS`` of each
+  other, or a slope that is not positive) it falls back to tokens/second over the window,
+  which errs towards reading; it is never below that. ``None`` until measured.
 * ``should_read(values, tokens)``: True when either rate is unknown (cold start: read), when
   ``probe_interval_s`` passed since reads last went out or were last decided (a probe, one
   request's: the read rate is measured only while reading, so without it a skip would be for
-  ever), or when
-  ``values / read_rate < margin * tokens / compute_rate``. Otherwise False: the caller
-  recomputes.
+  ever), or when ``values / read_rate < margin * tokens / compute_rate``. Otherwise False:
+  the caller recomputes.
 * Time comes only from ``clock`` (``time.monotonic`` by default), so tests can drive it.
   Not thread safe: the scheduler calls it from its one thread.
 """
@@ -43,6 +43,10 @@ WINDOW = 32
 """Read completions (one per engine step that saw some) the read rate sums over."""
 STEPS_WINDOW = 64
 """Busy engine steps the compute rate is fitted over."""
+MIN_FIT_SPREAD_TOKENS = 64
+"""Fit a slope only over steps whose token counts differ by this many at least: steps of 1 and
+8 tokens (a tiny model on a CPU) take the same time give or take noise, and a slope from noise
+could be near zero, i.e. recomputing nearly free."""
 
 
 class RemoteGate:
@@ -99,7 +103,8 @@ class RemoteGate:
         steps = self._compute
         if average is None or len(steps) < 4:
             return average
-        if max(n for n, _ in steps) < 2 * min(n for n, _ in steps):
+        low, high = min(n for n, _ in steps), max(n for n, _ in steps)
+        if high < 2 * low or high - low < MIN_FIT_SPREAD_TOKENS:
             return average  # steps alike: no slope to see
         mean_n = sum(n for n, _ in steps) / len(steps)
         mean_s = sum(s for _, s in steps) / len(steps)
