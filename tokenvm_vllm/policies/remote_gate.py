@@ -17,10 +17,9 @@ Contract:
   least squares over the last ``steps_window`` steps. A step's fixed cost (tens of ms for
   an eager decode step of an 8B model: not measured here) is paid whether a prefix is read or
   not, so plain tokens/second would make recomputing look several times dearer than it is.
-  Where the
-  steps are too alike to fit (token counts within 2x or ``MIN_FIT_SPREAD_TOKENS`` of each
-  other, or a slope that is not positive) it falls back to tokens/second over the window,
-  which errs towards reading; it is never below that. ``None`` until measured.
+  Where the steps are too alike to fit (token counts within 2x or ``MIN_FIT_SPREAD_TOKENS``
+  of each other, or a slope that is not positive) it falls back to tokens/second over the
+  window, which errs towards reading; it is never below that. ``None`` until measured.
 * ``should_read(values, tokens)``: True when either rate is unknown (cold start: read), when
   ``probe_interval_s`` passed since reads last went out or were last decided (a probe, one
   request's: the read rate is measured only while reading, so without it a skip would be for
