@@ -42,12 +42,12 @@ def read_slowly(h: Harness, redis_server: RedisServer, seed: int) -> None:
 
 @pytest.mark.parametrize("mode", ["auto", "always"])
 def test_slow_remote_reads_are_skipped_and_recomputed(
-        make_harness: Callable[..., Harness], redis_server: RedisServer, mode: str,
-        caplog: pytest.LogCaptureFixture) -> None:
+        make_harness: Callable[..., Harness], redis_server: RedisServer, mode: str) -> None:
     first = remote_harness(make_harness, redis_server.url)
     serve(first, 1500)
     serve(first, 1501)
-    assert first.stats["remote_written_blocks"] >= 16
+    serve(first, 1503)
+    assert first.stats["remote_written_blocks"] >= 24
     first.worker.worker.shutdown()
 
     second = remote_harness(make_harness, redis_server.url, remote_reads=mode)
@@ -64,20 +64,25 @@ def test_slow_remote_reads_are_skipped_and_recomputed(
         # 16 tokens a block: reading is the slower way (by ~100x here)
         assert gate.read_rate * 16 < gate.compute_rate, gate.describe()
 
-    caplog.set_level(logging.INFO, logger="vllm.tokenvm")
-    logging.getLogger("vllm.tokenvm").addHandler(caplog.handler)
+    # vLLM's logging may not propagate to pytest's handler: listen on TokenVM's logger itself
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    tokenvm_logger = logging.getLogger("vllm.tokenvm")
+    tokenvm_logger.addHandler(handler)
     try:
         serve(second, 1501)  # in Redis too, but now known to be slow
+        serve(second, 1503)  # another one: skipped too, not logged again
     finally:
-        logging.getLogger("vllm.tokenvm").removeHandler(caplog.handler)
-    skip_lines = [r.getMessage() for r in caplog.records if "recomputing instead" in r.message]
+        tokenvm_logger.removeHandler(handler)
+    skip_lines = [r.getMessage() for r in records if "recomputing instead" in r.getMessage()]
     if mode == "auto":
-        assert second.stats["remote_skipped_blocks"] >= 8
+        assert second.stats["remote_skipped_blocks"] >= 16
         assert second.stats["remote_hit_blocks"] == hits  # nothing read
         assert second.stats["loaded_blocks"] == loaded  # computed (the forward checks its KV)
         assert len(skip_lines) == 1 and "blocks/s" in skip_lines[0], skip_lines
     else:
         assert second.stats.get("remote_skipped_blocks", 0) == 0
-        assert second.stats["remote_hit_blocks"] >= hits + 8
-        assert second.stats["loaded_blocks"] >= loaded + 8
+        assert second.stats["remote_hit_blocks"] >= hits + 16
+        assert second.stats["loaded_blocks"] >= loaded + 16
         assert skip_lines == []
