@@ -16,6 +16,12 @@ def test_remote_settings_parse_from_env_and_extra_config() -> None:
     assert load_config({}, environ={}).remote_url == ""  # no remote tier by default
 
 
+def test_remote_reads_is_auto_unless_always() -> None:
+    assert load_config({}, environ={}).remote_reads is cfg.RemoteReads.AUTO
+    assert load_config({}, environ={"TOKENVM_REMOTE_READS": " Always"}).remote_reads is (
+        cfg.RemoteReads.ALWAYS)
+
+
 @pytest.mark.parametrize("key, value, words", [
     ("remote_url", "http://u:pw-secret@127.0.0.1:1", "is not a Redis URL"),
     ("remote_url", "redis://:pw-secret@127.0.0.1", "is not host:port"),
@@ -28,6 +34,7 @@ def test_remote_settings_parse_from_env_and_extra_config() -> None:
     ("remote_io_threads", 1000, "between 1 and 256"),
     ("remote_max_pending_writes", 0, "remote_max_pending_writes=0"),
     ("remote_batch_bytes", 0, "remote_batch_bytes=0"),
+    ("remote_reads", "never", "remote_reads='never' is not one of auto, always"),
 ])
 def test_bad_remote_values_are_one_clear_line(key: str, value: object, words: str) -> None:
     with pytest.raises(TokenVMConfigError, match=None) as err:

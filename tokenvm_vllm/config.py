@@ -77,6 +77,11 @@ class LoadMode(Choice):
         return self is not LoadMode.ASYNC
 
 
+class RemoteReads(Choice):
+    AUTO = "auto"
+    ALWAYS = "always"
+
+
 class CopyPath(Choice):
     STAGED = "staged"
     UVA = "uva"
@@ -237,6 +242,12 @@ class TokenVMConfig:
     debug_host_available_file: str = ""
     """Testing only: a file holding the available memory (bytes or '4GiB') that the memory
     pressure check uses instead of MemAvailable (read at each check)."""
+    remote_reads: RemoteReads = RemoteReads.AUTO
+    """'auto': read a request's blocks from the remote tier only while reading them is
+    estimated faster than recomputing them (both rates measured by the scheduler; reads at
+    start-up and every 10 s as a probe; skipped blocks are counted, remote_skipped_blocks).
+    'always': read whatever the remote tier holds (issue #15: on an H200 with an 8B model,
+    one Redis server was 3x slower than recomputing)."""
 
 
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TokenVMConfig)}

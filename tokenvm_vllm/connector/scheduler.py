@@ -35,6 +35,10 @@ first, Redis holds; the smallest answer over ranks counts), then read into WRITI
 to ``disk_prefetch_timeout_s``. Blocks that became READABLE in host go out to the remote tier in
 the background (``remote_writes``, at most ``remote_max_pending_writes`` in flight). While a
 worker reports its store unreachable, nothing is looked up (no request waits for a dead tier).
+With ``remote_reads="auto"`` the blocks found are read only while ``remote_gate``
+(``policies/remote_gate.py``) expects that to beat recomputing them; it is fed here: each
+step's tokens (``build_connector_meta`` -> ``update_connector_output``) and each step's read
+batches (sent -> reported done).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from tokenvm_vllm import compat
-from tokenvm_vllm.config import LoadMode, TokenVMConfig
+from tokenvm_vllm.config import LoadMode, RemoteReads, TokenVMConfig
 from tokenvm_vllm.connector.jobs import Job, JobKind, JobState, JobTable
 from tokenvm_vllm.connector.metadata import (
     CopyJob,
@@ -61,6 +65,7 @@ from tokenvm_vllm.connector.stats import TokenVMStats
 from tokenvm_vllm.connector.store_planner import StorePlanner
 from tokenvm_vllm.elastic.scheduler_side import SchedulerElastic, blocks_needed
 from tokenvm_vllm.keys import BlockKey, make_block_key, with_group
+from tokenvm_vllm.policies.remote_gate import RemoteGate
 from tokenvm_vllm.tiers.disk import disk_slot_count
 from tokenvm_vllm.tiers.host_pressure import HostPressure, file_available
 from tokenvm_vllm.tiers.manager import TierManager
@@ -150,6 +155,12 @@ class TokenVMScheduler:
         self._loading: Counter[BlockKey] = Counter()
         """Keys of the load jobs in flight (a key may be in several: loads that began before
         this rule, or a request whose lookup timed the check out)."""
+        self.remote_gate: RemoteGate | None = None
+        """remote_reads='auto': reads a request's remote blocks only while that beats
+        recomputing them (``policies/remote_gate.py``; fed by this class's hooks)."""
+        if config.remote_url and config.remote_reads is RemoteReads.AUTO:
+            self.remote_gate = RemoteGate()
+        self._remote_skip_logged = False
         self.requests: dict[str, RequestState] = {}
         self._step_loads: list[CopyJob] = []
         self._step_disk_reads: list[DiskJob] = []
@@ -441,6 +452,12 @@ class TokenVMScheduler:
             remote_writes=remote_writes, host_slots=self.tiers.host.num_slots,
             elastic_commands=self.elastic.take_commands() if self.elastic is not None else [],
             host_commands=host_commands, host_moves=self.tiers.host.take_moves())
+        if self.remote_gate is not None:
+            # The step's forward starts once this returns: its compute and its reads are timed
+            # from here (to update_connector_output).
+            self.remote_gate.reads_submitted(sum(len(batch.keys)
+                                                 for batch in self._step_remote_reads))
+            self.remote_gate.step_scheduled(scheduler_output.total_num_scheduled_tokens)
         self._step_loads = []
         self._step_disk_reads = []
         self._step_remote_lookups = []
@@ -486,7 +503,19 @@ class TokenVMScheduler:
     # -- planning copies out (connector/store_planner.py) -------------------------------------
 
     def _plan_remote_reads(self, state: RequestState | None, keys: list[BlockKey]) -> None:
-        """The remote tier holds ``keys`` (a request's prefix blocks): read them into host."""
+        """The remote tier holds ``keys`` (a request's prefix blocks): read them into host,
+        unless ``remote_gate`` expects recomputing them to be faster (then they are counted
+        as skipped and the request computes them)."""
+        gate = self.remote_gate
+        tokens = -(-len(keys) // len(self.groups)) * self.block_size
+        if gate is not None and not gate.should_read(len(keys), tokens):
+            self.stats.add("remote_skipped_blocks", len(keys))
+            if not self._remote_skip_logged:
+                self._remote_skip_logged = True
+                logger.info("TokenVM remote tier: recomputing instead of reading %d blocks "
+                            "(%s; remote_reads=auto, counted as remote_skipped_blocks; "
+                            "remote_reads=always reads them)", len(keys), gate.describe())
+            return
         reads = self.tiers.prepare_remote_reads(keys)
         if not reads:
             return
@@ -501,6 +530,8 @@ class TokenVMScheduler:
     # -- completions ---------------------------------------------------------------------------
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if self.remote_gate is not None:
+            self.remote_gate.step_finished()  # the oldest step in flight ended
         meta = connector_output.kv_connector_worker_meta
         if not isinstance(meta, TokenVMWorkerMetadata):
             return
@@ -523,10 +554,17 @@ class TokenVMScheduler:
             self._remote_found.setdefault(job_id, []).extend([found] * workers)
         if meta.disk_scanned:
             self._adopt_disk_blocks(meta)
+        finished_reads = 0
         for job_id, count in meta.completed.items():
             job = self.jobs.report(job_id, count, meta.failed.get(job_id, 0))
             if job is not None:
                 self._finish_job(job)
+                # Only reads that brought a block count: a batch that expired in the queue
+                # took the time and moved nothing (on the H200: 1,315 of B's reads).
+                finished_reads += (job.kind is JobKind.REMOTE_READ
+                                   and job.state is JobState.DONE)
+        if self.remote_gate is not None:  # one observation per step (reads end step by step)
+            self.remote_gate.reads_finished(finished_reads)
 
     def _adopt_disk_blocks(self, meta: TokenVMWorkerMetadata) -> None:
         """Take over what every worker's start-up scan found (the same key in the same slot)."""

@@ -46,6 +46,8 @@ COUNTERS: dict[str, str] = {
     "remote_miss_blocks": "Blocks the remote tier did not hold at lookup (or did not answer "
                           "for in time)",
     "remote_hit_blocks": "Blocks read from the remote tier into host memory",
+    "remote_skipped_blocks": "Blocks the remote tier held but were recomputed instead: reading "
+                             "them was estimated slower (remote_reads=auto)",
     "remote_read_failed_blocks": "Remote reads that failed (gone, timed out or failed their "
                                  "checks): recomputed",
     "remote_written_blocks": "Blocks copied host -> remote tier",
