@@ -46,8 +46,9 @@ could land on a slot holding a recovered block).
 Remote tier (``remote=True``): a Redis shared by every server, below host and beside disk. It
 has no slots here (Redis keeps its own index and evicts by TTL and its maxmemory policy): the
 manager only reserves and pins the host side of each copy. A block ``complete_store`` made
-READABLE is queued for the remote tier as for disk; a request's blocks that host and disk lack
-are looked up (by the workers) and read into WRITING host slots.
+READABLE is queued for the remote tier as for disk, unless the remote tier was seen holding it
+lately (``note_in_remote``: a lookup found it, a read or write moved it); a request's blocks
+that host and disk lack are looked up (by the workers) and read into WRITING host slots.
 
 Counters (``get_stats``): what the tiers did, by ``tokenvm:*`` counter name, since the last call.
 """
