@@ -137,3 +137,20 @@ def test_margin_and_ties() -> None:
     read(gate, clock, 50, 1.0)  # 50 blocks/s: 100 blocks take 2 s, recomputing 1 s
     assert not gate.should_read(100, 1600)  # 2 s is not below 2 x 1 s
     assert gate.should_read(99, 1600)
+
+
+def test_failed_reads_take_time_and_bring_nothing() -> None:
+    """Reads that expired in a queue or missed are finished (nothing is left in flight) but
+    bring no block: the time they took lowers the read rate, and once they are done no more
+    busy time accrues."""
+    clock = Clock()
+    gate = RemoteGate(clock=clock)
+    gate.reads_submitted(100)
+    clock.now += 1.0
+    gate.reads_finished(100, delivered=40)  # 60 expired
+    assert gate.read_rate == pytest.approx(40)
+    clock.now += 100.0  # idle: no read in flight, so no busy time
+    gate.reads_submitted(10)
+    clock.now += 0.1
+    gate.reads_finished(10)
+    assert gate.read_rate == pytest.approx(50 / 1.1)

@@ -554,17 +554,16 @@ class TokenVMScheduler:
             self._remote_found.setdefault(job_id, []).extend([found] * workers)
         if meta.disk_scanned:
             self._adopt_disk_blocks(meta)
-        finished_reads = 0
+        finished_reads = delivered_reads = 0
         for job_id, count in meta.completed.items():
             job = self.jobs.report(job_id, count, meta.failed.get(job_id, 0))
             if job is not None:
                 self._finish_job(job)
-                # Only reads that brought a block count: a batch that expired in the queue
-                # took the time and moved nothing (on the H200: 1,315 of B's reads).
-                finished_reads += (job.kind is JobKind.REMOTE_READ
-                                   and job.state is JobState.DONE)
+                if job.kind is JobKind.REMOTE_READ:
+                    finished_reads += 1
+                    delivered_reads += job.state is JobState.DONE
         if self.remote_gate is not None:  # one observation per step (reads end step by step)
-            self.remote_gate.reads_finished(finished_reads)
+            self.remote_gate.reads_finished(finished_reads, delivered_reads)
 
     def _adopt_disk_blocks(self, meta: TokenVMWorkerMetadata) -> None:
         """Take over what every worker's start-up scan found (the same key in the same slot)."""

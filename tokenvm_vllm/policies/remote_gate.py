@@ -124,14 +124,17 @@ class RemoteGate:
         self._reads_in_flight += values
         self._last_read_sent = now
 
-    def reads_finished(self, values: int) -> None:
-        """``values`` of the submitted reads were reported done (hit or not: the time went)."""
+    def reads_finished(self, values: int, delivered: int | None = None) -> None:
+        """``values`` of the submitted reads were reported done, ``delivered`` of them (all by
+        default) with their block: a read that expired in a queue or missed took the time and
+        brought nothing (on the H200, 1,315 of server B's 3,419 reads)."""
         if values <= 0 or self._reads_in_flight <= 0:
             return
         self._account(self.clock())
         values = min(values, self._reads_in_flight)
         self._reads_in_flight -= values
-        self._reads.append((values, self._read_busy_s))
+        brought = values if delivered is None else max(0, min(delivered, values))
+        self._reads.append((brought, self._read_busy_s))
         self._read_busy_s = 0.0
 
     def _account(self, now: float) -> None:
