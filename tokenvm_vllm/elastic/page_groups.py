@@ -81,6 +81,11 @@ class PageGroupLayout:
         """Physical bytes that mapping ``group`` takes."""
         return self.pages_in_group(group) * self.page_bytes
 
+    @property
+    def total_bytes(self) -> int:
+        """Physical bytes that mapping every group takes."""
+        return sum(self.group_bytes(g) for g in range(self.num_groups))
+
     def groups_of_block(self, block: int) -> tuple[int, ...]:
         """The groups that must all be mapped for ``block`` to be usable, ascending."""
         self._check_block(block)
@@ -243,7 +248,7 @@ class PageGroupPool:
 
     def __init__(self, layout: PageGroupLayout, mapper: Mapper, floor_bytes: int = 0,
                  ceiling_bytes: int | None = None) -> None:
-        total = sum(layout.group_bytes(g) for g in range(layout.num_groups))
+        total = layout.total_bytes
         ceiling = total if ceiling_bytes is None else ceiling_bytes
         if not isinstance(floor_bytes, int) or floor_bytes < 0:
             raise ValueError(f"floor_bytes={floor_bytes!r} must be an integer >= 0")

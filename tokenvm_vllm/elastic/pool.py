@@ -238,6 +238,12 @@ class ElasticPool:
                     self.layout.group_bytes(0), self.layout.page_bytes,
                     len(self.layout.block_bytes), sorted(set(self.layout.block_bytes)))
 
+    def _forget_spill(self) -> None:
+        """The shrink in progress ended (done or given up): no store is awaited, no block is
+        marked to drop."""
+        self._pending_spill.clear()
+        self._spill_dropped.clear()
+
     def _cap_spill(self, missing: list[tuple[Any, int]], already: int) -> list[tuple[Any, int]]:
         """Of the shrink's cached blocks not yet in host (``missing``; ``already`` more are),
         the ones to store: all, unless together they are more than the tiers below hold
@@ -342,8 +348,7 @@ class ElasticPool:
         if not plan.groups:
             # At the floor, or every group above it has a block in use: try again after another
             # idle period rather than scan every mapped block on every step.
-            self._pending_spill.clear()
-            self._spill_dropped.clear()
+            self._forget_spill()
             self.policy.shrank(now)
             self._idle_shrink_tried = self._idle_shrink_tried or idle
             return 0
@@ -359,8 +364,7 @@ class ElasticPool:
                 logger.warning("TokenVM elastic: %d cached blocks could not be stored to host "
                                "in %d steps; shrink postponed by %.1fs", len(missing),
                                MAX_SPILL_ATTEMPTS, self.policy.idle_s)
-                self._pending_spill.clear()
-                self._spill_dropped.clear()
+                self._forget_spill()
                 self._spill_attempts = 0
                 self.policy.shrank(now)
                 self._idle_shrink_tried = self._idle_shrink_tried or idle
@@ -372,9 +376,8 @@ class ElasticPool:
                 1 for _, b in missing if b not in self._pending_spill)
             self._pending_spill.update(b for _, b in missing)
             return 0  # blocks must be READABLE in host before vLLM drops them
-        self._pending_spill.clear()
         self.counters.spill_dropped_blocks += sum(1 for b in plan.spill if b in self._spill_dropped)
-        self._spill_dropped.clear()
+        self._forget_spill()
         self._spill_attempts = 0
         if plan.spill:
             self.block_pool.evict_blocks(set(plan.spill))

@@ -179,7 +179,7 @@ class WorkerKV:
         except CudaDriverError as err:
             if err.code != CUDA_ERROR_OUT_OF_MEMORY:
                 raise
-            total = sum(self.layout.group_bytes(g) for g in range(self.layout.num_groups))
+            total = self.layout.total_bytes
             free, _ = torch.cuda.mem_get_info(device)
             mapped, self.mapped = len(self.mapped), set()
             self.release()  # vLLM gives up start-up; leave no mapping behind in this process
