@@ -112,11 +112,14 @@ for stage in $STAGES; do
       cp "$WORK/elastic/elastic_exact.json" "$OUT/elastic_exact.json" 2>/dev/null ;;
     wave)  # issue #13: load that rises, idles and rises again (bench/wave.py): elastic GPU KV
       # against a fixed pool of the ceiling's size (--kv-gib), both eager (elastic with CUDA
-      # graphs is not yet checked). WAVE_ARGS: more serve_bench arguments (~4 min).
+      # graphs is not yet checked). WAVE_RATE (default 9 requests/s) is about 70% of what this
+      # 8B model sustains eager on one H200 (~12.3/s at 4.2k-token prompts): at 15/s (before
+      # 2026-11-30) the queue grew through each burst and TTFT p50 swung 0.45-1.7x between
+      # runs of the same pool. WAVE_ARGS: more serve_bench arguments (~5 min).
       python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
       timeout --signal=INT "${WAVE_TIMEOUT:-540}" \
         python3 -m tokenvm_vllm.bench.serve_bench run --model "$WORK/llama8b" --dummy \
-        --out "$WORK/wave" --workloads wave --server-arg=--enforce-eager --wave-rate 15 \
+        --out "$WORK/wave" --workloads wave --server-arg=--enforce-eager --wave-rate ${WAVE_RATE:-9} \
         --num-prompts 128 --wave-idle-s 40 \
         --configs "tokenvm_v2@fixed,tokenvm_v2@elastic:elastic=true,shrink_idle_s=20" \
         ${WAVE_ARGS:-} 2>&1 | tee "$OUT/wave.log"

@@ -5,13 +5,16 @@ in results/serve_h200 come from the GPU machine.)"""
 
 import argparse
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tokenvm_vllm.bench import serve_bench
 from tokenvm_vllm.bench.serve_bench import ServerConfig, counters, report
-from tokenvm_vllm.bench.server import metric_samples
+from tokenvm_vllm.bench.server import ApiServer, ServerError, metric_samples
 
 
 def opts(**kw: object) -> argparse.Namespace:
@@ -123,3 +126,47 @@ def test_rounds_report_the_median_and_the_spread(tmp_path: Path) -> None:
 def test_rounds_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--rounds 0: give 1 or more"):
         serve_bench.main(["run", "--model", "m", "--out", str(tmp_path), "--rounds", "0"])
+
+
+def test_a_run_that_served_nothing_still_reports(tmp_path: Path) -> None:
+    """A configuration whose client got no answer (0 tok/s) comes back as a row: the report
+    must not die on it and lose the configurations that did run."""
+    write_result(tmp_path, "native_v2", "V2", 100.0, 100.0, 300.0)
+    write_result(tmp_path, "tokenvm_v2", "V2", 0.0, 0.0, 0.0)
+    rows = {r["config"]: r for r in report(serve_bench.load_results([tmp_path]))}
+    assert rows["tokenvm_v2"]["tok_s"] == 0.0 and rows["tokenvm_v2"]["spread"] == 0.0
+    assert rows["native_v2"]["tok_s"] == 100.0
+
+
+def test_a_taken_port_is_refused_before_the_server_starts(tmp_path: Path) -> None:
+    """A server left from an earlier run on the asked port would answer /health in the new
+    one's place: refuse at once, naming the port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        with pytest.raises(ServerError, match=f"port {port} on 127.0.0.1 is in use"):
+            ApiServer("m", [], tmp_path / "server.log", port=port)
+    assert not (tmp_path / "server.log").exists()
+
+
+def test_sigterm_stops_a_run_like_sigint(tmp_path: Path) -> None:
+    """`timeout` sends SIGTERM: the run turns it into the SIGINT path (servers stopped in
+    ``finally``, what finished reported) instead of dying with its server still running."""
+    script = (
+        "import os, signal, sys\n"
+        "from tokenvm_vllm.bench import serve_bench\n"
+        "def run_config(*args, **kwargs):\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        signal.pause()\n"
+        "    finally:\n"
+        "        print('server stopped', flush=True)\n"
+        "serve_bench.run_config = run_config\n"
+        f"serve_bench.main(['run', '--model', 'm', '--out', {str(tmp_path)!r}, "
+        "'--configs', 'none', '--workloads', 'p8'])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "server stopped" in done.stdout
+    assert "interrupted: reporting the configurations that finished" in done.stdout + done.stderr

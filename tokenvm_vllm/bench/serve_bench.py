@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -404,7 +405,8 @@ def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 entry["client"][metric] = statistics.median(values)
         tok_s = [run["client"]["total_token_throughput"] for run in runs]
         entry["rounds"] = len(runs)
-        entry["spread"] = (max(tok_s) - min(tok_s)) / statistics.median(tok_s)
+        median = statistics.median(tok_s)
+        entry["spread"] = (max(tok_s) - min(tok_s)) / median if median else 0.0
         merged["workloads"][workload] = entry
     return merged
 
@@ -539,6 +541,10 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -594,6 +600,10 @@ def main(argv: list[str] | None = None) -> None:
         if bad:
             raise SystemExit(f"serve_bench: unknown workloads {bad}; choose from {WORKLOADS}")
         opts.out.mkdir(parents=True, exist_ok=True)
+        # `timeout` and job control send SIGTERM: take it like SIGINT, so the running server is
+        # stopped (finally: server.stop()) instead of outliving this process and holding the
+        # GPU and the port for the next run.
+        signal.signal(signal.SIGTERM, _interrupt)
         configs = [ServerConfig.parse(spec, opts) for spec in split_specs(opts.configs)]
         (opts.out / "settings.json").write_text(json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()}, indent=1))

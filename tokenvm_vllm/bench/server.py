@@ -33,6 +33,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_in_use(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def metric_samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
     """Prometheus text -> (sample name, labels, value) for every sample line."""
     for line in text.splitlines():
@@ -62,6 +69,11 @@ class ApiServer:
                  env: Mapping[str, str] | None = None) -> None:
         self.model = model
         self.port = port or free_port()
+        if port and port_in_use(port):
+            # A server left over from an earlier run would answer /health in this one's place
+            # and be measured instead of it.
+            raise ServerError(f"port {port} on 127.0.0.1 is in use (a server left from an earlier "
+                              "run?): stop it or pick another port")
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
