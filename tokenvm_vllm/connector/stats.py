@@ -61,7 +61,7 @@ COUNTERS: dict[str, str] = {
     "remote_timeouts": "Remote calls with no answer within remote_timeout_s",
     "remote_failed_batches": "Remote batches that failed (timeouts, connection errors)",
     "remote_dropped_batches": "Remote batches refused because the client's queue was full",
-    "remote_expired_batches": "Remote batches that waited past remote_timeout_s in the queue",
+    "remote_expired_batches": "Remote read batches that waited past remote_timeout_s in the queue",
     "remote_outages": "Times the remote tier became unreachable (then retried in the "
                       "background)",
     "elastic_grown_groups": "Elastic GPU KV: page groups made usable (mapped) ahead of demand",
