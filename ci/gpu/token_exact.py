@@ -28,6 +28,8 @@ against its own big-cache reference in the same KV dtype, model and block size:
 
 - ``tokenvm_sync`` and ``tokenvm_sync_graphs`` (``load_mode="sync"``: eager, and with CUDA
   graphs, which stay FULL; against ``reference`` and ``reference_graphs``);
+- ``tokenvm_dma`` and ``tokenvm_dma_graphs`` (``copy_path="dma"``: every copy by the GPU's
+  copy engines, no gather/scatter kernel; eager and with CUDA graphs);
 
 - ``tokenvm_fp8`` (``kv_cache_dtype="fp8"``, FLASH_ATTN with FA3 on Hopper; per-layer scalar
   k/v scales, 1.0 here, nothing to store), ``tokenvm_fp8_e5m2`` (FA3 has no e5m2: vLLM picks
@@ -131,11 +133,14 @@ def build_configs(base: EngineSettings, workload: Workload, mla_model: Callable[
     # GPU for the whole copy. No per-layer waits, so with CUDA graphs on they stay FULL (not
     # PIECEWISE as with layer-wise loads): the graphs run checks that a replayed FULL graph
     # reads the loaded blocks only after the copy landed.
-    sync = {"load_mode": "sync"}
-    configs["tokenvm_sync"] = cfg(replace(base, connector="tokenvm", extra_config=sync),
-                                  "reference")
-    configs["tokenvm_sync_graphs"] = cfg(replace(base, connector="tokenvm", extra_config=sync,
-                                                 enforce_eager=False), "reference_graphs")
+    # DMA copies (issue #10): no kernel at all, as vLLM's native offloading on V2; the lever to
+    # measure against the staged path's gather/scatter kernels, which share SMs with decode.
+    for name, extra in (("sync", {"load_mode": "sync"}), ("dma", {"copy_path": "dma"})):
+        configs[f"tokenvm_{name}"] = cfg(replace(base, connector="tokenvm", extra_config=extra),
+                                         "reference")
+        configs[f"tokenvm_{name}_graphs"] = cfg(
+            replace(base, connector="tokenvm", extra_config=extra, enforce_eager=False),
+            "reference_graphs")
     for kv_dtype, suffix in (("fp8", "fp8"), ("fp8_e5m2", "fp8_e5m2"),
                              ("fp8_per_token_head", "fp8_pth")):
         fp8 = replace(base, kv_cache_dtype=kv_dtype)

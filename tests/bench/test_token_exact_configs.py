@@ -96,15 +96,19 @@ def test_new_configurations_say_what_they_test(script: ModuleType) -> None:
     assert not configs["tokenvm_mla"].must_differ
 
 
-def test_sync_configurations_compare_like_their_async_peers(script: ModuleType) -> None:
-    """Issue #10: sync loads, eager against ``reference``, CUDA graphs against
-    ``reference_graphs`` (graphs change bf16 numerics); opt-in, the default set unchanged."""
+@pytest.mark.parametrize("name, extra", [("sync", {"load_mode": "sync"}),
+                                         ("dma", {"copy_path": "dma"})])
+def test_issue_10_levers_compare_like_their_default_peers(
+        script: ModuleType, name: str, extra: dict[str, str]) -> None:
+    """Issue #10's levers (sync loads, DMA-only copies): eager against ``reference``, CUDA
+    graphs against ``reference_graphs`` (graphs change bf16 numerics); opt-in, the default set
+    unchanged."""
     configs, defaults, _, _ = build(script, [])
-    eager, graphs = configs["tokenvm_sync"], configs["tokenvm_sync_graphs"]
+    eager, graphs = configs[f"tokenvm_{name}"], configs[f"tokenvm_{name}_graphs"]
     assert (eager.reference, graphs.reference) == ("reference", "reference_graphs")
     for config, eager_engine in ((eager, True), (graphs, False)):
         settings = config.make_settings()
         assert settings.connector == "tokenvm" and not config.must_differ
-        assert settings.extra_config == {"load_mode": "sync"}
+        assert settings.extra_config == extra
         assert settings.enforce_eager is eager_engine
-    assert "tokenvm_sync" not in defaults
+    assert f"tokenvm_{name}" not in defaults and f"tokenvm_{name}_graphs" not in defaults

@@ -285,17 +285,21 @@ def test_client_closed_during_large_reads_never_raises(redis_server: RedisServer
                 assert len(result) == 16 and all(isinstance(ok, bool) for ok in result)
 
 
-def test_lookups_do_not_wait_behind_a_backlog_of_writes(
-        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, client_kind: str) -> None:
-    """Every write thread is stuck in a slow write; a lookup (which a request waits for) and a
-    read still answer. With one thread pool for both, they queued behind the writes (seen on
-    the H200: server A's requests waited for lookups while its blocks streamed out)."""
+def hold_writes(monkeypatch: pytest.MonkeyPatch, client_kind: str) -> threading.Event:
+    """From now on every write (SET pipeline) of the ``client_kind`` client waits, on the
+    store's write thread, until the returned event is set (at most 10 s)."""
     import redis
 
-    with make_store(redis_server.url, timeout_s=5.0, io_threads=2) as s:
-        ks, data = keys(4), payloads(4)
-        assert s.put(ks, data).result(5) == [True] * 4
-        release = threading.Event()
+    release = threading.Event()
+    if client_kind == "raw":
+        set_many = RawRedis.set_many
+
+        def slow_raw_writes(client: RawRedis, *args: object, **kwargs: object) -> object:
+            release.wait(10)
+            return set_many(client, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(RawRedis, "set_many", slow_raw_writes)
+    else:
         execute = redis.client.Pipeline.execute
 
         def slow_writes(pipe: redis.client.Pipeline, *args: object, **kwargs: object) -> object:
@@ -303,16 +307,19 @@ def test_lookups_do_not_wait_behind_a_backlog_of_writes(
                 release.wait(10)
             return execute(pipe, *args, **kwargs)
 
-        set_many = RawRedis.set_many
+        monkeypatch.setattr(redis.client.Pipeline, "execute", slow_writes)
+    return release
 
-        def slow_raw_writes(client: RawRedis, *args: object, **kwargs: object) -> object:
-            release.wait(10)
-            return set_many(client, *args, **kwargs)  # type: ignore[arg-type]
 
-        if client_kind == "raw":
-            monkeypatch.setattr(RawRedis, "set_many", slow_raw_writes)
-        else:
-            monkeypatch.setattr(redis.client.Pipeline, "execute", slow_writes)
+def test_lookups_do_not_wait_behind_a_backlog_of_writes(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, client_kind: str) -> None:
+    """Every write thread is stuck in a slow write; a lookup (which a request waits for) and a
+    read still answer. With one thread pool for both, they queued behind the writes (seen on
+    the H200: server A's requests waited for lookups while its blocks streamed out)."""
+    with make_store(redis_server.url, timeout_s=5.0, io_threads=2) as s:
+        ks, data = keys(4), payloads(4)
+        assert s.put(ks, data).result(5) == [True] * 4
+        release = hold_writes(monkeypatch, client_kind)
         writes = [s.put(keys(2, salt=20 + i), payloads(2, seed=i)) for i in range(6)]
         time.sleep(0.2)  # both write threads are now inside slow_writes
         assert not any(w.done() for w in writes)
@@ -330,26 +337,8 @@ def test_a_write_that_waited_past_the_deadline_is_still_sent(
     """Writes queued behind a slow write go out when their turn comes, however late: a late
     block is still worth sharing. Reads that late are misses (their request has moved on). On
     the H200, expiring queued writes lost 1,537 of the 4,240 blocks server A had to share."""
-    import redis
-
     with make_store(redis_server.url, timeout_s=0.3, io_threads=1) as s:
-        release = threading.Event()
-        execute = redis.client.Pipeline.execute
-        set_many = RawRedis.set_many
-
-        def slow_writes(pipe: redis.client.Pipeline, *args: object, **kwargs: object) -> object:
-            if any(args_[0] == "SET" for args_, _ in pipe.command_stack):
-                release.wait(10)
-            return execute(pipe, *args, **kwargs)
-
-        def slow_raw_writes(client: RawRedis, *args: object, **kwargs: object) -> object:
-            release.wait(10)
-            return set_many(client, *args, **kwargs)  # type: ignore[arg-type]
-
-        if client_kind == "raw":
-            monkeypatch.setattr(RawRedis, "set_many", slow_raw_writes)
-        else:
-            monkeypatch.setattr(redis.client.Pipeline, "execute", slow_writes)
+        release = hold_writes(monkeypatch, client_kind)
         writes = [s.put(keys(2, salt=40 + i), payloads(2, seed=i)) for i in range(3)]
         time.sleep(3 * s.timeout_s)  # the second and third now waited past the deadline
         release.set()
