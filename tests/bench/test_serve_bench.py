@@ -5,9 +5,12 @@ in results/serve_h200 come from the GPU machine.)"""
 
 import argparse
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -170,3 +173,20 @@ def test_sigterm_stops_a_run_like_sigint(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "server stopped" in done.stdout
     assert "interrupted: reporting the configurations that finished" in done.stdout + done.stderr
+
+
+def test_a_stop_interrupted_midway_still_kills_the_server(tmp_path: Path) -> None:
+    """An interrupt while ``stop`` waits for vLLM's clean shutdown (a second signal from
+    ``timeout``) must not leave the server running: it would hold the GPU and the port."""
+    server = object.__new__(ApiServer)  # a stand-in server: a process that ignores SIGINT
+    server.proc = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, "
+         "signal.SIG_IGN); print('up', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, start_new_session=True)
+    assert server.proc.stdout is not None and server.proc.stdout.readline() == b"up\n"
+    interrupt = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    interrupt.start()
+    with pytest.raises(KeyboardInterrupt):
+        server.stop()  # waits up to 30 s for the ignored SIGINT; interrupted after 0.5 s
+    interrupt.join()
+    assert server.proc.wait(timeout=10) == -signal.SIGKILL

@@ -122,16 +122,20 @@ class ApiServer:
         return metric_samples(self.get("/metrics"))
 
     def stop(self) -> None:
-        """SIGINT the process group (vLLM shuts down cleanly), SIGKILL what is left after 30 s."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+        """SIGINT the process group (vLLM shuts down cleanly), SIGKILL what is left after 30 s,
+        or at once if this process is interrupted meanwhile (a second Ctrl-C, ``timeout``'s
+        signal): the server never outlives the wait for it."""
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the group, if any
-        except ProcessLookupError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=10)
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGINT)
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the group, if any
+            except ProcessLookupError:
+                pass
+            if self.proc.poll() is None:
+                self.proc.wait(timeout=10)
