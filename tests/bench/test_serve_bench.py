@@ -153,15 +153,19 @@ def test_a_taken_port_is_refused_before_the_server_starts(tmp_path: Path) -> Non
     assert not (tmp_path / "server.log").exists()
 
 
-def test_sigterm_stops_a_run_like_sigint(tmp_path: Path) -> None:
-    """`timeout` sends SIGTERM: the run turns it into the SIGINT path (servers stopped in
-    ``finally``, what finished reported) instead of dying with its server still running."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signal_stops_a_run_and_its_server(tmp_path: Path, signum: int) -> None:
+    """``timeout`` sends SIGTERM (or SIGINT with ``--signal=INT``): the run stops its server (in
+    ``finally``) and reports what finished, instead of dying with the server still running.
+    The run starts with SIGINT ignored, as a shell's background job (``cmd &``) does: SIGINT
+    must still stop it."""
     script = (
         "import os, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job of a shell\n"
         "from tokenvm_vllm.bench import serve_bench\n"
         "def run_config(*args, **kwargs):\n"
         "    try:\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        f"        os.kill(os.getpid(), {int(signum)})\n"
         "        signal.pause()\n"
         "    finally:\n"
         "        print('server stopped', flush=True)\n"
@@ -184,9 +188,18 @@ def test_a_stop_interrupted_midway_still_kills_the_server(tmp_path: Path) -> Non
          "signal.SIG_IGN); print('up', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, start_new_session=True)
     assert server.proc.stdout is not None and server.proc.stdout.readline() == b"up\n"
-    interrupt = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
-    interrupt.start()
-    with pytest.raises(KeyboardInterrupt):
-        server.stop()  # waits up to 30 s for the ignored SIGINT; interrupted after 0.5 s
-    interrupt.join()
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGUSR1 with its own handler, not SIGINT: a shell that starts a job in the background
+    # (`nohup ... &`) ignores SIGINT for it, and Python then never raises KeyboardInterrupt.
+    previous = signal.signal(signal.SIGUSR1, interrupted)
+    interrupt = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    try:
+        interrupt.start()
+        with pytest.raises(KeyboardInterrupt):
+            server.stop()  # waits up to 30 s for the ignored SIGINT; interrupted after 0.5 s
+    finally:
+        interrupt.join()
+        signal.signal(signal.SIGUSR1, previous)
     assert server.proc.wait(timeout=10) == -signal.SIGKILL

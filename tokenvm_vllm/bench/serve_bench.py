@@ -600,10 +600,12 @@ def main(argv: list[str] | None = None) -> None:
         if bad:
             raise SystemExit(f"serve_bench: unknown workloads {bad}; choose from {WORKLOADS}")
         opts.out.mkdir(parents=True, exist_ok=True)
-        # `timeout` and job control send SIGTERM: take it like SIGINT, so the running server is
-        # stopped (finally: server.stop()) instead of outliving this process and holding the
-        # GPU and the port for the next run.
+        # `timeout` sends SIGTERM, or SIGINT with --signal=INT: either stops the running server
+        # (finally: server.stop()) instead of leaving it to hold the GPU and the port for the
+        # next run. SIGINT gets a handler too: a shell's background job starts with SIGINT
+        # ignored, and Python then never raises KeyboardInterrupt.
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
         configs = [ServerConfig.parse(spec, opts) for spec in split_specs(opts.configs)]
         (opts.out / "settings.json").write_text(json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()}, indent=1))
