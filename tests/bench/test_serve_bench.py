@@ -188,12 +188,10 @@ def test_a_stop_interrupted_midway_still_kills_the_server(tmp_path: Path) -> Non
          "signal.SIG_IGN); print('up', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, start_new_session=True)
     assert server.proc.stdout is not None and server.proc.stdout.readline() == b"up\n"
-    def interrupted(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    # SIGUSR1 with its own handler, not SIGINT: a shell that starts a job in the background
-    # (`nohup ... &`) ignores SIGINT for it, and Python then never raises KeyboardInterrupt.
-    previous = signal.signal(signal.SIGUSR1, interrupted)
+    # SIGUSR1 with serve_bench's own handler, not SIGINT: a shell that starts a job in the
+    # background (`nohup ... &`) ignores SIGINT for it, and Python then never raises
+    # KeyboardInterrupt.
+    previous = signal.signal(signal.SIGUSR1, serve_bench._interrupt)
     interrupt = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGUSR1))
     try:
         interrupt.start()
