@@ -40,6 +40,49 @@ def test_cold_start_reads() -> None:
     assert gate.should_read(100, 1600)  # reads still unmeasured: read (and so measure)
 
 
+def test_cold_start_reads_one_request_at_a_time() -> None:
+    """Before the first read is measured only one request reads; the others recompute until
+    its reads end (a burst of 8 requests all reading at 764 blocks/s doubled TTFT on an H200)."""
+    clock = Clock()
+    gate = RemoteGate(clock=clock)
+    assert gate.should_read(256, 4096)  # the probe
+    assert not gate.should_read(256, 4096)  # same step, its reads not yet submitted
+    gate.reads_submitted(256)
+    gate.step_scheduled(4096)
+    assert not gate.should_read(256, 4096)  # the probe's reads are in flight
+    clock.now += 0.1
+    gate.step_finished()
+    assert not gate.should_read(256, 4096)
+    clock.now += 0.2
+    gate.reads_finished(256)  # 256 blocks in 0.3 s: 853 blocks/s against ~41k tok/s
+    assert gate.read_rate == pytest.approx(256 / 0.3)
+    assert not gate.should_read(256, 4096)  # measured: slower than recomputing
+    assert gate.should_read(1, 4096)  # ~1 ms reading against ~100 ms recomputing
+
+    # A probe granted but never submitted (nothing to read after all) holds only its step.
+    idle = RemoteGate(clock=clock)
+    assert idle.should_read(8, 128)
+    assert not idle.should_read(8, 128)
+    idle.step_scheduled(0)
+    assert idle.should_read(8, 128)
+
+
+def test_reads_that_all_failed_are_not_read_but_probed() -> None:
+    """Every read in the window expired (delivered nothing): read rate 0, no division by it;
+    recompute, and probe again after ``probe_interval_s``."""
+    clock = Clock()
+    gate = RemoteGate(clock=clock, probe_interval_s=10.0)
+    steps(gate, clock, 4, tokens=1000, seconds=0.01)
+    gate.reads_submitted(64)
+    clock.now += 0.5
+    gate.reads_finished(64, delivered=0)
+    assert gate.read_rate == 0
+    assert not gate.should_read(1, 4096)
+    clock.now += 10
+    assert gate.should_read(1, 4096)  # the probe
+    assert "0 blocks/s" in gate.describe()
+
+
 def test_slow_reads_skip_and_fast_reads_read() -> None:
     clock = Clock()
     gate = RemoteGate(clock=clock)
