@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tokenvm_vllm.bench import wave
 from tokenvm_vllm.bench.serve_bench import client_command
+from tokenvm_vllm.bench.stats import median_by_quarter
 
 
 def test_both_bursts_send_the_same_prompts_at_poisson_arrivals(tmp_path: Path) -> None:
@@ -20,6 +21,15 @@ def test_both_bursts_send_the_same_prompts_at_poisson_arrivals(tmp_path: Path) -
     p8 = client_command("p8", opts, tmp_path / "c.json", 0.0)
     assert p8[p8.index("--seed") + 1] != first[first.index("--seed") + 1]
     assert "--request-rate" not in p8
+    # per-request TTFTs come back (serve_bench keeps four medians of them, then drops them)
+    assert "--save-detailed" in first and "--save-detailed" in p8
+
+
+def test_ttft_medians_by_quarter_of_the_requests_in_arrival_order() -> None:
+    ttfts = [900.0, 700.0, 100.0, 120.0, 110.0, 130.0, 90.0, 95.0]
+    assert median_by_quarter(ttfts) == [800.0, 110.0, 120.0, 92.5]  # the burst's start waited
+    assert median_by_quarter([5.0, 1.0]) == [5.0, 1.0]
+    assert median_by_quarter([]) == []
 
 
 def test_summary_reads_the_levels_held_at_the_end_of_idle_and_after_the_shrink() -> None:

@@ -60,6 +60,7 @@ from typing import Any
 
 from tokenvm_vllm.bench import wave
 from tokenvm_vllm.bench.server import ApiServer
+from tokenvm_vllm.bench.stats import median_by_quarter
 from tokenvm_vllm.bench.timeline import PHASES, parse, summarize
 
 WORKLOADS = ("p8", "p32", "poisson", "random", "wave", "long")
@@ -169,7 +170,8 @@ def client_command(workload: str, opts: argparse.Namespace, out: Path, rate: flo
            "--temperature", "0", "--ignore-eos",
            "--seed", str(SEEDS["wave" if workload.startswith("wave") else workload]),
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
-           "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
+           "--save-result", "--save-detailed", "--result-dir", str(out.parent),
+           "--result-filename", out.name]
     if workload == "long":
         return cmd + ["--dataset-name", "prefix_repetition", "--num-prompts",
                       str(opts.long_prompts), "--prefix-repetition-prefix-len", str(opts.long_len),
@@ -281,6 +283,10 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
         samples = sampler.stop() if sampler is not None else []
     after = scrape(server)
     client = json.loads(client_out.read_text())
+    # --save-detailed's per-request TTFTs (arrival order), kept as four medians: whether the
+    # first requests of a burst waited longer (e.g. for an elastic pool to map) than the rest
+    ttfts = [t * 1000 for t in client.get("ttfts") or [] if t]
+    client["ttft_p50_ms_by_quarter"] = [round(t, 1) for t in median_by_quarter(ttfts)]
     for bulky in ("input_lens", "output_lens", "ttfts", "itls", "generated_texts",
                   "errors", "start_times"):
         client.pop(bulky, None)
@@ -289,7 +295,8 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
              f"tok/s, TTFT p50 {client['median_ttft_ms']:.0f} ms, TPOT "
              f"{client['mean_tpot_ms']:.2f} ms, computed "
              f"{deltas.get('prompt_tokens[local_compute]', 0):.0f}, external "
-             f"{deltas.get('prompt_tokens[external_kv_transfer]', 0):.0f}")
+             f"{deltas.get('prompt_tokens[external_kv_transfer]', 0):.0f}, TTFT p50 by "
+             f"quarter {'/'.join(f'{t:.0f}' for t in client['ttft_p50_ms_by_quarter'])} ms")
     entry = {"client": client, "counters": deltas, "rate": rate,
              "wall_s": time.monotonic() - started, "window": [started, time.monotonic()]}
     if samples:  # KV memory over the run: the mean is what issue #13's long-context goal reads
