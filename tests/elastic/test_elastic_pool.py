@@ -296,3 +296,34 @@ def test_shrink_gives_up_when_host_cannot_take_the_blocks():
     assert s.pool.groups.mapped == {0, 1} and s.evicted_while_unreadable == []
     s.clock.now += 5
     assert s.pool.maybe_shrink() == 0 and not s.pool.shrink_pending  # waits a new idle period
+
+
+def test_a_shrink_while_serving_stores_and_drops_nothing():
+    """While requests are in the engine a low-use shrink unmaps only groups whose cached blocks
+    are in host already: the cached prefixes are what the next requests hit (on the H200 a
+    long-context run at 1 request/s shrank to the floor, pushed 28 GiB of documents into a
+    20 GiB host tier and recomputed 1.4x the prompt tokens). Once no request is left, the
+    full shrink stores (and past the tiers' capacity drops) as before."""
+    s = Setup(floor_groups=1, idle_s=10)
+    s.pool.grow(demand=10)  # groups 0..2
+    cached = s.cache_prefix(6)  # blocks 4-7 (group 1) and 8-9 (group 2)
+    keys = {b: s.block_pool.blocks[b].block_hash for b in cached}
+    s.request_store([(keys[b], b) for b in (8, 9)])  # group 2's are in host (write-through)
+    s.finish_stores()
+    s.pool.observe()
+    s.clock.now += 11
+    assert s.pool.maybe_shrink(serving=True) == 1
+    assert [c for c in s.mapper.calls if c[0] == "unmap"] == [("unmap", 2)]
+    assert s.stored == [] and s.evicted_while_unreadable == []  # nothing stored or dropped
+    assert all(s.block_pool.blocks[b].block_hash == keys[b] for b in (4, 5, 6, 7))  # cached
+    counters = s.pool.take_counters()
+    assert counters.spilled_blocks == 2 and counters.spill_store_blocks == 0
+    s.clock.now += 11
+    assert s.pool.maybe_shrink(serving=True) == 0  # group 1 holds blocks only vLLM has
+    assert s.stored == []
+    # the safe shrinks left the low-use clock alone: no request left, the full shrink at once
+    assert s.pool.maybe_shrink(serving=False) == 0  # store them first
+    assert sorted(b for _, b, _ in s.stored) == [4, 5, 6, 7]
+    s.finish_stores()
+    assert s.pool.maybe_shrink(serving=True) == 1  # a shrink begun idle finishes
+    assert s.evicted_while_unreadable == [] and s.pool.usable_blocks == 4

@@ -94,6 +94,39 @@ def test_write_back_shrink_stores_blocks_before_dropping_them(make_harness):
     assert h.stats["elastic_spilled_blocks"] > 0
 
 
+def test_while_a_request_runs_a_shrink_stores_and_drops_nothing(make_harness):
+    """A request decoding at low use past ``shrink_idle_s`` is not an idle period: the cached
+    prefixes of the burst before it (not in host: write_back) are neither stored for a shrink
+    nor dropped. Once no request has been in the engine for ``shrink_idle_s``, the shrink
+    stores them and unmaps, and the revisits load them exact."""
+    h, elastic = elastic_harness(make_harness, write_mode="write_back",
+                                 write_back_lookahead_blocks=1)
+    burst = prompts(4, prefix_blocks=6, suffix=5, seed=9)
+    for p in burst:
+        h.add(p)
+    h.run()
+    peak = elastic.usable_blocks
+    (tail,) = prompts(1, prefix_blocks=1, suffix=3, seed=10)
+    h.add(tail, max_tokens=60)
+    started = time.monotonic()
+    while h.scheduler.has_unfinished_requests():
+        h.step()
+        time.sleep(0.02)  # 60 steps of ~20 ms: well past shrink_idle_s (0.3 s) at low use
+    assert time.monotonic() - started > 0.6
+    assert h.stats.get("elastic_spill_store_blocks", 0) == 0
+    assert h.stats.get("elastic_spill_dropped_blocks", 0) == 0
+    assert elastic.usable_blocks > 8  # the burst's cached groups stayed mapped
+    h.run()
+    time.sleep(0.4)  # now an idle period: no request at all
+    h.run_idle()
+    assert h.stats["elastic_spill_store_blocks"] > 0 and h.stats["elastic_shrunk_groups"] > 0
+    assert elastic.usable_blocks < peak
+    for p in burst:  # the spilled prefixes come back from host, exact
+        h.add(p)
+    h.run()
+    assert h.stats["loaded_blocks"] > 0
+
+
 def test_ceiling_file_lowers_the_pool_while_running(make_harness, tmp_path):
     ceiling = tmp_path / "ceiling"
     h, elastic = elastic_harness(make_harness, shrink_idle_s=3600,

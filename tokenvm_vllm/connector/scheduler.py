@@ -270,7 +270,8 @@ class TokenVMScheduler:
     def on_new_request(self, request: Request) -> None:
         state = self.requests.setdefault(request.request_id, RequestState(request))
         if self.elastic is not None:
-            self.elastic.between_steps(self._blocks_needed(state))
+            self.elastic.between_steps(self._blocks_needed(state),
+                                       serving=len(self.requests) > 1)  # others than this one
         state.prefetch_deadline = time.monotonic() + self.config.disk_prefetch_timeout_s
         # Queued and running requests will need their prefix: the queue-aware policy evicts
         # those blocks last (other policies ignore protect/unprotect).
@@ -435,7 +436,8 @@ class TokenVMScheduler:
                     and scheduler_output.total_num_scheduled_tokens == 0
                     and not self.has_pending_work(idle=False)):
                 time.sleep(IDLE_TICK_S)  # an empty step only to wait out the idle period
-            self.elastic.end_of_schedule()  # may hand blocks to the planner's spill list
+            # may hand blocks to the planner's spill list (only once no request is left)
+            self.elastic.end_of_schedule(serving=bool(self.requests))
         store = self.planner.plan_store(scheduler_output, self.requests, self.block_keys,
                                         self.num_hashed_blocks)
         if store is not None:

@@ -15,7 +15,9 @@ never hands it out, never evicts into it and never counts it as free.
   with no block in use. Their prefix-cached blocks must first be READABLE in TokenVM's host (or
   disk) tier: the ones that are not are handed to ``request_store`` (the scheduler's store path)
   and the shrink waits for a later step. Once every one is readable: ``evict_blocks`` drops them
-  from vLLM's prefix cache, the group's blocks are parked, then the groups are unmapped.
+  from vLLM's prefix cache, the group's blocks are parked, then the groups are unmapped. While
+  requests are still being served (``serving``) only groups whose cached blocks are readable
+  below already go: nothing is stored or dropped for them until the engine is idle.
 
 Safety contract (why the call sites in ``connector/scheduler.py`` are where they are): a shrink
 parks blocks, so it must never run while vLLM holds a reference to a free block it is about to
@@ -175,6 +177,8 @@ class ElasticPool:
         self._idle_shrink_tried = False
         """An idle-period shrink was tried since the last busy step (see ``awaiting_idle_
         shrink``)."""
+        self._safe_shrink_at = float("-inf")
+        """When a shrink while serving (safe groups only) last scanned the mapped blocks."""
         self._start()
         self._start_bytes = self.mapped_bytes
 
@@ -212,6 +216,15 @@ class ElasticPool:
         if block.ref_cnt > 0 or block.is_null:
             return BlockState.IN_USE
         return BlockState.FREE if block.block_hash is None else BlockState.CACHED
+
+    def _state_kept_while_serving(self, block_id: int) -> BlockState:
+        """``_state_of``, with a cached block not yet READABLE below counted as in use: a
+        shrink while serving keeps its group mapped rather than store or drop it."""
+        state = self._state_of(block_id)
+        if state is BlockState.CACHED and not self.is_spilled(
+                self.block_pool.blocks[block_id].block_hash):
+            return BlockState.IN_USE
+        return state
 
     # -- start -----------------------------------------------------------------------------
 
@@ -327,25 +340,45 @@ class ElasticPool:
         if self.policy.observe(now, in_use, usable):
             self._idle_shrink_tried = False
 
-    def maybe_shrink(self, now: float | None = None) -> int:
-        """Shrink to the floor if the pool has been idle ``idle_s``; returns the groups
-        unmapped (0 when not idle, nothing qualifies, or cached blocks still wait for their
+    def maybe_shrink(self, now: float | None = None, serving: bool = False) -> int:
+        """Shrink to the floor if the pool has been at low use for ``idle_s``; returns the
+        groups unmapped (0 when not, nothing qualifies, or cached blocks still wait for their
         store to host: then the store is requested and a later call finishes the shrink).
+
+        ``serving``: requests are still in the engine. Then a low-use shrink takes only groups
+        whose cached blocks are all READABLE below already: it stores nothing and drops
+        nothing. The cached prefixes are what the next requests hit (on the H200 a long-context
+        run shrank to the floor at 1 request/s, spilled 28 GiB of documents into a 20 GiB host
+        tier and recomputed 1.4x the prompt tokens); storing and dropping wait until no
+        request is left. A lowered ceiling shrinks either way, and a shrink that began while
+        not serving finishes (its stores are under way). Such a safe-only shrink is tried at
+        most once per ``idle_s`` and leaves the low-use clock alone: the full shrink comes as
+        soon as the engine is idle.
 
         Call only between steps or at the end of ``schedule`` (see the module docstring)."""
         now = self.clock() if now is None else now
         over_ceiling = self.mapped_bytes > self.groups.ceiling_bytes
-        if not over_ceiling and not self.policy.should_shrink(now):
+        low_use = self.policy.should_shrink(now)
+        if not over_ceiling and not low_use:
             return 0
-        idle = self.policy.should_shrink(now)
+        idle = low_use and not serving  # the idle-period shrink, the one the engine waits out
+        # serving: only groups whose cached blocks are safe below (a shrink begun idle goes on)
+        safe_only = serving and not over_ceiling and not self._pending_spill
+        if safe_only:
+            if now - self._safe_shrink_at < self.policy.idle_s:
+                return 0  # scanned the mapped blocks lately
+            self._safe_shrink_at = now
         target = None
         if over_ceiling:  # whole groups only: round the ceiling down to a group boundary
             group = self.layout.group_bytes(0)
             target = self.groups.ceiling_bytes // group * group
-        plan = self.groups.plan_shrink(self._state_of, target_bytes=target)
+        plan = self.groups.plan_shrink(
+            self._state_kept_while_serving if safe_only else self._state_of, target_bytes=target)
         if not plan.groups and over_ceiling:
             return 0  # the groups above the ceiling are in use: try again next step
         if not plan.groups:
+            if safe_only:
+                return 0
             # At the floor, or every group above it has a block in use: try again after another
             # idle period rather than scan every mapped block on every step.
             self._forget_spill()
@@ -385,11 +418,13 @@ class ElasticPool:
         self.groups.apply_shrink(plan)
         self.counters.shrunk_groups += len(plan.groups)
         self.counters.spilled_blocks += len(plan.spill)
-        self.policy.shrank(now)
+        if not safe_only:
+            self.policy.shrank(now)
         self._idle_shrink_tried = self._idle_shrink_tried or idle
         logger.info("TokenVM elastic: %s, shrank by %d page groups (%d bytes); %d cached blocks "
                     "were in host first, %d blocks usable now",
                     f"ceiling {self.groups.ceiling_bytes} bytes" if over_ceiling
+                    else f"low use for {self.policy.idle_s:.1f}s while serving" if serving
                     else f"idle {self.policy.idle_s:.1f}s", len(plan.groups), plan.bytes,
                     len(plan.spill), self.usable_blocks)
         return len(plan.groups)

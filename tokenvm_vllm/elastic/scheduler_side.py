@@ -2,12 +2,14 @@
 
 ``connector/scheduler.py`` calls, and only calls:
 
-- ``between_steps(demand)`` from ``on_new_request`` (an idle engine does not step, so an idle
-  period ends here): read the ceiling file, maybe shrink, then map ahead for the new request;
+- ``between_steps(demand, serving)`` from ``on_new_request`` (an idle engine does not step, so
+  an idle period ends here): read the ceiling file, maybe shrink, then map ahead for the new
+  request; ``serving``: other requests are in the engine (a shrink then stores and drops
+  nothing, ``ElasticPool.maybe_shrink``);
 - ``before_alloc(demand)`` from ``get_num_new_matched_tokens`` (vLLM allocates next; growing only
   adds free blocks, safe inside ``schedule``; shrinking is not, see ``pool.py``);
-- ``end_of_schedule()`` at the start of ``build_connector_meta``: ceiling file, observe the
-  step's use, maybe shrink (may hand blocks to the store planner's spill list);
+- ``end_of_schedule(serving)`` at the start of ``build_connector_meta``: ceiling file, observe
+  the step's use, maybe shrink (may hand blocks to the store planner's spill list);
 - ``after_meta(demand)`` at its end: map ahead for the next step's allocations.
 
 ``take_commands()`` gives the map/unmap commands recorded since the last call, for the step's
@@ -77,6 +79,8 @@ class SchedulerElastic:
         self.max_step_blocks = max_step_blocks
         self.clock = clock
         self._polled_at = float("-inf")
+        self._served_at: float | None = None
+        """When a step last saw a request in the engine (``_serving``)."""
         self._ceiling_file_seen: tuple[int, int] | None = None
         self._ceiling_setting = self.pool.groups.ceiling_bytes
         """The ceiling the settings ask for (gpu_kv_ceiling_bytes, then the ceiling file); the
@@ -90,18 +94,26 @@ class SchedulerElastic:
 
     # -- hook points ------------------------------------------------------------------------
 
-    def between_steps(self, demand: int) -> None:
+    def between_steps(self, demand: int, serving: bool) -> None:
         self._poll_limits()
-        self.pool.maybe_shrink()
+        self.pool.maybe_shrink(serving=self._serving(serving))
         self.pool.grow(demand)
 
     def before_alloc(self, demand: int) -> None:
         self.pool.grow(demand)
 
-    def end_of_schedule(self) -> None:
+    def end_of_schedule(self, serving: bool) -> None:
         self._poll_limits()
         self.pool.observe()
-        self.pool.maybe_shrink()
+        self.pool.maybe_shrink(serving=self._serving(serving))
+
+    def _serving(self, requests_now: bool) -> bool:
+        """Whether the engine held requests within the last ``shrink_idle_s``: an idle period
+        is one without any request, not a gap between two (at 1 request/s there are many)."""
+        now = self.clock()
+        if requests_now:
+            self._served_at = now
+        return self._served_at is not None and now - self._served_at < self.config.shrink_idle_s
 
     def after_meta(self, demand: int) -> None:
         self.pool.grow(min(self.max_step_blocks, demand))
