@@ -32,6 +32,17 @@ def elastic_harness(make_harness, **extra) -> tuple[Harness, ElasticPool]:
     return h, elastic
 
 
+def served_burst(make_harness, seed: int, **extra) -> tuple[Harness, ElasticPool, list[list[int]]]:
+    """An elastic harness (``extra``: more settings) that served a burst of 4 prompts with
+    6-block prefixes of their own, to the end; the burst's prompts for revisits."""
+    h, elastic = elastic_harness(make_harness, **extra)
+    burst = prompts(4, prefix_blocks=6, suffix=5, seed=seed)
+    for p in burst:
+        h.add(p)
+    h.run()
+    return h, elastic, burst
+
+
 def test_starts_at_the_floor_grows_for_a_burst_and_stays_exact(make_harness):
     h, elastic = elastic_harness(make_harness)
     assert elastic.usable_blocks == 8
@@ -47,11 +58,7 @@ def test_starts_at_the_floor_grows_for_a_burst_and_stays_exact(make_harness):
 
 
 def test_idle_shrink_spills_to_host_and_revisits_load_exact(make_harness):
-    h, elastic = elastic_harness(make_harness)
-    burst = prompts(4, prefix_blocks=6, suffix=5, seed=2)
-    for p in burst:
-        h.add(p)
-    h.run()
+    h, elastic, burst = served_burst(make_harness, seed=2)
     peak = elastic.usable_blocks
     assert h.stats.get("loaded_blocks", 0) == 0
     time.sleep(0.4)  # idle past shrink_idle_s: no engine steps meanwhile
@@ -70,12 +77,8 @@ def test_write_back_shrink_stores_blocks_before_dropping_them(make_harness):
     """write_back stores only near the eviction end of vLLM's free queue: most cached blocks are
     not in host when the idle period ends, so the shrink stores them first, steps, and only
     then drops them from vLLM's cache."""
-    h, elastic = elastic_harness(make_harness, write_mode="write_back",
-                                 write_back_lookahead_blocks=1)
-    burst = prompts(4, prefix_blocks=6, suffix=5, seed=3)
-    for p in burst:
-        h.add(p)
-    h.run()
+    h, elastic, burst = served_burst(make_harness, seed=3, write_mode="write_back",
+                                     write_back_lookahead_blocks=1)
     stored_before = h.stats.get("stored_blocks", 0)
     time.sleep(0.4)
     (other,) = prompts(1, prefix_blocks=1, suffix=3, seed=4)
@@ -99,12 +102,8 @@ def test_while_a_request_runs_a_shrink_stores_and_drops_nothing(make_harness):
     prefixes of the burst before it (not in host: write_back) are neither stored for a shrink
     nor dropped. Once no request has been in the engine for ``shrink_idle_s``, the shrink
     stores them and unmaps, and the revisits load them exact."""
-    h, elastic = elastic_harness(make_harness, write_mode="write_back",
-                                 write_back_lookahead_blocks=1)
-    burst = prompts(4, prefix_blocks=6, suffix=5, seed=9)
-    for p in burst:
-        h.add(p)
-    h.run()
+    h, elastic, burst = served_burst(make_harness, seed=9, write_mode="write_back",
+                                     write_back_lookahead_blocks=1)
     peak = elastic.usable_blocks
     (tail,) = prompts(1, prefix_blocks=1, suffix=3, seed=10)
     h.add(tail, max_tokens=60)
@@ -129,12 +128,8 @@ def test_while_a_request_runs_a_shrink_stores_and_drops_nothing(make_harness):
 
 def test_ceiling_file_lowers_the_pool_while_running(make_harness, tmp_path):
     ceiling = tmp_path / "ceiling"
-    h, elastic = elastic_harness(make_harness, shrink_idle_s=3600,
-                                 elastic_ceiling_file=str(ceiling))
-    burst = prompts(4, prefix_blocks=6, suffix=5, seed=5)
-    for p in burst:
-        h.add(p)
-    h.run()
+    h, elastic, burst = served_burst(make_harness, seed=5, shrink_idle_s=3600,
+                                     elastic_ceiling_file=str(ceiling))
     assert elastic.usable_blocks > 16
     ceiling.write_text("4KiB")  # 4 groups of 1 KiB: 16 blocks
     time.sleep(1.1)  # the file is looked at no more than once a second
