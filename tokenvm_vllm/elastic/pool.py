@@ -424,7 +424,7 @@ class ElasticPool:
         logger.info("TokenVM elastic: %s, shrank by %d page groups (%d bytes); %d cached blocks "
                     "were in host first, %d blocks usable now",
                     f"ceiling {self.groups.ceiling_bytes} bytes" if over_ceiling
-                    else f"low use for {self.policy.idle_s:.1f}s while serving" if serving
+                    else f"low use for {self.policy.idle_s:.1f}s while serving" if safe_only
                     else f"idle {self.policy.idle_s:.1f}s", len(plan.groups), plan.bytes,
                     len(plan.spill), self.usable_blocks)
         return len(plan.groups)
