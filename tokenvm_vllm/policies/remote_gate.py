@@ -80,8 +80,9 @@ class RemoteGate:
         self._reads: deque[tuple[int, float]] = deque(maxlen=window)
         self._last_read_sent: float | None = None
         self._cold_probe_granted = False
-        """Cold start: a request was told to read since the last step went out (its reads are
-        not yet submitted, so ``_reads_in_flight`` does not show them)."""
+        """Cold start: a request was told to read since the last step went out (until its
+        reads are submitted ``_reads_in_flight`` does not show them; ``step_scheduled``, which
+        follows every ``reads_submitted``, clears it)."""
 
     # -- compute side ----------------------------------------------------------------------
 
@@ -130,7 +131,6 @@ class RemoteGate:
             return
         now = self.clock()
         self._account(now)
-        self._cold_probe_granted = False
         self._reads_in_flight += values
         self._last_read_sent = now
 
