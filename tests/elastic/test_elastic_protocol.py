@@ -18,8 +18,8 @@ import pytest
 
 from tests.connector.test_two_ranks import TwoRankHarness
 from tests.elastic.test_elastic_scheduler import prompts
-from tokenvm_vllm.elastic.page_groups import PageGroupLayout
-from tokenvm_vllm.elastic.protocol import CommandMapper, WorkerKV, initial_groups
+from tokenvm_vllm.elastic.page_groups import PageGroupLayout, RecordingMapper
+from tokenvm_vllm.elastic.protocol import CommandMapper, ReserveLedger, WorkerKV, initial_groups
 
 
 class ProtocolViolation(AssertionError):
@@ -135,7 +135,9 @@ def test_a_metadata_without_its_commands_is_caught(tiny_model_config, monkeypatc
     """Negative control: drop the commands on their way to the workers; the first step that
     uses a newly usable block must be flagged."""
     h = elastic_ranks(tiny_model_config)
-    monkeypatch.setattr(h.connector.scheduler.elastic, "take_commands", lambda: [])
+    take = h.connector.scheduler.elastic.take_commands
+    monkeypatch.setattr(h.connector.scheduler.elastic, "take_commands",
+                        lambda: ([], take()[1]))
     with pytest.raises(ProtocolViolation):
         burst_idle_revisit(h, seed=12)
 
@@ -171,9 +173,12 @@ def test_worker_applies_commands_and_rejects_an_unknown_one():
     layout = PageGroupLayout([1024, 1024], num_blocks=16, page_bytes=4096)  # 4 blocks/group
     kv = WorkerKV(layout, initial_groups(layout, 0, None))
     assert kv.mapped == {0} and kv.is_usable(3) and not kv.is_usable(4)
-    kv.apply([("map", 1), ("map", 3), ("unmap", 1)])
+    kv.apply([], reserve=2)
+    assert kv.refill() == (1, 2)  # (metadata applied, groups reserved)
+    kv.apply([("map", 1), ("map", 3), ("unmap", 1)], reserve=2)
     assert kv.mapped == {0, 3} and kv.is_usable(12) and not kv.is_usable(4)
     assert (kv.maps, kv.unmaps) == (2, 1)
+    assert kv.mapper.spare_groups() == 1  # the unmap kept its memory: the reserve was short
     with pytest.raises(AssertionError, match="mapped twice"):
         kv.apply([("map", 3)])  # the recording mapper refuses what the GPU would corrupt
     with pytest.raises(ValueError, match="unknown command"):
@@ -188,6 +193,83 @@ def test_warm_up_maps_everything_and_the_first_step_trims_to_the_start_set():
     assert kv.mapped == {0}
     kv.map_all_for_warm_up()
     assert kv.mapped == {0, 1, 2, 3} and all(kv.is_usable(b) for b in range(16))
-    kv.apply([("map", 2)])  # the first step: trim to the start set, then its commands
+    kv.apply([("map", 2)], reserve=1)  # the first step: trim to the start set, then its maps
     assert kv.mapped == {0, 2} and kv.mapper.mapped == {0, 2} and not kv.warming_up
     assert (kv.maps, kv.unmaps) == (1, 0)  # the trim is not a scheduler command
+    # one group of the warm-up's memory became the reserve (the target), and the map took it
+    # (on CPU a command map without reserved memory fails)
+    assert kv.mapper.spare_groups() == 0 and kv.refill() == (1, 1)
+
+
+def test_ledger_maps_only_what_every_worker_reported_reserved():
+    ledger = ReserveLedger(workers=2)
+    assert ledger.available() == 0  # nothing reported yet
+    ledger.sent_batch(maps=0, target=4)  # metadata 1
+    ledger.report([(1, 4), (1, 3)])  # rank 1 could reserve only 3 groups
+    assert ledger.available() == 3 and ledger.available(pending_maps=2) == 1
+    ledger.sent_batch(maps=2, target=4)  # metadata 2: two maps from the reserve
+    assert ledger.available() == 1  # until a report says the refill succeeded
+    ledger.report([(2, 4)])  # one worker's report only: not a step's, ignored
+    assert ledger.available() == 1
+    ledger.sent_batch(maps=0, target=0)  # metadata 3: idle, the workers free their reserve
+    assert ledger.available() == 0  # whatever the report of metadata 2 will say
+    ledger.report([(2, 4), (2, 4)])
+    assert ledger.available() == 0
+    ledger.report([(3, 0), (3, 0)])
+    ledger.sent_batch(maps=0, target=4)  # serving again: reserved only once reported
+    assert ledger.available() == 0
+    ledger.report([(4, 4), (4, 4)])
+    assert ledger.available() == 4
+
+
+def capacity_limited(h: ElasticRanks, rank: int, groups: int) -> WorkerKV:
+    """Rank ``rank``'s simulated device holds ``groups`` page groups, mapped or reserved."""
+    kv: WorkerKV = h.workers[rank].worker.elastic
+    assert isinstance(kv.mapper, RecordingMapper)
+    kv.mapper.capacity_groups = groups
+    return kv
+
+
+def test_a_worker_whose_device_is_full_slows_growth_instead_of_failing(tiny_model_config):
+    """Another process took rank 1's memory: it can hold 7 of the 16 page groups. Its refill
+    reports less, the scheduler maps only that much (``reserve_waits``), vLLM serves the
+    burst with fewer blocks, exact, and no rank maps a group it did not reserve."""
+    h = elastic_ranks(tiny_model_config)
+    kv1 = capacity_limited(h, rank=1, groups=7)
+    burst_idle_revisit(h, seed=21)
+    assert len(h.outputs) == 9
+    assert max(len(m) for m in h.workers[0].worker.elastic.history) > 0
+    assert kv1.maps > 0 and len(kv1.mapped) <= 7
+    assert h.stats["elastic_reserve_waits"] > 0
+    assert h.stats["loaded_blocks"] > 0  # the revisits came back from host, exact
+    pool = h.connector.scheduler.elastic.pool
+    assert pool.mapped_bytes <= 7 * pool.layout.group_bytes(0)
+
+
+def test_without_the_ledger_a_full_device_would_fail_a_map_mid_step(tiny_model_config):
+    """Negative control: the scheduler maps without looking at the reports; rank 1 (room for
+    4 groups) then gets a map it has no memory for, which on a GPU ends the engine."""
+    h = elastic_ranks(tiny_model_config)
+    capacity_limited(h, rank=1, groups=4)
+    h.connector.scheduler.elastic.mapper.ledger = None
+    with pytest.raises(AssertionError, match="nothing reserved"):
+        burst_idle_revisit(h, seed=22)
+
+
+def test_the_reserve_is_held_while_serving_and_given_back_when_idle(tiny_model_config):
+    h = elastic_ranks(tiny_model_config)
+    kv0: WorkerKV = h.workers[0].worker.elastic
+    side = h.connector.scheduler.elastic
+    assert h.run_idle() == 1  # the warm-up step: not serving, nothing reserved
+    assert kv0.mapper.spare_groups() == 0 and side.ledger.reported == 0
+    for p in prompts(4, prefix_blocks=6, suffix=5, seed=23):
+        h.add(p, max_tokens=4)
+    h.step()
+    assert kv0.reserve_target == side.reserve_groups > 0  # the arrival asked for it
+    h.run()
+    assert kv0.mapper.spare_groups() > 0 and h.stats["elastic_reserve_bytes"] > 0
+    time.sleep(0.4)  # past shrink_idle_s (0.3 s) with no request
+    h.run_idle()
+    assert kv0.reserve_target == 0 and kv0.mapper.spare_groups() == 0
+    assert side.ledger.reported == 0  # (the last report came after the last stats)
+    assert side.pool.mapped_bytes == 2048  # the floor: the pool shrank in the same period

@@ -198,3 +198,36 @@ def test_overlap_and_full_table():
     assert "hidden: matmul 8192x300 780 TFLOP/s alone" in text and "hidden 0.97" in text
     assert "group kv_apart_64_tensors: ERROR CudaDriverError: boom" in text
     assert "physical MiB used vs start: reserved 0, mapped 1024" in text
+
+
+def test_worker_maps_from_its_reserve_and_a_full_device_only_shrinks_the_reserve(fake):
+    """``WorkerKV`` over ``VmmMapper`` over real ``VirtualRange`` code (stand-in driver): maps
+    take reserved memory (no cuMemCreate on the step's path), a refill on a full device
+    reserves less instead of failing, unmaps refill the reserve, a lower target frees it."""
+    from tokenvm_vllm.elastic.page_groups import PageGroupLayout, VmmMapper
+    from tokenvm_vllm.elastic.protocol import WorkerKV
+
+    layout = PageGroupLayout([64 << 10] * 2, 128)  # 2 ranges of 4 pages: groups of 4 MiB
+    kv = WorkerKV(layout, ())
+    kv.mapper = VmmMapper.allocate(layout)
+    used0 = fake.fake_used_bytes()
+    try:
+        kv.apply([], reserve=2)
+        assert kv.refill() == (1, 2)
+        assert fake.fake_used_bytes() - used0 == 2 * 4 * MIB
+        kv.apply([("map", 0), ("map", 1)], reserve=2)
+        assert kv.mapped == {0, 1}
+        assert fake.fake_used_bytes() - used0 == 2 * 4 * MIB  # mapped from the reserve
+        fake.fake_set_limit(fake.fake_used_bytes() + 2 * MIB)  # another process took the rest
+        assert kv.refill() == (2, 0)  # room for one page of a group: nothing whole reserved
+        with pytest.raises(vmm.CudaDriverError, match="OUT_OF_MEMORY"):
+            kv.mapper.map_group(2)  # what a map without the reserve would do mid-step
+        assert kv.mapper.spare_groups() == 0 and 2 not in kv.mapped
+        kv.apply([("unmap", 1)], reserve=2)  # its memory stays, as reserve
+        assert kv.mapper.spare_groups() == 1
+        assert fake.fake_used_bytes() - used0 == 2 * 4 * MIB + 2 * MIB
+        kv.apply([], reserve=0)  # idle: the reserve goes back to the device
+        assert fake.fake_used_bytes() - used0 == 4 * MIB
+    finally:
+        kv.release()
+    assert fake.fake_used_bytes() == used0

@@ -10,22 +10,37 @@ from tokenvm_vllm.elastic.page_groups import PAGE_BYTES, PageGroupLayout, VmmMap
 
 
 class StandInRange:
-    """Test double with VirtualRange's map/unmap surface; page ``fail_page`` fails to map."""
+    """Test double with VirtualRange's map/unmap/spare surface; page ``fail_page`` fails to map
+    (after taking a spare handle, as a failing cuMemMap would); at most ``room`` handles can be
+    created."""
 
-    def __init__(self, num_pages: int, fail_page: int | None = None) -> None:
+    def __init__(self, num_pages: int, fail_page: int | None = None, room: int = 1 << 30) -> None:
         self.page_bytes = PAGE_BYTES
         self.num_pages = num_pages
         self.mapped: set[int] = set()
         self.fail_page = fail_page
+        self.spare_count = 0
+        self.room = room
 
     def map(self, page: int) -> None:
         assert page not in self.mapped
         if page == self.fail_page:
             raise MemoryError("simulated CUDA_ERROR_OUT_OF_MEMORY")
+        if self.spare_count:
+            self.spare_count -= 1
         self.mapped.add(page)
 
-    def unmap(self, page: int) -> None:
+    def unmap(self, page: int, keep_handle: bool = False) -> None:
         self.mapped.remove(page)
+        self.spare_count += keep_handle
+
+    def add_spares(self, count: int) -> int:
+        made = max(0, min(count, self.room - self.spare_count - len(self.mapped)))
+        self.spare_count += made
+        return made
+
+    def drop_spares(self, keep: int = 0) -> None:
+        self.spare_count = min(self.spare_count, keep)
 
 
 def test_group_maps_page_g_of_each_range_that_has_it():
@@ -57,3 +72,18 @@ def test_range_count_and_size_checked():
         VmmMapper(layout, [StandInRange(2)])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="range 1 has 1 pages"):
         VmmMapper(layout, [StandInRange(2), StandInRange(1)])  # type: ignore[list-item]
+
+
+def test_reserve_is_whole_groups_refilled_until_a_range_is_full_and_trimmed():
+    layout = PageGroupLayout([64 << 10, 64 << 10], 64)  # 2 ranges of 2 pages
+    ranges = [StandInRange(2), StandInRange(2, room=1)]
+    mapper = VmmMapper(layout, ranges)  # type: ignore[arg-type]
+    assert mapper.spare_groups() == 0
+    assert mapper.refill(2) == 1  # the second range has room for one page only
+    assert [r.spare_count for r in ranges] == [2, 1]
+    mapper.map_group(0)  # from the reserve: one spare of each range
+    assert mapper.spare_groups() == 0 and [r.spare_count for r in ranges] == [1, 0]
+    mapper.unmap_group(0, keep=True)  # back into the reserve
+    assert mapper.spare_groups() == 1
+    mapper.trim(0)
+    assert [r.spare_count for r in ranges] == [0, 0]

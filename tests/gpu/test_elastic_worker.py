@@ -83,3 +83,51 @@ def test_a_warm_up_that_does_not_fit_stops_start_up_with_one_line_and_leaves_not
     torch.cuda.synchronize()
     after, _ = torch.cuda.mem_get_info()
     assert after >= free - 64 * MIB  # the mapped part went back
+
+
+def test_maps_take_the_reserve_and_a_full_gpu_reserves_less_instead_of_failing(worker_kv):
+    """The reserve on the real driver: the first step keeps 2 groups of warm-up memory
+    reserved, a map takes reserved memory (device memory does not move), and when another
+    allocation leaves the GPU almost full a refill reports fewer reserved groups rather than
+    raising (``elastic/protocol.py``: the scheduler then maps no more than that)."""
+    kv, tensors = worker_kv
+    torch.cuda.synchronize()
+    free_full, _ = torch.cuda.mem_get_info()
+    kv.apply([], reserve=2)  # the first step: 5 of the 7 trimmed groups go back, 2 reserved
+    assert kv.mapped == {0} and kv.mapper.spare_groups() == 2
+    free_trimmed, _ = torch.cuda.mem_get_info()
+    assert free_trimmed - free_full >= 5 * 2 * 2 * MIB
+    kv.apply([("map", 3), ("map", 5)], reserve=2)
+    torch.cuda.synchronize()
+    free_mapped, _ = torch.cuda.mem_get_info()
+    assert abs(free_mapped - free_trimmed) < 2 * 2 * MIB  # no new memory for the maps
+    assert int(tensors[1].view(8 * 64, BLOCK)[5 * 64:6 * 64].abs().sum().item()) == 0
+    assert kv.refill() == (2, 2)  # refilled after the step (build_worker_meta)
+    from tokenvm_vllm.elastic import vmm
+
+    device = torch.cuda.current_device()
+    vmm.driver().ensure_context(device)
+    hog: list[torch.Tensor] = []
+    pages: list[int] = []
+    try:
+        # Another process takes the GPU's memory: here this one, 256 MiB tensors, then the
+        # rest page by page (2 MiB physical allocations) until the driver has none left.
+        while True:
+            try:
+                hog.append(torch.empty(256 * MIB, dtype=torch.uint8, device="cuda"))
+            except torch.OutOfMemoryError:
+                break
+        while True:
+            try:
+                pages.append(vmm.create_handle(device, 2 * MIB))
+            except vmm.CudaDriverError:
+                break
+        kv.apply([("map", 1), ("map", 2)], reserve=2)  # the reserve covers these
+        applied, reserved = kv.refill()  # no room for 2 more groups: fewer, no error
+        assert applied == 3 and reserved < 2
+        assert kv.mapped == {0, 1, 2, 3, 5}
+    finally:
+        for handle in pages:
+            vmm.release_handle(handle)
+        del hog
+        torch.cuda.empty_cache()

@@ -104,6 +104,9 @@ class TokenVMConnectorMetadata(KVConnectorMetadata):
     elastic_commands: list[tuple[str, int]] = field(default_factory=list)
     """Elastic GPU KV: ``("map" | "unmap", page group)`` in order, applied by every worker
     before this step's loads and forward (``elastic/protocol.py``)."""
+    elastic_reserve: int = 0
+    """Elastic GPU KV: page groups' memory every worker keeps created and unmapped after this
+    step (``protocol.ReserveLedger``)."""
     host_moves: list[tuple[int, int]] = field(default_factory=list)
     """Host memory pressure: ``(from slot, to slot)`` copies inside the host pool (a shrink
     keeps its hottest blocks by moving them below the slots given up), made by every worker
@@ -144,6 +147,8 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
     """Workers whose remote store became unreachable since their last report (start-up too)."""
     remote_came_back: int = 0
     """Workers whose remote store became reachable again since their last report."""
+    elastic_reserve: list[tuple[int, int]] = field(default_factory=list)
+    """Elastic GPU KV, one per worker, every step: (metadata applied, page groups reserved)."""
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> TokenVMWorkerMetadata:
         """Sum over tensor-parallel ranks: every field (counters, numbers, lists of
@@ -154,4 +159,4 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
 
     def is_empty(self) -> bool:
         return (not self.completed and not self.disk_scanned and not self.remote_went_down
-                and not self.remote_came_back)
+                and not self.remote_came_back and not self.elastic_reserve)

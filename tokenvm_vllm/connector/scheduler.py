@@ -444,6 +444,8 @@ class TokenVMScheduler:
             self.stats.add("stored_blocks", len(store.gpu_block_ids))
         disk_writes = self.planner.plan_disk_writes()
         remote_writes = self.planner.plan_remote_writes()
+        elastic_commands, elastic_reserve = (
+            self.elastic.take_commands() if self.elastic is not None else ([], 0))
         fence_job_ids = self.jobs.send()  # this step's jobs are never fenced, only older ones
         self.stats.add("fenced_jobs", len(fence_job_ids))
         meta = TokenVMConnectorMetadata(
@@ -452,7 +454,7 @@ class TokenVMScheduler:
             disk_invalidations=self.tiers.take_freed_disk_slots(),
             remote_lookups=self._step_remote_lookups, remote_reads=self._step_remote_reads,
             remote_writes=remote_writes, host_slots=self.tiers.host.num_slots,
-            elastic_commands=self.elastic.take_commands() if self.elastic is not None else [],
+            elastic_commands=elastic_commands, elastic_reserve=elastic_reserve,
             host_commands=host_commands, host_moves=self.tiers.host.take_moves())
         if self.remote_gate is not None:
             # The step's forward starts once this returns: its compute and its reads are timed
@@ -498,7 +500,7 @@ class TokenVMScheduler:
             block_pool, self._kv_cache_config, self.config, is_spilled=is_spilled,
             request_store=request_store, spill_capacity=spill_capacity,
             reserve_blocks=self._watermark_blocks + len(self.groups),
-            max_step_blocks=self._max_step_blocks,
+            max_step_blocks=self._max_step_blocks, workers=self.num_workers,
             free_probe=(compat.device_free_bytes_probe(self._vllm_config)
                         if self.config.gpu_free_target_bytes else None))
 
@@ -554,6 +556,8 @@ class TokenVMScheduler:
                         f"unreachable from {self._remote_down_workers} worker(s), no lookups")
         for (job_id, found), workers in meta.remote_found.items():
             self._remote_found.setdefault(job_id, []).extend([found] * workers)
+        if self.elastic is not None:
+            self.elastic.reported(meta.elastic_reserve)
         if meta.disk_scanned:
             self._adopt_disk_blocks(meta)
         finished_reads = delivered_reads = 0

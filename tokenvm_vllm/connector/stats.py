@@ -77,6 +77,8 @@ COUNTERS: dict[str, str] = {
     "elastic_spill_dropped_blocks": "Elastic GPU KV: cached blocks a shrink left unstored "
                                     "(more than the host and disk tiers hold; the coldest)",
     "elastic_failed_maps": "Elastic GPU KV: page-group maps that failed (out of memory)",
+    "elastic_reserve_waits": "Elastic GPU KV: grows cut short because the workers' reserve of "
+                             "created, unmapped memory was used up (more once they refill it)",
     "host_released_bytes": "Host tier bytes given back to the OS under memory pressure "
                            "(host_min_available_bytes), all pools",
     "host_shrinks": "Host tier shrinks under memory pressure",
@@ -103,6 +105,8 @@ GAUGES: dict[str, str] = {
                          "shrink under memory pressure)",
     "elastic_mapped_bytes": "Elastic GPU KV: bytes of mapped page groups (on CPU nothing is "
                             "really mapped: what would be)",
+    "elastic_reserve_bytes": "Elastic GPU KV: bytes each worker holds created but unmapped, "
+                             "for the next grows (latest report; 0 when idle)",
 }
 """Levels, not totals: each interval carries the latest value (absent: not reported)."""
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)

@@ -422,7 +422,7 @@ class TokenVMWorker:
         if self.elastic is not None:
             # Before anything this step does: its loads and forward may use blocks on the
             # groups mapped here (elastic/protocol.py).
-            self.elastic.apply(meta.elastic_commands)
+            self.elastic.apply(meta.elastic_commands, meta.elastic_reserve)
         self._adopt_host_slots(meta.host_slots)
         self._apply_host_commands(meta)
         if not self.writer:
@@ -691,6 +691,10 @@ class TokenVMWorker:
         return errors
 
     def build_worker_meta(self) -> TokenVMWorkerMetadata | None:
+        if self.elastic is not None and self.elastic.applied:
+            # After the forward was launched, off the step's critical path: refill the reserve
+            # the next maps use, and say how much there is (elastic/protocol.py).
+            self._worker_meta.elastic_reserve = [self.elastic.refill()]
         if self._worker_meta.is_empty():
             return None
         meta, self._worker_meta = self._worker_meta, TokenVMWorkerMetadata()

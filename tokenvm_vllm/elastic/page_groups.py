@@ -120,14 +120,43 @@ class PageGroupLayout:
             raise IndexError(f"block {block} outside 0..{self.num_blocks - 1}")
 
 
+class MapDeferred(MemoryError):
+    """A mapper cannot map a group now, but may later (the scheduler's ``CommandMapper`` when the
+    workers have no reserved memory left for it): the caller serves with what is mapped."""
+
+
 class Mapper(Protocol):
     """Backs page groups with physical memory. ``map_group`` either maps every page of the
-    group or raises having mapped none; ``unmap_group`` is only called on mapped groups whose
-    pages no queued kernel still touches."""
+    group or raises having mapped none (``MemoryError``; ``MapDeferred``: try again later);
+    ``unmap_group`` is only called on mapped groups whose pages no queued kernel still
+    touches."""
 
     def map_group(self, group: int) -> None: ...
 
     def unmap_group(self, group: int) -> None: ...
+
+
+class WorkerMapper(Mapper, Protocol):
+    """A worker's mapper, which also keeps a *reserve*: physical memory for whole groups created
+    ahead and left unmapped, so that a map needs no new memory and cannot fail for the lack of
+    it (``elastic/protocol.py``: the scheduler maps only what the workers reported reserved).
+    ``map_group`` uses reserved memory first; ``unmap_group(g, keep=True)`` puts the group's
+    memory into the reserve instead of freeing it."""
+
+    def unmap_group(self, group: int, keep: bool = False) -> None: ...
+
+    def spare_groups(self) -> int:
+        """Whole groups' worth of reserved memory (counted in full groups, the largest)."""
+        ...
+
+    def refill(self, groups: int) -> int:
+        """Create memory until ``groups`` groups are reserved or the device has no more;
+        returns the groups reserved."""
+        ...
+
+    def trim(self, groups: int) -> None:
+        """Free reserved memory beyond ``groups`` groups."""
+        ...
 
 
 class RecordingMapper:
@@ -136,31 +165,54 @@ class RecordingMapper:
 
     Mapping a mapped group or unmapping an unmapped one raises ``AssertionError`` (a bug in the
     caller); groups in ``fail_on`` raise ``MemoryError`` on map, as a GPU out of memory would.
+    The reserve (``WorkerMapper``) is a count, ``spare``; ``capacity_groups`` plays the
+    device's memory: mapped plus reserved groups never exceed it (``refill`` stops there, and
+    a map with nothing reserved on a full device raises ``MemoryError``).
     """
 
-    def __init__(self, fail_on: Iterable[int] = ()) -> None:
+    def __init__(self, fail_on: Iterable[int] = (), capacity_groups: int | None = None) -> None:
         self.mapped: set[int] = set()
         self.calls: list[tuple[str, int]] = []
         self.fail_on = set(fail_on)
+        self.spare = 0
+        self.capacity_groups = capacity_groups
 
     def map_group(self, group: int) -> None:
         assert group not in self.mapped, f"group {group} mapped twice"
         if group in self.fail_on:
             raise MemoryError(f"simulated out of memory mapping group {group}")
+        if self.spare:
+            self.spare -= 1
+        elif self.capacity_groups is not None and len(self.mapped) >= self.capacity_groups:
+            raise MemoryError(f"simulated out of memory mapping group {group} (device full)")
         self.mapped.add(group)
         self.calls.append(("map", group))
 
-    def unmap_group(self, group: int) -> None:
+    def unmap_group(self, group: int, keep: bool = False) -> None:
         assert group in self.mapped, f"group {group} unmapped while not mapped"
         self.mapped.remove(group)
+        self.spare += keep
         self.calls.append(("unmap", group))
+
+    def spare_groups(self) -> int:
+        return self.spare
+
+    def refill(self, groups: int) -> int:
+        room = (groups if self.capacity_groups is None
+                else self.capacity_groups - len(self.mapped))
+        self.spare = max(self.spare, min(groups, room))
+        return self.spare
+
+    def trim(self, groups: int) -> None:
+        self.spare = min(self.spare, groups)
 
 
 class VmmMapper:
     """The real mapper: region ``r`` of the layout is ``ranges[r]``, a ``vmm.VirtualRange`` of at
     least ``layout.region_pages[r]`` pages of ``layout.page_bytes``; group ``g`` is page ``g`` of
     each range that has it. A failure part-way through a group unmaps the pages it mapped and
-    re-raises, so a group is never half mapped.
+    re-raises, so a group is never half mapped. The reserve (``WorkerMapper``) is each range's
+    spare handles (``VirtualRange.add_spares``); a map takes one where there is one.
 
     The caller synchronises the device before ``unmap_group`` (a kernel still reading the page
     would fault).
@@ -199,14 +251,28 @@ class VmmMapper:
                     rng.map(group)
                     done.append(rng)
         except BaseException:
-            for rng in done:
-                rng.unmap(group)
+            for rng in done:  # (a page it took from the reserve goes back there)
+                rng.unmap(group, keep_handle=True)
             raise
 
-    def unmap_group(self, group: int) -> None:
+    def unmap_group(self, group: int, keep: bool = False) -> None:
         for rng, pages in zip(self.ranges, self.layout.region_pages, strict=True):
             if group < pages:
-                rng.unmap(group)
+                rng.unmap(group, keep_handle=keep)
+
+    def spare_groups(self) -> int:
+        return min(rng.spare_count for rng in self.ranges)
+
+    def refill(self, groups: int) -> int:
+        for rng in self.ranges:  # stops at the first range the device cannot fill
+            want = groups - rng.spare_count
+            if want > 0 and rng.add_spares(want) < want:
+                break
+        return self.spare_groups()
+
+    def trim(self, groups: int) -> None:
+        for rng in self.ranges:
+            rng.drop_spares(keep=groups)
 
     def release(self) -> None:
         """Unmap everything and free every range (the tensors viewing them become invalid)."""

@@ -49,6 +49,7 @@ from tokenvm_vllm.elastic.page_groups import (
     PAGE_BYTES,
     BlockState,
     GrowPlan,
+    MapDeferred,
     Mapper,
     PageGroupLayout,
     PageGroupPool,
@@ -86,6 +87,7 @@ class ElasticCounters:
     spill_store_blocks: int = 0
     spill_dropped_blocks: int = 0
     failed_maps: int = 0
+    reserve_waits: int = 0
 
 
 def check_platform(elastic: bool, testing: bool = False, cuda_graphs: bool = False) -> None:
@@ -309,7 +311,8 @@ class ElasticPool:
 
     def grow(self, demand: int) -> int:
         """Make ``demand`` blocks (plus ``reserve_blocks``) free for vLLM if the ceiling allows;
-        returns how many blocks became usable. A failed map (out of device memory) is logged and
+        returns how many blocks became usable. A map the mapper defers (``MapDeferred``: the
+        workers' reserve is used up) is counted, a failed one (out of device memory) logged and
         counted; the groups mapped before it are used."""
         plan = self.groups.plan_grow(self.block_pool.get_num_free_blocks(), max(0, demand),
                                      self.reserve_blocks)
@@ -318,6 +321,8 @@ class ElasticPool:
         before = len(self.groups.mapped)
         try:
             self.groups.apply_grow(plan)
+        except MapDeferred:  # the workers' reserve is used up: more once they report a refill
+            self.counters.reserve_waits += 1
         except MemoryError as err:
             self.counters.failed_maps += 1
             logger.warning("TokenVM elastic: mapping a page group failed (%s); serving with %d "

@@ -32,24 +32,39 @@ elastic_commands``). Every worker applies the same list (``WorkerKV.apply``) in
   (``SchedulerElastic.warm_up_pending``). Servers sharing a GPU therefore start one after
   another; a warm-up that finds too little free memory stops start-up with one line saying so.
 
+- Reserve (a map never fails mid-step): by the time a worker applies a map, the scheduler has
+  handed the group's blocks out, so a map that failed for lack of device memory (another
+  process took it) could only end the engine. So a worker maps only memory it created ahead:
+  each metadata carries a reserve target (``elastic_reserve``, whole groups; 0 when the engine
+  has been idle for ``shrink_idle_s``, never more than the ceiling leaves room for), every
+  worker keeps that many groups' physical memory created and unmapped (refilled after the
+  step's forward is launched, in ``build_worker_meta``; an unmap keeps its memory while the
+  reserve is short) and reports ``(metadata applied, groups reserved)``. The scheduler maps
+  only what the reports cover (``ReserveLedger``): a refill that finds the device full just
+  reports less, and growth waits (``tokenvm:elastic_reserve_waits``) instead of the worker
+  failing.
+
 On CPU (no VMM for vLLM's tensors) the worker keeps the mapped set with a ``RecordingMapper``:
-the protocol, and that no step touches a block on an unmapped group, are checked there.
+the protocol, and that no step touches a block on an unmapped group or maps a group it has not
+reserved, are checked there.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tokenvm_vllm.compat import NULL_BLOCK_ID
 from tokenvm_vllm.elastic.page_groups import (
     GrowPlan,
-    Mapper,
+    MapDeferred,
     PageGroupLayout,
     PageGroupPool,
     RecordingMapper,
     VmmMapper,
+    WorkerMapper,
 )
 from tokenvm_vllm.elastic.vmm import CUDA_ERROR_OUT_OF_MEMORY, CudaDriverError
 
@@ -75,6 +90,57 @@ def initial_groups(layout: PageGroupLayout, floor_bytes: int,
     return (*chosen, *missing)
 
 
+class ReserveLedger:
+    """The scheduler's view of the workers' reserves: how many more groups it may map without
+    any worker needing new device memory for them.
+
+    Metadata are numbered in the order they are sent (``sent``: the first is 1); a worker
+    numbers the metadata it applies the same way and reports ``(applied, reserved)`` after its
+    refill. From the latest report every metadata sent since is replayed as the worker applies
+    it, assuming no refill succeeds: its maps use reserved groups, then the reserve is trimmed
+    to its target. What is left, less the maps recorded for the next metadata, may still be
+    mapped (``available``). Until every worker has reported, nothing may."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+        """Reports expected per step (vLLM's world size)."""
+        self.sent = 0
+        self._unreported: deque[tuple[int, int, int]] = deque()
+        """(number, maps, reserve target) of each metadata sent since the latest report."""
+        self.reported = 0
+        """Groups reserved in the latest report (the smallest over the workers)."""
+        self._reported_at = -1
+        """The metadata number the latest report was made after (-1: none yet)."""
+
+    def sent_batch(self, maps: int, target: int) -> None:
+        """A metadata with ``maps`` map commands and reserve ``target`` went out."""
+        self.sent += 1
+        self._unreported.append((self.sent, maps, target))
+
+    def report(self, entries: Sequence[tuple[int, int]]) -> None:
+        """One step's reports, ``(metadata applied, groups reserved)`` from each worker; a step
+        with fewer reports than workers is ignored (a later one will do)."""
+        if len(entries) < self.workers:
+            return
+        applied = min(a for a, _ in entries)
+        if applied < self._reported_at:
+            return  # older than what we know (reports arrive in step order; defensive)
+        self._reported_at = applied
+        self.reported = min(r for _, r in entries)
+        while self._unreported and self._unreported[0][0] <= applied:
+            self._unreported.popleft()
+
+    def available(self, pending_maps: int = 0) -> int:
+        """Groups that may still be mapped, given ``pending_maps`` recorded for the next
+        metadata."""
+        if self._reported_at < 0:
+            return 0
+        left = self.reported
+        for _, maps, target in self._unreported:
+            left = min(left - maps, target)
+        return left - pending_maps
+
+
 class CommandMapper:
     """The scheduler's ``Mapper``: records what the workers must change instead of mapping.
 
@@ -86,7 +152,11 @@ class CommandMapper:
     blocks were evicted, so its stale bytes are never read (vLLM writes a block before it reads
     it), and no zeroing is needed (they are KV a forward wrote, or zeros). A group mapped and
     unmapped between two metadata never reaches the workers: none of its blocks was handed to
-    a step (they were parked again before the metadata was built)."""
+    a step (they were parked again before the metadata was built).
+
+    With a ``ledger`` (set once the start set is recorded) a map beyond what the workers
+    reported reserved raises ``MapDeferred``: the pool serves with what is mapped and grows
+    once the reserve is reported."""
 
     def __init__(self, start: Sequence[int] = ()) -> None:
         self.mapped: set[int] = set(start)
@@ -94,9 +164,13 @@ class CommandMapper:
         """What the workers have mapped once they applied every batch taken."""
         self.maps = 0
         self.unmaps = 0
+        self.ledger: ReserveLedger | None = None
 
     def map_group(self, group: int) -> None:
         assert group not in self.mapped, f"tokenvm elastic: group {group} mapped twice (a bug)"
+        if (self.ledger is not None and group not in self.sent
+                and self.ledger.available(len(self.mapped - self.sent)) <= 0):
+            raise MapDeferred(f"group {group}: the workers have no reserved memory left for it")
         self.mapped.add(group)
         self.maps += 1
 
@@ -123,18 +197,27 @@ class WorkerKV:
     application of the scheduler's commands.
 
     ``mapper`` is a ``VmmMapper`` over the ranges that back vLLM's KV tensors (CUDA: built by
-    ``allocate``) or a ``RecordingMapper`` (CPU, or CUDA before ``allocate``). ``history``
-    keeps, per applied metadata, the commands it carried (tests compare ranks)."""
+    ``allocate``) or a ``RecordingMapper`` (CPU, or CUDA before ``allocate``; there a command
+    that maps without reserved memory fails, and ``capacity_groups`` plays the device's
+    memory).
+    ``history`` keeps, per applied metadata, the commands it carried (tests compare ranks)."""
 
-    def __init__(self, layout: PageGroupLayout, start: Sequence[int], cuda: bool = False) -> None:
+    def __init__(self, layout: PageGroupLayout, start: Sequence[int], cuda: bool = False,
+                 capacity_groups: int | None = None) -> None:
         self.layout = layout
         self.start = tuple(start)
         self.cuda = cuda
         """On CUDA nothing is mapped until ``allocate`` (the allocation hook) runs."""
-        self.mapper: Mapper = RecordingMapper()
+        self.mapper: WorkerMapper = RecordingMapper(capacity_groups=capacity_groups)
         self.mapped: set[int] = set()
         self.maps = 0
         self.unmaps = 0
+        self.applied = 0
+        """Metadata applied (``ReserveLedger`` numbers them the same way)."""
+        self.reserve_target = 0
+        """Groups to keep reserved, from the latest metadata."""
+        self._refill_failed_at: int | None = None
+        """The reserve found the device full (logged once until a refill succeeds)."""
         self.history: list[list[Command]] = []
         self._ranges: list[Any] = []
         self._device: torch.device | None = None
@@ -207,14 +290,14 @@ class WorkerKV:
 
     def _end_warm_up(self) -> None:
         """Unmap every group outside the start set once warm-up is over (device synchronised:
-        the warm-up's kernels may still be queued)."""
+        the warm-up's kernels may still be queued); their memory becomes the reserve, as far
+        as the first metadata's target asks."""
         if self.is_cuda:
             import torch
 
             torch.cuda.synchronize(self._device)
         for group in sorted(self.mapped - set(self.start)):
-            self.mapper.unmap_group(group)
-            self.mapped.discard(group)
+            self._unmap(group)
         self.warming_up = False
 
     def _zero(self, group: int) -> None:
@@ -235,21 +318,40 @@ class WorkerKV:
             if zero and self.is_cuda:
                 self._zero(group)
 
-    def apply(self, commands: Sequence[Command]) -> None:
-        """Apply one step's commands in order. Maps: mapped and zeroed on the current stream
-        (ordered before the step's loads and forward; see the module docstring). Unmaps: the
-        device is synchronised once, before the first, so no queued kernel or copy still reads
-        or writes the pages. A failed map (out of memory) raises: the scheduler has already
-        handed the blocks out, serving on would fault."""
+    def _map_reserved(self, group: int) -> None:
+        """A scheduler command: map ``group`` with reserved memory. Without any (a scheduler
+        that mapped more than was reported reserved: a bug) the CPU check fails; on a GPU the
+        map creates memory, and fails only if the device is full."""
+        if self.mapper.spare_groups() == 0:
+            if not self.is_cuda:
+                raise AssertionError(f"tokenvm elastic: group {group} mapped with nothing "
+                                     "reserved (the scheduler mapped more than was reported)")
+            logger.warning("TokenVM elastic: mapping page group %d with no reserved memory "
+                           "left (a bug: please report it)", group)
+        self._map_all((group,))
+
+    def _unmap(self, group: int) -> None:
+        """Unmap ``group``, keeping its memory in the reserve while that is short."""
+        self.mapper.unmap_group(group, keep=self.mapper.spare_groups() < self.reserve_target)
+        self.mapped.discard(group)
+
+    def apply(self, commands: Sequence[Command], reserve: int = 0) -> None:
+        """Apply one step's commands in order, then keep at most ``reserve`` groups reserved.
+        Maps: with reserved memory, zeroed on the current stream (ordered before the step's
+        loads and forward; see the module docstring). Unmaps: the device is synchronised once,
+        before the first, so no queued kernel or copy still reads or writes the pages. A map
+        the reserve does not cover creates memory and, if the device is full, raises: the
+        scheduler has already handed the blocks out, serving on would fault (``ReserveLedger``
+        keeps the scheduler from asking that)."""
         self.history.append(list(commands))
+        self.applied += 1
+        self.reserve_target = reserve
         if self.warming_up:
             self._end_warm_up()
-        if not commands:
-            return
         synced = False
         for op, group in commands:
             if op == "map":
-                self._map_all((group,))
+                self._map_reserved(group)
                 self.maps += 1
             elif op == "unmap":
                 if self.is_cuda and not synced:
@@ -257,11 +359,30 @@ class WorkerKV:
 
                     torch.cuda.synchronize(self._device)
                     synced = True
-                self.mapper.unmap_group(group)
-                self.mapped.discard(group)
+                self._unmap(group)
                 self.unmaps += 1
             else:
                 raise ValueError(f"tokenvm elastic: unknown command {op!r} (a bug)")
+        self.mapper.trim(reserve)
+
+    def refill(self) -> tuple[int, int]:
+        """Create memory until ``reserve_target`` groups are reserved (after the step's forward
+        was launched: ``build_worker_meta``); returns the report for the scheduler,
+        ``(metadata applied, groups reserved)``. A device without room reserves less (logged
+        once until a refill succeeds again)."""
+        target = self.reserve_target
+        spare = self.mapper.spare_groups()
+        if spare < target:
+            spare = self.mapper.refill(target)
+            if spare < target and self._refill_failed_at is None:
+                self._refill_failed_at = self.applied
+                logger.warning("TokenVM elastic: the device has no memory for %d more page "
+                               "groups; %d reserved, growth waits until memory comes free",
+                               target - spare, spare)
+            elif spare >= target and self._refill_failed_at is not None:
+                self._refill_failed_at = None
+                logger.info("TokenVM elastic: page-group reserve full again (%d groups)", spare)
+        return self.applied, spare
 
     def release(self) -> None:
         """Free the ranges (CUDA); the KV tensors viewing them are invalid afterwards."""

@@ -12,9 +12,11 @@
   the step's use, maybe shrink (may hand blocks to the store planner's spill list);
 - ``after_meta(demand)`` at its end: map ahead for the next step's allocations.
 
-``take_commands()`` gives the map/unmap commands recorded since the last call, for the step's
-metadata (``protocol.py``). Commands recorded by ``after_meta`` travel with the next step: the
-blocks they make usable can only be handed out by the next ``schedule``.
+``take_commands()`` gives the map/unmap commands recorded since the last call and the reserve
+target, for the step's metadata (``protocol.py``). Commands recorded by ``after_meta`` travel
+with the next step: the blocks they make usable can only be handed out by the next
+``schedule``. ``reported(entries)`` takes the workers' reserve reports (``update_connector_
+output``): the pool maps no more than they cover (``protocol.ReserveLedger``).
 
 ``warm_up_pending``: the workers keep the whole range mapped from vLLM's warm-up until they apply
 their first step's metadata (``protocol.py``). An idle server does not step, so until then the
@@ -33,7 +35,7 @@ from typing import Any
 
 from tokenvm_vllm.config import TokenVMConfig, TokenVMConfigError, parse_size
 from tokenvm_vllm.elastic.pool import ElasticPool, layout_for
-from tokenvm_vllm.elastic.protocol import Command, CommandMapper
+from tokenvm_vllm.elastic.protocol import Command, CommandMapper, ReserveLedger
 
 logger = logging.getLogger("vllm.tokenvm")
 
@@ -54,14 +56,20 @@ class SchedulerElastic:
     step can allocate at most (caps the map-ahead); ``reserve_blocks``: kept free on top of
     demand;
     ``free_probe``: the device's free bytes (``compat.device_free_bytes_probe``), which
-    ``gpu_free_target_bytes`` needs (None: that setting has no effect)."""
+    ``gpu_free_target_bytes`` needs (None: that setting has no effect); ``workers``: how many
+    workers report their reserve each step (vLLM's world size).
+
+    The reserve target (``reserve_target``): while the engine serves (a request within
+    ``shrink_idle_s``), enough whole groups for one step's largest growth (``max_step_blocks``
+    plus ``reserve_blocks``), never more than the ceiling leaves room for; 0 when idle, so an
+    idle server holds only its mapped groups."""
 
     def __init__(self, block_pool: Any, kv_cache_config: Any, config: TokenVMConfig, *,
                  is_spilled: Callable[[Any], bool],
                  request_store: Callable[[list[tuple[Any, int]]], None],
                  reserve_blocks: int, max_step_blocks: int,
                  spill_capacity: Callable[[], int] | None = None,
-                 free_probe: Callable[[], int] | None = None,
+                 free_probe: Callable[[], int] | None = None, workers: int = 1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.mapper = CommandMapper()
@@ -74,6 +82,13 @@ class SchedulerElastic:
         # The start set: every worker maps it itself when it allocates the KV tensors
         # (protocol.initial_groups), before warm-up runs touch the null block.
         self.mapper.take()
+        self.ledger = ReserveLedger(workers)
+        self.mapper.ledger = self.ledger  # from here on, maps only what the workers reserved
+        layout = self.pool.layout
+        per_group = max(1, layout.page_bytes // max(layout.block_bytes))
+        self.reserve_groups = min(layout.num_groups,
+                                  -(-(max_step_blocks + reserve_blocks) // per_group) + 1)
+        """The reserve target while serving (before the ceiling's cap)."""
         self.warm_up_pending = True
         """No step's metadata has gone out yet: the workers still hold the warm-up mapping."""
         self.max_step_blocks = max_step_blocks
@@ -97,6 +112,7 @@ class SchedulerElastic:
     def between_steps(self, demand: int, serving: bool) -> None:
         self._poll_limits()
         self.pool.maybe_shrink(serving=self._serving(serving))
+        self._served_at = self.clock()  # a request arrived: the reserve is wanted again
         self.pool.grow(demand)
 
     def before_alloc(self, demand: int) -> None:
@@ -118,10 +134,27 @@ class SchedulerElastic:
     def after_meta(self, demand: int) -> None:
         self.pool.grow(min(self.max_step_blocks, demand))
 
-    def take_commands(self) -> list[Command]:
-        """The commands for this step's metadata; the first call ends the warm-up mapping."""
+    def take_commands(self) -> tuple[list[Command], int]:
+        """The commands and the reserve target for this step's metadata; the first call ends
+        the warm-up mapping."""
         self.warm_up_pending = False
-        return self.mapper.take()
+        commands = self.mapper.take()
+        target = self.reserve_target()
+        self.ledger.sent_batch(sum(1 for op, _ in commands if op == "map"), target)
+        return commands, target
+
+    def reserve_target(self) -> int:
+        """Groups every worker should keep reserved (see the class docstring)."""
+        if not self._serving(False):
+            return 0
+        groups = self.pool.groups
+        room = (groups.ceiling_bytes - groups.mapped_bytes) // self.pool.layout.group_bytes(0)
+        return max(0, min(self.reserve_groups, room))
+
+    def reported(self, entries: list[tuple[int, int]]) -> None:
+        """One step's reserve reports, ``(metadata applied, groups reserved)`` per worker."""
+        if entries:
+            self.ledger.report(entries)
 
     @property
     def shrink_pending(self) -> bool:
@@ -137,6 +170,8 @@ class SchedulerElastic:
             stats.add(f"elastic_{name}", count)
         stats.set("elastic_usable_blocks", self.pool.usable_blocks)
         stats.set("elastic_mapped_bytes", self.pool.mapped_bytes)
+        stats.set("elastic_reserve_bytes",
+                  self.ledger.reported * self.pool.layout.group_bytes(0))
 
     # -- the ceiling: the file and the free-memory target -----------------------------------
 

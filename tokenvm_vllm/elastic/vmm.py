@@ -416,11 +416,35 @@ class VirtualRange:
             else:
                 release_handle(handle)
 
-    def drop_spares(self) -> None:
-        """Release every handle kept by ``unmap(keep_handle=True)``."""
+    @property
+    def spare_count(self) -> int:
+        """Handles created (or kept by ``unmap``) and not mapped: the next maps use them."""
+        return len(self._spare)
+
+    def add_spares(self, count: int) -> int:
+        """Create up to ``count`` more spare handles (physical pages, unmapped); stops at the
+        first CUDA_ERROR_OUT_OF_MEMORY and returns how many it created. Other driver errors
+        propagate."""
+        created = 0
+        with self._lock:
+            if self._released:
+                raise RuntimeError("VirtualRange: used after release(); create a new range")
+            driver().ensure_context(self.device)
+            while created < count:
+                try:
+                    self._spare.append(create_handle(self.device, self.page_bytes))
+                except CudaDriverError as err:
+                    if err.code != CUDA_ERROR_OUT_OF_MEMORY:
+                        raise
+                    break
+                created += 1
+        return created
+
+    def drop_spares(self, keep: int = 0) -> None:
+        """Release the spare handles beyond the first ``keep``."""
         with self._lock:
             driver().ensure_context(self.device)
-            while self._spare:
+            while len(self._spare) > keep:
                 release_handle(self._spare.pop())
 
     def release(self) -> None:
