@@ -4,6 +4,8 @@ serves them from Redis. The harness's fake forward checks every loaded KV positi
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,46 @@ def test_corrupted_values_are_misses_and_recomputed(make_harness: Callable[..., 
     assert second.stats["remote_corrupt_blocks"] >= 8
     assert second.stats.get("loaded_blocks", 0) == 0
     assert int(redis_server.cli("DBSIZE")) >= 8  # rewritten by the recompute's stores
+
+
+def test_a_read_that_times_out_is_recomputed_and_not_written_back(
+        make_harness: Callable[..., Harness], redis_server: RedisServer) -> None:
+    """Redis stalls (DEBUG SLEEP) just as the second server reads a prefix its lookup found
+    there: the reads time out, the prefix is recomputed (checked by the fake forward), and as
+    Redis never said the blocks were gone they are not written back (a value that failed its
+    checks is: the corrupted-values test above)."""
+    first = remote_harness(make_harness, redis_server.url)
+    serve(first, 1400)
+    first.worker.worker.shutdown()
+    second = remote_harness(make_harness, redis_server.url, remote_timeout_s=0.3,
+                            remote_reads="always")
+    scheduler = second.connector.scheduler
+    plan = scheduler._plan_remote_reads
+    stalls: list[threading.Thread] = []
+
+    def stall_then_plan(state: Any, keys: Any) -> None:
+        if not stalls:  # the lookup answered: stall Redis before the reads go out
+            stalls.append(threading.Thread(target=redis_server.cli,
+                                           args=("DEBUG", "SLEEP", "1.0")))
+            stalls[0].start()
+            time.sleep(0.1)
+        plan(state, keys)
+
+    scheduler._plan_remote_reads = stall_then_plan  # type: ignore[method-assign]
+    (p,) = prompts(1, prefix_blocks=8, suffix=5, seed=1400)
+    second.add(p)
+    deadline = time.monotonic() + 10
+    while ((second.scheduler.has_unfinished_requests() or second._copies_pending())
+           and time.monotonic() < deadline):
+        second.step()
+        time.sleep(0.005)  # real time for the timeout to pass (harness steps take ~0.1 ms)
+    second.run()
+    stalls[0].join()
+    assert second.stats["remote_read_unanswered_blocks"] >= 8
+    assert second.stats["remote_read_failed_blocks"] >= 8
+    assert second.stats.get("remote_hit_blocks", 0) == 0
+    assert second.stats.get("remote_written_blocks", 0) == 0
+    assert second.stats["remote_write_known_blocks"] >= 8
 
 
 def test_redis_down_serves_without_it_then_comes_back(make_harness: Callable[..., Harness],

@@ -93,6 +93,12 @@ def test_blocks_the_remote_tier_holds_are_not_written_back_until_that_is_old_new
     manager.complete_remote_read(k(6), ok=False)  # missing or corrupt after all: forgotten
     stored(manager, k(6))
     assert [key for key, _ in manager.prepare_remote_writes(10)] == [k(6)]
+    manager.note_in_remote([k(7)])
+    (read,) = manager.prepare_remote_reads([k(7)])
+    manager.complete_remote_read(k(7), ok=False, gone=False)  # timed out: still there
+    stored(manager, k(7))
+    assert manager.prepare_remote_writes(10) == []  # its recompute is not sent again
+    assert manager.get_stats()["remote_read_unanswered_blocks"] == 1
 
 
 def test_the_remote_sightings_are_bounded() -> None:

@@ -141,6 +141,9 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
     """(lookup job, blocks the remote tier holds from the first) -> workers that found that."""
     remote_io_seconds: list[float] = field(default_factory=list)
     """Submit to completion seen, per remote batch (lookup, read or write)."""
+    remote_unanswered: Counter[JobId] = field(default_factory=Counter)
+    """job id -> workers on which it failed for lack of an answer from the server (a subset of
+    ``failed``): a read that timed out, not a block the server lacks."""
     remote_counts: Counter[str] = field(default_factory=Counter)
     """The workers' ``RemoteStore.stats()`` (bytes, timeouts, failures), summed."""
     remote_went_down: int = 0

@@ -152,6 +152,9 @@ class TokenVMScheduler:
         """Workers whose remote store is unreachable: no lookups while any is."""
         self._remote_found: dict[int, list[int]] = {}
         """Lookup job -> each reporting worker's answer (blocks held, from the first)."""
+        self._answered_failures: Counter[int] = Counter()
+        """Job -> workers that reported it failed with an answer from the remote server (not
+        a timeout): a remote read's block is gone from Redis only then."""
         self._loading: Counter[BlockKey] = Counter()
         """Keys of the load jobs in flight (a key may be in several: loads that began before
         this rule, or a request whose lookup timed the check out)."""
@@ -562,7 +565,11 @@ class TokenVMScheduler:
             self._adopt_disk_blocks(meta)
         finished_reads = delivered_reads = 0
         for job_id, count in meta.completed.items():
-            job = self.jobs.report(job_id, count, meta.failed.get(job_id, 0))
+            failed = meta.failed.get(job_id, 0)
+            answered = failed - meta.remote_unanswered.get(job_id, 0)
+            if answered:  # (popped when the job finishes, whatever its kind)
+                self._answered_failures[job_id] += answered
+            job = self.jobs.report(job_id, count, failed)
             if job is not None:
                 self._finish_job(job)
                 if job.kind is JobKind.REMOTE_READ:
@@ -588,6 +595,7 @@ class TokenVMScheduler:
     def _finish_job(self, job: Job) -> None:
         """Every worker reported ``job``: complete its tier movement."""
         ok = job.state is JobState.DONE
+        answered_failures = self._answered_failures.pop(job.job_id, 0)
         state = self.requests.get(job.req_id) if job.req_id is not None else None
         if job.kind is JobKind.STORE:
             self.tiers.complete_store(job.keys, ok)
@@ -618,7 +626,9 @@ class TokenVMScheduler:
             if found and (state is not None or job.req_id is None):
                 self._plan_remote_reads(state, job.keys[:found])
         elif job.kind is JobKind.REMOTE_READ:
-            self.tiers.complete_remote_read(job.keys[0], ok)
+            # Gone from Redis only if some worker's server said so; a read that got no answer
+            # (timed out) leaves the block known there, so its recompute is not written back.
+            self.tiers.complete_remote_read(job.keys[0], ok, gone=answered_failures > 0)
             if state is not None:
                 state.remote_reads.discard(job.job_id)
         elif job.kind is JobKind.REMOTE_WRITE:

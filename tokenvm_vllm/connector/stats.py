@@ -50,6 +50,9 @@ COUNTERS: dict[str, str] = {
                              "them was estimated slower (remote_reads=auto)",
     "remote_read_failed_blocks": "Remote reads that failed (gone, timed out or failed their "
                                  "checks): recomputed",
+    "remote_read_unanswered_blocks": "Of the failed remote reads, those the server did not "
+                                     "answer in time (the block is still taken to be there: "
+                                     "its recompute is not written back)",
     "remote_written_blocks": "Blocks copied host -> remote tier",
     "remote_write_failed_blocks": "Host -> remote copies that failed (server down, full, slow)",
     "remote_write_skipped_blocks": "Blocks not sent to the remote tier (too many in flight)",

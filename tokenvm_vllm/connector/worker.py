@@ -368,6 +368,8 @@ class TokenVMWorker:
             meta.completed[result.job_id] += 1
             if not result.ok:
                 meta.failed[result.job_id] += 1
+                if not result.answered:
+                    meta.remote_unanswered[result.job_id] += 1
             if result.found is not None:
                 meta.remote_found[(result.job_id, result.found)] += 1
         meta.remote_io_seconds.extend(self.remote.take_batch_seconds())

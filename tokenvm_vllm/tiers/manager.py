@@ -292,15 +292,20 @@ class TierManager:
             reads.append((key, slot))
         return reads
 
-    def complete_remote_read(self, key: BlockKey, ok: bool) -> None:
+    def complete_remote_read(self, key: BlockKey, ok: bool, gone: bool = True) -> None:
         """The host copy becomes READABLE, or (a miss, a timeout, a value that failed its
-        checks) its slot is freed."""
+        checks) its slot is freed. ``gone``: a failed read's server said the block is missing
+        or corrupt (deleted); it is forgotten as being there, so its recompute is written
+        back. A read that got no answer in time (``gone`` False) leaves what was known: the
+        block is most likely still there, and writing it again would load Redis further."""
         self.host.end_write(key, ok=ok)
         self._counts["remote_hit_blocks" if ok else "remote_read_failed_blocks"] += 1
         if ok:
             self.note_in_remote((key,))
-        else:  # missing, corrupt (deleted) or late: not known to be there any more
+        elif gone:
             self._remote_known.pop(key, None)
+        else:
+            self._counts["remote_read_unanswered_blocks"] += 1
 
     def prepare_remote_writes(self, limit: int) -> list[tuple[BlockKey, int]]:
         """(key, host slot read-pinned) for up to ``limit`` of the blocks ``complete_store``

@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from tokenvm_vllm.keys import BlockKey
-from tokenvm_vllm.tiers.remote.store import RemoteStore
+from tokenvm_vllm.tiers.remote.store import RemoteStore, Unanswered
 from tokenvm_vllm.transfer.host_pool import HostPool
 from tokenvm_vllm.transfer.mover import Mover, MoveResult
 
@@ -23,9 +23,14 @@ from tokenvm_vllm.transfer.mover import Mover, MoveResult
 @dataclass(frozen=True)
 class RemoteResult(MoveResult):
     """A finished remote job. For a lookup, ``found``: how many of its keys, from the first,
-    the remote tier holds (``ok`` is True even when that is 0); None for reads and writes."""
+    the remote tier holds (``ok`` is True even when that is 0); None for reads and writes.
+    ``answered``: False when the job failed because its batch got no answer from the server
+    (timed out, expired in the queue, refused, server down: ``store.Unanswered``), so the
+    block may still be there; True when the server answered (a failed read: the block is gone
+    or failed its checks)."""
 
     found: int | None = None
+    answered: bool = True
 
 
 @dataclass
@@ -52,7 +57,8 @@ class RemoteMover(Mover):
 
     def read(self, job_ids: Sequence[int], keys: Sequence[BlockKey],
              host_slots: Sequence[int]) -> None:
-        """Remote -> host slots; a block missing, late or failing its checks fails its job."""
+        """Remote -> host slots; a block missing, late or failing its checks fails its job
+        (late: ``answered`` False)."""
         rows = [self.pool.buffer[slot].numpy() for slot in host_slots]
         self._batches.append(_Batch(self.store.get(keys, rows), list(job_ids),
                                     time.monotonic(), False))
@@ -79,7 +85,9 @@ class RemoteMover(Mover):
                 found = next((i for i, ok in enumerate(oks) if not ok), len(oks))
                 done.append(RemoteResult(batch.job_ids[0], True, 0, seconds, found=found))
             else:
-                done.extend(RemoteResult(job_id, ok, self.pool.slot_bytes if ok else 0, seconds)
+                answered = not isinstance(oks, Unanswered)
+                done.extend(RemoteResult(job_id, ok, self.pool.slot_bytes if ok else 0, seconds,
+                                         answered=answered)
                             for job_id, ok in zip(batch.job_ids, oks, strict=True))
         self._batches = pending
         return done

@@ -20,6 +20,10 @@ Contract for callers (the scheduler's lookups, the worker's mover):
 * Server full (``maxmemory`` reached under ``noeviction``): writes fail (False), one warning per
   episode; reads go on.
 * A value that fails its checks (``value.py``) is a miss and is deleted.
+* A batch the server did not answer (refused, expired in the queue, timed out, failed, or the
+  server is down) comes back as ``Unanswered``: all False, like a miss, but its blocks may well
+  be on the server; a plain list of False means the server answered that it lacks them (or
+  held values that failed their checks).
 * The password is never logged: every line names the server by ``RemoteTarget.describe()``,
   and error texts from the client pass through ``_scrub``.
 * Writes set a TTL (``ttl_s``); the server's own ``maxmemory-policy`` (e.g. ``allkeys-lru``)
@@ -66,6 +70,15 @@ from tokenvm_vllm.tiers.remote.value import (
 )
 
 logger = logging.getLogger("vllm.tokenvm")
+
+
+class Unanswered(list[bool]):
+    """A batch's result when the server gave no answer for it (module docstring): ``n`` times
+    False, and the keys' presence unknown."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__([False] * n)
+
 
 _TIMEOUTS_BEFORE_DOWN = 3
 """Consecutive failed batches (timeouts; connection errors in a cluster) after which the server
@@ -418,7 +431,7 @@ class RemoteStore:
         miss: Future[list[bool]]
         if n == 0 or self._client is None or self._closed.is_set():
             miss = Future()
-            miss.set_result([False] * n)
+            miss.set_result(Unanswered(n))
             if n and self._client is None:
                 self._count(f"{op}_unavailable_blocks", n)
             return miss
@@ -426,7 +439,7 @@ class RemoteStore:
             if self._pending[queue] >= self._limits[queue]:
                 self._count("dropped_batches", 1)
                 miss = Future()
-                miss.set_result([False] * n)
+                miss.set_result(Unanswered(n))
                 return miss
             self._pending[queue] += 1
         submitted = time.monotonic()
@@ -437,14 +450,14 @@ class RemoteStore:
         try:
             client = self._client
             if client is None:
-                return [False] * n
+                return Unanswered(n)
             # A read that waited past the deadline is a miss: its request has moved on. A write
             # is sent however long it waited: it is still worth having, and its queue is
             # bounded by max_pending_writes (expiring them lost 1,537 of 4,240 blocks on the
             # H200 when batches queued behind a slow Redis).
             if queue == "read" and time.monotonic() - submitted > self.timeout_s:
                 self._count("expired_batches", 1)  # waited too long in the queue: a miss
-                return [False] * n
+                return Unanswered(n)
             start = time.monotonic()
             try:
                 result = run(client)
@@ -457,12 +470,12 @@ class RemoteStore:
                                 self.where, self.timeout_s)
                 if self._timeouts_in_a_row >= _TIMEOUTS_BEFORE_DOWN:
                     self._mark_down(err, f"{op} (timed out {self._timeouts_in_a_row} times)")
-                return [False] * n
+                return Unanswered(n)
             except (redis.ConnectionError, OSError) as err:
                 self._count("failed_batches", 1)
                 if not self.target.cluster:
                     self._mark_down(err, op)
-                    return [False] * n
+                    return Unanswered(n)
                 # One cluster node gone: the client re-reads the topology and a replica takes
                 # over; only when batch after batch fails is the whole cluster away.
                 self._timeouts_in_a_row += 1
@@ -471,7 +484,7 @@ class RemoteStore:
                                 self.where, self._scrub(err))
                 if self._timeouts_in_a_row >= _TIMEOUTS_BEFORE_DOWN:
                     self._mark_down(err, f"{op} (failed {self._timeouts_in_a_row} times)")
-                return [False] * n
+                return Unanswered(n)
             except Exception as err:  # noqa: BLE001 - contract: a batch never raises
                 # RedisError, and whatever a connection closed under this thread raises (an
                 # outage seen by another thread closes the shared client: redis-py then fails
@@ -480,7 +493,7 @@ class RemoteStore:
                 self._count("failed_batches", 1)
                 self._warn_once(f"error-{type(err).__name__}", "TokenVM remote tier: %s on %s "
                                 "failed: %s; counted as a miss", op, self.where, self._scrub(err))
-                return [False] * n
+                return Unanswered(n)
             self._timeouts_in_a_row = 0
             self._latencies.append((op, time.monotonic() - start))
             return result
