@@ -140,8 +140,14 @@ class TokenVMConfig:
     remote_timeout_s: float = 0.5
     """Deadline of every Redis call (connect, each batch); a late answer is a miss."""
     remote_io_threads: int = 4
-    """Threads per worker for Redis reads, and as many for writes (each sends one pipelined
-    batch at a time; a lookup never waits behind a backlog of writes)."""
+    """Threads per worker for Redis reads (each sends one pipelined batch at a time; lookups
+    and reads never wait behind writes, which have their own threads)."""
+    remote_write_threads: int = 1
+    """Threads per worker for Redis writes. One by default: writes run in the background
+    while vLLM's engine thread, in the same process, launches the model's kernels, and every
+    extra thread taking Python's GIL slows that thread (on a 2-core machine a main thread's
+    small torch ops ran 1.2x slower beside 1 write thread, 1.6-2.3x beside 4, per GB/s
+    written; a 4-thread server lost 25% of its throughput writing on an H200)."""
     remote_max_pending_writes: int = 256
     """Host -> Redis block copies allowed in flight; beyond it new blocks are not shared."""
     remote_batch_bytes: int = 32 * 2**20
@@ -634,6 +640,10 @@ def _validate_remote(config: TokenVMConfig) -> None:
         raise TokenVMConfigError(
             f"tokenvm: remote_io_threads={config.remote_io_threads} must be between 1 and "
             f"{MAX_IO_THREADS}")
+    if not 1 <= config.remote_write_threads <= MAX_IO_THREADS:
+        raise TokenVMConfigError(
+            f"tokenvm: remote_write_threads={config.remote_write_threads} must be between 1 "
+            f"and {MAX_IO_THREADS}")
     if config.remote_max_pending_writes < 1:
         raise TokenVMConfigError(
             f"tokenvm: remote_max_pending_writes={config.remote_max_pending_writes} must be >= 1")

@@ -91,6 +91,9 @@ for stage in $STAGES; do
         | tee "$OUT/remote.log"
       tar czf "$OUT/remote.tgz" -C "$WORK/remote" .
       redis-cli -p 6390 flushall > /dev/null
+      # how much background writes slow the engine thread beside them, 1/2/4 write threads
+      timeout 60 python3 -m tokenvm_vllm.bench.remote_gil "$url" --json "$OUT/remote_gil.json" \
+        2>&1 | tee "$WORK/remote_gil.log"
       if [ "${REMOTE_BENCH:-1}" = 1 ]; then  # REMOTE_BENCH=0: the A/B only
         timeout 240 python3 -m tokenvm_vllm.cli remote-bench "$url" --json "$OUT/remote_bench.json" \
           2>&1 | tee "$WORK/remote_bench.log" | tail -14

@@ -338,6 +338,7 @@ class TokenVMWorker:
             config.remote_url, namespace.fingerprint(), namespace.tp_rank, self.slot_bytes,
             key_prefix=config.remote_key_prefix, ttl_s=config.remote_ttl_s,
             timeout_s=config.remote_timeout_s, io_threads=config.remote_io_threads,
+            write_threads=config.remote_write_threads,
             max_pending_writes=config.remote_max_pending_writes,  # batches <= blocks
             batch_bytes=config.remote_batch_bytes)
         self.remote = RemoteMover(store, self._pool)

@@ -313,6 +313,17 @@ def hold_writes(monkeypatch: pytest.MonkeyPatch, client_kind: str) -> threading.
     return release
 
 
+def test_reads_and_writes_have_their_own_thread_counts(redis_server: RedisServer) -> None:
+    with make_store(redis_server.url, io_threads=3, write_threads=1) as store:
+        counts = {queue: pool._max_workers for queue, pool in store._executors.items()}
+        assert counts == {"read": 3, "write": 1}
+        ks = keys(4)
+        assert store.put(ks, payloads(4)).result(5) == [True] * 4
+        assert store.contains(ks).result(5) == [True] * 4
+    with make_store(redis_server.url, io_threads=2) as store:  # no write_threads: the same
+        assert store._executors["write"]._max_workers == 2
+
+
 def test_lookups_do_not_wait_behind_a_backlog_of_writes(
         redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, client_kind: str) -> None:
     """Every write thread is stuck in a slow write; a lookup (which a request waits for) and a

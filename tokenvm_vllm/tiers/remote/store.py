@@ -5,7 +5,8 @@ Contract for callers (the scheduler's lookups, the worker's mover):
 * Nothing blocks on the network. ``contains``, ``get`` and ``put`` submit one *batch* (one
   pipeline: one round trip per server node) to the store's own threads and return a
   ``Future[list[bool]]`` at once, one bool per key. Reads (``contains``, ``get``) and writes
-  (``put``, ``delete``) have ``io_threads`` threads each: a lookup, which a request waits for,
+  (``put``, ``delete``) have ``io_threads`` threads each (writes ``write_threads`` when given):
+  a lookup, which a request waits for,
   never queues behind a backlog of writes (on the H200 one shared pool did exactly that).
 * Queues are bounded: at most ``max_pending_reads`` read batches (``contains``, ``get``) and
   ``max_pending_writes`` write batches (``put``) wait or run; a batch that does not fit is
@@ -105,6 +106,7 @@ class RemoteStore:
         key_prefix: str = "tokenvm", ttl_s: float = 3600.0, timeout_s: float = 0.5,
         io_threads: int = 4, max_pending_reads: int = 64, max_pending_writes: int = 64,
         retry_interval_s: float = 2.0, client: str = "auto", batch_bytes: int = 32 << 20,
+        write_threads: int | None = None,
     ) -> None:
         self.target: RemoteTarget = parse_remote_url(url)
         if client not in CLIENTS:
@@ -130,7 +132,8 @@ class RemoteStore:
         self.where = self.target.describe()
         self._header_check = HeaderCheck(namespace, tp_rank, slot_bytes)
         self._name_prefix = key_name_prefix(key_prefix, namespace, tp_rank)
-        self._executors = {queue: ThreadPoolExecutor(io_threads,
+        threads = {"read": io_threads, "write": write_threads or io_threads}
+        self._executors = {queue: ThreadPoolExecutor(threads[queue],
                                                      thread_name_prefix=f"tokenvm-remote-{queue}")
                            for queue in ("read", "write")}
         self._lock = threading.Lock()
