@@ -13,7 +13,7 @@ def test_remote_settings_parse_from_env_and_extra_config() -> None:
                          environ={"TOKENVM_REMOTE_IO_THREADS": "2"})
     assert config.remote_url == "redis://127.0.0.1:6379/1" and config.remote_ttl_s == 60.0
     assert config.remote_io_threads == 2 and config.remote_key_prefix == "tokenvm"
-    assert config.remote_write_threads == 1  # writes have one thread unless asked
+    assert config.remote_write_threads == 4
     assert load_config({"remote_write_threads": 3}, environ={}).remote_write_threads == 3
     assert load_config({}, environ={}).remote_url == ""  # no remote tier by default
 

@@ -45,17 +45,6 @@ def vllm_version() -> str:
     return getattr(vllm, "__version__", "unknown")
 
 
-def cuda_graphs_on(vllm_config: Any) -> bool:
-    """Whether the engine will replay CUDA graphs: not with ``enforce_eager``, nor with
-    ``cudagraph_mode`` NONE (both releases keep these two fields; ``enforce_eager`` sets the
-    mode to NONE, so either answers)."""
-    model = getattr(vllm_config, "model_config", None)
-    if model is not None and getattr(model, "enforce_eager", False):
-        return False
-    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
-    return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
-
-
 def device_free_bytes_probe(vllm_config: Any) -> Callable[[], int] | None:
     """A function giving the free memory, in bytes, of the least free GPU among this node's
     ranks of the engine (NVML through vLLM's bundled ``pynvml``: no CUDA context needed, and it

@@ -142,12 +142,12 @@ class TokenVMConfig:
     remote_io_threads: int = 4
     """Threads per worker for Redis reads (each sends one pipelined batch at a time; lookups
     and reads never wait behind writes, which have their own threads)."""
-    remote_write_threads: int = 1
-    """Threads per worker for Redis writes. One by default: writes run in the background
-    while vLLM's engine thread, in the same process, launches the model's kernels, and every
-    extra thread taking Python's GIL slows that thread (on a 2-core machine a main thread's
-    small torch ops ran 1.2x slower beside 1 write thread, 1.6-2.3x beside 4, per GB/s
-    written; a 4-thread server lost 25% of its throughput writing on an H200)."""
+    remote_write_threads: int = 4
+    """Threads per worker for Redis writes. Writes run in the background while vLLM's engine
+    thread, in the same process, launches the model's kernels, and each thread taking Python's
+    GIL slows that thread (bench/remote_gil.py). Fewer threads slowed the engine less on a
+    2-core CPU machine but not in a serving run on an H200 (README, "Writes and the GIL"), so
+    the default stays 4."""
     remote_max_pending_writes: int = 256
     """Host -> Redis block copies allowed in flight; beyond it new blocks are not shared."""
     remote_batch_bytes: int = 32 * 2**20
@@ -192,10 +192,10 @@ class TokenVMConfig:
     elastic: bool = False
     """Elastic GPU KV (issue #13, scheduler side): only the page groups between
     gpu_kv_floor_bytes and gpu_kv_ceiling_bytes are usable by vLLM; more are made usable ahead
-    of demand, and after shrink_idle_s of low use whole groups are given back, their cached
+    of demand, and after shrink_idle_s with no request whole groups are given back, their cached
     blocks stored to host first (revisits load them instead of recomputing). On CUDA (vLLM
-    0.26) vLLM's KV tensors are CUDA VMM ranges whose pages are mapped and unmapped (eager
-    engines; with CUDA graphs refused outside testing until that check has run); on CPU (no
+    0.26) vLLM's KV tensors are CUDA VMM ranges whose pages are mapped and unmapped (eager or
+    with CUDA graphs, both checked token-exact on an H200); on CPU (no
     VMM) vLLM's cache stays allocated and only what vLLM may use changes."""
     gpu_kv_floor_bytes: int = 0
     """elastic: KV bytes always usable (rounded up to whole page groups; at least the group

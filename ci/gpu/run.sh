@@ -114,8 +114,8 @@ for stage in $STAGES; do
         | tee "$OUT/elastic.log" | tail -40
       cp "$WORK/elastic/elastic_exact.json" "$OUT/elastic_exact.json" 2>/dev/null ;;
     wave)  # issue #13: load that rises, idles and rises again (bench/wave.py): elastic GPU KV
-      # against a fixed pool of the ceiling's size (--kv-gib), both eager (elastic with CUDA
-      # graphs is not yet checked). WAVE_RATE (default 9 requests/s) is about 70% of what this
+      # against a fixed pool of the ceiling's size (--kv-gib), both eager (as every earlier run,
+      # so runs compare). WAVE_RATE (default 9 requests/s) is about 70% of what this
       # 8B model sustains eager on one H200 (~12.3/s at 4.2k-token prompts): at 15/s (before
       # 2026-11-30) the queue grew through each burst and TTFT p50 swung 0.45-1.7x between
       # runs of the same pool. WAVE_ARGS: more serve_bench arguments (~5 min).

@@ -2,7 +2,7 @@
 both fit, with alternating bursts: both serve, token-exact, neither fails an allocation.
 
 Three servers in turn on the machine's first GPU, each a real ``vllm.entrypoints.openai.
-api_server`` (eager: elastic with CUDA graphs is not yet checked):
+api_server`` (eager, as when it first passed):
 
 1. ``reference``: no TokenVM, a fixed KV cache of ``--peak-gib``, alone on the GPU; it answers
    every prompt of the run (the expected outputs).

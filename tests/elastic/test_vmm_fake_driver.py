@@ -192,9 +192,13 @@ def test_overlap_and_full_table():
                    "errors": []},
         "physical": {"used_mib_vs_start": {"start": 0.0, "reserved": 0.0, "mapped": 1024.0}},
         "view": {"write_read_ok": True, "kept_handle_remap_ok": True, "section_s": 0.0},
+        "gather": {"mib": 6144, "row_kib": 64, "rows_read": 327680, "cudamalloc_gb_s": 3000.0,
+                   "vmm_gb_s": 2700.0, "vmm_x_cudamalloc": 0.9},
         "elapsed_s": 12.0,
     }
     text = vmm_bench.table(res)
+    assert ("gather of random 64 KiB rows over 6144 MiB: cudaMalloc 3000 GB/s, VMM range "
+            "2700 GB/s (0.900x)") in text
     assert "hidden: matmul 8192x300 780 TFLOP/s alone" in text and "hidden 0.97" in text
     assert "group kv_apart_64_tensors: ERROR CudaDriverError: boom" in text
     assert "physical MiB used vs start: reserved 0, mapped 1024" in text

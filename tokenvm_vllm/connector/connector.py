@@ -24,7 +24,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
-from tokenvm_vllm import compat
 from tokenvm_vllm.config import (
     DebugKnobWarning,
     LoadMode,
@@ -59,7 +58,7 @@ class TokenVMConnector(KVConnectorBase_V1, SupportsHMA):
         assert transfer_config is not None  # vLLM builds a connector only when one is configured
         config, sources = load_config_and_sources(transfer_config.kv_connector_extra_config)
         log_settings(config, sources)
-        check_platform(config.elastic, config.testing, compat.cuda_graphs_on(vllm_config))
+        check_platform(config.elastic)
         self.scheduler: TokenVMScheduler | None = None
         self.worker: TokenVMWorker | None = None
         self._debug_warning: DebugKnobWarning | None = None
@@ -79,8 +78,7 @@ class TokenVMConnector(KVConnectorBase_V1, SupportsHMA):
         this machine against the available RAM. Raises ``TokenVMConfigError``."""
         config, sources = load_config_and_sources(extra_config)
         log_settings(config, sources)
-        check_platform(config.elastic, config.testing,
-                       vllm_config is not None and compat.cuda_graphs_on(vllm_config))
+        check_platform(config.elastic)
         workers = 1
         if vllm_config is not None:
             parallel = vllm_config.parallel_config

@@ -16,8 +16,8 @@ never hands it out, never evicts into it and never counts it as free.
   disk) tier: the ones that are not are handed to ``request_store`` (the scheduler's store path)
   and the shrink waits for a later step. Once every one is readable: ``evict_blocks`` drops them
   from vLLM's prefix cache, the group's blocks are parked, then the groups are unmapped. While
-  requests are still being served (``serving``) only groups whose cached blocks are readable
-  below already go: nothing is stored or dropped for them until the engine is idle.
+  requests are still being served (``serving``) there is no low-use shrink at all: the cached
+  prefixes are what the next requests hit.
 
 Safety contract (why the call sites in ``connector/scheduler.py`` are where they are): a shrink
 parks blocks, so it must never run while vLLM holds a reference to a free block it is about to
@@ -90,15 +90,13 @@ class ElasticCounters:
     reserve_waits: int = 0
 
 
-def check_platform(elastic: bool, testing: bool = False, cuda_graphs: bool = False) -> None:
-    """Refuse elastic mode where its hooks are not written or not checked: on CUDA, a vLLM
-    release other than the one whose KV allocation ``compat.install_elastic_kv_hook`` wraps;
-    and on CUDA with CUDA graphs (``cuda_graphs``: ``compat.cuda_graphs_on``) unless
-    ``testing``. The GPU check ``ci/gpu/elastic_exact.py`` passed token-exact on vLLM 0.26's V2
-    and V1 runners with eager engines (H200, 2026-11-30); with graphs, a replayed graph reads
-    padded block-table rows that may name blocks whose pages are unmapped, which would give
-    wrong tokens rather than an error, and that configuration (``elastic_graphs``) has not run
-    yet. CPU (no VMM: only the set of usable blocks changes) is accepted. Raises
+def check_platform(elastic: bool) -> None:
+    """Refuse elastic mode where its hooks are not written: on CUDA, a vLLM release other than
+    the one whose KV allocation ``compat.install_elastic_kv_hook`` wraps, or a GPU platform that
+    is not CUDA. The GPU check ``ci/gpu/elastic_exact.py`` passed token-exact on vLLM 0.26's V2
+    and V1 runners, eager (H200, 2026-11-30) and with CUDA graphs (``--configs elastic_graphs``,
+    the same day, across a shrink and a regrow; a replayed graph reading a block on an unmapped
+    group was the worry). CPU (no VMM: only the set of usable blocks changes) is accepted. Raises
     ``TokenVMConfigError``."""
     if not elastic:
         return
@@ -117,11 +115,6 @@ def check_platform(elastic: bool, testing: bool = False, cuda_graphs: bool = Fal
                 f"tokenvm: elastic=true on GPU needs vLLM "
                 f"{' or '.join(compat.ELASTIC_CUDA_VLLM)} (its KV allocation is hooked there), "
                 f"this is vLLM {version}; unset elastic")
-        if cuda_graphs and not testing:
-            raise TokenVMConfigError(
-                "tokenvm: elastic=true with CUDA graphs has not passed its GPU check (issue "
-                "#13, ci/gpu/elastic_exact.py --configs elastic_graphs); add --enforce-eager "
-                "or unset elastic")
 
 
 def layout_for(kv_cache_config: Any, page_bytes: int = PAGE_BYTES) -> PageGroupLayout:
@@ -179,8 +172,6 @@ class ElasticPool:
         self._idle_shrink_tried = False
         """An idle-period shrink was tried since the last busy step (see ``awaiting_idle_
         shrink``)."""
-        self._safe_shrink_at = float("-inf")
-        """When a shrink while serving (safe groups only) last scanned the mapped blocks."""
         self._start()
         self._start_bytes = self.mapped_bytes
 
@@ -218,15 +209,6 @@ class ElasticPool:
         if block.ref_cnt > 0 or block.is_null:
             return BlockState.IN_USE
         return BlockState.FREE if block.block_hash is None else BlockState.CACHED
-
-    def _state_kept_while_serving(self, block_id: int) -> BlockState:
-        """``_state_of``, with a cached block not yet READABLE below counted as in use: a
-        shrink while serving keeps its group mapped rather than store or drop it."""
-        state = self._state_of(block_id)
-        if state is BlockState.CACHED and not self.is_spilled(
-                self.block_pool.blocks[block_id].block_hash):
-            return BlockState.IN_USE
-        return state
 
     # -- start -----------------------------------------------------------------------------
 
@@ -350,15 +332,15 @@ class ElasticPool:
         groups unmapped (0 when not, nothing qualifies, or cached blocks still wait for their
         store to host: then the store is requested and a later call finishes the shrink).
 
-        ``serving``: requests are still in the engine. Then a low-use shrink takes only groups
-        whose cached blocks are all READABLE below already: it stores nothing and drops
-        nothing. The cached prefixes are what the next requests hit (on the H200 a long-context
-        run shrank to the floor at 1 request/s, spilled 28 GiB of documents into a 20 GiB host
-        tier and recomputed 1.4x the prompt tokens); storing and dropping wait until no
-        request is left. A lowered ceiling shrinks either way, and a shrink that began while
-        not serving finishes (its stores are under way). Such a safe-only shrink is tried at
-        most once per ``idle_s`` and leaves the low-use clock alone: the full shrink comes as
-        soon as the engine is idle.
+        ``serving``: requests are still in the engine (one within ``idle_s``). Then there is no
+        low-use shrink: the cached prefixes are what the next requests hit. On the H200 a
+        long-context run at 1 request/s used a quarter of its blocks or fewer for 10 s while
+        serving; shrinking to the floor then spilled 28 GiB of documents into a 20 GiB host
+        tier (1.4x the prompt tokens recomputed), and a later rule that unmapped only groups
+        whose cached blocks were in host already still dropped 17.6 GiB of them from the GPU
+        (2.1x recomputed, TTFT p50 10x: the host tier evicted them before their revisits). A
+        lowered ceiling (or ``gpu_free_target_bytes``) shrinks either way, and a shrink that
+        began while not serving finishes (its stores are under way).
 
         Call only between steps or at the end of ``schedule`` (see the module docstring)."""
         now = self.clock() if now is None else now
@@ -367,23 +349,16 @@ class ElasticPool:
         if not over_ceiling and not low_use:
             return 0
         idle = low_use and not serving  # the idle-period shrink, the one the engine waits out
-        # serving: only groups whose cached blocks are safe below (a shrink begun idle goes on)
-        safe_only = serving and not over_ceiling and not self._pending_spill
-        if safe_only:
-            if now - self._safe_shrink_at < self.policy.idle_s:
-                return 0  # scanned the mapped blocks lately
-            self._safe_shrink_at = now
+        if serving and not over_ceiling and not self._pending_spill:
+            return 0  # (a shrink begun idle goes on: its stores are under way)
         target = None
         if over_ceiling:  # whole groups only: round the ceiling down to a group boundary
             group = self.layout.group_bytes(0)
             target = self.groups.ceiling_bytes // group * group
-        plan = self.groups.plan_shrink(
-            self._state_kept_while_serving if safe_only else self._state_of, target_bytes=target)
+        plan = self.groups.plan_shrink(self._state_of, target_bytes=target)
         if not plan.groups and over_ceiling:
             return 0  # the groups above the ceiling are in use: try again next step
         if not plan.groups:
-            if safe_only:
-                return 0
             # At the floor, or every group above it has a block in use: try again after another
             # idle period rather than scan every mapped block on every step.
             self._forget_spill()
@@ -423,13 +398,11 @@ class ElasticPool:
         self.groups.apply_shrink(plan)
         self.counters.shrunk_groups += len(plan.groups)
         self.counters.spilled_blocks += len(plan.spill)
-        if not safe_only:
-            self.policy.shrank(now)
+        self.policy.shrank(now)
         self._idle_shrink_tried = self._idle_shrink_tried or idle
         logger.info("TokenVM elastic: %s, shrank by %d page groups (%d bytes); %d cached blocks "
                     "were in host first, %d blocks usable now",
                     f"ceiling {self.groups.ceiling_bytes} bytes" if over_ceiling
-                    else f"low use for {self.policy.idle_s:.1f}s while serving" if safe_only
                     else f"idle {self.policy.idle_s:.1f}s", len(plan.groups), plan.bytes,
                     len(plan.spill), self.usable_blocks)
         return len(plan.groups)
