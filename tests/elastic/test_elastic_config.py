@@ -23,6 +23,9 @@ def test_defaults_are_off():
     assert config.elastic is False
     assert config.gpu_kv_ceiling_bytes == 0 and config.gpu_kv_floor_bytes == 0
     assert config.elastic_page_bytes == 2 << 20
+    assert config.elastic_keep_cache is True
+    assert load_config({"elastic": True}, environ={"TOKENVM_ELASTIC_KEEP_CACHE": "false"}
+                       ).elastic_keep_cache is False
 
 
 def test_sizes_and_idle_parse():

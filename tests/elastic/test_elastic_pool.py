@@ -42,7 +42,7 @@ class Setup:
 
     def __init__(self, floor_groups: int = 2, ceiling_groups: int | None = None,
                  idle_s: float = 10.0, reserve_blocks: int = 0,
-                 spill_capacity: int | None = None) -> None:
+                 spill_capacity: int | None = None, keep_cache: bool = False) -> None:
         init_none_hash(sha256)
         self.block_pool = BlockPool(NUM_BLOCKS, enable_caching=True, hash_block_size=BLOCK_SIZE)
         self.tiers = TierManager(host_slots=64, policy="lru")
@@ -55,7 +55,7 @@ class Setup:
             floor_bytes=floor_groups * GROUP_BYTES,
             ceiling_bytes=None if ceiling_groups is None else ceiling_groups * GROUP_BYTES,
             idle_s=idle_s, is_spilled=self.readable, request_store=self.request_store,
-            reserve_blocks=reserve_blocks, clock=self.clock,
+            reserve_blocks=reserve_blocks, clock=self.clock, keep_cache=keep_cache,
             spill_capacity=None if spill_capacity is None else (lambda: spill_capacity))
         # Spy on vLLM's eviction: every block it drops must already be READABLE in host.
         real_evict = self.block_pool.evict_blocks
@@ -128,6 +128,24 @@ def test_grow_makes_blocks_usable_and_hands_them_out_first():
     assert new == set(range(8, 16))  # the newly usable blocks, before any cached block
     assert all(s.block_pool.blocks[b].block_hash is not None for b in cached)
     assert s.pool.grow(demand=0) == 0  # nothing wanted, nothing mapped
+
+
+def test_keep_cache_grows_instead_of_letting_vllm_evict_cached_blocks():
+    """The floor's 7 free blocks all hold cached prefixes. A request wanting 4 blocks: without
+    ``keep_cache`` they count as free (vLLM would evict 4 of them); with it the pool grows a
+    group and the prefixes stay cached (an H200 long-context run recomputed 2.1x the prompt
+    tokens growing only for requests)."""
+    plain = Setup(floor_groups=2)
+    plain.cache_prefix(7)
+    assert plain.pool.grow(demand=4) == 0
+    keep = Setup(floor_groups=2, keep_cache=True)
+    cached = keep.cache_prefix(7)
+    assert keep.pool.grow(demand=4) == 4 and keep.pool.usable_blocks == 12
+    keep.block_pool.get_new_blocks(4)
+    assert all(keep.block_pool.blocks[b].block_hash is not None for b in cached)
+    keep_ceiling = Setup(floor_groups=2, ceiling_groups=2, keep_cache=True)
+    keep_ceiling.cache_prefix(7)
+    assert keep_ceiling.pool.grow(demand=4) == 0  # at the ceiling vLLM evicts, as before
 
 
 def test_grow_stops_at_the_ceiling():

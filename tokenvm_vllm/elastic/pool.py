@@ -146,7 +146,7 @@ class ElasticPool:
         is_spilled: Callable[[Any], bool],
         request_store: Callable[[list[tuple[Any, int]]], None],
         reserve_blocks: int = 0, low_use_fraction: float = 0.25,
-        spill_capacity: Callable[[], int] | None = None,
+        spill_capacity: Callable[[], int] | None = None, keep_cache: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if layout.num_blocks != block_pool.num_gpu_blocks:
@@ -160,6 +160,7 @@ class ElasticPool:
         self.request_store = request_store
         self.spill_capacity = spill_capacity
         self.reserve_blocks = reserve_blocks
+        self.keep_cache = keep_cache
         self.clock = clock
         self.counters = ElasticCounters()
         self.parked: set[int] = set()
@@ -296,7 +297,7 @@ class ElasticPool:
         returns how many blocks became usable. A map the mapper defers (``MapDeferred``: the
         workers' reserve is used up) is counted, a failed one (out of device memory) logged and
         counted; the groups mapped before it are used."""
-        plan = self.groups.plan_grow(self.block_pool.get_num_free_blocks(), max(0, demand),
+        plan = self.groups.plan_grow(self._free_for_growth(), max(0, demand),
                                      self.reserve_blocks)
         if not plan.groups:
             return 0
@@ -311,6 +312,20 @@ class ElasticPool:
                            "usable blocks", err, self.usable_blocks)
         self.counters.grown_groups += len(self.groups.mapped) - before
         return self._unpark_usable()
+
+    def _free_for_growth(self) -> int:
+        """The free blocks a grow counts as available. vLLM's free count includes cached blocks
+        no request holds (it evicts them to allocate); with ``keep_cache`` those do not count,
+        so the pool grows (within the ceiling) instead of vLLM evicting its prefix cache. The
+        cached free blocks are estimated in O(1) as vLLM's cached hashes less the blocks in
+        use (a hash held by several blocks counts once: the estimate errs toward growing
+        less)."""
+        free = int(self.block_pool.get_num_free_blocks())
+        if not self.keep_cache:
+            return free
+        in_use = self.usable_blocks - free
+        cached = len(self.block_pool.cached_block_hash_to_block)
+        return max(0, free - max(0, cached - in_use))
 
     def set_ceiling(self, ceiling_bytes: int) -> None:
         """A new ceiling while running: growth stops there, and the next ``maybe_shrink``

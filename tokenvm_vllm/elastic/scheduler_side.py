@@ -78,7 +78,7 @@ class SchedulerElastic:
             floor_bytes=config.gpu_kv_floor_bytes,
             ceiling_bytes=config.gpu_kv_ceiling_bytes or None, idle_s=config.shrink_idle_s,
             is_spilled=is_spilled, request_store=request_store, reserve_blocks=reserve_blocks,
-            spill_capacity=spill_capacity)
+            spill_capacity=spill_capacity, keep_cache=config.elastic_keep_cache)
         # The start set: every worker maps it itself when it allocates the KV tensors
         # (protocol.initial_groups), before warm-up runs touch the null block.
         self.mapper.take()
