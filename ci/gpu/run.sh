@@ -16,6 +16,10 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="/tmp/site:$PWD:$PWD/.gpu/redis/py" PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$WORK/install.log" 2>&1 \
   || echo "editable install failed (entry point unavailable): see $WORK/install.log"
+# TokenVM imports the redis client, which the vLLM bundle lacks: without it every server of a
+# stage dies at start-up (a call on 2026-11-30 lost its device time that way). Stop here.
+python3 -c "import redis" 2>/dev/null || { echo "run.sh: no 'redis' module: unpack .gpu/redis \
+(bash ci/gpu/stage_redis.sh here, then carry .gpu/redis or a tarball of it) before any stage"; exit 2; }
 nvidia-smi -L
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 for stage in $STAGES; do
