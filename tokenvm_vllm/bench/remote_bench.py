@@ -132,7 +132,23 @@ def bench_store(url: str, size: int, megabytes: int, batch: int, threads: int,
     return rows
 
 
-def _keyspace(target: RemoteTarget, total: int, value_bytes: int, fill: bool) -> None:
+def benchmark_args(target: RemoteTarget) -> list[str]:
+    """``redis-benchmark``'s arguments to reach ``target``: host and port of its first node,
+    the db (or ``--cluster``), the ACL user and the password."""
+    host, port = target.nodes[0]
+    args = ["-h", host, "-p", str(port)]
+    if target.cluster:
+        args.append("--cluster")
+    else:
+        args += ["--dbnum", str(target.db)]
+    if target.username:
+        args += ["--user", target.username]
+    if target.password:
+        args += ["-a", target.password, "--no-auth-warning"]
+    return args
+
+
+def benchmark_keyspace(target: RemoteTarget, total: int, value_bytes: int, fill: bool) -> None:
     """Write (``fill``) or delete redis-benchmark's ``-r total`` keys, ``key:%012d``."""
     from tokenvm_vllm.cli.remote import _client
 
@@ -167,24 +183,16 @@ def redis_benchmark(url: str, size: int, megabytes: int, batch: int,
     # (key:{tag}:...), which cannot be filled beforehand: it keeps one key per node there.
     keyspace = not target.cluster
     if keyspace:
-        _keyspace(target, total, value_bytes, fill=True)
+        benchmark_keyspace(target, total, value_bytes, fill=True)
     try:
         for mode, clients, pipeline, requests in (
                 ("single", 1, 1, max(16, min(total // 4, 2000))),
                 (f"batch {batch} x {threads}", threads, batch, total)):
-            cmd = ["redis-benchmark", "-h", host, "-p", str(port), "-t", "set,get",
+            cmd = ["redis-benchmark", *benchmark_args(target), "-t", "set,get",
                    "-d", str(value_bytes), "-n", str(requests),
                    "-c", str(clients), "-P", str(pipeline), "--csv"]
             if keyspace:
                 cmd += ["-r", str(total)]
-            if target.cluster:
-                cmd.append("--cluster")
-            else:
-                cmd += ["--dbnum", str(target.db)]
-            if target.username:
-                cmd += ["--user", target.username]
-            if target.password:
-                cmd += ["-a", target.password, "--no-auth-warning"]
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                                     check=False)
             # With --cluster the CSV follows a list of the masters: start at its header.
@@ -200,7 +208,7 @@ def redis_benchmark(url: str, size: int, megabytes: int, batch: int,
                              "p99_ms": float(record.get("p99_latency_ms", 0) or 0)})
     finally:
         if keyspace:
-            _keyspace(target, total, value_bytes, fill=False)
+            benchmark_keyspace(target, total, value_bytes, fill=False)
     return rows
 
 

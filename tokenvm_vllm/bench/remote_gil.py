@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from tokenvm_vllm.bench.remote_bench import benchmark_args, benchmark_keyspace
 from tokenvm_vllm.keys import make_block_key
 from tokenvm_vllm.tiers.disk.format import HEADER_BYTES
 from tokenvm_vllm.tiers.remote.store import RemoteStore
@@ -92,17 +93,15 @@ def with_store_writes(url: str, block_bytes: int, threads: int, seconds: float) 
 
 
 def with_redis_benchmark(url: str, block_bytes: int, seconds: float) -> dict[str, Any] | None:
-    """The op time while ``redis-benchmark`` SETs values of the same size (None without it)."""
+    """The op time while ``redis-benchmark`` SETs values of the same size over ``KEYS`` keys
+    (None without the tool, or for a cluster or TLS, as in ``remote_bench``)."""
     exe = shutil.which("redis-benchmark")
     target = parse_remote_url(url)
-    if exe is None or target.cluster:
+    if exe is None or target.cluster or target.tls:
         return None
-    host, port = target.nodes[0]
-    command = [exe, "-h", host, "-p", str(port), "-t", "set", "-d",
-               str(block_bytes + HEADER_BYTES), "-n", "10000000", "-c", "1", "-P", "4",
-               "-r", str(KEYS), "-q"]
-    if target.password:
-        command[1:1] = ["-a", target.password, "--no-auth-warning"]
+    value_bytes = block_bytes + HEADER_BYTES
+    command = [exe, *benchmark_args(target), "-t", "set", "-d", str(value_bytes),
+               "-n", "10000000", "-c", "1", "-P", "4", "-r", str(KEYS), "-q"]
     bench = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.3)
@@ -110,20 +109,7 @@ def with_redis_benchmark(url: str, block_bytes: int, seconds: float) -> dict[str
     finally:
         bench.kill()
         bench.wait()
-        _delete_benchmark_keys(url)
-
-
-def _delete_benchmark_keys(url: str) -> None:
-    """Remove the ``key:NNNNNNNNNNNN`` keyspace ``redis-benchmark -r`` wrote (no TTL)."""
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        names = list(client.scan_iter(match="key:*", count=1000))
-        if names:
-            client.delete(*names)
-    finally:
-        client.close()
+        benchmark_keyspace(target, KEYS, value_bytes, fill=False)  # its keys have no TTL
 
 
 def run(url: str, block_bytes: int, threads: list[int], seconds: float) -> dict[str, Any]:
