@@ -148,6 +148,12 @@ class TokenVMConfig:
     GIL slows that thread (bench/remote_gil.py). Fewer threads slowed the engine less on a
     2-core CPU machine but not in a serving run on an H200 (README, "Writes and the GIL"), so
     the default stays 4."""
+    remote_process: bool = False
+    """Run the remote tier's Redis I/O in a child process of each worker instead of threads in
+    the worker: the host pool becomes a file in /dev/shm that both map, and the worker only
+    sends slot numbers and reads answers. With tensor parallelism 1 the worker is vLLM's
+    engine process, where the I/O threads compete with the engine thread for Python's GIL
+    (README, "Writes and the GIL"). Needs /dev/shm room for host_bytes."""
     remote_max_pending_writes: int = 256
     """Host -> Redis block copies allowed in flight; beyond it new blocks are not shared."""
     remote_batch_bytes: int = 32 * 2**20

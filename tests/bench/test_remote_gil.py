@@ -17,7 +17,8 @@ def test_rows_for_each_thread_count_and_the_server_is_left_empty(
                      "--seconds", "0.2", "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["alone_op_us"] > 0 and result["block_bytes"] == 64 << 10
-    assert [row["threads"] for row in result["store"]] == [1, 2]
+    assert [(row["process"], row["threads"]) for row in result["store"]] == [
+        (False, 1), (False, 2), (True, 1), (True, 2)]
     for row in result["store"]:
         assert row["written_gb_s"] > 0 and row["op_us"] > 0
         assert abs(row["x_alone"] - row["op_us"] / result["alone_op_us"]) < 1e-9

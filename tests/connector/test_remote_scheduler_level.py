@@ -4,11 +4,15 @@ serves them from Redis. The harness's fake forward checks every loaded KV positi
 
 from __future__ import annotations
 
+import glob
+import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.connector.test_scheduler_level import prompts
 from tests.harness import Harness
@@ -27,14 +31,18 @@ def serve(h: Harness, seed: int, salt: str | None = None) -> None:
     h.run()
 
 
+@pytest.mark.parametrize("process", [False, True], ids=["threads", "process"])
 def test_fresh_server_is_served_from_redis(make_harness: Callable[..., Harness],
-                                           redis_server: RedisServer) -> None:
-    first = remote_harness(make_harness, redis_server.url)
+                                           redis_server: RedisServer, process: bool) -> None:
+    first = remote_harness(make_harness, redis_server.url, remote_process=process)
+    if process:  # the pool is shared with the child through an open file, not a name
+        assert first.worker.worker.shares_pool
+        assert not glob.glob(f"/dev/shm/tokenvm-remote-{os.getpid()}-*")
     serve(first, 1000)
     assert first.stats["remote_written_blocks"] >= 8
     assert int(redis_server.cli("DBSIZE")) >= 8
     first.worker.worker.shutdown()
-    second = remote_harness(make_harness, redis_server.url)
+    second = remote_harness(make_harness, redis_server.url, remote_process=process)
     serve(second, 1000)  # empty host: the prefix comes from Redis, checked position by position
     assert second.stats["remote_hit_blocks"] >= 8
     assert second.stats["loaded_blocks"] >= 8
@@ -119,10 +127,11 @@ def test_a_read_that_times_out_is_recomputed_and_not_written_back(
     assert second.stats["remote_write_known_blocks"] >= 8
 
 
+@pytest.mark.parametrize("process", [False, True], ids=["threads", "process"])
 def test_redis_down_serves_without_it_then_comes_back(make_harness: Callable[..., Harness],
-                                                      tmp_path: Path) -> None:
+                                                      tmp_path: Path, process: bool) -> None:
     port = free_port()
-    h = remote_harness(make_harness, f"redis://{HOST}:{port}/0")
+    h = remote_harness(make_harness, f"redis://{HOST}:{port}/0", remote_process=process)
     serve(h, 1300)  # nothing listens: requests run, nothing is shared
     assert h.stats.get("remote_written_blocks", 0) == 0
     assert h.stats.get("remote_outages", 0) == 1
@@ -134,14 +143,13 @@ def test_redis_down_serves_without_it_then_comes_back(make_harness: Callable[...
     assert h.stats.get("lookup_deferred", 0) == deferred
     server = RedisServer(tmp_path / "late", port=port).start()
     try:
-        store = h.worker.worker.remote.store  # type: ignore[union-attr]
-        store.retry_interval_s = 0.1
-        import time
-
+        io = h.worker.worker.remote.io  # type: ignore[union-attr]
+        if not process:  # (the child's store retries every 2 s, its default)
+            io.store.retry_interval_s = 0.1  # type: ignore[attr-defined]
         deadline = time.monotonic() + 10
-        while not store.available and time.monotonic() < deadline:
+        while not io.available and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert store.available
+        assert io.available
         serve(h, 1301)  # the first step's report says the store is back
         serve(h, 1302)
         assert h.stats["remote_written_blocks"] >= 8

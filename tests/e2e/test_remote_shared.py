@@ -4,7 +4,8 @@ Engine A (TokenVM + Redis) serves a workload and writes its blocks to Redis. Eng
 process with an empty host tier, the same Redis and the same PYTHONHASHSEED: its first pass
 finds the prefixes only A computed in Redis. B's outputs must equal B without TokenVM token for
 token, and B must report the hits as external (vLLM's prompt_tokens_by_source) and as remote
-hits (TokenVM's counter). Once with a standalone server, once with a three-master Redis Cluster.
+hits (TokenVM's counter). Once with a standalone server, once with a three-master Redis Cluster;
+one engine of each pair runs its remote I/O in a child process (``remote_process``).
 """
 
 from __future__ import annotations
@@ -56,10 +57,16 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         shared = replace(base, connector="tokenvm", extra_config={
             "remote_url": url, "remote_key_prefix": "e2e", "remote_timeout_s": 2.0,
             "remote_reads": "always"})
-        results = {"a": run_in_subprocess(shared, WORKLOAD, tmp / "a.json", env=ENV)}
+        # The remote I/O in a child process (remote_process) for one engine of each pair: B
+        # reads through it from the standalone server, A writes through it to the cluster.
+        process = {**shared.extra_config, "remote_process": True}
+        cluster = request.param == "cluster"
+        a = replace(shared, extra_config=process) if cluster else shared
+        b = shared if cluster else replace(shared, extra_config=process)
+        results = {"a": run_in_subprocess(a, WORKLOAD, tmp / "a.json", env=ENV)}
         nodes = server.masters() if isinstance(server, RedisCluster) else [server]
         results["keys_after_a"] = sum(int(node.cli("DBSIZE")) for node in nodes)
-        results["b"] = run_in_subprocess(shared, WORKLOAD, tmp / "b.json", env=ENV)
+        results["b"] = run_in_subprocess(b, WORKLOAD, tmp / "b.json", env=ENV)
         results["baseline"] = baseline
         yield results
     finally:

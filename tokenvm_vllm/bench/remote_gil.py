@@ -10,8 +10,11 @@ threads. This benchmark stands in a main-thread loop of small in-place torch ops
 engine thread and measures its time per op: alone, beside ``redis-benchmark`` writing values
 of the same size to the same server (a separate process: CPU and memory-bandwidth contention,
 no GIL), and beside a ``RemoteStore`` writing with each number of write threads (one submitter
-keeping four batches in flight, as a worker's steps do). It prints the slowdown against the
-loop alone and per GB/s written, so runs at different write rates compare.
+keeping four batches in flight, as a worker's steps do), first in this process
+(``remote_process: false``), then in a child process over a shared pool file
+(``remote_process: true``: only the submitter and the thread reading the child's answers stay
+here). It prints the slowdown against the loop alone and per GB/s written, so runs at
+different write rates compare.
 
 The server must accept writes (keys expire after 10 minutes and are deleted at the end).
 """
@@ -19,10 +22,13 @@ The server must accept writes (keys expire after 10 minutes and are deleted at t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from typing import Any
@@ -32,6 +38,7 @@ import numpy as np
 from tokenvm_vllm.bench.remote_bench import benchmark_args, benchmark_keyspace
 from tokenvm_vllm.keys import make_block_key
 from tokenvm_vllm.tiers.disk.format import HEADER_BYTES
+from tokenvm_vllm.tiers.remote.io_process import ProcessSlotIO
 from tokenvm_vllm.tiers.remote.store import RemoteStore
 from tokenvm_vllm.tiers.remote.url import parse_remote_url
 
@@ -56,17 +63,34 @@ def op_time_us(seconds: float) -> float:
     return statistics.median(rounds)
 
 
-def with_store_writes(url: str, block_bytes: int, threads: int, seconds: float) -> dict[str, Any]:
+def with_store_writes(url: str, block_bytes: int, threads: int, seconds: float,
+                      process: bool = False) -> dict[str, Any]:
     """The op time while one submitter keeps 4 write batches in flight on a store with
-    ``threads`` write threads; the GB/s of block payload written meanwhile."""
-    rows = [np.random.default_rng(i).integers(0, 255, block_bytes, dtype=np.uint8)
-            for i in range(BATCH)]
+    ``threads`` write threads; the GB/s of block payload written meanwhile. ``process``: the
+    store runs in a child process over a shared pool file (``remote_process: true``), as
+    ``ProcessSlotIO``; else in this process, as ``ThreadSlotIO``."""
     keys = [make_block_key(i.to_bytes(8, "big") * 4) for i in range(KEYS)]
+    settings: dict[str, Any] = dict(key_prefix="tokenvm-gil", ttl_s=600, timeout_s=5.0,
+                                    io_threads=1, write_threads=threads, max_pending_writes=8)
     written = [0]
     stop = threading.Event()
-    with RemoteStore(url, NAMESPACE, 0, block_bytes, key_prefix="tokenvm-gil", ttl_s=600,
-                     timeout_s=5.0, io_threads=1, write_threads=threads,
-                     max_pending_writes=8) as store:
+    with contextlib.ExitStack() as stack:
+        io: Any
+        if process:
+            directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            tmp = stack.enter_context(tempfile.NamedTemporaryFile(dir=directory))
+            tmp.truncate(BATCH * block_bytes)
+            pool = np.memmap(tmp.name, dtype=np.uint8, mode="r+", shape=(BATCH, block_bytes))
+            for i in range(BATCH):
+                pool[i] = np.random.default_rng(i).integers(0, 255, block_bytes, dtype=np.uint8)
+            io = ProcessSlotIO(tmp.name, BATCH, block_bytes, False, dict(
+                url=url, namespace=NAMESPACE, tp_rank=0, slot_bytes=block_bytes, **settings))
+            stack.callback(io.close)
+            payload: Any = list(range(BATCH))
+        else:
+            io = stack.enter_context(RemoteStore(url, NAMESPACE, 0, block_bytes, **settings))
+            payload = [np.random.default_rng(i).integers(0, 255, block_bytes, dtype=np.uint8)
+                       for i in range(BATCH)]
 
         def submit() -> None:
             inflight = []
@@ -74,7 +98,7 @@ def with_store_writes(url: str, block_bytes: int, threads: int, seconds: float) 
             while not stop.is_set():
                 batch = [keys[(i * BATCH + j) % KEYS] for j in range(BATCH)]
                 i += 1
-                inflight.append(store.put(batch, rows))
+                inflight.append(io.put(batch, payload))
                 if len(inflight) >= 4:
                     written[0] += sum(inflight.pop(0).result())
             for future in inflight:
@@ -88,8 +112,9 @@ def with_store_writes(url: str, block_bytes: int, threads: int, seconds: float) 
         gbs = (written[0] - before) * block_bytes / (time.monotonic() - start) / 1e9
         stop.set()
         submitter.join()
+    with RemoteStore(url, NAMESPACE, 0, block_bytes, **settings) as store:
         store.delete(keys).result(10)
-    return {"threads": threads, "op_us": op, "written_gb_s": gbs}
+    return {"threads": threads, "process": process, "op_us": op, "written_gb_s": gbs}
 
 
 def with_redis_benchmark(url: str, block_bytes: int, seconds: float) -> dict[str, Any] | None:
@@ -122,16 +147,19 @@ def run(url: str, block_bytes: int, threads: list[int], seconds: float) -> dict[
         result["redis_benchmark"] = plain
         print(f"beside redis-benchmark SET (another process): {plain['op_us']:.2f} us "
               f"= {plain['x_alone']:.2f}x", flush=True)
-    for n in threads:
-        row = with_store_writes(url, block_bytes, n, seconds)
-        row["x_alone"] = row["op_us"] / alone
-        row["slowdown_per_gb_s"] = ((row["x_alone"] - 1) / row["written_gb_s"]
-                                    if row["written_gb_s"] > 0 else None)
-        result["store"].append(row)
-        per = row["slowdown_per_gb_s"]
-        print(f"beside RemoteStore writes, {n} write thread(s): {row['op_us']:.2f} us = "
-              f"{row['x_alone']:.2f}x while writing {row['written_gb_s']:.2f} GB/s"
-              + (f" (+{per:.2f}x per GB/s)" if per is not None else ""), flush=True)
+    for process in (False, True):
+        for n in threads:
+            row = with_store_writes(url, block_bytes, n, seconds, process)
+            row["x_alone"] = row["op_us"] / alone
+            row["slowdown_per_gb_s"] = ((row["x_alone"] - 1) / row["written_gb_s"]
+                                        if row["written_gb_s"] > 0 else None)
+            result["store"].append(row)
+            per = row["slowdown_per_gb_s"]
+            where = "a child process" if process else "this process"
+            print(f"beside RemoteStore writes in {where}, {n} write thread(s): "
+                  f"{row['op_us']:.2f} us = {row['x_alone']:.2f}x while writing "
+                  f"{row['written_gb_s']:.2f} GB/s"
+                  + (f" (+{per:.2f}x per GB/s)" if per is not None else ""), flush=True)
     return result
 
 

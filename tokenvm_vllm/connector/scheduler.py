@@ -89,8 +89,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.tokenvm")
 
 REMOTE_STORE_COUNTERS = ("read_bytes", "written_bytes", "corrupt_blocks", "timeouts",
-                         "failed_batches", "dropped_batches", "expired_batches", "outages")
-"""``RemoteStore.stats()`` names passed on to /metrics as ``tokenvm:remote_<name>``."""
+                         "failed_batches", "dropped_batches", "expired_batches", "outages",
+                         "io_process_exits")
+"""``RemoteStore.stats()`` names (and ``ProcessSlotIO``'s ``io_process_exits``) passed on to
+/metrics as ``tokenvm:remote_<name>``."""
 
 
 IDLE_TICK_S = 0.02

@@ -67,6 +67,8 @@ COUNTERS: dict[str, str] = {
     "remote_expired_batches": "Remote read batches that waited past remote_timeout_s in the queue",
     "remote_outages": "Times the remote tier became unreachable (then retried in the "
                       "background)",
+    "remote_io_process_exits": "Times a worker's remote I/O process (remote_process) exited "
+                               "and was started again",
     "elastic_grown_groups": "Elastic GPU KV: page groups made usable (mapped) ahead of demand",
     "elastic_shrunk_groups": "Elastic GPU KV: page groups given back (unmapped) after an idle "
                              "period",

@@ -84,7 +84,7 @@ from tokenvm_vllm.transfer.layout import (
     replicated_latent_kv,
     slot_bytes_for,
 )
-from tokenvm_vllm.transfer.remote_mover import RemoteMover
+from tokenvm_vllm.transfer.remote_mover import RemoteMover, SlotIO, ThreadSlotIO
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -164,8 +164,12 @@ class TokenVMWorker:
         """MLA at TP>1: one copy per node, written by rank 0 (module docstring)."""
         self.writer = not self.store_once or rank == 0
         """Whether this rank writes stores, disk and remote (every rank, unless store_once)."""
+        self.shares_pool = self.store_once or bool(
+            config.remote_url and config.remote_process and self.writer)
+        """Whether the host pool is a shared file: for the other ranks (store_once) or for the
+        remote tier's I/O process (remote_process)."""
         self.shared_pool_path: str | None = None
-        """The shared host pool's file while its name exists (store_once only)."""
+        """The shared host pool's file while its name exists (``shares_pool`` only)."""
         self._fail_loads = config.debug_fail_load_every > 0 and config.debug_fail_load_rank in (
             -1, rank)
         """Testing only: this rank fails every ``debug_fail_load_every``-th load."""
@@ -220,8 +224,9 @@ class TokenVMWorker:
             background=False,
             device_index=device.index if device.type == "cuda" else None,
             reserve=host_bytes == HOST_BYTES_AUTO,
-            shared_path=self._shared_pool_path() if self.store_once else None,
+            shared_path=self._shared_pool_path() if self.shares_pool else None,
             create=self.writer,  # rank 0 creates it; the others wait for it
+            shared_fix="mla_store_once=false" if self.store_once else "remote_process=false",
         )
         self._layer_index = {layer.name: (g, i) for g, layout in enumerate(self.layouts)
                              for i, layer in enumerate(layout.layers)}
@@ -242,7 +247,13 @@ class TokenVMWorker:
             f" (one per KV cache group: {len(self.groups)} groups)")
 
     def _shared_pool_path(self) -> str:
-        """The host pool file every rank of this engine maps (``store_once``)."""
+        """The host pool file every rank of this engine maps (``store_once``), or this rank's
+        pool file, which its remote I/O process maps (``remote_process``)."""
+        if not self.store_once:
+            rank = compat.tensor_parallel_rank_and_size()[0]
+            self.shared_pool_path = os.path.join(
+                SHARED_POOL_DIR, f"tokenvm-remote-{os.getpid()}-rank{rank}.pool")
+            return self.shared_pool_path
         transfer = self.vllm_config.kv_transfer_config
         engine_id = str(getattr(transfer, "engine_id", None) or "")
         if not engine_id:
@@ -331,17 +342,31 @@ class TokenVMWorker:
         store serves without it and retries in the background)."""
         from tokenvm_vllm.tiers.remote.store import RemoteStore  # only with a remote tier
 
-        assert self._pool is not None
+        pool = self._pool
+        assert pool is not None
         namespace = self.namespace(first_dtype)
         config = self.config
-        store = RemoteStore(
-            config.remote_url, namespace.fingerprint(), namespace.tp_rank, self.slot_bytes,
+        store_args: dict[str, Any] = dict(
+            url=config.remote_url, namespace=namespace.fingerprint(),
+            tp_rank=namespace.tp_rank, slot_bytes=self.slot_bytes,
             key_prefix=config.remote_key_prefix, ttl_s=config.remote_ttl_s,
             timeout_s=config.remote_timeout_s, io_threads=config.remote_io_threads,
             write_threads=config.remote_write_threads,
             max_pending_writes=config.remote_max_pending_writes,  # batches <= blocks
             batch_bytes=config.remote_batch_bytes)
-        self.remote = RemoteMover(store, self._pool)
+        io: SlotIO
+        if config.remote_process:
+            from tokenvm_vllm.tiers.remote.io_process import ProcessSlotIO
+
+            assert self.shared_pool_path is not None, "remote_process needs a shared pool"
+            io = ProcessSlotIO(self.shared_pool_path, pool.num_slots, pool.slot_bytes,
+                               reserve=self.config.host_bytes == HOST_BYTES_AUTO,
+                               store_args=store_args)
+            if not self.store_once:  # the child has the open file; no name is left behind
+                self._unlink_shared_pool()
+        else:
+            io = ThreadSlotIO(RemoteStore(**store_args), pool)
+        self.remote = RemoteMover(io, pool.slot_bytes)
         self._report_remote_state()  # down at start-up: the scheduler asks nothing
 
     def _start_remote_jobs(self, meta: TokenVMConnectorMetadata) -> None:
@@ -374,14 +399,14 @@ class TokenVMWorker:
             if result.found is not None:
                 meta.remote_found[(result.job_id, result.found)] += 1
         meta.remote_io_seconds.extend(self.remote.take_batch_seconds())
-        meta.remote_counts.update(self.remote.store.stats())
+        meta.remote_counts.update(self.remote.io.stats())
         self._report_remote_state()
 
     def _report_remote_state(self) -> None:
         """Tell the scheduler when the store goes down or comes back, so it asks the remote
         tier nothing (and defers no request) while it is away."""
         assert self.remote is not None
-        available = self.remote.store.available
+        available = self.remote.io.available
         if available != self._remote_available:
             self._remote_available = available
             if available:

@@ -403,11 +403,15 @@ class HostPool:
     (see ``_host_pointer_usable``). ``pinned`` is True in both pinned modes.
 
     ``shared_path``: map this file (e.g. in ``/dev/shm``) ``MAP_SHARED`` instead of anonymous
-    memory, so the workers of one node that open the same path share one pool (MLA's
-    replicated latent KV, stored once: ``connector/worker.py``). Never pinned eagerly (that
-    buffer is private to the process); the caller removes the file. ``create``: make the file
-    if missing; False: another process makes it, wait for it (``SHARED_POOL_WAIT_S``), so a
-    rank that cannot see the creator's file fails instead of serving from an empty pool.
+    memory, so the processes that open the same path share one pool (the workers of one node,
+    for MLA's replicated latent KV stored once; the remote tier's I/O process,
+    ``remote_process``: ``connector/worker.py``). Registered with CUDA rather than allocated
+    pinned (``cudaHostAlloc`` memory is private to the process): with ``lazy=False`` every
+    chunk is registered here, before this returns, as an eager pool is pinned. The caller
+    removes the file. ``create``: make the file if missing; False: another process makes it,
+    wait for it (``SHARED_POOL_WAIT_S``), so a rank that cannot see the creator's file fails
+    instead of serving from an empty pool. ``shared_fix``: the setting that turns sharing off,
+    named in this pool's errors.
     """
 
     def __init__(
@@ -416,6 +420,7 @@ class HostPool:
         unregister: UnregisterFn | None = None, device_index: int | None = None,
         reserve: bool = False, lazy: bool = True, duty: float = BACKGROUND_DUTY,
         shared_path: str | None = None, create: bool = True,
+        shared_fix: str = "mla_store_once=false",
     ) -> None:
         start = time.perf_counter()
         self.num_slots = num_slots
@@ -429,17 +434,19 @@ class HostPool:
         if reserve and pin and not lazy:
             raise ValueError("tokenvm: a reserved (host_bytes='auto') pool can only be pinned "
                              "lazily")
-        # A shared pool is always pinned lazily: an eager pinned buffer is private memory.
+        # A shared pool is registered chunk by chunk, as a lazy one: an eager pinned buffer
+        # (cudaHostAlloc) is private memory. Eager sharing registers every chunk at once below.
+        register_now = shared_path is not None and pin and not lazy
         lazy = pin and (lazy or shared_path is not None) and (
             register is not None or _host_pointer_usable(device_index))
         if shared_path is not None:
             if pin and not lazy:
                 raise TokenVMConfigError(
                     "tokenvm: this GPU cannot use registered host memory, which a host pool "
-                    "shared by the tensor-parallel ranks needs: set mla_store_once=false")
-            mode = (f"shared by this node's ranks in {shared_path}, "
-                    + ("pinned lazily" if lazy else "pageable"))
-            self._mmap = _map_shared(shared_path, self.nbytes, reserve, create)
+                    f"shared with another process needs: set {shared_fix}")
+            mode = (f"shared in {shared_path}, "
+                    + (("pinned" if register_now else "pinned lazily") if lazy else "pageable"))
+            self._mmap = _map_shared(shared_path, self.nbytes, reserve, create, shared_fix)
             self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
                 num_slots, slot_bytes)
         elif pin and not lazy:
@@ -477,7 +484,9 @@ class HostPool:
             # range is already mapped"; seen on the H200 when tests built pool after pool). The
             # finalizer holds the mmap, so the memory outlives the unregistering.
             weakref.finalize(self, _unpin_then_release, self.pinner, self._mmap)
-            if background:
+            if register_now:
+                self.pinner.ensure(0, self.nbytes)
+            elif background:
                 self.start_pinning()
         self.alloc_seconds = time.perf_counter() - start
         logger.info(
@@ -580,7 +589,8 @@ SHARED_POOL_WAIT_S = 120.0
 vLLM's KV caches at that moment, one collective call of vLLM's executor)."""
 
 
-def _map_shared(path: str, nbytes: int, reserve: bool, create: bool = True) -> mmap.mmap:
+def _map_shared(path: str, nbytes: int, reserve: bool, create: bool = True,
+                fix: str = "mla_store_once=false") -> mmap.mmap:
     """``nbytes`` of the file ``path``, mapped ``MAP_SHARED``. Every opener sizes the file to
     ``nbytes`` (only ever growing it, so concurrent openers agree and no written byte is lost).
     The file is sparse: a page costs RAM once written. Unless ``reserve`` (an upper bound, see
@@ -598,7 +608,7 @@ def _map_shared(path: str, nbytes: int, reserve: bool, create: bool = True) -> m
             raise TokenVMConfigError(
                 f"tokenvm: the shared host pool needs {nbytes} bytes in {directory}, which "
                 f"has {free} free: lower host_bytes, enlarge {directory} (docker: --shm-size), "
-                f"or set mla_store_once=false")
+                f"or set {fix}")
     flags = os.O_RDWR | (os.O_CREAT if create else 0) | getattr(os, "O_NOFOLLOW", 0)
     deadline = time.monotonic() + SHARED_POOL_WAIT_S
     try:
@@ -613,7 +623,7 @@ def _map_shared(path: str, nbytes: int, reserve: bool, create: bool = True) -> m
     except OSError as err:
         raise TokenVMConfigError(
             f"tokenvm: cannot open the shared host pool {path}: {err}; "
-            "set mla_store_once=false") from None
+            f"set {fix}") from None
     try:
         if os.fstat(fd).st_size < nbytes:
             os.ftruncate(fd, nbytes)
@@ -621,7 +631,7 @@ def _map_shared(path: str, nbytes: int, reserve: bool, create: bool = True) -> m
     except OSError as err:
         raise TokenVMConfigError(
             f"tokenvm: cannot map the shared host pool {path} ({nbytes} bytes): {err}; lower "
-            "host_bytes or set mla_store_once=false") from None
+            f"host_bytes or set {fix}") from None
     finally:
         os.close(fd)
 
