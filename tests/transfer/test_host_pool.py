@@ -262,3 +262,26 @@ def test_a_reserved_pool_cannot_be_pinned_eagerly():
         HostPool(4, 1000, pin=True, lazy=False, reserve=True, register=rec.register,
                  unregister=rec.unregister)
     assert rec.calls == []
+
+
+def test_a_shared_pool_pinned_eagerly_registers_every_chunk_before_it_returns(tmp_path):
+    """A pool shared with the remote I/O process (or the other ranks) cannot be cudaHostAlloc
+    memory; ``pin_mode: eager`` then registers the whole file mapping at construction, on the
+    constructing thread, instead of lazily in the background."""
+    rec = Recorder()
+    pool = HostPool(40, 3 * 1024, pin=True, lazy=False, chunk_bytes=2 * PAGE,
+                    register=rec.register, unregister=rec.unregister,
+                    shared_path=str(tmp_path / "eager.pool"))
+    registered = [call for call in rec.calls if call[0] == "register"]
+    assert len(registered) == pool.pinner.num_chunks
+    assert sum(call[2] for call in registered) >= pool.nbytes
+    assert {call[3] for call in registered} == {threading.current_thread().name}
+    pool.ensure_pinned(range(40))  # a copy's check finds every slot registered already
+    assert len([call for call in rec.calls if call[0] == "register"]) == len(registered)
+    lazy = HostPool(40, 3 * 1024, pin=True, lazy=True, chunk_bytes=2 * PAGE, background=False,
+                    register=rec.register, unregister=rec.unregister,
+                    shared_path=str(tmp_path / "lazy.pool"))
+    assert len([call for call in rec.calls if call[0] == "register"]) == len(registered)
+    assert not lazy.wait_pinned(0)
+    pool.close()
+    lazy.close()
