@@ -218,6 +218,11 @@ class TokenVMConfig:
     size would, and memory goes back in the next idle period. false: grow only for the blocks
     running requests need (less memory while serving, more recomputing: on an H200 long-context
     run 41% less KV held on average, but 2.1x the prompt tokens computed and TTFT p50 8.4x)."""
+    elastic_map_ahead: bool = False
+    """elastic: map each worker's reserve of page groups ahead, after the step's forward was
+    launched, at the groups the next grow maps, so that a grow costs the next step no driver
+    calls (~2.3 ms per 64 MiB group on an H200, elastic/protocol.py). Tested on CPU only so
+    far: off until a GPU run measures it (tokenvm:elastic_apply_seconds)."""
     elastic_page_bytes: int = 2 * 2**20
     """elastic: bytes of one page of each KV tensor (a page group is that page of every
     tensor): the CUDA VMM granularity, 2 MiB. Smaller pages only make sense on CPU (tests)."""

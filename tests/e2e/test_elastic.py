@@ -5,7 +5,8 @@ the engine sits idle past ``shrink_idle_s``, then every request is sent again. T
 first revisit stores nothing new (write-through already has every full block in host), drops
 the groups' cached blocks from vLLM's prefix cache and parks them, so the revisits' prefixes
 come from TokenVM instead of vLLM's GPU cache; outputs are token-exact against vLLM without
-TokenVM. CPU has no VMM: what shrinks is the set of blocks vLLM may use, not memory.
+TokenVM. CPU has no VMM: what shrinks is the set of blocks vLLM may use, not memory. The
+workers map their reserve ahead (``elastic_map_ahead``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def runs(tmp_path_factory, engine_settings) -> dict:
         "elastic": True, "elastic_page_bytes": PAGE_BYTES,
         # a page group is one page of each of the 4 layers' tensors
         "gpu_kv_floor_bytes": FLOOR_BLOCKS // 4 * 4 * PAGE_BYTES,
-        "shrink_idle_s": IDLE_S})
+        "shrink_idle_s": IDLE_S,
+        # the workers map their reserve ahead (the default-off path is covered by the
+        # scheduler-level tests in tests/elastic/)
+        "elastic_map_ahead": True})
     return {name: run_in_subprocess(settings, WORKLOAD, Path(tmp / f"{name}.json"))
             for name, settings in (("baseline", base), ("elastic", elastic))}
 

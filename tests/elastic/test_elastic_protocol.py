@@ -114,9 +114,10 @@ def burst_idle_revisit(h: ElasticRanks, seed: int) -> None:
     h.run()
 
 
+@pytest.mark.parametrize("map_ahead", [False, True], ids=["on-demand", "map-ahead"])
 def test_blocks_are_mapped_before_use_and_unmapped_after_parking_on_every_rank(
-        tiny_model_config):
-    h = elastic_ranks(tiny_model_config)
+        tiny_model_config, map_ahead):
+    h = elastic_ranks(tiny_model_config, elastic_map_ahead=map_ahead)
     kv0, kv1 = (w.worker.elastic for w in h.workers)
     assert kv0.start == (0, 1) and kv0.mapped == {0, 1}  # the floor, the null block's group
     burst_idle_revisit(h, seed=11)
@@ -126,8 +127,14 @@ def test_blocks_are_mapped_before_use_and_unmapped_after_parking_on_every_rank(
     assert h.checked_blocks > 100
     assert h.stats["elastic_shrunk_groups"] > 0 and h.stats["loaded_blocks"] > 0
     pool = h.connector.scheduler.elastic.pool
-    # the workers' own mapper agrees with the scheduler (the CPU stand-in for cuMemMap)
-    assert kv0.mapper.mapped == kv0.mapped
+    # the workers' own mapper agrees with the scheduler (the CPU stand-in for cuMemMap), plus
+    # what is mapped ahead of its commands, which no step touched (checked every step above)
+    assert kv0.mapper.mapped == kv0.mapped | kv0.premapped
+    assert not kv0.mapped & kv0.premapped
+    if map_ahead:  # grows found their groups already mapped: no driver call on those steps
+        assert kv0.premap_hits > 0 and kv0.premap_hits == kv1.premap_hits
+    else:
+        assert kv0.premap_hits == 0 and not kv0.premapped
     assert not h.connector.scheduler.elastic.mapper.pending or kv0.mapped != pool.groups.mapped
 
 
@@ -256,8 +263,10 @@ def test_without_the_ledger_a_full_device_would_fail_a_map_mid_step(tiny_model_c
         burst_idle_revisit(h, seed=22)
 
 
-def test_the_reserve_is_held_while_serving_and_given_back_when_idle(tiny_model_config):
-    h = elastic_ranks(tiny_model_config)
+@pytest.mark.parametrize("map_ahead", [False, True], ids=["on-demand", "map-ahead"])
+def test_the_reserve_is_held_while_serving_and_given_back_when_idle(tiny_model_config,
+                                                                    map_ahead):
+    h = elastic_ranks(tiny_model_config, elastic_map_ahead=map_ahead)
     kv0: WorkerKV = h.workers[0].worker.elastic
     side = h.connector.scheduler.elastic
     assert h.run_idle() == 1  # the warm-up step: not serving, nothing reserved
@@ -267,9 +276,39 @@ def test_the_reserve_is_held_while_serving_and_given_back_when_idle(tiny_model_c
     h.step()
     assert kv0.reserve_target == side.reserve_groups > 0  # the arrival asked for it
     h.run()
-    assert kv0.mapper.spare_groups() > 0 and h.stats["elastic_reserve_bytes"] > 0
+    assert kv0.reserved() > 0 and h.stats["elastic_reserve_bytes"] > 0
+    if map_ahead:  # the reserve is mapped, at the lowest groups the scheduler has not mapped
+        assert kv0.premapped and kv0.mapper.spare_groups() == 0
+        lowest = [g for g in range(kv0.layout.num_groups) if g not in kv0.mapped]
+        assert sorted(kv0.premapped) == lowest[:len(kv0.premapped)]
     time.sleep(0.4)  # past shrink_idle_s (0.3 s) with no request
     h.run_idle()
     assert kv0.reserve_target == 0 and kv0.mapper.spare_groups() == 0
+    assert not kv0.premapped and kv0.mapper.mapped == kv0.mapped  # nothing held beyond
     assert side.ledger.reported == 0  # (the last report came after the last stats)
     assert side.pool.mapped_bytes == 2048  # the floor: the pool shrank in the same period
+
+
+def test_map_ahead_serves_a_map_from_the_premapped_group_or_gives_one_up():
+    """Unit: a worker with ``map_ahead`` maps its reserve at the lowest unmapped groups; a
+    command for one of them makes no mapper call; a command for another group, with the
+    reserve all premapped, unmaps the highest premapped group to map it; a lower target
+    unmaps premapped groups, highest first."""
+    layout = PageGroupLayout((128, 128), num_blocks=64, page_bytes=512)
+    kv = WorkerKV(layout, (0, 1), map_ahead=True)
+    kv.apply([], reserve=3)
+    assert kv.refill() == (1, 3)
+    assert kv.premapped == {2, 3, 4} and kv.mapper.spare_groups() == 0
+    assert not kv.is_usable(layout.blocks_of_group(2)[0])  # not the scheduler's yet
+    calls = len(kv.mapper.calls)
+    kv.apply([("map", 2)], reserve=3)
+    assert kv.mapper.calls[calls:] == [] and kv.premap_hits == 1
+    assert kv.is_usable(layout.blocks_of_group(2)[0]) and kv.premapped == {3, 4}
+    kv.refill()
+    assert kv.premapped == {3, 4, 5}
+    kv.apply([("map", 9)], reserve=3)  # not predicted: the highest premapped group gives way
+    assert kv.mapper.calls[-2:] == [("unmap", 5), ("map", 9)]
+    assert kv.premapped == {3, 4} and 9 in kv.mapped
+    kv.apply([], reserve=1)
+    assert kv.premapped == {3} and kv.mapper.calls[-1] == ("unmap", 4)
+    assert kv.mapper.mapped == kv.mapped | {3} and kv.reserved() == 1

@@ -131,3 +131,32 @@ def test_maps_take_the_reserve_and_a_full_gpu_reserves_less_instead_of_failing(w
             vmm.release_handle(handle)
         del hog
         torch.cuda.empty_cache()
+
+
+def test_map_ahead_maps_the_reserve_zeroed_and_a_command_then_costs_no_driver_call(worker_kv):
+    """``elastic_map_ahead``: ``refill`` maps the reserve at the next groups and zeroes them; the
+    scheduler's map of such a group makes no driver call, and its pages read zero; an idle
+    target of 0 unmaps them and gives the memory back."""
+    kv, tensors = worker_kv
+    kv.map_ahead = True
+    tensors[0].fill_(9)  # garbage, as warm-up could leave
+    torch.cuda.synchronize()
+    kv.apply([], reserve=2)  # the first step: trims to the null block's group, keeps 2 spare
+    assert kv.refill() == (1, 2) and kv.premapped == {1, 2}
+    ranges = kv.mapper.ranges
+    maps_before = [r.mapped_pages for r in ranges]
+    assert maps_before == [[0, 1, 2]] * 2  # the reserve is mapped at groups 1 and 2
+    torch.cuda.synchronize()
+    free_premapped, _ = torch.cuda.mem_get_info()
+    kv.apply([("map", 1)], reserve=2)
+    assert [r.mapped_pages for r in ranges] == maps_before and kv.premap_hits == 1
+    torch.cuda.synchronize()
+    block = tensors[0].view(8 * 64, BLOCK)
+    assert int(block[64:128].abs().sum().item()) == 0  # premapped pages were zeroed
+    block[64 + 3].fill_(5)
+    assert int(block[64 + 3].float().mean().item()) == 5
+    kv.apply([], reserve=0)  # idle: the premapped group and the spare memory go back
+    torch.cuda.synchronize()
+    free_idle, _ = torch.cuda.mem_get_info()
+    assert not kv.premapped and kv.mapper.spare_groups() == 0
+    assert free_idle - free_premapped >= 2 * 2 * MIB  # group 2's two pages came back

@@ -152,6 +152,9 @@ class TokenVMWorkerMetadata(KVConnectorWorkerMetadata):
     """Workers whose remote store became reachable again since their last report."""
     elastic_reserve: list[tuple[int, int]] = field(default_factory=list)
     """Elastic GPU KV, one per worker, every step: (metadata applied, page groups reserved)."""
+    elastic_apply_seconds: list[float] = field(default_factory=list)
+    """Elastic GPU KV: time each metadata's map/unmap commands took on a worker, before the
+    step's forward (its critical path)."""
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> TokenVMWorkerMetadata:
         """Sum over tensor-parallel ranks: every field (counters, numbers, lists of

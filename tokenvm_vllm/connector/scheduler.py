@@ -548,7 +548,7 @@ class TokenVMScheduler:
                      "layerwise_loaded_blocks"):
             self.stats.add(name, getattr(meta, name))
         for name in ("load_job_seconds", "store_job_seconds", "disk_io_seconds",
-                     "remote_io_seconds"):
+                     "remote_io_seconds", "elastic_apply_seconds"):
             self.stats.observe(name, getattr(meta, name))
         for name in REMOTE_STORE_COUNTERS:  # (block outcomes are counted by the tier manager)
             if meta.remote_counts[name]:

@@ -103,6 +103,8 @@ HISTOGRAMS: dict[str, str] = {
     "disk_io_seconds": "Time from submit to completion seen, per disk read or write",
     "remote_io_seconds": "Time from submit to completion seen, per remote batch (lookup, read "
                          "or write)",
+    "elastic_apply_seconds": "Elastic GPU KV: time a worker spent applying one step's map and "
+                             "unmap commands before its forward",
 }
 GAUGES: dict[str, str] = {
     "elastic_usable_blocks": "Elastic GPU KV: blocks vLLM may use now (mapped page groups)",

@@ -723,6 +723,7 @@ class TokenVMWorker:
             # After the forward was launched, off the step's critical path: refill the reserve
             # the next maps use, and say how much there is (elastic/protocol.py).
             self._worker_meta.elastic_reserve = [self.elastic.refill()]
+            self._worker_meta.elastic_apply_seconds.extend(self.elastic.take_apply_seconds())
         if self._worker_meta.is_empty():
             return None
         meta, self._worker_meta = self._worker_meta, TokenVMWorkerMetadata()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.redis_servers import RedisServer
+from tests.tiers.remote.test_store import wait_until
 from tokenvm_vllm.keys import make_block_key
 from tokenvm_vllm.tiers.remote.io_process import ProcessSlotIO
 from tokenvm_vllm.tiers.remote.store import Unanswered
@@ -61,15 +62,6 @@ def io(pool: SharedPool, redis_server: RedisServer) -> Iterator[ProcessSlotIO]:
     io.close()
 
 
-def wait_until(predicate: object, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_blocks_round_trip_through_the_child_and_no_io_thread_runs_here(
         io: ProcessSlotIO, pool: SharedPool) -> None:
     rng = np.random.default_rng(1)
@@ -108,7 +100,7 @@ def test_a_killed_child_fails_what_it_owed_then_another_serves(
         assert io.stats()["io_process_exits"] == 1
     finally:
         redis_server.resume()
-    assert wait_until(lambda: io.available and io.child_pid not in (None, first))
+    assert wait_until(lambda: io.available and io.child_pid not in (None, first), 10.0)
     assert io.get(keys(1), [6]).result(10) == [True]
     assert (pool.rows[6] == 7).all()
 
@@ -137,7 +129,7 @@ def test_redis_down_at_start_is_reported_and_comes_back(pool: SharedPool,
         assert isinstance(io.contains(keys(1)).result(10), Unanswered)
         server = RedisServer(tmp_path / "late", port=port).start()
         try:
-            assert wait_until(lambda: io.available)
+            assert wait_until(lambda: io.available, 10.0)
             assert io.contains(keys(1)).result(10) == [False]
         finally:
             server.stop()
