@@ -223,6 +223,7 @@ def main() -> None:
         "elastic": True, "gpu_kv_floor_bytes": 0, "write_mode": "write_through",
         "testing": True,  # elastic on CUDA is refused outside testing until this check passed
         **extra})
+    ahead = replace(elastic, extra_config={**elastic.extra_config, "elastic_map_ahead": True})
     reference = replace(base, num_gpu_blocks=4 * base.num_gpu_blocks)
     # name -> (settings, its reference). CUDA graphs (torch.compile) change bf16 numerics:
     # graph runs compare with a graph reference.
@@ -233,11 +234,15 @@ def main() -> None:
                     "reference"),
         "reference_graphs": (replace(reference, enforce_eager=False), None),
         "elastic_graphs": (replace(elastic, enforce_eager=False), "reference_graphs"),
+        # the workers map their reserve ahead of the commands (elastic_map_ahead)
+        "elastic_ahead": (ahead, "reference"),
+        "elastic_ahead_graphs": (replace(ahead, enforce_eager=False), "reference_graphs"),
     }
     wanted = args.configs.split(",")
     unknown = [n for n in wanted if n not in configs or configs[n][1] is None]
     if unknown:
-        parser.error(f"--configs: unknown {unknown}; pick from elastic, tokenvm, elastic_graphs")
+        parser.error(f"--configs: unknown {unknown}; pick from elastic, tokenvm, elastic_graphs, "
+                     "elastic_ahead, elastic_ahead_graphs")
     wanted = list(dict.fromkeys([configs[n][1] or n for n in wanted] + wanted))
     summary: dict[str, Any] = {}
     ok = True
