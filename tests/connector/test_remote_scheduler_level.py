@@ -50,6 +50,7 @@ def test_fresh_server_is_served_from_redis(make_harness: Callable[..., Harness],
     assert second.histograms["remote_io_seconds"]
     serve(second, 1001)  # a prefix nobody saw: looked up, missed, computed
     assert second.stats["remote_miss_blocks"] >= 8
+    second.worker.worker.shutdown()  # (with remote_process: its child exits now, not at exit)
 
 
 def test_cache_salt_and_namespace_isolate_blocks(make_harness: Callable[..., Harness],
@@ -155,6 +156,7 @@ def test_redis_down_serves_without_it_then_comes_back(make_harness: Callable[...
         assert h.stats["remote_written_blocks"] >= 8
         assert h.stats["remote_lookup_blocks"] >= 8
     finally:
+        h.worker.worker.shutdown()
         server.stop()
 
 

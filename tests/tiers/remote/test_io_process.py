@@ -63,22 +63,27 @@ def io(pool: SharedPool, redis_server: RedisServer) -> Iterator[ProcessSlotIO]:
 
 
 def test_blocks_round_trip_through_the_child_and_no_io_thread_runs_here(
-        io: ProcessSlotIO, pool: SharedPool) -> None:
-    rng = np.random.default_rng(1)
-    pool.rows[:4] = rng.integers(0, 256, (4, SLOT), dtype=np.uint8)
-    names = keys(4)
-    assert io.put(names, [0, 1, 2, 3]).result(10) == [True] * 4
-    assert io.contains(names + keys(1, salt=9)).result(10) == [True] * 4 + [False]
-    assert io.get(names, [8, 9, 10, 11]).result(10) == [True] * 4
-    np.testing.assert_array_equal(pool.rows[8:12], pool.rows[:4])  # the child's writes, seen here
-    counts = io.stats()
-    assert counts["written_blocks"] == 4 and counts["hit_blocks"] == 4
-    assert counts["read_bytes"] >= 4 * SLOT
-    # The point of the child: the store's threads are there, not in this process.
-    here = [t.name for t in threading.enumerate()]
-    assert not [name for name in here if name.startswith("tokenvm-remote-read")
-                or name.startswith("tokenvm-remote-write")], here
-    assert io.available
+        pool: SharedPool, redis_server: RedisServer) -> None:
+    before = {thread.ident for thread in threading.enumerate()}
+    io = make_io(pool, redis_server.url)
+    try:
+        rng = np.random.default_rng(1)
+        pool.rows[:4] = rng.integers(0, 256, (4, SLOT), dtype=np.uint8)
+        names = keys(4)
+        assert io.put(names, [0, 1, 2, 3]).result(10) == [True] * 4
+        assert io.contains(names + keys(1, salt=9)).result(10) == [True] * 4 + [False]
+        assert io.get(names, [8, 9, 10, 11]).result(10) == [True] * 4
+        np.testing.assert_array_equal(pool.rows[8:12], pool.rows[:4])  # the child's writes
+        counts = io.stats()
+        assert counts["written_blocks"] == 4 and counts["hit_blocks"] == 4
+        assert counts["read_bytes"] >= 4 * SLOT
+        # The point of the child: the store's threads run there; here only the thread that
+        # reads its answers was started.
+        started = [t.name for t in threading.enumerate() if t.ident not in before]
+        assert started == ["tokenvm-remote-process"], started
+        assert io.available
+    finally:
+        io.close()
 
 
 def test_a_killed_child_fails_what_it_owed_then_another_serves(
@@ -115,6 +120,7 @@ def test_close_stops_the_child_and_answers_everything(pool: SharedPool,
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # type: ignore[arg-type]
     assert isinstance(io.put(keys(1), [0]).result(0), Unanswered)
+    io.close()  # a second close is harmless
 
 
 def test_redis_down_at_start_is_reported_and_comes_back(pool: SharedPool,

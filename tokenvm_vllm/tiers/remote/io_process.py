@@ -244,7 +244,10 @@ class ProcessSlotIO:
         return child.pid if child is not None else None
 
     def close(self) -> None:
-        """Stop the child (it finishes the batches it has, then exits) and fail what it owed."""
+        """Stop the child (it finishes the batches it has, then exits) and fail what it owed.
+        A second call does nothing."""
+        if self._closed.is_set():
+            return
         self._closed.set()
         with self._lock:
             conn, proc = self._conn, self._child
