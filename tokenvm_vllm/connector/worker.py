@@ -226,7 +226,7 @@ class TokenVMWorker:
             reserve=host_bytes == HOST_BYTES_AUTO,
             shared_path=self._shared_pool_path() if self.shares_pool else None,
             create=self.writer,  # rank 0 creates it; the others wait for it
-            shared_fix="mla_store_once=false" if self.store_once else "remote_process=false",
+            shared_for="mla_store_once" if self.store_once else "remote_process",
         )
         self._layer_index = {layer.name: (g, i) for g, layout in enumerate(self.layouts)
                              for i, layer in enumerate(layout.layers)}

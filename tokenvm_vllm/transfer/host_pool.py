@@ -63,6 +63,10 @@ CUDA_HOST_REGISTER_MAPPED = 2
 layer-wise loads need (they are given the host address itself; see ``_host_pointer_usable``)."""
 _CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM = 91
 
+SHARED_FOR = {"mla_store_once": "this node's ranks",
+              "remote_process": "this worker and its remote I/O process"}
+"""Who shares a shared pool, by the setting that shares it (``HostPool(shared_for=...)``)."""
+
 RegisterFn = Callable[[int, int], None]
 """``register(address, nbytes)``: page-lock a range; raises on failure."""
 UnregisterFn = Callable[[int], None]
@@ -410,8 +414,8 @@ class HostPool:
     chunk is registered here, before this returns, as an eager pool is pinned. The caller
     removes the file. ``create``: make the file if missing; False: another process makes it,
     wait for it (``SHARED_POOL_WAIT_S``), so a rank that cannot see the creator's file fails
-    instead of serving from an empty pool. ``shared_fix``: the setting that turns sharing off,
-    named in this pool's errors.
+    instead of serving from an empty pool. ``shared_for``: the setting that shares the pool
+    (``SHARED_FOR``), named in the log and, as the thing to set false, in this pool's errors.
     """
 
     def __init__(
@@ -420,7 +424,7 @@ class HostPool:
         unregister: UnregisterFn | None = None, device_index: int | None = None,
         reserve: bool = False, lazy: bool = True, duty: float = BACKGROUND_DUTY,
         shared_path: str | None = None, create: bool = True,
-        shared_fix: str = "mla_store_once=false",
+        shared_for: str = "mla_store_once",
     ) -> None:
         start = time.perf_counter()
         self.num_slots = num_slots
@@ -443,10 +447,11 @@ class HostPool:
             if pin and not lazy:
                 raise TokenVMConfigError(
                     "tokenvm: this GPU cannot use registered host memory, which a host pool "
-                    f"shared with another process needs: set {shared_fix}")
-            mode = (f"shared in {shared_path}, "
+                    f"shared with another process needs: set {shared_for}=false")
+            mode = (f"shared by {SHARED_FOR[shared_for]} in {shared_path}, "
                     + (("pinned" if register_now else "pinned lazily") if lazy else "pageable"))
-            self._mmap = _map_shared(shared_path, self.nbytes, reserve, create, shared_fix)
+            self._mmap = _map_shared(shared_path, self.nbytes, reserve, create,
+                                     f"{shared_for}=false")
             self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
                 num_slots, slot_bytes)
         elif pin and not lazy:

@@ -60,8 +60,6 @@ START_TIMEOUT_S = 60.0
 """How long the worker waits for a child to map the pool and connect (Redis down is not a
 failure: the store then retries by itself)."""
 
-_OPS = ("contains", "get", "put")
-
 
 class ProcessSlotIO:
     """The remote tier for one rank, run by a child process over a shared host pool.
@@ -159,9 +157,11 @@ class ProcessSlotIO:
         if kind == "done":
             _, request_id, results, unanswered, counts = message
             with self._lock:
-                future, n = self._pending.pop(request_id)
+                owed = self._pending.pop(request_id, None)
                 self._counts.update(counts)
-            future.set_result(Unanswered(n) if unanswered else list(results))
+            if owed is not None:  # (None: ``close`` already failed it, having waited too long)
+                future, n = owed
+                future.set_result(Unanswered(n) if unanswered else list(results))
         elif kind == "state":
             _, available, counts = message
             with self._lock:
@@ -285,6 +285,7 @@ def _serve(conn: Connection, pool_fd: int) -> None:
     kind, init = conn.recv()
     assert kind == "init", kind
     num_slots, slot_bytes = init["num_slots"], init["slot_bytes"]
+    # (host_pool's _MAP_NORESERVE: that module imports torch, which this process does without)
     flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_NORESERVE", 0x4000) if init["reserve"] else 0)
     pool = mmap.mmap(pool_fd, num_slots * slot_bytes, flags=flags)
     rows = np.frombuffer(pool, dtype=np.uint8).reshape(num_slots, slot_bytes)
