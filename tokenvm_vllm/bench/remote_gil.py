@@ -72,6 +72,8 @@ def with_store_writes(url: str, block_bytes: int, threads: int, seconds: float,
     keys = [make_block_key(i.to_bytes(8, "big") * 4) for i in range(KEYS)]
     settings: dict[str, Any] = dict(key_prefix="tokenvm-gil", ttl_s=600, timeout_s=5.0,
                                     io_threads=1, write_threads=threads, max_pending_writes=8)
+    rows = [np.random.default_rng(i).integers(0, 255, block_bytes, dtype=np.uint8)
+            for i in range(BATCH)]
     written = [0]
     stop = threading.Event()
     with contextlib.ExitStack() as stack:
@@ -81,16 +83,14 @@ def with_store_writes(url: str, block_bytes: int, threads: int, seconds: float,
             tmp = stack.enter_context(tempfile.NamedTemporaryFile(dir=directory))
             tmp.truncate(BATCH * block_bytes)
             pool = np.memmap(tmp.name, dtype=np.uint8, mode="r+", shape=(BATCH, block_bytes))
-            for i in range(BATCH):
-                pool[i] = np.random.default_rng(i).integers(0, 255, block_bytes, dtype=np.uint8)
+            pool[:] = rows  # the same bytes as the in-process rows
             io = ProcessSlotIO(tmp.name, BATCH, block_bytes, False, dict(
                 url=url, namespace=NAMESPACE, tp_rank=0, slot_bytes=block_bytes, **settings))
             stack.callback(io.close)
             payload: Any = list(range(BATCH))
         else:
             io = stack.enter_context(RemoteStore(url, NAMESPACE, 0, block_bytes, **settings))
-            payload = [np.random.default_rng(i).integers(0, 255, block_bytes, dtype=np.uint8)
-                       for i in range(BATCH)]
+            payload = rows
 
         def submit() -> None:
             inflight = []

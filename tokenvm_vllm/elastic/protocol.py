@@ -313,10 +313,7 @@ class WorkerKV:
         """Unmap every group outside the start set once warm-up is over (device synchronised:
         the warm-up's kernels may still be queued); their memory becomes the reserve, as far
         as the first metadata's target asks."""
-        if self.is_cuda:
-            import torch
-
-            torch.cuda.synchronize(self._device)
+        self._sync()
         for group in sorted(self.mapped - set(self.start)):
             self._unmap(group)
         self.warming_up = False
@@ -369,6 +366,7 @@ class WorkerKV:
         return self.mapper.spare_groups() + len(self.premapped)
 
     def _sync(self) -> None:
+        """Wait for every kernel and copy queued on the device (CUDA only)."""
         if self.is_cuda:
             import torch
 
