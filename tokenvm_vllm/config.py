@@ -32,6 +32,8 @@ ENV_PREFIX = "TOKENVM_"
 MAX_SIZE_BYTES = 2**60
 """Largest size any ``*_bytes`` key accepts (1 EiB): beyond it a value is a typo, not a size."""
 MAX_IO_THREADS = 256
+MAX_PIN_THREADS = 64
+"""Most threads ``pin_threads`` may register the host pool on (beyond the cores of any host)."""
 HOST_BYTES_AUTO = "auto"
 """``host_bytes`` value: size the host tier from the RAM available when the server starts."""
 HOST_BYTES_AUTO_FRACTION = 0.5
@@ -191,6 +193,12 @@ class TokenVMConfig:
     chunks) stalled every request for the whole 9 s of registration (TTFT p90 9.9 s against
     0.6 s), as registering pinned memory holds up the GPU work of the process meanwhile.
     ``host_bytes: "auto"`` always pins lazily (its size is known only after start-up)."""
+    pin_threads: int = 1
+    """'eager' pinning on CUDA: 1 allocates the pool pinned in one call (``cudaHostAlloc``, one
+    thread); N > 1 maps it and registers it with CUDA in 32 MiB chunks on N threads at once
+    before the server answers (the same registered memory 'lazy' and shared pools use), so the
+    page faulting and locking run in parallel. Such a pool can also give memory back under
+    ``host_min_available_bytes``. Ignored with 'lazy' and on the CPU platform."""
     mla_store_once: bool = True
     """MLA models (one latent KV tensor per layer, replicated on every tensor-parallel rank)
     at TP>1: keep one copy per node instead of one per rank (a host pool shared by the ranks
@@ -565,6 +573,10 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
         raise TokenVMConfigError(
             f"tokenvm: disk_prefetch_timeout_s={config.disk_prefetch_timeout_s} must be "
             "between 0 and 3600")
+    if not 1 <= config.pin_threads <= MAX_PIN_THREADS:
+        raise TokenVMConfigError(
+            f"tokenvm: pin_threads={config.pin_threads} must be between 1 and {MAX_PIN_THREADS}"
+            " (1: one cudaHostAlloc)")
     if config.disk_io_threads > MAX_IO_THREADS:
         raise TokenVMConfigError(
             f"tokenvm: disk_io_threads={config.disk_io_threads} is too many; give 1 to "

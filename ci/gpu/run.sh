@@ -107,9 +107,11 @@ for stage in $STAGES; do
       python3 -m tokenvm_vllm.bench.vmm_bench --out "$OUT/vmm_bench.json" 2>&1 \
         | tee "$WORK/vmm_bench.log" | tail -20 ;;
     hostpool)  # issue #13: a 20 GiB host pool, lazily pinned (paced, unpaced) vs eagerly, with a
-      # GPU step loop running meanwhile (~2 min)
-      python3 -m tokenvm_vllm.bench.host_pool_bench --gib 20 2>&1 | tee "$OUT/host_pool.log" \
-        | tail -3 ;;
+      # GPU step loop running meanwhile (~2 min). HOSTPOOL_ARGS: e.g. "--variants=,
+      # --register-threads 1,4,8,16" (eager pools registered on that many threads, pin_threads,
+      # instead of the lazy variants)
+      python3 -m tokenvm_vllm.bench.host_pool_bench --gib 20 ${HOSTPOOL_ARGS:-} \
+        --out "$OUT/host_pool.json" 2>&1 | tee "$OUT/host_pool.log" | tail -8 ;;
     hybrid)  # issue #14: full + sliding-window groups (SupportsHMA), token-exact
       python3 ci/gpu/hybrid_exact.py --out "$WORK/hybrid" 2>&1 | tee "$OUT/hybrid.log" | tail -12 ;;
     elastic)  # issue #13: elastic GPU KV on V2 and V1, token-exact across a shrink/grow cycle

@@ -33,6 +33,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -249,6 +250,35 @@ class LazyPinner:
             if k >= self._prefix:
                 self._pin(k, background=False)
 
+    def pin_now(self, threads: int = 1) -> None:
+        """Register every chunk (below a ``release``) before returning, on ``threads`` threads
+        at once, each taking a contiguous run of chunks; raises the first failure once every
+        thread has stopped (the others stop at their next chunk). Eager pinning: nothing else
+        uses the pool yet, so nothing waits but the caller."""
+        chunks = range(min(self._ceiling, self.num_chunks))
+        threads = max(1, min(threads, len(chunks)))
+        failed = threading.Event()
+
+        def pin_run(run: range) -> None:
+            for chunk in run:
+                if failed.is_set():
+                    return
+                try:
+                    self._pin(chunk, background=False)
+                except BaseException:
+                    failed.set()
+                    raise
+
+        per_thread = -(-len(chunks) // threads)
+        runs = [chunks[i:i + per_thread] for i in range(0, len(chunks), per_thread)]
+        if len(runs) <= 1:
+            pin_run(chunks)
+            return
+        with ThreadPoolExecutor(len(runs), thread_name_prefix="tokenvm-pin-now") as executor:
+            futures = [executor.submit(pin_run, run) for run in runs]
+        for future in futures:
+            future.result()  # the first failure, after every thread stopped
+
     def start(self, nbytes: int | None = None) -> None:
         """Register the chunks covering the first ``nbytes`` (default: all) on a daemon thread,
         in order, skipping those ``ensure`` registered; logs when they are all registered."""
@@ -424,7 +454,7 @@ class HostPool:
         unregister: UnregisterFn | None = None, device_index: int | None = None,
         reserve: bool = False, lazy: bool = True, duty: float = BACKGROUND_DUTY,
         shared_path: str | None = None, create: bool = True,
-        shared_for: str = "mla_store_once",
+        shared_for: str = "mla_store_once", pin_threads: int = 1,
     ) -> None:
         start = time.perf_counter()
         self.num_slots = num_slots
@@ -439,9 +469,10 @@ class HostPool:
             raise ValueError("tokenvm: a reserved (host_bytes='auto') pool can only be pinned "
                              "lazily")
         # A shared pool is registered chunk by chunk, as a lazy one: an eager pinned buffer
-        # (cudaHostAlloc) is private memory. Eager sharing registers every chunk at once below.
-        register_now = shared_path is not None and pin and not lazy
-        lazy = pin and (lazy or shared_path is not None) and (
+        # (cudaHostAlloc) is private memory. Eager sharing registers every chunk at once below,
+        # as does an eager pool pinned on several threads (one cudaHostAlloc is one thread).
+        register_now = pin and not lazy and (shared_path is not None or pin_threads > 1)
+        lazy = pin and (lazy or register_now) and (
             register is not None or _host_pointer_usable(device_index))
         if shared_path is not None:
             if pin and not lazy:
@@ -457,10 +488,13 @@ class HostPool:
         elif pin and not lazy:
             mode = "pinned eagerly"
             self.buffer = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, pin_memory=True)
+        elif register_now:
+            mode = f"pinned eagerly, registered on {pin_threads} threads"
         else:
             mode = "pageable, pinned lazily" if lazy else "pageable"
             mode += ", address space only until the scheduler's count" if reserve else (
                 ", RAM used as slots are written")
+        if not self.shared and (not pin or lazy):
             # Anonymous mmap: page-aligned (chunks never share a page) and untouched pages cost
             # no RAM, so a slot costs memory only once a block is written to it.
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_NORESERVE if reserve else 0)
@@ -490,7 +524,7 @@ class HostPool:
             # finalizer holds the mmap, so the memory outlives the unregistering.
             weakref.finalize(self, _unpin_then_release, self.pinner, self._mmap)
             if register_now:
-                self.pinner.ensure(0, self.nbytes)
+                self.pinner.pin_now(pin_threads)
             elif background:
                 self.start_pinning()
         self.alloc_seconds = time.perf_counter() - start
