@@ -114,6 +114,40 @@ def test_real_pool_pins_lazily_in_the_background():
 
 
 @pytest.mark.parametrize("path", ["staged", "dma"])
+def test_an_eager_pool_registered_on_threads_is_pinned_when_built_and_copies_by_dma(path):
+    """``pin_threads`` > 1: the eager pool is registered on several threads before the
+    constructor returns (the real CUDA calls), and the copy engine moves blocks through it."""
+    from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
+    from tokenvm_vllm.transfer.host_pool import HostPool
+    from tokenvm_vllm.transfer.layout import KVLayout
+
+    caches = {f"l{i}": torch.randn(2, NUM_BLOCKS, 16, 8, 128, device="cuda").to(torch.bfloat16)
+              for i in range(4)}
+    per = caches["l0"].numel() // NUM_BLOCKS * caches["l0"].element_size()
+    layout = KVLayout.from_kv_caches(caches, NUM_BLOCKS, per * 4)
+    pool = HostPool(NUM_SLOTS, per * 4, pin=True, lazy=False, pin_threads=4, chunk_bytes=CHUNK)
+    assert pool.pinner is not None
+    assert pool.pinner.registered_chunks == pool.pinner.num_chunks
+    assert pool.buffer[NUM_SLOTS - 1].is_pinned()
+    engine = CudaCopyEngine(layout, caches, pool, path=path, staging_bytes=8 * pool.slot_bytes)
+    src, slots, dst = list(range(0, 24)), list(range(NUM_SLOTS - 24, NUM_SLOTS)), list(
+        range(NUM_BLOCKS - 24, NUM_BLOCKS))
+    engine.store(1, src, slots)
+    torch.cuda.synchronize()
+    (stored,) = drain(engine, 1)
+    assert stored.ok
+    before = {name: cache.clone() for name, cache in caches.items()}
+    engine.load(2, dst, slots)
+    torch.cuda.synchronize()
+    (loaded,) = drain(engine, 1)
+    assert loaded.ok and loaded.is_load
+    assert_moved(engine, caches, before, src, dst)
+    assert pool.pinner.on_demand_chunks == pool.pinner.num_chunks  # all at construction
+    pool.close()
+    assert not pool.buffer[NUM_SLOTS - 1].is_pinned()
+
+
+@pytest.mark.parametrize("path", ["staged", "dma"])
 @pytest.mark.parametrize("chunk_pages", [64, 96])
 def test_consecutive_slots_across_registration_chunks_move_by_dma(chunk_pages, path):
     """A store of consecutive slots is one DMA run; with the pool registered in chunks it must be
