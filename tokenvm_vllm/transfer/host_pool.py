@@ -203,8 +203,6 @@ class LazyPinner:
         """Seconds from ``start`` until the chunks up to its limit were all registered."""
         self.error: str | None = None
         """The background thread's failure, if it stopped on one."""
-        self.populate_seconds = 0.0
-        """``pin_now`` on threads: the longest any thread spent faulting its pages in."""
         self.done = threading.Event()
         """Set when the chunks up to ``start``'s limit are registered (or the thread stopped)."""
         self._ceiling = self.num_chunks
@@ -256,22 +254,12 @@ class LazyPinner:
         """Register every chunk (below a ``release``) before returning, on ``threads`` threads
         at once, each taking a contiguous run of chunks; raises the first failure once every
         thread has stopped (the others stop at their next chunk). Eager pinning: nothing else
-        uses the pool yet, so nothing waits but the caller. With more than one thread each
-        first faults its run's pages in (``MADV_POPULATE_WRITE``, outside the CUDA driver,
-        whose registrations did not run faster side by side on the H200: 20 GiB took 6.4 s on
-        one thread, 7.0-8.0 s on 4-16)."""
+        uses the pool yet, so nothing waits but the caller."""
         chunks = range(min(self._ceiling, self.num_chunks))
         threads = max(1, min(threads, len(chunks)))
         failed = threading.Event()
 
         def pin_run(run: range) -> None:
-            if threads > 1 and run:
-                start = run[0] * self.chunk_bytes
-                stop = min(self.nbytes, (run[-1] + 1) * self.chunk_bytes)
-                began = time.perf_counter()
-                _populate(self.address + start, stop - start)
-                self.populate_seconds = max(self.populate_seconds,
-                                            time.perf_counter() - began)
             for chunk in run:
                 if failed.is_set():
                     return
@@ -295,9 +283,6 @@ class LazyPinner:
         """Register the chunks covering the first ``nbytes`` (default: all) on a daemon thread,
         in order, skipping those ``ensure`` registered; logs when they are all registered."""
         if self._thread is not None or self._closed:
-            return
-        if self._prefix >= self.num_chunks:  # registered already (``pin_now``): nothing to log
-            self.done.set()
             return
         self._limit = self.num_chunks if nbytes is None else len(self.chunk_range(0, nbytes))
         self.started_at = time.perf_counter()
@@ -625,18 +610,6 @@ class HostPool:
         """Unregister what was pinned (the memory stays valid until the pool is dropped)."""
         if self.pinner is not None:
             self.pinner.close()
-
-
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+; older kernels answer EINVAL
-
-
-def _populate(address: int, nbytes: int) -> bool:
-    """Fault in (and zero) the pages of ``[address, address + nbytes)`` for writing, with the
-    GIL released (ctypes), so several threads fault in parallel. False where the kernel has no
-    ``MADV_POPULATE_WRITE``: the pages are then faulted in by whatever touches them first."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return bool(libc.madvise(address, nbytes, _MADV_POPULATE_WRITE) == 0)
 
 
 def _page_round(nbytes: int) -> int:
