@@ -32,8 +32,6 @@ ENV_PREFIX = "TOKENVM_"
 MAX_SIZE_BYTES = 2**60
 """Largest size any ``*_bytes`` key accepts (1 EiB): beyond it a value is a typo, not a size."""
 MAX_IO_THREADS = 256
-MAX_PIN_THREADS = 64
-"""Most threads ``pin_threads`` may register the host pool on (beyond the cores of any host)."""
 HOST_BYTES_AUTO = "auto"
 """``host_bytes`` value: size the host tier from the RAM available when the server starts."""
 HOST_BYTES_AUTO_FRACTION = 0.5
@@ -185,20 +183,16 @@ class TokenVMConfig:
     pin_memory: bool = True
     """Pin the host pool on CUDA (required for fast async DMA). Ignored on the CPU platform."""
     pin_mode: str = "eager"
-    """How the host pool is pinned on CUDA. 'eager': page-locked before the server answers
-    (20 GiB took 16.7 s on the H200), nothing later. 'lazy': the server answers at once and a
-    background thread registers the pool in 32 MiB chunks, paced to at most 10% of the time,
-    while copies register what they need first. Eager is the default because it is what the
-    serving benchmarks measured: the first serving run with lazy pinning (unpaced, 256 MiB
-    chunks) stalled every request for the whole 9 s of registration (TTFT p90 9.9 s against
-    0.6 s), as registering pinned memory holds up the GPU work of the process meanwhile.
-    ``host_bytes: "auto"`` always pins lazily (its size is known only after start-up)."""
-    pin_threads: int = 1
-    """'eager' pinning on CUDA: 1 allocates the pool pinned in one call (``cudaHostAlloc``, one
-    thread); N > 1 maps it and registers it with CUDA in 32 MiB chunks on N threads at once
-    before the server answers (the same registered memory 'lazy' and shared pools use), so the
-    page faulting and locking run in parallel. Such a pool can also give memory back under
-    ``host_min_available_bytes``. Ignored with 'lazy' and on the CPU platform."""
+    """How the host pool is pinned on CUDA. 'eager': page-locked before the server answers,
+    registered with CUDA in 32 MiB chunks (20 GiB: 6.4 s on the H200; the single
+    ``cudaHostAlloc`` used before took 12-17 s), nothing later. 'lazy': the server answers at
+    once and a background thread registers the pool in 32 MiB chunks, paced to at most 10% of
+    the time, while copies register what they need first. Eager is the default because lazy
+    pinning costs serving: registering holds up the process's GPU work (unpaced, the first
+    serving run stalled every request for the 9 s of registration), and paced, copies that
+    reach unregistered chunks register them on their path (H200, P at c=8 right after start-up:
+    0.79x the throughput of an eager pool, TTFT p99 2.1x). ``host_bytes: "auto"`` always pins
+    lazily (its size is known only after start-up)."""
     mla_store_once: bool = True
     """MLA models (one latent KV tensor per layer, replicated on every tensor-parallel rank)
     at TP>1: keep one copy per node instead of one per rank (a host pool shared by the ranks
@@ -573,10 +567,6 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
         raise TokenVMConfigError(
             f"tokenvm: disk_prefetch_timeout_s={config.disk_prefetch_timeout_s} must be "
             "between 0 and 3600")
-    if not 1 <= config.pin_threads <= MAX_PIN_THREADS:
-        raise TokenVMConfigError(
-            f"tokenvm: pin_threads={config.pin_threads} must be between 1 and {MAX_PIN_THREADS}"
-            " (1: one cudaHostAlloc)")
     if config.disk_io_threads > MAX_IO_THREADS:
         raise TokenVMConfigError(
             f"tokenvm: disk_io_threads={config.disk_io_threads} is too many; give 1 to "

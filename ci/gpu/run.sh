@@ -108,8 +108,7 @@ for stage in $STAGES; do
         | tee "$WORK/vmm_bench.log" | tail -20 ;;
     hostpool)  # issue #13: a 20 GiB host pool, lazily pinned (paced, unpaced) vs eagerly, with a
       # GPU step loop running meanwhile (~2 min). HOSTPOOL_ARGS: e.g. "--variants=,
-      # --register-threads 1,4,8,16" (eager pools registered on that many threads, pin_threads,
-      # instead of the lazy variants)
+      # --cuda-host-alloc" (the eager pool against one cudaHostAlloc, without the lazy variants)
       python3 -m tokenvm_vllm.bench.host_pool_bench --gib 20 ${HOSTPOOL_ARGS:-} \
         --out "$OUT/host_pool.json" 2>&1 | tee "$OUT/host_pool.log" | tail -8 ;;
     hybrid)  # issue #14: full + sliding-window groups (SupportsHMA), token-exact

@@ -114,9 +114,9 @@ def test_real_pool_pins_lazily_in_the_background():
 
 
 @pytest.mark.parametrize("path", ["staged", "dma"])
-def test_an_eager_pool_registered_on_threads_is_pinned_when_built_and_copies_by_dma(path):
-    """``pin_threads`` > 1: the eager pool is registered on several threads before the
-    constructor returns (the real CUDA calls), and the copy engine moves blocks through it."""
+def test_an_eager_pool_is_registered_when_built_and_copies_by_dma(path):
+    """``pin_mode: eager``: the pool is registered in chunks before the constructor returns
+    (the real CUDA calls), and the copy engine moves blocks through it."""
     from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
     from tokenvm_vllm.transfer.host_pool import HostPool
     from tokenvm_vllm.transfer.layout import KVLayout
@@ -125,7 +125,7 @@ def test_an_eager_pool_registered_on_threads_is_pinned_when_built_and_copies_by_
               for i in range(4)}
     per = caches["l0"].numel() // NUM_BLOCKS * caches["l0"].element_size()
     layout = KVLayout.from_kv_caches(caches, NUM_BLOCKS, per * 4)
-    pool = HostPool(NUM_SLOTS, per * 4, pin=True, lazy=False, pin_threads=4, chunk_bytes=CHUNK)
+    pool = HostPool(NUM_SLOTS, per * 4, pin=True, lazy=False, chunk_bytes=CHUNK)
     assert pool.pinner is not None
     assert pool.pinner.registered_chunks == pool.pinner.num_chunks
     assert pool.buffer[NUM_SLOTS - 1].is_pinned()

@@ -17,11 +17,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 MIB = 2**20
 
 
-def test_release_unregisters_gives_memory_back_and_regrow_serves_dma_again():
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
+def test_release_unregisters_gives_memory_back_and_regrow_serves_dma_again(lazy):
     from tokenvm_vllm.transfer.host_pool import HostPool, resident_bytes
 
     device = torch.cuda.current_device()
-    pool = HostPool(256, MIB, pin=True, lazy=True, background=False, device_index=device,
+    pool = HostPool(256, MIB, pin=True, lazy=lazy, background=False, device_index=device,
                     chunk_bytes=8 * MIB)
     pinner = pool.pinner
     assert pinner is not None, "this GPU would pin eagerly"

@@ -11,11 +11,11 @@ back to back, whose step times (p50, p99, max) are compared with the same loop o
 pool. A serving run stalled for the 9 s of unpaced pinning (``results/lazy_pinning_stall_h200``):
 registering pinned memory holds up the process's GPU work, which the step times show and a
 Python-only loop would not. Then the eager pool (``torch.empty(pin_memory=True)``, what start-up
-waits for with ``pin_mode: eager``), and, with ``--register-threads 1,8``, the eager pool
-registered on that many threads at once (``pin_threads``: mapped, then ``cuMemHostRegister`` in
-32 MiB chunks), each with the time to unregister it. Prints one JSON line last.
+waits for with ``pin_mode: eager``, 6.4 s for 20 GiB on the H200: mapped, then registered in 32
+MiB chunks; ``--no-eager`` skips it) next to the single ``cudaHostAlloc`` eager pinning used
+before (13.1 s; ``--cuda-host-alloc``). Prints one JSON line last.
 
-    python -m tokenvm_vllm.bench.host_pool_bench --gib 20 --variants '' --register-threads 1,4,8,16
+    python -m tokenvm_vllm.bench.host_pool_bench --gib 20 --variants=, --cuda-host-alloc
 """
 
 from __future__ import annotations
@@ -78,19 +78,14 @@ def lazy_variant(slots: int, chunk_bytes: int, duty: float) -> dict[str, Any]:
     return result
 
 
-def registered_variant(slots: int, threads: int) -> dict[str, Any]:
-    """The eager pool of ``pin_threads=threads``: construction (mapping and registering every
-    chunk) is what start-up waits for."""
+def eager_variant(slots: int) -> dict[str, Any]:
+    """The eager pool (``lazy=False``): construction, mapping and registering every chunk, is
+    what start-up waits for; then one copy into its last slot, and the time to unregister."""
     start = time.perf_counter()
-    pool = HostPool(slots, SLOT_BYTES, pin=True, lazy=False, pin_threads=max(2, threads))
-    if threads == 1:  # HostPool takes 1 to mean cudaHostAlloc: register on one thread here
-        pool.close()
-        pool = HostPool(slots, SLOT_BYTES, pin=True, background=False)
-        assert pool.pinner is not None
-        start = time.perf_counter()
-        pool.pinner.pin_now(1)
-    result: dict[str, Any] = {"threads": threads, "construct_s": time.perf_counter() - start}
-    assert pool.pinner is not None and pool.pinner.registered_chunks == pool.pinner.num_chunks
+    pool = HostPool(slots, SLOT_BYTES, pin=True, lazy=False)
+    result: dict[str, Any] = {"construct_s": time.perf_counter() - start}
+    assert pool.pinner is not None, "allocated by cudaHostAlloc: this GPU cannot use registered"
+    assert pool.pinner.registered_chunks == pool.pinner.num_chunks
     gpu = torch.full((SLOT_BYTES,), 5, dtype=torch.uint8, device="cuda")
     pool.buffer[slots - 1].copy_(gpu, non_blocking=True)
     torch.cuda.synchronize()
@@ -106,8 +101,8 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=20.0, help="pool size in GiB")
     parser.add_argument("--variants", default="paced,unpaced", help="lazy variants to run")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager pool")
-    parser.add_argument("--register-threads", default="",
-                        help="eager pools registered on these thread counts, e.g. 1,4,8,16")
+    parser.add_argument("--cuda-host-alloc", action="store_true",
+                        help="also one cudaHostAlloc of the pool's size (the old eager pinning)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -122,15 +117,14 @@ def main() -> None:
         result[name] = lazy_variant(slots, chunk_bytes, duty)
         print(name, json.dumps(result[name]), flush=True)
     if not args.no_eager:
+        result["eager"] = eager_variant(slots)
+        print("eager (registered in chunks)", json.dumps(result["eager"]), flush=True)
+    if args.cuda_host_alloc:
         start = time.perf_counter()
-        eager = torch.empty((slots, SLOT_BYTES), dtype=torch.uint8, pin_memory=True)
-        result["eager_construct_s"] = time.perf_counter() - start
-        del eager
-        print("eager (cudaHostAlloc)", f"{result['eager_construct_s']:.2f} s", flush=True)
-    for threads in (int(n) for n in filter(None, args.register_threads.split(","))):
-        result[f"registered_{threads}"] = registered_variant(slots, threads)
-        print(f"registered on {threads} threads", json.dumps(result[f"registered_{threads}"]),
-              flush=True)
+        pinned = torch.empty((slots, SLOT_BYTES), dtype=torch.uint8, pin_memory=True)
+        result["cuda_host_alloc_s"] = time.perf_counter() - start
+        del pinned
+        print(f"cudaHostAlloc {result['cuda_host_alloc_s']:.2f} s", flush=True)
     print(json.dumps(result), flush=True)
     if args.out:
         with open(args.out, "w") as out:

@@ -227,7 +227,6 @@ class TokenVMWorker:
             shared_path=self._shared_pool_path() if self.shares_pool else None,
             create=self.writer,  # rank 0 creates it; the others wait for it
             shared_for="mla_store_once" if self.store_once else "remote_process",
-            pin_threads=self.config.pin_threads,
         )
         self._layer_index = {layer.name: (g, i) for g, layout in enumerate(self.layouts)
                              for i, layer in enumerate(layout.layers)}

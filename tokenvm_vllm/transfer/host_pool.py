@@ -4,14 +4,15 @@ One ``uint8`` matrix of ``num_slots x slot_bytes``. Which slot holds which block
 scheduler (``tokenvm_vllm/tiers/host_tier.py``); this module only owns the memory.
 
 On CUDA the pool must be page-locked for asynchronous DMA and for the ``uva`` Triton kernels, which
-dereference host addresses on the GPU. Pinning 20 GiB up front (``cudaHostAlloc``, ``pin_mode:
-eager``, the default) took 12-16 s before the server answered; with ``pin_mode: lazy`` the pool is
-pinned lazily (``LazyPinner``, paced: registering holds up the process's GPU work, see
-``CHUNK_BYTES``): the memory is mapped
-pageable (untouched pages cost nothing), then registered with CUDA (``cudaHostRegister``, portable
-and mapped) in ``CHUNK_BYTES`` pieces by a background thread, in slot order (the worker starts it
-at the first engine step, after vLLM's CUDA graph capture, which a register call from another
-thread would break). Correctness never
+dereference host addresses on the GPU. The memory is mapped (anonymous ``mmap``) and registered
+with CUDA (``cuMemHostRegister``, portable and mapped) in ``CHUNK_BYTES`` pieces by a
+``LazyPinner``. ``pin_mode: eager`` (the default) registers every chunk before the pool is
+returned, so before the server answers: 6.4 s for 20 GiB on the H200, where one ``cudaHostAlloc``
+(what eager pinning was until 2026-12-01, and still is on a GPU that cannot use registered host
+memory as is, ``_host_pointer_usable``) took 12-17 s. ``pin_mode: lazy`` registers in the
+background instead, paced (registering holds up the process's GPU work, see ``CHUNK_BYTES``), in
+slot order (the worker starts the thread at the first engine step, after vLLM's CUDA graph
+capture, which a register call from another thread would break). Correctness never
 depends on that thread's progress: every copy engine calls ``ensure_pinned(host_slots)`` before it
 queues a copy, which registers the chunks under those slots synchronously (or waits for the one
 the thread is registering). ``close`` unregisters everything. On the CPU platform nothing is
@@ -33,7 +34,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -250,39 +250,13 @@ class LazyPinner:
             if k >= self._prefix:
                 self._pin(k, background=False)
 
-    def pin_now(self, threads: int = 1) -> None:
-        """Register every chunk (below a ``release``) before returning, on ``threads`` threads
-        at once, each taking a contiguous run of chunks; raises the first failure once every
-        thread has stopped (the others stop at their next chunk). Eager pinning: nothing else
-        uses the pool yet, so nothing waits but the caller."""
-        chunks = range(min(self._ceiling, self.num_chunks))
-        threads = max(1, min(threads, len(chunks)))
-        failed = threading.Event()
-
-        def pin_run(run: range) -> None:
-            for chunk in run:
-                if failed.is_set():
-                    return
-                try:
-                    self._pin(chunk, background=False)
-                except BaseException:
-                    failed.set()
-                    raise
-
-        per_thread = -(-len(chunks) // threads)
-        runs = [chunks[i:i + per_thread] for i in range(0, len(chunks), per_thread)]
-        if len(runs) <= 1:
-            pin_run(chunks)
-            return
-        with ThreadPoolExecutor(len(runs), thread_name_prefix="tokenvm-pin-now") as executor:
-            futures = [executor.submit(pin_run, run) for run in runs]
-        for future in futures:
-            future.result()  # the first failure, after every thread stopped
-
     def start(self, nbytes: int | None = None) -> None:
         """Register the chunks covering the first ``nbytes`` (default: all) on a daemon thread,
         in order, skipping those ``ensure`` registered; logs when they are all registered."""
         if self._thread is not None or self._closed:
+            return
+        if self._prefix >= self.num_chunks:  # an eager pool, registered already: no log line
+            self.done.set()
             return
         self._limit = self.num_chunks if nbytes is None else len(self.chunk_range(0, nbytes))
         self.started_at = time.perf_counter()
@@ -432,16 +406,18 @@ class HostPool:
     ``ensure_pinned`` before every CUDA copy, plus a background thread from ``start_pinning``
     (at once, unless ``background`` is False) registering at most ``duty`` of the time.
     ``register``/``unregister`` replace the CUDA calls (tests on machines without CUDA).
-    Eagerly (``torch.empty(pin_memory=True)``) with ``lazy=False`` (``pin_mode: eager``, the
-    worker's default) or where the GPU cannot use a registered host address as a device address
-    (see ``_host_pointer_usable``). ``pinned`` is True in both pinned modes.
+    Without ``lazy`` (``pin_mode: eager``, the worker's default): every chunk is registered
+    before this returns (no thread; ``ensure_pinned`` then finds them done). Where the GPU
+    cannot use a registered host address as a device address (``_host_pointer_usable``) the
+    pool is allocated pinned instead (``torch.empty(pin_memory=True)``, ``cudaHostAlloc``),
+    whatever was asked. ``pinned`` is True in every pinned mode.
 
     ``shared_path``: map this file (e.g. in ``/dev/shm``) ``MAP_SHARED`` instead of anonymous
     memory, so the processes that open the same path share one pool (the workers of one node,
     for MLA's replicated latent KV stored once; the remote tier's I/O process,
     ``remote_process``: ``connector/worker.py``). Registered with CUDA rather than allocated
-    pinned (``cudaHostAlloc`` memory is private to the process): with ``lazy=False`` every
-    chunk is registered here, before this returns, as an eager pool is pinned. The caller
+    pinned (``cudaHostAlloc`` memory is private to the process), lazily or, with
+    ``lazy=False``, before this returns, as any eager pool. The caller
     removes the file. ``create``: make the file if missing; False: another process makes it,
     wait for it (``SHARED_POOL_WAIT_S``), so a rank that cannot see the creator's file fails
     instead of serving from an empty pool. ``shared_for``: the setting that shares the pool
@@ -454,7 +430,7 @@ class HostPool:
         unregister: UnregisterFn | None = None, device_index: int | None = None,
         reserve: bool = False, lazy: bool = True, duty: float = BACKGROUND_DUTY,
         shared_path: str | None = None, create: bool = True,
-        shared_for: str = "mla_store_once", pin_threads: int = 1,
+        shared_for: str = "mla_store_once",
     ) -> None:
         start = time.perf_counter()
         self.num_slots = num_slots
@@ -468,10 +444,11 @@ class HostPool:
         if reserve and pin and not lazy:
             raise ValueError("tokenvm: a reserved (host_bytes='auto') pool can only be pinned "
                              "lazily")
-        # A shared pool is registered chunk by chunk, as a lazy one: an eager pinned buffer
-        # (cudaHostAlloc) is private memory. Eager sharing registers every chunk at once below,
-        # as does an eager pool pinned on several threads (one cudaHostAlloc is one thread).
-        register_now = pin and not lazy and (shared_path is not None or pin_threads > 1)
+        # An eager pool is mapped and registered chunk by chunk right here, as a lazy one is
+        # later: twice as fast as one cudaHostAlloc of the same size (20 GiB on the H200: 6.4 s
+        # against 13.1 s; more threads registering side by side did not help, 6.6-8.0 s), and
+        # the only way for a pool shared with another process (cudaHostAlloc memory is private).
+        register_now = pin and not lazy
         lazy = pin and (lazy or register_now) and (
             register is not None or _host_pointer_usable(device_index))
         if shared_path is not None:
@@ -486,10 +463,10 @@ class HostPool:
             self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
                 num_slots, slot_bytes)
         elif pin and not lazy:
-            mode = "pinned eagerly"
+            mode = "pinned eagerly by cudaHostAlloc"
             self.buffer = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, pin_memory=True)
         elif register_now:
-            mode = f"pinned eagerly, registered on {pin_threads} threads"
+            mode = "pinned eagerly, registered in chunks"
         else:
             mode = "pageable, pinned lazily" if lazy else "pageable"
             mode += ", address space only until the scheduler's count" if reserve else (
@@ -524,7 +501,7 @@ class HostPool:
             # finalizer holds the mmap, so the memory outlives the unregistering.
             weakref.finalize(self, _unpin_then_release, self.pinner, self._mmap)
             if register_now:
-                self.pinner.pin_now(pin_threads)
+                self.pinner.ensure(0, self.nbytes)
             elif background:
                 self.start_pinning()
         self.alloc_seconds = time.perf_counter() - start
@@ -565,20 +542,21 @@ class HostPool:
         scheduler's command, ``connector/worker.py``) guarantees that no copy uses those slots
         until ``regrow``.
 
-        Lazily pinned: the chunks are unregistered first (pinned pages cannot be dropped),
-        then dropped: ``MADV_DONTNEED`` on private memory (they read as zeros afterwards and
-        cost RAM again only once written), ``MADV_REMOVE`` on a shared pool (frees the /dev/shm
-        pages for every rank). An eagerly pinned pool (``cudaHostAlloc``) cannot give memory
-        back: 0, and the slots are only left unused. ``stop_slot``: the slots in use end
+        Registered (either pin mode): the chunks are unregistered first (pinned pages cannot
+        be dropped), then dropped: ``MADV_DONTNEED`` on private memory (they read as zeros
+        afterwards and cost RAM again only once written), ``MADV_REMOVE`` on a shared pool
+        (frees the /dev/shm pages for every rank). A pool allocated by ``cudaHostAlloc`` (a
+        GPU that cannot use registered memory) cannot give memory back: 0, and the slots are
+        only left unused. ``stop_slot``: the slots in use end
         there (a reserved 'auto' pool is larger); the range above holds no RAM anyway."""
         if self._mmap is None:
             if not self._warned_eager:
                 self._warned_eager = True
-                logger.warning("TokenVM host pool: pinned eagerly (pin_mode: eager), so memory "
-                               "cannot be given back under pressure, only left unused; set "
-                               "pin_mode: lazy")
+                logger.warning("TokenVM host pool: allocated pinned by cudaHostAlloc (this GPU "
+                               "cannot use registered host memory), so memory cannot be given "
+                               "back under pressure, only left unused")
             return 0
-        # Pinned lazily: whole registration chunks (a registration cannot be split); else pages.
+        # Registered: whole registration chunks (a registration cannot be split); else pages.
         chunk = self.pinner.chunk_bytes if self.pinner is not None else mmap.PAGESIZE
         first_chunk = -(-(first_slot * self.slot_bytes) // chunk)
         start = first_chunk * chunk
