@@ -79,10 +79,15 @@ def test_counters_from_prometheus_text() -> None:
         "tokenvm:loaded_blocks_created 1.7e9",
         'vllm:num_preemptions_total{engine="0",model_name="m"} 3.0',
         'vllm:e2e_request_latency_seconds_bucket{le="+Inf"} 5.0',
+        'vllm:e2e_request_latency_seconds_sum{engine="0"} 9.0',
+        'tokenvm:elastic_apply_seconds_bucket{engine="0",le="0.001"} 3.0',
+        'tokenvm:elastic_apply_seconds_sum{engine="0"} 0.25',
+        'tokenvm:elastic_apply_seconds_count{engine="0"} 4.0',
     ])
     assert counters(metric_samples(text)) == {
         "prompt_tokens[local_compute]": 163850.0, "tokenvm:loaded_blocks_total": 12.0,
-        "num_preemptions": 3.0}
+        "num_preemptions": 3.0, "tokenvm:elastic_apply_seconds_sum": 0.25,
+        "tokenvm:elastic_apply_seconds_count": 4.0}
 
 
 def write_result(directory: Path, config: str, runner: str, tok_s: float, ttft: float,

@@ -147,14 +147,16 @@ def scrape(server: ApiServer) -> dict[str, float]:
 
 
 def counters(samples: Iterable[tuple[str, dict[str, str], float]]) -> dict[str, float]:
-    """Prompt tokens by source, preemptions and ``tokenvm:*`` totals, summed over label sets."""
+    """Prompt tokens by source, preemptions, ``tokenvm:*`` totals and the ``_sum`` and
+    ``_count`` of ``tokenvm:*`` histograms (e.g. ``tokenvm:elastic_apply_seconds``: deltas give
+    a workload's mean), each summed over label sets."""
     totals: dict[str, float] = {}
     for name, labels, value in samples:
         if name == "vllm:prompt_tokens_by_source_total":
             key = f"prompt_tokens[{labels.get('source', '')}]"
         elif name in ("vllm:num_preemptions_total", "vllm:prompt_tokens_total"):
             key = name.removeprefix("vllm:").removesuffix("_total")
-        elif name.startswith("tokenvm:") and name.endswith("_total"):
+        elif name.startswith("tokenvm:") and name.endswith(("_total", "_sum", "_count")):
             key = name
         else:
             continue
