@@ -223,8 +223,10 @@ class TokenVMConfig:
     elastic_map_ahead: bool = False
     """elastic: map each worker's reserve of page groups ahead, after the step's forward was
     launched, at the groups the next grow maps, so that a grow costs the next step no driver
-    calls (~2.3 ms per 64 MiB group on an H200, elastic/protocol.py). Tested on CPU only so
-    far: off until a GPU run measures it (tokenvm:elastic_apply_seconds)."""
+    calls (~2.3 ms per 64 MiB group on an H200, elastic/protocol.py). Token-exact on the
+    H200 (V2, eager and CUDA graphs); off because the wave's two rounds (2026-12-01) could not
+    tell its effect from the order the servers ran in (tokenvm:elastic_apply_seconds shows
+    the time it would save)."""
     elastic_page_bytes: int = 2 * 2**20
     """elastic: bytes of one page of each KV tensor (a page group is that page of every
     tensor): the CUDA VMM granularity, 2 MiB. Smaller pages only make sense on CPU (tests)."""
