@@ -131,9 +131,19 @@ def test_rounds_report_the_median_and_the_spread(tmp_path: Path) -> None:
     assert rows["native_v2"]["spread"] == pytest.approx(20 / 90)
 
 
+def test_rounds_alternate_the_order_and_can_start_later() -> None:
+    """Even rounds run the configurations in reverse, so none always runs second; a later
+    call's ``--first-round 2`` continues the alternation."""
+    assert serve_bench.run_order(["a", "b", "c"], 1, 3) == [
+        (1, "a"), (1, "b"), (1, "c"), (2, "c"), (2, "b"), (2, "a"), (3, "a"), (3, "b"), (3, "c")]
+    assert serve_bench.run_order(["a", "b"], 2, 1) == [(2, "b"), (2, "a")]
+
+
 def test_rounds_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--rounds 0: give 1 or more"):
         serve_bench.main(["run", "--model", "m", "--out", str(tmp_path), "--rounds", "0"])
+    with pytest.raises(SystemExit, match="--first-round 0: give 1 or more"):
+        serve_bench.main(["run", "--model", "m", "--out", str(tmp_path), "--first-round", "0"])
 
 
 def test_a_run_that_served_nothing_still_reports(tmp_path: Path) -> None:

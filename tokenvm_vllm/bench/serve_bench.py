@@ -34,10 +34,13 @@ with mapped KV bytes and GPU memory sampled meanwhile (``serve_wave.png``); ``lo
 arrivals (``--long-rate``), with KV memory sampled (needs ``--max-model-len`` above
 ``--long-len``). Each workload has its own seed, so no workload reuses another's prefixes.
 
-``--rounds N`` runs every configuration N times, interleaved (all configurations, then all
-again): the report gives the median of each client number and the throughput's spread
-((max - min) / median), so a difference can be told from the run-to-run noise (5-10% between
-single runs on the H200).
+``--rounds N`` runs every configuration N times, interleaved, every other round in reverse
+order (A B, B A, A B ...; ``run_order``): the report gives the median of each client number and
+the throughput's spread ((max - min) / median), so a difference can be told from the run-to-run
+noise (5-10% between single runs on the H200), and no configuration always runs second (on the
+H200 the second server on a GPU had the higher TTFT in all four bursts of two wave rounds, in
+either order). ``--first-round K`` numbers the rounds from K, for rounds run in another call
+(``report`` then takes both directories).
 
 Ratios in the report: against native on the same runner, against the best native, against the
 floor (P workloads) and against no offload (``random``). Absolute times mean something only on
@@ -56,7 +59,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tokenvm_vllm.bench import wave
 from tokenvm_vllm.bench.server import ApiServer
@@ -361,6 +364,18 @@ def add_load_timelines(result: dict[str, Any], server_log: Path) -> None:
         progress(f"{result['config']}: {workload} load timeline, p50 ms: {gaps or 'no loads'}")
 
 
+T = TypeVar("T")
+
+
+def run_order(configs: list[T], first_round: int, rounds: int) -> list[tuple[int, T]]:
+    """(round, configuration) in the order they run: rounds interleave the configurations, so
+    whatever drifts during the run (the machine's other load, clocks) reaches every
+    configuration alike, and even rounds run them in reverse, so none always runs first or
+    second (the order moved TTFT by 23-49 ms on the H200)."""
+    return [(r, config) for r in range(first_round, first_round + rounds)
+            for config in (configs if r % 2 else configs[::-1])]
+
+
 def round_suffix(round_no: int) -> str:
     """File-name suffix of a round's results and logs: none for the first (as without
     ``--rounds``), ``.r2``, ``.r3`` ... after it."""
@@ -563,8 +578,11 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--configs", default="floor,none,native_v2,native_v1,tokenvm_v2,tokenvm_v1")
     run.add_argument("--workloads", default=",".join(WORKLOADS))
     run.add_argument("--rounds", type=int, default=1,
-                     help="run every configuration this many times, interleaved (A B A B); "
-                          "the report gives medians and the spread")
+                     help="run every configuration this many times, interleaved, every other "
+                          "round reversed (A B, B A); the report gives medians and the spread")
+    run.add_argument("--first-round", type=int, default=1,
+                     help="number the rounds from this one (rounds run in an earlier call); "
+                          "even rounds run the configurations in reverse order")
     run.add_argument("--kv-gib", type=float, default=6)
     run.add_argument("--floor-kv-gib", type=float, default=30)
     run.add_argument("--host-gib", type=float, default=20)
@@ -604,6 +622,8 @@ def main(argv: list[str] | None = None) -> None:
     if opts.cmd == "run":
         if opts.rounds < 1:
             raise SystemExit(f"serve_bench: --rounds {opts.rounds}: give 1 or more")
+        if opts.first_round < 1:
+            raise SystemExit(f"serve_bench: --first-round {opts.first_round}: give 1 or more")
         opts.workloads = [w for w in opts.workloads.split(",") if w]
         bad = [w for w in opts.workloads if w not in WORKLOADS]
         if bad:
@@ -619,12 +639,11 @@ def main(argv: list[str] | None = None) -> None:
         (opts.out / "settings.json").write_text(json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()}, indent=1))
         try:
-            # Rounds interleave the configurations (A B A B): whatever drifts during the run
-            # (the machine's other load, clocks) reaches every configuration alike.
-            runs = [(r, config) for r in range(1, opts.rounds + 1) for config in configs]
+            runs = run_order(configs, opts.first_round, opts.rounds)
+            last = opts.first_round + opts.rounds - 1
             for i, (round_no, config) in enumerate(runs, 1):
                 progress(f"config {i}/{len(runs)}: {config.name}"
-                         + (f" (round {round_no} of {opts.rounds})" if opts.rounds > 1 else ""))
+                         + (f" (round {round_no} of {last})" if last > 1 else ""))
                 try:
                     result = run_config(config, opts, opts.out, round_no)
                 except (RuntimeError, subprocess.SubprocessError) as err:
