@@ -41,7 +41,7 @@ def test_config_is_frozen():
     ({"host_bytes": True}, "host_bytes=True"),
     ({"host_bytes": [1]}, "host_bytes=[1]"),
     ({"pin_memory": "maybe"}, "pin_memory='maybe' is not a boolean"),
-    ({"pin_mode": "sometimes"}, "pin_mode='sometimes' is not one of eager, lazy"),
+    ({"pin_mode": "sometimes"}, "pin_mode='sometimes' is not one of eager, lazy, overlap"),
     ({"min_load_blocks": 0}, "min_load_blocks=0"),
     ({"min_load_blocks": "two"}, "min_load_blocks='two' is not an integer"),
     ({"min_load_blocks": 1.5}, "min_load_blocks=1.5 is not an integer"),

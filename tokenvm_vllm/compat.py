@@ -269,3 +269,54 @@ def uninstall_elastic_kv_hook(allocate: ElasticAllocator) -> None:
     global _ELASTIC_ALLOCATOR
     if _ELASTIC_ALLOCATOR is allocate:
         _ELASTIC_ALLOCATOR = None
+
+
+# -- host pool: registration held while vLLM captures CUDA graphs ------------------------------
+
+_CAPTURE_GUARDS: list[tuple[Callable[[], None], Callable[[], None]]] = []
+
+
+def install_graph_capture_guard(pause: Callable[[], None], resume: Callable[[], None]) -> bool:
+    """Call ``pause()`` before each CUDA graph capture of vLLM's model runners in this process
+    and ``resume()`` after it (also when it raises), so ``pin_mode: overlap`` can register the
+    host pool on a thread during vLLM's warm-up: a capture in CUDA's global mode (torch's
+    default, which vLLM 0.26 uses) fails on a host registration from another thread.
+
+    vLLM 0.26 captures in ``capture_model`` of the V1 runner (``vllm.v1.worker.gpu_model_runner.
+    GPUModelRunner``) and of the V2 runner (``vllm.v1.worker.gpu.model_runner.GPUModelRunner``),
+    called once by the worker's ``compile_or_warm_up_model`` after the KV cache is registered;
+    both are wrapped once per process. Returns False, installing nothing, where either method
+    is missing: the caller then registers the pool before it answers."""
+    try:
+        from vllm.v1.worker.gpu import model_runner as v2_runner
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
+    except ImportError:
+        return False
+    classes = [V1Runner, getattr(v2_runner, "GPUModelRunner", None)]
+    originals = [getattr(cls, "capture_model", None) for cls in classes]
+    if any(original is None for original in originals):
+        return False
+    for cls, original in zip(classes, originals, strict=True):
+        if getattr(original, "_tokenvm_capture_guard", False):
+            continue
+
+        def capture_model(self: Any, *args: Any, _original: Any = original,
+                          **kwargs: Any) -> Any:
+            guards = list(_CAPTURE_GUARDS)
+            for hold, _ in guards:
+                hold()
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                for _, release in guards:
+                    release()
+
+        capture_model._tokenvm_capture_guard = True  # type: ignore[attr-defined]
+        cls.capture_model = capture_model
+    _CAPTURE_GUARDS.append((pause, resume))
+    return True
+
+
+def remove_graph_capture_guard(pause: Callable[[], None]) -> None:
+    """Stop calling the guard ``pause`` belongs to (the wrappers stay and fall through)."""
+    _CAPTURE_GUARDS[:] = [guard for guard in _CAPTURE_GUARDS if guard[0] != pause]

@@ -191,8 +191,11 @@ class TokenVMConfig:
     pinning costs serving: registering holds up the process's GPU work (unpaced, the first
     serving run stalled every request for the 9 s of registration), and paced, copies that
     reach unregistered chunks register them on their path (H200, P at c=8 right after start-up:
-    0.79x the throughput of an eager pool, TTFT p99 2.1x). ``host_bytes: "auto"`` always pins
-    lazily (its size is known only after start-up)."""
+    0.79x the throughput of an eager pool, TTFT p99 2.1x). 'overlap': the same registration as
+    'eager' but on a thread during vLLM's warm-up (which takes longer than it after graph
+    capture), held while vLLM captures CUDA graphs; the first engine step waits for what is
+    left, so serving starts with the whole pool pinned (not yet run on a GPU). ``host_bytes:
+    "auto"`` always pins lazily (its size is known only after start-up)."""
     mla_store_once: bool = True
     """MLA models (one latent KV tensor per layer, replicated on every tensor-parallel rank)
     at TP>1: keep one copy per node instead of one per rank (a host pool shared by the ranks
@@ -279,7 +282,7 @@ class TokenVMConfig:
 
 
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TokenVMConfig)}
-_CHOICES = {"policy": tuple(POLICIES), "pin_mode": ("eager", "lazy")}
+_CHOICES = {"policy": tuple(POLICIES), "pin_mode": ("eager", "lazy", "overlap")}
 """String settings checked against a registry (policies can be added by name)."""
 
 

@@ -173,3 +173,46 @@ def test_consecutive_slots_across_registration_chunks_move_by_dma(chunk_pages, p
     assert loaded.ok
     assert_moved(engine, caches, before, src, dst)
     pool.close()
+
+
+def test_a_cuda_graph_captures_while_registration_is_paused():
+    """``pin_mode: overlap``: the pool registers on a thread during vLLM's warm-up, paused
+    around its CUDA graph capture (CUDA's global capture mode fails on a registration from
+    another thread); the capture succeeds and the thread then finishes the pool."""
+    from tokenvm_vllm.transfer.host_pool import HostPool, _cuda_register
+
+    register, unregister = _cuda_register(torch.cuda.current_device())
+
+    def slow_register(address: int, nbytes: int) -> None:
+        time.sleep(0.01)  # the thread is certainly still registering at the capture
+        register(address, nbytes)
+
+    pool = HostPool(512, 2**20, pin=True, background=False, duty=1.0, chunk_bytes=CHUNK,
+                    register=slow_register, unregister=unregister)
+    pinner = pool.pinner
+    assert pinner is not None
+    x = torch.ones(1024, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = x * 2  # warm-up outside the capture, as torch asks
+    torch.cuda.current_stream().wait_stream(side)
+    pool.start_pinning()
+    time.sleep(0.05)
+    pinner.pause()
+    try:
+        held = pinner.registered_chunks
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = x * 2
+        assert pinner.registered_chunks == held  # nothing registered during the capture
+    finally:
+        pinner.resume()
+    assert 0 < held < pinner.num_chunks
+    x.fill_(3)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert int(y.sum().item()) == 6 * 1024
+    assert pool.wait_pinned(timeout=60) and pinner.error is None
+    assert pinner.registered_chunks == pinner.num_chunks
+    pool.close()

@@ -307,3 +307,40 @@ def test_an_eager_pool_registers_every_chunk_once_before_it_returns_and_logs_no_
     assert len(rec.registered) < len(registered)
     pool.close()
     assert rec.registered == {}
+
+
+def test_pause_holds_the_background_thread_between_chunks_until_resume():
+    """``pin_mode: overlap`` pauses registration around vLLM's CUDA graph capture: once
+    ``pause`` returns nothing is being registered and nothing starts until ``resume``; pauses
+    nest; the thread then finishes every chunk."""
+    rec = Recorder(delay=0.02)
+    pool = HostPool(200, 3 * 1024, pin=True, background=False, chunk_bytes=2 * PAGE, duty=1.0,
+                    register=rec.register, unregister=rec.unregister)  # 75 chunks, 1.5 s
+    pinner = pool.pinner
+    pool.start_pinning()
+    deadline = time.monotonic() + 10
+    while not rec.calls and time.monotonic() < deadline:
+        time.sleep(0.005)
+    pinner.pause()
+    pinner.pause()
+    assert pinner._BUSY not in pinner._state
+    held = len(rec.calls)
+    assert 0 < held < pinner.num_chunks
+    time.sleep(0.1)
+    assert len(rec.calls) == held  # nothing registered while paused
+    pinner.resume()
+    time.sleep(0.05)
+    assert len(rec.calls) == held  # still one pause open
+    pinner.resume()
+    assert pool.wait_pinned(timeout=10) and pinner.registered_chunks == pinner.num_chunks
+    pool.close()
+
+
+def test_a_copy_is_not_held_by_a_pause():
+    rec = Recorder()
+    pool = make_pool(rec)
+    pool.pinner.pause()
+    pool.ensure_pinned([39])
+    assert pool.pinner.registered(39 * 3 * 1024 // pool.pinner.chunk_bytes)
+    pool.pinner.resume()
+    pool.close()

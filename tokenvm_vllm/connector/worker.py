@@ -73,6 +73,7 @@ from tokenvm_vllm.tiers.disk.faults import DiskFaults
 from tokenvm_vllm.transfer.copy_engine import CopyEngine, CopyResult, TorchCopyEngine
 from tokenvm_vllm.transfer.disk_mover import DiskMover
 from tokenvm_vllm.transfer.host_pool import (
+    BACKGROUND_DUTY,
     HostPool,
     auto_slot_bound,
     num_host_slots,
@@ -154,6 +155,8 @@ class TokenVMWorker:
         """The remote store's availability at the last report (changes go to the scheduler)."""
         self._pool: HostPool | None = None
         self._pinning_started = False
+        self._overlap = False
+        """``pin_mode: overlap`` is registering the pool until the first step."""
         self._host_commands_meta: TokenVMConnectorMetadata | None = None
         self._host_slots: int | None = None
         """Host slots the scheduler uses (``TokenVMConnectorMetadata.host_slots``; known at
@@ -214,14 +217,19 @@ class TokenVMWorker:
         else:
             assert isinstance(host_bytes, int)
             num_slots = self._host_slots = num_host_slots(host_bytes, self.slot_bytes)
+        # 'overlap': registered at full speed from here on, during vLLM's warm-up
+        # (``_start_overlap_pinning``); 'auto' needs the scheduler's count first, so it pins
+        # lazily whatever the mode.
+        self._overlap = self.config.pin_mode == "overlap" and host_bytes != HOST_BYTES_AUTO
         pool = HostPool(
             num_slots, self.slot_bytes,
             pin=self.config.pin_memory and device.type == "cuda",
-            lazy=self.config.pin_mode == "lazy" or host_bytes == HOST_BYTES_AUTO,
+            lazy=self.config.pin_mode != "eager" or host_bytes == HOST_BYTES_AUTO,
             # Not yet: vLLM captures its CUDA graphs after this, and a capture in CUDA's global
             # mode is broken by a cudaHostRegister from another thread. The background thread
             # starts with the first step (``_adopt_host_slots``); copies before it pin on demand.
             background=False,
+            duty=1.0 if self._overlap else BACKGROUND_DUTY,
             device_index=device.index if device.type == "cuda" else None,
             reserve=host_bytes == HOST_BYTES_AUTO,
             shared_path=self._shared_pool_path() if self.shares_pool else None,
@@ -231,6 +239,8 @@ class TokenVMWorker:
         self._layer_index = {layer.name: (g, i) for g, layout in enumerate(self.layouts)
                              for i, layer in enumerate(layout.layers)}
         self._pool = pool
+        if self._overlap:
+            self._start_overlap_pinning(pool)
         self.engines = [make_copy_engine(layout, caches, pool, self.config)
                         for layout, caches in zip(self.layouts, per_group, strict=True)]
         if self.config.disk_path and self.writer:
@@ -615,6 +625,27 @@ class TokenVMWorker:
         self._step_layerwise = set()
         self._layers_waited = set()
 
+    def _start_overlap_pinning(self, pool: HostPool) -> None:
+        """``pin_mode: overlap``: register the pool on a thread, unpaced, while vLLM warms up,
+        held while vLLM captures CUDA graphs (``compat.install_graph_capture_guard``); the
+        first step waits for the rest (``_adopt_host_slots``). Where the capture cannot be
+        guarded, the pool is registered now, as with 'eager'."""
+        pinner = pool.pinner
+        if pinner is None:  # not pinned (CPU, pin_memory=false) or cudaHostAlloc'd
+            self._overlap = False
+            return
+        if not compat.install_graph_capture_guard(pinner.pause, pinner.resume):
+            logger.warning("TokenVM host pool: vLLM %s has no capture_model to hold "
+                           "registration around; registering the pool now (as pin_mode: "
+                           "eager)", compat.vllm_version())
+            self._overlap = False
+            pinner.ensure(0, pool.nbytes)
+            return
+        pool.start_pinning()
+        logger.info("TokenVM host pool: registering %.2f GiB on a thread during vLLM's warm-up "
+                    "(held while it captures CUDA graphs; the first step waits for the rest)",
+                    pool.nbytes / 2**30)
+
     def _adopt_host_slots(self, host_slots: int) -> None:
         """Check the scheduler's host slot count against this worker's pool (with 'auto', adopt
         the first one); the first time, start pinning those slots in the background."""
@@ -633,9 +664,23 @@ class TokenVMWorker:
                 f"host_bytes")
         if not self._pinning_started:
             self._pinning_started = True
+            if self._overlap:
+                self._finish_overlap_pinning(self._pool)
             self._pool.start_pinning(host_slots)
             if self.writer:  # every rank mapped the shared pool before the first step
                 self._unlink_shared_pool()
+
+    def _finish_overlap_pinning(self, pool: HostPool) -> None:
+        """The first step: wait for ``pin_mode: overlap``'s registration to end (the engine
+        then runs with the whole pool pinned, as with 'eager'), and stop guarding captures."""
+        assert pool.pinner is not None
+        began = time.perf_counter()
+        pool.wait_pinned()
+        compat.remove_graph_capture_guard(pool.pinner.pause)
+        if pool.pinner.error:  # logged by the thread; copies pin what they need themselves
+            return
+        logger.info("TokenVM host pool: registered during warm-up; the first step waited "
+                    "%.2f s for it", time.perf_counter() - began)
 
     def _apply_host_commands(self, meta: TokenVMConnectorMetadata) -> None:
         """Memory pressure (``tiers/host_pressure.py``): release or regrow the pool's top

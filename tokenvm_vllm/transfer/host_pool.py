@@ -208,6 +208,8 @@ class LazyPinner:
         self._ceiling = self.num_chunks
         """Chunks from here up were given back (``release``): registered by nobody until
         ``regrow`` raises it again."""
+        self._paused = 0
+        """``pause`` calls not yet ``resume``d: the background thread registers nothing."""
 
     def chunk_range(self, start: int, stop: int) -> range:
         """Chunks covering bytes ``[start, stop)`` of the range."""
@@ -267,6 +269,19 @@ class LazyPinner:
         """Whether the background pinning finished (successfully or not) within ``timeout``."""
         return self.done.wait(timeout)
 
+    def pause(self) -> None:
+        """Hold the background thread before its next chunk and return once no chunk is being
+        registered by it (``pin_mode: overlap``: vLLM's CUDA graph capture, in CUDA's global
+        mode, fails on a registration from another thread). Nests; ``resume`` undoes one."""
+        with self._cond:
+            self._paused += 1
+            self._cond.wait_for(lambda: self._BUSY not in self._state)
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = max(0, self._paused - 1)
+            self._cond.notify_all()
+
     def close(self) -> None:
         """Stop the thread (after its current chunk) and unregister every registered chunk."""
         with self._cond:
@@ -322,7 +337,10 @@ class LazyPinner:
         """Register ``chunk`` unless it is (or is being) registered; returns whether this call
         registered it. Raises what ``register`` raised (the chunk stays unregistered)."""
         with self._cond:
-            while self._state[chunk] == self._BUSY:
+            # (the background thread also waits out a ``pause``, in the same lock that marks
+            # the chunk busy: ``pause`` returning means nothing registers until ``resume``)
+            while self._state[chunk] == self._BUSY or (
+                    background and self._paused and not self._closed):
                 self._cond.wait()
             if self._state[chunk] == self._DONE:
                 return False
