@@ -1,0 +1,66 @@
+"""``pin_mode: overlap`` in TokenVM's real worker side inside vLLM's real Scheduler (CPU). This
+machine has no CUDA, so the worker's ``HostPool`` is built pinned with the recording fake of
+``tests/transfer/test_host_pool.py`` (slowed down) in place of the CUDA calls: registration
+starts on a thread when the KV cache is registered, the capture guard is installed, the first
+step waits for the rest and removes the guard, and a revisit is then served from the pool with
+every loaded KV position checked by the harness's forward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.connector.test_scheduler_level import evict_everything, prompts
+from tests.harness import Harness
+from tests.transfer.test_host_pool import Recorder
+from tokenvm_vllm import compat
+from tokenvm_vllm.connector import worker as worker_module
+from tokenvm_vllm.transfer.host_pool import HostPool
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "no-capture-model"])
+def test_overlap_registers_during_warm_up_and_the_first_step_waits(
+        make_harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch,
+        guarded: bool) -> None:
+    rec = Recorder(delay=0.2)  # the harness is built before the thread can finish
+    pools: list[HostPool] = []
+    guards: list[str] = []
+
+    def pinned_pool(*args: Any, **kwargs: Any) -> HostPool:
+        kwargs.update(pin=True, register=rec.register, unregister=rec.unregister,
+                      chunk_bytes=4096)
+        pools.append(HostPool(*args, **kwargs))
+        return pools[-1]
+
+    def install(pause: Any, resume: Any) -> bool:
+        guards.append("install")
+        return guarded
+
+    def remove(pause: Any) -> None:
+        guards.append("remove")
+
+    monkeypatch.setattr(worker_module, "HostPool", pinned_pool)
+    monkeypatch.setattr(compat, "install_graph_capture_guard", install)
+    monkeypatch.setattr(compat, "remove_graph_capture_guard", remove)
+    h = make_harness(num_gpu_blocks=24, extra_config={"pin_mode": "overlap",
+                                                      "host_bytes": 64 * 256})
+    (pool,) = pools
+    pinner = pool.pinner
+    assert pinner is not None and guards == ["install"]
+    if guarded:  # registering on its thread, not before register_kv_caches returned
+        assert pinner._thread is not None and pinner.registered_chunks < pinner.num_chunks
+    else:  # no capture to hold it around: registered at once, as 'eager'
+        assert pinner._thread is None and pinner.registered_chunks == pinner.num_chunks
+    (p,) = prompts(1, prefix_blocks=8, suffix=5, seed=1)
+    h.add(p)
+    h.run()
+    assert pinner.registered_chunks == pinner.num_chunks
+    assert guards == (["install", "remove"] if guarded else ["install"])
+    assert pinner.on_demand_chunks == (0 if guarded else pinner.num_chunks)
+    evict_everything(h, seed=2)
+    rid = h.add(p)
+    h.run()
+    assert len(h.outputs[rid]) == 4
+    assert h.stats.get("host_hit_blocks", 0) > 0  # served from the pinned pool, KV checked
