@@ -483,13 +483,13 @@ class HostPool:
         elif pin and not lazy:
             mode = "pinned eagerly by cudaHostAlloc"
             self.buffer = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, pin_memory=True)
-        elif register_now:
-            mode = "pinned eagerly, registered in chunks"
         else:
-            mode = "pageable, pinned lazily" if lazy else "pageable"
-            mode += ", address space only until the scheduler's count" if reserve else (
-                ", RAM used as slots are written")
-        if not self.shared and (not pin or lazy):
+            if register_now:
+                mode = "pinned eagerly, registered in chunks"
+            else:
+                mode = "pageable, pinned lazily" if lazy else "pageable"
+                mode += ", address space only until the scheduler's count" if reserve else (
+                    ", RAM used as slots are written")
             # Anonymous mmap: page-aligned (chunks never share a page) and untouched pages cost
             # no RAM, so a slot costs memory only once a block is written to it.
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_NORESERVE if reserve else 0)
