@@ -24,12 +24,15 @@ python3 -c "import redis" || { echo "no redis module: carry .gpu/redis.txz"; exi
 TOP=$OUT
 
 # stage NAME GPU STAGES [VAR=VALUE...]: ci/gpu/run.sh STAGES on GPU, its files under $TOP/NAME
-# (synchronous: put & after it to run stages on several GPUs at once)
+# (synchronous: put & after it to run stages on several GPUs at once). STAGE_TIMEOUT=S among
+# the VARs ends the stage (and its servers and engines: timeout signals its process group)
+# after S seconds, for a stage that has no timeout of its own, so the next one still runs.
 stage() {
   local name=$1 gpu=$2 stages=$3; shift 3
   mkdir -p "$TOP/$name"
   ( export CUDA_VISIBLE_DEVICES=$gpu OUT="$TOP/$name" WORK="/tmp/w_$name" "$@"
-    bash ci/gpu/run.sh "$stages" > "$TOP/$name/run.log" 2>&1 )
+    timeout --kill-after=15 "${STAGE_TIMEOUT:-0}" bash ci/gpu/run.sh "$stages" \
+      > "$TOP/$name/run.log" 2>&1 )
 }
 
 # finish DEADLINE_S: wait for this shell's background jobs until DEADLINE_S after the script's
