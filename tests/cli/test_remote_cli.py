@@ -12,6 +12,7 @@ import pytest
 
 from tests.redis_servers import HOST, RedisCluster, RedisServer, free_port, require_redis_binaries
 from tokenvm_vllm import cli
+from tokenvm_vllm.bench import remote_bench
 from tokenvm_vllm.cli.remote import remote_checks
 from tokenvm_vllm.keys import make_block_key
 from tokenvm_vllm.tiers.remote.store import RemoteStore
@@ -72,6 +73,9 @@ def test_remote_bench_prints_both_sources(redis_server: RedisServer, tmp_path: P
                      "--megabytes", "2", "--batch", "8", "--threads", "2",
                      "--repeat", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
+    hops = [r for r in rows if r["source"] == "thread hop"]
+    assert len(hops) == 1 and 0 < hops[0]["seconds"] < 0.01  # one, the best of the rounds
+    rows = [r for r in rows if r["source"] != "thread hop"]
     ours = [r for r in rows if r["source"] == "tokenvm"]
     assert {(r["op"], r["mode"]) for r in ours} == {
         ("put", "single"), ("get", "single"), ("put", "batch 8 x 2"), ("get", "batch 8 x 2")}
@@ -82,7 +86,20 @@ def test_remote_bench_prints_both_sources(redis_server: RedisServer, tmp_path: P
     assert {r["value_bytes"] for r in rows} == {65536 + 4096}
     # The redis-py path next to the fast path; one row each, the best of the two rounds.
     assert len([r for r in rows if r["source"] == "tokenvm redis-py"]) == 4 and len(ours) == 4
-    assert "| tokenvm | get | batch 8 x 2 | 65536 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| tokenvm | get | batch 8 x 2 | 65536 |" in printed
+    # Single rows carry the ceiling a thread hop leaves: plain / (plain + hop) of the plain
+    # client's calls per second, below 100%; batched rows none.
+    plain_get = next(r["blocks_per_s"] for r in plain
+                     if r["op"] == "get" and r["mode"] == "single")
+    ceiling = remote_bench.ceiling_share(plain_get, hops[0]["seconds"])
+    assert 0 < ceiling < 1
+    single_get = next(line for line in printed.splitlines()
+                      if line.startswith("| tokenvm | get | single | 65536 |"))
+    assert single_get.rstrip(" |").endswith(f"{ceiling:.0%}")
+    batched = next(line for line in printed.splitlines()
+                   if line.startswith("| tokenvm | get | batch 8 x 2 |"))
+    assert batched.endswith("|  |")
     assert int(redis_server.cli("EVAL", "return #redis.call('keys', 'tokenvm-bench:*')",
                                 "0")) == 0  # our keys are deleted after the run
     assert int(redis_server.cli("DBSIZE")) == 0  # and redis-benchmark's keyspace too
