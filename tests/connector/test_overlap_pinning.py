@@ -41,7 +41,16 @@ def test_overlap_registers_during_warm_up_and_the_first_step_waits(
     def remove(pause: Any) -> None:
         guards.append("remove")
 
+    engines_built_at: list[int] = []  # chunks registered when each copy engine was built
+    make_copy_engine = worker_module.make_copy_engine
+
+    def recording_engine(layout: Any, caches: Any, pool: HostPool, config: Any) -> Any:
+        assert pool.pinner is not None
+        engines_built_at.append(pool.pinner.registered_chunks)
+        return make_copy_engine(layout, caches, pool, config)
+
     monkeypatch.setattr(worker_module, "HostPool", pinned_pool)
+    monkeypatch.setattr(worker_module, "make_copy_engine", recording_engine)
     monkeypatch.setattr(compat, "install_graph_capture_guard", install)
     monkeypatch.setattr(compat, "remove_graph_capture_guard", remove)
     h = make_harness(num_gpu_blocks=24, extra_config={"pin_mode": "overlap",
@@ -49,6 +58,8 @@ def test_overlap_registers_during_warm_up_and_the_first_step_waits(
     (pool,) = pools
     pinner = pool.pinner
     assert pinner is not None and guards == ["install"]
+    # The copy engines are built before registration starts (its driver calls held theirs).
+    assert engines_built_at == [0]
     if guarded:  # registering on its thread, not before register_kv_caches returned
         assert pinner._thread is not None and pinner.registered_chunks < pinner.num_chunks
     else:  # no capture to hold it around: registered at once, as 'eager'

@@ -239,14 +239,17 @@ class TokenVMWorker:
         self._layer_index = {layer.name: (g, i) for g, layout in enumerate(self.layouts)
                              for i, layer in enumerate(layout.layers)}
         self._pool = pool
-        if self._overlap:
-            self._start_overlap_pinning(pool)
         self.engines = [make_copy_engine(layout, caches, pool, self.config)
                         for layout, caches in zip(self.layouts, per_group, strict=True)]
         if self.config.disk_path and self.writer:
             self._open_disk_store(first_dtype=str(next(iter(kv_caches.values())).dtype))
         if self.config.remote_url and self.writer:
             self._open_remote_store(first_dtype=str(next(iter(kv_caches.values())).dtype))
+        if self._overlap:
+            # Last: while a chunk is being registered the driver holds other CUDA calls of
+            # this process. Started before the copy engines (2026-12-01, H200) it stretched
+            # their set-up from under 2 s to 6 s.
+            self._start_overlap_pinning(pool)
         first = next(iter(kv_caches.values()))
         logger.info(
             "TokenVM worker: %d layers, first %s shape %s strides %s, block dim %d, %d bytes "
