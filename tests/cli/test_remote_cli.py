@@ -64,13 +64,20 @@ def test_remote_inspect_lists_namespaces(redis_server: RedisServer,
     assert summary["keys_seen"] == 8
     assert cli.main(["remote-inspect", redis_server.url, "--prefix", "prod"]) == 0
     assert f"namespace {NS.hex()} rank r1: 4 blocks" in capsys.readouterr().out
+    # ``tokenvm inspect`` takes a remote_url too and answers as remote-inspect does.
+    assert cli.main(["inspect", redis_server.url, "--prefix", "prod", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys_seen"] == 8
+    assert cli.main(["inspect", redis_server.url, "--prefix", "prod", "--verify"]) == 1
+    assert "--verify reads disk slots" in capsys.readouterr().err
 
 
 def test_remote_bench_prints_both_sources(redis_server: RedisServer, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
+    # 16 MiB: 64 single calls, enough for redis-benchmark's clock (shorter runs it reports
+    # at an infinite rate, which leaves no share or ceiling to check)
     assert cli.main(["remote-bench", redis_server.url, "--block-bytes", "65536",
-                     "--megabytes", "2", "--batch", "8", "--threads", "2",
+                     "--megabytes", "16", "--batch", "8", "--threads", "2",
                      "--repeat", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     hops = [r for r in rows if r["source"] == "thread hop"]

@@ -46,12 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--disk-path", help="also check this directory for a disk tier")
     doctor.set_defaults(func=cmd_doctor)
 
-    inspect = sub.add_parser("inspect", help="summarise a disk store directory (read-only)")
-    inspect.add_argument("path", help="a store directory, or the configured disk_path (every "
-                                      "rank-<r> store in it)")
+    inspect = sub.add_parser("inspect", help="summarise a disk store directory or, given a "
+                                             "redis:// URL, a remote store (read-only)")
+    inspect.add_argument("path", help="a store directory, the configured disk_path (every "
+                                      "rank-<r> store in it), or a remote_url (redis:// or "
+                                      "rediss://: as remote-inspect)")
     inspect.add_argument("--verify", action="store_true",
                          help="also read every used slot's payload and check its checksum")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.add_argument("--prefix", default="tokenvm",
+                         help="a remote_url's remote_key_prefix (tokenvm)")
+    inspect.add_argument("--limit", type=int, default=100_000,
+                         help="a remote_url's keys to look at (100000)")
     inspect.set_defaults(func=cmd_inspect)
 
     bench = sub.add_parser("bench", help="prefix-reuse benchmark without and with TokenVM")

@@ -40,7 +40,17 @@ def store_dirs(path: str) -> list[str]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Summarise a store, or every rank's store under a configured ``disk_path``; 1 (with a
-    one-line error on stderr) if PATH holds no store."""
+    one-line error on stderr) if PATH holds no store. A ``redis://`` or ``rediss://`` PATH is
+    a remote store: ``tokenvm remote-inspect`` does the work."""
+    if args.path.startswith(("redis://", "rediss://")):
+        from tokenvm_vllm.cli.remote import cmd_remote_inspect
+
+        if args.verify:
+            print("tokenvm inspect: error: --verify reads disk slots; a remote store's values "
+                  "are checked when a server reads them", file=sys.stderr)
+            return 1
+        return cmd_remote_inspect(argparse.Namespace(url=args.path, prefix=args.prefix,
+                                                     limit=args.limit, json=args.json))
     dirs = store_dirs(args.path)
     summaries = []
     for directory in dirs:
