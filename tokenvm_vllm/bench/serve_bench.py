@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tokenvm_vllm.bench import wave
+from tokenvm_vllm.bench import startup, wave
 from tokenvm_vllm.bench.server import ApiServer
 from tokenvm_vllm.bench.stats import median_by_quarter
 from tokenvm_vllm.bench.timeline import PHASES, parse, summarize
@@ -264,8 +264,26 @@ def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path,
             progress(f"{config.name}: the remote tier holds {result['remote_keys']} keys")
     finally:
         server.stop()
+        # Written whatever happened after the start (a benchmark cut off by the call's time
+        # limit included): the start-up is often what such a run was for.
+        write_startup(out_dir / f"{slug}.startup.json", logs / f"{slug}.server.log",
+                      config.name, round_no, result.get("startup_s"))
     add_load_timelines(result, logs / f"{slug}.server.log")
     return result
+
+
+def write_startup(path: Path, server_log: Path, name: str, round_no: int,
+                  up_s: float | None) -> None:
+    """The server's start-up phases (``bench/startup.py``) as JSON at ``path``."""
+    lines = server_log.read_text(errors="replace").splitlines() if server_log.exists() else []
+    path.write_text(json.dumps({"config": name, "round": round_no, "up_s": up_s,
+                                **startup.parse(lines)}, indent=1))
+
+
+def load_startups(dirs: list[Path]) -> list[dict[str, Any]]:
+    """Every ``*.startup.json`` in ``dirs``, in the order the servers ran (file time)."""
+    files = [path for directory in dirs for path in directory.glob("*.startup.json")]
+    return [json.loads(path.read_text()) for path in sorted(files, key=lambda p: p.stat().st_mtime)]
 
 
 def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs: Path,
@@ -663,6 +681,9 @@ def main(argv: list[str] | None = None) -> None:
     if rows and png:
         plot(rows, png)
     memory_report(results)
+    startups = load_startups(dirs)
+    if startups:
+        print("\n" + startup.table(startups))
     waves = {name: data for name, data in results.items() if "wave" in data}
     if waves:
         wave_report(waves)

@@ -1,0 +1,88 @@
+"""Start-up phases from a server's log (``bench/startup.py``), and ``serve_bench`` keeping them
+for a server whose benchmark was cut off (what a start-up comparison run usually is)."""
+
+# ruff: noqa: E501  (log lines are quoted as the servers wrote them)
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tokenvm_vllm.bench import serve_bench, startup
+from tokenvm_vllm.bench.serve_bench import ServerConfig
+
+# Lines as vLLM 0.26 and TokenVM wrote them on the H200 (2026-12-01, pin_mode: overlap)
+OVERLAP_LOG = """\
+(EngineCore pid=784) INFO 12-01 05:31:15 [model_runner.py:305] Model loading took 15.0 GiB and 2.141951 seconds
+(EngineCore pid=784) INFO 12-01 05:31:39 [host_pool.py:526] TokenVM host pool: 10240 slots x 2097152 bytes = 20.00 GiB (pageable, pinned lazily, RAM used as slots are written) allocated in 0.00 s
+(EngineCore pid=784) INFO 12-01 05:31:53 [host_pool.py:404] TokenVM host pool fully pinned: 20.00 GiB in 640 chunks in 12.82 s after start-up (639 in the background, 1 on demand by copies)
+(EngineCore pid=784) INFO 12-01 05:32:04 [core.py:340] init engine (profile, create kv cache, warmup model) took 49.21 s (compilation: 22.25 s)
+(EngineCore pid=784) INFO 12-01 05:32:24 [worker.py:685] TokenVM host pool: registered during warm-up; the first step waited 0.00 s for it
+"""
+NONE_LOG = """\
+(EngineCore pid=1393) INFO 12-01 05:34:03 [core.py:340] init engine (profile, create kv cache, warmup model) took 44.05 s (compilation: 22.90 s)
+"""
+
+
+def test_phases_from_a_log_and_the_slowest_worker() -> None:
+    phases = startup.parse(OVERLAP_LOG.splitlines())
+    assert phases == pytest.approx({
+        "engine_init_s": 49.21, "compile_s": 22.25, "init_minus_compile_s": 26.96,
+        "pool_alloc_s": 0.0, "pool_pinned_s": 12.82, "first_step_wait_s": 0.0})
+    # Two workers (tensor parallel): each phase is the slower worker's
+    second = OVERLAP_LOG.replace("in 12.82 s after", "in 14.50 s after")
+    assert startup.parse((OVERLAP_LOG + second).splitlines())["pool_pinned_s"] == 14.5
+    assert startup.parse(["nothing here"]) == {}
+
+
+def test_the_table_puts_each_server_next_to_no_offload() -> None:
+    entries = [{"config": "none", "round": 1, "up_s": 94.0, **startup.parse(NONE_LOG.splitlines())},
+               {"config": "tokenvm_v2@overlap:pin_mode=overlap", "round": 1, "up_s": 124.0,
+                **startup.parse(OVERLAP_LOG.splitlines())}]
+    lines = startup.table(entries).splitlines()
+    overlap = lines[2].split()
+    # engine 49.2, compilation 22.2 (49.21 - 22.25 = 26.96), +5.8 over no offload's 21.15
+    assert overlap[:7] == ["tokenvm_v2@overlap:pin_mode=overlap", "1", "124.0", "49.2", "22.2",
+                           "27.0", "+5.8"]
+    assert overlap[-3:] == ["0.0", "12.8", "0.0"]
+    assert lines[1].split()[6] == "+0.0"
+
+
+def test_a_server_cut_off_in_its_benchmark_still_reports_its_start_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A start-up comparison run is usually cut off by the device call's time limit during the
+    last server's benchmark (twice on 2026-12-01): that server's start-up must survive."""
+
+    class FakeServer:
+        def __init__(self, model: str, args: list[str], log: Path, **kwargs: Any) -> None:
+            self.log, self.cmd, self.stopped = log, ["vllm", *args], False
+            log.write_text(OVERLAP_LOG)
+
+        def wait_healthy(self, timeout_s: float) -> float:
+            return 124.0
+
+        def stop(self) -> None:
+            self.stopped = True
+
+    def interrupted(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise KeyboardInterrupt  # `timeout --signal=INT` during the benchmark
+
+    monkeypatch.setattr(serve_bench, "ApiServer", FakeServer)
+    monkeypatch.setattr(serve_bench, "run_client", interrupted)
+    opts = argparse.Namespace(
+        kv_gib=6.0, floor_kv_gib=30.0, host_gib=20.0, tensor_parallel_size=1, dtype="bfloat16",
+        max_num_seqs=32, max_model_len=8192, server_arg=[], dummy=True, port=8321, model="m",
+        startup_timeout=10.0, workloads=["p8"])
+    config = ServerConfig.parse("tokenvm_v2@overlap:pin_mode=overlap", opts)
+    with pytest.raises(KeyboardInterrupt):
+        serve_bench.run_config(config, opts, tmp_path, 1)
+    (saved,) = tmp_path.glob("*.startup.json")
+    data = json.loads(saved.read_text())
+    assert data["config"] == config.name and data["up_s"] == 124.0
+    assert data["pool_pinned_s"] == 12.82 and data["first_step_wait_s"] == 0.0
+    serve_bench.main(["report", str(tmp_path)])
+    assert "tokenvm_v2@overlap:pin_mode=overlap" in capsys.readouterr().out.split("start-up")[-1]

@@ -1,0 +1,74 @@
+"""A server's start-up, phase by phase, from its log: what ``serve_bench`` reports next to
+``/health`` for issue #13's bar (time to ``/health`` with a 20 GiB host tier <= no offload + 5 s).
+
+Why not ``/health`` alone: on one machine the first server started 30-45 s later than the next
+ones (a cold page cache for vLLM's files, cold torch.compile and Triton caches; each
+configuration compiles once, its settings being part of torch.compile's cache key), so servers
+compare only by what their engines did. vLLM logs ``init engine (profile, create kv cache,
+warmup model) took X s (compilation: Y s)``; X - Y is the engine's start-up without the part the
+caches decide, and TokenVM's host pool logs when it was allocated, fully pinned, and how long
+the first step waited for it (``pin_mode: overlap``).
+
+``parse`` reads those lines (with several workers, the slowest of each); ``table`` prints one
+row per server, each configuration's engine start-up minus compilation next to that of the
+``none`` servers (no offload) of the same runs.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Iterable
+from typing import Any
+
+_PATTERNS = {
+    "engine_init_s": re.compile(
+        r"init engine \(.*\) took ([\d.]+) s(?: \(compilation: ([\d.]+) s\))?"),
+    "pool_alloc_s": re.compile(r"TokenVM host pool: .* allocated in ([\d.]+) s"),
+    "pool_pinned_s": re.compile(
+        r"TokenVM host pool fully pinned: .* in ([\d.]+) s after start-up"),
+    "first_step_wait_s": re.compile(r"the first step waited ([\d.]+) s"),
+}
+
+
+def parse(lines: Iterable[str]) -> dict[str, float]:
+    """The start-up phases a server log shows (keys of ``_PATTERNS`` plus ``compile_s`` and
+    ``init_minus_compile_s``; absent when the log has no such line). With several workers, the
+    largest value of each (the engine waits for the slowest)."""
+    found: dict[str, float] = {}
+    for line in lines:
+        for key, pattern in _PATTERNS.items():
+            match = pattern.search(line)
+            if match is None:
+                continue
+            found[key] = max(found.get(key, 0.0), float(match.group(1)))
+            if key == "engine_init_s" and match.group(2) is not None:
+                found["compile_s"] = max(found.get("compile_s", 0.0), float(match.group(2)))
+    if "engine_init_s" in found:
+        found["init_minus_compile_s"] = found["engine_init_s"] - found.get("compile_s", 0.0)
+    return found
+
+
+def table(entries: list[dict[str, Any]]) -> str:
+    """One line per server (``entries``: ``{"config", "round", "up_s", **parse(...)}``), with
+    ``+none``: its engine start-up minus compilation over the median of the ``none`` servers'."""
+    nones = [e["init_minus_compile_s"] for e in entries
+             if e["config"].partition(":")[0].partition("@")[0] == "none"
+             and "init_minus_compile_s" in e]
+    base = statistics.median(nones) if nones else None
+
+    def cell(entry: dict[str, Any], key: str) -> str:
+        return f"{entry[key]:.1f}" if key in entry and entry[key] is not None else "-"
+
+    lines = [f"{'start-up':44} {'round':>5} {'/health s':>9} {'engine s':>8} {'compile':>7} "
+             f"{'engine-compile':>14} {'+none':>6} {'pool alloc':>10} {'pinned at':>9} "
+             f"{'1st step wait':>13}"]
+    for e in entries:
+        extra = (f"{e['init_minus_compile_s'] - base:+.1f}"
+                 if base is not None and "init_minus_compile_s" in e else "-")
+        lines.append(f"{e['config'][:44]:44} {e['round']:5d} {cell(e, 'up_s'):>9} "
+                     f"{cell(e, 'engine_init_s'):>8} {cell(e, 'compile_s'):>7} "
+                     f"{cell(e, 'init_minus_compile_s'):>14} {extra:>6} "
+                     f"{cell(e, 'pool_alloc_s'):>10} {cell(e, 'pool_pinned_s'):>9} "
+                     f"{cell(e, 'first_step_wait_s'):>13}")
+    return "\n".join(lines)
