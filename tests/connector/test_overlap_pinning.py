@@ -57,6 +57,8 @@ def test_overlap_registers_during_warm_up_and_the_first_step_waits(
                                                       "host_bytes": 64 * 256})
     (pool,) = pools
     pinner = pool.pinner
+    # Its log line says how it will be pinned (not "pinned lazily": it is not paced)
+    assert pool.mode.startswith("pageable, registered during vLLM's warm-up (pin_mode overlap)")
     assert pinner is not None and guards == ["install"]
     # The copy engines are built before registration starts (its driver calls held theirs).
     assert engines_built_at == [0]

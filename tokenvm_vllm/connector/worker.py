@@ -235,6 +235,8 @@ class TokenVMWorker:
             shared_path=self._shared_pool_path() if self.shares_pool else None,
             create=self.writer,  # rank 0 creates it; the others wait for it
             shared_for="mla_store_once" if self.store_once else "remote_process",
+            lazily=("registered during vLLM's warm-up (pin_mode overlap)" if self._overlap
+                    else "pinned lazily"),
         )
         self._layer_index = {layer.name: (g, i) for g, layout in enumerate(self.layouts)
                              for i, layer in enumerate(layout.layers)}

@@ -442,6 +442,8 @@ class HostPool:
     wait for it (``SHARED_POOL_WAIT_S``), so a rank that cannot see the creator's file fails
     instead of serving from an empty pool. ``shared_for``: the setting that shares the pool
     (``SHARED_FOR``), named in the log and, as the thing to set false, in this pool's errors.
+    ``lazily``: how the log line calls a lazy pool's pinning (the worker's ``pin_mode:
+    overlap`` registers it at full speed during vLLM's warm-up, not paced).
     """
 
     def __init__(
@@ -450,7 +452,7 @@ class HostPool:
         unregister: UnregisterFn | None = None, device_index: int | None = None,
         reserve: bool = False, lazy: bool = True, duty: float = BACKGROUND_DUTY,
         shared_path: str | None = None, create: bool = True,
-        shared_for: str = "mla_store_once",
+        shared_for: str = "mla_store_once", lazily: str = "pinned lazily",
     ) -> None:
         start = time.perf_counter()
         self.num_slots = num_slots
@@ -477,7 +479,7 @@ class HostPool:
                     "tokenvm: this GPU cannot use registered host memory, which a host pool "
                     f"shared with another process needs: set {shared_for}=false")
             mode = (f"shared by {SHARED_FOR[shared_for]} in {shared_path}, "
-                    + (("pinned" if register_now else "pinned lazily") if lazy else "pageable"))
+                    + (("pinned" if register_now else lazily) if lazy else "pageable"))
             self._mmap = _map_shared(shared_path, self.nbytes, reserve, create,
                                      f"{shared_for}=false")
             self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
@@ -489,7 +491,7 @@ class HostPool:
             if register_now:
                 mode = "pinned eagerly, registered in chunks"
             else:
-                mode = "pageable, pinned lazily" if lazy else "pageable"
+                mode = f"pageable, {lazily}" if lazy else "pageable"
                 mode += ", address space only until the scheduler's count" if reserve else (
                     ", RAM used as slots are written")
             # Anonymous mmap: page-aligned (chunks never share a page) and untouched pages cost
@@ -525,6 +527,8 @@ class HostPool:
             elif background:
                 self.start_pinning()
         self.alloc_seconds = time.perf_counter() - start
+        self.mode = mode
+        """How the pool was allocated and is pinned, as its log line says."""
         logger.info(
             "TokenVM host pool: %d slots x %d bytes = %.2f GiB (%s) allocated in %.2f s",
             num_slots, slot_bytes, self.nbytes / 2**30, mode, self.alloc_seconds)
