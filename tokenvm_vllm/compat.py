@@ -313,10 +313,53 @@ def install_graph_capture_guard(pause: Callable[[], None], resume: Callable[[], 
 
         capture_model._tokenvm_capture_guard = True  # type: ignore[attr-defined]
         cls.capture_model = capture_model
-    _CAPTURE_GUARDS.append((pause, resume))
+    if all(guard[0] != pause for guard in _CAPTURE_GUARDS):  # installed once per pause
+        _CAPTURE_GUARDS.append((pause, resume))
     return True
 
 
 def remove_graph_capture_guard(pause: Callable[[], None]) -> None:
     """Stop calling the guard ``pause`` belongs to (the wrappers stay and fall through)."""
     _CAPTURE_GUARDS[:] = [guard for guard in _CAPTURE_GUARDS if guard[0] != pause]
+
+
+# -- the worker process's start: a hook once its device is set, before the model loads --------
+
+_DEVICE_HOOKS: list[Callable[[Any], None]] = []
+
+
+def install_worker_device_hook(callback: Callable[[Any], None]) -> bool:
+    """Call ``callback(vllm_config)`` in every vLLM worker process right after the worker's
+    ``init_device`` (its CUDA device current, before vLLM loads the model and profiles it):
+    the wrapper every executor drives, ``vllm.v1.worker.worker_base.WorkerWrapperBase``, the
+    same in 0.26 and 0.32. Wrapped once per process, each callback added once; a callback that
+    raises is logged and never stops the worker. Returns False, installing nothing, where the
+    method is missing. (The plugin installs it in every process vLLM starts; only workers call
+    ``init_device``. Importing the module costs the front end ~0.14 s.)"""
+    try:
+        from vllm.v1.worker.worker_base import WorkerWrapperBase
+    except ImportError:
+        return False
+    original = getattr(WorkerWrapperBase, "init_device", None)
+    if original is None:
+        return False
+    if not getattr(original, "_tokenvm_device_hook", False):
+
+        def init_device(self: Any, *args: Any, _original: Any = original,
+                        **kwargs: Any) -> Any:
+            out = _original(self, *args, **kwargs)
+            for hook in list(_DEVICE_HOOKS):
+                try:
+                    hook(self.vllm_config)
+                except Exception:  # an optimisation only: the connector starts without it
+                    import logging
+
+                    logging.getLogger("vllm.tokenvm").exception(
+                        "TokenVM: a worker start-up hook failed (ignored)")
+            return out
+
+        init_device._tokenvm_device_hook = True  # type: ignore[attr-defined]
+        WorkerWrapperBase.init_device = init_device
+    if callback not in _DEVICE_HOOKS:
+        _DEVICE_HOOKS.append(callback)
+    return True

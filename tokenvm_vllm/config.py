@@ -513,11 +513,13 @@ def _remind(owner: weakref.ref[DebugKnobWarning], stop: threading.Event,
         del warning
 
 
-def check_host_memory(host_bytes: int | str, workers: int = 1, pin: bool = False) -> None:
+def check_host_memory(host_bytes: int | str, workers: int = 1, pin: bool = False,
+                      held: int = 0) -> None:
     """Refuse a host tier the machine cannot give, before anything is allocated.
 
     ``workers`` processes on this machine each allocate ``host_bytes``
-    (``"auto"`` fits by construction: nothing to check). Compared with
+    (``"auto"`` fits by construction: nothing to check); ``held`` of it this process holds
+    already (the pool registered since the worker started). Compared with
     MemAvailable (psutil, a vLLM dependency; skipped without it). When pinning on CUDA, a finite
     RLIMIT_MEMLOCK below the pool only gets a warning: CUDA's driver pins host memory without
     mlock on the systems we know, so the limit does not always apply.
@@ -528,7 +530,7 @@ def check_host_memory(host_bytes: int | str, workers: int = 1, pin: bool = False
         import psutil
     except ImportError:
         return
-    need = host_bytes * workers
+    need = host_bytes * workers - held
     available = int(psutil.virtual_memory().available)
     if need > available:
         each = f" ({workers} workers x {host_bytes})" if workers > 1 else ""

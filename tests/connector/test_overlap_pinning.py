@@ -77,3 +77,54 @@ def test_overlap_registers_during_warm_up_and_the_first_step_waits(
     h.run()
     assert len(h.outputs[rid]) == 4
     assert h.stats.get("host_hit_blocks", 0) > 0  # served from the pinned pool, KV checked
+
+
+@pytest.mark.parametrize("fits", [True, False], ids=["adopted", "too-small"])
+def test_the_pool_adopts_the_registration_started_with_the_worker(
+        make_harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch,
+        fits: bool) -> None:
+    """``connector/early_pool.py`` started registering before vLLM built the connector (here:
+    before the harness); the worker's pool takes that memory and its running thread instead
+    of mapping its own, and serves a revisit from it. An early registration smaller than the
+    pool is released and the pool registers its own, as before."""
+    from tokenvm_vllm.transfer import host_pool
+
+    rec = Recorder(delay=0.2)
+    pools: list[HostPool] = []
+
+    def pinned_pool(*args: Any, **kwargs: Any) -> HostPool:
+        kwargs.update(pin=True, register=rec.register, unregister=rec.unregister,
+                      chunk_bytes=4096)
+        pools.append(HostPool(*args, **kwargs))
+        return pools[-1]
+
+    monkeypatch.setattr(worker_module, "HostPool", pinned_pool)
+    monkeypatch.setattr(compat, "install_graph_capture_guard", lambda pause, resume: True)
+    monkeypatch.setattr(compat, "remove_graph_capture_guard", lambda pause: None)
+    host_bytes = 64 * 256
+    early = host_pool.start_early_registration(
+        host_bytes if fits else host_bytes // 2, None, chunk_bytes=4096,
+        register=rec.register, unregister=rec.unregister)
+    h = make_harness(num_gpu_blocks=24, extra_config={"pin_mode": "overlap",
+                                                      "host_bytes": host_bytes})
+    (pool,) = pools
+    pinner = pool.pinner
+    assert pinner is not None and host_pool.early_registration_bytes() == 0
+    if fits:
+        assert pinner is early.pinner and pool.mode.startswith(
+            "registered on a thread since the worker started")
+        assert pool.buffer.data_ptr() == early.pinner.address
+    else:  # released (every chunk it had registered unregistered), a pool of its own
+        assert pinner is not early.pinner and early.pinner._closed
+        assert all(address < early.pinner.address or address >= early.pinner.address
+                   + early.nbytes for address in rec.registered)
+    (p,) = prompts(1, prefix_blocks=8, suffix=5, seed=1)
+    h.add(p)
+    h.run()
+    assert pinner.registered_chunks == pinner.num_chunks  # the first step waited for the rest
+    assert pinner.on_demand_chunks == 0
+    evict_everything(h, seed=2)
+    rid = h.add(p)
+    h.run()
+    assert len(h.outputs[rid]) == 4
+    assert h.stats.get("host_hit_blocks", 0) > 0  # served from the adopted pool, KV checked

@@ -216,3 +216,44 @@ def test_a_cuda_graph_captures_while_registration_is_paused():
     assert pool.wait_pinned(timeout=60) and pinner.error is None
     assert pinner.registered_chunks == pinner.num_chunks
     pool.close()
+
+
+def test_a_pool_adopts_the_registration_started_with_the_worker():
+    """``pin_mode: overlap`` from the worker's start (``connector/early_pool.py``): memory
+    registered on a thread with the real CUDA calls before the pool exists; the pool built
+    later (smaller than the registration, as a pool of whole slots is) takes it over, copies
+    run by DMA while the thread may still be registering, and ``close`` unregisters it all."""
+    from tokenvm_vllm.transfer import host_pool
+    from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
+    from tokenvm_vllm.transfer.host_pool import HostPool
+    from tokenvm_vllm.transfer.layout import KVLayout
+
+    caches = {f"l{i}": torch.randn(2, NUM_BLOCKS, 16, 8, 128, device="cuda").to(torch.bfloat16)
+              for i in range(4)}
+    per = caches["l0"].numel() // NUM_BLOCKS * caches["l0"].element_size()
+    device = torch.cuda.current_device()
+    early = host_pool.start_early_registration(NUM_SLOTS * per * 4 + 12345, device,
+                                               chunk_bytes=CHUNK)
+    taken = host_pool.take_early_registration(NUM_SLOTS * per * 4, device)
+    assert taken is early
+    layout = KVLayout.from_kv_caches(caches, NUM_BLOCKS, per * 4)
+    pool = HostPool(NUM_SLOTS, per * 4, pin=True, background=False, early=taken)
+    assert pool.pinner is early.pinner and pool.buffer.data_ptr() == early.pinner.address
+    engine = CudaCopyEngine(layout, caches, pool, path="dma", staging_bytes=8 * pool.slot_bytes)
+    src, slots, dst = list(range(0, 24)), list(range(NUM_SLOTS - 24, NUM_SLOTS)), list(
+        range(NUM_BLOCKS - 24, NUM_BLOCKS))
+    engine.store(1, src, slots)
+    torch.cuda.synchronize()
+    (stored,) = drain(engine, 1)
+    assert stored.ok
+    before = {name: cache.clone() for name, cache in caches.items()}
+    engine.load(2, dst, slots)
+    torch.cuda.synchronize()
+    (loaded,) = drain(engine, 1)
+    assert loaded.ok
+    assert_moved(engine, caches, before, src, dst)
+    assert pool.wait_pinned(timeout=60) and early.pinner.error is None
+    assert early.pinner.registered_chunks == early.pinner.num_chunks
+    assert pool.buffer[NUM_SLOTS - 1].is_pinned()
+    pool.close()
+    assert not pool.buffer[NUM_SLOTS - 1].is_pinned()

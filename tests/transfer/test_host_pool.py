@@ -344,3 +344,53 @@ def test_a_copy_is_not_held_by_a_pause():
     assert pool.pinner.registered(39 * 3 * 1024 // pool.pinner.chunk_bytes)
     pool.pinner.resume()
     pool.close()
+
+
+# -- pin_mode overlap from the worker's start: the pool adopts an early registration -----------
+
+
+def test_a_pool_adopts_the_early_registration_and_its_running_thread():
+    from tokenvm_vllm.transfer import host_pool
+
+    rec = Recorder(delay=0.01)
+    early = host_pool.start_early_registration(200 * 3 * 1024 + 5000, None, chunk_bytes=2 * PAGE,
+                                               register=rec.register, unregister=rec.unregister)
+    assert host_pool.early_registration_bytes() == early.nbytes >= 200 * 3 * 1024 + 5000
+    deadline = time.monotonic() + 10
+    while not rec.calls and time.monotonic() < deadline:
+        time.sleep(0.005)
+    # A bigger pool, or one on another device, is not covered: it stays for the right one.
+    assert host_pool.take_early_registration(early.nbytes + 1, None) is None
+    assert host_pool.take_early_registration(200 * 3 * 1024, 0) is None
+    taken = host_pool.take_early_registration(200 * 3 * 1024, None)
+    assert taken is early and host_pool.early_registration_bytes() == 0
+    pool = HostPool(200, 3 * 1024, pin=True, background=False, early=taken)
+    assert pool.pinner is early.pinner and pool.mode.startswith(
+        "registered on a thread since the worker started")
+    assert pool.buffer.data_ptr() == early.pinner.address and pool.nbytes == 200 * 3 * 1024
+    pool.start_pinning(200)  # the worker's first step: the thread runs already, nothing new
+    assert early.pinner._thread is not None
+    pool.buffer[199].fill_(7)  # the pool's rows are the early memory
+    view = torch.frombuffer(early.memory, dtype=torch.uint8, count=pool.nbytes)
+    assert int(view[199 * 3 * 1024:200 * 3 * 1024].sum()) == 7 * 3 * 1024
+    assert pool.wait_pinned(timeout=20) and early.pinner.registered_chunks == (
+        early.pinner.num_chunks)
+    assert {name for _, _, _, name in rec.calls} == {"tokenvm-pin"}  # all on its thread
+    pool.close()
+    assert rec.registered == {}  # every chunk unregistered, the tail beyond the pool too
+
+
+def test_an_early_registration_no_pool_fits_is_released():
+    from tokenvm_vllm.transfer import host_pool
+
+    rec = Recorder()
+    early = host_pool.start_early_registration(16 * PAGE, None, chunk_bytes=2 * PAGE,
+                                               register=rec.register, unregister=rec.unregister)
+    assert early.pinner.wait(10) and len(rec.registered) == 8
+    with pytest.raises(ValueError, match="early registration serves only"):
+        HostPool(8, 2 * PAGE, pin=True, background=False, early=early, shared_path="/dev/shm/x")
+    with pytest.raises(ValueError, match="early registration serves only"):
+        HostPool(9, 2 * PAGE, pin=True, background=False, early=early)  # larger than it
+    host_pool.discard_early_registration()
+    assert rec.registered == {} and host_pool.early_registration_bytes() == 0
+    host_pool.discard_early_registration()  # nothing left: a no-op

@@ -7,7 +7,10 @@ configuration compiles once, its settings being part of torch.compile's cache ke
 compare only by what their engines did. vLLM logs ``init engine (profile, create kv cache,
 warmup model) took X s (compilation: Y s)``; X - Y is the engine's start-up without the part the
 caches decide, and TokenVM's host pool logs when it was allocated, fully pinned, and how long
-the first step waited for it (``pin_mode: overlap``).
+the first step waited for it (``pin_mode: overlap``). Since the pool registers from the
+worker's start (``connector/early_pool.py``), beside the model load and compilation, the table
+also gives the whole of it, model load plus engine start-up (``+none all``): that is what a
+slower load or compilation would show in.
 
 ``parse`` reads those lines (with several workers, the slowest of each); ``table`` prints one
 row per server, each configuration's engine start-up minus compilation next to that of the
@@ -22,6 +25,7 @@ from collections.abc import Iterable
 from typing import Any
 
 _PATTERNS = {
+    "load_s": re.compile(r"Model loading took .* and ([\d.]+) seconds"),
     "engine_init_s": re.compile(
         r"init engine \(.*\) took ([\d.]+) s(?: \(compilation: ([\d.]+) s\))?"),
     "pool_alloc_s": re.compile(r"TokenVM host pool: .* allocated in ([\d.]+) s"),
@@ -46,29 +50,33 @@ def parse(lines: Iterable[str]) -> dict[str, float]:
                 found["compile_s"] = max(found.get("compile_s", 0.0), float(match.group(2)))
     if "engine_init_s" in found:
         found["init_minus_compile_s"] = found["engine_init_s"] - found.get("compile_s", 0.0)
+        if "load_s" in found:
+            found["load_and_init_s"] = found["load_s"] + found["engine_init_s"]
     return found
 
 
 def table(entries: list[dict[str, Any]]) -> str:
     """One line per server (``entries``: ``{"config", "round", "up_s", **parse(...)}``), with
-    ``+none``: its engine start-up minus compilation over the median of the ``none`` servers'."""
-    nones = [e["init_minus_compile_s"] for e in entries
-             if e["config"].partition(":")[0].partition("@")[0] == "none"
-             and "init_minus_compile_s" in e]
-    base = statistics.median(nones) if nones else None
+    ``+none``: its engine start-up minus compilation over the median of the ``none`` servers',
+    and ``+none all``: its model load plus engine start-up over theirs."""
+    nones = [e for e in entries if e["config"].partition(":")[0].partition("@")[0] == "none"]
+
+    def over_none(entry: dict[str, Any], key: str) -> str:
+        base = [e[key] for e in nones if key in e]
+        return f"{entry[key] - statistics.median(base):+.1f}" if base and key in entry else "-"
 
     def cell(entry: dict[str, Any], key: str) -> str:
         return f"{entry[key]:.1f}" if key in entry and entry[key] is not None else "-"
 
-    lines = [f"{'start-up':44} {'round':>5} {'/health s':>9} {'engine s':>8} {'compile':>7} "
-             f"{'engine-compile':>14} {'+none':>6} {'pool alloc':>10} {'pinned at':>9} "
-             f"{'1st step wait':>13}"]
+    lines = [f"{'start-up':44} {'round':>5} {'/health s':>9} {'load':>5} {'engine s':>8} "
+             f"{'compile':>7} {'engine-compile':>14} {'+none':>6} {'+none all':>9} "
+             f"{'pool alloc':>10} {'pinned at':>9} {'1st step wait':>13}"]
     for e in entries:
-        extra = (f"{e['init_minus_compile_s'] - base:+.1f}"
-                 if base is not None and "init_minus_compile_s" in e else "-")
         lines.append(f"{e['config'][:44]:44} {e['round']:5d} {cell(e, 'up_s'):>9} "
-                     f"{cell(e, 'engine_init_s'):>8} {cell(e, 'compile_s'):>7} "
-                     f"{cell(e, 'init_minus_compile_s'):>14} {extra:>6} "
+                     f"{cell(e, 'load_s'):>5} {cell(e, 'engine_init_s'):>8} "
+                     f"{cell(e, 'compile_s'):>7} {cell(e, 'init_minus_compile_s'):>14} "
+                     f"{over_none(e, 'init_minus_compile_s'):>6} "
+                     f"{over_none(e, 'load_and_init_s'):>9} "
                      f"{cell(e, 'pool_alloc_s'):>10} {cell(e, 'pool_pinned_s'):>9} "
                      f"{cell(e, 'first_step_wait_s'):>13}")
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from tokenvm_vllm.connector.scheduler import TokenVMScheduler
 from tokenvm_vllm.connector.stats import TokenVMPromMetrics, TokenVMStats
 from tokenvm_vllm.connector.worker import TokenVMWorker
 from tokenvm_vllm.elastic.pool import check_platform
+from tokenvm_vllm.transfer.host_pool import early_registration_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +66,8 @@ class TokenVMConnector(KVConnectorBase_V1, SupportsHMA):
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler = TokenVMScheduler(vllm_config, kv_cache_config, config)
         else:
-            check_host_memory(config.host_bytes, pin=_pins(config))
+            check_host_memory(config.host_bytes, pin=_pins(config),
+                              held=early_registration_bytes())
             self._debug_warning = DebugKnobWarning(config)  # where the knobs act
             self.worker = TokenVMWorker(vllm_config, kv_cache_config, config)
 

@@ -76,8 +76,10 @@ from tokenvm_vllm.transfer.host_pool import (
     BACKGROUND_DUTY,
     HostPool,
     auto_slot_bound,
+    discard_early_registration,
     num_host_slots,
     resident_bytes,
+    take_early_registration,
 )
 from tokenvm_vllm.transfer.layout import (
     KVLayout,
@@ -221,9 +223,14 @@ class TokenVMWorker:
         # (``_start_overlap_pinning``); 'auto' needs the scheduler's count first, so it pins
         # lazily whatever the mode.
         self._overlap = self.config.pin_mode == "overlap" and host_bytes != HOST_BYTES_AUTO
+        pinned = self.config.pin_memory and device.type == "cuda"
+        # The registration started with this worker process (``connector/early_pool.py``, on
+        # CUDA only), if it covers this pool; any other is released right after.
+        early = take_early_registration(num_slots * self.slot_bytes, device.index) if (
+            self._overlap and self.config.pin_memory and not self.shares_pool) else None
         pool = HostPool(
             num_slots, self.slot_bytes,
-            pin=self.config.pin_memory and device.type == "cuda",
+            pin=pinned,
             lazy=self.config.pin_mode != "eager" or host_bytes == HOST_BYTES_AUTO,
             # Not yet: vLLM captures its CUDA graphs after this, and a capture in CUDA's global
             # mode is broken by a cudaHostRegister from another thread. The background thread
@@ -237,7 +244,9 @@ class TokenVMWorker:
             shared_for="mla_store_once" if self.store_once else "remote_process",
             lazily=("registered during vLLM's warm-up (pin_mode overlap)" if self._overlap
                     else "pinned lazily"),
+            early=early,
         )
+        discard_early_registration()
         self._layer_index = {layer.name: (g, i) for g, layout in enumerate(self.layouts)
                              for i, layer in enumerate(layout.layers)}
         self._pool = pool
@@ -645,6 +654,11 @@ class TokenVMWorker:
                            "eager)", compat.vllm_version())
             self._overlap = False
             pinner.ensure(0, pool.nbytes)
+            return
+        if pinner.started_at is not None:  # since the worker started (connector/early_pool.py)
+            logger.info("TokenVM host pool: %d of %d chunks registered since the worker "
+                        "started; the rest go on during vLLM's warm-up (the first step waits "
+                        "for them)", pinner.registered_chunks, pinner.num_chunks)
             return
         pool.start_pinning()
         logger.info("TokenVM host pool: registering %.2f GiB on a thread during vLLM's warm-up "

@@ -416,6 +416,86 @@ class LazyPinner:
             self.done.set()
 
 
+class EarlyRegistration:
+    """Host pool memory registered from the worker's start, before vLLM loads the model
+    (``pin_mode: overlap``, ``connector/early_pool.py``): ``nbytes`` of anonymous memory and a
+    ``LazyPinner`` registering it at full speed on its thread. vLLM builds the connector's
+    worker side only after loading the model and profiling it (``initialize_from_config``),
+    and the pool's slot size is known only then; registration does not need it. The
+    ``HostPool`` built then adopts this memory and this pinner (``take_early_registration``:
+    the same device, at least its bytes), so the 12 s that 20 GiB take on an H200 overlap
+    vLLM's model load and compilation instead of its warm-up. One per process."""
+
+    def __init__(self, nbytes: int, device_index: int | None, *,
+                 chunk_bytes: int = CHUNK_BYTES, register: RegisterFn | None = None,
+                 unregister: UnregisterFn | None = None) -> None:
+        self.nbytes = _page_round(nbytes)
+        self.device_index = device_index
+        self.memory = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if register is None:
+            register, unregister = _cuda_register(device_index)
+        assert unregister is not None, "register without unregister"
+        address = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
+        page = mmap.PAGESIZE
+        self.pinner = LazyPinner(address, self.nbytes, -(-chunk_bytes // page) * page,
+                                 register, unregister, duty=1.0)
+        # Dropped without being adopted (a pool that could not use it): unregister first.
+        self._finalizer = weakref.finalize(self, _unpin_then_release, self.pinner, self.memory)
+
+    def start(self) -> None:
+        self.pinner.start()
+
+    def close(self) -> None:
+        """Unregister and unmap (a registration no pool adopted)."""
+        self._finalizer()
+
+
+_EARLY: EarlyRegistration | None = None
+"""This process's early registration until a pool adopts it (``take_early_registration``)."""
+
+
+def start_early_registration(nbytes: int, device_index: int | None, *, start: bool = True,
+                             chunk_bytes: int = CHUNK_BYTES, register: RegisterFn | None = None,
+                             unregister: UnregisterFn | None = None) -> EarlyRegistration:
+    """Map ``nbytes`` and start registering them on a thread (``start=False``: the caller
+    calls ``start()``); replaces an earlier one."""
+    global _EARLY
+    discard_early_registration()
+    _EARLY = EarlyRegistration(nbytes, device_index, chunk_bytes=chunk_bytes,
+                               register=register, unregister=unregister)
+    if start:
+        _EARLY.start()
+    return _EARLY
+
+
+def early_registration_bytes() -> int:
+    """Bytes an early registration holds (page-locked already, or about to be), else 0."""
+    return _EARLY.nbytes if _EARLY is not None else 0
+
+
+def take_early_registration(nbytes: int, device_index: int | None) -> EarlyRegistration | None:
+    """Hand the early registration to the pool being built, if it covers ``nbytes`` on
+    ``device_index``; the caller owns it from then on. None otherwise (it stays until
+    ``discard_early_registration``)."""
+    global _EARLY
+    early = _EARLY
+    if early is None or early.nbytes < nbytes or early.device_index != device_index:
+        return None
+    _EARLY = None
+    return early
+
+
+def discard_early_registration() -> None:
+    """Unregister and unmap an early registration no pool took (logged: its time was lost)."""
+    global _EARLY
+    early, _EARLY = _EARLY, None
+    if early is not None:
+        logger.warning("TokenVM host pool: the %.2f GiB registered since the worker started "
+                       "did not fit the pool built; released, and the pool registers its own",
+                       early.nbytes / 2**30)
+        early.close()
+
+
 class HostPool:
     """``num_slots`` slots of ``slot_bytes`` each (``buffer``, a ``(num_slots, slot_bytes)``
     ``uint8`` tensor whose address never changes).
@@ -443,7 +523,10 @@ class HostPool:
     instead of serving from an empty pool. ``shared_for``: the setting that shares the pool
     (``SHARED_FOR``), named in the log and, as the thing to set false, in this pool's errors.
     ``lazily``: how the log line calls a lazy pool's pinning (the worker's ``pin_mode:
-    overlap`` registers it at full speed during vLLM's warm-up, not paced).
+    overlap`` registers it at full speed during vLLM's warm-up, not paced). ``early``: memory
+    registered since the worker started (``EarlyRegistration``, at least this pool's bytes on
+    this device): the pool is its first ``nbytes`` and its pinner the registration's, already
+    running (a lazy, private, not reserved pool only).
     """
 
     def __init__(
@@ -453,6 +536,7 @@ class HostPool:
         reserve: bool = False, lazy: bool = True, duty: float = BACKGROUND_DUTY,
         shared_path: str | None = None, create: bool = True,
         shared_for: str = "mla_store_once", lazily: str = "pinned lazily",
+        early: EarlyRegistration | None = None,
     ) -> None:
         start = time.perf_counter()
         self.num_slots = num_slots
@@ -461,11 +545,16 @@ class HostPool:
         self.pinned = pin
         self.pinner: LazyPinner | None = None
         self._mmap: mmap.mmap | None = None
+        self._early = early  # (holds the registration, whose finalizer unregisters it)
         self.shared = shared_path is not None
         self._warned_eager = False
         if reserve and pin and not lazy:
             raise ValueError("tokenvm: a reserved (host_bytes='auto') pool can only be pinned "
                              "lazily")
+        if early is not None and (not (pin and lazy) or reserve or shared_path is not None
+                                  or early.nbytes < self.nbytes):
+            raise ValueError("tokenvm: an early registration serves only a lazily pinned, "
+                             "private, fixed-size pool no larger than it")
         # An eager pool is mapped and registered chunk by chunk right here, as a lazy one is
         # later: twice as fast as one cudaHostAlloc of the same size (20 GiB on the H200: 6.4 s
         # against 13.1 s; more threads registering side by side did not help, 6.6-8.0 s), and
@@ -484,6 +573,13 @@ class HostPool:
                                      f"{shared_for}=false")
             self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
                 num_slots, slot_bytes)
+        elif early is not None:
+            done = early.pinner.registered_chunks
+            mode = (f"registered on a thread since the worker started (pin_mode overlap), "
+                    f"{done} of {early.pinner.num_chunks} chunks so far")
+            self._mmap = early.memory
+            self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8,
+                                           count=self.nbytes).view(num_slots, slot_bytes)
         elif pin and not lazy:
             mode = "pinned eagerly by cudaHostAlloc"
             self.buffer = torch.empty((num_slots, slot_bytes), dtype=torch.uint8, pin_memory=True)
@@ -508,7 +604,9 @@ class HostPool:
                        "; lower host_bytes")) from None
             self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
                 num_slots, slot_bytes)
-        if lazy:
+        if early is not None:
+            self.pinner = early.pinner
+        elif lazy:
             if register is None:
                 register, unregister = _cuda_register(device_index)
             assert unregister is not None, "register without unregister"

@@ -1,0 +1,109 @@
+"""``pin_mode: overlap`` from the worker's start (``connector/early_pool.py``): which settings
+start registering the host pool before vLLM loads the model, and the worker hook that calls it
+(``compat.install_worker_device_hook``, through vLLM's real ``WorkerWrapperBase``). That the
+worker's pool then adopts the registration is tested in ``test_overlap_pinning.py`` (CPU) and
+``tests/gpu/test_lazy_pool.py`` (the real CUDA calls)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from tokenvm_vllm import CONNECTOR_NAME, compat
+from tokenvm_vllm.connector.early_pool import early_pool_bytes
+
+GIB = 2**30
+
+
+def vllm_config(extra: dict[str, Any] | None = None, connector: str = CONNECTOR_NAME,
+                tp: int = 1, mla: bool = False) -> Any:
+    """What ``early_pool_bytes`` reads of a ``VllmConfig``."""
+    transfer = SimpleNamespace(kv_connector=connector, kv_connector_extra_config=extra or {})
+    return SimpleNamespace(kv_transfer_config=transfer,
+                           parallel_config=SimpleNamespace(tensor_parallel_size=tp),
+                           model_config=SimpleNamespace(use_mla=mla))
+
+
+@pytest.fixture(autouse=True)
+def no_tokenvm_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in [n for n in os.environ if n.startswith("TOKENVM_")]:
+        monkeypatch.delenv(name)
+
+
+def test_the_default_settings_start_it_for_the_whole_pool() -> None:
+    assert early_pool_bytes(vllm_config({"host_bytes": "1GiB"})) == GIB
+    assert early_pool_bytes(vllm_config({"host_bytes": GIB, "pin_mode": "overlap"})) == GIB
+    # MLA at TP=1, or without store-once, keeps a private pool per rank
+    assert early_pool_bytes(vllm_config({"host_bytes": GIB}, mla=True)) == GIB
+    assert early_pool_bytes(vllm_config({"host_bytes": GIB, "mla_store_once": False},
+                                        tp=2, mla=True)) == GIB
+
+
+@pytest.mark.parametrize("extra,kwargs", [
+    ({"host_bytes": GIB, "pin_mode": "eager"}, {}),
+    ({"host_bytes": GIB, "pin_mode": "lazy"}, {}),
+    ({"host_bytes": "auto"}, {}),
+    ({"host_bytes": GIB, "pin_memory": False}, {}),
+    ({"host_bytes": GIB, "remote_url": "redis://127.0.0.1:1/0", "remote_process": True}, {}),
+    ({"host_bytes": GIB}, {"tp": 2, "mla": True}),  # one /dev/shm pool for the node's ranks
+    ({"host_bytes": GIB}, {"connector": "OffloadingConnector"}),
+    ({"host_bytes": GIB, "no_such_key": 1}, {}),  # the connector refuses it later, in words
+    ({"host_bytes": 2**60}, {}),  # more than the machine has: the connector refuses it later
+], ids=["eager", "lazy", "auto", "unpinned", "remote-process", "mla-tp2", "other-connector",
+        "bad-key", "too-big"])
+def test_other_settings_start_nothing(extra: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    assert early_pool_bytes(vllm_config(extra, **kwargs)) == 0
+
+
+def test_no_kv_transfer_config_starts_nothing() -> None:
+    assert early_pool_bytes(SimpleNamespace(kv_transfer_config=None)) == 0
+
+
+def test_the_hook_runs_after_the_workers_init_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.config import VllmConfig
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    monkeypatch.setattr(WorkerWrapperBase, "init_device", WorkerWrapperBase.init_device)
+    monkeypatch.setattr(compat, "_DEVICE_HOOKS", [])
+    order: list[str] = []
+
+    class Worker:
+        def init_device(self) -> None:
+            order.append("device")
+
+    def hook(config: Any) -> None:
+        order.append("hook")
+        assert config is wrapper.vllm_config
+
+    def failing(config: Any) -> None:
+        raise RuntimeError("a broken hook")
+
+    assert compat.install_worker_device_hook(failing)
+    assert compat.install_worker_device_hook(hook)
+    assert compat.install_worker_device_hook(hook)  # a second plugin load: wrapped once
+    wrapper = WorkerWrapperBase(rpc_rank=0)
+    wrapper.vllm_config = VllmConfig()
+    wrapper.worker = Worker()  # type: ignore[assignment]
+    wrapper.init_device()  # the failing hook is logged, never stops the worker
+    assert order == ["device", "hook"]
+
+
+def test_no_hook_without_init_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    monkeypatch.delattr(WorkerWrapperBase, "init_device")
+    monkeypatch.setattr(compat, "_DEVICE_HOOKS", [])
+    assert not compat.install_worker_device_hook(lambda config: None)
+    assert compat._DEVICE_HOOKS == []
+
+
+def test_on_cpu_the_hook_starts_nothing() -> None:
+    from tokenvm_vllm.connector.early_pool import start_host_pool_early
+    from tokenvm_vllm.transfer.host_pool import early_registration_bytes
+
+    start_host_pool_early(vllm_config({"host_bytes": GIB}))
+    assert early_registration_bytes() == 0  # no CUDA here: nothing to register with

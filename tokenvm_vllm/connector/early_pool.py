@@ -1,0 +1,82 @@
+"""The worker side's first act: start registering the host pool as soon as the worker has its
+device, before vLLM loads the model (``pin_mode: overlap``, the default).
+
+Registering 20 GiB with CUDA takes 9-13 s on an H200 host. vLLM builds the connector's worker
+side (``connector/worker.py``) only in ``initialize_from_config``, after loading and profiling
+the model; started there, registration overlapped only vLLM's warm-up and still added ~6 s to
+start-up (2026-12-01). Started here, from ``compat.install_worker_device_hook`` (the plugin
+installs it in every process), it also overlaps the model load and ``torch.compile``. The pool
+the worker builds later adopts this memory and its running registration
+(``transfer/host_pool.py``: ``EarlyRegistration``, ``take_early_registration``).
+
+Only where the worker will build a private, fixed-size, lazily pinned pool on a GPU that can
+use registered memory: ``pin_mode: overlap``, ``pin_memory``, an integer ``host_bytes``, no
+pool shared with the remote tier's I/O process (``remote_process``) or with other ranks (MLA at
+TP>1 with ``mla_store_once``). Everything else, and any setting the connector will reject,
+starts nothing here: the worker then does what it did before. A prediction this module gets
+wrong costs time, never correctness: a registration no pool adopts is released
+(``discard_early_registration``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tokenvm_vllm import CONNECTOR_NAME
+
+logger = logging.getLogger("vllm.tokenvm")
+
+
+def early_pool_bytes(vllm_config: Any) -> int:
+    """The bytes to register early for this worker, or 0 where nothing should start (not
+    TokenVM, another pin mode, 'auto', a shared pool, settings the connector will refuse)."""
+    from tokenvm_vllm.config import TokenVMConfigError, check_host_memory, load_config
+
+    transfer = getattr(vllm_config, "kv_transfer_config", None)
+    if transfer is None or transfer.kv_connector != CONNECTOR_NAME:
+        return 0
+    try:
+        config = load_config(transfer.kv_connector_extra_config)
+        check_host_memory(config.host_bytes)  # (the worker warns about ulimit -l later)
+    except TokenVMConfigError:
+        return 0  # the connector says what is wrong, in its own words, when it is built
+    if config.pin_mode != "overlap" or not config.pin_memory or not isinstance(
+            config.host_bytes, int):
+        return 0
+    if config.remote_url and config.remote_process:
+        return 0  # a file mapping shared with the I/O process
+    parallel = vllm_config.parallel_config
+    model = getattr(vllm_config, "model_config", None)
+    if config.mla_store_once and parallel.tensor_parallel_size > 1 and bool(
+            getattr(model, "use_mla", False)):
+        return 0  # one pool in /dev/shm for this node's ranks
+    return config.host_bytes
+
+
+def start_host_pool_early(vllm_config: Any) -> None:
+    """Start registering this worker's host pool on a thread, held around vLLM's CUDA graph
+    captures (``compat.install_graph_capture_guard``), if ``early_pool_bytes`` says so."""
+    import torch
+
+    from tokenvm_vllm import compat
+    from tokenvm_vllm.transfer.host_pool import (
+        _host_pointer_usable,
+        discard_early_registration,
+        start_early_registration,
+    )
+
+    nbytes = early_pool_bytes(vllm_config)
+    if not nbytes or not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    if not _host_pointer_usable(device):
+        return  # the pool will be one cudaHostAlloc, as with pin_mode eager
+    early = start_early_registration(nbytes, device, start=False)
+    if not compat.install_graph_capture_guard(early.pinner.pause, early.pinner.resume):
+        discard_early_registration()  # the worker registers it before answering, as before
+        return
+    early.start()
+    logger.info("TokenVM host pool: registering %.2f GiB on a thread from the worker's start, "
+                "before vLLM loads the model (pin_mode overlap; held while vLLM captures CUDA "
+                "graphs; the pool adopts it)", early.nbytes / 2**30)
