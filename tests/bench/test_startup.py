@@ -51,6 +51,11 @@ def test_the_table_puts_each_server_next_to_no_offload() -> None:
                            "22.2", "27.0", "+5.8", "+6.3"]
     assert overlap[-3:] == ["0.0", "12.8", "0.0"]
     assert lines[1].split()[7:9] == ["+0.0", "+0.0"]
+    # The V1 runner's no-offload server is the base as well
+    entries[0]["config"] = "none_v1"
+    assert startup.table(entries).splitlines()[2].split()[7] == "+5.8"
+    entries[0]["config"] = "native_v1"
+    assert startup.table(entries).splitlines()[2].split()[7] == "-"
 
 
 def test_a_server_cut_off_in_its_benchmark_still_reports_its_start_up(

@@ -59,7 +59,8 @@ def table(entries: list[dict[str, Any]]) -> str:
     """One line per server (``entries``: ``{"config", "round", "up_s", **parse(...)}``), with
     ``+none``: its engine start-up minus compilation over the median of the ``none`` servers',
     and ``+none all``: its model load plus engine start-up over theirs."""
-    nones = [e for e in entries if e["config"].partition(":")[0].partition("@")[0] == "none"]
+    nones = [e for e in entries if e["config"].partition(":")[0].partition("@")[0]
+             .removesuffix("_v1").removesuffix("_v2") == "none"]  # (none_v1: the V1 runner)
 
     def over_none(entry: dict[str, Any], key: str) -> str:
         base = [e[key] for e in nones if key in e]
