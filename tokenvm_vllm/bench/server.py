@@ -95,9 +95,17 @@ class ApiServer:
                                   f"answered; {self.log} ends with:\n{self.log_tail()}")
             try:
                 self.get("/health", timeout=2)
-                return time.monotonic() - start
             except (urllib.error.URLError, OSError):
                 time.sleep(1)
+                continue
+            # The answer must be this server's: another one on the port (a run beside this
+            # one, 2026-12-01) answered /health for a server that never bound it.
+            served = [entry.get("id") for entry in json.loads(self.get("/v1/models"))["data"]]
+            if self.model not in served:
+                raise ServerError(f"port {self.port} on 127.0.0.1 is answered by another server "
+                                  f"(serving {served}, not {self.model}); {self.log} ends "
+                                  f"with:\n{self.log_tail()}")
+            return time.monotonic() - start
         raise ServerError(f"server not healthy after {timeout_s:.0f} s; {self.log} ends with:\n"
                           f"{self.log_tail()}")
 
