@@ -20,19 +20,28 @@ from tokenvm_vllm.connector import worker as worker_module
 from tokenvm_vllm.transfer.host_pool import HostPool
 
 
-@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "no-capture-model"])
-def test_overlap_registers_during_warm_up_and_the_first_step_waits(
-        make_harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch,
-        guarded: bool) -> None:
-    rec = Recorder(delay=0.2)  # the harness is built before the thread can finish
+def pin_pools_with(rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> list[HostPool]:
+    """Make the worker build its ``HostPool`` pinned, with ``rec`` in place of the CUDA calls
+    (4 KiB chunks); returns the list the pools built are appended to."""
     pools: list[HostPool] = []
-    guards: list[str] = []
 
     def pinned_pool(*args: Any, **kwargs: Any) -> HostPool:
         kwargs.update(pin=True, register=rec.register, unregister=rec.unregister,
                       chunk_bytes=4096)
         pools.append(HostPool(*args, **kwargs))
         return pools[-1]
+
+    monkeypatch.setattr(worker_module, "HostPool", pinned_pool)
+    return pools
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "no-capture-model"])
+def test_overlap_registers_during_warm_up_and_the_first_step_waits(
+        make_harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch,
+        guarded: bool) -> None:
+    rec = Recorder(delay=0.2)  # the harness is built before the thread can finish
+    pools = pin_pools_with(rec, monkeypatch)
+    guards: list[str] = []
 
     def install(pause: Any, resume: Any) -> bool:
         guards.append("install")
@@ -49,7 +58,6 @@ def test_overlap_registers_during_warm_up_and_the_first_step_waits(
         engines_built_at.append(pool.pinner.registered_chunks)
         return make_copy_engine(layout, caches, pool, config)
 
-    monkeypatch.setattr(worker_module, "HostPool", pinned_pool)
     monkeypatch.setattr(worker_module, "make_copy_engine", recording_engine)
     monkeypatch.setattr(compat, "install_graph_capture_guard", install)
     monkeypatch.setattr(compat, "remove_graph_capture_guard", remove)
@@ -90,15 +98,7 @@ def test_the_pool_adopts_the_registration_started_with_the_worker(
     from tokenvm_vllm.transfer import host_pool
 
     rec = Recorder(delay=0.2)
-    pools: list[HostPool] = []
-
-    def pinned_pool(*args: Any, **kwargs: Any) -> HostPool:
-        kwargs.update(pin=True, register=rec.register, unregister=rec.unregister,
-                      chunk_bytes=4096)
-        pools.append(HostPool(*args, **kwargs))
-        return pools[-1]
-
-    monkeypatch.setattr(worker_module, "HostPool", pinned_pool)
+    pools = pin_pools_with(rec, monkeypatch)
     monkeypatch.setattr(compat, "install_graph_capture_guard", lambda pause, resume: True)
     monkeypatch.setattr(compat, "remove_graph_capture_guard", lambda pause: None)
     host_bytes = 64 * 256

@@ -65,6 +65,37 @@ def drain(engine, n):
     return results
 
 
+def caches_and_layout():
+    """Four bf16 per-layer KV tensors of ``NUM_BLOCKS`` blocks and their layout (a slot holds
+    one block of every layer)."""
+    from tokenvm_vllm.transfer.layout import KVLayout
+
+    caches = {f"l{i}": torch.randn(2, NUM_BLOCKS, 16, 8, 128, device="cuda").to(torch.bfloat16)
+              for i in range(4)}
+    per = caches["l0"].numel() // NUM_BLOCKS * caches["l0"].element_size()
+    return caches, KVLayout.from_kv_caches(caches, NUM_BLOCKS, per * 4), per * 4
+
+
+def store_then_load(pool, caches, layout, path):
+    """Store blocks 0-23 into the pool's last 24 slots, load them into the last 24 blocks
+    through a ``CudaCopyEngine`` on ``path``, and check every byte arrived."""
+    from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
+
+    engine = CudaCopyEngine(layout, caches, pool, path=path, staging_bytes=8 * pool.slot_bytes)
+    src, slots, dst = list(range(0, 24)), list(range(NUM_SLOTS - 24, NUM_SLOTS)), list(
+        range(NUM_BLOCKS - 24, NUM_BLOCKS))
+    engine.store(1, src, slots)
+    torch.cuda.synchronize()
+    (stored,) = drain(engine, 1)
+    assert stored.ok
+    before = {name: cache.clone() for name, cache in caches.items()}
+    engine.load(2, dst, slots)
+    torch.cuda.synchronize()
+    (loaded,) = drain(engine, 1)
+    assert loaded.ok and loaded.is_load
+    assert_moved(engine, caches, before, src, dst)
+
+
 @pytest.mark.parametrize("path", ["uva", "staged", "layerwise", "dma"])
 def test_copies_overtake_background_pinning_and_every_byte_arrives(path):
     engine, caches, pool = make("uva" if path == "layerwise" else path)
@@ -117,31 +148,14 @@ def test_real_pool_pins_lazily_in_the_background():
 def test_an_eager_pool_is_registered_when_built_and_copies_by_dma(path):
     """``pin_mode: eager``: the pool is registered in chunks before the constructor returns
     (the real CUDA calls), and the copy engine moves blocks through it."""
-    from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
     from tokenvm_vllm.transfer.host_pool import HostPool
-    from tokenvm_vllm.transfer.layout import KVLayout
 
-    caches = {f"l{i}": torch.randn(2, NUM_BLOCKS, 16, 8, 128, device="cuda").to(torch.bfloat16)
-              for i in range(4)}
-    per = caches["l0"].numel() // NUM_BLOCKS * caches["l0"].element_size()
-    layout = KVLayout.from_kv_caches(caches, NUM_BLOCKS, per * 4)
-    pool = HostPool(NUM_SLOTS, per * 4, pin=True, lazy=False, chunk_bytes=CHUNK)
+    caches, layout, slot_bytes = caches_and_layout()
+    pool = HostPool(NUM_SLOTS, slot_bytes, pin=True, lazy=False, chunk_bytes=CHUNK)
     assert pool.pinner is not None
     assert pool.pinner.registered_chunks == pool.pinner.num_chunks
     assert pool.buffer[NUM_SLOTS - 1].is_pinned()
-    engine = CudaCopyEngine(layout, caches, pool, path=path, staging_bytes=8 * pool.slot_bytes)
-    src, slots, dst = list(range(0, 24)), list(range(NUM_SLOTS - 24, NUM_SLOTS)), list(
-        range(NUM_BLOCKS - 24, NUM_BLOCKS))
-    engine.store(1, src, slots)
-    torch.cuda.synchronize()
-    (stored,) = drain(engine, 1)
-    assert stored.ok
-    before = {name: cache.clone() for name, cache in caches.items()}
-    engine.load(2, dst, slots)
-    torch.cuda.synchronize()
-    (loaded,) = drain(engine, 1)
-    assert loaded.ok and loaded.is_load
-    assert_moved(engine, caches, before, src, dst)
+    store_then_load(pool, caches, layout, path)
     assert pool.pinner.on_demand_chunks == pool.pinner.num_chunks  # all at construction
     pool.close()
     assert not pool.buffer[NUM_SLOTS - 1].is_pinned()
@@ -224,34 +238,17 @@ def test_a_pool_adopts_the_registration_started_with_the_worker():
     later (smaller than the registration, as a pool of whole slots is) takes it over, copies
     run by DMA while the thread may still be registering, and ``close`` unregisters it all."""
     from tokenvm_vllm.transfer import host_pool
-    from tokenvm_vllm.transfer.cuda_copy_engine import CudaCopyEngine
     from tokenvm_vllm.transfer.host_pool import HostPool
-    from tokenvm_vllm.transfer.layout import KVLayout
 
-    caches = {f"l{i}": torch.randn(2, NUM_BLOCKS, 16, 8, 128, device="cuda").to(torch.bfloat16)
-              for i in range(4)}
-    per = caches["l0"].numel() // NUM_BLOCKS * caches["l0"].element_size()
+    caches, layout, slot_bytes = caches_and_layout()
     device = torch.cuda.current_device()
-    early = host_pool.start_early_registration(NUM_SLOTS * per * 4 + 12345, device,
+    early = host_pool.start_early_registration(NUM_SLOTS * slot_bytes + 12345, device,
                                                chunk_bytes=CHUNK)
-    taken = host_pool.take_early_registration(NUM_SLOTS * per * 4, device)
+    taken = host_pool.take_early_registration(NUM_SLOTS * slot_bytes, device)
     assert taken is early
-    layout = KVLayout.from_kv_caches(caches, NUM_BLOCKS, per * 4)
-    pool = HostPool(NUM_SLOTS, per * 4, pin=True, background=False, early=taken)
+    pool = HostPool(NUM_SLOTS, slot_bytes, pin=True, background=False, early=taken)
     assert pool.pinner is early.pinner and pool.buffer.data_ptr() == early.pinner.address
-    engine = CudaCopyEngine(layout, caches, pool, path="dma", staging_bytes=8 * pool.slot_bytes)
-    src, slots, dst = list(range(0, 24)), list(range(NUM_SLOTS - 24, NUM_SLOTS)), list(
-        range(NUM_BLOCKS - 24, NUM_BLOCKS))
-    engine.store(1, src, slots)
-    torch.cuda.synchronize()
-    (stored,) = drain(engine, 1)
-    assert stored.ok
-    before = {name: cache.clone() for name, cache in caches.items()}
-    engine.load(2, dst, slots)
-    torch.cuda.synchronize()
-    (loaded,) = drain(engine, 1)
-    assert loaded.ok
-    assert_moved(engine, caches, before, src, dst)
+    store_then_load(pool, caches, layout, "dma")
     assert pool.wait_pinned(timeout=60) and early.pinner.error is None
     assert early.pinner.registered_chunks == early.pinner.num_chunks
     assert pool.buffer[NUM_SLOTS - 1].is_pinned()
