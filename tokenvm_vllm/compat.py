@@ -323,19 +323,26 @@ def remove_graph_capture_guard(pause: Callable[[], None]) -> None:
     _CAPTURE_GUARDS[:] = [guard for guard in _CAPTURE_GUARDS if guard[0] != pause]
 
 
-# -- the worker process's start: a hook once its device is set, before the model loads --------
+# -- the worker process: a hook once the model is loaded, before torch.compile and profiling ----
 
-_DEVICE_HOOKS: list[Callable[[Any], None]] = []
+_LOADED_HOOKS: list[Callable[[Any], None]] = []
 
 
-def install_worker_device_hook(callback: Callable[[Any], None]) -> bool:
-    """Call ``callback(vllm_config)`` in every vLLM worker process right after the worker's
-    ``init_device`` (its CUDA device current, before vLLM loads the model and profiles it):
-    the wrapper every executor drives, ``vllm.v1.worker.worker_base.WorkerWrapperBase``, the
-    same in 0.26 and 0.32. Wrapped once per process, each callback added once; a callback that
-    raises is logged and never stops the worker. Returns False, installing nothing, where the
-    method is missing. (The plugin installs it in every process vLLM starts; only workers call
-    ``init_device``. Importing the module costs the front end ~0.14 s.)"""
+def install_worker_loaded_hook(callback: Callable[[Any], None]) -> bool:
+    """Call ``callback(vllm_config)`` in every vLLM worker process right after the worker loaded
+    the model, before vLLM compiles and profiles it and long before it builds the KV cache
+    and the connector's worker side. vLLM 0.26 and 0.32 drive every worker through
+    ``vllm.v1.worker.worker_base.WorkerWrapperBase``: its ``init_device`` (wrapped once per
+    process) sets the worker's device, and then wraps the worker instance's ``load_model``,
+    which the executor calls next through the wrapper. Each callback is added once; one that
+    raises is logged and never stops the worker. Returns False, installing nothing, where
+    ``init_device`` is missing. (The plugin installs it in every process vLLM starts; only
+    workers call ``init_device``. Importing the module costs the front end ~0.14 s.)
+
+    Why after the load and not at ``init_device``: on the H200 (2026-12-01) a host registration
+    started there held up vLLM's dummy-weight initialisation, whose CUDA calls waited behind
+    each chunk (model load 2.1 -> 11-12 s on V2, 0.5 -> 7.5 s on V1): serialised, not overlapped.
+    ``torch.compile``, which comes next, is CPU work."""
     try:
         from vllm.v1.worker.worker_base import WorkerWrapperBase
     except ImportError:
@@ -343,23 +350,31 @@ def install_worker_device_hook(callback: Callable[[Any], None]) -> bool:
     original = getattr(WorkerWrapperBase, "init_device", None)
     if original is None:
         return False
-    if not getattr(original, "_tokenvm_device_hook", False):
+    if not getattr(original, "_tokenvm_loaded_hook", False):
 
         def init_device(self: Any, *args: Any, _original: Any = original,
                         **kwargs: Any) -> Any:
             out = _original(self, *args, **kwargs)
-            for hook in list(_DEVICE_HOOKS):
-                try:
-                    hook(self.vllm_config)
-                except Exception:  # an optimisation only: the connector starts without it
-                    import logging
+            worker, config = self.worker, self.vllm_config
+            load_model = worker.load_model
 
-                    logging.getLogger("vllm.tokenvm").exception(
-                        "TokenVM: a worker start-up hook failed (ignored)")
+            def loaded(*args: Any, **kwargs: Any) -> Any:
+                result = load_model(*args, **kwargs)
+                for hook in list(_LOADED_HOOKS):
+                    try:
+                        hook(config)
+                    except Exception:  # an optimisation only: the connector starts without it
+                        import logging
+
+                        logging.getLogger("vllm.tokenvm").exception(
+                            "TokenVM: a worker start-up hook failed (ignored)")
+                return result
+
+            worker.load_model = loaded
             return out
 
-        init_device._tokenvm_device_hook = True  # type: ignore[attr-defined]
+        init_device._tokenvm_loaded_hook = True  # type: ignore[attr-defined]
         WorkerWrapperBase.init_device = init_device
-    if callback not in _DEVICE_HOOKS:
-        _DEVICE_HOOKS.append(callback)
+    if callback not in _LOADED_HOOKS:
+        _LOADED_HOOKS.append(callback)
     return True

@@ -519,7 +519,7 @@ def check_host_memory(host_bytes: int | str, workers: int = 1, pin: bool = False
 
     ``workers`` processes on this machine each allocate ``host_bytes``
     (``"auto"`` fits by construction: nothing to check); ``held`` of it this process holds
-    already (the pool registered since the worker started). Compared with
+    already (the pool registered since the model loaded). Compared with
     MemAvailable (psutil, a vLLM dependency; skipped without it). When pinning on CUDA, a finite
     RLIMIT_MEMLOCK below the pool only gets a warning: CUDA's driver pins host memory without
     mlock on the systems we know, so the limit does not always apply.

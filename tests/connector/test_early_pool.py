@@ -1,8 +1,8 @@
-"""``pin_mode: overlap`` from the worker's start (``connector/early_pool.py``): which settings
-start registering the host pool before vLLM loads the model, and the worker hook that calls it
-(``compat.install_worker_device_hook``, through vLLM's real ``WorkerWrapperBase``). That the
-worker's pool then adopts the registration is tested in ``test_overlap_pinning.py`` (CPU) and
-``tests/gpu/test_lazy_pool.py`` (the real CUDA calls)."""
+"""``pin_mode: overlap`` from the model load on (``connector/early_pool.py``): which settings
+start registering the host pool right after the worker loaded the model, and the worker hook
+that calls it (``compat.install_worker_loaded_hook``, through vLLM's real
+``WorkerWrapperBase``). That the worker's pool then adopts the registration is tested in
+``test_overlap_pinning.py`` (CPU) and ``tests/gpu/test_lazy_pool.py`` (the real CUDA calls)."""
 
 from __future__ import annotations
 
@@ -63,17 +63,21 @@ def test_no_kv_transfer_config_starts_nothing() -> None:
     assert early_pool_bytes(SimpleNamespace(kv_transfer_config=None)) == 0
 
 
-def test_the_hook_runs_after_the_workers_init_device(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_hook_runs_after_the_workers_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.config import VllmConfig
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
     monkeypatch.setattr(WorkerWrapperBase, "init_device", WorkerWrapperBase.init_device)
-    monkeypatch.setattr(compat, "_DEVICE_HOOKS", [])
+    monkeypatch.setattr(compat, "_LOADED_HOOKS", [])
     order: list[str] = []
 
     class Worker:
         def init_device(self) -> None:
             order.append("device")
+
+        def load_model(self, *, load_dummy_weights: bool = False) -> str:
+            order.append(f"load dummy={load_dummy_weights}")
+            return "loaded"
 
     def hook(config: Any) -> None:
         order.append("hook")
@@ -82,23 +86,27 @@ def test_the_hook_runs_after_the_workers_init_device(monkeypatch: pytest.MonkeyP
     def failing(config: Any) -> None:
         raise RuntimeError("a broken hook")
 
-    assert compat.install_worker_device_hook(failing)
-    assert compat.install_worker_device_hook(hook)
-    assert compat.install_worker_device_hook(hook)  # a second plugin load: wrapped once
+    assert compat.install_worker_loaded_hook(failing)
+    assert compat.install_worker_loaded_hook(hook)
+    assert compat.install_worker_loaded_hook(hook)  # a second plugin load: wrapped once
     wrapper = WorkerWrapperBase(rpc_rank=0)
     wrapper.vllm_config = VllmConfig()
     wrapper.worker = Worker()  # type: ignore[assignment]
-    wrapper.init_device()  # the failing hook is logged, never stops the worker
-    assert order == ["device", "hook"]
+    wrapper.init_device()
+    assert order == ["device"]  # not yet: the model loads next
+    # The executor calls load_model through the wrapper (its __getattr__); the failing hook is
+    # logged and never stops the worker, and the load's result and arguments pass through.
+    assert wrapper.load_model(load_dummy_weights=True) == "loaded"
+    assert order == ["device", "load dummy=True", "hook"]
 
 
 def test_no_hook_without_init_device(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
     monkeypatch.delattr(WorkerWrapperBase, "init_device")
-    monkeypatch.setattr(compat, "_DEVICE_HOOKS", [])
-    assert not compat.install_worker_device_hook(lambda config: None)
-    assert compat._DEVICE_HOOKS == []
+    monkeypatch.setattr(compat, "_LOADED_HOOKS", [])
+    assert not compat.install_worker_loaded_hook(lambda config: None)
+    assert compat._LOADED_HOOKS == []
 
 
 def test_on_cpu_the_hook_starts_nothing() -> None:

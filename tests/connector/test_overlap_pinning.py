@@ -88,7 +88,7 @@ def test_overlap_registers_during_warm_up_and_the_first_step_waits(
 
 
 @pytest.mark.parametrize("fits", [True, False], ids=["adopted", "too-small"])
-def test_the_pool_adopts_the_registration_started_with_the_worker(
+def test_the_pool_adopts_the_registration_started_at_the_model_load(
         make_harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch,
         fits: bool) -> None:
     """``connector/early_pool.py`` started registering before vLLM built the connector (here:
@@ -112,7 +112,7 @@ def test_the_pool_adopts_the_registration_started_with_the_worker(
     assert pinner is not None and host_pool.early_registration_bytes() == 0
     if fits:
         assert pinner is early.pinner and pool.mode.startswith(
-            "registered on a thread since the worker started")
+            "registered on a thread since the model loaded")
         assert pool.buffer.data_ptr() == early.pinner.address
     else:  # released (every chunk it had registered unregistered), a pool of its own
         assert pinner is not early.pinner and early.pinner._closed

@@ -232,8 +232,8 @@ def test_a_cuda_graph_captures_while_registration_is_paused():
     pool.close()
 
 
-def test_a_pool_adopts_the_registration_started_with_the_worker():
-    """``pin_mode: overlap`` from the worker's start (``connector/early_pool.py``): memory
+def test_a_pool_adopts_the_registration_started_at_the_model_load():
+    """``pin_mode: overlap`` from the model load on (``connector/early_pool.py``): memory
     registered on a thread with the real CUDA calls before the pool exists; the pool built
     later (smaller than the registration, as a pool of whole slots is) takes it over, copies
     run by DMA while the thread may still be registering, and ``close`` unregisters it all."""

@@ -346,7 +346,7 @@ def test_a_copy_is_not_held_by_a_pause():
     pool.close()
 
 
-# -- pin_mode overlap from the worker's start: the pool adopts an early registration -----------
+# -- pin_mode overlap from the model load on: the pool adopts an early registration ------------
 
 
 def test_a_pool_adopts_the_early_registration_and_its_running_thread():
@@ -366,7 +366,7 @@ def test_a_pool_adopts_the_early_registration_and_its_running_thread():
     assert taken is early and host_pool.early_registration_bytes() == 0
     pool = HostPool(200, 3 * 1024, pin=True, background=False, early=taken)
     assert pool.pinner is early.pinner and pool.mode.startswith(
-        "registered on a thread since the worker started")
+        "registered on a thread since the model loaded")
     assert pool.buffer.data_ptr() == early.pinner.address and pool.nbytes == 200 * 3 * 1024
     pool.start_pinning(200)  # the worker's first step: the thread runs already, nothing new
     assert early.pinner._thread is not None

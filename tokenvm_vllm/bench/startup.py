@@ -8,9 +8,9 @@ compare only by what their engines did. vLLM logs ``init engine (profile, create
 warmup model) took X s (compilation: Y s)``; X - Y is the engine's start-up without the part the
 caches decide, and TokenVM's host pool logs when it was allocated, fully pinned, and how long
 the first step waited for it (``pin_mode: overlap``). Since the pool registers from the
-worker's start (``connector/early_pool.py``), beside the model load and compilation, the table
-also gives the whole of it, model load plus engine start-up (``+none all``): that is what a
-slower load or compilation would show in.
+model load on (``connector/early_pool.py``), beside compilation, the table also gives the
+whole of it, model load plus engine start-up (``+none all``): that is what a slower load or
+compilation would show in.
 
 ``parse`` reads those lines (with several workers, the slowest of each); ``table`` prints one
 row per server, each configuration's engine start-up minus compilation next to that of the

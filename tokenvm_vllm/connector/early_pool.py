@@ -1,12 +1,15 @@
-"""The worker side's first act: start registering the host pool as soon as the worker has its
-device, before vLLM loads the model (``pin_mode: overlap``, the default).
+"""The worker side's first act: start registering the host pool as soon as the worker has
+loaded the model, while vLLM compiles it (``pin_mode: overlap``, the default).
 
-Registering 20 GiB with CUDA takes 9-13 s on an H200 host. vLLM builds the connector's worker
-side (``connector/worker.py``) only in ``initialize_from_config``, after loading and profiling
-the model; started there, registration overlapped only vLLM's warm-up and still added ~6 s to
-start-up (2026-12-01). Started here, from ``compat.install_worker_device_hook`` (the plugin
-installs it in every process), it also overlaps the model load and ``torch.compile``. The pool
-the worker builds later adopts this memory and its running registration
+Registering 20 GiB with CUDA takes 8-13 s on an H200 host, and while a chunk is being
+registered the driver holds the process's other CUDA calls. vLLM builds the connector's worker
+side (``connector/worker.py``) only in ``initialize_from_config``, after loading, compiling and
+profiling the model; started there, registration overlapped only vLLM's warm-up and added ~6 s
+to start-up (2026-12-01). Started at the worker's ``init_device`` instead, it held up the model
+load (dummy weights: 2.1 -> 11-12 s on V2, 0.5 -> 7.5 s on V1), serialised rather than
+overlapped. So it starts right after the load (``compat.install_worker_loaded_hook``, which
+the plugin installs in every process), beside ``torch.compile``, which is CPU work (5-26 s).
+The pool the worker builds later adopts this memory and its running registration
 (``transfer/host_pool.py``: ``EarlyRegistration``, ``take_early_registration``).
 
 Only where the worker will build a private, fixed-size, lazily pinned pool on a GPU that can
@@ -77,6 +80,6 @@ def start_host_pool_early(vllm_config: Any) -> None:
         discard_early_registration()  # the worker registers it before answering, as before
         return
     early.start()
-    logger.info("TokenVM host pool: registering %.2f GiB on a thread from the worker's start, "
-                "before vLLM loads the model (pin_mode overlap; held while vLLM captures CUDA "
-                "graphs; the pool adopts it)", early.nbytes / 2**30)
+    logger.info("TokenVM host pool: registering %.2f GiB on a thread from the model load on, "
+                "while vLLM compiles (pin_mode overlap; held while vLLM captures CUDA graphs; "
+                "the pool adopts it)", early.nbytes / 2**30)

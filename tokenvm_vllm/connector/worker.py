@@ -224,8 +224,8 @@ class TokenVMWorker:
         # lazily whatever the mode.
         self._overlap = self.config.pin_mode == "overlap" and host_bytes != HOST_BYTES_AUTO
         pinned = self.config.pin_memory and device.type == "cuda"
-        # The registration started with this worker process (``connector/early_pool.py``, on
-        # CUDA only), if it covers this pool; any other is released right after.
+        # The registration started when this worker loaded the model (``connector/
+        # early_pool.py``, on CUDA only), if it covers this pool; any other is released here.
         early = take_early_registration(num_slots * self.slot_bytes, device.index) if (
             self._overlap and self.config.pin_memory and not self.shares_pool) else None
         pool = HostPool(
@@ -655,10 +655,10 @@ class TokenVMWorker:
             self._overlap = False
             pinner.ensure(0, pool.nbytes)
             return
-        if pinner.started_at is not None:  # since the worker started (connector/early_pool.py)
-            logger.info("TokenVM host pool: %d of %d chunks registered since the worker "
-                        "started; the rest go on during vLLM's warm-up (the first step waits "
-                        "for them)", pinner.registered_chunks, pinner.num_chunks)
+        if pinner.started_at is not None:  # since the model loaded (connector/early_pool.py)
+            logger.info("TokenVM host pool: %d of %d chunks registered since the model loaded; "
+                        "the rest go on during vLLM's warm-up (the first step waits for them)",
+                        pinner.registered_chunks, pinner.num_chunks)
             return
         pool.start_pinning()
         logger.info("TokenVM host pool: registering %.2f GiB on a thread during vLLM's warm-up "

@@ -417,14 +417,14 @@ class LazyPinner:
 
 
 class EarlyRegistration:
-    """Host pool memory registered from the worker's start, before vLLM loads the model
+    """Host pool memory registered from the worker's model load on, while vLLM compiles
     (``pin_mode: overlap``, ``connector/early_pool.py``): ``nbytes`` of anonymous memory and a
     ``LazyPinner`` registering it at full speed on its thread. vLLM builds the connector's
-    worker side only after loading the model and profiling it (``initialize_from_config``),
+    worker side only after compiling and profiling the model (``initialize_from_config``),
     and the pool's slot size is known only then; registration does not need it. The
     ``HostPool`` built then adopts this memory and this pinner (``take_early_registration``:
-    the same device, at least its bytes), so the 12 s that 20 GiB take on an H200 overlap
-    vLLM's model load and compilation instead of its warm-up. One per process."""
+    the same device, at least its bytes), so the 8-13 s that 20 GiB take on an H200 overlap
+    vLLM's compilation instead of its warm-up. One per process."""
 
     def __init__(self, nbytes: int, device_index: int | None, *,
                  chunk_bytes: int = CHUNK_BYTES, register: RegisterFn | None = None,
@@ -490,7 +490,7 @@ def discard_early_registration() -> None:
     global _EARLY
     early, _EARLY = _EARLY, None
     if early is not None:
-        logger.warning("TokenVM host pool: the %.2f GiB registered since the worker started "
+        logger.warning("TokenVM host pool: the %.2f GiB registered since the model loaded "
                        "did not fit the pool built; released, and the pool registers its own",
                        early.nbytes / 2**30)
         early.close()
@@ -524,7 +524,7 @@ class HostPool:
     (``SHARED_FOR``), named in the log and, as the thing to set false, in this pool's errors.
     ``lazily``: how the log line calls a lazy pool's pinning (the worker's ``pin_mode:
     overlap`` registers it at full speed during vLLM's warm-up, not paced). ``early``: memory
-    registered since the worker started (``EarlyRegistration``, at least this pool's bytes on
+    registered since the model loaded (``EarlyRegistration``, at least this pool's bytes on
     this device): the pool is its first ``nbytes`` and its pinner the registration's, already
     running (a lazy, private, not reserved pool only).
     """
@@ -575,7 +575,7 @@ class HostPool:
                 num_slots, slot_bytes)
         elif early is not None:
             done = early.pinner.registered_chunks
-            mode = (f"registered on a thread since the worker started (pin_mode overlap), "
+            mode = (f"registered on a thread since the model loaded (pin_mode overlap), "
                     f"{done} of {early.pinner.num_chunks} chunks so far")
             self._mmap = early.memory
             self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8,
