@@ -115,3 +115,38 @@ def test_on_cpu_the_hook_starts_nothing() -> None:
 
     start_host_pool_early(vllm_config({"host_bytes": GIB}))
     assert early_registration_bytes() == 0  # no CUDA here: nothing to register with
+
+
+def test_it_starts_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second model load (a weight reload) starts no second registration: the pool, built
+    once, adopts only the first. A recording fake stands in for the CUDA calls."""
+    import torch
+
+    from tests.transfer.test_host_pool import Recorder
+    from tokenvm_vllm.connector import early_pool
+    from tokenvm_vllm.transfer import host_pool
+
+    rec = Recorder()
+    started: list[int] = []
+    real_start = host_pool.start_early_registration
+
+    def start(nbytes: int, device: int | None, **kwargs: Any) -> Any:
+        started.append(nbytes)
+        return real_start(nbytes, device, register=rec.register, unregister=rec.unregister,
+                          **kwargs)
+
+    monkeypatch.setattr(early_pool, "_STARTED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(host_pool, "_host_pointer_usable", lambda device: True)
+    monkeypatch.setattr(host_pool, "start_early_registration", start)
+    monkeypatch.setattr(compat, "install_graph_capture_guard", lambda pause, resume: True)
+    config = vllm_config({"host_bytes": 64 * 4096})
+    try:
+        early_pool.start_host_pool_early(config)
+        early_pool.start_host_pool_early(config)  # the weights loaded again
+        assert started == [64 * 4096]
+        assert host_pool.early_registration_bytes() == 64 * 4096
+    finally:
+        host_pool.discard_early_registration()
+    assert rec.registered == {}

@@ -30,6 +30,10 @@ from tokenvm_vllm import CONNECTOR_NAME
 
 logger = logging.getLogger("vllm.tokenvm")
 
+_STARTED = False
+"""Whether this process started one already: vLLM may load weights again (a reload), and the
+pool, built once, adopts only the first registration."""
+
 
 def early_pool_bytes(vllm_config: Any) -> int:
     """The bytes to register early for this worker, or 0 where nothing should start (not
@@ -59,7 +63,8 @@ def early_pool_bytes(vllm_config: Any) -> int:
 
 def start_host_pool_early(vllm_config: Any) -> None:
     """Start registering this worker's host pool on a thread, held around vLLM's CUDA graph
-    captures (``compat.install_graph_capture_guard``), if ``early_pool_bytes`` says so."""
+    captures (``compat.install_graph_capture_guard``), if ``early_pool_bytes`` says so; once
+    per process."""
     import torch
 
     from tokenvm_vllm import compat
@@ -69,9 +74,11 @@ def start_host_pool_early(vllm_config: Any) -> None:
         start_early_registration,
     )
 
+    global _STARTED
     nbytes = early_pool_bytes(vllm_config)
-    if not nbytes or not torch.cuda.is_available():
+    if _STARTED or not nbytes or not torch.cuda.is_available():
         return
+    _STARTED = True
     device = torch.cuda.current_device()
     if not _host_pointer_usable(device):
         return  # the pool will be one cudaHostAlloc, as with pin_mode eager
