@@ -223,14 +223,13 @@ class TokenVMWorker:
         # (``_start_overlap_pinning``); 'auto' needs the scheduler's count first, so it pins
         # lazily whatever the mode.
         self._overlap = self.config.pin_mode == "overlap" and host_bytes != HOST_BYTES_AUTO
-        pinned = self.config.pin_memory and device.type == "cuda"
         # The registration started when this worker loaded the model (``connector/
         # early_pool.py``, on CUDA only), if it covers this pool; any other is released here.
         early = take_early_registration(num_slots * self.slot_bytes, device.index) if (
             self._overlap and self.config.pin_memory and not self.shares_pool) else None
         pool = HostPool(
             num_slots, self.slot_bytes,
-            pin=pinned,
+            pin=self.config.pin_memory and device.type == "cuda",
             lazy=self.config.pin_mode != "eager" or host_bytes == HOST_BYTES_AUTO,
             # Not yet: vLLM captures its CUDA graphs after this, and a capture in CUDA's global
             # mode is broken by a cudaHostRegister from another thread. The background thread

@@ -432,13 +432,9 @@ class EarlyRegistration:
         self.nbytes = _page_round(nbytes)
         self.device_index = device_index
         self.memory = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if register is None:
-            register, unregister = _cuda_register(device_index)
-        assert unregister is not None, "register without unregister"
         address = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
-        page = mmap.PAGESIZE
-        self.pinner = LazyPinner(address, self.nbytes, -(-chunk_bytes // page) * page,
-                                 register, unregister, duty=1.0)
+        self.pinner = _pinner(address, self.nbytes, chunk_bytes, register, unregister,
+                              device_index, duty=1.0)
         # Dropped without being adopted (a pool that could not use it): unregister first.
         self._finalizer = weakref.finalize(self, _unpin_then_release, self.pinner, self.memory)
 
@@ -607,13 +603,8 @@ class HostPool:
         if early is not None:
             self.pinner = early.pinner
         elif lazy:
-            if register is None:
-                register, unregister = _cuda_register(device_index)
-            assert unregister is not None, "register without unregister"
-            page = mmap.PAGESIZE
-            self.pinner = LazyPinner(self.buffer.data_ptr(), self.nbytes,
-                                     -(-chunk_bytes // page) * page, register, unregister,
-                                     duty=duty)
+            self.pinner = _pinner(self.buffer.data_ptr(), self.nbytes, chunk_bytes, register,
+                                  unregister, device_index, duty)
             # A pool dropped without ``close`` must still unregister before its memory is
             # unmapped: CUDA keeps the registration of a freed range, and the next mmap placed
             # at that address then fails to register ("part or all of the requested memory
@@ -710,6 +701,20 @@ class HostPool:
         """Unregister what was pinned (the memory stays valid until the pool is dropped)."""
         if self.pinner is not None:
             self.pinner.close()
+
+
+def _pinner(address: int, nbytes: int, chunk_bytes: int, register: RegisterFn | None,
+            unregister: UnregisterFn | None, device_index: int | None,
+            duty: float) -> LazyPinner:
+    """A ``LazyPinner`` over ``[address, address + nbytes)`` in chunks of ``chunk_bytes``
+    rounded up to whole pages (no page in two registrations), with the CUDA calls unless
+    ``register``/``unregister`` replace them."""
+    if register is None:
+        register, unregister = _cuda_register(device_index)
+    assert unregister is not None, "register without unregister"
+    page = mmap.PAGESIZE
+    return LazyPinner(address, nbytes, -(-chunk_bytes // page) * page, register, unregister,
+                      duty=duty)
 
 
 def _page_round(nbytes: int) -> int:
