@@ -12,6 +12,13 @@ model load on (``connector/early_pool.py``), beside compilation, the table also 
 whole of it, model load plus engine start-up (``+none all``): that is what a slower load or
 compilation would show in.
 
+vLLM's kernel warm-up after the CUDA graph capture (V2's ``warmup_kernels`` and inductor's lazy
+initialisation; from "Graph capturing finished" to "Kernel JIT monitor activated") took 0-17 s
+on the H200 whatever the configuration (V2, 2026-12-01: no offload 17, 17, 14 and 0 s in
+four servers, TokenVM 15, 1, 13 and 14 s), in a phase where the host pool is long registered.
+``+none -wu`` is ``+none all`` without it on both sides: TokenVM's own cost, without a swing
+larger than the bar.
+
 ``parse`` reads those lines (with several workers, the slowest of each); ``table`` prints one
 row per server, each configuration's engine start-up minus compilation next to that of the
 ``none`` servers (no offload) of the same runs.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import re
 import statistics
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 _PATTERNS = {
@@ -33,14 +41,31 @@ _PATTERNS = {
         r"TokenVM host pool fully pinned: .* in ([\d.]+) s after start-up"),
     "first_step_wait_s": re.compile(r"the first step waited ([\d.]+) s"),
 }
+_CAPTURED = re.compile(r" (\d\d-\d\d \d\d:\d\d:\d\d) .*Graph capturing finished")
+_WARMED = re.compile(r" (\d\d-\d\d \d\d:\d\d:\d\d) .*Kernel JIT monitor activated")
+
+
+def _seconds_between(first: str, last: str) -> float:
+    """Seconds from log time stamp ``first`` to ``last`` (vLLM's ``MM-DD HH:MM:SS``, which has
+    no year: a ``last`` that sorts before ``first`` is in the next year)."""
+    year = 2001 if last < first else 2000
+    return (datetime.strptime(f"{year}-{last}", "%Y-%m-%d %H:%M:%S")
+            - datetime.strptime(f"2000-{first}", "%Y-%m-%d %H:%M:%S")).total_seconds()
 
 
 def parse(lines: Iterable[str]) -> dict[str, float]:
-    """The start-up phases a server log shows (keys of ``_PATTERNS`` plus ``compile_s`` and
-    ``init_minus_compile_s``; absent when the log has no such line). With several workers, the
-    largest value of each (the engine waits for the slowest)."""
+    """The start-up phases a server log shows (keys of ``_PATTERNS`` plus ``compile_s``,
+    ``init_minus_compile_s``, ``load_and_init_s`` and ``kernel_warmup_s``, whole seconds from
+    the time stamps; absent when the log has no such line). With several workers, the largest
+    value of each (the engine waits for the slowest)."""
     found: dict[str, float] = {}
+    captured: str | None = None
     for line in lines:
+        if (match := _CAPTURED.search(line)) is not None:
+            captured = match.group(1)
+        elif (match := _WARMED.search(line)) is not None and captured is not None:
+            found["kernel_warmup_s"] = max(found.get("kernel_warmup_s", 0.0),
+                                           _seconds_between(captured, match.group(1)))
         for key, pattern in _PATTERNS.items():
             match = pattern.search(line)
             if match is None:
@@ -52,13 +77,16 @@ def parse(lines: Iterable[str]) -> dict[str, float]:
         found["init_minus_compile_s"] = found["engine_init_s"] - found.get("compile_s", 0.0)
         if "load_s" in found:
             found["load_and_init_s"] = found["load_s"] + found["engine_init_s"]
+            if "kernel_warmup_s" in found:
+                found["without_warmup_s"] = found["load_and_init_s"] - found["kernel_warmup_s"]
     return found
 
 
 def table(entries: list[dict[str, Any]]) -> str:
     """One line per server (``entries``: ``{"config", "round", "up_s", **parse(...)}``), with
     ``+none``: its engine start-up minus compilation over the median of the ``none`` servers',
-    and ``+none all``: its model load plus engine start-up over theirs."""
+    ``+none all``: its model load plus engine start-up over theirs, ``warm-up``: vLLM's kernel
+    warm-up, and ``+none -wu``: ``+none all`` without the warm-up on both sides."""
     nones = [e for e in entries if e["config"].partition(":")[0].partition("@")[0]
              .removesuffix("_v1").removesuffix("_v2") == "none"]  # (none_v1: the V1 runner)
 
@@ -71,6 +99,7 @@ def table(entries: list[dict[str, Any]]) -> str:
 
     lines = [f"{'start-up':44} {'round':>5} {'/health s':>9} {'load':>5} {'engine s':>8} "
              f"{'compile':>7} {'engine-compile':>14} {'+none':>6} {'+none all':>9} "
+             f"{'warm-up':>7} {'+none -wu':>9} "
              f"{'pool alloc':>10} {'pinned at':>9} {'1st step wait':>13}"]
     for e in entries:
         lines.append(f"{e['config'][:44]:44} {e['round']:5d} {cell(e, 'up_s'):>9} "
@@ -78,6 +107,7 @@ def table(entries: list[dict[str, Any]]) -> str:
                      f"{cell(e, 'compile_s'):>7} {cell(e, 'init_minus_compile_s'):>14} "
                      f"{over_none(e, 'init_minus_compile_s'):>6} "
                      f"{over_none(e, 'load_and_init_s'):>9} "
+                     f"{cell(e, 'kernel_warmup_s'):>7} {over_none(e, 'without_warmup_s'):>9} "
                      f"{cell(e, 'pool_alloc_s'):>10} {cell(e, 'pool_pinned_s'):>9} "
                      f"{cell(e, 'first_step_wait_s'):>13}")
     return "\n".join(lines)
