@@ -10,6 +10,7 @@ Collection stays light: vLLM and torch are imported by the fixtures that need th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,3 +118,31 @@ def redis_cluster_with_replicas(tmp_path: Path) -> Iterator[RedisCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+class Lines(logging.Handler):
+    """The log lines of TokenVM's logger (vLLM's loggers do not propagate to pytest's)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def tokenvm_log():
+    """Call it to start collecting (after building engines: vLLM's logging set-up resets the
+    handlers of child loggers); returns the list the lines go to."""
+    logger = logging.getLogger("vllm.tokenvm")
+    handler, level = Lines(), logger.level
+
+    def attach() -> list[str]:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        return handler.lines
+
+    yield attach
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -9,8 +9,6 @@ worker side, the CPU copy engine).
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from tests.connector.test_scheduler_level import evict_everything, prompts
@@ -102,34 +100,6 @@ def fixed_memory(monkeypatch):
 
 def slot_bytes_of_harness(make_harness) -> int:
     return make_harness().worker.worker.slot_bytes
-
-
-class Lines(logging.Handler):
-    """The log lines of TokenVM's logger (vLLM's loggers do not propagate to pytest's)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def tokenvm_log():
-    """Call it to start collecting (after building engines: vLLM's logging set-up resets the
-    handlers of child loggers); returns the list the lines go to."""
-    logger = logging.getLogger("vllm.tokenvm")
-    handler, level = Lines(), logger.level
-
-    def attach() -> list[str]:
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        return handler.lines
-
-    yield attach
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def test_workers_adopt_the_schedulers_count_and_kv_stays_exact(make_harness, fixed_memory,

@@ -6,7 +6,6 @@ then recomputed under ``auto`` (a skip, counted) and still read under ``always``
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import pytest
@@ -42,7 +41,8 @@ def read_slowly(h: Harness, redis_server: RedisServer, seed: int) -> None:
 
 @pytest.mark.parametrize("mode", ["auto", "always"])
 def test_slow_remote_reads_are_skipped_and_recomputed(
-        make_harness: Callable[..., Harness], redis_server: RedisServer, mode: str) -> None:
+        make_harness: Callable[..., Harness], redis_server: RedisServer, mode: str,
+        tokenvm_log: Callable[[], list[str]]) -> None:
     first = remote_harness(make_harness, redis_server.url)
     serve(first, 1500)
     serve(first, 1501)
@@ -64,18 +64,10 @@ def test_slow_remote_reads_are_skipped_and_recomputed(
         # 16 tokens a block: reading is the slower way (by ~100x here)
         assert gate.read_rate * 16 < gate.compute_rate, gate.describe()
 
-    # vLLM's logging may not propagate to pytest's handler: listen on TokenVM's logger itself
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append  # type: ignore[method-assign]
-    tokenvm_logger = logging.getLogger("vllm.tokenvm")
-    tokenvm_logger.addHandler(handler)
-    try:
-        serve(second, 1501)  # in Redis too, but now known to be slow
-        serve(second, 1503)  # another one: skipped too, not logged again
-    finally:
-        tokenvm_logger.removeHandler(handler)
-    skip_lines = [r.getMessage() for r in records if "recomputing instead" in r.getMessage()]
+    lines = tokenvm_log()
+    serve(second, 1501)  # in Redis too, but now known to be slow
+    serve(second, 1503)  # another one: skipped too, not logged again
+    skip_lines = [line for line in lines if "recomputing instead" in line]
     if mode == "auto":
         assert second.stats["remote_skipped_blocks"] >= 16
         assert second.stats["remote_hit_blocks"] == hits  # nothing read

@@ -18,6 +18,7 @@ import pytest
 
 from tests.connector.test_two_ranks import TwoRankHarness
 from tests.elastic.test_elastic_scheduler import prompts
+from tokenvm_vllm.bench.timeline import TRACE
 from tokenvm_vllm.elastic.page_groups import PageGroupLayout, RecordingMapper
 from tokenvm_vllm.elastic.protocol import CommandMapper, ReserveLedger, WorkerKV, initial_groups
 
@@ -312,3 +313,25 @@ def test_map_ahead_serves_a_map_from_the_premapped_group_or_gives_one_up():
     kv.apply([], reserve=1)
     assert kv.premapped == {3} and kv.mapper.calls[-1] == ("unmap", 4)
     assert kv.mapper.mapped == kv.mapped | {3} and kv.reserved() == 1
+
+
+def test_trace_logs_each_step_that_maps_or_changes_the_reserve(tiny_model_config, tokenvm_log):
+    """``trace: true``: one ``TokenVM trace <time> elastic ...`` line per step whose metadata
+    carries commands or a new reserve target (a burst's ramp, step by step), none for a step
+    that changes nothing."""
+    h = elastic_ranks(tiny_model_config, trace=True)
+    log = tokenvm_log()
+    h.run_idle()  # the warm-up step: target 0, the first line
+    for p in prompts(4, prefix_blocks=6, suffix=5, seed=31):
+        h.add(p, max_tokens=4)
+    h.run()
+    found = [TRACE.search(line) for line in log]
+    events = [dict(kv.split("=") for kv in m.group(3).split()) for m in found
+              if m is not None and m.group(2) == "elastic"]
+    assert events[0]["target"] == "0"
+    side = h.connector.scheduler.elastic
+    assert any(e["target"] == str(side.reserve_groups) for e in events)  # the arrival
+    maps = sum(int(e["maps"]) for e in events)
+    assert maps == h.workers[0].worker.elastic.maps > 0  # every map the workers applied
+    assert int(events[-1]["usable"]) == side.pool.usable_blocks or int(events[-1]["maps"]) == 0
+    assert len(events) < h.steps  # steps that changed nothing logged nothing

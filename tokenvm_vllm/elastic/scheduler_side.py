@@ -13,10 +13,13 @@
 - ``after_meta(demand)`` at its end: map ahead for the next step's allocations.
 
 ``take_commands()`` gives the map/unmap commands recorded since the last call and the reserve
-target, for the step's metadata (``protocol.py``). Commands recorded by ``after_meta`` travel
-with the next step: the blocks they make usable can only be handed out by the next
-``schedule``. ``reported(entries)`` takes the workers' reserve reports (``update_connector_
-output``): the pool maps no more than they cover (``protocol.ReserveLedger``).
+target, for the step's metadata (``protocol.py``); with ``trace: true`` it logs them, the
+workers' reported reserve and the usable blocks (``TokenVM trace <time> elastic ...``, as
+``bench/timeline.py`` reads the load events), for a step that has any or changes the target.
+Commands recorded by ``after_meta`` travel with the next step: the blocks they make usable can
+only be handed out by the next ``schedule``. ``reported(entries)`` takes the workers' reserve
+reports (``update_connector_output``): the pool maps no more than they cover
+(``protocol.ReserveLedger``).
 
 ``warm_up_pending``: the workers keep the whole range mapped from vLLM's warm-up until they apply
 their first step's metadata (``protocol.py``). An idle server does not step, so until then the
@@ -91,6 +94,7 @@ class SchedulerElastic:
         """The reserve target while serving (before the ceiling's cap)."""
         self.warm_up_pending = True
         """No step's metadata has gone out yet: the workers still hold the warm-up mapping."""
+        self._traced_target = -1
         self.max_step_blocks = max_step_blocks
         self.clock = clock
         self._polled_at = float("-inf")
@@ -140,7 +144,15 @@ class SchedulerElastic:
         self.warm_up_pending = False
         commands = self.mapper.take()
         target = self.reserve_target()
-        self.ledger.sent_batch(sum(1 for op, _ in commands if op == "map"), target)
+        maps = sum(1 for op, _ in commands if op == "map")
+        self.ledger.sent_batch(maps, target)
+        if self.config.trace and (commands or target != self._traced_target):
+            # (a step that changes nothing logs nothing: an idle server steps rarely, a busy
+            # one at ~100 steps/s)
+            self._traced_target = target
+            logger.info("TokenVM trace %.6f elastic maps=%d unmaps=%d target=%d reported=%d "
+                        "usable=%d", time.monotonic(), maps, len(commands) - maps, target,
+                        self.ledger.reported, self.pool.usable_blocks)
         return commands, target
 
     def reserve_target(self) -> int:
