@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from tokenvm_vllm.transfer import host_pool
 from tokenvm_vllm.transfer.copy_engine import TorchCopyEngine
 from tokenvm_vllm.transfer.host_pool import HostPool, LazyPinner
 from tokenvm_vllm.transfer.layout import KVLayout
@@ -394,3 +395,39 @@ def test_an_early_registration_no_pool_fits_is_released():
     host_pool.discard_early_registration()
     assert rec.registered == {} and host_pool.early_registration_bytes() == 0
     host_pool.discard_early_registration()  # nothing left: a no-op
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping holding ``address`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_a_pool_registered_in_chunks_asks_for_huge_pages_and_faults_chunks_in() -> None:
+    """Memory that will be registered gets MADV_HUGEPAGE (VmFlags ``hg``), a pageable pool
+    does not (THP would make a written slot cost up to 2 MiB of RAM); ``populate`` faults a
+    chunk in before the registration, which then only locks present pages."""
+    if "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read():
+        pytest.skip("transparent huge pages are off on this machine")
+    calls: list[tuple[int, int]] = []
+    pinned = HostPool(8, 2 * 2**20, pin=True, background=False,
+                      register=lambda a, n: calls.append((a, n)), unregister=lambda a: None)
+    pageable = HostPool(8, 2 * 2**20, pin=False)
+    assert "hg" in _vm_flags(pinned.buffer.data_ptr())
+    assert "hg" not in _vm_flags(pageable.buffer.data_ptr())
+    chunk = 4 * 2**20
+    memory = mmap.mmap(-1, 4 * chunk, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    address = torch.frombuffer(memory, dtype=torch.uint8).data_ptr()
+    before = host_pool.resident_bytes()
+    if not host_pool.populate(address + chunk, chunk):
+        pytest.skip("MADV_POPULATE_WRITE is not supported by this kernel (< 5.14)")
+    assert host_pool.resident_bytes() - before >= chunk  # that chunk, and not the other 3
+    assert host_pool.resident_bytes() - before < 2 * chunk
