@@ -818,9 +818,11 @@ def _map_shared(path: str, nbytes: int, reserve: bool, create: bool = True,
         os.close(fd)
 
 
-def _cuda_register(device_index: int | None) -> tuple[RegisterFn, UnregisterFn]:
+def _cuda_register(device_index: int | None,
+                   fault_in: bool = True) -> tuple[RegisterFn, UnregisterFn]:
     """``cuMemHostRegister``/``cuMemHostUnregister`` (driver API through ctypes, which releases
-    the GIL during the call), in ``device_index``'s primary context whichever thread calls them.
+    the GIL during the call), in ``device_index``'s primary context whichever thread calls them;
+    ``fault_in``: ``populate`` each range first (``host_pool_bench`` measures without).
 
     Not the runtime's ``cudaHostRegister``: a failed runtime call leaves a "last error" that
     the next kernel launch on that thread reports as its own (seen on the H200: a failed
@@ -842,7 +844,8 @@ def _cuda_register(device_index: int | None) -> tuple[RegisterFn, UnregisterFn]:
 
     def register(address: int, nbytes: int) -> None:
         cuda.ensure_context(device)  # a fresh thread (the background pinner) has no context
-        populate(address, nbytes)  # (outside the driver's lock: see advise_huge_pages)
+        if fault_in:
+            populate(address, nbytes)  # (outside the driver's lock: see advise_huge_pages)
         code = host_register(address, nbytes, flags)
         if code != 0:
             name, text = cuda.error_text(code)
