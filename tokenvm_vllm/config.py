@@ -184,12 +184,13 @@ class TokenVMConfig:
     """Pin the host pool on CUDA (required for fast async DMA). Ignored on the CPU platform."""
     pin_mode: str = "overlap"
     """How the host pool is pinned on CUDA. 'overlap' (the default): registered with CUDA in
-    32 MiB chunks on a thread during vLLM's warm-up, held while vLLM captures CUDA graphs; the
-    first engine step waits for what is left, so serving starts with the whole pool pinned. On
-    the H200 (20 GiB, V2, 2026-12-01, two start-ups) registration ended 11-15 s before vLLM's
-    warm-up did, the first step that ran waited 0.00 s, and engine start-up took 5.8-6.6 s
-    longer than with no offload (vLLM's CUDA calls wait behind each chunk's registration),
-    against 13.1 s for 'eager'.
+    32 MiB chunks on a thread from the end of vLLM's model load on (``connector/
+    early_pool.py``), beside its compilation and warm-up, held while vLLM captures CUDA graphs;
+    the first engine step waits for what is left, so serving starts with the whole pool
+    pinned. On the H200 (20 GiB, V2, 2026-12-01, with ``huge_pages``) it was registered in
+    6.2 s and the engine's start-up took 0.2 s longer than with no offload (warm compile
+    caches; +5.2 s with a cold compile, which took 5.7 s longer), against 13.1 s for 'eager'
+    before huge pages.
     Where vLLM has no ``capture_model`` to hold it around, it registers at once, as 'eager'.
     'eager': the same registration before the server answers (20 GiB: 6.4-11.8 s on H200
     hosts; the single ``cudaHostAlloc`` used before took 12-17 s). 'lazy': the server answers
@@ -198,6 +199,14 @@ class TokenVMConfig:
     after start-up (H200, P at c=8: 0.79x the throughput of an eager pool, TTFT p99 2.1x;
     unpaced, the first serving run stalled every request for the 9 s of registration).
     ``host_bytes: "auto"`` always pins lazily (its size is known only after start-up)."""
+    huge_pages: bool = True
+    """Back a host pool that is registered with CUDA by transparent huge pages
+    (``MADV_HUGEPAGE``), and fault each chunk in before registering it: registration 15x
+    faster on the H200 host (0.022 against 0.336 s/GiB), which took vLLM's start-up with a 20
+    GiB pool from +5.7 s to +0.2 s over no offload (warm compile caches). Where memory is
+    fragmented, the kernel may compact memory to find huge pages (``defrag: madvise``), which
+    can make the faulting slower than with 4 KiB pages: set false there. No effect where THP
+    is off, on a pageable pool, or on the CPU platform."""
     mla_store_once: bool = True
     """MLA models (one latent KV tensor per layer, replicated on every tensor-parallel rank)
     at TP>1: keep one copy per node instead of one per rank (a host pool shared by the ranks

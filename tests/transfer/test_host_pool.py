@@ -412,17 +412,24 @@ def _vm_flags(address: int) -> list[str]:
 
 
 def test_a_pool_registered_in_chunks_asks_for_huge_pages_and_faults_chunks_in() -> None:
-    """Memory that will be registered gets MADV_HUGEPAGE (VmFlags ``hg``), a pageable pool
-    does not (THP would make a written slot cost up to 2 MiB of RAM); ``populate`` faults a
-    chunk in before the registration, which then only locks present pages."""
+    """Memory that will be registered gets MADV_HUGEPAGE (VmFlags ``hg``), early or not,
+    unless ``huge_pages`` is off; a pageable pool does not (THP would make a written slot cost
+    up to 2 MiB of RAM). ``populate`` faults a chunk in before the registration, which then
+    only locks present pages."""
     if "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read():
         pytest.skip("transparent huge pages are off on this machine")
     calls: list[tuple[int, int]] = []
     pinned = HostPool(8, 2 * 2**20, pin=True, background=False,
                       register=lambda a, n: calls.append((a, n)), unregister=lambda a: None)
-    pageable = HostPool(8, 2 * 2**20, pin=False)
+    pageable = HostPool(8, 2 * 2**20, pin=True, background=False, huge_pages=False,
+                        register=lambda a, n: calls.append((a, n)), unregister=lambda a: None)
+    early = host_pool.EarlyRegistration(8 * 2**20, None, register=lambda a, n: None,
+                                        unregister=lambda a: None)
     assert "hg" in _vm_flags(pinned.buffer.data_ptr())
-    assert "hg" not in _vm_flags(pageable.buffer.data_ptr())
+    assert "hg" in _vm_flags(early.pinner.address)
+    assert "hg" not in _vm_flags(pageable.buffer.data_ptr())  # huge_pages: false
+    assert "hg" not in _vm_flags(HostPool(8, 2 * 2**20, pin=False).buffer.data_ptr())
+    early.close()
     chunk = 4 * 2**20
     memory = mmap.mmap(-1, 4 * chunk, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     address = torch.frombuffer(memory, dtype=torch.uint8).data_ptr()

@@ -82,7 +82,9 @@ def start_host_pool_early(vllm_config: Any) -> None:
     device = torch.cuda.current_device()
     if not _host_pointer_usable(device):
         return  # the pool will be one cudaHostAlloc, as with pin_mode eager
-    early = start_early_registration(nbytes, device, start=False)
+    from tokenvm_vllm.config import load_config
+    huge_pages = load_config(vllm_config.kv_transfer_config.kv_connector_extra_config).huge_pages
+    early = start_early_registration(nbytes, device, start=False, huge_pages=huge_pages)
     if not compat.install_graph_capture_guard(early.pinner.pause, early.pinner.resume):
         discard_early_registration()  # the worker registers it before answering, as before
         return

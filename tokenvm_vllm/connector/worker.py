@@ -243,6 +243,7 @@ class TokenVMWorker:
             shared_for="mla_store_once" if self.store_once else "remote_process",
             lazily=("registered during vLLM's warm-up (pin_mode overlap)" if self._overlap
                     else "pinned lazily"),
+            huge_pages=self.config.huge_pages,
             early=early,
         )
         discard_early_registration()

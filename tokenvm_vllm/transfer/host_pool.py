@@ -429,11 +429,12 @@ class EarlyRegistration:
 
     def __init__(self, nbytes: int, device_index: int | None, *,
                  chunk_bytes: int = CHUNK_BYTES, register: RegisterFn | None = None,
-                 unregister: UnregisterFn | None = None) -> None:
+                 unregister: UnregisterFn | None = None, huge_pages: bool = True) -> None:
         self.nbytes = _page_round(nbytes)
         self.device_index = device_index
         self.memory = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        advise_huge_pages(self.memory)
+        if huge_pages:
+            advise_huge_pages(self.memory)
         address = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
         self.pinner = _pinner(address, self.nbytes, chunk_bytes, register, unregister,
                               device_index, duty=1.0)
@@ -454,13 +455,15 @@ _EARLY: EarlyRegistration | None = None
 
 def start_early_registration(nbytes: int, device_index: int | None, *, start: bool = True,
                              chunk_bytes: int = CHUNK_BYTES, register: RegisterFn | None = None,
-                             unregister: UnregisterFn | None = None) -> EarlyRegistration:
+                             unregister: UnregisterFn | None = None,
+                             huge_pages: bool = True) -> EarlyRegistration:
     """Map ``nbytes`` and start registering them on a thread (``start=False``: the caller
     calls ``start()``); replaces an earlier one."""
     global _EARLY
     discard_early_registration()
     _EARLY = EarlyRegistration(nbytes, device_index, chunk_bytes=chunk_bytes,
-                               register=register, unregister=unregister)
+                               register=register, unregister=unregister,
+                               huge_pages=huge_pages)
     if start:
         _EARLY.start()
     return _EARLY
@@ -534,7 +537,7 @@ class HostPool:
         reserve: bool = False, lazy: bool = True, duty: float = BACKGROUND_DUTY,
         shared_path: str | None = None, create: bool = True,
         shared_for: str = "mla_store_once", lazily: str = "pinned lazily",
-        early: EarlyRegistration | None = None,
+        early: EarlyRegistration | None = None, huge_pages: bool = True,
     ) -> None:
         start = time.perf_counter()
         self.num_slots = num_slots
@@ -600,7 +603,7 @@ class HostPool:
                     + ("; host_bytes='auto' needs vm.overcommit_memory 0 or 1 and no "
                        "'ulimit -v': set host_bytes to a size instead" if reserve else
                        "; lower host_bytes")) from None
-            if lazy:  # registered in chunks: every page of a chunk is faulted in and locked
+            if lazy and huge_pages:  # registered in chunks: every page of a chunk is locked
                 advise_huge_pages(self._mmap)
             self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8).view(
                 num_slots, slot_bytes)
