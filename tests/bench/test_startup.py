@@ -61,6 +61,18 @@ def test_the_table_puts_each_server_next_to_no_offload() -> None:
                             "22.2", "27.0", "+5.8", "+6.3", "17.0", "-7.7"]
     assert overlap[-3:] == ["0.0", "12.8", "0.0"]
     assert lines[1].split()[7:11] == ["+0.0", "+0.0", "3.0", "+0.0"]
+    # With rounds, each server against the no-offload server of its own round (cold compile
+    # caches in round 1, warm in round 2): round 2's TokenVM, load + engine 23.35 s, is +6.3
+    # over round 2's none (17.09 s), where the median of both nones would give -7.7
+    warm_none = {"config": "none", "round": 2, "up_s": 50.0, **startup.parse(NONE_LOG.replace(
+        "took 44.05 s (compilation: 22.90 s)", "took 16.05 s (compilation: 4.90 s)").splitlines())}
+    warm_tokenvm = {"config": entries[1]["config"], "round": 2, "up_s": 60.0,
+                    **startup.parse(OVERLAP_LOG.replace(
+                        "took 49.21 s (compilation: 22.25 s)",
+                        "took 21.21 s (compilation: 4.25 s)").splitlines())}
+    rows = startup.table([*entries, warm_none, warm_tokenvm]).splitlines()
+    assert rows[2].split()[7:11] == ["+5.8", "+6.3", "17.0", "-7.7"]  # round 1 as before
+    assert rows[4].split()[8] == "+6.3"  # 23.35 against 17.09
     # The V1 runner's no-offload server is the base as well
     entries[0]["config"] = "none_v1"
     assert startup.table(entries).splitlines()[2].split()[7] == "+5.8"

@@ -84,14 +84,19 @@ def parse(lines: Iterable[str]) -> dict[str, float]:
 
 def table(entries: list[dict[str, Any]]) -> str:
     """One line per server (``entries``: ``{"config", "round", "up_s", **parse(...)}``), with
-    ``+none``: its engine start-up minus compilation over the median of the ``none`` servers',
+    ``+none``: its engine start-up minus compilation over that of the ``none`` server of its
+    round (or, without one, the median of all ``none`` servers'),
     ``+none all``: its model load plus engine start-up over theirs, ``warm-up``: vLLM's kernel
     warm-up, and ``+none -wu``: ``+none all`` without the warm-up on both sides."""
     nones = [e for e in entries if e["config"].partition(":")[0].partition("@")[0]
              .removesuffix("_v1").removesuffix("_v2") == "none"]  # (none_v1: the V1 runner)
 
     def over_none(entry: dict[str, Any], key: str) -> str:
-        base = [e[key] for e in nones if key in e]
+        # the no-offload server of the same round where there is one: the first round's
+        # compiles are cold, the later ones' cached (W9, 2026-12-01: 17.8 against 4.3 s), and a
+        # median over both compares a cold start with a warm one
+        same = [e[key] for e in nones if key in e and e["round"] == entry["round"]]
+        base = same or [e[key] for e in nones if key in e]
         return f"{entry[key] - statistics.median(base):+.1f}" if base and key in entry else "-"
 
     def cell(entry: dict[str, Any], key: str) -> str:
