@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenvm_vllm.bench.timeline import parse, summarize
+from tokenvm_vllm.bench.timeline import parse, print_summary, summarize
 
 
 def trace(t: float, event: str, **fields: object) -> str:
@@ -102,3 +102,30 @@ def test_in_step_loads_are_measured_from_lookup_to_their_own_step() -> None:
     assert summary["in-step lookup->scheduled"]["p50"] == pytest.approx(4.0)
     assert summary["in-step copy_device_ms"]["p50"] == pytest.approx(2.5)
     assert summary["lookup->scheduled"]["n"] == 0
+
+
+def test_the_longest_steps_come_with_the_elastic_events_around_them(capsys) -> None:
+    """A burst's stall: the longest step intervals, longest first, each with the elastic
+    events from the step before it to its end (what the step's metadata carried)."""
+    lines = [
+        trace(20.000, "elastic", maps=0, unmaps=0, target=19, reported=0, usable=32),
+        trace(20.010, "step-scheduled", tokens=8192),
+        trace(20.020, "elastic", maps=19, unmaps=0, target=19, reported=19, usable=640),
+        trace(20.250, "step-scheduled", tokens=4096),
+        trace(20.260, "step-scheduled", tokens=32),
+        trace(20.270, "elastic", maps=12, unmaps=0, target=19, reported=19, usable=1024),
+        trace(20.870, "step-scheduled", tokens=32),  # after the 610 ms stall
+        trace(20.900, "step-scheduled", tokens=32),
+    ]
+    timeline = parse(lines, since=19.5)
+    assert [e["maps"] for _, e in timeline.elastic] == ["0", "19", "12"]
+    summary = summarize(timeline)
+    longest = summary["longest_steps"]
+    assert [row["ms"] for row in longest] == [610.0, 240.0, 30.0, 10.0]
+    assert longest[0]["at_s"] == pytest.approx(0.76) and longest[0]["tokens"] == 32
+    assert [e["maps"] for e in longest[0]["elastic"]] == ["12"]  # 20.250 .. 20.870
+    assert [e["maps"] for e in longest[1]["elastic"]] == ["19"]  # the first step: 20.010 on
+    assert [e["maps"] for e in longest[3]["elastic"]] == ["19"]  # 20.010 .. 20.260
+    print_summary(summary)
+    assert "long step at 0.760 s: 610.0 ms, 32 tokens, elastic maps 12 in 1 steps" in (
+        capsys.readouterr().out)

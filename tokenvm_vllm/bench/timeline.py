@@ -15,7 +15,10 @@ measures the four gaps between them, per load, then prints their distributions:
 - ``load-polled`` -> ``load-finished`` (scheduler: every rank has reported),
 - ``load-finished`` -> ``scheduled-new`` (scheduler: the request's first tokens are scheduled).
 
-Also the engine step interval (``step-scheduled`` to the next). A load is listed only when every
+Also the engine step interval (``step-scheduled`` to the next), and the longest intervals
+(``longest_steps``: when, how long, the tokens the step scheduled, and the elastic pool's events
+in it: ``elastic`` lines, one per step that maps, unmaps or changes the reserve, with
+``elastic: true``), for a burst whose TTFT one stall decides. A load is listed only when every
 event was found; the count of incomplete ones is printed (a log that ends mid-run).
 
 In-step loads (``load_mode`` ``sync`` or ``layerwise``) schedule the request in its lookup step,
@@ -74,6 +77,11 @@ class Timeline:
     incomplete: int = 0
     in_step: list[Load] = field(default_factory=list)
     """Loads whose request was scheduled before the load finished (sync, layer-wise)."""
+    steps: list[tuple[float, int]] = field(default_factory=list)
+    """``(time, tokens scheduled)`` of every step that scheduled tokens."""
+    elastic: list[tuple[float, dict[str, str]]] = field(default_factory=list)
+    """The elastic pool's per-step events (``scheduler_side.take_commands``)."""
+    since: float = 0.0
 
 
 def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf")) -> Timeline:
@@ -91,7 +99,8 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
     lookups: dict[str, float] = {}  # req -> time of its latest hit
     waiting: dict[str, Load] = {}  # req -> its finished load, until the request is scheduled
     scheduled: dict[str, float] = {}  # req -> when it was first scheduled after its lookup
-    steps: list[float] = []
+    steps: list[tuple[float, int]] = []
+    elastic: list[tuple[float, dict[str, str]]] = []
     for t, name, f in events:
         if name == "lookup":
             lookups[f["req"]] = t
@@ -116,8 +125,12 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
         elif name == "scheduled-new" and f["req"] in lookups:
             scheduled.setdefault(f["req"], t)
         elif name == "step-scheduled":
-            steps.append(t)
-    timeline = Timeline(step_intervals_ms=[(b - a) * 1000 for a, b in pairwise(steps)])
+            steps.append((t, int(f.get("tokens", 0))))
+        elif name == "elastic":
+            elastic.append((t, f))
+    timeline = Timeline(step_intervals_ms=[(b - a) * 1000 for (a, _), (b, _) in pairwise(steps)],
+                        steps=steps, elastic=elastic,
+                        since=since if since > 0 else (events[0][0] if events else 0.0))
     for load in loads.values():
         if load.in_step:
             if load.lookup is None or load.scheduled is None or load.polled is None:
@@ -153,8 +166,27 @@ def summarize(timeline: Timeline) -> dict[str, Any]:
     summary["in-step copy_device_ms"] = _stats(
         [load.device_ms or 0.0 for load in timeline.in_step])
     summary["step_interval_ms"] = _stats(timeline.step_intervals_ms)
+    summary["longest_steps"] = longest_steps(timeline)
     summary["incomplete_loads"] = timeline.incomplete
     return summary
+
+
+def longest_steps(timeline: Timeline, count: int = 5) -> list[dict[str, Any]]:
+    """The ``count`` longest step intervals, longest first: when the step began (seconds from
+    the window's start), its length, the tokens it scheduled, and the elastic events stamped
+    from the previous step's start to its end (what the step's metadata carried, and what was
+    decided while it ran)."""
+    spans = list(pairwise(timeline.steps))
+    ranked = sorted(range(len(spans)), key=lambda i: spans[i][1][0] - spans[i][0][0],
+                    reverse=True)[:count]
+    rows: list[dict[str, Any]] = []
+    for i in ranked:
+        (start, tokens), (end, _) = spans[i]
+        before = timeline.steps[i - 1][0] if i else start
+        rows.append({"at_s": round(start - timeline.since, 3),
+                     "ms": round((end - start) * 1000, 1), "tokens": tokens,
+                     "elastic": [f for t, f in timeline.elastic if before <= t <= end]})
+    return rows
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -168,6 +200,11 @@ def print_summary(summary: dict[str, Any]) -> None:
             continue
         print(f"{name:24s} {s['n']:6d} {s['p50']:9.2f} {s['p90']:9.2f} {s['max']:9.2f} "
               f"{s['mean']:9.2f}")
+    for row in summary.get("longest_steps", []):
+        maps = sum(int(e.get("maps", 0)) for e in row["elastic"])
+        print(f"long step at {row['at_s']:.3f} s: {row['ms']:.1f} ms, {row['tokens']} tokens"
+              + (f", elastic maps {maps} in {len(row['elastic'])} steps" if row["elastic"]
+                 else ""))
     if summary["incomplete_loads"]:
         print(f"({summary['incomplete_loads']} loads without every event: left out)")
 
