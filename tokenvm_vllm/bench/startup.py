@@ -14,8 +14,8 @@ compilation would show in.
 
 vLLM's kernel warm-up after the CUDA graph capture (V2's ``warmup_kernels`` and inductor's lazy
 initialisation; from "Graph capturing finished" to "Kernel JIT monitor activated") took 0-17 s
-on the H200 whatever the configuration (V2, 2026-12-01: no offload 17, 17, 14 and 0 s in
-four servers, TokenVM 15, 1, 13 and 14 s), in a phase where the host pool is long registered.
+on the H200 whatever the configuration (V2, 2026-12-01: no offload 17, 17, 14, 0, 12 and 0
+s in six servers, TokenVM 15, 1, 13, 14, 14 and 16 s), when the host pool is long registered.
 ``+none -wu`` is ``+none all`` without it on both sides: TokenVM's own cost, without a swing
 larger than the bar.
 
