@@ -6,7 +6,7 @@ period and grows again in ``wave2``.)"""
 import argparse
 from pathlib import Path
 
-from tokenvm_vllm.bench import wave
+from tokenvm_vllm.bench import serve_bench, wave
 from tokenvm_vllm.bench.serve_bench import client_command
 from tokenvm_vllm.bench.stats import median_by_quarter
 
@@ -59,3 +59,24 @@ def test_long_contexts_ask_questions_about_long_documents_at_a_rate(tmp_path: Pa
     assert cmd[cmd.index("--request-rate") + 1] == "1.500"
     summary = wave.summarize([[0.0, "long", 2.0 * 2**20, None], [1.0, "long", 4.0 * 2**20, None]])
     assert summary["long"]["mapped_bytes"] == {"mean": 3.0 * 2**20, "peak": 4.0 * 2**20}
+
+
+def test_each_requests_ttft_is_kept_and_drawn_in_arrival_order(tmp_path: Path) -> None:
+    """``serve_bench`` keeps every request's TTFT (ms, arrival order; a failed request has
+    none) and drops the bulky lists; the wave's plot draws them for each configuration that
+    has them, burst 1 then burst 2."""
+    raw = {"ttfts": [0.2, 0.0, 0.65, 0.1, 0.11], "itls": [[0.01] * 32] * 5,
+           "generated_texts": ["x"] * 5, "start_times": [1.0] * 5, "median_ttft_ms": 150.0}
+    client = serve_bench.trim_client(raw)
+    assert client["ttft_ms"] == [200.0, 650.0, 100.0, 110.0]
+    assert client["ttft_p50_ms_by_quarter"] == [200.0, 650.0, 100.0, 110.0]
+    assert not {"ttfts", "itls", "generated_texts", "start_times"} & client.keys()
+    samples = [[0.0, "wave1", 2**20, 1000.0], [1.0, "idle", 2**20, 1000.0]]
+    results = {
+        "elastic": {"wave": {"samples": samples}, "workloads": {
+            "wave1": {"client": client}, "wave2": {"client": {"ttft_ms": [90.0]}}}},
+        "fixed": {"wave": {"samples": samples}, "settings": {"kv_gib": 6.0}, "workloads": {}},
+    }
+    png = tmp_path / "serve_wave.png"
+    assert wave.plot(results, png) == ["elastic"]  # the fixed result kept no TTFTs
+    assert png.stat().st_size > 10_000

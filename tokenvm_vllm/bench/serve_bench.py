@@ -306,14 +306,7 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
     finally:
         samples = sampler.stop() if sampler is not None else []
     after = scrape(server)
-    client = json.loads(client_out.read_text())
-    # --save-detailed's per-request TTFTs (arrival order), kept as four medians: whether the
-    # first requests of a burst waited longer (e.g. for an elastic pool to map) than the rest
-    ttfts = [t * 1000 for t in client.get("ttfts") or [] if t]
-    client["ttft_p50_ms_by_quarter"] = [round(t, 1) for t in median_by_quarter(ttfts)]
-    for bulky in ("input_lens", "output_lens", "ttfts", "itls", "generated_texts",
-                  "errors", "start_times"):
-        client.pop(bulky, None)
+    client = trim_client(json.loads(client_out.read_text()))
     deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     progress(f"{name}: {workload} {client['total_token_throughput']:.0f} "
              f"tok/s, TTFT p50 {client['median_ttft_ms']:.0f} ms, TPOT "
@@ -360,6 +353,21 @@ def run_wave(server: ApiServer, opts: argparse.Namespace, out_dir: Path, logs: P
              f"{_mib(held.get('mapped_bytes'))}, after the shrink "
              f"{_mib(after.get('mapped_bytes'))}; GPU used {held.get('gpu_used_mib')} -> "
              f"{after.get('gpu_used_mib')} MiB")
+
+
+def trim_client(client: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's benchmark result without its per-request lists (``--save-detailed``: texts,
+    lengths, inter-token latencies), but with each request's TTFT in ms, in arrival order
+    (``ttft_ms``, 1 KiB for 128 requests: a stall shows as a hump at the requests that arrived
+    during it; the wave's plot draws them), and their medians by quarter (whether the first
+    requests of a burst waited longer, e.g. for an elastic pool to map, than the rest)."""
+    ttfts = [t * 1000 for t in client.get("ttfts") or [] if t]
+    client["ttft_p50_ms_by_quarter"] = [round(t, 1) for t in median_by_quarter(ttfts)]
+    client["ttft_ms"] = [round(t, 1) for t in ttfts]
+    for bulky in ("input_lens", "output_lens", "ttfts", "itls", "generated_texts",
+                  "errors", "start_times"):
+        client.pop(bulky, None)
+    return client
 
 
 def _mib(value: float | None) -> str:

@@ -110,15 +110,32 @@ def poke(server: ApiServer) -> None:
     server.complete([3, 5, 7, 11], max_tokens=1)
 
 
-def plot(results: dict[str, dict[str, Any]], png: Path) -> None:
+def plot(results: dict[str, dict[str, Any]], png: Path) -> list[str]:
     """KV bytes held (elastic: mapped; a fixed pool: its size, the settings' ``kv_gib``) and
-    GPU memory used over time, one line per configuration."""
+    GPU memory used over time, one line per configuration; below, each request's TTFT in
+    arrival order, burst 1 then burst 2 (where a result has them: ``serve_bench`` keeps them
+    since 2026-12-01). Returns the configurations whose TTFTs were drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    fig = plt.figure(figsize=(10, 10))
+    top = fig.add_subplot(3, 1, 1)
+    bottom = fig.add_subplot(3, 1, 2, sharex=top)
+    requests = fig.add_subplot(3, 1, 3)
+    drawn: list[str] = []
+    for name, data in results.items():
+        ttfts = [t for burst in ("wave1", "wave2") for t in
+                 data.get("workloads", {}).get(burst, {}).get("client", {}).get("ttft_ms", [])]
+        if ttfts:
+            requests.plot(range(len(ttfts)), ttfts, ".", markersize=3, label=name[:40])
+            drawn.append(name)
+    requests.set_xlabel("request, in arrival order (burst 1, then burst 2)")
+    requests.set_ylabel("TTFT (ms)")
+    requests.grid(alpha=0.3)
+    if requests.get_legend_handles_labels()[0]:
+        requests.legend(fontsize=7)
     for name, data in results.items():
         samples = data.get("wave", {}).get("samples") or []
         if not samples:
@@ -139,6 +156,8 @@ def plot(results: dict[str, dict[str, Any]], png: Path) -> None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle("wave workload: KV memory over time")
+    fig.suptitle("wave workload: KV memory over time, and each request's TTFT")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return drawn
