@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 
 from tokenvm_vllm import CONNECTOR_NAME, compat
-from tokenvm_vllm.connector.early_pool import early_pool_bytes
+from tokenvm_vllm.connector.early_pool import early_pool_config
 
 GIB = 2**30
 
 
 def vllm_config(extra: dict[str, Any] | None = None, connector: str = CONNECTOR_NAME,
                 tp: int = 1, mla: bool = False) -> Any:
-    """What ``early_pool_bytes`` reads of a ``VllmConfig``."""
+    """What ``early_pool_config`` reads of a ``VllmConfig``."""
     transfer = SimpleNamespace(kv_connector=connector, kv_connector_extra_config=extra or {})
     return SimpleNamespace(kv_transfer_config=transfer,
                            parallel_config=SimpleNamespace(tensor_parallel_size=tp),
@@ -34,6 +34,12 @@ def no_tokenvm_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name)
 
 
+def early_pool_bytes(config: Any) -> int:
+    """The bytes it would register early (0: none)."""
+    settings = early_pool_config(config)
+    return 0 if settings is None else settings.host_bytes
+
+
 def test_the_default_settings_start_it_for_the_whole_pool() -> None:
     assert early_pool_bytes(vllm_config({"host_bytes": "1GiB"})) == GIB
     assert early_pool_bytes(vllm_config({"host_bytes": GIB, "pin_mode": "overlap"})) == GIB
@@ -41,6 +47,9 @@ def test_the_default_settings_start_it_for_the_whole_pool() -> None:
     assert early_pool_bytes(vllm_config({"host_bytes": GIB}, mla=True)) == GIB
     assert early_pool_bytes(vllm_config({"host_bytes": GIB, "mla_store_once": False},
                                         tp=2, mla=True)) == GIB
+    # the settings it starts with are the connector's: huge pages or not
+    settings = early_pool_config(vllm_config({"host_bytes": GIB, "huge_pages": False}))
+    assert settings is not None and settings.huge_pages is False
 
 
 @pytest.mark.parametrize("extra,kwargs", [
@@ -56,7 +65,7 @@ def test_the_default_settings_start_it_for_the_whole_pool() -> None:
 ], ids=["eager", "lazy", "auto", "unpinned", "remote-process", "mla-tp2", "other-connector",
         "bad-key", "too-big"])
 def test_other_settings_start_nothing(extra: dict[str, Any], kwargs: dict[str, Any]) -> None:
-    assert early_pool_bytes(vllm_config(extra, **kwargs)) == 0
+    assert early_pool_config(vllm_config(extra, **kwargs)) is None
 
 
 def test_no_kv_transfer_config_starts_nothing() -> None:

@@ -24,9 +24,12 @@ wrong costs time, never correctness: a registration no pool adopts is released
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenvm_vllm import CONNECTOR_NAME
+
+if TYPE_CHECKING:
+    from tokenvm_vllm.config import TokenVMConfig
 
 logger = logging.getLogger("vllm.tokenvm")
 
@@ -35,35 +38,36 @@ _STARTED = False
 pool, built once, adopts only the first registration."""
 
 
-def early_pool_bytes(vllm_config: Any) -> int:
-    """The bytes to register early for this worker, or 0 where nothing should start (not
-    TokenVM, another pin mode, 'auto', a shared pool, settings the connector will refuse)."""
+def early_pool_config(vllm_config: Any) -> TokenVMConfig | None:
+    """This worker's TokenVM settings if its host pool should start registering early
+    (``host_bytes``: how much), else None (not TokenVM, another pin mode, 'auto', a shared
+    pool, settings the connector will refuse)."""
     from tokenvm_vllm.config import TokenVMConfigError, check_host_memory, load_config
 
     transfer = getattr(vllm_config, "kv_transfer_config", None)
     if transfer is None or transfer.kv_connector != CONNECTOR_NAME:
-        return 0
+        return None
     try:
         config = load_config(transfer.kv_connector_extra_config)
         check_host_memory(config.host_bytes)  # (the worker warns about ulimit -l later)
     except TokenVMConfigError:
-        return 0  # the connector says what is wrong, in its own words, when it is built
+        return None  # the connector says what is wrong, in its own words, when it is built
     if config.pin_mode != "overlap" or not config.pin_memory or not isinstance(
             config.host_bytes, int):
-        return 0
+        return None
     if config.remote_url and config.remote_process:
-        return 0  # a file mapping shared with the I/O process
+        return None  # a file mapping shared with the I/O process
     parallel = vllm_config.parallel_config
     model = getattr(vllm_config, "model_config", None)
     if config.mla_store_once and parallel.tensor_parallel_size > 1 and bool(
             getattr(model, "use_mla", False)):
-        return 0  # one pool in /dev/shm for this node's ranks
-    return config.host_bytes
+        return None  # one pool in /dev/shm for this node's ranks
+    return config
 
 
 def start_host_pool_early(vllm_config: Any) -> None:
     """Start registering this worker's host pool on a thread, held around vLLM's CUDA graph
-    captures (``compat.install_graph_capture_guard``), if ``early_pool_bytes`` says so; once
+    captures (``compat.install_graph_capture_guard``), if ``early_pool_config`` says so; once
     per process."""
     import torch
 
@@ -75,16 +79,16 @@ def start_host_pool_early(vllm_config: Any) -> None:
     )
 
     global _STARTED
-    nbytes = early_pool_bytes(vllm_config)
-    if _STARTED or not nbytes or not torch.cuda.is_available():
+    config = early_pool_config(vllm_config)
+    if _STARTED or config is None or not torch.cuda.is_available():
         return
     _STARTED = True
     device = torch.cuda.current_device()
     if not _host_pointer_usable(device):
         return  # the pool will be one cudaHostAlloc, as with pin_mode eager
-    from tokenvm_vllm.config import load_config
-    huge_pages = load_config(vllm_config.kv_transfer_config.kv_connector_extra_config).huge_pages
-    early = start_early_registration(nbytes, device, start=False, huge_pages=huge_pages)
+    assert isinstance(config.host_bytes, int)  # ("auto" starts nothing: early_pool_config)
+    early = start_early_registration(config.host_bytes, device, start=False,
+                                     huge_pages=config.huge_pages)
     if not compat.install_graph_capture_guard(early.pinner.pause, early.pinner.resume):
         discard_early_registration()  # the worker registers it before answering, as before
         return
