@@ -29,9 +29,7 @@ does now): 0.336, 0.041, 0.223 and 0.022 s/GiB on the H200 host (4 GiB).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import mmap
 import statistics
 import time
 from typing import Any
@@ -42,6 +40,7 @@ from tokenvm_vllm.bench.stats import percentile
 from tokenvm_vllm.transfer.host_pool import (
     BACKGROUND_DUTY,
     CHUNK_BYTES,
+    EarlyRegistration,
     HostPool,
     _cuda_register,
     advise_huge_pages,
@@ -114,24 +113,23 @@ def eager_variant(slots: int) -> dict[str, Any]:
 
 
 def register_variant(nbytes: int, huge: bool, fault_in: bool) -> dict[str, Any]:
-    """Register ``nbytes`` of fresh anonymous memory in ``CHUNK_BYTES`` chunks with the pool's
-    driver call, not faulting chunks in itself; ``huge``: ``advise_huge_pages`` first;
-    ``fault_in``: ``populate`` it all first (timed apart). Unregisters it after."""
+    """Register ``nbytes`` of fresh memory as an early registration does (the pool's mapping
+    and ``LazyPinner``, ``CHUNK_BYTES`` chunks in order), with the driver call alone, not
+    faulting chunks in itself; ``huge``: on huge pages; ``fault_in``: ``populate`` it all
+    first (timed apart). Unregistered and unmapped after."""
     register, unregister = _cuda_register(None, fault_in=False)
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
-    result: dict[str, Any] = {"huge_pages": huge and advise_huge_pages(memory)}
+    early = EarlyRegistration(nbytes, None, register=register, unregister=unregister,
+                              huge_pages=huge)
+    # (asked again, idempotent: the answer says whether THP took the advice)
+    result: dict[str, Any] = {"huge_pages": huge and advise_huge_pages(early.memory)}
     start = time.perf_counter()
-    result["populated"] = fault_in and populate(address, nbytes)
+    result["populated"] = fault_in and populate(early.pinner.address, early.nbytes)
     result["populate_s"] = time.perf_counter() - start
-    chunks = range(address, address + nbytes, CHUNK_BYTES)
     start = time.perf_counter()
-    for chunk in chunks:
-        register(chunk, min(CHUNK_BYTES, address + nbytes - chunk))
+    early.pinner.ensure(0, early.nbytes)
     result["register_s"] = time.perf_counter() - start
-    result["s_per_gib"] = result["register_s"] / (nbytes / 2**30)
-    for chunk in chunks:
-        unregister(chunk)
+    result["s_per_gib"] = result["register_s"] / (early.nbytes / 2**30)
+    early.close()
     return result
 
 
