@@ -124,6 +124,7 @@ def test_the_longest_steps_come_with_the_elastic_events_around_them(capsys) -> N
     assert [row["ms"] for row in longest] == [610.0, 240.0, 30.0, 10.0]
     assert longest[0]["at_s"] == pytest.approx(0.76) and longest[0]["tokens"] == 32
     assert [e["maps"] for e in longest[0]["elastic"]] == ["12"]  # 20.250 .. 20.870
+    assert longest[0]["maps"] == 12 and longest[2]["maps"] == 12
     assert [e["maps"] for e in longest[1]["elastic"]] == ["19"]  # the first step: 20.010 on
     assert [e["maps"] for e in longest[3]["elastic"]] == ["19"]  # 20.010 .. 20.260
     print_summary(summary)

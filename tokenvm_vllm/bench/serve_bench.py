@@ -390,8 +390,8 @@ def add_load_timelines(result: dict[str, Any], server_log: Path) -> None:
             *PHASES, "copy_device_ms", "in-step lookup->scheduled") if summary[name]["n"])
         progress(f"{result['config']}: {workload} load timeline, p50 ms: {gaps or 'no loads'}")
         stalls = ", ".join(f"{row['ms']:.0f} ms at {row['at_s']:.1f} s" + (
-            f" ({sum(int(e.get('maps', 0)) for e in row['elastic'])} maps)"
-            if row["elastic"] else "") for row in summary["longest_steps"][:3])
+            f" ({row['maps']} maps)" if row["elastic"] else "")
+            for row in summary["longest_steps"][:3])
         if stalls:
             progress(f"{result['config']}: {workload} longest steps: {stalls}")
 

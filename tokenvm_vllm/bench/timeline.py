@@ -175,7 +175,7 @@ def longest_steps(timeline: Timeline, count: int = 5) -> list[dict[str, Any]]:
     """The ``count`` longest step intervals, longest first: when the step began (seconds from
     the window's start), its length, the tokens it scheduled, and the elastic events stamped
     from the previous step's start to its end (what the step's metadata carried, and what was
-    decided while it ran)."""
+    decided while it ran) with their page-group maps summed (``maps``)."""
     spans = list(pairwise(timeline.steps))
     ranked = sorted(range(len(spans)), key=lambda i: spans[i][1][0] - spans[i][0][0],
                     reverse=True)[:count]
@@ -183,9 +183,10 @@ def longest_steps(timeline: Timeline, count: int = 5) -> list[dict[str, Any]]:
     for i in ranked:
         (start, tokens), (end, _) = spans[i]
         before = timeline.steps[i - 1][0] if i else start
+        elastic = [f for t, f in timeline.elastic if before <= t <= end]
         rows.append({"at_s": round(start - timeline.since, 3),
                      "ms": round((end - start) * 1000, 1), "tokens": tokens,
-                     "elastic": [f for t, f in timeline.elastic if before <= t <= end]})
+                     "elastic": elastic, "maps": sum(int(f.get("maps", 0)) for f in elastic)})
     return rows
 
 
@@ -201,10 +202,9 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"{name:24s} {s['n']:6d} {s['p50']:9.2f} {s['p90']:9.2f} {s['max']:9.2f} "
               f"{s['mean']:9.2f}")
     for row in summary.get("longest_steps", []):
-        maps = sum(int(e.get("maps", 0)) for e in row["elastic"])
         print(f"long step at {row['at_s']:.3f} s: {row['ms']:.1f} ms, {row['tokens']} tokens"
-              + (f", elastic maps {maps} in {len(row['elastic'])} steps" if row["elastic"]
-                 else ""))
+              + (f", elastic maps {row['maps']} in {len(row['elastic'])} steps"
+                 if row["elastic"] else ""))
     if summary["incomplete_loads"]:
         print(f"({summary['incomplete_loads']} loads without every event: left out)")
 
