@@ -42,16 +42,19 @@ class Setup:
 
     def __init__(self, floor_groups: int = 2, ceiling_groups: int | None = None,
                  idle_s: float = 10.0, reserve_blocks: int = 0,
-                 spill_capacity: int | None = None, keep_cache: bool = False) -> None:
+                 spill_capacity: int | None = None, keep_cache: bool = False,
+                 layout: PageGroupLayout | None = None, mapper: RecordingMapper | None = None
+                 ) -> None:
         init_none_hash(sha256)
         self.block_pool = BlockPool(NUM_BLOCKS, enable_caching=True, hash_block_size=BLOCK_SIZE)
         self.tiers = TierManager(host_slots=64, policy="lru")
-        self.mapper = RecordingMapper()
+        self.mapper = mapper or RecordingMapper()
         self.clock = Clock()
         self.stored: list[tuple[BlockKey, int, int]] = []  # (key, gpu block, host slot) in flight
         self.evicted_while_unreadable: list[int] = []
         self.pool = ElasticPool(
-            self.block_pool, PageGroupLayout([BLOCK_BYTES], NUM_BLOCKS, PAGE), self.mapper,
+            self.block_pool, layout or PageGroupLayout([BLOCK_BYTES], NUM_BLOCKS, PAGE),
+            self.mapper,
             floor_bytes=floor_groups * GROUP_BYTES,
             ceiling_bytes=None if ceiling_groups is None else ceiling_groups * GROUP_BYTES,
             idle_s=idle_s, is_spilled=self.readable, request_store=self.request_store,
@@ -128,6 +131,53 @@ def test_grow_makes_blocks_usable_and_hands_them_out_first():
     assert new == set(range(8, 16))  # the newly usable blocks, before any cached block
     assert all(s.block_pool.blocks[b].block_hash is not None for b in cached)
     assert s.pool.grow(demand=0) == 0  # nothing wanted, nothing mapped
+
+
+def test_parked_is_exactly_the_unusable_blocks_through_grows_failures_and_shrinks():
+    """A grow unparks only the blocks of the groups it mapped (it no longer scans every parked
+    block); that must still be every block that became usable. Two regions of different block
+    sizes, so blocks straddle pages and a block needs two or three groups; some maps fail
+    midway (a partial grow); idle shrinks park blocks again."""
+    import random
+
+    layout = PageGroupLayout([256, 384], NUM_BLOCKS, PAGE)  # 24 groups
+    mapper = RecordingMapper(fail_on={5, 11, 17})
+    s = Setup(floor_groups=1, idle_s=10, layout=layout, mapper=mapper)
+    rng = random.Random(7)
+
+    def check() -> None:
+        mapped = s.pool.groups.mapped
+        unusable = {b for b in range(1, NUM_BLOCKS) if not layout.is_usable(b, mapped)}
+        assert s.pool.parked == unusable
+        assert s.pool.usable_blocks == NUM_BLOCKS - len(unusable)
+
+    check()
+    held: list[Any] = []
+    for step in range(300):
+        if step % 60 == 30:
+            mapper.fail_on.clear()  # the device has room again
+        if step % 60 == 0:
+            mapper.fail_on.update({5, 11, 17})
+        s.pool.grow(demand=rng.randrange(0, 24))
+        check()
+        free = s.block_pool.get_num_free_blocks()
+        if free and rng.random() < 0.6:
+            held.extend(s.block_pool.get_new_blocks(rng.randrange(1, free + 1)))
+        if held and rng.random() < 0.5:
+            rng.shuffle(held)
+            cut = rng.randrange(0, len(held) + 1)
+            s.block_pool.free_blocks(held[cut:])
+            held = held[:cut]
+        if rng.random() < 0.1:  # an idle period: everything free, shrink to the floor
+            s.block_pool.free_blocks(held)
+            held = []
+            s.pool.observe()
+            s.clock.now += 11
+            s.pool.maybe_shrink()
+            s.finish_stores()
+            s.pool.maybe_shrink()
+            check()
+    assert s.pool.take_counters().unparked_blocks > 0
 
 
 def test_keep_cache_grows_instead_of_letting_vllm_evict_cached_blocks():

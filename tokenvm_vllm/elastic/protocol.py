@@ -87,6 +87,9 @@ logger = logging.getLogger("vllm.tokenvm")
 Command = tuple[str, int]
 """``("map", group)`` or ``("unmap", group)``."""
 
+HISTORY_STEPS = 4096
+"""Applied metadata whose commands ``WorkerKV.history`` keeps."""
+
 
 def initial_groups(layout: PageGroupLayout, floor_bytes: int,
                    ceiling_bytes: int | None) -> tuple[int, ...]:
@@ -211,7 +214,9 @@ class WorkerKV:
     ``allocate``) or a ``RecordingMapper`` (CPU, or CUDA before ``allocate``; there a command
     that maps without reserved memory fails, and ``capacity_groups`` plays the device's
     memory).
-    ``history`` keeps, per applied metadata, the commands it carried (tests compare ranks)."""
+    ``history`` keeps, per applied metadata, the commands it carried, for the last
+    ``HISTORY_STEPS`` (tests compare ranks; unbounded, it grew by one list a step, ~150 a
+    second on a busy server)."""
 
     def __init__(self, layout: PageGroupLayout, start: Sequence[int], cuda: bool = False,
                  capacity_groups: int | None = None, map_ahead: bool = False) -> None:
@@ -239,7 +244,7 @@ class WorkerKV:
         """Groups to keep reserved, from the latest metadata."""
         self._refill_failed_at: int | None = None
         """The reserve found the device full (logged once until a refill succeeds)."""
-        self.history: list[list[Command]] = []
+        self.history: deque[list[Command]] = deque(maxlen=HISTORY_STEPS)
         self._ranges: list[Any] = []
         self._device: torch.device | None = None
         self.warming_up = False

@@ -442,6 +442,8 @@ class VirtualRange:
 
     def drop_spares(self, keep: int = 0) -> None:
         """Release the spare handles beyond the first ``keep``."""
+        if len(self._spare) <= keep:
+            return  # the usual case (the worker trims every step): no lock, no driver call
         with self._lock:
             driver().ensure_context(self.device)
             while len(self._spare) > keep:
