@@ -130,3 +130,38 @@ def test_the_longest_steps_come_with_the_elastic_events_around_them(capsys) -> N
     print_summary(summary)
     assert "long step at 0.760 s: 610.0 ms, 32 tokens, elastic maps 12 in 1 steps" in (
         capsys.readouterr().out)
+
+
+def test_request_phases_split_each_ttft_at_the_engine_arrival_and_first_schedule(tmp_path):
+    """Three requests sent at 10.000/10.100/10.200 s; the engine sees them 2/3/4 ms later (out
+    of id order, so matching must go by time), schedules them 20/30/40 ms after that, and the
+    client gets each first token 15 ms after its schedule. A fourth request is in the log
+    without a schedule (the log ended): matching stops there."""
+    from tokenvm_vllm.bench.serve_bench import add_load_timelines
+    from tokenvm_vllm.bench.timeline import request_phases
+
+    lines = [trace(10.002, "arrived", req="z"), trace(10.103, "arrived", req="a"),
+             trace(10.204, "arrived", req="m"), trace(10.110, "lookup", req="a", hit_blocks=3),
+             trace(10.022, "scheduled-new", req="z"), trace(10.133, "scheduled-new", req="a"),
+             trace(10.244, "scheduled-new", req="m"), trace(10.300, "arrived", req="late")]
+    start = [10.2, 10.0, 10.1]  # the client's own order need not be the arrival order
+    first_token = [10.259, 10.037, 10.148]
+    phases = request_phases(parse(lines), start, first_token)
+    assert phases["matched"] == 3 and phases["engine_requests"] == 4
+    assert phases["client->engine"]["p50"] == pytest.approx(3.0)
+    assert phases["engine->scheduled"]["p50"] == pytest.approx(30.0)
+    assert phases["engine->scheduled"]["max"] == pytest.approx(40.0)
+    assert phases["scheduled->first token"]["max"] == pytest.approx(15.0)
+    # A log written before the ``arrived`` event: the first event stands in, and there is no
+    # client->engine phase.
+    old = request_phases(parse([ln for ln in lines if " arrived " not in ln]), start,
+                         first_token)
+    assert old["client->engine"]["n"] == 0 and old["matched"] == 3
+    assert old["engine->scheduled"]["max"] == pytest.approx(23.0)  # a: lookup -> scheduled
+    # serve_bench keeps each workload's send and first-token times and reads them this way
+    log = tmp_path / "x.server.log"
+    log.write_text("\n".join(lines))
+    result = {"config": "tokenvm", "workloads": {"p8": {
+        "window": [9.0, 11.0], "requests": {"start_s": start, "first_token_s": first_token}}}}
+    add_load_timelines(result, log)
+    assert result["workloads"]["p8"]["request_phases"]["matched"] == 3

@@ -125,6 +125,11 @@ def test_trace_gives_every_async_load_its_timeline(runs):
     summary = summarize(timeline)
     assert summary["step_interval_ms"]["n"] > 0
     assert summary["lookup->scheduled"]["n"] == len(timeline.loads)
+    # every request arrived (on_new_request) before it was looked up or first scheduled
+    assert timeline.requests
+    for req, events in timeline.requests.items():
+        assert "arrived" in events and "scheduled-new" in events, (req, events)
+        assert events["arrived"] == min(events.values()), (req, events)
 
 
 # -- load_mode="sync": loads run in the lookup step (never parked) --------------------------

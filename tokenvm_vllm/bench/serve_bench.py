@@ -64,7 +64,7 @@ from typing import Any, TypeVar
 from tokenvm_vllm.bench import startup, wave
 from tokenvm_vllm.bench.server import ApiServer
 from tokenvm_vllm.bench.stats import median_by_quarter
-from tokenvm_vllm.bench.timeline import PHASES, parse, summarize
+from tokenvm_vllm.bench.timeline import PHASES, REQUEST_PHASES, parse, request_phases, summarize
 
 WORKLOADS = ("p8", "p32", "poisson", "random", "wave", "long")
 """What ``--workloads`` accepts; ``wave`` runs as its phases ``wave1`` and ``wave2``."""
@@ -306,7 +306,13 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
     finally:
         samples = sampler.stop() if sampler is not None else []
     after = scrape(server)
-    client = trim_client(json.loads(client_out.read_text()))
+    raw = json.loads(client_out.read_text())
+    # Each request's send and first-token time (this process's clock, the server's too):
+    # bench/timeline.py's request phases read them against the server's trace.
+    requests = {"start_s": [round(t, 4) for t in raw.get("start_times") or []],
+                "first_token_s": [round(t + ttft, 4) for t, ttft in zip(
+                    raw.get("start_times") or [], raw.get("ttfts") or [], strict=False)]}
+    client = trim_client(raw)
     deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     progress(f"{name}: {workload} {client['total_token_throughput']:.0f} "
              f"tok/s, TTFT p50 {client['median_ttft_ms']:.0f} ms, TPOT "
@@ -315,7 +321,8 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
              f"{deltas.get('prompt_tokens[external_kv_transfer]', 0):.0f}, TTFT p50 by "
              f"quarter {'/'.join(f'{t:.0f}' for t in client['ttft_p50_ms_by_quarter'])} ms")
     entry = {"client": client, "counters": deltas, "rate": rate,
-             "wall_s": time.monotonic() - started, "window": [started, time.monotonic()]}
+             "wall_s": time.monotonic() - started, "window": [started, time.monotonic()],
+             "requests": requests}
     if samples:  # KV memory over the run: the mean is what issue #13's long-context goal reads
         entry["memory"] = {"samples": samples, **wave.summarize(samples)[workload]}
     return entry
@@ -384,8 +391,17 @@ def add_load_timelines(result: dict[str, Any], server_log: Path) -> None:
     if not any("TokenVM trace " in line for line in lines):
         return
     for workload, entry in result["workloads"].items():
-        summary = summarize(parse(lines, *entry["window"]))
+        timeline = parse(lines, *entry["window"])
+        summary = summarize(timeline)
         entry["load_timeline"] = summary
+        requests = entry.get("requests") or {}
+        if requests.get("start_s"):
+            phases = request_phases(timeline, requests["start_s"], requests["first_token_s"])
+            entry["request_phases"] = phases
+            progress(f"{result['config']}: {workload} TTFT by phase, p50 ms: " + "  ".join(
+                f"{name} {phases[name]['p50']:.1f}" for name in REQUEST_PHASES
+                if phases[name]["n"]) + f" ({phases['matched']} of "
+                f"{phases['client_requests']} requests)")
         gaps = "  ".join(f"{name} {summary[name]['p50']:.1f}" for name in (
             *PHASES, "copy_device_ms", "in-step lookup->scheduled") if summary[name]["n"])
         progress(f"{result['config']}: {workload} load timeline, p50 ms: {gaps or 'no loads'}")

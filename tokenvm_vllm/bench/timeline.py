@@ -15,6 +15,14 @@ measures the four gaps between them, per load, then prints their distributions:
 - ``load-polled`` -> ``load-finished`` (scheduler: every rank has reported),
 - ``load-finished`` -> ``scheduled-new`` (scheduler: the request's first tokens are scheduled).
 
+Per request (``request_phases``), where its TTFT went: from the client sending it
+(``vllm bench serve``'s ``start_times``: ``time.perf_counter()``, the same clock on Linux) to
+the engine's ``arrived`` event (the API server and the engine's input queue), from there to
+``scheduled-new`` (scheduling, a lookup and a load if it had one), and from there to its first
+token at the client (the step's forward, sampling, detokenizing, the response). The client's
+requests and the engine's are matched in arrival order (the API server forwards them in the
+order they came; two sent within a millisecond may swap, which moves no percentile much).
+
 Also the engine step interval (``step-scheduled`` to the next), and the longest intervals
 (``longest_steps``: when, how long, the tokens the step scheduled, and the elastic pool's events
 in it: ``elastic`` lines, one per step that maps, unmaps or changes the reserve, with
@@ -81,6 +89,9 @@ class Timeline:
     """``(time, tokens scheduled)`` of every step that scheduled tokens."""
     elastic: list[tuple[float, dict[str, str]]] = field(default_factory=list)
     """The elastic pool's per-step events (``scheduler_side.take_commands``)."""
+    requests: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per request id, the first time of each of its events (``arrived``, ``lookup``,
+    ``scheduled-new``)."""
     since: float = 0.0
 
 
@@ -101,7 +112,10 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
     scheduled: dict[str, float] = {}  # req -> when it was first scheduled after its lookup
     steps: list[tuple[float, int]] = []
     elastic: list[tuple[float, dict[str, str]]] = []
+    requests: dict[str, dict[str, float]] = {}
     for t, name, f in events:
+        if name in ("arrived", "lookup", "scheduled-new") and "req" in f:
+            requests.setdefault(f["req"], {}).setdefault(name, t)
         if name == "lookup":
             lookups[f["req"]] = t
             scheduled.pop(f["req"], None)
@@ -129,7 +143,7 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
         elif name == "elastic":
             elastic.append((t, f))
     timeline = Timeline(step_intervals_ms=[(b - a) * 1000 for (a, _), (b, _) in pairwise(steps)],
-                        steps=steps, elastic=elastic,
+                        steps=steps, elastic=elastic, requests=requests,
                         since=since if since > 0 else (events[0][0] if events else 0.0))
     for load in loads.values():
         if load.in_step:
@@ -169,6 +183,35 @@ def summarize(timeline: Timeline) -> dict[str, Any]:
     summary["longest_steps"] = longest_steps(timeline)
     summary["incomplete_loads"] = timeline.incomplete
     return summary
+
+
+REQUEST_PHASES = ("client->engine", "engine->scheduled", "scheduled->first token")
+
+
+def request_phases(timeline: Timeline, start_s: list[float],
+                   first_token_s: list[float]) -> dict[str, Any]:
+    """Where the requests' TTFT went (module docstring): ``start_s`` and ``first_token_s`` are
+    each request's send and first-token times at the client, in one order. Requests are
+    matched in arrival order: the engine's by their ``arrived`` event (or, in a log written
+    before that event existed, their first ``lookup`` or ``scheduled-new``); an engine request
+    with no ``scheduled-new`` ends the matching (a log that ends mid-run). Returns each phase's
+    distribution in ms (``client->engine`` only with ``arrived`` events) and ``matched``."""
+    client = sorted(zip(start_s, first_token_s, strict=True))
+    engine = sorted(
+        (ev.get("arrived", min(ev.values())), ev) for ev in timeline.requests.values())
+    phases: dict[str, list[float]] = {name: [] for name in REQUEST_PHASES}
+    matched = 0
+    for (sent, first_token), (arrived, ev) in zip(client, engine, strict=False):
+        scheduled = ev.get("scheduled-new")
+        if scheduled is None:
+            break
+        if "arrived" in ev:
+            phases["client->engine"].append((arrived - sent) * 1000)
+        phases["engine->scheduled"].append((scheduled - arrived) * 1000)
+        phases["scheduled->first token"].append((first_token - scheduled) * 1000)
+        matched += 1
+    return {**{name: _stats(values) for name, values in phases.items()}, "matched": matched,
+            "client_requests": len(client), "engine_requests": len(engine)}
 
 
 def longest_steps(timeline: Timeline, count: int = 5) -> list[dict[str, Any]]:

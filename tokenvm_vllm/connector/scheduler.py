@@ -273,6 +273,8 @@ class TokenVMScheduler:
     # -- vLLM scheduler hooks ---------------------------------------------------------------
 
     def on_new_request(self, request: Request) -> None:
+        if self.config.trace:  # bench/timeline.py: the engine's arrival -> first scheduled
+            logger.info("TokenVM trace %.6f arrived req=%s", time.monotonic(), request.request_id)
         state = self.requests.setdefault(request.request_id, RequestState(request))
         if self.elastic is not None:
             self.elastic.between_steps(self._blocks_needed(state),
