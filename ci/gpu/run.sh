@@ -119,15 +119,18 @@ for stage in $STAGES; do
         | tee "$OUT/elastic.log" | tail -40
       cp "$WORK/elastic/elastic_exact.json" "$OUT/elastic_exact.json" 2>/dev/null ;;
     wave)  # issue #13: load that rises, idles and rises again (bench/wave.py): elastic GPU KV
-      # against a fixed pool of the ceiling's size (--kv-gib), both eager (as every earlier run,
-      # so runs compare). WAVE_RATE (default 9 requests/s) is about 70% of what this
-      # 8B model sustains eager on one H200 (~12.3/s at 4.2k-token prompts): at 15/s (before
-      # 2026-11-30) the queue grew through each burst and TTFT p50 swung 0.45-1.7x between
-      # runs of the same pool. WAVE_ARGS: more serve_bench arguments (~5 min).
+      # against a fixed pool of the ceiling's size (--kv-gib). WAVE_EAGER=1 runs both eager, as
+      # every run before 2026-12-01 W12 did; the default is CUDA graphs, what users run: eager
+      # steps are bound by Python's kernel launches (13-34 ms per decode step of ~15 requests,
+      # against ~7 ms of GPU work), so the same pool's TPOT swung 16-24 ms between runs.
+      # WAVE_RATE (default 9 requests/s) is about 70% of what this 8B model sustains eager on
+      # one H200 (~12.3/s at 4.2k-token prompts): at 15/s (before 2026-11-30) the queue grew
+      # through each burst and TTFT p50 swung 0.45-1.7x between runs of the same pool.
+      # WAVE_ARGS: more serve_bench arguments (~5 min eager, ~6 min with graphs).
       python3 -c "from tokenvm_vllm.tiny_llama import *; write_tiny_llama('$WORK/llama8b', LLAMA_3_1_8B, weights=False)"
       timeout --signal=INT "${WAVE_TIMEOUT:-540}" \
         python3 -m tokenvm_vllm.bench.serve_bench run --model "$WORK/llama8b" --dummy \
-        --out "$WORK/wave" --workloads wave --server-arg=--enforce-eager --wave-rate ${WAVE_RATE:-9} \
+        --out "$WORK/wave" --workloads wave $([ "${WAVE_EAGER:-0}" = 1 ] && echo --server-arg=--enforce-eager) --wave-rate ${WAVE_RATE:-9} \
         --num-prompts 128 --wave-idle-s 40 \
         --configs "tokenvm_v2@fixed,tokenvm_v2@elastic:elastic=true,shrink_idle_s=20" \
         ${WAVE_ARGS:-} 2>&1 | tee "$OUT/wave.log"
