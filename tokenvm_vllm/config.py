@@ -258,7 +258,8 @@ class TokenVMConfig:
     trace: bool = False
     """Log a timestamped line (time.monotonic, shared by all processes) at each step of every
     load: lookup hit, submit, copy done on the device, completion seen by the scheduler, the
-    request's first tokens scheduled; and every engine step (``bench/timeline.py`` reads them)."""
+    request's first tokens scheduled; each request's arrival in the engine; every engine step
+    (``bench/timeline.py`` reads them)."""
     debug_fail_load_every: int = 0
     """Testing only: fail every N-th load job (its blocks are reported as load errors)."""
     debug_fail_load_rank: int = -1
