@@ -80,3 +80,23 @@ def test_each_requests_ttft_is_kept_and_drawn_in_arrival_order(tmp_path: Path) -
     png = tmp_path / "serve_wave.png"
     assert wave.plot(results, png) == ["elastic"]  # the fixed result kept no TTFTs
     assert png.stat().st_size > 10_000
+
+
+def test_wave_ratios_compare_each_elastic_burst_with_the_fixed_pool() -> None:
+    """``serve_bench`` prints issue #13's ratios itself: each elastic configuration's bursts
+    against the fixed pool's (told apart by the mapped-bytes gauge: 0 on a fixed pool)."""
+    def result(peak: float, tok_s: tuple[float, float], ttft: tuple[float, float]) -> dict:
+        summary = {phase: {"mapped_bytes": {"peak": peak}} for phase in wave.PHASES}
+        return {"wave": {"summary": summary}, "workloads": {
+            burst: {"client": {"total_token_throughput": t, "median_ttft_ms": f,
+                               "mean_tpot_ms": 5.0, "ttft_p50_ms_by_quarter": [f] * 4}}
+            for burst, t, f in zip(("wave1", "wave2"), tok_s, ttft, strict=True)}}
+
+    waves = {"elastic": result(2.0**30, (980.0, 1000.0), (110.0, 130.0)),
+             "fixed": result(0.0, (1000.0, 1000.0), (100.0, 100.0))}
+    rows = serve_bench.wave_ratios(waves)
+    assert [(r["config"], r["burst"]) for r in rows] == [("elastic", "wave1"),
+                                                          ("elastic", "wave2")]
+    assert rows[0]["tok_s_x"] == 0.98 and rows[0]["ttft_p50_x"] == 1.1
+    assert rows[1]["ttft_p50_x"] == 1.3 and rows[1]["fixed_quarters"] == [100.0] * 4
+    assert serve_bench.wave_ratios({"elastic": waves["elastic"]}) == []  # no fixed pool
