@@ -3,7 +3,7 @@
 A fixed pool pays none of it. vLLM's engine core runs the scheduler between GPU steps: on the
 H200 a decode step of the wave workload with CUDA graphs takes ~5 ms, so every 0.1 ms of Python
 here is ~2% of TPOT and delays every new request's first step (issue #13's wave, 2026-12-01:
-elastic TPOT +9-15% and TTFT p50 1.3x a fixed pool in burst 2, both orders, the load copies
+elastic TPOT +9-16% and TTFT p50 1.3x a fixed pool in burst 2, both orders, the load copies
 themselves no slower).
 
 It drives ``SchedulerElastic``, the object the connector's scheduler calls, over vLLM's real
@@ -75,14 +75,15 @@ def run(steps: int = 2000, waiting: int = 4, layers: int = LAYERS) -> dict[str, 
     held: list[list[Any]] = []  # the running requests' blocks
     timings: dict[str, list[float]] = {"growth": [], "at ceiling": []}
 
-    def step(admit: bool) -> float:
-        """One engine step; returns the seconds spent in elastic's hooks."""
+    def step() -> float:
+        """One engine step that admits a request if it fits; returns the seconds spent in
+        elastic's hooks."""
         spent = 0.0
         start = time.perf_counter()
         for _ in range(waiting):
             elastic.before_alloc(PROMPT_BLOCKS + 1)
         spent += time.perf_counter() - start
-        if admit and block_pool.get_num_free_blocks() >= PROMPT_BLOCKS:
+        if block_pool.get_num_free_blocks() >= PROMPT_BLOCKS:
             held.append(block_pool.get_new_blocks(PROMPT_BLOCKS))
         start = time.perf_counter()
         elastic.end_of_schedule(serving=True)
@@ -96,12 +97,12 @@ def run(steps: int = 2000, waiting: int = 4, layers: int = LAYERS) -> dict[str, 
 
     growth_steps = 0
     while elastic.pool.usable_blocks < NUM_BLOCKS and growth_steps < steps:
-        timings["growth"].append(step(admit=True))
+        timings["growth"].append(step())
         growth_steps += 1
     for i in range(steps):
         if held and i % 3 == 0:  # a request finishes, a new one is admitted if it fits
             block_pool.free_blocks(held.pop(0))
-        timings["at ceiling"].append(step(admit=True))
+        timings["at ceiling"].append(step())
     result: dict[str, dict[str, float]] = {}
     for phase, seconds in timings.items():
         us = sorted(s * 1e6 for s in seconds)

@@ -307,11 +307,12 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
         samples = sampler.stop() if sampler is not None else []
     after = scrape(server)
     raw = json.loads(client_out.read_text())
-    # Each request's send and first-token time (this process's clock, the server's too):
-    # bench/timeline.py's request phases read them against the server's trace.
-    requests = {"start_s": [round(t, 4) for t in raw.get("start_times") or []],
-                "first_token_s": [round(t + ttft, 4) for t, ttft in zip(
-                    raw.get("start_times") or [], raw.get("ttfts") or [], strict=False)]}
+    # Each answered request's send and first-token time (this process's clock, the server's
+    # too): bench/timeline.py's request phases read them against the server's trace.
+    sent = [(t, ttft) for t, ttft in zip(raw.get("start_times") or [], raw.get("ttfts") or [],
+                                         strict=False) if ttft]
+    requests = {"start_s": [round(t, 4) for t, _ in sent],
+                "first_token_s": [round(t + ttft, 4) for t, ttft in sent]}
     client = trim_client(raw)
     deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     progress(f"{name}: {workload} {client['total_token_throughput']:.0f} "
