@@ -86,8 +86,8 @@ def test_wave_ratios_compare_each_elastic_burst_with_the_fixed_pool() -> None:
     """``serve_bench`` prints issue #13's ratios itself: each elastic configuration's bursts
     against the fixed pool's (told apart by the mapped-bytes gauge: 0 on a fixed pool)."""
     def result(peak: float, tok_s: tuple[float, float], ttft: tuple[float, float]) -> dict:
-        summary = {phase: {"mapped_bytes": {"peak": peak}} for phase in wave.PHASES}
-        return {"wave": {"summary": summary}, "workloads": {
+        samples = [[0.0, "wave1", peak, 1000.0], [1.0, "idle", 0.0, 1000.0]]
+        return {"wave": {"samples": samples}, "workloads": {
             burst: {"client": {"total_token_throughput": t, "median_ttft_ms": f,
                                "mean_tpot_ms": 5.0, "ttft_p50_ms_by_quarter": [f] * 4}}
             for burst, t, f in zip(("wave1", "wave2"), tok_s, ttft, strict=True)}}

@@ -574,7 +574,7 @@ def wave_report(waves: dict[str, dict[str, Any]]) -> None:
         s = data["wave"]["summary"]
         held, after = s["held_end_of_idle"] or {}, s["held_after_shrink"] or {}
         kv_gib = data.get("settings", {}).get("kv_gib")
-        fixed = None if is_elastic(data) or kv_gib is None else float(kv_gib) * 2**30
+        fixed = None if wave.is_elastic(data) or kv_gib is None else float(kv_gib) * 2**30
 
         def kv(value: float | None, fixed: float | None = fixed) -> str:
             return _mib(value if fixed is None else fixed)
@@ -589,23 +589,16 @@ def wave_report(waves: dict[str, dict[str, Any]]) -> None:
               f"{mib(held.get('gpu_used_mib')):>9} {mib(after.get('gpu_used_mib')):>9}")
 
 
-def is_elastic(data: dict[str, Any]) -> bool:
-    """Whether a wave result's server mapped KV memory elastically (its gauge read above 0 in
-    some phase; a fixed pool's reads 0)."""
-    summary = data["wave"]["summary"]
-    return any(summary[phase]["mapped_bytes"]["peak"] for phase in wave.PHASES)
-
-
 def wave_ratios(waves: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Each elastic configuration's bursts against the first fixed pool's (issue #13's bars:
     throughput >= 0.97x, TTFT p50 <= 1.05x): tok/s, TTFT p50 and TPOT as ratios, and each
     side's TTFT p50 by quarter of the burst. Empty without a fixed pool and an elastic one."""
-    fixed = next((data for data in waves.values() if not is_elastic(data)), None)
+    fixed = next((data for data in waves.values() if not wave.is_elastic(data)), None)
     if fixed is None:
         return []
     rows = []
     for name, data in waves.items():
-        if not is_elastic(data):
+        if not wave.is_elastic(data):
             continue
         for burst in ("wave1", "wave2"):
             if burst not in data["workloads"] or burst not in fixed["workloads"]:
@@ -626,10 +619,10 @@ def print_wave_ratios(rows: list[dict[str, Any]]) -> None:
         return
     print(f"\n{'wave: elastic x fixed':44} {'burst':>5} {'tok/s':>6} {'TTFT p50':>8} "
           f"{'TPOT':>6}  TTFT p50 by quarter ms, elastic | fixed")
-    for r in rows:
-        def quarters(values: list[float]) -> str:
-            return "/".join(f"{v:.0f}" for v in values) or "-"
+    def quarters(values: list[float]) -> str:
+        return "/".join(f"{v:.0f}" for v in values) or "-"
 
+    for r in rows:
         print(f"{r['config'][:44]:44} {r['burst'][-1]:>5} {r['tok_s_x']:6.3f} "
               f"{r['ttft_p50_x']:8.3f} {r['tpot_x']:6.3f}  {quarters(r['quarters'])} | "
               f"{quarters(r['fixed_quarters'])}")

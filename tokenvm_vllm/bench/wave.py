@@ -110,6 +110,12 @@ def poke(server: ApiServer) -> None:
     server.complete([3, 5, 7, 11], max_tokens=1)
 
 
+def is_elastic(data: dict[str, Any]) -> bool:
+    """Whether a wave result's server mapped KV memory elastically: its mapped-bytes samples
+    read above 0 at some point (the gauge reads 0 on a fixed pool)."""
+    return any(s[2] for s in data.get("wave", {}).get("samples") or [])
+
+
 def plot(results: dict[str, dict[str, Any]], png: Path) -> list[str]:
     """KV bytes held (elastic: mapped; a fixed pool: its size, the settings' ``kv_gib``) and
     GPU memory used over time, one line per configuration; below, each request's TTFT in
@@ -143,7 +149,7 @@ def plot(results: dict[str, dict[str, Any]], png: Path) -> list[str]:
         t0 = samples[0][0]
         times = [s[0] - t0 for s in samples]
         kv_gib = data.get("settings", {}).get("kv_gib")
-        if any(s[2] for s in samples):
+        if is_elastic(data):
             top.plot(times, [(s[2] or 0) / 2**30 for s in samples], label=name[:40])
         elif kv_gib is not None:  # (the mapped-bytes gauge reads 0 without elastic mode)
             top.plot(times, [float(kv_gib)] * len(times), label=f"{name[:32]} (fixed)")
