@@ -165,3 +165,46 @@ def test_request_phases_split_each_ttft_at_the_engine_arrival_and_first_schedule
         "window": [9.0, 11.0], "requests": {"start_s": start, "first_token_s": first_token}}}}
     add_load_timelines(result, log)
     assert result["workloads"]["p8"]["request_phases"]["matched"] == 3
+
+
+def test_the_first_loads_of_a_window_are_summarised_apart(tmp_path, capsys) -> None:
+    """``first_loads``: the first ``FIRST_LOADS`` loads by lookup time (where a burst's growth
+    lands), here slow ones followed by fast ones; ``--result`` summarises each workload's
+    window of a serve_bench result JSON."""
+    import json
+    import sys
+
+    from tokenvm_vllm.bench import timeline as tl
+
+    lines = []
+    for i in range(tl.FIRST_LOADS + 8):  # 40 ms each for the first 16, then 10 ms
+        t, cost = 100.0 + i, (0.040 if i < tl.FIRST_LOADS else 0.010)
+        lines += [trace(t, "lookup", req=f"r{i}", hit_blocks=2),
+                  trace(t + cost / 4, "load-submitted", job=i, blocks=2, layerwise=False),
+                  trace(t + cost / 2, "load-polled", job=i, device_ms=1.0),
+                  trace(t + cost * 3 / 4, "load-finished", job=i, req=f"r{i}", blocks=2),
+                  trace(t + cost, "scheduled-new", req=f"r{i}")]
+    summary = summarize(parse(lines))
+    first = summary["first_loads"]
+    assert first["lookup->scheduled"]["n"] == tl.FIRST_LOADS
+    assert first["lookup->scheduled"]["p50"] == pytest.approx(40.0)
+    assert summary["lookup->scheduled"]["p50"] == pytest.approx(40.0)  # 16 of 24 are slow
+    assert first["lookup->submitted"]["p50"] == pytest.approx(10.0)
+    later = summarize(parse(lines, since=100.0 + tl.FIRST_LOADS))  # a window of fast ones
+    assert later["first_loads"]["lookup->scheduled"]["p50"] == pytest.approx(10.0)
+    log = tmp_path / "server.log"
+    log.write_text("\n".join(lines))
+    result = tmp_path / "config.json"
+    result.write_text(json.dumps({"workloads": {
+        "burst1": {"window": [99.0, 100.0 + tl.FIRST_LOADS - 0.5]},
+        "burst2": {"window": [100.0 + tl.FIRST_LOADS - 0.5, 200.0]}}}))
+    old_argv = sys.argv
+    sys.argv = ["timeline", str(log), "--result", str(result)]
+    try:
+        tl.main()
+    finally:
+        sys.argv = old_argv
+    out = capsys.readouterr().out
+    assert "== burst1" in out and "== burst2" in out
+    assert "first 16 loads, p50 ms:" in out and "first 8 loads, p50 ms:" in out
+    assert "lookup->scheduled 40.0" in out and "lookup->scheduled 10.0" in out

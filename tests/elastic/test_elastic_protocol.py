@@ -10,6 +10,7 @@ ranks applied the same command list and agree with the scheduler's mapped set.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,8 @@ class ElasticRanks(TwoRankHarness):
         if any(kv.mapped != sent for kv in ranks):
             raise ProtocolViolation(f"worker mapped {sorted(ranks[0].mapped)}, scheduler "
                                     f"{sorted(sent)} as of this metadata")
+        if any(not kv.mapped <= kv.mapper.mapped for kv in ranks):  # (a C-level, atomic check)
+            raise ProtocolViolation("a group the scheduler mapped is not mapped in the mapper")
         touched: set[int] = set()
         for req_id in output.num_scheduled_tokens:
             for ids in self.scheduler.kv_cache_manager.get_block_ids(req_id):
@@ -93,6 +96,74 @@ class ElasticRanks(TwoRankHarness):
             self.checked_unmaps += 1
 
 
+class ExclusiveMapper(RecordingMapper):
+    """A ``RecordingMapper`` whose calls take ``delay_s`` (as the driver's do) and fail if two
+    threads are ever inside it at once: the worker's step and its reserve thread must take
+    turns (``WorkerKV._exclusive``). ``threads`` names every thread that called it."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.threads: set[str] = set()
+        self._inside: str | None = None
+
+    def _enter(self) -> None:
+        me = threading.current_thread().name
+        if self._inside is not None:
+            raise ProtocolViolation(f"{me} called the mapper while {self._inside} was in it")
+        self._inside = me
+        self.threads.add(me)
+        time.sleep(self.delay_s)
+
+    def map_group(self, group: int) -> None:
+        self._enter()
+        try:
+            super().map_group(group)
+        finally:
+            self._inside = None
+
+    def unmap_group(self, group: int, keep: bool = False) -> None:
+        self._enter()
+        try:
+            super().unmap_group(group, keep)
+        finally:
+            self._inside = None
+
+    def refill(self, groups: int) -> int:
+        self._enter()
+        try:
+            return super().refill(groups)
+        finally:
+            self._inside = None
+
+    def trim(self, groups: int) -> None:
+        if self.spare <= groups:
+            return  # nothing to give back: no driver call (as VirtualRange.drop_spares)
+        self._enter()
+        try:
+            super().trim(groups)
+        finally:
+            self._inside = None
+
+
+def on_threads(h: ElasticRanks, delay_s: float = 0.003) -> list[ExclusiveMapper]:
+    """Every rank does its reserve work on its background thread (as on CUDA), through an
+    ``ExclusiveMapper`` that starts from the rank's mapped set."""
+    mappers = []
+    for w in h.workers:
+        kv: WorkerKV = w.worker.elastic
+        mapper = ExclusiveMapper(delay_s)
+        mapper.mapped, mapper.spare = set(kv.mapper.mapped), kv.mapper.spare_groups()
+        kv.mapper, kv.background = mapper, True
+        mappers.append(mapper)
+    return mappers
+
+
+def settle(h: ElasticRanks) -> None:
+    for w in h.workers:
+        w.worker.elastic.settle()
+
+
 def elastic_ranks(tiny_model_config: str, **extra: Any) -> ElasticRanks:
     # as test_elastic_scheduler: 4-block page groups of 1 KiB, a floor of 2 groups
     return ElasticRanks(tiny_model_config, block_size=16, num_gpu_blocks=64, max_num_seqs=4,
@@ -115,15 +186,27 @@ def burst_idle_revisit(h: ElasticRanks, seed: int) -> None:
     h.run()
 
 
-@pytest.mark.parametrize("map_ahead", [False, True], ids=["on-demand", "map-ahead"])
+MODES = [(False, False), (True, False), (False, True), (True, True)]
+MODE_IDS = ["on-demand", "map-ahead", "on-demand-thread", "map-ahead-thread"]
+
+
+@pytest.mark.parametrize(("map_ahead", "thread"), MODES, ids=MODE_IDS)
 def test_blocks_are_mapped_before_use_and_unmapped_after_parking_on_every_rank(
-        tiny_model_config, map_ahead):
+        tiny_model_config, map_ahead, thread):
+    """With ``thread`` (as on CUDA) each rank's reserve work runs on its background thread,
+    through a mapper whose calls take 3 ms and that fails if the step and the thread are ever
+    in it at once; every step's checks above still hold."""
     h = elastic_ranks(tiny_model_config, elastic_map_ahead=map_ahead)
     kv0, kv1 = (w.worker.elastic for w in h.workers)
     assert kv0.start == (0, 1) and kv0.mapped == {0, 1}  # the floor, the null block's group
+    mappers = on_threads(h) if thread else []
     burst_idle_revisit(h, seed=11)
+    settle(h)
+    for mapper in mappers:  # both the step and the thread used the mapper, never at once
+        assert mapper.threads == {"MainThread", "tokenvm-elastic-reserve"}
+        assert kv0.thread_error is None and kv1.thread_error is None
     assert kv0.history == kv1.history
-    assert kv0.maps > 6 and kv0.unmaps > 0 and kv0.maps == kv1.maps
+    assert kv0.maps >= 6 and kv0.unmaps > 0 and kv0.maps == kv1.maps
     assert 0 < kv0.unmaps <= h.recorded_unmaps and h.checked_unmaps > 0
     assert h.checked_blocks > 100
     assert h.stats["elastic_shrunk_groups"] > 0 and h.stats["loaded_blocks"] > 0
@@ -264,12 +347,14 @@ def test_without_the_ledger_a_full_device_would_fail_a_map_mid_step(tiny_model_c
         burst_idle_revisit(h, seed=22)
 
 
-@pytest.mark.parametrize("map_ahead", [False, True], ids=["on-demand", "map-ahead"])
+@pytest.mark.parametrize(("map_ahead", "thread"), MODES, ids=MODE_IDS)
 def test_the_reserve_is_held_while_serving_and_given_back_when_idle(tiny_model_config,
-                                                                    map_ahead):
+                                                                    map_ahead, thread):
     h = elastic_ranks(tiny_model_config, elastic_map_ahead=map_ahead)
     kv0: WorkerKV = h.workers[0].worker.elastic
     side = h.connector.scheduler.elastic
+    if thread:
+        on_threads(h)
     assert h.run_idle() == 1  # the warm-up step: not serving, nothing reserved
     assert kv0.mapper.spare_groups() == 0 and side.ledger.reported == 0
     for p in prompts(4, prefix_blocks=6, suffix=5, seed=23):
@@ -277,6 +362,7 @@ def test_the_reserve_is_held_while_serving_and_given_back_when_idle(tiny_model_c
     h.step()
     assert kv0.reserve_target == side.reserve_groups > 0  # the arrival asked for it
     h.run()
+    settle(h)
     assert kv0.reserved() > 0 and h.stats["elastic_reserve_bytes"] > 0
     if map_ahead:  # the reserve is mapped, at the lowest groups the scheduler has not mapped
         assert kv0.premapped and kv0.mapper.spare_groups() == 0
@@ -284,6 +370,7 @@ def test_the_reserve_is_held_while_serving_and_given_back_when_idle(tiny_model_c
         assert sorted(kv0.premapped) == lowest[:len(kv0.premapped)]
     time.sleep(0.4)  # past shrink_idle_s (0.3 s) with no request
     h.run_idle()
+    settle(h)
     assert kv0.reserve_target == 0 and kv0.mapper.spare_groups() == 0
     assert not kv0.premapped and kv0.mapper.mapped == kv0.mapped  # nothing held beyond
     assert side.ledger.reported == 0  # (the last report came after the last stats)

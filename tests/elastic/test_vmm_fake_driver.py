@@ -235,3 +235,45 @@ def test_worker_maps_from_its_reserve_and_a_full_device_only_shrinks_the_reserve
     finally:
         kv.release()
     assert fake.fake_used_bytes() == used0
+
+
+def test_reserve_thread_creates_and_premaps_through_the_real_ctypes_calls(fake):
+    """``WorkerKV`` with ``background`` (the CUDA default) and ``map_ahead`` over ``VmmMapper``
+    (stand-in driver): ``refill`` returns before the driver work is done, the thread creates
+    and maps the reserve at the lowest groups, a map command for one of them makes no driver
+    call, steps with a full reserve do not wake the thread, a target of 0 gives every byte
+    back, and ``release`` stops the thread."""
+    from tokenvm_vllm.elastic.page_groups import PageGroupLayout, VmmMapper
+    from tokenvm_vllm.elastic.protocol import WorkerKV
+
+    layout = PageGroupLayout([64 << 10] * 2, 128)  # 2 ranges of 4 pages: groups of 4 MiB
+    kv = WorkerKV(layout, (), map_ahead=True, background=True)
+    kv.mapper = VmmMapper.allocate(layout)
+    used0 = fake.fake_used_bytes()
+    try:
+        kv.apply([], reserve=2)
+        applied, _ = kv.refill()  # (what it reports depends on how far the thread got)
+        assert applied == 1
+        kv.settle()
+        assert kv.thread_error is None and kv.reserved() == 2 and kv.premapped == {0, 1}
+        assert [r.mapped_pages for r in kv.mapper.ranges] == [[0, 1]] * 2
+        assert fake.fake_used_bytes() - used0 == 2 * 4 * MIB
+        wakeups = kv.wakeups
+        for _ in range(3):  # a full reserve: the steps leave the thread asleep
+            kv.apply([], reserve=2)
+            kv.refill()
+        assert kv.wakeups == wakeups
+        kv.apply([("map", 0)], reserve=2)
+        assert kv.premap_hits == 1 and kv.mapped == {0} and kv.premapped == {1}
+        kv.refill()
+        kv.settle()
+        assert kv.premapped == {1, 2} and fake.fake_used_bytes() - used0 == 3 * 4 * MIB
+        kv.apply([], reserve=0)  # idle: premapped groups and spare memory go back
+        kv.settle()
+        assert not kv.premapped and kv.mapper.spare_groups() == 0
+        assert fake.fake_used_bytes() - used0 == 4 * MIB  # group 0, the scheduler's
+        thread = kv._thread
+        assert thread is not None and thread.is_alive()
+    finally:
+        kv.release()
+    assert not thread.is_alive() and fake.fake_used_bytes() == used0

@@ -112,7 +112,9 @@ def test_maps_take_the_reserve_and_a_full_gpu_reserves_less_instead_of_failing(w
     free_mapped, _ = torch.cuda.mem_get_info()
     assert abs(free_mapped - free_trimmed) < 2 * 2 * MIB  # no new memory for the maps
     assert int(tensors[1].view(8 * 64, BLOCK)[5 * 64:6 * 64].abs().sum().item()) == 0
-    assert kv.refill() == (2, 2)  # refilled after the step (build_worker_meta)
+    kv.refill()  # after the step (build_worker_meta); the reserve thread does the work
+    kv.settle()
+    assert kv.report() == (2, 2) and kv.thread_error is None
     from tokenvm_vllm.elastic import vmm
 
     device = torch.cuda.current_device()
@@ -133,7 +135,9 @@ def test_maps_take_the_reserve_and_a_full_gpu_reserves_less_instead_of_failing(w
             except vmm.CudaDriverError:
                 break
         kv.apply([("map", 1), ("map", 2)], reserve=2)  # the reserve covers these
-        applied, reserved = kv.refill()  # no room for 2 more groups: fewer, no error
+        kv.refill()
+        kv.settle()
+        applied, reserved = kv.report()  # no room for 2 more groups: fewer, no error
         assert applied == 3 and reserved < 2
         assert kv.mapped == {0, 1, 2, 3, 5}
     finally:
@@ -152,7 +156,9 @@ def test_map_ahead_maps_the_reserve_zeroed_and_a_command_then_costs_no_driver_ca
     tensors[0].fill_(9)  # garbage, as warm-up could leave
     torch.cuda.synchronize()
     kv.apply([], reserve=2)  # the first step: trims to the null block's group, keeps 2 spare
-    assert kv.refill() == (1, 2) and kv.premapped == {1, 2}
+    kv.refill()  # the reserve thread creates, maps and zeroes (on its own stream)
+    kv.settle()
+    assert kv.report() == (1, 2) and kv.premapped == {1, 2} and kv.thread_error is None
     ranges = kv.mapper.ranges
     maps_before = [r.mapped_pages for r in ranges]
     assert maps_before == [[0, 1, 2]] * 2  # the reserve is mapped at groups 1 and 2

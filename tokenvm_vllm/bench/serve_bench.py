@@ -406,6 +406,11 @@ def add_load_timelines(result: dict[str, Any], server_log: Path) -> None:
         gaps = "  ".join(f"{name} {summary[name]['p50']:.1f}" for name in (
             *PHASES, "copy_device_ms", "in-step lookup->scheduled") if summary[name]["n"])
         progress(f"{result['config']}: {workload} load timeline, p50 ms: {gaps or 'no loads'}")
+        first = summary["first_loads"]
+        if first["lookup->scheduled"]["n"]:
+            progress(f"{result['config']}: {workload} its first {first['lookup->scheduled']['n']}"
+                     " loads, p50 ms: " + "  ".join(f"{name} {first[name]['p50']:.1f}" for name
+                                                     in (*PHASES, "lookup->scheduled")))
         stalls = ", ".join(f"{row['ms']:.0f} ms at {row['at_s']:.1f} s" + (
             f" ({row['maps']} maps)" if row["elastic"] else "")
             for row in summary["longest_steps"][:3])

@@ -1,6 +1,7 @@
 """Where a load's time goes, from a server or engine log written with ``trace: true``.
 
     python -m tokenvm_vllm.bench.timeline SERVER_LOG [--json OUT]
+    python -m tokenvm_vllm.bench.timeline SERVER_LOG --result CONFIG.json   # per workload
 
 Issue #10 asks for a per-step timeline: under load TokenVM and vLLM native both compute the
 minimum, so TTFT differences come from how a load reaches the forward pass. With ``trace`` on,
@@ -22,6 +23,10 @@ the engine's ``arrived`` event (the API server and the engine's input queue), fr
 token at the client (the step's forward, sampling, detokenizing, the response). The client's
 requests and the engine's are matched in arrival order (the API server forwards them in the
 order they came; two sent within a millisecond may swap, which moves no percentile much).
+
+The first ``FIRST_LOADS`` loads of the window (in lookup order) are also summarised apart
+(``first_loads``): at the start of a burst after an idle period an elastic pool grows at each
+arrival, and whatever that growth costs lands on exactly these loads.
 
 Also the engine step interval (``step-scheduled`` to the next), and the longest intervals
 (``longest_steps``: when, how long, the tokens the step scheduled, and the elastic pool's events
@@ -50,6 +55,8 @@ from tokenvm_vllm.bench.stats import percentile
 
 TRACE = re.compile(r"TokenVM trace (\d+\.\d+) (\S+)((?: \S+=\S+)*)")
 PHASES = ("lookup->submitted", "submitted->polled", "polled->finished", "finished->scheduled")
+FIRST_LOADS = 16
+"""Loads at the start of a window summarised apart (``summarize``'s ``first_loads``)."""
 
 
 @dataclass
@@ -167,13 +174,19 @@ def _stats(values: list[float]) -> dict[str, float]:
             "mean": statistics.fmean(ordered)}
 
 
+def _phase_stats(loads: list[Load]) -> dict[str, dict[str, float]]:
+    """Each of ``PHASES`` and their sum, ``lookup->scheduled``, over complete async loads."""
+    gaps = [g for g in (load.gaps_ms() for load in loads) if g is not None]
+    stats = {name: _stats([g[name] for g in gaps]) for name in PHASES}
+    stats["lookup->scheduled"] = _stats([sum(g.values()) for g in gaps])
+    return stats
+
+
 def summarize(timeline: Timeline) -> dict[str, Any]:
-    gaps = [load.gaps_ms() for load in timeline.loads]
-    summary: dict[str, Any] = {
-        name: _stats([g[name] for g in gaps if g is not None]) for name in PHASES}
+    summary: dict[str, Any] = dict(_phase_stats(timeline.loads))
+    first = sorted(timeline.loads, key=lambda load: load.lookup or 0.0)[:FIRST_LOADS]
+    summary["first_loads"] = _phase_stats(first)
     summary["copy_device_ms"] = _stats([load.device_ms or 0.0 for load in timeline.loads])
-    summary["lookup->scheduled"] = _stats(
-        [sum(g.values()) for g in gaps if g is not None])
     summary["in-step lookup->scheduled"] = _stats(
         [(load.scheduled - load.lookup) * 1000 for load in timeline.in_step
          if load.scheduled is not None and load.lookup is not None])
@@ -248,6 +261,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"long step at {row['at_s']:.3f} s: {row['ms']:.1f} ms, {row['tokens']} tokens"
               + (f", elastic maps {row['maps']} in {len(row['elastic'])} steps"
                  if row["elastic"] else ""))
+    first = summary.get("first_loads", {})
+    if first.get("lookup->scheduled", {}).get("n"):
+        print(f"first {first['lookup->scheduled']['n']} loads, p50 ms: " + "  ".join(
+            f"{name} {first[name]['p50']:.1f}" for name in (*PHASES, "lookup->scheduled")))
     if summary["incomplete_loads"]:
         print(f"({summary['incomplete_loads']} loads without every event: left out)")
 
@@ -256,14 +273,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("logs", nargs="+", help="server or engine logs written with trace: true")
     parser.add_argument("--json", help="write the summary here too")
+    parser.add_argument("--result", help="a serve_bench configuration's result JSON: summarise "
+                        "each of its workloads over that workload's time window")
     args = parser.parse_args()
     lines: list[str] = []
     for path in args.logs:
         lines.extend(Path(path).read_text(errors="replace").splitlines())
-    summary = summarize(parse(lines))
-    print_summary(summary)
+    windows: dict[str, tuple[float, float]] = {"all": (0.0, float("inf"))}
+    if args.result:
+        workloads = json.loads(Path(args.result).read_text())["workloads"]
+        windows = {name: tuple(entry["window"]) for name, entry in workloads.items()}
+    summaries = {}
+    for name, (since, until) in windows.items():
+        if args.result:
+            print(f"== {name}")
+        summaries[name] = summarize(parse(lines, since, until))
+        print_summary(summaries[name])
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+        Path(args.json).write_text(json.dumps(
+            summaries if args.result else summaries["all"], indent=1))
 
 
 if __name__ == "__main__":

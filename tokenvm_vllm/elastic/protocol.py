@@ -54,6 +54,26 @@ elastic_commands``). Every worker applies the same list (``WorkerKV.apply``) in
   unmaps the highest premapped group first (device synchronised). Premapped groups count as
   reserved in the report; a lower target unmaps them (device synchronised), highest first.
 
+- Background (CUDA, with ``map_ahead``): the reserve's driver work, creating memory and mapping
+  and zeroing it ahead, runs on a thread of the worker (``background``), not in
+  ``build_worker_meta``. In the H200 wave's burst after an idle period each arriving request
+  grows the pool by 8-9 groups (~20 ms of driver calls). Mapped in the step (on demand) that
+  delayed the request's load; premapped in the step loop it delayed the step in which the load
+  finished: lookup to first scheduled, p50 of the burst's first 16 loads (``bench/timeline``'s
+  ``first_loads``), 33.7 and 32.4 ms, against 15.3-16.1 ms for a fixed pool; on the thread,
+  22.1 ms (2026-12-01, W14-W16).
+  The thread works one unit at a time (one group's memory, or one group premapped) and the
+  step's own paths never wait for more than one unit: a map command whose group is being
+  premapped waits for it; anything else that changes the mapper (an unmap, a map the prediction
+  missed, a lower target, warm-up's end) first pauses the thread (``_exclusive``). Premapped
+  pages are zeroed on the thread's own CUDA stream; the step's stream waits on that zeroing's
+  event when the scheduler maps the group. A report counts only what the thread has finished
+  (a group being premapped counts as not reserved: never more than the worker holds), so
+  growth may wait a step for memory the thread is still creating. The thread is woken only
+  when there is work: it runs Python between driver calls, and each GIL hand-off is time the
+  step waits (W16 woke it every step, and its TPOT was 1.049x the fixed pool's in that burst;
+  the wake-ups are the likely cause, not measured apart).
+
 On CPU (no VMM for vLLM's tensors) the worker keeps the mapped set with a ``RecordingMapper``:
 the protocol, and that no step touches a block on an unmapped group or maps a group it has not
 reserved, are checked there.
@@ -62,9 +82,11 @@ reserved, are checked there.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from tokenvm_vllm.compat import NULL_BLOCK_ID
@@ -219,8 +241,10 @@ class WorkerKV:
     second on a busy server)."""
 
     def __init__(self, layout: PageGroupLayout, start: Sequence[int], cuda: bool = False,
-                 capacity_groups: int | None = None, map_ahead: bool = False) -> None:
+                 capacity_groups: int | None = None, map_ahead: bool = False,
+                 background: bool | None = None) -> None:
         self.layout = layout
+        self._background = background
         self.map_ahead = map_ahead
         """Map the reserve at the groups the scheduler maps next (module docstring)."""
         self.premapped: set[int] = set()
@@ -249,8 +273,43 @@ class WorkerKV:
         self._device: torch.device | None = None
         self.warming_up = False
         """Every group is mapped for vLLM's warm-up; the first ``apply`` trims to the start."""
+        # The background thread's state, all guarded by ``_cond``:
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._busy = False
+        """The thread is in a unit of work (driver calls, outside the lock)."""
+        self._inflight: int | None = None
+        """The group the thread is premapping."""
+        self._paused = 0
+        """``_exclusive`` sections open: the thread starts no unit."""
+        self._wanted = False
+        """``refill`` asked for work the thread has not yet found done."""
+        self._stopping = False
+        self._create_failed = False
+        """The device had no memory at the last attempt: no more until the next ``refill``."""
+        self._zeroed: dict[int, Any] = {}
+        """Premapped group -> the CUDA event after its zeroing on the thread's stream."""
+        self._stream: Any = None
+        self.wakeups = 0
+        """Times ``refill`` woke the thread (only when there was work)."""
+        self.thread_error: BaseException | None = None
+        """What ended the thread (then ``refill`` does the work inline, as without it)."""
         if not cuda:  # CPU: nothing to allocate, the start set is mapped at once
             self._map_all(self.start)
+
+    @property
+    def background(self) -> bool:
+        """Do the reserve's driver work on a thread (module docstring, "Background"): by
+        default on CUDA with ``map_ahead`` (without it the thread has only memory creation to
+        take off the step, and was not measured); CPU tests set it to run the thread over the
+        ``RecordingMapper``."""
+        if self._background is None:
+            return self.cuda and self.map_ahead
+        return self._background
+
+    @background.setter
+    def background(self, value: bool) -> None:
+        self._background = value
 
     @property
     def is_cuda(self) -> bool:
@@ -345,29 +404,47 @@ class WorkerKV:
         """A scheduler command: map ``group`` with reserved memory. Without any (a scheduler
         that mapped more than was reported reserved: a bug) the CPU check fails; on a GPU the
         map creates memory, and fails only if the device is full. A premapped group is only
-        marked mapped; a reserve that is all premapped elsewhere gives up its highest group."""
-        if group in self.premapped:
-            self.premapped.remove(group)
-            self.mapped.add(group)
+        marked mapped (the step's stream waits for its zeroing; a group the thread is still
+        premapping is waited for); a reserve that is all premapped elsewhere gives up its
+        highest group."""
+        event: Any = None
+        with self._cond:
+            while self._inflight == group:
+                self._cond.wait()
+            hit = group in self.premapped
+            if hit:
+                self.premapped.remove(group)
+                event = self._zeroed.pop(group, None)
+                self.mapped.add(group)
+        if hit:
+            if event is not None:
+                import torch
+
+                torch.cuda.current_stream(self._device).wait_event(event)
             self.premap_hits += 1
             return
-        if self.mapper.spare_groups() == 0 and self.premapped:
-            self._unpremap(1)
-        if self.mapper.spare_groups() == 0:
-            if not self.is_cuda:
-                raise AssertionError(f"tokenvm elastic: group {group} mapped with nothing "
-                                     "reserved (the scheduler mapped more than was reported)")
-            logger.warning("TokenVM elastic: mapping page group %d with no reserved memory "
-                           "left (a bug: please report it)", group)
-        self._map_all((group,))
+        with self._exclusive():
+            if self.mapper.spare_groups() == 0 and self.premapped:
+                self._unpremap(1)
+            if self.mapper.spare_groups() == 0:
+                if not self.is_cuda:
+                    raise AssertionError(f"tokenvm elastic: group {group} mapped with nothing "
+                                         "reserved (the scheduler mapped more than was "
+                                         "reported)")
+                logger.warning("TokenVM elastic: mapping page group %d with no reserved "
+                               "memory left (a bug: please report it)", group)
+            self._map_all((group,))
 
     def _unmap(self, group: int) -> None:
-        """Unmap ``group``, keeping its memory in the reserve while that is short."""
+        """Unmap ``group``, keeping its memory in the reserve while that is short (inside
+        ``_exclusive``)."""
         self.mapper.unmap_group(group, keep=self.reserved() < self.reserve_target)
         self.mapped.discard(group)
 
     def reserved(self) -> int:
-        """Whole groups of memory held beyond the scheduler's mapped groups: spare, premapped."""
+        """Whole groups of memory held beyond the scheduler's mapped groups: spare, premapped.
+        A group the thread is premapping is not counted (its pages leave the spare one range
+        at a time): a report may say one group less than is held, never more."""
         return self.mapper.spare_groups() + len(self.premapped)
 
     def _sync(self) -> None:
@@ -378,35 +455,24 @@ class WorkerKV:
             torch.cuda.synchronize(self._device)
 
     def _unpremap(self, count: int) -> None:
-        """Turn the ``count`` highest premapped groups back into spare memory (the device is
-        synchronised first: their zeroing may still be queued)."""
+        """Turn the ``count`` highest premapped groups back into spare memory (inside
+        ``_exclusive``; the device is synchronised first: their zeroing may still be queued)."""
         self._sync()
         for group in sorted(self.premapped, reverse=True)[:count]:
             self.mapper.unmap_group(group, keep=True)
             self.premapped.remove(group)
+            self._zeroed.pop(group, None)
 
     def _trim(self, target: int) -> None:
         """Hold at most ``target`` groups of reserve: spare memory goes first, then premapped
-        groups, highest first."""
-        self.mapper.trim(max(0, target - len(self.premapped)))
-        if len(self.premapped) > target:
-            self._unpremap(len(self.premapped) - target)
+        groups, highest first. A step with nothing to give back leaves the thread alone."""
+        if self.reserved() <= target:
+            return
+        with self._exclusive():
             self.mapper.trim(max(0, target - len(self.premapped)))
-
-    def _premap(self) -> None:
-        """Map the spare memory at the lowest groups neither mapped nor premapped (where the
-        scheduler's next grow lands), zeroed on the current stream."""
-        group = 0
-        while self.mapper.spare_groups() > 0:
-            while group < self.layout.num_groups and (
-                    group in self.mapped or group in self.premapped):
-                group += 1
-            if group >= self.layout.num_groups:
-                return
-            self.mapper.map_group(group)
-            self.premapped.add(group)
-            if self.is_cuda:
-                self._zero(group)
+            if len(self.premapped) > target:
+                self._unpremap(len(self.premapped) - target)
+                self.mapper.trim(max(0, target - len(self.premapped)))
 
     def apply(self, commands: Sequence[Command], reserve: int = 0) -> None:
         """Apply one step's commands in order, then keep at most ``reserve`` groups reserved.
@@ -421,17 +487,19 @@ class WorkerKV:
         self.applied += 1
         self.reserve_target = reserve
         if self.warming_up:
-            self._end_warm_up()
+            with self._exclusive():
+                self._end_warm_up()
         synced = False
         for op, group in commands:
             if op == "map":
                 self._map_reserved(group)
                 self.maps += 1
             elif op == "unmap":
-                if not synced:
-                    self._sync()
-                    synced = True
-                self._unmap(group)
+                with self._exclusive():
+                    if not synced:
+                        self._sync()
+                        synced = True
+                    self._unmap(group)
                 self.unmaps += 1
             else:
                 raise ValueError(f"tokenvm elastic: unknown command {op!r} (a bug)")
@@ -444,29 +512,176 @@ class WorkerKV:
         return seconds
 
     def refill(self) -> tuple[int, int]:
-        """Create memory until ``reserve_target`` groups are reserved (after the step's forward
-        was launched: ``build_worker_meta``); returns the report for the scheduler,
-        ``(metadata applied, groups reserved)``. A device without room reserves less (logged
-        once until a refill succeeds again)."""
-        target = self.reserve_target
-        spare = self.reserved()
-        if spare < target:
-            self.mapper.refill(target - len(self.premapped))
-            spare = self.reserved()
-            if spare < target and self._refill_failed_at is None:
-                self._refill_failed_at = self.applied
-                logger.warning("TokenVM elastic: the device has no memory for %d more page "
-                               "groups; %d reserved, growth waits until memory comes free",
-                               target - spare, spare)
-            elif spare >= target and self._refill_failed_at is not None:
-                self._refill_failed_at = None
-                logger.info("TokenVM elastic: page-group reserve full again (%d groups)", spare)
-        if self.map_ahead:
-            self._premap()
-        return self.applied, spare
+        """Have the reserve filled to ``reserve_target`` groups: memory created and, with
+        ``map_ahead``, mapped and zeroed at the groups the scheduler maps next. Called after
+        the step's forward was launched (``build_worker_meta``). With ``background`` the thread
+        does it and this returns at once; otherwise it is done here. Returns the report for the
+        scheduler, ``(metadata applied, groups reserved)``, counting only finished work. A
+        device without room reserves less (logged once until the reserve is full again)."""
+        self._create_failed = False
+        if self.background and self.thread_error is None:
+            with self._cond:
+                # Wake the thread only for work: each wake-up is a GIL hand-off that the
+                # worker's step waits through (W16 on the H200 woke it every step: decode
+                # steps 5% slower than the fixed pool's).
+                if self._next_unit() is not None:
+                    self._wanted = True
+                    self.wakeups += 1
+                    self._cond.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="tokenvm-elastic-reserve")
+                self._thread.start()
+        else:
+            while (unit := self._next_unit()) is not None:
+                self._finish_unit(unit, self._do_unit(unit))
+        return self.report()
+
+    def report(self) -> tuple[int, int]:
+        """``(metadata applied, groups reserved)``: what the scheduler's ``ReserveLedger`` is
+        told."""
+        return self.applied, self.reserved()
+
+    # -- the reserve's units of work, on the background thread or inline -------------------
+
+    def _next_unit(self) -> tuple[str, int] | None:
+        """The next unit of reserve work (``_cond`` held, or no thread): ``("premap", g)``
+        maps spare memory at the lowest group neither mapped, premapped nor in flight;
+        ``("create", 0)`` creates one more group's memory while the reserve is short of the
+        target; None when there is nothing to do."""
+        if self.map_ahead and self.mapper.spare_groups() > 0:
+            for group in range(self.layout.num_groups):
+                if (group not in self.mapped and group not in self.premapped
+                        and group != self._inflight):
+                    return "premap", group
+        if not self._create_failed and self.reserved() < self.reserve_target:
+            return "create", 0
+        return None
+
+    def _do_unit(self, unit: tuple[str, int]) -> Any:
+        """Do ``unit``'s driver work (no lock held: the caller owns the mapper until
+        ``_finish_unit``). Returns the zeroing's CUDA event of a premap on the thread."""
+        kind, group = unit
+        if kind == "create":
+            before = self.mapper.spare_groups()
+            if self.mapper.refill(before + 1) <= before:
+                self._create_failed = True
+            return None
+        self.mapper.map_group(group)
+        if not self.is_cuda:
+            return None
+        if threading.current_thread() is not self._thread:
+            self._zero(group)  # inline: on the current stream, ahead of the next step's work
+            return None
+        import torch
+
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self._device)
+        with torch.cuda.stream(self._stream):
+            self._zero(group)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return event
+
+    def _finish_unit(self, unit: tuple[str, int], event: Any) -> None:
+        """Book a finished unit (``_cond`` held, or no thread), and log a reserve that the
+        device could not fill, once until it is full again."""
+        kind, group = unit
+        if kind == "premap":
+            self.premapped.add(group)
+            if event is not None:
+                self._zeroed[group] = event
+        short = self.reserve_target - self.reserved()
+        if self._create_failed and short > 0 and self._refill_failed_at is None:
+            self._refill_failed_at = self.applied
+            logger.warning("TokenVM elastic: the device has no memory for %d more page "
+                           "groups; %d reserved, growth waits until memory comes free",
+                           short, self.reserved())
+        elif short <= 0 and self._refill_failed_at is not None:
+            self._refill_failed_at = None
+            logger.info("TokenVM elastic: page-group reserve full again (%d groups)",
+                        self.reserved())
+
+    def _run(self) -> None:
+        """The background thread: one unit at a time while ``refill`` wants work and no
+        ``_exclusive`` section is open; sleeps otherwise. A failure is logged and ends the
+        thread (``refill`` then works inline, where a persistent driver error surfaces)."""
+        if self._device is not None:
+            import torch
+
+            torch.cuda.set_device(self._device)
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopping:
+                        return
+                    unit = None
+                    if not self._paused and self._wanted:
+                        unit = self._next_unit()
+                        if unit is None:
+                            self._wanted = False  # all done until the next refill
+                            self._cond.notify_all()  # (``settle`` waits for this)
+                    if unit is not None:
+                        break
+                    self._cond.wait()
+                self._busy = True
+                self._inflight = unit[1] if unit[0] == "premap" else None
+            event, error = None, None
+            try:
+                event = self._do_unit(unit)
+            except BaseException as err:  # noqa: BLE001 - logged, and the step goes on inline
+                error = err
+            with self._cond:
+                if error is None:
+                    self._finish_unit(unit, event)
+                self._busy = False
+                self._inflight = None
+                self._cond.notify_all()
+            if error is not None:
+                self.thread_error = error
+                logger.error("TokenVM elastic: the reserve's background thread stopped at "
+                             "%s: %s; the worker fills the reserve in its step from now on",
+                             unit, error)
+                return
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Keep the background thread out of the mapper for the block: it finishes the unit it
+        is in (at most one group's driver calls) and starts no other until the block ends."""
+        if self._thread is None:
+            yield
+            return
+        with self._cond:
+            self._paused += 1
+            while self._busy:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._paused -= 1
+                self._cond.notify_all()
+
+    def settle(self, timeout_s: float = 30.0) -> None:
+        """Wait until the background thread has done what the last ``refill`` asked (tests;
+        a no-op without the thread). Raises ``TimeoutError`` past ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while (self._thread is not None and self.thread_error is None
+                   and (self._busy or self._wanted)):
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._cond.wait(left):
+                    raise TimeoutError(f"tokenvm elastic: the reserve thread did not settle "
+                                       f"in {timeout_s} s")
 
     def release(self) -> None:
-        """Free the ranges (CUDA); the KV tensors viewing them are invalid afterwards."""
+        """Stop the background thread and free the ranges (CUDA); the KV tensors viewing
+        them are invalid afterwards."""
+        if self._thread is not None:
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            self._thread.join(timeout=30)
         if isinstance(self.mapper, VmmMapper):
             self.mapper.release()
         self._ranges = []
