@@ -522,8 +522,7 @@ class WorkerKV:
         if self.background and self.thread_error is None:
             with self._cond:
                 # Wake the thread only for work: each wake-up is a GIL hand-off that the
-                # worker's step waits through (W16 on the H200 woke it every step: decode
-                # steps 5% slower than the fixed pool's).
+                # worker's step waits through (module docstring, "Background": W16).
                 if self._next_unit() is not None:
                     self._wanted = True
                     self.wakeups += 1
@@ -533,7 +532,7 @@ class WorkerKV:
                                                 name="tokenvm-elastic-reserve")
                 self._thread.start()
         else:
-            while (unit := self._next_unit()) is not None:
+            while (unit := self._next_unit(batch=True)) is not None:
                 self._finish_unit(unit, self._do_unit(unit))
         return self.report()
 
@@ -544,29 +543,33 @@ class WorkerKV:
 
     # -- the reserve's units of work, on the background thread or inline -------------------
 
-    def _next_unit(self) -> tuple[str, int] | None:
+    def _next_unit(self, batch: bool = False) -> tuple[str, int] | None:
         """The next unit of reserve work (``_cond`` held, or no thread): ``("premap", g)``
         maps spare memory at the lowest group neither mapped, premapped nor in flight;
-        ``("create", 0)`` creates one more group's memory while the reserve is short of the
-        target; None when there is nothing to do."""
+        ``("create", n)`` creates ``n`` more groups' memory while the reserve is short of the
+        target: one on the thread (so a step never waits for more), all that is missing
+        with ``batch`` (inline: one ``add_spares`` call per range, as it always was); None
+        when there is nothing to do."""
         if self.map_ahead and self.mapper.spare_groups() > 0:
             for group in range(self.layout.num_groups):
                 if (group not in self.mapped and group not in self.premapped
                         and group != self._inflight):
                     return "premap", group
-        if not self._create_failed and self.reserved() < self.reserve_target:
-            return "create", 0
+        short = self.reserve_target - self.reserved()
+        if not self._create_failed and short > 0:
+            return "create", short if batch else 1
         return None
 
     def _do_unit(self, unit: tuple[str, int]) -> Any:
         """Do ``unit``'s driver work (no lock held: the caller owns the mapper until
         ``_finish_unit``). Returns the zeroing's CUDA event of a premap on the thread."""
-        kind, group = unit
+        kind, value = unit  # a count of groups to create, or the group to premap
         if kind == "create":
-            before = self.mapper.spare_groups()
-            if self.mapper.refill(before + 1) <= before:
+            wanted = self.mapper.spare_groups() + value
+            if self.mapper.refill(wanted) < wanted:
                 self._create_failed = True
             return None
+        group = value
         self.mapper.map_group(group)
         if not self.is_cuda:
             return None
