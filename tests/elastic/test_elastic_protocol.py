@@ -402,6 +402,29 @@ def test_map_ahead_serves_a_map_from_the_premapped_group_or_gives_one_up():
     assert kv.mapper.mapped == kv.mapped | {3} and kv.reserved() == 1
 
 
+def test_a_lower_target_waits_for_the_threads_unit_and_leaves_no_memory_behind():
+    """Unit: the reserve thread is creating memory (50 ms a call) when a step lowers the target
+    to 0 (an idle period's last step): the step waits for that unit and gives everything back,
+    so nothing stays held through the idle period; mapped groups are never touched."""
+    layout = PageGroupLayout((128, 128), num_blocks=64, page_bytes=512)
+    for map_ahead in (False, True):
+        kv = WorkerKV(layout, (0, 1), map_ahead=map_ahead, background=True)
+        kv.mapper = mapper = ExclusiveMapper(delay_s=0.05)
+        mapper.mapped = {0, 1}
+        kv.apply([], reserve=3)
+        kv.refill()
+        deadline = time.monotonic() + 5
+        while not kv._busy and time.monotonic() < deadline:  # the thread is in its first unit
+            time.sleep(0.001)
+        assert kv._busy
+        kv.apply([], reserve=0)
+        assert kv.reserved() == 0 and mapper.spare == 0 and not kv.premapped
+        kv.settle()
+        assert kv.reserved() == 0 and mapper.mapped == {0, 1} and kv.thread_error is None
+        assert mapper.threads == {"MainThread", "tokenvm-elastic-reserve"}
+        kv.release()
+
+
 def test_trace_logs_each_step_that_maps_or_changes_the_reserve(tiny_model_config, tokenvm_log):
     """``trace: true``: one ``TokenVM trace <time> elastic ...`` line per step whose metadata
     carries commands or a new reserve target (a burst's ramp, step by step), none for a step

@@ -465,8 +465,10 @@ class WorkerKV:
 
     def _trim(self, target: int) -> None:
         """Hold at most ``target`` groups of reserve: spare memory goes first, then premapped
-        groups, highest first. A step with nothing to give back leaves the thread alone."""
-        if self.reserved() <= target:
+        groups, highest first. A step with nothing to give back leaves the thread alone; a
+        unit the thread is in counts as one more group (it may have started under a higher
+        target: an idle period's last step must not leave its memory behind)."""
+        if self.reserved() + self._busy <= target:
             return
         with self._exclusive():
             self.mapper.trim(max(0, target - len(self.premapped)))
