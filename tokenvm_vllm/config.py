@@ -241,6 +241,13 @@ class TokenVMConfig:
     H200 (V2, eager and CUDA graphs); off because the wave's two rounds (2026-12-01) could not
     tell its effect from the order the servers ran in (tokenvm:elastic_apply_seconds shows
     the time it would save)."""
+    elastic_compiled_maps: bool = False
+    """elastic: map a page group, and create a range's reserve, with one call into a small C
+    loop (csrc/vmm_batch.c, compiled with the system's cc at first use into
+    ~/.cache/tokenvm), so the driver calls run with Python's GIL given back once instead of
+    once per page (what the reserve thread of elastic_map_ahead needs). Without a compiler or
+    the source (a wheel install) it falls back, logged: one ctypes call per page. Off until it
+    has run on a GPU (tested on CPU against a stand-in libcuda)."""
     elastic_page_bytes: int = 2 * 2**20
     """elastic: bytes of one page of each KV tensor (a page group is that page of every
     tensor): the CUDA VMM granularity, 2 MiB. Smaller pages only make sense on CPU (tests)."""

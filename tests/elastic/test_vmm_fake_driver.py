@@ -237,7 +237,9 @@ def test_worker_maps_from_its_reserve_and_a_full_device_only_shrinks_the_reserve
     assert fake.fake_used_bytes() == used0
 
 
-def test_reserve_thread_creates_and_premaps_through_the_real_ctypes_calls(fake):
+@pytest.mark.parametrize("use_compiled", [False, True], ids=["per-page", "compiled"])
+def test_reserve_thread_creates_and_premaps_through_the_real_ctypes_calls(fake, use_compiled,
+                                                                          request):
     """``WorkerKV`` with ``background`` (the CUDA default) and ``map_ahead`` over ``VmmMapper``
     (stand-in driver): ``refill`` returns before the driver work is done, the thread creates
     and maps the reserve at the lowest groups, a map command for one of them makes no driver
@@ -246,9 +248,12 @@ def test_reserve_thread_creates_and_premaps_through_the_real_ctypes_calls(fake):
     from tokenvm_vllm.elastic.page_groups import PageGroupLayout, VmmMapper
     from tokenvm_vllm.elastic.protocol import WorkerKV
 
+    if use_compiled:
+        request.getfixturevalue("compiled")  # built into this test's cache directory
     layout = PageGroupLayout([64 << 10] * 2, 128)  # 2 ranges of 4 pages: groups of 4 MiB
     kv = WorkerKV(layout, (), map_ahead=True, background=True)
-    kv.mapper = VmmMapper.allocate(layout)
+    kv.mapper = VmmMapper.allocate(layout, compiled=use_compiled)
+    assert (kv.mapper.compiled is not None) == use_compiled
     used0 = fake.fake_used_bytes()
     try:
         kv.apply([], reserve=2)
@@ -277,3 +282,89 @@ def test_reserve_thread_creates_and_premaps_through_the_real_ctypes_calls(fake):
     finally:
         kv.release()
     assert not thread.is_alive() and fake.fake_used_bytes() == used0
+
+
+@pytest.fixture
+def compiled(fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ctypes.CDLL]:
+    """``vmm_batch``'s compiled loop, built into a fresh cache directory for this test."""
+    from tokenvm_vllm.elastic import vmm_batch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(vmm_batch, "_tried", False)
+    monkeypatch.setattr(vmm_batch, "_lib", None)
+    lib = vmm_batch.load()
+    assert lib is not None and list((tmp_path / "cache" / "tokenvm").glob("*.so"))
+    yield lib
+
+
+def test_compiled_loop_creates_maps_and_fails_whole(fake, compiled):
+    """``VmmMapper`` with the compiled loop (``csrc/vmm_batch.c``) over the stand-in driver: a
+    range's reserve is created in one call (stopping at a full device, as per page), a group
+    is mapped in one call, readable and writable, and unmapped as before; a map that fails
+    part-way leaves none of its pages mapped, names the call and page, and keeps the handles."""
+    from tokenvm_vllm.elastic import vmm_batch
+    from tokenvm_vllm.elastic.page_groups import PageGroupLayout, VmmMapper
+
+    layout = PageGroupLayout([64 << 10] * 4, 128)  # 4 ranges of 4 pages: groups of 8 MiB
+    mapper = VmmMapper.allocate(layout, compiled=True)
+    assert mapper.compiled is compiled
+    used0, mapped0 = fake.fake_used_bytes(), fake.fake_mapped_count()
+    try:
+        assert mapper.refill(2) == 2
+        assert fake.fake_used_bytes() - used0 == 4 * 2 * 2 * MIB
+        mapper.map_group(1)
+        assert [r.mapped_pages for r in mapper.ranges] == [[1]] * 4
+        assert fake.fake_mapped_count() - mapped0 == 4 and mapper.spare_groups() == 1
+        for value, rng in enumerate(mapper.ranges):
+            read_page(rng, 1).fill_(value + 7)
+        assert [int(read_page(r, 1)[99]) for r in mapper.ranges] == [7, 8, 9, 10]
+        mapper.unmap_group(1, keep=True)
+        assert fake.fake_mapped_count() == mapped0 and mapper.spare_groups() == 2
+
+        # part-way failure: the third page's address is already mapped (by the per-page path)
+        rngs = mapper.ranges
+        rngs[2].map(3)
+        pages = [rng.take_spare(3) for rng in rngs[:2]] + [rngs[3].take_spare(3)]
+        bad = [pages[0], pages[1], (rngs[2].address(3), pages[2][1])]
+        with pytest.raises(vmm.CudaDriverError, match=r"cuMemMap \(page 2 of 3\)"):
+            vmm_batch.map_pages(compiled, [a for a, _ in bad], [h for _, h in bad],
+                                layout.page_bytes, 0)
+        assert fake.fake_mapped_count() - mapped0 == 1  # only rngs[2]'s own page 3
+        for rng, (_, handle) in zip([rngs[0], rngs[1], rngs[3]], pages, strict=True):
+            rng.return_spare(handle)  # the handles are still good: map them for real
+        rngs[2].unmap(3)
+        mapper.map_group(3)
+        assert [r.mapped_pages for r in mapper.ranges] == [[3]] * 4
+
+        # a full device: the compiled creation stops there, as the per-page one does
+        fake.fake_set_limit(fake.fake_used_bytes() + 2 * 2 * MIB)
+        assert mapper.ranges[0].add_spares(5, compiled) == 2
+    finally:
+        mapper.release()
+    assert fake.fake_used_bytes() == used0
+
+
+def test_without_a_compiler_the_mapper_calls_per_page(fake, tmp_path, monkeypatch, caplog):
+    """No C compiler (or no source): ``load`` says so once and returns None; the mapper then
+    makes one ctypes call per page, with the same result."""
+    import logging
+
+    from tokenvm_vllm.elastic import vmm_batch
+    from tokenvm_vllm.elastic.page_groups import PageGroupLayout, VmmMapper
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(vmm_batch, "_tried", False)
+    monkeypatch.setattr(vmm_batch, "_lib", None)
+    monkeypatch.setattr(vmm_batch.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.INFO, logger="vllm.tokenvm"):
+        layout = PageGroupLayout([64 << 10] * 2, 128)
+        mapper = VmmMapper.allocate(layout, compiled=True)
+        assert vmm_batch.load() is None
+    assert mapper.compiled is None
+    assert sum("no compiled VMM loop (no C compiler" in r.message for r in caplog.records) == 1
+    try:
+        mapper.refill(1)
+        mapper.map_group(0)
+        assert [r.mapped_pages for r in mapper.ranges] == [[0]] * 2
+    finally:
+        mapper.release()

@@ -34,7 +34,8 @@ class StandInRange:
         self.mapped.remove(page)
         self.spare_count += keep_handle
 
-    def add_spares(self, count: int) -> int:
+    def add_spares(self, count: int, compiled: object = None) -> int:
+        assert compiled is None  # (the stand-in mapper has no compiled loop)
         made = max(0, min(count, self.room - self.spare_count - len(self.mapped)))
         self.spare_count += made
         return made

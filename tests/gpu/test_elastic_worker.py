@@ -181,3 +181,44 @@ def test_map_ahead_maps_the_reserve_zeroed_and_a_command_then_costs_no_driver_ca
     assert not kv.premapped and kv.mapper.spare_groups() == 0
     assert [r.mapped_pages for r in ranges] == [[0, 1]] * 2  # group 2 unmapped, 1 kept
     assert free_idle - free_premapped >= 2 * 2 * MIB  # group 2's two pages came back
+
+
+def test_compiled_maps_on_the_reserve_thread_map_zeroed_usable_pages(tmp_path, monkeypatch):
+    """``elastic_compiled_maps`` with ``elastic_map_ahead`` on the real driver: the reserve is
+    created and premapped by the thread through the compiled loop (``csrc/vmm_batch.c``), a
+    command for a premapped group hands over zeroed, writable pages, and a target of 0 gives
+    them back. Skipped where the loop cannot be built (no C compiler)."""
+    from tokenvm_vllm.elastic import vmm_batch
+    from tokenvm_vllm.elastic.page_groups import PageGroupLayout
+    from tokenvm_vllm.elastic.protocol import WorkerKV, initial_groups
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(vmm_batch, "_tried", False)
+    monkeypatch.setattr(vmm_batch, "_lib", None)
+    if vmm_batch.load() is None:
+        pytest.skip("the compiled VMM loop cannot be built here")
+    torch.cuda.init()
+    layout = PageGroupLayout([BLOCK, BLOCK], num_blocks=8 * 64)
+    kv = WorkerKV(layout, initial_groups(layout, 0, None), cuda=True, map_ahead=True,
+                  compiled_maps=True)
+    device = torch.device("cuda", torch.cuda.current_device())
+    tensors = kv.allocate([8 * 64 * BLOCK] * 2, device)
+    try:
+        assert kv.mapper.compiled is not None and kv.background
+        tensors[0].fill_(9)  # garbage, as warm-up could leave
+        torch.cuda.synchronize()
+        kv.apply([], reserve=3)
+        kv.refill()
+        kv.settle()
+        assert kv.thread_error is None and kv.premapped == {1, 2, 3}
+        kv.apply([("map", 2)], reserve=3)  # the step's stream waits for the thread's zeroing
+        block = tensors[0].view(8 * 64, BLOCK)
+        assert int(block[2 * 64:3 * 64].abs().sum().item()) == 0
+        block[2 * 64 + 1].fill_(6)
+        assert int(block[2 * 64 + 1].float().mean().item()) == 6
+        kv.apply([], reserve=0)
+        kv.settle()
+        assert not kv.premapped and [r.mapped_pages for r in kv.mapper.ranges] == [[0, 2]] * 2
+    finally:
+        torch.cuda.synchronize()
+        kv.release()

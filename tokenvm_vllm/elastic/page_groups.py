@@ -28,8 +28,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from tokenvm_vllm.elastic import vmm
 from tokenvm_vllm.elastic.vmm import VirtualRange
 
 PAGE_BYTES = 2 << 20  # the CUDA VMM granularity on every current NVIDIA GPU
@@ -245,7 +246,8 @@ class VmmMapper:
     would fault).
     """
 
-    def __init__(self, layout: PageGroupLayout, ranges: Sequence[VirtualRange]) -> None:
+    def __init__(self, layout: PageGroupLayout, ranges: Sequence[VirtualRange],
+                 compiled: Any = None) -> None:
         if len(ranges) != len(layout.block_bytes):
             raise ValueError(f"VmmMapper: {len(ranges)} ranges for {len(layout.block_bytes)} "
                              "regions; pass one VirtualRange per KV tensor")
@@ -256,10 +258,18 @@ class VmmMapper:
                     f"the layout needs {pages} of {layout.page_bytes}")
         self.layout = layout
         self.ranges = list(ranges)
+        self.compiled = compiled
+        """``vmm_batch.load()``'s library: a group's maps, and a range's refill, in one call
+        each (the GIL given back once, not per page); None: one ctypes call per page."""
 
     @classmethod
-    def allocate(cls, layout: PageGroupLayout, device: int = 0) -> VmmMapper:
-        """Reserve one range per region (virtual addresses only; nothing is mapped)."""
+    def allocate(cls, layout: PageGroupLayout, device: int = 0,
+                 compiled: bool = False) -> VmmMapper:
+        """Reserve one range per region (virtual addresses only; nothing is mapped); with
+        ``compiled``, use the compiled VMM loop where it can be built (``vmm_batch``)."""
+        from tokenvm_vllm.elastic import vmm_batch
+
+        lib = vmm_batch.load() if compiled else None
         ranges: list[VirtualRange] = []
         try:
             for pages in layout.region_pages:
@@ -268,9 +278,14 @@ class VmmMapper:
             for rng in ranges:
                 rng.release()
             raise
-        return cls(layout, ranges)
+        return cls(layout, ranges, lib)
 
     def map_group(self, group: int) -> None:
+        here = [rng for rng, pages in zip(self.ranges, self.layout.region_pages, strict=True)
+                if group < pages]
+        if self.compiled is not None and all(rng.spare_count for rng in here):
+            self._map_group_compiled(group, here)
+            return
         done: list[VirtualRange] = []
         try:
             for rng, pages in zip(self.ranges, self.layout.region_pages, strict=True):
@@ -281,6 +296,27 @@ class VmmMapper:
             for rng in done:  # (a page it took from the reserve goes back there)
                 rng.unmap(group, keep_handle=True)
             raise
+
+    def _map_group_compiled(self, group: int, here: list[VirtualRange]) -> None:
+        """Map ``group`` from the reserve in one call into the compiled loop; on a failure its
+        handles go back to the reserve (the loop unmapped what it had mapped)."""
+        from tokenvm_vllm.elastic import vmm_batch
+
+        taken: list[tuple[VirtualRange, int, int]] = []
+        try:
+            for rng in here:
+                address, handle = rng.take_spare(group)
+                taken.append((rng, address, handle))
+            vmm.driver().ensure_context(here[0].device)
+            vmm_batch.map_pages(self.compiled, [a for _, a, _ in taken],
+                                [h for _, _, h in taken], self.layout.page_bytes,
+                                here[0].device)
+        except BaseException:
+            for rng, _, handle in taken:
+                rng.return_spare(handle)
+            raise
+        for rng, _, handle in taken:
+            rng.adopt(group, handle)
 
     def unmap_group(self, group: int, keep: bool = False) -> None:
         for rng, pages in zip(self.ranges, self.layout.region_pages, strict=True):
@@ -293,7 +329,7 @@ class VmmMapper:
     def refill(self, groups: int) -> int:
         for rng in self.ranges:  # stops at the first range the device cannot fill
             want = groups - rng.spare_count
-            if want > 0 and rng.add_spares(want) < want:
+            if want > 0 and rng.add_spares(want, self.compiled) < want:
                 break
         return self.spare_groups()
 

@@ -72,7 +72,9 @@ elastic_commands``). Every worker applies the same list (``WorkerKV.apply``) in
   growth may wait a step for memory the thread is still creating. The thread is woken only
   when there is work: it runs Python between driver calls, and each GIL hand-off is time the
   step waits (W16 woke it every step, and its TPOT was 1.049x the fixed pool's in that burst;
-  the wake-ups are the likely cause, not measured apart).
+  the wake-ups are the likely cause, not measured apart). For the same reason a unit's driver
+  calls can go through one call into compiled code (``elastic_compiled_maps``,
+  ``vmm_batch``): ~3 ctypes calls per page, 96 for a 64 MiB group, become one.
 
 On CPU (no VMM for vLLM's tensors) the worker keeps the mapped set with a ``RecordingMapper``:
 the protocol, and that no step touches a block on an unmapped group or maps a group it has not
@@ -242,8 +244,10 @@ class WorkerKV:
 
     def __init__(self, layout: PageGroupLayout, start: Sequence[int], cuda: bool = False,
                  capacity_groups: int | None = None, map_ahead: bool = False,
-                 background: bool | None = None) -> None:
+                 background: bool | None = None, compiled_maps: bool = False) -> None:
         self.layout = layout
+        self.compiled_maps = compiled_maps
+        """Map with the compiled VMM loop where it builds (``vmm_batch``; CUDA only)."""
         self._background = background
         self.map_ahead = map_ahead
         """Map the reserve at the groups the scheduler maps next (module docstring)."""
@@ -333,7 +337,7 @@ class WorkerKV:
         index = device.index if device.index is not None else 0
         import torch
 
-        mapper = VmmMapper.allocate(self.layout, index)
+        mapper = VmmMapper.allocate(self.layout, index, compiled=self.compiled_maps)
         self.mapper = mapper
         self._ranges = list(mapper.ranges)
         self._device = device
@@ -709,7 +713,8 @@ def build_worker_kv(kv_cache_config: Any, config: Any, vllm_config: Any = None) 
     from vllm.platforms import current_platform
 
     cuda = current_platform.is_cuda_alike()
-    kv = WorkerKV(layout, start, cuda=cuda, map_ahead=config.elastic_map_ahead)
+    kv = WorkerKV(layout, start, cuda=cuda, map_ahead=config.elastic_map_ahead,
+                  compiled_maps=config.elastic_compiled_maps)
     if not cuda:
         return kv
     model_config = getattr(vllm_config, "model_config", None)

@@ -144,6 +144,11 @@ class Driver:
         self._lock = threading.Lock()
         self.call("cuInit", 0)
 
+    def address(self, function: str) -> int:
+        """The C address of a driver function (for compiled callers: ``vmm_batch``)."""
+        fn: Any = self._fns[function]  # a ctypes function pointer (typed as its call here)
+        return int(ctypes.cast(fn, ctypes.c_void_p).value or 0)
+
     def error_text(self, code: int) -> tuple[str, str]:
         """(name, description) of a CUresult, e.g. ('CUDA_ERROR_OUT_OF_MEMORY', 'out of memory')."""
         name, text = ctypes.c_char_p(), ctypes.c_char_p()
@@ -421,15 +426,24 @@ class VirtualRange:
         """Handles created (or kept by ``unmap``) and not mapped: the next maps use them."""
         return len(self._spare)
 
-    def add_spares(self, count: int) -> int:
+    def add_spares(self, count: int, compiled: Any = None) -> int:
         """Create up to ``count`` more spare handles (physical pages, unmapped); stops at the
         first CUDA_ERROR_OUT_OF_MEMORY and returns how many it created. Other driver errors
-        propagate."""
+        propagate. ``compiled``: ``vmm_batch.load()``'s library, to create them in one call."""
         created = 0
         with self._lock:
             if self._released:
                 raise RuntimeError("VirtualRange: used after release(); create a new range")
             driver().ensure_context(self.device)
+            if compiled is not None and count > 0:
+                from tokenvm_vllm.elastic import vmm_batch
+
+                handles, code = vmm_batch.create_handles(compiled, self.device, self.page_bytes,
+                                                         count)
+                self._spare.extend(handles)
+                if code not in (0, CUDA_ERROR_OUT_OF_MEMORY):
+                    raise CudaDriverError("cuMemCreate", code, *driver().error_text(code))
+                return len(handles)
             while created < count:
                 try:
                     self._spare.append(create_handle(self.device, self.page_bytes))
@@ -439,6 +453,32 @@ class VirtualRange:
                     break
                 created += 1
         return created
+
+    def take_spare(self, page: int) -> tuple[int, int]:
+        """For a caller that maps ``page`` itself (``vmm_batch``): its address and a spare
+        handle, taken out of the reserve. Give it back with ``return_spare`` or record the
+        mapping with ``adopt``."""
+        with self._lock:
+            self._check_page(page)
+            if page in self._handles:
+                raise ValueError(f"VirtualRange.take_spare: page {page} is already mapped")
+            if not self._spare:
+                raise ValueError("VirtualRange.take_spare: no spare handle")
+            return self.base + page * self.page_bytes, self._spare.pop()
+
+    def return_spare(self, handle: int) -> None:
+        """A handle from ``take_spare`` that was not mapped after all."""
+        with self._lock:
+            self._spare.append(handle)
+
+    def adopt(self, page: int, handle: int) -> None:
+        """Record that ``handle`` (from ``take_spare``) is now mapped at ``page``, with access
+        granted."""
+        with self._lock:
+            self._check_page(page)
+            if page in self._handles:
+                raise ValueError(f"VirtualRange.adopt: page {page} is already mapped")
+            self._handles[page] = handle
 
     def drop_spares(self, keep: int = 0) -> None:
         """Release the spare handles beyond the first ``keep``."""
