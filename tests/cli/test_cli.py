@@ -45,6 +45,30 @@ def test_doctor_prints_one_line_per_check(monkeypatch, capsys):
     assert not [line for line in lines if line.startswith("FAIL")], out
 
 
+def test_doctor_says_whether_the_compiled_vmm_loop_builds(monkeypatch, tmp_path):
+    """With ``elastic`` and ``elastic_compiled_maps``: OK naming the built library where a C
+    compiler is found, WARN with the reason where none is."""
+    import shutil
+
+    from tokenvm_vllm.elastic import vmm_batch
+
+    env = {"TOKENVM_ELASTIC": "true", "TOKENVM_ELASTIC_COMPILED_MAPS": "true"}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for compiler in (shutil.which("cc") or shutil.which("gcc"), None):
+        monkeypatch.setattr(vmm_batch, "_tried", False)
+        monkeypatch.setattr(vmm_batch, "_lib", None)
+        if compiler is None:
+            monkeypatch.setattr(vmm_batch.shutil, "which", lambda name: None)
+            for old in tmp_path.rglob("*.so"):
+                old.unlink()  # (else the library built above is found)
+        (check,) = [c for c in doctor.doctor_checks(environ=env) if c.name == "elastic maps"]
+        if compiler is None:
+            assert check.status == doctor.WARN and "no C compiler" in check.detail
+        else:
+            assert check.status == doctor.OK and "libtokenvm_vmm_batch-" in check.detail
+    assert not [c for c in doctor.doctor_checks(environ={}) if c.name == "elastic maps"]
+
+
 def test_doctor_reports_a_bad_env_var_as_fail(monkeypatch, capsys):
     clean_env(monkeypatch)
     monkeypatch.setenv("TOKENVM_HOST_BYTES", "lots")

@@ -357,7 +357,20 @@ def doctor_checks(disk_path: str | None = None,
         checks += _guarded("disk path", lambda: _disk_checks(disk_path))
     if config[0] is not None and config[0].remote_url:
         checks += _guarded("remote tier", lambda: _remote_checks(config[0]))
+    if config[0] is not None and config[0].elastic and config[0].elastic_compiled_maps:
+        checks += _guarded("elastic maps", lambda: [_check_compiled_maps()])
     return checks
+
+
+def _check_compiled_maps() -> Check:
+    """``elastic_compiled_maps``: whether the compiled VMM loop builds on this machine."""
+    from tokenvm_vllm.elastic import vmm_batch
+
+    lib = vmm_batch.load()
+    if lib is None:
+        return Check(WARN, "elastic maps", f"elastic_compiled_maps: no compiled loop "
+                     f"({vmm_batch.failure}); pages are mapped one driver call each from Python")
+    return Check(OK, "elastic maps", f"compiled VMM loop {lib._name}")
 
 
 def _remote_checks(config: Any) -> list[Check]:

@@ -42,6 +42,8 @@ SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "vmm_batch.c"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+failure = ""
+"""Why ``load()`` returned None (``tokenvm doctor`` prints it); empty otherwise."""
 
 
 def cache_dir() -> Path:
@@ -76,7 +78,7 @@ def _build() -> Path:
 
 def load() -> ctypes.CDLL | None:
     """The compiled helper, or None (logged once) where it cannot be built here."""
-    global _lib, _tried
+    global _lib, _tried, failure
     with _lock:
         if _tried:
             return _lib
@@ -87,9 +89,9 @@ def load() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(_build()))
         except (OSError, subprocess.SubprocessError) as err:
             detail = getattr(err, "stderr", b"") or b""
-            logger.info("TokenVM elastic: no compiled VMM loop (%s%s); mapping with one driver "
-                        "call per page from Python", err,
-                        f": {detail.decode(errors='replace')[:200]}" if detail else "")
+            failure = str(err) + (f": {detail.decode(errors='replace')[:200]}" if detail else "")
+            logger.info("TokenVM elastic: no compiled VMM loop (%s); mapping with one driver "
+                        "call per page from Python", failure)
             return None
         size_p = ctypes.POINTER(ctypes.c_size_t)
         u64_p = ctypes.POINTER(ctypes.c_uint64)
