@@ -127,8 +127,13 @@ class JobTable:
                                  self.num_workers, req_id)
         self._planned.append(job_id)
         self._counts[kind] += 1
-        for block_id in gpu_block_ids:
-            self._by_gpu_block.setdefault(block_id, set()).add(job_id)
+        by_block = self._by_gpu_block
+        for block_id in gpu_block_ids:  # (a load or store job has hundreds: no set made twice)
+            users = by_block.get(block_id)
+            if users is None:
+                by_block[block_id] = {job_id}
+            else:
+                users.add(job_id)
         return job_id
 
     def reallocated(self, gpu_block_ids: Iterable[int]) -> None:
@@ -139,10 +144,11 @@ class JobTable:
         """End of the step's planning: returns the IN_FLIGHT jobs that use a GPU block
         re-allocated this step (the worker must fence them before the forward), then marks
         every PLANNED job IN_FLIGHT and forgets the step's re-allocations."""
+        # (every step: only the re-allocated blocks some job uses, found by a set intersection)
         fences = {
             job_id
-            for block_id in self._reallocated
-            for job_id in self._by_gpu_block.get(block_id, ())
+            for block_id in self._reallocated & self._by_gpu_block.keys()
+            for job_id in self._by_gpu_block[block_id]
             if self._jobs[job_id].state is JobState.IN_FLIGHT
         }
         for job_id in self._planned:

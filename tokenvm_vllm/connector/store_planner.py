@@ -120,12 +120,12 @@ class StorePlanner:
             if state is None or state.in_step_load is not None:
                 continue  # (stored once its in-step load is known good: see RequestState)
             request = state.request
-            filled = min(
-                (request.num_computed_tokens + num_scheduled) // self.block_size,
-                hashed_blocks(request),
-                min((len(ids) for ids in state.block_ids), default=0),
-            )
             first = state.next_store_block
+            filled = (request.num_computed_tokens + num_scheduled) // self.block_size
+            if filled <= first:
+                continue  # no block filled this step (most requests of a decode step)
+            filled = min(filled, hashed_blocks(request),
+                         min((len(ids) for ids in state.block_ids), default=0))
             if filled <= first:
                 continue
             keys = block_keys(state, first, filled)

@@ -25,6 +25,8 @@ class SlotTier:
                 f"tokenvm: {self.tier.value} tier needs at least one slot, got {num_slots}")
         self.num_slots = num_slots
         self.index = index
+        self._resident = index.of(self.tier)
+        """This tier's map in the index (read directly in the per-block loops)."""
         self.policy = policy
         self._free_slots: list[int] = list(range(num_slots - 1, -1, -1))
         self.evictions = 0
@@ -33,16 +35,18 @@ class SlotTier:
 
     def readable_prefix(self, keys: Sequence[BlockKey]) -> int:
         """How many of ``keys``, from the first, are READABLE here."""
+        resident, readable = self._resident, BlockState.READABLE
         count = 0
         for key in keys:
-            if not self.index.is_readable(key, self.tier):
+            residency = resident.get(key)
+            if residency is None or residency.state is not readable:
                 break
             count += 1
         return count
 
     def contains(self, key: BlockKey) -> bool:
         """Resident in any state (a WRITING block need not be stored again)."""
-        return self.index.get(key, self.tier) is not None
+        return key in self._resident
 
     def touch(self, key: BlockKey) -> None:
         self.policy.touch(key)
@@ -52,7 +56,7 @@ class SlotTier:
     def begin_read(self, keys: Sequence[BlockKey]) -> list[int]:
         """Pin READABLE ``keys`` for a copy out; returns their slots in order. Raises
         ``KeyError`` and pins nothing if any key is not READABLE here."""
-        residencies = [self.index.get(key, self.tier) for key in keys]
+        residencies = [self._resident.get(key) for key in keys]
         for key, residency in zip(keys, residencies, strict=True):
             if residency is None or residency.state is not BlockState.READABLE:
                 raise KeyError(
@@ -71,7 +75,7 @@ class SlotTier:
     def end_read(self, keys: Sequence[BlockKey], drop: bool = False) -> None:
         """Unpin after a copy out. ``drop=True`` also frees the slots (the copy found them bad)."""
         for key in keys:
-            residency = self.index.get(key, self.tier)
+            residency = self._resident.get(key)
             if residency is None:
                 continue
             residency.readers -= 1
@@ -83,7 +87,7 @@ class SlotTier:
     def begin_write(self, key: BlockKey) -> int | None:
         """Reserve a slot for ``key`` (state WRITING), evicting if full. None: all slots pinned.
         Raises ``KeyError``, taking no slot, if ``key`` is already resident here."""
-        if self.index.get(key, self.tier) is not None:
+        if key in self._resident:
             raise KeyError(f"tokenvm: block {key.hex()[:16]}... is already in the "
                            f"{self.tier.value} tier: check contains() before writing it")
         slot = self._take_free_slot()
@@ -94,7 +98,7 @@ class SlotTier:
 
     def end_write(self, key: BlockKey, ok: bool) -> None:
         """The copy into ``key``'s slot finished; READABLE if ``ok``, else the slot is freed."""
-        residency = self.index.get(key, self.tier)
+        residency = self._resident.get(key)
         if residency is None or residency.state is not BlockState.WRITING:
             return
         if ok:
@@ -121,7 +125,7 @@ class SlotTier:
         """Resident keys that may be evicted now (unpinned), the policy's best victim first."""
         for key in self.policy.candidates():
             assert isinstance(key, bytes)  # the policy holds only keys this tier inserted
-            residency = self.index.get(key, self.tier)
+            residency = self._resident.get(key)
             if residency is not None and not residency.pinned:
                 yield key
 
