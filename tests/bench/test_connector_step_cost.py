@@ -16,7 +16,8 @@ def test_both_configurations_run_the_workload_and_tokenvm_loads_from_host(
     for name in ("none", "tokenvm"):
         for kind in ("decode", "prompt"):
             engine = result[name][kind]["engine"]
-            assert engine["steps"] > 0 and engine["p50_us"] > 0 and engine["mean_us"] > 0
+            assert engine["steps"] > 0 and 0 < engine["p50_us"] <= engine["mean_us"] * 50
+            assert engine["mean_us"] < 1e6  # a step's Python, not a clock reading
     assert result["none"]["decode"]["worker"]["mean_us"] == 0  # no connector, no worker calls
     assert result["tokenvm"]["prompt"]["worker"]["mean_us"] > 0
     none, tokenvm = (result[n]["prompt_tokens_computed"] for n in ("none", "tokenvm"))

@@ -124,8 +124,8 @@ class Engine:
         for req_id, tokens in output.num_scheduled_tokens.items():
             request = self.scheduler.requests[req_id]
             done = request.num_computed_tokens >= request.num_tokens
-            start = request.num_computed_tokens - tokens
-            prompt += max(0, min(request.num_prompt_tokens, start + tokens) - start)
+            first = request.num_computed_tokens - tokens  # (schedule() advanced it)
+            prompt += max(0, min(request.num_prompt_tokens, first + tokens) - first)
             req_ids.append(req_id)
             sampled.append([7] if done else [])
         if self.worker is not None:

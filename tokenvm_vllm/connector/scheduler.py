@@ -402,12 +402,14 @@ class TokenVMScheduler:
         gpu_block_ids: list[int] = []
         groups: list[int] = []
         for group in self.groups:
-            ids = state.block_ids[group.index]
+            index = group.index
+            ids = state.block_ids[index]
             for i, key in enumerate(base, start):
                 if i < len(ids) and ids[i] != compat.NULL_BLOCK_ID:
-                    keys.append(with_group(key, group.index))
+                    # (``block_keys`` are group 0's keys: no new bytes for group 0)
+                    keys.append(with_group(key, index) if index else key)
                     gpu_block_ids.append(ids[i])
-                    groups.append(group.index)
+                    groups.append(index)
         return keys, gpu_block_ids, groups
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> TokenVMConnectorMetadata:

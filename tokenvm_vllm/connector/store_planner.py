@@ -136,7 +136,8 @@ class StorePlanner:
                 for i, key in enumerate(keys, first):
                     if i < kept or ids[i] == compat.NULL_BLOCK_ID:
                         continue
-                    key = with_group(key, group.index)
+                    if group.index:  # (``block_keys`` are group 0's keys)
+                        key = with_group(key, group.index)
                     if self.tiers.contains(key, Tier.HOST):
                         self.tiers.touch([key])
                         continue

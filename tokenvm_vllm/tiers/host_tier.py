@@ -117,7 +117,11 @@ class HostTier(SlotTier):
     # -- SlotTier hooks: a given-up slot never returns to use ---------------------------------
 
     def end_write(self, key: BlockKey, ok: bool) -> None:
-        """As ``SlotTier.end_write``; a block whose slot was given up meanwhile is dropped."""
+        """As ``SlotTier.end_write``; a block whose slot was given up meanwhile is dropped.
+        (Blocks sit in given-up slots only while a shrink waits for them: ``releasing_from``.)"""
+        if self.releasing_from is None:
+            super().end_write(key, ok)
+            return
         residency = self.index.get(key, self.tier)
         if ok and residency is not None and residency.slot >= self.usable_slots:
             ok = False
@@ -127,6 +131,8 @@ class HostTier(SlotTier):
     def end_read(self, keys: Sequence[BlockKey], drop: bool = False) -> None:
         """As ``SlotTier.end_read``; a block in a given-up slot goes with its last reader."""
         super().end_read(keys, drop)
+        if self.releasing_from is None:
+            return  # no block is in a given-up slot
         for key in keys:
             residency = self.index.get(key, self.tier)
             if (residency is not None and residency.slot >= self.usable_slots
