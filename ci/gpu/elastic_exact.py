@@ -224,6 +224,8 @@ def main() -> None:
         "testing": True,  # elastic on CUDA is refused outside testing until this check passed
         **extra})
     ahead = replace(elastic, extra_config={**elastic.extra_config, "elastic_map_ahead": True})
+    # map-ahead's reserve thread mapping through the compiled loop (csrc/vmm_batch.c)
+    compiled = replace(ahead, extra_config={**ahead.extra_config, "elastic_compiled_maps": True})
     reference = replace(base, num_gpu_blocks=4 * base.num_gpu_blocks)
     # name -> (settings, its reference). CUDA graphs (torch.compile) change bf16 numerics:
     # graph runs compare with a graph reference.
@@ -237,12 +239,13 @@ def main() -> None:
         # the workers map their reserve ahead of the commands (elastic_map_ahead)
         "elastic_ahead": (ahead, "reference"),
         "elastic_ahead_graphs": (replace(ahead, enforce_eager=False), "reference_graphs"),
+        "elastic_compiled_graphs": (replace(compiled, enforce_eager=False), "reference_graphs"),
     }
     wanted = args.configs.split(",")
     unknown = [n for n in wanted if n not in configs or configs[n][1] is None]
     if unknown:
         parser.error(f"--configs: unknown {unknown}; pick from elastic, tokenvm, elastic_graphs, "
-                     "elastic_ahead, elastic_ahead_graphs")
+                     "elastic_ahead, elastic_ahead_graphs, elastic_compiled_graphs")
     wanted = list(dict.fromkeys([configs[n][1] or n for n in wanted] + wanted))
     summary: dict[str, Any] = {}
     ok = True
