@@ -280,18 +280,21 @@ class VmmMapper:
             raise
         return cls(layout, ranges, lib)
 
-    def map_group(self, group: int) -> None:
-        here = [rng for rng, pages in zip(self.ranges, self.layout.region_pages, strict=True)
+    def _ranges_of(self, group: int) -> list[VirtualRange]:
+        """The ranges that have page ``group`` (a shorter region has fewer pages)."""
+        return [rng for rng, pages in zip(self.ranges, self.layout.region_pages, strict=True)
                 if group < pages]
+
+    def map_group(self, group: int) -> None:
+        here = self._ranges_of(group)
         if self.compiled is not None and all(rng.spare_count for rng in here):
             self._map_group_compiled(group, here)
             return
         done: list[VirtualRange] = []
         try:
-            for rng, pages in zip(self.ranges, self.layout.region_pages, strict=True):
-                if group < pages:
-                    rng.map(group)
-                    done.append(rng)
+            for rng in here:
+                rng.map(group)
+                done.append(rng)
         except BaseException:
             for rng in done:  # (a page it took from the reserve goes back there)
                 rng.unmap(group, keep_handle=True)
@@ -319,9 +322,8 @@ class VmmMapper:
             rng.adopt(group, handle)
 
     def unmap_group(self, group: int, keep: bool = False) -> None:
-        for rng, pages in zip(self.ranges, self.layout.region_pages, strict=True):
-            if group < pages:
-                rng.unmap(group, keep_handle=keep)
+        for rng in self._ranges_of(group):
+            rng.unmap(group, keep_handle=keep)
 
     def spare_groups(self) -> int:
         return min(rng.spare_count for rng in self.ranges)
