@@ -146,6 +146,41 @@ def test_rounds_must_be_positive(tmp_path: Path) -> None:
         serve_bench.main(["run", "--model", "m", "--out", str(tmp_path), "--first-round", "0"])
 
 
+def test_a_warm_up_server_runs_first_and_stays_out_of_the_report(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--warm-up-prompts N``: a throw-away server of the first configuration, N prompts of
+    the first P workload, its files in OUT/warm-up/; the measured servers and the report are
+    as without it."""
+    calls: list[tuple[str, Path, list[str], int]] = []
+
+    def run_config(config: ServerConfig, o: argparse.Namespace, out_dir: Path,
+                   round_no: int = 1) -> dict[str, object]:
+        calls.append((config.name, out_dir, list(o.workloads), o.num_prompts))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tok_s = 50.0 if out_dir.name == "warm-up" else 100.0
+        client = {"total_token_throughput": tok_s, "request_throughput": 1.0,
+                  "median_ttft_ms": 10.0, "p99_ttft_ms": 20.0, "mean_tpot_ms": 1.0}
+        result = {"config": config.name, "round": round_no, "runner": config.runner,
+                  "workloads": {w: {"client": client, "counters": {}} for w in o.workloads}}
+        (out_dir / f"{config.name}.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(serve_bench, "run_config", run_config)
+    serve_bench.main(["run", "--model", "m", "--out", str(tmp_path), "--configs",
+                      "native_v2,tokenvm_v2", "--workloads", "random,p32",
+                      "--warm-up-prompts", "16", "--num-prompts", "256"])
+    assert calls == [("native_v2", tmp_path / "warm-up", ["p32"], 16),
+                     ("native_v2", tmp_path, ["random", "p32"], 256),
+                     ("tokenvm_v2", tmp_path, ["random", "p32"], 256)]
+    rows = report(serve_bench.load_results([tmp_path]))
+    assert {r["tok_s"] for r in rows} == {100.0} and len(rows) == 4
+    assert "warm-up: native_v2, 16 prompts of p32 (in no report)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--warm-up-prompts -1: give 0"):
+        serve_bench.main(["run", "--model", "m", "--out", str(tmp_path),
+                          "--warm-up-prompts", "-1"])
+
+
 def test_a_run_that_served_nothing_still_reports(tmp_path: Path) -> None:
     """A configuration whose client got no answer (0 tok/s) comes back as a row: the report
     must not die on it and lose the configurations that did run."""

@@ -40,7 +40,10 @@ the throughput's spread ((max - min) / median), so a difference can be told from
 noise (5-10% between single runs on the H200), and no configuration always runs second (on the
 H200 the second server on a GPU had the higher TTFT in all four bursts of two wave rounds, in
 either order). ``--first-round K`` numbers the rounds from K, for rounds run in another call
-(``report`` then takes both directories).
+(``report`` then takes both directories). ``--warm-up-prompts N`` first starts a throw-away
+server (the first configuration) and drives it with N prompts of the first P workload; its
+results go to ``OUT/warm-up/`` and into no report. On the H200 the first server on a fresh
+machine was 12% slower than the same configuration as the fifth (the tenth serving run, README).
 
 Ratios in the report: against native on the same runner, against the best native, against the
 floor (P workloads) and against no offload (``random``). Absolute times mean something only on
@@ -271,6 +274,22 @@ def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path,
                       config.name, round_no, result.get("startup_s"))
     add_load_timelines(result, logs / f"{slug}.server.log")
     return result
+
+
+def warm_up(config: ServerConfig, opts: argparse.Namespace) -> None:
+    """A throw-away server of ``config`` driven by ``opts.warm_up_prompts`` prompts of the
+    first P workload (``p8`` if none is asked for), its files under ``OUT/warm-up/``: the
+    machine's first server compiles cold and ran slower than later ones. A failure is
+    reported and the measured runs go on."""
+    first = next((w for w in opts.workloads if w in ("p8", "p32")), "p8")
+    warm_opts = argparse.Namespace(**{**vars(opts), "workloads": [first],
+                                      "num_prompts": opts.warm_up_prompts})
+    progress(f"warm-up: {config.name}, {opts.warm_up_prompts} prompts of {first} "
+             "(in no report)")
+    try:
+        run_config(config, warm_opts, opts.out / "warm-up")
+    except (RuntimeError, subprocess.SubprocessError) as err:
+        progress(f"warm-up: FAILED: {err} (logs in {opts.out / 'warm-up' / 'logs'})")
 
 
 def write_startup(path: Path, server_log: Path, name: str, round_no: int,
@@ -675,6 +694,10 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--first-round", type=int, default=1,
                      help="number the rounds from this one (rounds run in an earlier call); "
                           "even rounds run the configurations in reverse order")
+    run.add_argument("--warm-up-prompts", type=int, default=0,
+                     help="first drive a throw-away server of the first configuration with "
+                          "this many prompts (results in OUT/warm-up/, in no report): the "
+                          "first server on a fresh machine runs slower")
     run.add_argument("--kv-gib", type=float, default=6)
     run.add_argument("--floor-kv-gib", type=float, default=30)
     run.add_argument("--host-gib", type=float, default=20)
@@ -718,6 +741,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"serve_bench: --rounds {opts.rounds}: give 1 or more")
         if opts.first_round < 1:
             raise SystemExit(f"serve_bench: --first-round {opts.first_round}: give 1 or more")
+        if opts.warm_up_prompts < 0:
+            raise SystemExit(f"serve_bench: --warm-up-prompts {opts.warm_up_prompts}: give 0 "
+                             "(no warm-up server) or more")
         opts.workloads = [w for w in opts.workloads.split(",") if w]
         bad = [w for w in opts.workloads if w not in WORKLOADS]
         if bad:
@@ -733,6 +759,8 @@ def main(argv: list[str] | None = None) -> None:
         (opts.out / "settings.json").write_text(json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()}, indent=1))
         try:
+            if opts.warm_up_prompts:
+                warm_up(configs[0], opts)
             runs = run_order(configs, opts.first_round, opts.rounds)
             last = opts.first_round + opts.rounds - 1
             for i, (round_no, config) in enumerate(runs, 1):
