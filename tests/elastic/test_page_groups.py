@@ -18,6 +18,7 @@ from tokenvm_vllm.elastic.page_groups import (
     PageGroupLayout,
     PageGroupPool,
     RecordingMapper,
+    ShrinkPlan,
     ShrinkPolicy,
 )
 
@@ -157,7 +158,7 @@ def test_planner_never_exceeds_ceiling(block_bytes, num_blocks):
             free = rng.randrange(usable + 1)
             demand, ahead = rng.randrange(num_blocks // 4 + 2), rng.randrange(8)
             plan = pool.grow(free, demand, ahead)
-            assert pool.mapped_bytes <= ceiling
+            assert pool.mapped_bytes == layout.bytes_of(pool.mapped) <= ceiling
             gained = len(pool.usable_blocks()) - usable
             assert gained == len(plan.new_blocks)
             if plan.short_by == 0:
@@ -167,9 +168,9 @@ def test_planner_never_exceeds_ceiling(block_bytes, num_blocks):
                     if len(pool.mapped) < layout.num_groups else None
                 assert nxt is None or pool.mapped_bytes + layout.group_bytes(nxt) > ceiling
             if rng.random() < 0.3:  # drop some groups, as a shrink would
-                for g in rng.sample(sorted(pool.mapped), k=len(pool.mapped) // 2):
-                    pool.mapper.unmap_group(g)
-                    pool.mapped.discard(g)
+                dropped = rng.sample(sorted(pool.mapped), k=len(pool.mapped) // 2)
+                pool.apply_shrink(ShrinkPlan(tuple(sorted(dropped)), (), (), 0))
+                assert pool.mapped_bytes == layout.bytes_of(pool.mapped)
 
 
 def test_failed_map_keeps_the_mapped_set_exact():
