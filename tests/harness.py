@@ -36,6 +36,7 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 from tokenvm_vllm.connector.connector import TokenVMConnector
+from tokenvm_vllm.connector.stats import COUNTERS
 from tokenvm_vllm.transfer.copy_engine import CopyEngine, CopyResult
 
 LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
@@ -164,7 +165,8 @@ class Harness:
         init_none_hash(sha256)
         self._hasher = get_request_block_hasher(self.block_size, sha256)
         self._ids = itertools.count()
-        self.stats: dict[str, float] = {}
+        # Every counter from 0 (vLLM ships only what an interval reported: TokenVMStats)
+        self.stats: dict[str, float] = dict.fromkeys(COUNTERS, 0)
         self.histograms: dict[str, list[float]] = {}
         # vLLM drains the scheduler-side stats in update_from_output; tap them there.
         drain = self.connector.get_kv_connector_stats

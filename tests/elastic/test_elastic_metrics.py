@@ -21,3 +21,36 @@ def test_gauges_keep_the_latest_level_and_counters_add():
     silent = TokenVMStats()  # an interval that reported no level keeps the last one
     assert total.aggregate(silent).data["elastic_usable_blocks"] == 8
     assert "elastic_usable_blocks" not in TokenVMStats().reduce()
+
+
+
+def test_a_step_that_changes_nothing_exports_nothing():
+    """Gauges go out when their level changes: an elastic server's steps that map nothing
+    ship no stats, as a fixed pool's decode steps do (vLLM sends non-empty connector stats to
+    the front end every step)."""
+    from tokenvm_vllm.bench.elastic_step_cost import make_elastic
+
+    _, elastic = make_elastic(layers=4, num_blocks=512)
+
+    def step(demand: int) -> TokenVMStats:
+        """One engine step as the connector drives it (a worker that keeps its reserve full
+        answers at once); returns what the step exported."""
+        elastic.before_alloc(demand)
+        elastic.end_of_schedule(serving=True)
+        _, target = elastic.take_commands()
+        elastic.reported([(elastic.ledger.sent, target)])
+        stats = TokenVMStats()
+        elastic.export(stats)
+        return stats
+
+    first = step(0)
+    assert first.data["elastic_usable_blocks"] == elastic.pool.usable_blocks
+    assert "elastic_mapped_bytes" in first.data
+    for _ in range(3):  # the reserve settles
+        step(0)
+    assert step(0).is_empty()
+    before = elastic.pool.usable_blocks
+    grown = step(before + 64)  # more than is usable: the pool grows
+    assert grown.data["elastic_usable_blocks"] == elastic.pool.usable_blocks > before
+    assert grown.data["elastic_grown_groups"] > 0
+    assert grown.data["elastic_mapped_bytes"] == elastic.pool.mapped_bytes

@@ -89,6 +89,9 @@ def test_shrink_drops_unpinned_blocks_and_waits_for_copies_in_flight() -> None:
     assert stats.counts["host_released_bytes"] == 16 * SLOT
     assert stats.counts["host_shrink_dropped_blocks"] == 15  # 13 + the two pinned ones
     assert stats.gauges["host_usable_bytes"] == 16 * SLOT
+    again = Stats()  # nothing changed: no level is sent again
+    pressure.export(again)
+    assert "host_usable_bytes" not in again.gauges and not again.counts
 
 
 def test_shrunk_blocks_on_disk_stay_readable_there() -> None:

@@ -122,27 +122,26 @@ _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2
 @dataclass
 class TokenVMStats(KVConnectorStats):
     """``data``: each name of ``COUNTERS`` -> a number accumulated over one interval, each name
-    of ``HISTOGRAMS`` -> the list of observations of that interval."""
-
-    def __post_init__(self) -> None:
-        for name in COUNTERS:
-            self.data.setdefault(name, 0)
-        for name in HISTOGRAMS:
-            self.data.setdefault(name, [])
+    of ``HISTOGRAMS`` -> the list of observations of that interval, each name of ``GAUGES`` ->
+    its latest level. Sparse: a name is present only once the interval reported it. vLLM ships
+    ``data`` from the engine core to the front end on every step whose stats are not empty,
+    and the front end rebuilds and aggregates it there: with every name filled in (64 of them)
+    that cost 22 µs a step on the CPU VM against 13 µs for the few a busy step reports."""
 
     def set(self, name: str, value: float) -> None:
         """Report gauge ``name``'s current level (the latest one wins on aggregation)."""
         self.data[name] = value
 
     def add(self, name: str, value: float) -> None:
-        self.data[name] += value
+        if value:  # (a zero would travel for nothing)
+            self.data[name] = self.data.get(name, 0) + value
 
     def observe(self, name: str, values: list[float]) -> None:
-        self.data[name].extend(values)
+        if values:
+            self.data.setdefault(name, []).extend(values)
 
     def reset(self) -> None:
         self.data: dict[str, Any] = {}
-        self.__post_init__()
 
     def aggregate(self, other: KVConnectorStats) -> TokenVMStats:
         for name, value in other.data.items():

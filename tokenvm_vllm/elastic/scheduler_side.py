@@ -101,6 +101,8 @@ class SchedulerElastic:
         self._served_at: float | None = None
         """When a step last saw a request in the engine (``_serving``)."""
         self._ceiling_file_seen: tuple[int, int] | None = None
+        self._exported: dict[str, int] = {}
+        """The gauges' levels as last exported (``export`` sends only changes)."""
         self._ceiling_setting = self.pool.groups.ceiling_bytes
         """The ceiling the settings ask for (gpu_kv_ceiling_bytes, then the ceiling file); the
         pool's ceiling is this, lowered while the free-memory target needs it."""
@@ -177,13 +179,22 @@ class SchedulerElastic:
         return self.pool.awaiting_idle_shrink
 
     def export(self, stats: Any) -> None:
-        """Add the counters since the last call to ``stats`` (``tokenvm:elastic_*``)."""
+        """Add the counters since the last call to ``stats`` (``tokenvm:elastic_*``), and each
+        gauge whose level changed since it was last exported. (A Prometheus gauge keeps its
+        level; setting unchanged ones made every step's stats non-empty, so vLLM shipped and
+        the front end processed TokenVM's stats on every step of an elastic server, where a
+        fixed pool's decode steps ship none.)"""
         for name, count in vars(self.pool.take_counters()).items():
-            stats.add(f"elastic_{name}", count)
-        stats.set("elastic_usable_blocks", self.pool.usable_blocks)
-        stats.set("elastic_mapped_bytes", self.pool.mapped_bytes)
-        stats.set("elastic_reserve_bytes",
-                  self.ledger.reported * self.pool.layout.group_bytes(0))
+            if count:
+                stats.add(f"elastic_{name}", count)
+        levels = (("elastic_usable_blocks", self.pool.usable_blocks),
+                  ("elastic_mapped_bytes", self.pool.mapped_bytes),
+                  ("elastic_reserve_bytes",
+                   self.ledger.reported * self.pool.layout.group_bytes(0)))
+        for name, level in levels:
+            if self._exported.get(name) != level:
+                stats.set(name, level)
+                self._exported[name] = level
 
     # -- the ceiling: the file and the free-memory target -----------------------------------
 

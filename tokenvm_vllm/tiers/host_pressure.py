@@ -108,6 +108,7 @@ class HostPressure:
         self.grows = 0
         self._dropped_seen = 0
         self._exported_dropped = 0
+        self._exported_usable: int | None = None
         self._at_floor_logged = False
 
     @property
@@ -212,4 +213,7 @@ class HostPressure:
         if dropped:
             add("host_shrink_dropped_blocks", dropped)
             self._exported_dropped = self.host.shrink_dropped
-        stats.set("host_usable_bytes", self.host.usable_slots * self.slot_bytes)
+        usable = self.host.usable_slots * self.slot_bytes
+        if usable != self._exported_usable:  # a level: sent when it changes (elastic's export)
+            stats.set("host_usable_bytes", usable)
+            self._exported_usable = usable
