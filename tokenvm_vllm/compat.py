@@ -108,6 +108,27 @@ def iter_free_blocks(block_pool: Any, limit: int) -> Iterator[Any]:
         block = block.next_free_block
 
 
+def cached_free_blocks(block_pool: Any, usable_blocks: int) -> int:
+    """Of vLLM's free GPU blocks, about how many hold a prefix-cached block (vLLM evicts those
+    to allocate): its cached hashes less the blocks in use, of ``usable_blocks``, in O(1). A
+    hash held by several blocks counts once, so the estimate errs low."""
+    in_use = usable_blocks - int(block_pool.get_num_free_blocks())
+    return max(0, len(block_pool.cached_block_hash_to_block) - in_use)
+
+
+def gpu_cached(block_pool: Any, block_hash: Any) -> bool:
+    """Whether vLLM's GPU prefix cache holds ``block_hash`` (a request's block hash) in KV
+    cache group 0."""
+    return block_pool.get_cached_block(block_hash, [0]) is not None
+
+
+def is_waiting(request: Any) -> bool:
+    """Whether vLLM's request waits for admission (not running, not waiting on a transfer)."""
+    from vllm.v1.request import RequestStatus
+
+    return request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+
+
 def dma_batch_copy() -> Any:
     """vLLM's ``swap_blocks_batch(src_ptrs, dst_ptrs, sizes)`` (one ``cuMemcpyBatchAsync`` on the
     current stream, CPU int64 tensors of raw addresses and byte sizes), or None where this vLLM

@@ -56,7 +56,8 @@ class Engine:
     """vLLM's ``Scheduler`` with (``tokenvm``) or without a KV connector, a TokenVM worker on
     CPU tensors, and a fake forward; ``step()`` returns its timings."""
 
-    def __init__(self, model_dir: str, tokenvm: bool, concurrency: int, host_slots: int) -> None:
+    def __init__(self, model_dir: str, tokenvm: bool, concurrency: int, host_slots: int,
+                 settings: dict[str, Any] | None = None) -> None:
         import torch
         from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
         from vllm.engine.arg_utils import EngineArgs
@@ -69,7 +70,8 @@ class Engine:
         from tokenvm_vllm.connector.connector import TokenVMConnector
 
         transfer = {"kv_connector": "TokenVM", "kv_role": "kv_both",
-                    "kv_connector_extra_config": {"host_bytes": host_slots * SLOT_BYTES}}
+                    "kv_connector_extra_config": {"host_bytes": host_slots * SLOT_BYTES,
+                                                  **(settings or {})}}
         args = EngineArgs(
             model=model_dir, dtype="float32", block_size=BLOCK_SIZE, max_num_seqs=concurrency,
             max_num_batched_tokens=8192, max_model_len=8192, enable_prefix_caching=True,
@@ -164,17 +166,20 @@ def workload(requests: int, prefixes: int, prefix_blocks: int, suffix: int,
 
 def run(model_dir: str, requests: int = 256, concurrency: int = 32, prefixes: int = 32,
         prefix_blocks: int = 256, suffix: int = 128, output_tokens: int = 32,
-        host_slots: int = 10240, progress: Callable[[str], None] = _progress
-        ) -> dict[str, Any]:
+        host_slots: int = 10240, progress: Callable[[str], None] = _progress,
+        settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Both configurations over the same prompts; returns per configuration and kind of step
-    ``{steps, p50_us, mean_us}`` of the engine core's and the worker's time, and the steps."""
+    ``{steps, p50_us, mean_us}`` of the engine core's and the worker's time, the steps, and
+    the requests running per step on average (``settings``: TokenVM settings, e.g.
+    ``load_defer_steps``, which changes the order requests run in)."""
     prompts = workload(requests, prefixes, prefix_blocks, suffix)
     result: dict[str, Any] = {"settings": {
         "requests": requests, "concurrency": concurrency, "prefixes": prefixes,
         "prefix_blocks": prefix_blocks, "suffix_tokens": suffix,
-        "output_tokens": output_tokens, "host_slots": host_slots, "gpu_blocks": NUM_BLOCKS}}
+        "output_tokens": output_tokens, "host_slots": host_slots, "gpu_blocks": NUM_BLOCKS,
+        "tokenvm_settings": settings or {}}}
     for name in ("none", "tokenvm"):
-        engine = Engine(model_dir, name == "tokenvm", concurrency, host_slots)
+        engine = Engine(model_dir, name == "tokenvm", concurrency, host_slots, settings)
         # As vLLM's engine core after start-up (freeze_gc_heap): objects made so far leave the
         # collector's generations, so a collection walks only what serving allocates.
         gc.collect()
@@ -183,7 +188,7 @@ def run(model_dir: str, requests: int = 256, concurrency: int = 32, prefixes: in
         times: dict[str, dict[str, list[float]]] = {
             kind: {"engine": [], "worker": []} for kind in ("decode", "prompt")}
         started = time.perf_counter()
-        in_flight = computed = 0
+        in_flight = computed = running = 0
         while queue or engine.busy():
             if sum(len(k["engine"]) for k in times.values()) > 100 * requests + 10_000:
                 raise RuntimeError(f"{name}: the requests did not finish (a prompt longer than "
@@ -193,6 +198,7 @@ def run(model_dir: str, requests: int = 256, concurrency: int = 32, prefixes: in
                 in_flight += 1
             engine_s, worker_s, prompt = engine.step()
             computed += prompt
+            running += len(engine.scheduler.running)
             in_flight = len(engine.scheduler.requests)
             kind = times["prompt" if prompt else "decode"]
             kind["engine"].append(engine_s * 1e6)
@@ -207,6 +213,9 @@ def run(model_dir: str, requests: int = 256, concurrency: int = 32, prefixes: in
                         for kind, parts in times.items()}
         result[name]["wall_s"] = time.perf_counter() - started
         result[name]["prompt_tokens_computed"] = computed
+        steps = sum(len(k["engine"]) for k in times.values())
+        result[name]["steps"] = steps
+        result[name]["mean_running"] = running / max(1, steps)
         progress(f"{name}: done in {result[name]['wall_s']:.1f} s")
     return result
 
@@ -231,6 +240,10 @@ def print_result(result: dict[str, Any]) -> None:
               f"{added:11.0f}")
     print(f"prompt tokens computed: none {result['none']['prompt_tokens_computed']:,}, "
           f"tokenvm {result['tokenvm']['prompt_tokens_computed']:,} (the rest came from host)")
+    print(f"engine steps to finish: none {result['none']['steps']}, tokenvm "
+          f"{result['tokenvm']['steps']}; requests running per step: none "
+          f"{result['none']['mean_running']:.1f}, tokenvm {result['tokenvm']['mean_running']:.1f}"
+          + (f" (tokenvm settings {s['tokenvm_settings']})" if s["tokenvm_settings"] else ""))
 
 
 def main() -> None:
@@ -243,13 +256,22 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--host-slots", type=int, default=10240)
     parser.add_argument("--json", default="", help="write the result here too")
+    parser.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="a TokenVM setting for the tokenvm run (repeatable), e.g. "
+                             "load_defer_steps=5")
     args = parser.parse_args()
+    settings: dict[str, Any] = {}
+    for item in args.setting:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--setting {item!r}: give KEY=VALUE, e.g. load_defer_steps=5")
+        settings[key] = value
     from tokenvm_vllm.tiny_llama import write_tiny_llama
 
     with tempfile.TemporaryDirectory() as tmp:
         model = str(write_tiny_llama(Path(tmp) / "tiny", weights=False))
         result = run(model, args.requests, args.concurrency, args.prefixes, args.prefix_blocks,
-                     args.suffix, args.output_tokens, args.host_slots)
+                     args.suffix, args.output_tokens, args.host_slots, settings=settings)
     print_result(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -42,6 +42,8 @@ class RequestState:
     prefetched_blocks: int = 0
     """Promotions issued for this request, not yet judged on time or late."""
     lookup_deferred: bool = False
+    load_defers: int = 0
+    """Steps this request's load was put off (``load_defer_steps``)."""
     prefetch_deadline: float = 0.0
     remote_asked: bool = False
     """A remote lookup was issued for this request (one per request)."""

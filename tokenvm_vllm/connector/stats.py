@@ -35,6 +35,8 @@ COUNTERS: dict[str, str] = {
     "disk_write_failed_blocks": "Host -> disk copies that failed (disk full, I/O error)",
     "disk_write_skipped_blocks": "Blocks not written to disk (queue full or every slot pinned)",
     "lookup_deferred": "Lookups answered 'ask again' while a prefetch was in flight",
+    "load_deferred": "Lookups answered 'ask again' to put off a load that would evict "
+                     "prefix-cached GPU blocks (load_defer_steps)",
     "lookup_deferred_loading": "Lookups answered 'ask again' because another request was "
                                "loading the same blocks (they become vLLM cache hits)",
     "prefetch_on_time_blocks": "Prefetched blocks that were in host memory at the first lookup",

@@ -329,9 +329,7 @@ class ElasticPool:
         free = int(self.block_pool.get_num_free_blocks())
         if not self.keep_cache:
             return free
-        in_use = self.usable_blocks - free
-        cached = len(self.block_pool.cached_block_hash_to_block)
-        return max(0, free - max(0, cached - in_use))
+        return max(0, free - compat.cached_free_blocks(self.block_pool, self.usable_blocks))
 
     def set_ceiling(self, ceiling_bytes: int) -> None:
         """A new ceiling while running: growth stops there, and the next ``maybe_shrink``
