@@ -169,9 +169,10 @@ class TokenVMConfig:
     """A request whose prefix must be loaded while vLLM has no free uncached GPU blocks for it
     (its blocks would evict prefix-cached ones) waits up to this many engine steps ("ask
     again"), so the waiting requests behind it whose prefix is on the GPU run first and share
-    it. 0 = off: vLLM's first-come order. On vLLM's scheduler over workload P at 32 in flight
-    (bench/connector_step_cost, CPU), 5 steps took 25% fewer engine steps with 1.3x the
-    requests running; not yet measured on a GPU."""
+    it; only while such a request waits behind it. 0 = off: vLLM's first-come order. On vLLM's
+    scheduler over workload P at 32 in flight (bench/connector_step_cost, CPU), 5 steps took
+    26% fewer engine steps with 1.34x the requests running (neutral at 8); not yet measured on
+    a GPU."""
     copy_path: CopyPath = CopyPath.STAGED
     """CUDA copies: 'staged' gathers blocks into a GPU staging buffer (a short on-device
     kernel) and moves them over PCIe with DMA, leaving the SMs to the model; 'uva' has a Triton
