@@ -18,6 +18,9 @@ Life of a block, by hook:
   blocks another request is loading right now is also asked again (None), as vLLM native
   does: once that load lands they are hits in vLLM's own cache, not a second copy into a
   second set of GPU blocks (seen on the H200: ~10% more blocks loaded under load without it).
+  With ``load_defer_steps`` a request whose load would evict prefix-cached GPU blocks, while a
+  request waiting behind it has its prefix on the GPU, is asked again too (``_defer_load``),
+  at most that many times: vLLM runs the GPU hit first.
 * ``update_state_after_alloc``: pins the host slots and plans a load job.
 * ``build_connector_meta``: plans the step's store (``write_back``: cached blocks nearest the
   eviction end of vLLM's GPU free queue, ``bind_gpu_block_pool``, that host memory lacks;
