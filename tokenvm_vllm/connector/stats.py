@@ -128,7 +128,7 @@ class TokenVMStats(KVConnectorStats):
     its latest level. Sparse: a name is present only once the interval reported it. vLLM ships
     ``data`` from the engine core to the front end on every step whose stats are not empty,
     and the front end rebuilds and aggregates it there: with every name filled in (64 of them)
-    that cost 22 µs a step on the CPU VM against 13 µs for the few a busy step reports."""
+    that cost 22 µs a step on the CPU VM against 6 µs for the few a busy step reports."""
 
     def set(self, name: str, value: float) -> None:
         """Report gauge ``name``'s current level (the latest one wins on aggregation)."""
