@@ -108,12 +108,14 @@ def iter_free_blocks(block_pool: Any, limit: int) -> Iterator[Any]:
         block = block.next_free_block
 
 
-def cached_free_blocks(block_pool: Any, usable_blocks: int) -> int:
-    """Of vLLM's free GPU blocks, about how many hold a prefix-cached block (vLLM evicts those
-    to allocate): its cached hashes less the blocks in use, of ``usable_blocks``, in O(1). A
-    hash held by several blocks counts once, so the estimate errs low."""
-    in_use = usable_blocks - int(block_pool.get_num_free_blocks())
-    return max(0, len(block_pool.cached_block_hash_to_block) - in_use)
+def uncached_free_blocks(block_pool: Any, usable_blocks: int) -> int:
+    """Of vLLM's free GPU blocks, about how many hold no prefix-cached block: the ones it can
+    hand out without evicting its cache. The cached free ones are estimated in O(1) as its
+    cached hashes less the blocks in use (of ``usable_blocks``); a hash held by several blocks
+    counts once, so the estimate errs toward more uncached blocks."""
+    free = int(block_pool.get_num_free_blocks())
+    cached_free = max(0, len(block_pool.cached_block_hash_to_block) - (usable_blocks - free))
+    return max(0, free - cached_free)
 
 
 def gpu_cached(block_pool: Any, block_hash: Any) -> bool:

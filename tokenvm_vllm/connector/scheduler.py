@@ -377,7 +377,7 @@ class TokenVMScheduler:
             return False
         usable = (self.elastic.pool.usable_blocks if self.elastic is not None
                   else pool.num_gpu_blocks - 1)  # (the null block is never free)
-        uncached = int(pool.get_num_free_blocks()) - compat.cached_free_blocks(pool, usable)
+        uncached = compat.uncached_free_blocks(pool, usable)
         request = state.request
         needed = -(-request.num_tokens // self.block_size) - state.local_blocks
         if uncached >= needed or not self._gpu_hit_waiting(pool, request.request_id):

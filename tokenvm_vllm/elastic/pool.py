@@ -326,10 +326,9 @@ class ElasticPool:
         cached free blocks are estimated in O(1) as vLLM's cached hashes less the blocks in
         use (a hash held by several blocks counts once: the estimate errs toward growing
         less)."""
-        free = int(self.block_pool.get_num_free_blocks())
         if not self.keep_cache:
-            return free
-        return max(0, free - compat.cached_free_blocks(self.block_pool, self.usable_blocks))
+            return int(self.block_pool.get_num_free_blocks())
+        return compat.uncached_free_blocks(self.block_pool, self.usable_blocks)
 
     def set_ceiling(self, ceiling_bytes: int) -> None:
         """A new ceiling while running: growth stops there, and the next ``maybe_shrink``
