@@ -95,7 +95,7 @@ def write_result(directory: Path, config: str, runner: str, tok_s: float, ttft: 
     client = {"total_token_throughput": tok_s, "median_ttft_ms": ttft, "p99_ttft_ms": 2 * ttft,
               "mean_tpot_ms": 10.0}
     workload = {"client": client, "counters": {"prompt_tokens[local_compute]": computed}}
-    (directory / f"{config}{serve_bench.round_suffix(round_no)}.json").write_text(json.dumps(
+    (directory / f"{serve_bench.file_slug(config, round_no)}.json").write_text(json.dumps(
         {"config": config, "round": round_no, "runner": runner, "workloads": {"p8": workload}}))
 
 
@@ -137,6 +137,35 @@ def test_rounds_alternate_the_order_and_can_start_later() -> None:
     assert serve_bench.run_order(["a", "b", "c"], 1, 3) == [
         (1, "a"), (1, "b"), (1, "c"), (2, "c"), (2, "b"), (2, "a"), (3, "a"), (3, "b"), (3, "c")]
     assert serve_bench.run_order(["a", "b"], 2, 1) == [(2, "b"), (2, "a")]
+
+
+def test_file_slug_keeps_the_label_and_marks_later_rounds() -> None:
+    """One stem for a server's result, start-up and log files (two spellings once made the
+    start-up file and the result of one server differ)."""
+    assert serve_bench.file_slug("tokenvm_v2@defer:load_defer_steps=5", 1) == (
+        "tokenvm_v2@defer-load_defer_steps-5")
+    assert serve_bench.file_slug("native_v1", 2) == "native_v1.r2"
+
+
+def test_start_ups_are_listed_in_the_order_the_servers_ran(tmp_path: Path) -> None:
+    """Files of one call come back with new times when copied or checked out: start-ups
+    recorded with ``started_at`` sort by it; older ones by the run order in settings.json;
+    the directories in the order given."""
+    older, newer = tmp_path / "older", tmp_path / "newer"
+    older.mkdir()
+    newer.mkdir()
+    # second round of "a,b": b ran first; the files' times say the opposite
+    (older / "settings.json").write_text(json.dumps(
+        {"configs": "a,b@x:load_defer_steps=5", "first_round": 2, "rounds": 1}))
+    for name, mtime in (("a", 100), ("b@x:load_defer_steps=5", 200)):
+        path = older / f"{serve_bench.file_slug(name, 2)}.startup.json"
+        path.write_text(json.dumps({"config": name, "round": 2}))
+        os.utime(path, (mtime, mtime))
+    for name, started in (("c", 20.0), ("d", 10.0)):
+        (newer / f"{name}.startup.json").write_text(json.dumps(
+            {"config": name, "round": 1, "started_at": started}))
+    order = [s["config"] for s in serve_bench.load_startups([older, newer])]
+    assert order == ["b@x:load_defer_steps=5", "a", "d", "c"]
 
 
 def test_rounds_must_be_positive(tmp_path: Path) -> None:

@@ -240,7 +240,8 @@ def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path,
                round_no: int = 1) -> dict[str, Any]:
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9_.@-]+", "-", config.name) + round_suffix(round_no)
+    slug = file_slug(config.name, round_no)
+    started_at = time.time()
     args = ["--dtype", opts.dtype, "--max-num-seqs", str(opts.max_num_seqs), "--max-model-len",
             str(opts.max_model_len), *config.args, *opts.server_arg]
     if opts.dummy:
@@ -271,7 +272,7 @@ def run_config(config: ServerConfig, opts: argparse.Namespace, out_dir: Path,
         # Written whatever happened after the start (a benchmark cut off by the call's time
         # limit included): the start-up is often what such a run was for.
         write_startup(out_dir / f"{slug}.startup.json", logs / f"{slug}.server.log",
-                      config.name, round_no, result.get("startup_s"))
+                      config.name, round_no, result.get("startup_s"), started_at)
     add_load_timelines(result, logs / f"{slug}.server.log")
     return result
 
@@ -293,17 +294,47 @@ def warm_up(config: ServerConfig, opts: argparse.Namespace) -> None:
 
 
 def write_startup(path: Path, server_log: Path, name: str, round_no: int,
-                  up_s: float | None) -> None:
-    """The server's start-up phases (``bench/startup.py``) as JSON at ``path``."""
+                  up_s: float | None, started_at: float) -> None:
+    """The server's start-up phases (``bench/startup.py``) as JSON at ``path``;
+    ``started_at`` (Unix time of the launch) orders the servers in the report."""
     lines = server_log.read_text(errors="replace").splitlines() if server_log.exists() else []
     path.write_text(json.dumps({"config": name, "round": round_no, "up_s": up_s,
-                                **startup.parse(lines)}, indent=1))
+                                "started_at": started_at, **startup.parse(lines)}, indent=1))
 
 
 def load_startups(dirs: list[Path]) -> list[dict[str, Any]]:
-    """Every ``*.startup.json`` in ``dirs``, in the order the servers ran (file time)."""
-    files = [path for directory in dirs for path in directory.glob("*.startup.json")]
-    return [json.loads(path.read_text()) for path in sorted(files, key=lambda p: p.stat().st_mtime)]
+    """Every ``*.startup.json`` in ``dirs``, in the order the servers ran: the directories in
+    the order given; within one, by ``started_at``, or for files written before it was
+    recorded by the run order that the directory's ``settings.json`` implies (a copy or a git
+    checkout loses the files' times), else by file time."""
+    startups: list[dict[str, Any]] = []
+    for directory in dirs:
+        order = planned_order(directory)
+        found = [(start_key(path, data, order), i, data) for i, (path, data) in enumerate(
+            (path, json.loads(path.read_text())) for path in directory.glob("*.startup.json"))]
+        startups += [data for _, _, data in sorted(found, key=lambda item: item[:2])]
+    return startups
+
+
+def start_key(path: Path, data: dict[str, Any], order: list[tuple[int, str]]) -> tuple[float, ...]:
+    """Sort key of one start-up file in its directory (``load_startups``)."""
+    if "started_at" in data:
+        return (0, data["started_at"])
+    planned = (data.get("round", 1), data.get("config"))
+    if planned in order:
+        return (1, order.index(planned))
+    return (2, path.stat().st_mtime)
+
+
+def planned_order(directory: Path) -> list[tuple[int, str]]:
+    """(round, configuration) in the order ``run`` started the servers whose results are in
+    ``directory``, from its ``settings.json``; empty without one."""
+    settings_file = directory / "settings.json"
+    if not settings_file.exists():
+        return []
+    settings = json.loads(settings_file.read_text())
+    return run_order(split_specs(settings.get("configs", "")),
+                     settings.get("first_round", 1), settings.get("rounds", 1))
 
 
 def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs: Path,
@@ -449,10 +480,11 @@ def run_order(configs: list[T], first_round: int, rounds: int) -> list[tuple[int
             for config in (configs if r % 2 else configs[::-1])]
 
 
-def round_suffix(round_no: int) -> str:
-    """File-name suffix of a round's results and logs: none for the first (as without
-    ``--rounds``), ``.r2``, ``.r3`` ... after it."""
-    return "" if round_no == 1 else f".r{round_no}"
+def file_slug(name: str, round_no: int) -> str:
+    """The stem of a server's files (result, start-up, logs): its configuration's name with
+    anything but letters, digits, ``_``, ``.``, ``@`` and ``-`` made ``-``, then the round's
+    suffix: none for the first (as without ``--rounds``), ``.r2``, ``.r3`` ... after it."""
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "-", name) + ("" if round_no == 1 else f".r{round_no}")
 
 
 def progress(text: str) -> None:
@@ -771,8 +803,8 @@ def main(argv: list[str] | None = None) -> None:
                 except (RuntimeError, subprocess.SubprocessError) as err:
                     progress(f"{config.name}: FAILED: {err} (logs in {opts.out / 'logs'})")
                     continue
-                slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name) + round_suffix(round_no)
-                (opts.out / f"{slug}.json").write_text(json.dumps(result, indent=1))
+                (opts.out / f"{file_slug(config.name, round_no)}.json").write_text(
+                    json.dumps(result, indent=1))
         except KeyboardInterrupt:  # e.g. `timeout --signal=INT`: report what finished
             progress("interrupted: reporting the configurations that finished")
         dirs = [opts.out]
