@@ -165,14 +165,14 @@ class TokenVMConfig:
     """Host-tier eviction policy: 'lru', '2q', 'arc' or 'queue_aware' (tokenvm_vllm.policies)."""
     min_load_blocks: int = 1
     """Smallest run of host-hit blocks worth loading; shorter hits are recomputed."""
-    load_defer_steps: int = 0
+    load_defer_steps: int = 5
     """A request whose prefix must be loaded while vLLM has no free uncached GPU blocks for it
     (its blocks would evict prefix-cached ones) waits up to this many engine steps ("ask
     again"), so the waiting requests behind it whose prefix is on the GPU run first and share
-    it; only while such a request waits behind it. 0 = off: vLLM's first-come order. On vLLM's
-    scheduler over workload P at 32 in flight (bench/connector_step_cost, CPU), 5 steps took
-    26% fewer engine steps with 1.34x the requests running (neutral at 8); not yet measured on
-    a GPU."""
+    it; only while such a request waits behind it. 0 = off: vLLM's first-come order. Under
+    ``vllm bench serve`` on an H200 (workload P, V2, two rounds; README, "Eleventh H200 run"),
+    5 against 0: 1.053x throughput at both 8 and 32 in flight, TTFT p50 0.77x / 0.83x, at 32
+    14-16% fewer bytes loaded; the price: mean TPOT 1.07x / 1.04x, TTFT p99 0.97x / 1.11x."""
     copy_path: CopyPath = CopyPath.STAGED
     """CUDA copies: 'staged' gathers blocks into a GPU staging buffer (a short on-device
     kernel) and moves them over PCIe with DMA, leaving the SMs to the model; 'uva' has a Triton
