@@ -1,5 +1,6 @@
 # Sourced by a device call's script (one `run` on the GPU machine), after the bundle's p0 and p1
-# were copied to /tmp/parts by two earlier calls (README, "GPU runs"):
+# were copied to /tmp/parts by earlier calls (three since the bundle is cut in 40 MiB pieces to
+# fit a call's 64 MiB beside the working tree: ci/gpu/split_bundle.sh says how):
 #
 #   source ci/gpu/calls.sh                 # unpacks p2 and .gpu/redis.txz, installs TokenVM
 #   stage wave1 0 wave WAVE_ARGS="..." &   # ci/gpu/run.sh on GPU 0, files under $OUT/wave1
