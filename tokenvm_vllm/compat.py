@@ -18,6 +18,7 @@ Helpers used by both sides live here so no module branches on a version.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
@@ -125,10 +126,17 @@ def gpu_cached(block_pool: Any, block_hash: Any) -> bool:
 
 
 def is_waiting(request: Any) -> bool:
-    """Whether vLLM's request waits for admission (not running, not waiting on a transfer)."""
+    """Whether vLLM's request waits for admission (not running, not waiting on a transfer).
+    Called for every request the scheduler holds while a load may be put off
+    (``load_defer_steps``), so the statuses are looked up once, not imported per call."""
+    return request.status in _waiting_statuses()
+
+
+@functools.cache
+def _waiting_statuses() -> tuple[Any, ...]:
     from vllm.v1.request import RequestStatus
 
-    return request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+    return (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 
 
 def dma_batch_copy() -> Any:
