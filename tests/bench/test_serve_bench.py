@@ -93,7 +93,7 @@ def test_counters_from_prometheus_text() -> None:
 def write_result(directory: Path, config: str, runner: str, tok_s: float, ttft: float,
                  computed: float, round_no: int = 1) -> None:
     client = {"total_token_throughput": tok_s, "median_ttft_ms": ttft, "p99_ttft_ms": 2 * ttft,
-              "mean_tpot_ms": 10.0}
+              "mean_tpot_ms": 10.0, "median_itl_ms": ttft / 10, "p90_itl_ms": ttft / 5}
     workload = {"client": client, "counters": {"prompt_tokens[local_compute]": computed}}
     (directory / f"{serve_bench.file_slug(config, round_no)}.json").write_text(json.dumps(
         {"config": config, "round": round_no, "runner": runner, "workloads": {"p8": workload}}))
@@ -126,6 +126,7 @@ def test_rounds_report_the_median_and_the_spread(tmp_path: Path) -> None:
     rows = {r["config"]: r for r in report(results)}
     mine = rows["tokenvm_v2"]
     assert mine["tok_s"] == 110.0 and mine["ttft_p50"] == 100.0  # medians, not round 1
+    assert mine["itl_p50"] == 10.0 and mine["itl_p90"] == 20.0
     assert mine["rounds"] == 3 and mine["spread"] == pytest.approx(30 / 110)
     assert mine["x_native_same"] == pytest.approx(110 / 90)
     assert rows["native_v2"]["spread"] == pytest.approx(20 / 90)

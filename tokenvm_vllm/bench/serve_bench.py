@@ -494,7 +494,7 @@ def progress(text: str) -> None:
 # -- report ------------------------------------------------------------------------------------
 
 ROUND_METRICS = ("total_token_throughput", "request_throughput", "median_ttft_ms",
-                 "p99_ttft_ms", "mean_tpot_ms")
+                 "p99_ttft_ms", "mean_tpot_ms", "median_itl_ms", "p90_itl_ms")
 """The client's numbers a configuration run in several rounds reports as their median."""
 
 
@@ -557,6 +557,10 @@ def report(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "kind": name.partition(":")[0].removesuffix("_v1").removesuffix("_v2"),
                 "tok_s": c["total_token_throughput"], "ttft_p50": c["median_ttft_ms"],
                 "ttft_p99": c.get("p99_ttft_ms", float("nan")), "tpot": c["mean_tpot_ms"],
+                # the typical decode step (p50) apart from the steps a prefill or a stall
+                # lengthens (p90): mean TPOT mixes the two
+                "itl_p50": c.get("median_itl_ms", float("nan")),
+                "itl_p90": c.get("p90_itl_ms", float("nan")),
                 "computed": w["counters"].get("prompt_tokens[local_compute]", float("nan")),
                 "external": w["counters"].get("prompt_tokens[external_kv_transfer]", 0.0),
                 "preemptions": w["counters"].get("num_preemptions", 0.0),
@@ -585,13 +589,15 @@ def report(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     order = {w: i for i, w in enumerate(REPORTED)}
     rows.sort(key=lambda r: (order.get(r["workload"], 9), r["config"]))
     header = (f"{'workload':8} {'config':44} {'tok/s':>8} {'TTFT p50':>9} {'p99':>7} "
-              f"{'TPOT':>6} {'computed':>9} {'x nat(same)':>11} {'x nat(best)':>11} "
+              f"{'TPOT':>6} {'ITL p50':>7} {'p90':>6} {'computed':>9} {'x nat(same)':>11} "
+              f"{'x nat(best)':>11} "
               f"{'x floor/none':>12} {'TTFT x nat':>10} {'TPOT x nat':>10} {'comp x min':>10} "
               f"{'n':>2} {'spread':>6}")
     print(header)
     for r in rows:
         print(f"{r['workload']:8} {r['config'][:44]:44} {r['tok_s']:8.0f} {r['ttft_p50']:9.0f} "
-              f"{r['ttft_p99']:7.0f} {r['tpot']:6.2f} {r['computed']:9.0f} "
+              f"{r['ttft_p99']:7.0f} {r['tpot']:6.2f} {r['itl_p50']:7.2f} {r['itl_p90']:6.2f} "
+              f"{r['computed']:9.0f} "
               f"{r['x_native_same']:11.3f} {r['x_native_best']:11.3f} {r['x_base']:12.3f} "
               f"{r['ttft_x_native_same']:10.3f} {r['tpot_x_native_same']:10.3f} "
               f"{r['x_min_computed']:10.3f} {r['rounds']:2d} {r['spread']:6.1%}")
