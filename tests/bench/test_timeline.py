@@ -57,15 +57,17 @@ def test_a_request_scheduled_before_its_load_finished_is_not_matched() -> None:
     assert timeline.loads == [] and timeline.incomplete == 1
 
 
-def test_serve_bench_splits_a_server_log_by_workload_window(tmp_path) -> None:
+def test_serve_bench_splits_a_server_log_by_workload_window(tmp_path, capsys) -> None:
     from tokenvm_vllm.bench.serve_bench import add_load_timelines
 
     def one_load(t0: float, job: int, req: str) -> list[str]:
         return [trace(t0, "lookup", req=req, hit_blocks=2),
+                trace(t0 + 0.005, "step-scheduled", tokens=32),
                 trace(t0 + 0.01, "load-submitted", job=job, blocks=2, layerwise=False),
                 trace(t0 + 0.02, "load-polled", job=job, device_ms=2.0),
                 trace(t0 + 0.03, "load-finished", job=job, req=req, blocks=2),
-                trace(t0 + 0.05, "scheduled-new", req=req)]
+                trace(t0 + 0.05, "scheduled-new", req=req),
+                trace(t0 + 0.051, "step-scheduled", tokens=32)]
 
     log = tmp_path / "x.server.log"
     log.write_text("\n".join(one_load(100.0, 1, "a") + one_load(200.0, 2, "b")
@@ -77,6 +79,10 @@ def test_serve_bench_splits_a_server_log_by_workload_window(tmp_path) -> None:
     p32 = result["workloads"]["p32"]["load_timeline"]
     assert p32["lookup->scheduled"]["n"] == 2
     assert p32["finished->scheduled"]["p50"] == pytest.approx(20.0)
+    # one 46 ms decode step with the 2 ms copy in it per load; between the loads 0.954 s idle
+    assert p32["step_classes"]["decode+copy"]["n"] == 2
+    assert "p32 step interval p50 ms: decode 954.00 (n=1)  decode+copy 46.00 (n=2)" in (
+        capsys.readouterr().out)
     untraced = {"config": "none", "workloads": {"p8": {"window": [0.0, 1.0]}}}
     (tmp_path / "none.server.log").write_text("no trace here\n")
     add_load_timelines(untraced, tmp_path / "none.server.log")
@@ -130,6 +136,37 @@ def test_the_longest_steps_come_with_the_elastic_events_around_them(capsys) -> N
     print_summary(summary)
     assert "long step at 0.760 s: 610.0 ms, 32 tokens, elastic maps 12 in 1 steps" in (
         capsys.readouterr().out)
+
+
+def test_steps_are_classed_by_prefill_and_by_a_copy_beside_them(capsys) -> None:
+    """Whether copies slow decode steps: each step interval goes to decode or prefill, with or
+    without a copy on the GPU during it; a copy queued behind one of its kind starts after it,
+    and one of the other direction does not wait."""
+    lines = [
+        trace(10.000, "step-scheduled", tokens=32),  # 10.000-10.010: decode, no copy
+        trace(10.010, "step-scheduled", tokens=32),  # 10.010-10.030: decode + the store
+        trace(10.012, "store-submitted", job=1, blocks=4),  # GPU 10.012-10.022
+        trace(10.013, "store-submitted", job=2, blocks=4),  # queued: GPU 10.022-10.042
+        trace(10.030, "step-scheduled", tokens=160),  # 10.030-10.060: prefill + store 2
+        trace(10.031, "store-polled", job=1, device_ms=10.0),
+        trace(10.050, "store-polled", job=2, device_ms=20.0),
+        trace(10.060, "step-scheduled", tokens=4096),  # 10.060-10.100: prefill, no copy
+        trace(10.100, "step-scheduled", tokens=32),  # 10.100-10.108: decode + the load
+        trace(10.101, "load-submitted", job=3, blocks=8, layerwise=False, sync=False),
+        trace(10.108, "step-scheduled", tokens=32),  # 10.108-10.115: decode, load done
+        trace(10.110, "load-polled", job=3, device_ms=5.0),  # GPU 10.101-10.106: not queued
+        trace(10.115, "step-scheduled", tokens=32),
+    ]
+    summary = summarize(parse(lines))
+    classes = summary["step_classes"]
+    assert {name: classes[name]["n"] for name in classes} == {
+        "decode": 2, "decode+copy": 2, "prefill": 1, "prefill+copy": 1}
+    assert classes["decode"]["max"] == pytest.approx(10.0)
+    assert classes["decode+copy"]["max"] == pytest.approx(20.0)
+    assert classes["prefill"]["p50"] == pytest.approx(40.0)
+    assert classes["prefill+copy"]["p50"] == pytest.approx(30.0)
+    print_summary(summary)
+    assert "steps: decode+copy" in capsys.readouterr().out
 
 
 def test_request_phases_split_each_ttft_at_the_engine_arrival_and_first_schedule(tmp_path):

@@ -137,6 +137,14 @@ def test_trace_gives_every_async_load_its_timeline(runs):
     summary = summarize(timeline)
     assert summary["step_interval_ms"]["n"] > 0
     assert summary["lookup->scheduled"]["n"] == len(timeline.loads)
+    # stores are traced too: every copy's GPU span is known, and the steps beside copies are
+    # classed apart from the others
+    log = runs["tokenvm"]["log"]
+    assert log.count(" store-submitted ") > 0
+    assert len(timeline.copies) == log.count(" store-polled ") + len(timeline.loads)
+    classes = summary["step_classes"]
+    assert sum(c["n"] for c in classes.values()) == summary["step_interval_ms"]["n"]
+    assert classes["decode"]["n"] + classes["decode+copy"]["n"] > 0
     # every request arrived (on_new_request) before it was looked up or first scheduled
     assert timeline.requests
     for req, events in timeline.requests.items():

@@ -466,6 +466,10 @@ def add_load_timelines(result: dict[str, Any], server_log: Path) -> None:
             for row in summary["longest_steps"][:3])
         if stalls:
             progress(f"{result['config']}: {workload} longest steps: {stalls}")
+        classes = "  ".join(f"{name} {s['p50']:.2f} (n={s['n']})"
+                            for name, s in summary["step_classes"].items() if s["n"])
+        if classes:
+            progress(f"{result['config']}: {workload} step interval p50 ms: {classes}")
 
 
 T = TypeVar("T")

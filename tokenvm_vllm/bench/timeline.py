@@ -28,6 +28,13 @@ The first ``FIRST_LOADS`` loads of the window (in lookup order) are also summari
 (``first_loads``): at the start of a burst after an idle period an elastic pool grows at each
 arrival, and whatever that growth costs lands on exactly these loads.
 
+Steps by what they carried (``step_classes``): the interval from each ``step-scheduled`` to the
+next, split into decode-only steps (at most ``DECODE_TOKENS`` tokens) and steps with a prefill,
+each with and without a copy on the GPU during it. A copy's GPU time is taken as its
+``device_ms`` from its ``load-submitted`` / ``store-submitted``, after the copy of its kind
+before it (one stream per direction). Whether copies slow the decode steps beside them (issue
+#10's third defect) is then the ``decode+copy`` row against ``decode``, in one server's run.
+
 Also the engine step interval (``step-scheduled`` to the next), and the longest intervals
 (``longest_steps``: when, how long, the tokens the step scheduled, and the elastic pool's events
 in it: ``elastic`` lines, one per step that maps, unmaps or changes the reserve, with
@@ -57,6 +64,11 @@ TRACE = re.compile(r"TokenVM trace (\d+\.\d+) (\S+)((?: \S+=\S+)*)")
 PHASES = ("lookup->submitted", "submitted->polled", "polled->finished", "finished->scheduled")
 FIRST_LOADS = 16
 """Loads at the start of a window summarised apart (``summarize``'s ``first_loads``)."""
+DECODE_TOKENS = 64
+"""A step scheduling at most this many tokens is counted a decode-only step (``step_classes``):
+it carries no prompt chunk of the sizes the serving benchmark sends (128-token suffixes and
+more)."""
+STEP_CLASSES = ("decode", "decode+copy", "prefill", "prefill+copy")
 
 
 @dataclass
@@ -99,6 +111,8 @@ class Timeline:
     requests: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per request id, the first time of each of its events (``arrived``, ``lookup``,
     ``scheduled-new``)."""
+    copies: list[tuple[float, float]] = field(default_factory=list)
+    """``(start, end)`` of every copy's estimated time on the GPU, loads and stores."""
     since: float = 0.0
 
 
@@ -120,7 +134,14 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
     steps: list[tuple[float, int]] = []
     elastic: list[tuple[float, dict[str, str]]] = []
     requests: dict[str, dict[str, float]] = {}
+    submitted: dict[int, tuple[str, float]] = {}  # job -> (kind, submitted at)
+    copies: dict[int, tuple[str, float, float]] = {}  # job -> (kind, submitted, device ms)
     for t, name, f in events:
+        if name in ("load-submitted", "store-submitted"):
+            submitted[int(f["job"])] = (name.partition("-")[0], t)
+        elif name in ("load-polled", "store-polled") and int(f["job"]) in submitted:
+            kind, at = submitted[int(f["job"])]
+            copies[int(f["job"])] = (kind, at, float(f["device_ms"]))
         if name in ("arrived", "lookup", "scheduled-new") and "req" in f:
             requests.setdefault(f["req"], {}).setdefault(name, t)
         if name == "lookup":
@@ -151,6 +172,7 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
             elastic.append((t, f))
     timeline = Timeline(step_intervals_ms=[(b - a) * 1000 for (a, _), (b, _) in pairwise(steps)],
                         steps=steps, elastic=elastic, requests=requests,
+                        copies=_copy_windows(list(copies.values())),
                         since=since if since > 0 else (events[0][0] if events else 0.0))
     for load in loads.values():
         if load.in_step:
@@ -163,6 +185,30 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
         else:
             timeline.loads.append(load)
     return timeline
+
+
+def _copy_windows(copies: list[tuple[str, float, float]]) -> list[tuple[float, float]]:
+    """Each copy's estimated span on the GPU: ``device_ms`` from its submission, or from the
+    end of the copy of its kind before it (a direction's copies run one after another)."""
+    windows: list[tuple[float, float]] = []
+    ends: dict[str, float] = {}
+    for kind, at, device_ms in sorted(copies, key=lambda c: c[1]):
+        start = max(at, ends.get(kind, 0.0))
+        ends[kind] = start + device_ms / 1000
+        windows.append((start, ends[kind]))
+    return windows
+
+
+def step_classes(timeline: Timeline) -> dict[str, dict[str, float]]:
+    """Step intervals (ms) by ``STEP_CLASSES``: decode-only or with a prefill
+    (``DECODE_TOKENS``), and whether a copy's GPU span overlapped the step."""
+    copies = sorted(timeline.copies)
+    intervals: dict[str, list[float]] = {name: [] for name in STEP_CLASSES}
+    for (start, tokens), (end, _) in pairwise(timeline.steps):
+        copying = any(a < end and b > start for a, b in copies)
+        name = ("decode" if tokens <= DECODE_TOKENS else "prefill") + ("+copy" if copying else "")
+        intervals[name].append((end - start) * 1000)
+    return {name: _stats(values) for name, values in intervals.items()}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -193,6 +239,7 @@ def summarize(timeline: Timeline) -> dict[str, Any]:
     summary["in-step copy_device_ms"] = _stats(
         [load.device_ms or 0.0 for load in timeline.in_step])
     summary["step_interval_ms"] = _stats(timeline.step_intervals_ms)
+    summary["step_classes"] = step_classes(timeline)
     summary["longest_steps"] = longest_steps(timeline)
     summary["incomplete_loads"] = timeline.incomplete
     return summary
@@ -257,6 +304,10 @@ def print_summary(summary: dict[str, Any]) -> None:
             continue
         print(f"{name:24s} {s['n']:6d} {s['p50']:9.2f} {s['p90']:9.2f} {s['max']:9.2f} "
               f"{s['mean']:9.2f}")
+    for name, s in summary.get("step_classes", {}).items():
+        if s["n"]:
+            print(f"{'steps: ' + name:24s} {s['n']:6d} {s['p50']:9.2f} {s['p90']:9.2f} "
+                  f"{s['max']:9.2f} {s['mean']:9.2f}")
     for row in summary.get("longest_steps", []):
         print(f"long step at {row['at_s']:.3f} s: {row['ms']:.1f} ms, {row['tokens']} tokens"
               + (f", elastic maps {row['maps']} in {len(row['elastic'])} steps"

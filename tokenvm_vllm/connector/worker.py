@@ -733,6 +733,10 @@ class TokenVMWorker:
             assert self.engines, "a store planned before the KV cache was registered"
             if self.writer:
                 self._submit("store", meta.store)
+                if self.config.trace:  # bench/timeline.py: which steps ran beside a copy
+                    logger.info("TokenVM trace %.6f store-submitted job=%d blocks=%d",
+                                time.monotonic(), meta.store.job_id,
+                                len(meta.store.gpu_block_ids))
             else:  # rank 0 writes the one copy; the job finishes when it reports
                 self._worker_meta.completed[meta.store.job_id] += 1
 
