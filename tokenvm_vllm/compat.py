@@ -111,11 +111,13 @@ def iter_free_blocks(block_pool: Any, limit: int) -> Iterator[Any]:
 
 def uncached_free_blocks(block_pool: Any, usable_blocks: int) -> int:
     """Of vLLM's free GPU blocks, about how many hold no prefix-cached block: the ones it can
-    hand out without evicting its cache. The cached free ones are estimated in O(1) as its
-    cached hashes less the blocks in use (of ``usable_blocks``); a hash held by several blocks
-    counts once, so the estimate errs toward more uncached blocks."""
+    hand out without evicting its cache. ``usable_blocks``: the blocks vLLM may use now, its
+    null block included (never free, never cached). The cached free ones are estimated in O(1)
+    as its cached hashes less the blocks in use; a hash held by several blocks counts once, so
+    the estimate errs toward more uncached blocks."""
     free = int(block_pool.get_num_free_blocks())
-    cached_free = max(0, len(block_pool.cached_block_hash_to_block) - (usable_blocks - free))
+    in_use = usable_blocks - 1 - free
+    cached_free = max(0, len(block_pool.cached_block_hash_to_block) - in_use)
     return max(0, free - cached_free)
 
 

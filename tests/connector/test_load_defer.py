@@ -23,16 +23,25 @@ def _revisit_both(h: Harness) -> tuple[str, str]:
     return h.add(a, max_tokens=3), h.add(b, max_tokens=3)
 
 
-def test_a_load_that_would_evict_the_cache_lets_a_gpu_hit_go_first(make_harness) -> None:
+# An elastic pool (tests/elastic: 4-block page groups, a floor of 8 blocks) that the scenario
+# grows to its ceiling, all 24 blocks: there a load must evict as in a fixed pool.
+ELASTIC = {"elastic": True, "elastic_page_bytes": 512, "gpu_kv_floor_bytes": 2048}
+
+
+@pytest.mark.parametrize("pool", ["fixed", "elastic"])
+def test_a_load_that_would_evict_the_cache_lets_a_gpu_hit_go_first(make_harness, pool) -> None:
     outputs, loaded, deferred = {}, {}, {}
     for defer in (0, 4):
-        h = make_harness(num_gpu_blocks=24, extra_config={"load_defer_steps": defer})
+        extra = {"load_defer_steps": defer, **(ELASTIC if pool == "elastic" else {})}
+        h = make_harness(num_gpu_blocks=24, extra_config=extra)
         a, b = _revisit_both(h)
         before = h.stats["loaded_blocks"]
         h.run()  # the harness's model checks every KV position it reads
         outputs[defer] = (h.outputs[a], h.outputs[b])
         loaded[defer] = h.stats["loaded_blocks"] - before
         deferred[defer] = h.stats["load_deferred"]
+        if pool == "elastic":
+            assert h.connector.scheduler.elastic.pool.usable_blocks == 24
     assert outputs[0] == outputs[4]
     assert deferred[0] == 0 and 1 <= deferred[4] <= 4
     # Without it A's load evicted part of P2 from the GPU and B loaded that part back.

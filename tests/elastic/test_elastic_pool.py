@@ -16,6 +16,7 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.request import Request
 
+from tokenvm_vllm import compat
 from tokenvm_vllm.elastic.page_groups import PageGroupLayout, RecordingMapper
 from tokenvm_vllm.elastic.pool import ElasticPool
 from tokenvm_vllm.keys import BlockKey
@@ -393,3 +394,23 @@ def test_no_low_use_shrink_while_serving():
     s.finish_stores()
     assert s.pool.maybe_shrink(serving=True) == 2  # a shrink begun idle finishes
     assert s.evicted_while_unreadable == [] and s.pool.usable_blocks == 4
+
+
+def test_uncached_free_blocks_are_what_vllm_hands_out_without_evicting() -> None:
+    """``compat.uncached_free_blocks`` (the elastic pool's growth check and
+    ``load_defer_steps``' eviction check), over vLLM's own block pool: free blocks less the
+    free ones holding a cached prefix; the null block is never free. The O(1) estimate counts
+    every block in use as a cached one, so blocks held without a hash (a request's partial
+    last block; with prefix caching vLLM hashes every full one) make it say more uncached
+    blocks than there are, never fewer."""
+    s = Setup(floor_groups=NUM_BLOCKS * BLOCK_BYTES // GROUP_BYTES)  # all mapped, none parked
+    pool = s.block_pool
+    assert s.pool.usable_blocks == NUM_BLOCKS
+    assert compat.uncached_free_blocks(pool, NUM_BLOCKS) == NUM_BLOCKS - 1
+    s.cache_prefix(10)  # 10 blocks freed with their prefix cached
+    assert pool.get_num_free_blocks() == NUM_BLOCKS - 1
+    assert compat.uncached_free_blocks(pool, NUM_BLOCKS) == NUM_BLOCKS - 1 - 10
+    held = pool.get_new_blocks(5)  # vLLM hands out uncached blocks first; these get no hash
+    assert not any(pool.blocks[b.block_id].block_hash for b in held)
+    truly = NUM_BLOCKS - 1 - 10 - 5
+    assert truly <= compat.uncached_free_blocks(pool, NUM_BLOCKS) <= truly + len(held)

@@ -376,7 +376,7 @@ class TokenVMScheduler:
         if not limit or pool is None or state.load_defers >= limit:
             return False
         usable = (self.elastic.pool.usable_blocks if self.elastic is not None
-                  else pool.num_gpu_blocks - 1)  # (the null block is never free)
+                  else pool.num_gpu_blocks)
         uncached = compat.uncached_free_blocks(pool, usable)
         request = state.request
         needed = -(-request.num_tokens // self.block_size) - state.local_blocks
