@@ -310,9 +310,10 @@ def load_startups(dirs: list[Path]) -> list[dict[str, Any]]:
     startups: list[dict[str, Any]] = []
     for directory in dirs:
         order = planned_order(directory)
-        found = [(start_key(path, data, order), i, data) for i, (path, data) in enumerate(
-            (path, json.loads(path.read_text())) for path in directory.glob("*.startup.json"))]
-        startups += [data for _, _, data in sorted(found, key=lambda item: item[:2])]
+        found = [(path, json.loads(path.read_text()))
+                 for path in directory.glob("*.startup.json")]
+        found.sort(key=lambda item: start_key(item[0], item[1], order))
+        startups += [data for _, data in found]
     return startups
 
 

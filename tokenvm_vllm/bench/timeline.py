@@ -202,10 +202,18 @@ def _copy_windows(copies: list[tuple[str, float, float]]) -> list[tuple[float, f
 def step_classes(timeline: Timeline) -> dict[str, dict[str, float]]:
     """Step intervals (ms) by ``STEP_CLASSES``: decode-only or with a prefill
     (``DECODE_TOKENS``), and whether a copy's GPU span overlapped the step."""
-    copies = sorted(timeline.copies)
+    busy: list[list[float]] = []  # the copies' spans merged: sorted, disjoint
+    for a, b in sorted(timeline.copies):
+        if busy and a <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], b)
+        else:
+            busy.append([a, b])
     intervals: dict[str, list[float]] = {name: [] for name in STEP_CLASSES}
+    j = 0  # steps come in time order: one pass over both (a long run has many of each)
     for (start, tokens), (end, _) in pairwise(timeline.steps):
-        copying = any(a < end and b > start for a, b in copies)
+        while j < len(busy) and busy[j][1] <= start:
+            j += 1
+        copying = j < len(busy) and busy[j][0] < end
         name = ("decode" if tokens <= DECODE_TOKENS else "prefill") + ("+copy" if copying else "")
         intervals[name].append((end - start) * 1000)
     return {name: _stats(values) for name, values in intervals.items()}
