@@ -182,11 +182,11 @@ def test_a_warm_up_server_runs_first_and_stays_out_of_the_report(
     """``--warm-up-prompts N``: a throw-away server of the first configuration, N prompts of
     the first P workload, its files in OUT/warm-up/; the measured servers and the report are
     as without it."""
-    calls: list[tuple[str, Path, list[str], int]] = []
+    calls: list[tuple[str, Path, list[str], int, int]] = []
 
     def run_config(config: ServerConfig, o: argparse.Namespace, out_dir: Path,
                    round_no: int = 1) -> dict[str, object]:
-        calls.append((config.name, out_dir, list(o.workloads), o.num_prompts))
+        calls.append((config.name, out_dir, list(o.workloads), o.num_prompts, o.prefixes))
         out_dir.mkdir(parents=True, exist_ok=True)
         tok_s = 50.0 if out_dir.name == "warm-up" else 100.0
         client = {"total_token_throughput": tok_s, "request_throughput": 1.0,
@@ -200,15 +200,46 @@ def test_a_warm_up_server_runs_first_and_stays_out_of_the_report(
     serve_bench.main(["run", "--model", "m", "--out", str(tmp_path), "--configs",
                       "native_v2,tokenvm_v2", "--workloads", "random,p32",
                       "--warm-up-prompts", "16", "--num-prompts", "256"])
-    assert calls == [("native_v2", tmp_path / "warm-up", ["p32"], 16),
-                     ("native_v2", tmp_path, ["random", "p32"], 256),
-                     ("tokenvm_v2", tmp_path, ["random", "p32"], 256)]
+    # The warm-up's 16 prompts go over 16 prefixes: vLLM's prefix_repetition refuses fewer
+    # prompts than prefixes, and with the measured runs' 32 it never ran.
+    assert calls == [("native_v2", tmp_path / "warm-up", ["p32"], 16, 16),
+                     ("native_v2", tmp_path, ["random", "p32"], 256, 32),
+                     ("tokenvm_v2", tmp_path, ["random", "p32"], 256, 32)]
     rows = report(serve_bench.load_results([tmp_path]))
     assert {r["tok_s"] for r in rows} == {100.0} and len(rows) == 4
     assert "warm-up: native_v2, 16 prompts of p32 (in no report)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--warm-up-prompts -1: give 0"):
         serve_bench.main(["run", "--model", "m", "--out", str(tmp_path),
                           "--warm-up-prompts", "-1"])
+
+
+def test_fewer_prompts_than_prefixes_is_refused_before_any_server(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--num-prompts 16 is below --prefixes 32: .* give "
+                       "--num-prompts 32 or more"):
+        serve_bench.main(["run", "--model", "m", "--out", str(tmp_path / "o"), "--workloads",
+                          "p8", "--num-prompts", "16"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_failing_client_is_reported_with_its_last_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that exits non-zero raises with the end of its log (what a device call's
+    serve_bench log then shows), after the server's counters were scraped as usual."""
+    class Server:
+        port = 1
+
+        def metrics(self) -> list[tuple[str, dict[str, str], float]]:
+            return []
+
+    script = "import sys; print('loading'); sys.exit('ValueError: num_requests (16) too few')"
+    monkeypatch.setattr(serve_bench, "client_command",
+                        lambda *a: [sys.executable, "-c", script])
+    o = argparse.Namespace(workload_timeout=60, sample_s=1.0)
+    with pytest.raises(RuntimeError, match=r"vllm bench serve \(p8\) exited 1: "
+                       "ValueError: num_requests \\(16\\) too few"):
+        serve_bench.run_client(Server(), "p8", o, tmp_path, "s", 0.0,  # type: ignore[arg-type]
+                               "tokenvm_v2")
+    assert "loading" in (tmp_path / "s.p8.client.log").read_text()
 
 
 def test_a_run_that_served_nothing_still_reports(tmp_path: Path) -> None:

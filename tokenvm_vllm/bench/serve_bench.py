@@ -72,6 +72,8 @@ from tokenvm_vllm.bench.timeline import PHASES, REQUEST_PHASES, parse, request_p
 WORKLOADS = ("p8", "p32", "poisson", "random", "wave", "long")
 """What ``--workloads`` accepts; ``wave`` runs as its phases ``wave1`` and ``wave2``."""
 REPORTED = ("p8", "p32", "poisson", "random", "wave1", "wave2", "long")
+PREFIX_WORKLOADS = {"p8", "p32", "poisson", "wave"}
+"""The workloads of ``--num-prompts`` prompts over ``--prefixes`` prefixes."""
 SEEDS = {"p8": 11, "p32": 12, "poisson": 13, "random": 14, "wave": 15, "long": 16}
 
 
@@ -203,6 +205,12 @@ def client_command(workload: str, opts: argparse.Namespace, out: Path, rate: flo
     return cmd + ["--max-concurrency", workload[1:]]
 
 
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log (a Python traceback's ends with the error)."""
+    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1] if lines else "(empty log)"
+
+
 def poisson_rate(out_dir: Path, opts: argparse.Namespace, running: dict[str, Any]) -> float:
     """``--poisson-rate``, else 70% of the request rate the floor sustained at p32 (``running``:
     the configuration in progress, which may be the floor itself)."""
@@ -283,8 +291,11 @@ def warm_up(config: ServerConfig, opts: argparse.Namespace) -> None:
     machine's first server compiles cold and ran slower than later ones. A failure is
     reported and the measured runs go on."""
     first = next((w for w in opts.workloads if w in ("p8", "p32")), "p8")
+    # vLLM's prefix_repetition dataset refuses fewer prompts than prefixes (ValueError, exit
+    # 1): 16 warm-up prompts over the measured runs' 32 prefixes never warmed anything up.
     warm_opts = argparse.Namespace(**{**vars(opts), "workloads": [first],
-                                      "num_prompts": opts.warm_up_prompts})
+                                      "num_prompts": opts.warm_up_prompts,
+                                      "prefixes": min(opts.prefixes, opts.warm_up_prompts)})
     progress(f"warm-up: {config.name}, {opts.warm_up_prompts} prompts of {first} "
              "(in no report)")
     try:
@@ -350,10 +361,16 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
         sampler.start()
         sampler.set_phase(workload)
     try:
-        with open(logs / f"{slug}.{workload}.client.log", "wb") as client_log:
-            subprocess.run(client_command(workload, opts, client_out, rate, server.port),
-                           stdout=client_log, stderr=subprocess.STDOUT, check=True,
-                           timeout=opts.workload_timeout)
+        client_log_path = logs / f"{slug}.{workload}.client.log"
+        with open(client_log_path, "wb") as client_log:
+            done = subprocess.run(client_command(workload, opts, client_out, rate, server.port),
+                                  stdout=client_log, stderr=subprocess.STDOUT,
+                                  timeout=opts.workload_timeout)
+        if done.returncode:
+            # Its last line, in serve_bench's own log: a device call brings that log back even
+            # when a cut-off stage never tars the client's.
+            raise RuntimeError(f"vllm bench serve ({workload}) exited {done.returncode}: "
+                               f"{last_line(client_log_path)}")
     finally:
         samples = sampler.stop() if sampler is not None else []
     after = scrape(server)
@@ -791,6 +808,10 @@ def main(argv: list[str] | None = None) -> None:
         bad = [w for w in opts.workloads if w not in WORKLOADS]
         if bad:
             raise SystemExit(f"serve_bench: unknown workloads {bad}; choose from {WORKLOADS}")
+        if opts.num_prompts < opts.prefixes and set(opts.workloads) & PREFIX_WORKLOADS:
+            raise SystemExit(f"serve_bench: --num-prompts {opts.num_prompts} is below --prefixes "
+                             f"{opts.prefixes}: vllm bench serve's prefix_repetition needs a "
+                             f"prompt per prefix; give --num-prompts {opts.prefixes} or more")
         opts.out.mkdir(parents=True, exist_ok=True)
         # `timeout` sends SIGTERM, or SIGINT with --signal=INT: either stops the running server
         # (finally: server.stop()) instead of leaving it to hold the GPU and the port for the
