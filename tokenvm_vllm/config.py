@@ -39,7 +39,8 @@ HOST_BYTES_AUTO_FRACTION = 0.5
 the machine take together (measured once, by the scheduler, after vLLM allocated its own memory;
 see ``transfer/host_pool.py``). Half leaves room for the page cache, the disk tier's I/O and
 whatever else the machine runs."""
-DEBUG_KNOBS = ("debug_fail_load_every", "debug_corrupt_loads", "debug_disk_faults")
+DEBUG_KNOBS = ("debug_fail_load_every", "debug_corrupt_loads", "debug_disk_faults",
+               "debug_lag_copies")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
                "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40,
                "tib": 2**40}
@@ -173,6 +174,13 @@ class TokenVMConfig:
     ``vllm bench serve`` on an H200 (workload P, V2, two rounds; README, "Eleventh H200 run"),
     5 against 0: 1.053x throughput at both 8 and 32 in flight, TTFT p50 0.77x / 0.83x, at 32
     14-16% fewer bytes loaded; the price: mean TPOT 1.07x / 1.04x, TTFT p99 0.97x / 1.11x."""
+    load_early_finish: bool = False
+    """The scheduler takes finished async loads straight from the worker in its own process
+    (world size 1, vLLM's in-process executor), a step or two before vLLM's report of them
+    would reach it, so the parked request runs sooner (connector/early_finish.py). A load
+    waited 62 ms from hit to running for 10.5 ms of copying at 8 requests in flight on an H200
+    (README, "Step classes"). Off until measured under load; no effect with more than one
+    worker."""
     copy_path: CopyPath = CopyPath.STAGED
     """CUDA copies: 'staged' gathers blocks into a GPU staging buffer (a short on-device
     kernel) and moves them over PCIe with DMA, leaving the SMs to the model; 'uva' has a Triton
@@ -282,6 +290,10 @@ class TokenVMConfig:
     only (-1: every rank). A load failing on one rank must fail its blocks on all."""
     debug_corrupt_loads: bool = False
     """Testing only: flip one byte of every block restored to vLLM's cache."""
+    debug_lag_copies: bool = False
+    """Testing only, CPU platform: each copy runs at the first poll after it was queued and is
+    reported at the next, as a CUDA copy beside a step's forward (``TorchCopyEngine``'s
+    ``lag``): the CPU engine suite then sees loads end between steps (``load_early_finish``)."""
     debug_disk_faults: str = ""
     """Testing only: inject disk faults, comma-separated 'op:fault:every' with op read or write
     and fault an errno name ('ENOSPC', 'EIO') or 'slow<seconds>', e.g. 'write:ENOSPC:1'."""

@@ -30,6 +30,8 @@ against its own big-cache reference in the same KV dtype, model and block size:
   graphs, which stay FULL; against ``reference`` and ``reference_graphs``);
 - ``tokenvm_dma`` and ``tokenvm_dma_graphs`` (``copy_path="dma"``: every copy by the GPU's
   copy engines, no gather/scatter kernel; eager and with CUDA graphs);
+- ``tokenvm_early`` and ``tokenvm_early_graphs`` (``load_early_finish``: a parked request runs
+  as soon as the scheduler sees its copy's event fired; eager and with CUDA graphs);
 
 - ``tokenvm_fp8`` (``kv_cache_dtype="fp8"``, FLASH_ATTN with FA3 on Hopper; per-layer scalar
   k/v scales, 1.0 here, nothing to store), ``tokenvm_fp8_e5m2`` (FA3 has no e5m2: vLLM picks
@@ -135,7 +137,11 @@ def build_configs(base: EngineSettings, workload: Workload, mla_model: Callable[
     # reads the loaded blocks only after the copy landed.
     # DMA copies (issue #10): no kernel at all, as vLLM's native offloading on V2; the lever to
     # measure against the staged path's gather/scatter kernels, which share SMs with decode.
-    for name, extra in (("sync", {"load_mode": "sync"}), ("dma", {"copy_path": "dma"})):
+    # Early finish (issue #10): the request runs at the first step after its copy's event
+    # fired, taken from the worker in the scheduler's process; a copy that had not landed
+    # would show as differing tokens.
+    for name, extra in (("sync", {"load_mode": "sync"}), ("dma", {"copy_path": "dma"}),
+                        ("early", {"load_early_finish": True})):
         configs[f"tokenvm_{name}"] = cfg(replace(base, connector="tokenvm", extra_config=extra),
                                          "reference")
         configs[f"tokenvm_{name}_graphs"] = cfg(

@@ -75,6 +75,23 @@ def test_reallocated_block_fences_only_jobs_of_earlier_steps() -> None:
     assert table.send() == {new_load}  # the finished store no longer needs a fence
 
 
+def test_a_copied_job_is_not_fenced_but_waits_for_its_report() -> None:
+    """``load_early_finish``: a load known to have ended needs no fence when vLLM re-uses its
+    blocks; it still finishes only when the worker reports it."""
+    table = JobTable(num_workers=1)
+    load = table.add(JobKind.LOAD, [b"a", b"b"], [3, 4], req_id="r")
+    other = table.add(JobKind.STORE, [b"c"], [4])
+    table.send()
+    table.copied(load)
+    table.copied(99)  # (an unknown job: nothing)
+    assert table.jobs_on(4) == {other} and table.jobs_on(3) == set()
+    table.reallocated([3, 4])
+    assert table.send() == {other}
+    assert load in table and state_of(table, load) is JobState.IN_FLIGHT
+    job = table.report(load, 1)
+    assert job is not None and job.state is JobState.DONE and load not in table
+
+
 def test_bad_inputs_are_refused_with_the_value() -> None:
     with pytest.raises(ValueError, match="num_workers >= 1, got 0"):
         JobTable(num_workers=0)

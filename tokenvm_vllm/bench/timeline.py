@@ -13,7 +13,8 @@ measures the four gaps between them, per load, then prints their distributions:
   the scheduling step plus the metadata reaching the worker),
 - ``load-submitted`` -> ``load-polled`` (worker: ``get_finished`` saw the copy done; includes
   the wait for the step that polls; ``device_ms`` is the copy's own time on the GPU),
-- ``load-polled`` -> ``load-finished`` (scheduler: every rank has reported),
+- ``load-polled`` -> ``load-finished`` (scheduler: every rank has reported; with
+  ``load_early_finish``, the scheduler took the request from the worker in its process),
 - ``load-finished`` -> ``scheduled-new`` (scheduler: the request's first tokens are scheduled).
 
 Per request (``request_phases``), where its TTFT went: from the client sending it
@@ -154,7 +155,10 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
         elif name == "load-polled" and int(f["job"]) in loads:
             load = loads[int(f["job"])]
             load.polled, load.device_ms = t, float(f["device_ms"])
-        elif name == "load-finished" and int(f["job"]) in loads:
+        elif (name == "load-finished" and int(f["job"]) in loads
+              and loads[int(f["job"])].finished is None):
+            # (the first: with load_early_finish the scheduler logs one when it hands the
+            # request to vLLM and another when the worker's report finishes the job)
             load = loads[int(f["job"])]
             load.finished, load.req = t, f["req"]
             load.lookup = lookups.get(f["req"])

@@ -161,6 +161,20 @@ class JobTable:
 
     # -- completion ------------------------------------------------------------------------
 
+    def copied(self, job_id: JobId) -> None:
+        """Every worker's copy of ``job_id`` is known to have ended, before their reports
+        (one worker, in the scheduler's process: ``load_early_finish``): its GPU blocks need no
+        fence from now on; the job stays in the table until ``report``."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return
+        for block_id in job.gpu_block_ids:
+            users = self._by_gpu_block.get(block_id)
+            if users is not None:
+                users.discard(job_id)
+                if not users:
+                    del self._by_gpu_block[block_id]
+
     def report(self, job_id: JobId, finished: int, failed: int = 0) -> Job | None:
         """``finished`` more workers finished ``job_id``, ``failed`` of them unsuccessfully.
 

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenvm_vllm import compat
 from tokenvm_vllm.config import LoadMode, RemoteReads, TokenVMConfig
+from tokenvm_vllm.connector.early_finish import EarlyFinish
 from tokenvm_vllm.connector.jobs import Job, JobKind, JobState, JobTable
 from tokenvm_vllm.connector.metadata import (
     CopyJob,
@@ -123,6 +124,12 @@ class TokenVMScheduler:
                 f"size {tokens_per_hash}")
         self.hashes_per_block = self.block_size // tokens_per_hash
         self.num_workers = vllm_config.parallel_config.world_size
+        transfer = vllm_config.kv_transfer_config
+        self.early_finish = EarlyFinish(
+            str(getattr(transfer, "engine_id", "")), self.num_workers,
+        ) if config.load_early_finish else None
+        """``load_early_finish``: learn of finished loads from the worker in this process
+        (``early_finish.py``), in ``update_connector_output``."""
         self.store_once = config.mla_store_once and replicated_latent_kv(
             vllm_config, kv_cache_config)
         """MLA at TP>1: one host pool per node (in /dev/shm), one disk store and one writer,
@@ -583,6 +590,13 @@ class TokenVMScheduler:
     # -- completions ---------------------------------------------------------------------------
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if self.early_finish is not None:
+            # vLLM reads finished_recving after this call: requests added here are scheduled
+            # at the next schedule(), a step or two before the worker's report would arrive.
+            connector_output.finished_recving, early = self.early_finish.claim(
+                connector_output.finished_recving)
+            if early:
+                self._loads_finished_early(early)
         if self.remote_gate is not None:
             self.remote_gate.step_finished()  # the oldest step in flight ended
         meta = connector_output.kv_connector_worker_meta
@@ -623,6 +637,21 @@ class TokenVMScheduler:
                     delivered_reads += job.state is JobState.DONE
         if self.remote_gate is not None:  # one observation per step (reads end step by step)
             self.remote_gate.reads_finished(finished_reads, delivered_reads)
+
+    def _loads_finished_early(self, req_ids: set[str]) -> None:
+        """``load_early_finish`` handed these requests to vLLM; their jobs finish (host slots
+        unpinned, tiers updated) when the worker reports them, as every job does."""
+        self.stats.add("load_early_finished", len(req_ids))
+        for req_id in req_ids:
+            state = self.requests.get(req_id)
+            job_id = state.load_job_id if state is not None else None
+            if job_id is not None:
+                # The copy ended: vLLM may now give the request's blocks new owners (and run
+                # the request itself) without a fence on this job.
+                self.jobs.copied(job_id)
+            if self.config.trace:  # bench/timeline.py takes a job's first load-finished
+                logger.info("TokenVM trace %.6f load-finished job=%d req=%s early=1",
+                            time.monotonic(), -1 if job_id is None else job_id, req_id)
 
     def _adopt_disk_blocks(self, meta: TokenVMWorkerMetadata) -> None:
         """Take over what every worker's start-up scan found (the same key in the same slot)."""

@@ -37,6 +37,8 @@ COUNTERS: dict[str, str] = {
     "lookup_deferred": "Lookups answered 'ask again' while a prefetch was in flight",
     "load_deferred": "Lookups answered 'ask again' to put off a load that would evict "
                      "prefix-cached GPU blocks (load_defer_steps)",
+    "load_early_finished": "Requests whose finished load the scheduler took from the worker "
+                           "in its own process, before vLLM's report (load_early_finish)",
     "lookup_deferred_loading": "Lookups answered 'ask again' because another request was "
                                "loading the same blocks (they become vLLM cache hits)",
     "prefetch_on_time_blocks": "Prefetched blocks that were in host memory at the first lookup",

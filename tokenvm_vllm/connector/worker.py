@@ -61,6 +61,7 @@ import torch
 
 from tokenvm_vllm import compat
 from tokenvm_vllm.config import HOST_BYTES_AUTO, LoadMode, TokenVMConfig, parse_disk_faults
+from tokenvm_vllm.connector import early_finish
 from tokenvm_vllm.connector.metadata import (
     CopyJob,
     TokenVMConnectorMetadata,
@@ -115,7 +116,7 @@ def make_copy_engine(
                                   staging_bytes=config.staging_bytes)
         except ValueError as err:  # a KV layout the Triton mover does not cover
             logger.warning("TokenVM: %s; falling back to the (slow) torch copy engine", err)
-    return TorchCopyEngine(layout, kv_caches, pool)
+    return TorchCopyEngine(layout, kv_caches, pool, lag=config.debug_lag_copies)
 
 
 class TokenVMWorker:
@@ -256,6 +257,9 @@ class TokenVMWorker:
             self._open_disk_store(first_dtype=str(next(iter(kv_caches.values())).dtype))
         if self.config.remote_url and self.writer:
             self._open_remote_store(first_dtype=str(next(iter(kv_caches.values())).dtype))
+        if self.config.load_early_finish:  # the scheduler in this process asks it directly
+            transfer = self.vllm_config.kv_transfer_config
+            early_finish.register_worker(str(getattr(transfer, "engine_id", "")), self)
         if self._overlap:
             # Last: while a chunk is being registered the driver holds other CUDA calls of
             # this process. Started before the copy engines (2026-12-01, H200) it stretched
@@ -741,8 +745,36 @@ class TokenVMWorker:
                 self._worker_meta.completed[meta.store.job_id] += 1
 
     def get_finished(self) -> set[str]:
-        """Collect finished jobs; returns the requests whose loads finished (finished_recving)."""
+        """Collect finished jobs; returns the requests whose loads finished (finished_recving),
+        less those ``take_finished_loads`` handed to the scheduler already."""
         self._end_layerwise_step()
+        self._collect_copies()
+        if self.disk is not None:
+            self._collect_disk_jobs()
+        if self.remote is not None:
+            self._collect_remote_jobs()
+        finished, self._finished_recving = self._finished_recving, set()
+        return finished
+
+    def take_finished_loads(self) -> set[str]:
+        """``load_early_finish`` (``early_finish.py``), called by the scheduler side in this
+        process between steps: poll the copies now and hand over the requests whose async
+        loads have ended, when none failed (a failed load's request goes out with its invalid
+        blocks in ``get_finished``'s report, as always). Those requests are then left out of
+        ``get_finished``'s report; the jobs themselves are reported in the worker metadata as
+        usual."""
+        good = self._collect_copies()
+        if self._load_errors or not good:
+            return set()
+        early = good & self._finished_recving
+        self._finished_recving -= early
+        return early
+
+    def _collect_copies(self) -> set[str]:
+        """Poll the copy engines: count each finished job for the scheduler, and add the
+        requests parked on finished async loads to ``_finished_recving``; returns those whose
+        load succeeded."""
+        good: set[str] = set()
         if self.engines:
             for result in self._poll_engines():
                 self._worker_meta.completed[result.job_id] += 1
@@ -757,6 +789,8 @@ class TokenVMWorker:
                     req_id, gpu_block_ids, _ = self._load_jobs[result.job_id]
                     if req_id is not None:
                         self._finished_recving.add(req_id)
+                        if result.ok:
+                            good.add(req_id)
                     if not result.ok:
                         self._worker_meta.failed[result.job_id] += 1
                         self._load_errors.update(gpu_block_ids)
@@ -770,12 +804,7 @@ class TokenVMWorker:
                     self._worker_meta.store_job_seconds.append(result.seconds)
                     if not result.ok:
                         self._worker_meta.failed[result.job_id] += 1
-        if self.disk is not None:
-            self._collect_disk_jobs()
-        if self.remote is not None:
-            self._collect_remote_jobs()
-        finished, self._finished_recving = self._finished_recving, set()
-        return finished
+        return good
 
     @property
     def pending_load_errors(self) -> frozenset[int]:
@@ -798,6 +827,8 @@ class TokenVMWorker:
         return meta
 
     def shutdown(self) -> None:
+        transfer = self.vllm_config.kv_transfer_config
+        early_finish.unregister_worker(str(getattr(transfer, "engine_id", "")), self)
         for engine in self.engines:
             engine.shutdown()
         if self.disk is not None:

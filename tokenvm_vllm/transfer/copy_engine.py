@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,13 +85,34 @@ class CopyEngine(Mover):
 
 
 class TorchCopyEngine(CopyEngine):
-    """Synchronous copies with torch indexing; every job is complete when its call returns."""
+    """Synchronous copies with torch indexing; every job is complete when its call returns.
 
-    def __init__(self, layout: KVLayout, kv_caches: dict[str, torch.Tensor], pool: HostPool):
+    ``lag`` (testing only, ``debug_lag_copies``): each copy runs at the first ``poll`` after
+    its call and is returned by the next one, as a CUDA copy queued beside a step's forward is
+    still running when the worker polls right after launching the forward and done at the poll
+    after the step; ``fence`` runs the named jobs' copies at once."""
+
+    def __init__(self, layout: KVLayout, kv_caches: dict[str, torch.Tensor], pool: HostPool,
+                 lag: bool = False):
         super().__init__(layout, kv_caches, pool)
         self._done: list[CopyResult] = []
+        self.lag = lag
+        self._queued: dict[int, Callable[[], None]] = {}
+        """``lag``: job id -> its copy, not yet run."""
 
     def store(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
+        if self.lag:
+            self._queued[job_id] = lambda: self._store(job_id, gpu_block_ids, host_slots)
+        else:
+            self._store(job_id, gpu_block_ids, host_slots)
+
+    def load(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
+        if self.lag:
+            self._queued[job_id] = lambda: self._load(job_id, gpu_block_ids, host_slots)
+        else:
+            self._load(job_id, gpu_block_ids, host_slots)
+
+    def _store(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
         start = time.perf_counter()
         self.pool.ensure_pinned(host_slots)  # (a pinned pool whose layout CUDA's engine lacks)
         ids = torch.tensor(gpu_block_ids, dtype=torch.long, device=self.kv_caches[0].device)
@@ -101,7 +123,7 @@ class TorchCopyEngine(CopyEngine):
             self.pool.buffer[slots, layer.offset:layer.offset + layer.nbytes] = rows.cpu()
         self._finish(job_id, False, len(host_slots), start)
 
-    def load(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
+    def _load(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
         start = time.perf_counter()
         self.pool.ensure_pinned(host_slots)
         ids = torch.tensor(gpu_block_ids, dtype=torch.long, device=self.kv_caches[0].device)
@@ -115,10 +137,14 @@ class TorchCopyEngine(CopyEngine):
 
     def poll(self) -> list[CopyResult]:
         done, self._done = self._done, []
+        queued, self._queued = self._queued, {}
+        for run in queued.values():  # (lag: returned by the next poll)
+            run()
         return done
 
     def fence(self, job_ids: set[int]) -> None:
-        return  # every job finished inside its own call
+        for job_id in job_ids & self._queued.keys():  # (without lag every job finished already)
+            self._queued.pop(job_id)()
 
     def _finish(self, job_id: int, is_load: bool, num_blocks: int, start: float) -> None:
         nbytes = num_blocks * sum(layer.nbytes for layer in self.layout.layers)
