@@ -45,6 +45,24 @@ def test_gaps_per_load_with_two_ranks_and_a_late_lookup() -> None:
     assert summary["incomplete_loads"] == 1
 
 
+def test_an_early_finish_counts_and_the_later_report_of_the_job_does_not() -> None:
+    """``load_early_finish``: the scheduler logs load-finished when it hands the request to
+    vLLM and again when the worker's report finishes the job; the first is the gap's end."""
+    lines = [
+        trace(10.000, "lookup", req="a", hit_blocks=4),
+        trace(10.005, "load-submitted", job=7, blocks=4, layerwise=False),
+        trace(10.016, "load-polled", job=7, device_ms=10.0),
+        trace(10.017, "load-finished", job=7, req="a", blocks=4, early=1),
+        trace(10.020, "scheduled-new", req="a"),
+        trace(10.040, "load-finished", job=7, req="a", blocks=4),
+    ]
+    (load,) = parse(lines).loads
+    gaps = load.gaps_ms()
+    assert gaps is not None
+    assert gaps["polled->finished"] == pytest.approx(1.0)
+    assert gaps["finished->scheduled"] == pytest.approx(3.0)
+
+
 def test_a_request_scheduled_before_its_load_finished_is_not_matched() -> None:
     lines = [
         trace(1.0, "lookup", req="b", hit_blocks=1),
