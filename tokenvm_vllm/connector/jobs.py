@@ -166,14 +166,8 @@ class JobTable:
         (one worker, in the scheduler's process: ``load_early_finish``): its GPU blocks need no
         fence from now on; the job stays in the table until ``report``."""
         job = self._jobs.get(job_id)
-        if job is None:
-            return
-        for block_id in job.gpu_block_ids:
-            users = self._by_gpu_block.get(block_id)
-            if users is not None:
-                users.discard(job_id)
-                if not users:
-                    del self._by_gpu_block[block_id]
+        if job is not None:
+            self._release_blocks(job)
 
     def report(self, job_id: JobId, finished: int, failed: int = 0) -> Job | None:
         """``finished`` more workers finished ``job_id``, ``failed`` of them unsuccessfully.
@@ -191,14 +185,18 @@ class JobTable:
             return None
         del self._jobs[job_id]
         self._counts[job.kind] -= 1
+        self._release_blocks(job)
+        job.state = JobState.FAILED if job.failed else JobState.DONE
+        return job
+
+    def _release_blocks(self, job: Job) -> None:
+        """``job`` no longer uses its GPU blocks: nothing fences it from now on."""
         for block_id in job.gpu_block_ids:
             users = self._by_gpu_block.get(block_id)
             if users is not None:
-                users.discard(job_id)
+                users.discard(job.job_id)
                 if not users:
                     del self._by_gpu_block[block_id]
-        job.state = JobState.FAILED if job.failed else JobState.DONE
-        return job
 
     # -- queries ---------------------------------------------------------------------------
 
