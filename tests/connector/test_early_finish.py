@@ -1,6 +1,7 @@
 """``load_early_finish``: the scheduler takes finished loads from the worker in its process
 (vLLM's real Scheduler, CPU; the harness's model checks every KV position it reads)."""
 
+from types import SimpleNamespace
 from typing import Any
 
 from tests.connector.test_scheduler_level import evict_everything, prompts, revisit_steps
@@ -66,15 +67,23 @@ def test_a_failed_load_is_never_handed_over_early(make_harness) -> None:
     assert len(h.outputs[rid]) == 4
 
 
+def config(engine: str, world_size: int = 1) -> Any:
+    """What the link reads of vLLM's config: the engine id and the world size."""
+    return SimpleNamespace(kv_transfer_config=SimpleNamespace(engine_id=engine),
+                           parallel_config=SimpleNamespace(world_size=world_size))
+
+
 def test_the_link_needs_one_worker_in_this_process() -> None:
     worker: Any = object.__new__(type("W", (), {"take_finished_loads": lambda self: {"r"}}))
-    early_finish.register_worker("engine-a", worker)
+    early_finish.register_worker(config("engine-a"), worker)
     try:
-        assert EarlyFinish("engine-a", 1).worker() is worker
-        assert EarlyFinish("engine-a", 1).claim({"x"}) == ({"x", "r"}, {"r"})
-        assert EarlyFinish("engine-a", 1).claim(None) == ({"r"}, {"r"})
-        assert EarlyFinish("engine-a", 2).worker() is None  # tensor parallel: every rank reports
-        assert EarlyFinish("engine-b", 1).claim({"x"}) == ({"x"}, set())  # a worker elsewhere
+        assert EarlyFinish(config("engine-a")).worker() is worker
+        assert EarlyFinish(config("engine-a")).claim({"x"}) == ({"x", "r"}, {"r"})
+        assert EarlyFinish(config("engine-a")).claim(None) == ({"r"}, {"r"})
+        # tensor parallel: every rank reports
+        assert EarlyFinish(config("engine-a", world_size=2)).worker() is None
+        # a worker elsewhere
+        assert EarlyFinish(config("engine-b")).claim({"x"}) == ({"x"}, set())
     finally:
-        early_finish.unregister_worker("engine-a", worker)
-    assert EarlyFinish("engine-a", 1).worker() is None
+        early_finish.unregister_worker(config("engine-a"), worker)
+    assert EarlyFinish(config("engine-a")).worker() is None

@@ -35,6 +35,8 @@ import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
     from tokenvm_vllm.connector.worker import TokenVMWorker
 
 logger = logging.getLogger("vllm.tokenvm")
@@ -44,22 +46,27 @@ _WORKERS: weakref.WeakValueDictionary[str, TokenVMWorker] = weakref.WeakValueDic
 that engine in this process."""
 
 
-def register_worker(engine_id: str, worker: TokenVMWorker) -> None:
-    """The worker side of ``engine_id`` is in this process (called once it can copy)."""
-    _WORKERS[engine_id] = worker
+def engine_id(vllm_config: VllmConfig) -> str:
+    """The engine both sides of one connector belong to (vLLM's ``kv_transfer_config``)."""
+    return str(getattr(vllm_config.kv_transfer_config, "engine_id", None) or "")
 
 
-def unregister_worker(engine_id: str, worker: TokenVMWorker) -> None:
-    if _WORKERS.get(engine_id) is worker:
-        del _WORKERS[engine_id]
+def register_worker(vllm_config: VllmConfig, worker: TokenVMWorker) -> None:
+    """The worker side of this engine is in this process (called once it can copy)."""
+    _WORKERS[engine_id(vllm_config)] = worker
+
+
+def unregister_worker(vllm_config: VllmConfig, worker: TokenVMWorker) -> None:
+    if _WORKERS.get(engine_id(vllm_config)) is worker:
+        del _WORKERS[engine_id(vllm_config)]
 
 
 class EarlyFinish:
     """The scheduler side's link to its engine's worker (``claim``)."""
 
-    def __init__(self, engine_id: str, world_size: int) -> None:
-        self.engine_id = engine_id
-        self.world_size = world_size
+    def __init__(self, vllm_config: VllmConfig) -> None:
+        self.engine_id = engine_id(vllm_config)
+        self.world_size = vllm_config.parallel_config.world_size
         self._worker: TokenVMWorker | None = None
         self._looked = False
 

@@ -124,10 +124,7 @@ class TokenVMScheduler:
                 f"size {tokens_per_hash}")
         self.hashes_per_block = self.block_size // tokens_per_hash
         self.num_workers = vllm_config.parallel_config.world_size
-        transfer = vllm_config.kv_transfer_config
-        self.early_finish = EarlyFinish(
-            str(getattr(transfer, "engine_id", "")), self.num_workers,
-        ) if config.load_early_finish else None
+        self.early_finish = EarlyFinish(vllm_config) if config.load_early_finish else None
         """``load_early_finish``: learn of finished loads from the worker in this process
         (``early_finish.py``), in ``update_connector_output``."""
         self.store_once = config.mla_store_once and replicated_latent_kv(

@@ -258,8 +258,7 @@ class TokenVMWorker:
         if self.config.remote_url and self.writer:
             self._open_remote_store(first_dtype=str(next(iter(kv_caches.values())).dtype))
         if self.config.load_early_finish:  # the scheduler in this process asks it directly
-            transfer = self.vllm_config.kv_transfer_config
-            early_finish.register_worker(str(getattr(transfer, "engine_id", "")), self)
+            early_finish.register_worker(self.vllm_config, self)
         if self._overlap:
             # Last: while a chunk is being registered the driver holds other CUDA calls of
             # this process. Started before the copy engines (2026-12-01, H200) it stretched
@@ -282,8 +281,7 @@ class TokenVMWorker:
             self.shared_pool_path = os.path.join(
                 SHARED_POOL_DIR, f"tokenvm-remote-{os.getpid()}-rank{rank}.pool")
             return self.shared_pool_path
-        transfer = self.vllm_config.kv_transfer_config
-        engine_id = str(getattr(transfer, "engine_id", None) or "")
+        engine_id = early_finish.engine_id(self.vllm_config)
         if not engine_id:
             raise ValueError("tokenvm: kv_transfer_config.engine_id is empty, so the ranks "
                              "cannot name a shared host pool: set mla_store_once=false")
@@ -763,12 +761,11 @@ class TokenVMWorker:
         blocks in ``get_finished``'s report, as always). Those requests are then left out of
         ``get_finished``'s report; the jobs themselves are reported in the worker metadata as
         usual."""
-        good = self._collect_copies()
-        if self._load_errors or not good:
+        good = self._collect_copies()  # (each also just added to _finished_recving)
+        if self._load_errors:
             return set()
-        early = good & self._finished_recving
-        self._finished_recving -= early
-        return early
+        self._finished_recving -= good
+        return good
 
     def _collect_copies(self) -> set[str]:
         """Poll the copy engines: count each finished job for the scheduler, and add the
@@ -827,8 +824,7 @@ class TokenVMWorker:
         return meta
 
     def shutdown(self) -> None:
-        transfer = self.vllm_config.kv_transfer_config
-        early_finish.unregister_worker(str(getattr(transfer, "engine_id", "")), self)
+        early_finish.unregister_worker(self.vllm_config, self)
         for engine in self.engines:
             engine.shutdown()
         if self.disk is not None:

@@ -101,16 +101,17 @@ class TorchCopyEngine(CopyEngine):
         """``lag``: job id -> its copy, not yet run."""
 
     def store(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
-        if self.lag:
-            self._queued[job_id] = lambda: self._store(job_id, gpu_block_ids, host_slots)
-        else:
-            self._store(job_id, gpu_block_ids, host_slots)
+        self._copy(job_id, lambda: self._store(job_id, gpu_block_ids, host_slots))
 
     def load(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
+        self._copy(job_id, lambda: self._load(job_id, gpu_block_ids, host_slots))
+
+    def _copy(self, job_id: int, copy: Callable[[], None]) -> None:
+        """Run ``copy`` now, or with ``lag`` at the next poll (or fence)."""
         if self.lag:
-            self._queued[job_id] = lambda: self._load(job_id, gpu_block_ids, host_slots)
+            self._queued[job_id] = copy
         else:
-            self._load(job_id, gpu_block_ids, host_slots)
+            copy()
 
     def _store(self, job_id: int, gpu_block_ids: list[int], host_slots: list[int]) -> None:
         start = time.perf_counter()
