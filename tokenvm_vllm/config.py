@@ -174,13 +174,23 @@ class TokenVMConfig:
     ``vllm bench serve`` on an H200 (workload P, V2, two rounds; README, "Eleventh H200 run"),
     5 against 0: 1.053x throughput at both 8 and 32 in flight, TTFT p50 0.77x / 0.83x, at 32
     14-16% fewer bytes loaded; the price: mean TPOT 1.07x / 1.04x, TTFT p99 0.97x / 1.11x."""
+    load_defer_max_s: float = 0.0
+    """With ``load_defer_steps``: a request is put off only within this many seconds of the
+    first time it was (0 = no bound in time, only the count). ``load_defer_steps`` counts the
+    steps at which vLLM reaches the request in its queue; in a queue that stays full those can
+    be far apart, and the requests put off make the TTFT tail (Poisson arrivals on an H200:
+    p99 1.226x native with 5 against 0.887x with 0 in an earlier run; README, "Twelfth H200
+    run"). Not yet measured under load."""
     load_early_finish: bool = False
     """The scheduler takes finished async loads straight from the worker in its own process
-    (world size 1, vLLM's in-process executor), a step or two before vLLM's report of them
-    would reach it, so the parked request runs sooner (connector/early_finish.py). A load
+    (world size 1, vLLM's in-process executor): the worker holds good loads its
+    ``get_finished`` sees end, and the scheduler side takes them at the previous step's
+    output, so the parked request runs a step sooner (connector/early_finish.py). A load
     waited 62 ms from hit to running for 10.5 ms of copying at 8 requests in flight on an H200
-    (README, "Step classes"). Off until measured under load; no effect with more than one
-    worker."""
+    (README, "Step classes"). Off: a first version (taking only loads that ended after the
+    worker's poll) measured 1.03-1.08x throughput at 8 in flight and 0.94-0.95x at 32 (README,
+    "Twelfth H200 run"); this one is not yet measured under load. No effect with more than
+    one worker."""
     copy_path: CopyPath = CopyPath.STAGED
     """CUDA copies: 'staged' gathers blocks into a GPU staging buffer (a short on-device
     kernel) and moves them over PCIe with DMA, leaving the SMs to the model; 'uva' has a Triton
@@ -599,6 +609,10 @@ def _validate(config: TokenVMConfig, sources: Mapping[str, str]) -> None:
     if config.load_defer_steps < 0:
         raise TokenVMConfigError(
             f"tokenvm: load_defer_steps={config.load_defer_steps} must be >= 0 (0 = off)")
+    if not config.load_defer_max_s >= 0:  # (also refuses nan)
+        raise TokenVMConfigError(
+            f"tokenvm: load_defer_max_s={config.load_defer_max_s} must be >= 0 seconds "
+            "(0 = no bound)")
     if config.disk_path and config.disk_bytes <= 0:
         raise TokenVMConfigError(
             f"tokenvm: disk_bytes={config.disk_bytes} must be > 0 when disk_path is set")

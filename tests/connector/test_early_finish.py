@@ -51,6 +51,44 @@ def test_outputs_equal_under_churn_and_revisits(make_harness) -> None:
     assert outputs[True] == outputs[False]
 
 
+def test_loads_the_worker_saw_end_are_held_for_the_scheduler(make_harness) -> None:
+    """Copies that end before ``get_finished`` polls (no lag): the worker holds the good loads
+    out of its report and the scheduler side takes them at the step's output. Under vLLM's
+    async scheduling that report reaches the scheduler a step later than the output of the
+    step before, which is when the scheduler side asks (early_finish.py); here, in the
+    harness's synchronous steps, both arrive together, so only the hand-over shows."""
+    outputs: dict[bool, list[list[int]]] = {}
+    for early in (False, True):
+        h = make_harness(num_gpu_blocks=40, max_num_seqs=4,
+                         extra_config={"load_early_finish": early})
+        worker = h.worker.worker
+        held: list[int] = []
+
+        def spy(worker: Any = worker, get_finished: Any = worker.get_finished,
+                held: list[int] = held) -> set[str]:
+            report: set[str] = get_finished()
+            held.append(len(worker._early_ready))
+            return report
+
+        worker.get_finished = spy  # type: ignore[method-assign]
+        ids = []
+        for round_no in range(2):
+            for i in range(6):
+                (p,) = prompts(1, prefix_blocks=6, suffix=3 + round_no, seed=700 + i)
+                ids.append(h.add(p, max_tokens=3))
+            h.run()
+            evict_everything(h, seed=800 + round_no)
+        outputs[early] = [h.outputs[r] for r in ids]
+        load_jobs = len(h.histograms.get("load_job_seconds", []))
+        assert load_jobs >= 6
+        assert h.stats["load_early_finished"] == (load_jobs if early else 0)
+        assert (max(held) > 0) == early  # held by get_finished, not reported by it
+        assert not worker._early_ready  # every held load was taken
+        assert not h.scheduler.finished_recving_kv_req_ids
+        assert len(h.scheduler.connector.scheduler.jobs) == 0
+    assert outputs[True] == outputs[False]
+
+
 def test_a_failed_load_is_never_handed_over_early(make_harness) -> None:
     """Its request goes to vLLM with its invalid blocks, in the worker's own report; vLLM
     recomputes them (the forward checks the result)."""

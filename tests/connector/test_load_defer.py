@@ -78,6 +78,28 @@ def test_each_request_is_put_off_at_most_load_defer_steps_times(
     assert all(len(h.outputs[r]) == 3 for r in (a, b, *more))
 
 
+def test_load_defer_max_s_bounds_the_time_a_request_is_put_off(make_harness) -> None:
+    """The scenario above, where 4 allows two put-offs: with a bound in time already passed at
+    the second visit (the harness's steps take far more than a nanosecond), only the first."""
+    deferred = {}
+    for bound in (0.0, 1e-9):
+        h = make_harness(num_gpu_blocks=24, max_num_seqs=2,
+                         extra_config={"load_defer_steps": 4, "load_defer_max_s": bound})
+        a, b = _revisit_both(h)
+        more = [h.add(p, max_tokens=3)
+                for p in prompts(2, prefix_blocks=12, suffix=7, seed=2)]
+        h.run()
+        deferred[bound] = h.stats["load_deferred"]
+        assert all(len(h.outputs[r]) == 3 for r in (a, b, *more))
+    assert deferred == {0.0: 2, 1e-9: 1}
+
+
+@pytest.mark.parametrize(("value", "shown"), [("-1", "-1.0"), ("nan", "nan")])
+def test_load_defer_max_s_must_be_a_time(make_harness, value: str, shown: str) -> None:
+    with pytest.raises(TokenVMConfigError, match=f"load_defer_max_s={shown} must be >= 0"):
+        make_harness(extra_config={"load_defer_max_s": value})
+
+
 def test_load_defer_steps_must_not_be_negative(make_harness) -> None:
     with pytest.raises(TokenVMConfigError, match="load_defer_steps=-1 must be >= 0"):
         make_harness(extra_config={"load_defer_steps": -1})

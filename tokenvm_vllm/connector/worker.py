@@ -149,6 +149,12 @@ class TokenVMWorker:
         self.layer_hooks: bool | None = None
         """Whether vLLM calls ``wait_for_layer_load`` for every layer (None: not seen yet)."""
         self._finished_recving: set[str] = set()
+        self._early_claimed = False
+        """``load_early_finish``: the scheduler side in this process has asked for finished
+        loads (``take_finished_loads``); from then on ``get_finished`` holds good ones for it."""
+        self._early_ready: set[str] = set()
+        """Requests whose async load ``get_finished`` saw end well, held for the scheduler
+        side's next ``take_finished_loads`` instead of this step's report."""
         self._load_errors: set[int] = set()
         self._worker_meta = TokenVMWorkerMetadata()
         self._num_loads = 0
@@ -744,28 +750,44 @@ class TokenVMWorker:
 
     def get_finished(self) -> set[str]:
         """Collect finished jobs; returns the requests whose loads finished (finished_recving),
-        less those ``take_finished_loads`` handed to the scheduler already."""
+        less those held for or handed to the scheduler side (``take_finished_loads``).
+
+        With ``load_early_finish`` engaged, good async loads seen here are held rather than
+        reported: vLLM calls this right after launching step N+1's forward and hands the
+        report to the scheduler only after it has scheduled step N+2, while the scheduler
+        side's ``take_finished_loads`` at step N's output (moments later) gets the request
+        into step N+2. With a failed load pending, everything held goes out in this report,
+        beside the invalid blocks, as without early finish."""
         self._end_layerwise_step()
-        self._collect_copies()
+        good = self._collect_copies()
         if self.disk is not None:
             self._collect_disk_jobs()
         if self.remote is not None:
             self._collect_remote_jobs()
+        if self._early_claimed and not self._load_errors:
+            self._early_ready |= good
+            self._finished_recving -= good
+        else:
+            self._finished_recving |= self._early_ready
+            self._early_ready = set()
         finished, self._finished_recving = self._finished_recving, set()
         return finished
 
     def take_finished_loads(self) -> set[str]:
         """``load_early_finish`` (``early_finish.py``), called by the scheduler side in this
-        process between steps: poll the copies now and hand over the requests whose async
-        loads have ended, when none failed (a failed load's request goes out with its invalid
-        blocks in ``get_finished``'s report, as always). Those requests are then left out of
-        ``get_finished``'s report; the jobs themselves are reported in the worker metadata as
-        usual."""
+        process each time vLLM hands it a step's output: poll the copies now and hand over
+        the requests whose async loads ended well, those ``get_finished`` held included,
+        unless a load failed (a failed load's request goes out with its invalid blocks in
+        ``get_finished``'s report, as always, and so do the held ones then). Requests handed
+        over are left out of ``get_finished``'s report; the jobs themselves are reported in
+        the worker metadata as usual."""
+        self._early_claimed = True
         good = self._collect_copies()  # (each also just added to _finished_recving)
         if self._load_errors:
             return set()
-        self._finished_recving -= good
-        return good
+        ready, self._early_ready = self._early_ready | good, set()
+        self._finished_recving -= ready
+        return ready
 
     def _collect_copies(self) -> set[str]:
         """Poll the copy engines: count each finished job for the scheduler, and add the
