@@ -222,6 +222,42 @@ def test_request_phases_split_each_ttft_at_the_engine_arrival_and_first_schedule
     assert result["workloads"]["p8"]["request_phases"]["matched"] == 3
 
 
+def test_the_slowest_requests_come_with_their_ask_again_reasons_and_load(tmp_path) -> None:
+    """Three requests: ``b`` (sent second) is put off twice and waits for another's load once,
+    then loads 4 blocks; it is the slowest. ``a`` computes; ``c`` waits for nothing."""
+    from tokenvm_vllm.bench.serve_bench import add_load_timelines
+    from tokenvm_vllm.bench.timeline import describe_request, slowest_requests
+
+    lines = [trace(10.001, "arrived", req="a"), trace(10.011, "scheduled-new", req="a"),
+             trace(10.102, "arrived", req="b"),
+             trace(10.110, "asked-again", req="b", why="defer"),
+             trace(10.120, "asked-again", req="b", why="defer"),
+             trace(10.130, "asked-again", req="b", why="loading"),
+             trace(10.140, "lookup", req="b", hit_blocks=4),
+             trace(10.150, "load-submitted", job=1, blocks=4),
+             trace(10.170, "load-polled", job=1, device_ms=3.0),
+             trace(10.180, "load-finished", job=1, req="b", blocks=4),
+             trace(10.190, "scheduled-new", req="b"),
+             trace(10.203, "arrived", req="c"), trace(10.213, "scheduled-new", req="c")]
+    start, first_token = [10.0, 10.1, 10.2], [10.02, 10.2, 10.225]
+    rows = slowest_requests(parse(lines), start, first_token, count=2)
+    assert [row["index"] for row in rows] == [1, 2]
+    slowest = rows[0]
+    assert slowest["ttft_ms"] == pytest.approx(100.0)
+    assert slowest["engine->scheduled"] == pytest.approx(88.0)
+    assert slowest["asked_again"] == {"defer": 2, "loading": 1}
+    assert slowest["load_ms"] == pytest.approx(50.0) and slowest["load_blocks"] == 4
+    assert rows[1]["asked_again"] == {} and rows[1]["load_ms"] is None
+    assert describe_request(slowest) == (
+        "#1 100 ms (engine->scheduled 88, asked again: defer 2, loading 1, load 50 ms)")
+    log = tmp_path / "x.server.log"
+    log.write_text("\n".join(lines))
+    result = {"config": "tokenvm", "workloads": {"poisson": {
+        "window": [9.0, 11.0], "requests": {"start_s": start, "first_token_s": first_token}}}}
+    add_load_timelines(result, log)
+    assert result["workloads"]["poisson"]["slowest_requests"][0]["index"] == 1
+
+
 def test_the_first_loads_of_a_window_are_summarised_apart(tmp_path, capsys) -> None:
     """``first_loads``: the first ``FIRST_LOADS`` loads by lookup time (where a burst's growth
     lands), here slow ones followed by fast ones; ``--result`` summarises each workload's

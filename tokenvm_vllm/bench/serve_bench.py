@@ -67,7 +67,15 @@ from typing import Any, TypeVar
 from tokenvm_vllm.bench import startup, wave
 from tokenvm_vllm.bench.server import ApiServer
 from tokenvm_vllm.bench.stats import median_by_quarter
-from tokenvm_vllm.bench.timeline import PHASES, REQUEST_PHASES, parse, request_phases, summarize
+from tokenvm_vllm.bench.timeline import (
+    PHASES,
+    REQUEST_PHASES,
+    describe_request,
+    parse,
+    request_phases,
+    slowest_requests,
+    summarize,
+)
 
 WORKLOADS = ("p8", "p32", "poisson", "random", "wave", "long")
 """What ``--workloads`` accepts; ``wave`` runs as its phases ``wave1`` and ``wave2``."""
@@ -471,6 +479,11 @@ def add_load_timelines(result: dict[str, Any], server_log: Path) -> None:
                 f"{name} {phases[name]['p50']:.1f}" for name in REQUEST_PHASES
                 if phases[name]["n"]) + f" ({phases['matched']} of "
                 f"{phases['client_requests']} requests)")
+            slowest = slowest_requests(timeline, requests["start_s"],
+                                       requests["first_token_s"])
+            entry["slowest_requests"] = slowest
+            progress(f"{result['config']}: {workload} slowest requests: " + "; ".join(
+                describe_request(row) for row in slowest[:5]))
         gaps = "  ".join(f"{name} {summary[name]['p50']:.1f}" for name in (
             *PHASES, "copy_device_ms", "in-step lookup->scheduled") if summary[name]["n"])
         progress(f"{result['config']}: {workload} load timeline, p50 ms: {gaps or 'no loads'}")

@@ -25,6 +25,12 @@ token at the client (the step's forward, sampling, detokenizing, the response). 
 requests and the engine's are matched in arrival order (the API server forwards them in the
 order they came; two sent within a millisecond may swap, which moves no percentile much).
 
+The slowest requests (``slowest_requests``), each with its arrival index, its phases, how often
+vLLM's lookup of it was answered "ask again" and why (``asked-again`` events: ``defer`` is
+``load_defer_steps``, ``loading`` another request loading its blocks, ``disk`` a promotion or
+remote read in flight), and its load's own time: whether a TTFT tail is one run of arrivals
+and what held it.
+
 The first ``FIRST_LOADS`` loads of the window (in lookup order) are also summarised apart
 (``first_loads``): at the start of a burst after an idle period an elastic pool grows at each
 arrival, and whatever that growth costs lands on exactly these loads.
@@ -112,6 +118,10 @@ class Timeline:
     requests: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per request id, the first time of each of its events (``arrived``, ``lookup``,
     ``scheduled-new``)."""
+    asked_again: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per request id, how often its lookup was answered "ask again", by reason (``defer``:
+    ``load_defer_steps``; ``loading``: another request was loading its blocks; ``disk``: a
+    promotion or remote read in flight)."""
     copies: list[tuple[float, float]] = field(default_factory=list)
     """``(start, end)`` of every copy's estimated time on the GPU, loads and stores."""
     since: float = 0.0
@@ -135,6 +145,7 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
     steps: list[tuple[float, int]] = []
     elastic: list[tuple[float, dict[str, str]]] = []
     requests: dict[str, dict[str, float]] = {}
+    asked_again: dict[str, dict[str, int]] = {}
     submitted: dict[int, tuple[str, float]] = {}  # job -> (kind, submitted at)
     copies: dict[int, tuple[str, float, float]] = {}  # job -> (kind, submitted, device ms)
     for t, name, f in events:
@@ -145,6 +156,9 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
             copies[int(f["job"])] = (kind, at, float(f["device_ms"]))
         if name in ("arrived", "lookup", "scheduled-new") and "req" in f:
             requests.setdefault(f["req"], {}).setdefault(name, t)
+        elif name == "asked-again":
+            why = asked_again.setdefault(f["req"], {})
+            why[f["why"]] = why.get(f["why"], 0) + 1
         if name == "lookup":
             lookups[f["req"]] = t
             scheduled.pop(f["req"], None)
@@ -176,6 +190,7 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
             elastic.append((t, f))
     timeline = Timeline(step_intervals_ms=[(b - a) * 1000 for (a, _), (b, _) in pairwise(steps)],
                         steps=steps, elastic=elastic, requests=requests,
+                        asked_again=asked_again,
                         copies=_copy_windows(list(copies.values())),
                         since=since if since > 0 else (events[0][0] if events else 0.0))
     for load in loads.values():
@@ -260,6 +275,23 @@ def summarize(timeline: Timeline) -> dict[str, Any]:
 REQUEST_PHASES = ("client->engine", "engine->scheduled", "scheduled->first token")
 
 
+def _matched(timeline: Timeline, start_s: list[float], first_token_s: list[float]
+             ) -> list[tuple[int, float, float, float, str, dict[str, float]]]:
+    """The client's requests matched to the engine's in arrival order (``request_phases``):
+    ``(arrival index, sent, first token, arrived, request id, its events)``, up to the first
+    engine request with no ``scheduled-new`` (a log that ends mid-run)."""
+    client = sorted(zip(start_s, first_token_s, strict=True))
+    engine = sorted((ev.get("arrived", min(ev.values())), req, ev)
+                    for req, ev in timeline.requests.items())
+    matched = []
+    for index, ((sent, first_token), (arrived, req, ev)) in enumerate(
+            zip(client, engine, strict=False)):
+        if ev.get("scheduled-new") is None:
+            break
+        matched.append((index, sent, first_token, arrived, req, ev))
+    return matched
+
+
 def request_phases(timeline: Timeline, start_s: list[float],
                    first_token_s: list[float]) -> dict[str, Any]:
     """Where the requests' TTFT went (module docstring): ``start_s`` and ``first_token_s`` are
@@ -268,22 +300,46 @@ def request_phases(timeline: Timeline, start_s: list[float],
     before that event existed, their first ``lookup`` or ``scheduled-new``); an engine request
     with no ``scheduled-new`` ends the matching (a log that ends mid-run). Returns each phase's
     distribution in ms (``client->engine`` only with ``arrived`` events) and ``matched``."""
-    client = sorted(zip(start_s, first_token_s, strict=True))
-    engine = sorted(
-        (ev.get("arrived", min(ev.values())), ev) for ev in timeline.requests.values())
     phases: dict[str, list[float]] = {name: [] for name in REQUEST_PHASES}
-    matched = 0
-    for (sent, first_token), (arrived, ev) in zip(client, engine, strict=False):
-        scheduled = ev.get("scheduled-new")
-        if scheduled is None:
-            break
+    matched = _matched(timeline, start_s, first_token_s)
+    for _, sent, first_token, arrived, _, ev in matched:
         if "arrived" in ev:
             phases["client->engine"].append((arrived - sent) * 1000)
-        phases["engine->scheduled"].append((scheduled - arrived) * 1000)
-        phases["scheduled->first token"].append((first_token - scheduled) * 1000)
-        matched += 1
-    return {**{name: _stats(values) for name, values in phases.items()}, "matched": matched,
-            "client_requests": len(client), "engine_requests": len(engine)}
+        phases["engine->scheduled"].append((ev["scheduled-new"] - arrived) * 1000)
+        phases["scheduled->first token"].append((first_token - ev["scheduled-new"]) * 1000)
+    return {**{name: _stats(values) for name, values in phases.items()},
+            "matched": len(matched), "client_requests": len(start_s),
+            "engine_requests": len(timeline.requests)}
+
+
+def slowest_requests(timeline: Timeline, start_s: list[float], first_token_s: list[float],
+                     count: int = 8) -> list[dict[str, Any]]:
+    """The ``count`` matched requests with the longest TTFT, slowest first: their arrival
+    index, TTFT, ``request_phases``' phases, how often their lookup was answered "ask again"
+    and why, and their load's ``lookup->scheduled`` if they had one: whether a TTFT tail is
+    one run of arrivals, and what held it (issue #10's Poisson p99)."""
+    loads = {load.req: load for load in timeline.loads if load.req is not None}
+    rows: list[dict[str, Any]] = []
+    for index, sent, first_token, arrived, req, ev in _matched(timeline, start_s, first_token_s):
+        load = loads.get(req)
+        gaps = load.gaps_ms() if load is not None else None
+        rows.append({
+            "index": index, "ttft_ms": round((first_token - sent) * 1000, 1),
+            "client->engine": round((arrived - sent) * 1000, 1) if "arrived" in ev else None,
+            "engine->scheduled": round((ev["scheduled-new"] - arrived) * 1000, 1),
+            "asked_again": timeline.asked_again.get(req, {}),
+            "load_ms": round(sum(gaps.values()), 1) if gaps else None,
+            "load_blocks": load.blocks if load is not None else 0})
+    return sorted(rows, key=lambda row: -row["ttft_ms"])[:count]
+
+
+def describe_request(row: dict[str, Any]) -> str:
+    """One ``slowest_requests`` row in a line: ``#38 2458 ms (engine->scheduled 2401, asked
+    again: defer 5, load 61 ms)``."""
+    asked = ", ".join(f"{why} {n}" for why, n in sorted(row["asked_again"].items()))
+    return (f"#{row['index']} {row['ttft_ms']:.0f} ms (engine->scheduled "
+            f"{row['engine->scheduled']:.0f}" + (f", asked again: {asked}" if asked else "")
+            + (f", load {row['load_ms']:.0f} ms" if row["load_ms"] is not None else "") + ")")
 
 
 def longest_steps(timeline: Timeline, count: int = 5) -> list[dict[str, Any]]:

@@ -327,7 +327,7 @@ class TokenVMScheduler:
         if self.elastic is not None:
             self.elastic.before_alloc(self._blocks_needed(state))
         if state.load_job_id is not None:
-            return None, False  # a load for this request is still in flight
+            return self._ask_again(state, "own-load")  # a load for it is still in flight
         start = state.local_blocks = num_computed_tokens // self.block_size
         stop = self._lookup_stop(request)
         if stop <= start:
@@ -343,7 +343,7 @@ class TokenVMScheduler:
         if waiting_for_disk and time.monotonic() < state.prefetch_deadline:
             self.stats.add("lookup_deferred", 1)
             state.lookup_deferred = True
-            return None, False  # disk -> host in flight, or the start-up scan: ask again
+            return self._ask_again(state, "disk")  # disk -> host in flight, or the scan
         if state.prefetched_blocks:
             late = state.lookup_deferred
             self.stats.add("prefetch_late_blocks" if late else "prefetch_on_time_blocks",
@@ -353,9 +353,9 @@ class TokenVMScheduler:
         if hits and self._loading and any(
                 key in self._loading for key in self.group_keys(state, start, start + hits)):
             self.stats.add("lookup_deferred_loading", 1)
-            return None, False  # another request loads these blocks now: ask again after it
+            return self._ask_again(state, "loading")  # another request loads these blocks now
         if hits >= self.config.min_load_blocks and self._defer_load(state):
-            return None, False  # its load would evict the GPU's cache: others first
+            return self._ask_again(state, "defer")  # its load would evict the GPU's cache
         self.stats.add("lookup_blocks", len(keys))
         self.stats.add("host_hit_blocks", hits)
         if hits < self.config.min_load_blocks:
@@ -365,6 +365,14 @@ class TokenVMScheduler:
             logger.info("TokenVM trace %.6f lookup req=%s hit_blocks=%d", time.monotonic(),
                         request.request_id, hits)
         return hits * self.block_size, self.config.load_mode is LoadMode.ASYNC
+
+    def _ask_again(self, state: RequestState, why: str) -> tuple[None, bool]:
+        """vLLM's "ask again" answer to a lookup (the request stays waiting and vLLM goes on
+        down its queue), traced with its reason (``bench/timeline.py``: per request)."""
+        if self.config.trace:
+            logger.info("TokenVM trace %.6f asked-again req=%s why=%s", time.monotonic(),
+                        state.request.request_id, why)
+        return None, False
 
     def _defer_load(self, state: RequestState) -> bool:
         """``load_defer_steps``: whether to answer "ask again" to a request whose prefix must be
