@@ -14,6 +14,19 @@ CUDA copy beside a step's forward: the worker's ``get_finished``, right after th
 launched, sees it still running; the poll after the step sees it done."""
 
 
+def churn(h: Any, rounds: int, seed: int) -> list[str]:
+    """``rounds`` rounds of 6 requests on 6-block prefixes, every cached block evicted to host
+    after each round (the next round loads its prefixes); returns the request ids."""
+    ids = []
+    for round_no in range(rounds):
+        for i in range(6):
+            (p,) = prompts(1, prefix_blocks=6, suffix=3 + round_no, seed=seed + i)
+            ids.append(h.add(p, max_tokens=3))
+        h.run()
+        evict_everything(h, seed=seed + 100 + round_no)
+    return ids
+
+
 def test_a_parked_request_runs_a_step_sooner_with_exact_kv(make_harness) -> None:
     runs: dict[bool, tuple[int, float, float]] = {}
     for early in (False, True):
@@ -34,13 +47,7 @@ def test_outputs_equal_under_churn_and_revisits(make_harness) -> None:
     for early in (False, True):
         h = make_harness(num_gpu_blocks=40, max_num_seqs=4,
                          extra_config={"load_early_finish": early, **LAG})
-        ids = []
-        for round_no in range(3):
-            for i in range(6):
-                (p,) = prompts(1, prefix_blocks=6, suffix=3 + round_no, seed=500 + i)
-                ids.append(h.add(p, max_tokens=3))
-            h.run()
-            evict_everything(h, seed=600 + round_no)  # the next round loads from host
+        ids = churn(h, rounds=3, seed=500)
         outputs[early] = [h.outputs[r] for r in ids]
         load_jobs = len(h.histograms.get("load_job_seconds", []))
         assert load_jobs >= 6
@@ -71,13 +78,7 @@ def test_loads_the_worker_saw_end_are_held_for_the_scheduler(make_harness) -> No
             return report
 
         worker.get_finished = spy  # type: ignore[method-assign]
-        ids = []
-        for round_no in range(2):
-            for i in range(6):
-                (p,) = prompts(1, prefix_blocks=6, suffix=3 + round_no, seed=700 + i)
-                ids.append(h.add(p, max_tokens=3))
-            h.run()
-            evict_everything(h, seed=800 + round_no)
+        ids = churn(h, rounds=2, seed=700)
         outputs[early] = [h.outputs[r] for r in ids]
         load_jobs = len(h.histograms.get("load_job_seconds", []))
         assert load_jobs >= 6
