@@ -178,9 +178,9 @@ class TokenVMConfig:
     """With ``load_defer_steps``: a request is put off only within this many seconds of the
     first time it was (0 = no bound in time, only the count). ``load_defer_steps`` counts the
     steps at which vLLM reaches the request in its queue; in a queue that stays full those can
-    be far apart, and the requests put off make the TTFT tail (Poisson arrivals on an H200:
-    p99 1.226x native with 5 against 0.887x with 0 in an earlier run; README, "Twelfth H200
-    run"). Not yet measured under load."""
+    be far apart, and the requests put off may make the TTFT tail (Poisson arrivals on an
+    H200: p99 1.226x native with 5 against 0.887x with 0 in an earlier run; README, "Twelfth
+    H200 run"). Not yet measured under load."""
     load_early_finish: bool = False
     """The scheduler takes finished async loads straight from the worker in its own process
     (world size 1, vLLM's in-process executor): the worker holds good loads its
