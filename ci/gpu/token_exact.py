@@ -254,7 +254,6 @@ def main() -> None:
                 "differing": sum(r["outputs"][k] != base_out[k] for k in base_out),
                 "loaded_tokens": c.get("vllm:prompt_tokens_by_source[external_kv_transfer]", 0),
                 "tokenvm_loaded_blocks": c.get("tokenvm:loaded_blocks", 0),
-                "tokenvm_early_finished": c.get("tokenvm:load_early_finished", 0),
                 "pass_s": [round(x, 2) for x in r["pass_s"]],
             }
             if "_early" in name:  # the scheduler side found its worker (early_finish.py):

@@ -9,6 +9,7 @@ load mode (async, layer-wise, sync) shares the one baseline.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -183,10 +184,7 @@ def test_trace_gives_every_async_load_its_timeline(runs):
         assert "arrived" in events and "scheduled-new" in events, (req, events)
         assert events["arrived"] == min(events.values()), (req, events)
     # every "ask again" is traced with its reason: the defers are load_defer_steps'
-    asked = {}
-    for reasons in timeline.asked_again.values():
-        for why, n in reasons.items():
-            asked[why] = asked.get(why, 0) + n
+    asked = sum(timeline.asked_again.values(), Counter())
     assert asked.get("defer", 0) == runs["tokenvm"]["counters"]["tokenvm:load_deferred"] > 0
     assert asked.get("loading", 0) == runs["tokenvm"]["counters"].get(
         "tokenvm:lookup_deferred_loading", 0)

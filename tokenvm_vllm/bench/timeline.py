@@ -59,6 +59,7 @@ import argparse
 import json
 import re
 import statistics
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -118,7 +119,7 @@ class Timeline:
     requests: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per request id, the first time of each of its events (``arrived``, ``lookup``,
     ``scheduled-new``)."""
-    asked_again: dict[str, dict[str, int]] = field(default_factory=dict)
+    asked_again: dict[str, Counter[str]] = field(default_factory=dict)
     """Per request id, how often its lookup was answered "ask again", by reason (``defer``:
     ``load_defer_steps``; ``loading``: another request was loading its blocks; ``disk``: a
     promotion or remote read in flight)."""
@@ -145,7 +146,7 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
     steps: list[tuple[float, int]] = []
     elastic: list[tuple[float, dict[str, str]]] = []
     requests: dict[str, dict[str, float]] = {}
-    asked_again: dict[str, dict[str, int]] = {}
+    asked_again: dict[str, Counter[str]] = {}
     submitted: dict[int, tuple[str, float]] = {}  # job -> (kind, submitted at)
     copies: dict[int, tuple[str, float, float]] = {}  # job -> (kind, submitted, device ms)
     for t, name, f in events:
@@ -157,8 +158,7 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
         if name in ("arrived", "lookup", "scheduled-new") and "req" in f:
             requests.setdefault(f["req"], {}).setdefault(name, t)
         elif name == "asked-again":
-            why = asked_again.setdefault(f["req"], {})
-            why[f["why"]] = why.get(f["why"], 0) + 1
+            asked_again.setdefault(f["req"], Counter())[f["why"]] += 1
         if name == "lookup":
             lookups[f["req"]] = t
             scheduled.pop(f["req"], None)
@@ -327,7 +327,7 @@ def slowest_requests(timeline: Timeline, start_s: list[float], first_token_s: li
             "index": index, "ttft_ms": round((first_token - sent) * 1000, 1),
             "client->engine": round((arrived - sent) * 1000, 1) if "arrived" in ev else None,
             "engine->scheduled": round((ev["scheduled-new"] - arrived) * 1000, 1),
-            "asked_again": timeline.asked_again.get(req, {}),
+            "asked_again": dict(timeline.asked_again.get(req, {})),
             "load_ms": round(sum(gaps.values()), 1) if gaps else None,
             "load_blocks": load.blocks if load is not None else 0})
     return sorted(rows, key=lambda row: -row["ttft_ms"])[:count]

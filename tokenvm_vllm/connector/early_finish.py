@@ -62,8 +62,9 @@ def register_worker(vllm_config: VllmConfig, worker: TokenVMWorker) -> None:
 
 
 def unregister_worker(vllm_config: VllmConfig, worker: TokenVMWorker) -> None:
-    if _WORKERS.get(engine_id(vllm_config)) is worker:
-        del _WORKERS[engine_id(vllm_config)]
+    engine = engine_id(vllm_config)
+    if _WORKERS.get(engine) is worker:
+        del _WORKERS[engine]
 
 
 class EarlyFinish:
