@@ -12,12 +12,14 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tokenvm_vllm.bench import serve_bench
 from tokenvm_vllm.bench.serve_bench import ServerConfig, counters, report
 from tokenvm_vllm.bench.server import ApiServer, ServerError, metric_samples
+from tokenvm_vllm.bench.stats import queue_by_second
 
 
 def opts(**kw: object) -> argparse.Namespace:
@@ -312,3 +314,45 @@ def test_a_stop_interrupted_midway_still_kills_the_server(tmp_path: Path) -> Non
         interrupt.join()
         signal.signal(signal.SIGUSR1, previous)
     assert server.proc.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_queue_by_second_counts_waiting_and_decoding_requests() -> None:
+    """Two requests: A sent at 0, first token at 1.5, done at 2.5; B sent at 1.0, first token
+    at 2.0, done at 2.2. Second 0: A waits the whole second; second 1: A waits half of it
+    and B all of it; second 2, to the last end at 2.5: A decodes throughout, B for 0.2 of its
+    0.5 s (a last, partial second is averaged over what it has)."""
+    rows = queue_by_second([10.0, 11.0], [11.5, 12.0], [12.5, 12.2], sample_s=0.1)
+    assert [round(w, 2) for w, _ in rows] == [1.0, 1.5, 0.0]
+    assert [round(d, 2) for _, d in rows] == [0.0, 0.5, 1.4]
+    assert queue_by_second([], [], []) == []
+
+
+def test_run_client_keeps_each_requests_end_and_the_queue_per_second(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The end of a request is its first token plus its inter-token latencies; the waiting /
+    decoding counts per second are printed and kept (any server, no trace needed)."""
+    class Server:
+        port = 1
+
+        def metrics(self) -> list[tuple[str, dict[str, str], float]]:
+            return []
+
+    raw = {"start_times": [100.0, 100.5], "ttfts": [0.25, 1.0], "itls": [[0.5, 0.5], [0.25]],
+           "total_token_throughput": 10.0, "median_ttft_ms": 600.0, "mean_tpot_ms": 1.0}
+    script = ("import json, sys; json.dump(" + repr(raw) + ", open(sys.argv[1], 'w'))")
+
+    def command(workload: str, opts: Any, out: Path, rate: float, port: int) -> list[str]:
+        return [sys.executable, "-c", script, str(out)]
+
+    monkeypatch.setattr(serve_bench, "client_command", command)
+    o = argparse.Namespace(workload_timeout=60, sample_s=1.0)
+    entry = serve_bench.run_client(Server(), "poisson", o, tmp_path, "s", 1.0,  # type: ignore[arg-type]
+                                   "native_v2")
+    assert entry["requests"]["end_s"] == [101.25, 101.75]
+    assert entry["requests"]["first_token_s"] == [100.25, 101.5]
+    # second 0: request 1 waits 0.25 s and decodes 0.75 s, request 2 waits 0.5 s; second 1
+    # (to the last end, 1.75): request 2 waits 0.5 of 0.75 s and decodes 0.25, request 1 0.25
+    assert entry["queue_by_second"] == [[0.8, 0.8], [0.7, 0.7]]
+    assert "poisson requests waiting / decoding, mean per second: 1/1 1/1" in \
+        capsys.readouterr().out

@@ -66,7 +66,7 @@ from typing import Any, TypeVar
 
 from tokenvm_vllm.bench import startup, wave
 from tokenvm_vllm.bench.server import ApiServer
-from tokenvm_vllm.bench.stats import median_by_quarter
+from tokenvm_vllm.bench.stats import median_by_quarter, queue_by_second
 from tokenvm_vllm.bench.timeline import (
     PHASES,
     REQUEST_PHASES,
@@ -385,10 +385,13 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
     raw = json.loads(client_out.read_text())
     # Each answered request's send and first-token time (this process's clock, the server's
     # too): bench/timeline.py's request phases read them against the server's trace.
-    sent = [(t, ttft) for t, ttft in zip(raw.get("start_times") or [], raw.get("ttfts") or [],
-                                         strict=False) if ttft]
-    requests = {"start_s": [round(t, 4) for t, _ in sent],
-                "first_token_s": [round(t + ttft, 4) for t, ttft in sent]}
+    # The end of each is its first token plus its inter-token latencies: queue_by_second.
+    sent = [(t, ttft, sum(itls)) for t, ttft, itls in zip(
+        raw.get("start_times") or [], raw.get("ttfts") or [], raw.get("itls") or [],
+        strict=False) if ttft]
+    requests = {"start_s": [round(t, 4) for t, _, _ in sent],
+                "first_token_s": [round(t + ttft, 4) for t, ttft, _ in sent],
+                "end_s": [round(t + ttft + rest, 4) for t, ttft, rest in sent]}
     client = trim_client(raw)
     deltas = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     progress(f"{name}: {workload} {client['total_token_throughput']:.0f} "
@@ -397,9 +400,13 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
              f"{deltas.get('prompt_tokens[local_compute]', 0):.0f}, external "
              f"{deltas.get('prompt_tokens[external_kv_transfer]', 0):.0f}, TTFT p50 by "
              f"quarter {'/'.join(f'{t:.0f}' for t in client['ttft_p50_ms_by_quarter'])} ms")
+    queue = queue_by_second(requests["start_s"], requests["first_token_s"], requests["end_s"])
+    progress(f"{name}: {workload} requests waiting / decoding, mean per second: "
+             + " ".join(f"{w:.0f}/{d:.0f}" for w, d in queue))
     entry = {"client": client, "counters": deltas, "rate": rate,
              "wall_s": time.monotonic() - started, "window": [started, time.monotonic()],
-             "requests": requests}
+             "requests": requests,
+             "queue_by_second": [[round(w, 1), round(d, 1)] for w, d in queue]}
     if samples:  # KV memory over the run: the mean is what issue #13's long-context goal reads
         entry["memory"] = {"samples": samples, **wave.summarize(samples)[workload]}
     return entry

@@ -22,3 +22,35 @@ def median_by_quarter(values: Sequence[float]) -> list[float]:
     parts = [values[i * n // 4:(i + 1) * n // 4] for i in range(4)] if n >= 4 else \
         [[v] for v in values]
     return [statistics.median(part) for part in parts]
+
+
+def queue_by_second(start_s: Sequence[float], first_token_s: Sequence[float],
+                    end_s: Sequence[float], sample_s: float = 0.05) -> list[tuple[float, float]]:
+    """For each whole second from the first request sent to the last one done: the mean number
+    of requests *waiting* (sent, no first token yet) and *decoding* (first token seen, not yet
+    done), sampled every ``sample_s``. The three lists hold one request each, on one clock.
+
+    Under Poisson arrivals this is where a TTFT tail comes from: the requests that arrive while
+    the waiting count peaks wait behind all of it, and the decoding count is bounded by what the
+    GPU KV cache holds at once. It needs only the client's own times, so it reads the same for
+    any server, native included."""
+    if not start_s:
+        return []
+    origin = min(start_s)
+    horizon = max(end_s) - origin
+    rows: list[tuple[float, float]] = []
+    second = 0
+    while second < horizon:
+        waiting = decoding = 0
+        samples = 0
+        t = second + sample_s / 2
+        while t < min(second + 1, horizon):
+            now = origin + t
+            waiting += sum(1 for s, f in zip(start_s, first_token_s, strict=True) if s <= now < f)
+            decoding += sum(1 for f, e in zip(first_token_s, end_s, strict=True) if f <= now < e)
+            samples += 1
+            t += sample_s
+        if samples:
+            rows.append((waiting / samples, decoding / samples))
+        second += 1
+    return rows
