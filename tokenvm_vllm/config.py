@@ -178,9 +178,10 @@ class TokenVMConfig:
     """With ``load_defer_steps``: a request is put off only within this many seconds of the
     first time it was (0 = no bound in time, only the count). ``load_defer_steps`` counts the
     steps at which vLLM reaches the request in its queue; in a queue that stays full those can
-    be far apart, and the requests put off may make the TTFT tail (Poisson arrivals on an
-    H200: p99 1.226x native with 5 against 0.887x with 0 in an earlier run; README, "Twelfth
-    H200 run"). Not yet measured under load."""
+    be far apart, and the requests put off make the TTFT tail (Poisson arrivals on an H200,
+    traced: the slowest were put off five times over 0.63 s at the queue's peak). There, one
+    run each, 0.1 kept TTFT p50 at 0.772x native and cut p99 to 1.086x (traced default 1.419x;
+    README, "Thirteenth H200 run"). Off until measured in closed loop, where deferral won."""
     load_early_finish: bool = False
     """The scheduler takes finished async loads straight from the worker in its own process
     (world size 1, vLLM's in-process executor): the worker holds good loads its
@@ -189,8 +190,9 @@ class TokenVMConfig:
     waited 62 ms from hit to running for 10.5 ms of copying at 8 requests in flight on an H200
     (README, "Step classes"). Off: a first version (taking only loads that ended after the
     worker's poll) measured 1.03-1.08x throughput at 8 in flight and 0.94-0.95x at 32 (README,
-    "Twelfth H200 run"); this one is not yet measured under load. No effect with more than
-    one worker."""
+    "Twelfth H200 run"); this one handed every load over early and gained nothing above the
+    spread (0.86x / 1.03x at 8, 1.00x / 1.02x at 32 against the default, same rounds; README,
+    "Thirteenth H200 run"). No effect with more than one worker."""
     copy_path: CopyPath = CopyPath.STAGED
     """CUDA copies: 'staged' gathers blocks into a GPU staging buffer (a short on-device
     kernel) and moves them over PCIe with DMA, leaving the SMs to the model; 'uva' has a Triton
