@@ -356,3 +356,22 @@ def test_run_client_keeps_each_requests_end_and_the_queue_per_second(
     assert entry["queue_by_second"] == [[0.8, 0.8], [0.7, 0.7]]
     assert "poisson requests waiting / decoding, mean per second: 1/1 1/1" in \
         capsys.readouterr().out
+
+
+def test_report_draws_the_queue_of_workloads_with_arrivals_at_a_rate(tmp_path: Path) -> None:
+    """``serve_queue.png`` beside the report's PNG, for the Poisson workload only (closed-loop
+    workloads have no rate); results without the queue (older runs) draw nothing."""
+    def entry(rate: float, queue: list[list[float]] | None) -> dict[str, Any]:
+        client = {"total_token_throughput": 10.0, "median_ttft_ms": 5.0, "ttft_ms": [5.0, 7.0]}
+        return {"client": client, "rate": rate, "counters": {},
+                **({"queue_by_second": queue} if queue else {})}
+
+    results = {"native_v2": {"workloads": {"poisson": entry(2.0, [[1.0, 0.0], [0.5, 1.0]]),
+                                           "p8": entry(0.0, [[8.0, 0.0]])}},
+               "tokenvm_v2": {"workloads": {"poisson": entry(2.0, [[1.0, 1.0]])}}}
+    png = tmp_path / "queue.png"
+    assert serve_bench.plot_queues(results, png) == ["poisson"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    old = {"native_v2": {"workloads": {"poisson": entry(2.0, None)}}}
+    assert serve_bench.plot_queues(old, tmp_path / "none.png") == []
+    assert not (tmp_path / "none.png").exists()

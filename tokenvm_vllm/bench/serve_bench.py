@@ -47,7 +47,8 @@ machine was 12% slower than the same configuration as the fifth (the tenth servi
 
 Ratios in the report: against native on the same runner, against the best native, against the
 floor (P workloads) and against no offload (``random``). Absolute times mean something only on
-the GPU machine.
+the GPU machine. For workloads with arrivals at a rate, ``serve_queue.png`` (beside the report's
+PNG) draws the requests waiting and decoding per second and each request's TTFT, per server.
 """
 
 from __future__ import annotations
@@ -756,6 +757,47 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+def plot_queues(results: dict[str, dict[str, Any]], png: Path) -> list[str]:
+    """For each workload with arrivals at a rate (Poisson, the wave's bursts): the requests
+    waiting for a first token per second (solid) and decoding (dashed), one colour per server,
+    and below, each request's TTFT in arrival order: whether a TTFT tail is the queue that
+    every server builds alike, or one server's own. Returns the workloads drawn."""
+    series: dict[str, list[tuple[str, list[list[float]], list[float]]]] = {}
+    for name, data in results.items():
+        for workload, entry in data.get("workloads", {}).items():
+            if entry.get("rate") and entry.get("queue_by_second"):
+                series.setdefault(workload, []).append(
+                    (name, entry["queue_by_second"], entry["client"].get("ttft_ms", [])))
+    if not series:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = sorted(series)
+    fig, axes = plt.subplots(2, len(workloads), figsize=(7 * len(workloads), 8), squeeze=False)
+    for column, workload in enumerate(workloads):
+        queue_ax, ttft_ax = axes[0][column], axes[1][column]
+        for index, (name, queue, ttfts) in enumerate(series[workload]):
+            colour = f"C{index % 10}"
+            seconds = range(len(queue))
+            queue_ax.plot(seconds, [w for w, _ in queue], "-", color=colour, label=name[:40])
+            queue_ax.plot(seconds, [d for _, d in queue], "--", color=colour)
+            ttft_ax.plot(range(len(ttfts)), ttfts, ".", color=colour, markersize=3)
+        queue_ax.set_title(f"{workload}: requests waiting (solid) / decoding (dashed)")
+        queue_ax.set_xlabel("second of the run")
+        queue_ax.legend(fontsize=7)
+        ttft_ax.set_xlabel("request, in arrival order")
+        ttft_ax.set_ylabel("TTFT (ms)")
+        for ax in (queue_ax, ttft_ax):
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return workloads
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -868,6 +910,7 @@ def main(argv: list[str] | None = None) -> None:
                                          else None)
     if rows and png:
         plot(rows, png)
+        plot_queues(results, png.with_name("serve_queue.png"))
     memory_report(results)
     startups = load_startups(dirs)
     if startups:
