@@ -179,7 +179,7 @@ class TokenVMConfig:
     first time it was (0 = no bound in time, only the count). ``load_defer_steps`` counts the
     steps at which vLLM reaches the request in its queue; in a queue that stays full those can
     be far apart, and the requests put off make the TTFT tail (Poisson arrivals on an H200,
-    traced: the slowest were put off five times over 0.63 s at the queue's peak). There, one
+    traced: the slowest were put off 3-5 times over 0.36-0.89 s at the queue's peak). There, one
     run each, 0.1 kept TTFT p50 at 0.772x native and cut p99 to 1.086x (traced default 1.419x;
     README, "Thirteenth H200 run"). Off until measured in closed loop, where deferral won."""
     load_early_finish: bool = False

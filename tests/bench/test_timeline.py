@@ -248,8 +248,15 @@ def test_the_slowest_requests_come_with_their_ask_again_reasons_and_load(tmp_pat
     assert slowest["asked_again"] == {"defer": 2, "loading": 1}
     assert slowest["load_ms"] == pytest.approx(50.0) and slowest["load_blocks"] == 4
     assert rows[1]["asked_again"] == {} and rows[1]["load_ms"] is None
+    # reached by the scheduler 8 ms after it arrived, then held by "ask again" for 20 ms
+    assert slowest["first_reached_ms"] == pytest.approx(8.0)
+    assert slowest["asked_over_ms"] == pytest.approx(20.0)
+    assert rows[1]["asked_over_ms"] is None
+    assert rows[1]["first_reached_ms"] == pytest.approx(10.0)
     assert describe_request(slowest) == (
-        "#1 100 ms (engine->scheduled 88, asked again: defer 2, loading 1, load 50 ms)")
+        "#1 100 ms (engine->scheduled 88: first reached after 8, asked again over 20 ms: "
+        "defer 2, loading 1, load 50 ms)")
+    assert describe_request(rows[1]) == "#2 25 ms (engine->scheduled 10)"
     log = tmp_path / "x.server.log"
     log.write_text("\n".join(lines))
     result = {"config": "tokenvm", "workloads": {"poisson": {

@@ -118,7 +118,8 @@ class Timeline:
     """The elastic pool's per-step events (``scheduler_side.take_commands``)."""
     requests: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per request id, the first time of each of its events (``arrived``, ``lookup``,
-    ``scheduled-new``)."""
+    ``scheduled-new``, ``asked-again``) and the last time it was asked again
+    (``last-asked``)."""
     asked_again: dict[str, Counter[str]] = field(default_factory=dict)
     """Per request id, how often its lookup was answered "ask again", by reason (``defer``:
     ``load_defer_steps``; ``loading``: another request was loading its blocks; ``disk``: a
@@ -155,10 +156,11 @@ def parse(lines: Iterable[str], since: float = 0.0, until: float = float("inf"))
         elif name in ("load-polled", "store-polled") and int(f["job"]) in submitted:
             kind, at = submitted[int(f["job"])]
             copies[int(f["job"])] = (kind, at, float(f["device_ms"]))
-        if name in ("arrived", "lookup", "scheduled-new") and "req" in f:
+        if name in ("arrived", "lookup", "scheduled-new", "asked-again") and "req" in f:
             requests.setdefault(f["req"], {}).setdefault(name, t)
-        elif name == "asked-again":
+        if name == "asked-again":
             asked_again.setdefault(f["req"], Counter())[f["why"]] += 1
+            requests[f["req"]]["last-asked"] = t
         if name == "lookup":
             lookups[f["req"]] = t
             scheduled.pop(f["req"], None)
@@ -323,10 +325,17 @@ def slowest_requests(timeline: Timeline, start_s: list[float], first_token_s: li
     for index, sent, first_token, arrived, req, ev in _matched(timeline, start_s, first_token_s):
         load = loads.get(req)
         gaps = load.gaps_ms() if load is not None else None
+        # vLLM's scheduler first reached it at its first lookup answer (a hit, or "ask again")
+        reached = min(ev.get(name, ev["scheduled-new"])
+                      for name in ("lookup", "asked-again", "scheduled-new"))
+        asked = "asked-again" in ev
         rows.append({
             "index": index, "ttft_ms": round((first_token - sent) * 1000, 1),
             "client->engine": round((arrived - sent) * 1000, 1) if "arrived" in ev else None,
             "engine->scheduled": round((ev["scheduled-new"] - arrived) * 1000, 1),
+            "first_reached_ms": round((reached - arrived) * 1000, 1),
+            "asked_over_ms": (round((ev["last-asked"] - ev["asked-again"]) * 1000, 1)
+                              if asked else None),
             "asked_again": dict(timeline.asked_again.get(req, {})),
             "load_ms": round(sum(gaps.values()), 1) if gaps else None,
             "load_blocks": load.blocks if load is not None else 0})
@@ -334,11 +343,14 @@ def slowest_requests(timeline: Timeline, start_s: list[float], first_token_s: li
 
 
 def describe_request(row: dict[str, Any]) -> str:
-    """One ``slowest_requests`` row in a line: ``#38 2458 ms (engine->scheduled 2401, asked
-    again: defer 5, load 61 ms)``."""
+    """One ``slowest_requests`` row in a line: ``#60 2742 ms (engine->scheduled 2121: first
+    reached after 1203, asked again over 633 ms: defer 5, load 59 ms)``: how long it queued
+    before vLLM's scheduler reached it, then how long "ask again" answers held it."""
     asked = ", ".join(f"{why} {n}" for why, n in sorted(row["asked_again"].items()))
+    held = (f": first reached after {row['first_reached_ms']:.0f}, asked again over "
+            f"{row['asked_over_ms']:.0f} ms: {asked}" if asked else "")
     return (f"#{row['index']} {row['ttft_ms']:.0f} ms (engine->scheduled "
-            f"{row['engine->scheduled']:.0f}" + (f", asked again: {asked}" if asked else "")
+            f"{row['engine->scheduled']:.0f}{held}"
             + (f", load {row['load_ms']:.0f} ms" if row["load_ms"] is not None else "") + ")")
 
 
