@@ -239,6 +239,9 @@ def test_a_failing_client_is_reported_with_its_last_line(
         def metrics(self) -> list[tuple[str, dict[str, str], float]]:
             return []
 
+        def cpu_seconds(self) -> dict[str, float]:
+            return {}
+
     script = "import sys; print('loading'); sys.exit('ValueError: num_requests (16) too few')"
     monkeypatch.setattr(serve_bench, "client_command",
                         lambda *a: [sys.executable, "-c", script])
@@ -344,6 +347,13 @@ def test_run_client_keeps_each_requests_end_and_the_queue_per_second(
         def metrics(self) -> list[tuple[str, dict[str, str], float]]:
             return []
 
+        def __init__(self) -> None:
+            self.cpu = iter([{"VLLM::EngineCore": 1.0, "python3": 2.0},
+                             {"VLLM::EngineCore": 3.5, "python3": 2.5}])
+
+        def cpu_seconds(self) -> dict[str, float]:
+            return next(self.cpu)
+
     raw = {"start_times": [100.0, 100.5], "ttfts": [0.25, 1.0], "itls": [[0.5, 0.5], [0.25]],
            "total_token_throughput": 10.0, "median_ttft_ms": 600.0, "mean_tpot_ms": 1.0}
     script = ("import json, sys; json.dump(" + repr(raw) + ", open(sys.argv[1], 'w'))")
@@ -360,8 +370,12 @@ def test_run_client_keeps_each_requests_end_and_the_queue_per_second(
     # second 0: request 1 waits 0.25 s and decodes 0.75 s, request 2 waits 0.5 s; second 1
     # (to the last end, 1.75): request 2 waits 0.5 of 0.75 s and decodes 0.25, request 1 0.25
     assert entry["queue_by_second"] == [[0.8, 0.8], [0.7, 0.7]]
-    assert "poisson requests waiting / decoding, mean per second: 1/1 1/1" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "poisson requests waiting / decoding, mean per second: 1/1 1/1" in out
+    # each server process's CPU over the run, by name, the busiest first
+    assert entry["cpu_s"] == {"VLLM::EngineCore": 2.5, "python3": 0.5}
+    assert "poisson CPU s of the server's processes (share of " in out
+    assert out.index("VLLM::EngineCore 2.5") < out.index("python3 0.5")
 
 
 def test_report_draws_the_queue_of_workloads_with_arrivals_at_a_rate(tmp_path: Path) -> None:

@@ -6,9 +6,12 @@ never bound it, and its benchmark then measured the other's server. A real HTTP 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -72,3 +75,37 @@ def test_its_own_server_passes(other_server: int, tmp_path: Path) -> None:
 def test_a_port_in_use_is_refused_before_starting(other_server: int, tmp_path: Path) -> None:
     with pytest.raises(ServerError, match=f"port {other_server} on 127.0.0.1 is in use"):
         ApiServer("m", [], tmp_path / "x.log", port=other_server)
+
+
+def test_cpu_seconds_are_summed_by_process_name_over_the_process_group() -> None:
+    """A process group like a server's: a sleeping parent and a busy child that names itself
+    (as vLLM names ``VLLM::EngineCore``). The child's CPU time is found under its name, and a
+    process outside the group is not counted."""
+    from tokenvm_vllm.bench.server import process_cpu_seconds
+
+    child = ("import time; open('/proc/self/comm', 'w').write('busychild'); "
+             "end = time.process_time() + 0.6\n"
+             "while time.process_time() < end: pass\n"
+             "time.sleep(30)")
+    parent = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]);"
+              " time.sleep(30)")
+    group = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True)
+    outsider = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        used: dict[str, float] = {}
+        deadline = time.monotonic() + 20
+        while used.get("busychild", 0.0) < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            used = process_cpu_seconds(group.pid)
+        assert used.get("busychild", 0.0) >= 0.5
+        assert used["busychild"] < 5.0  # (it stops spinning after 0.6 s of CPU)
+        assert all(name != "busychild" for name in process_cpu_seconds(outsider.pid))
+    finally:
+        os.killpg(group.pid, signal.SIGKILL)
+        group.wait(timeout=10)
+        outsider.kill()
+        outsider.wait(timeout=10)
+    deadline = time.monotonic() + 10  # (the killed child may take a moment to go)
+    while process_cpu_seconds(group.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert process_cpu_seconds(group.pid) == {}  # a group with no live process left

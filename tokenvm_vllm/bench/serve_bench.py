@@ -364,6 +364,7 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
     per-request lists), the ``/metrics`` counter deltas and the time window."""
     client_out = logs / f"{slug}.{workload}.json"
     before = scrape(server)
+    cpu_before = server.cpu_seconds()
     started = time.monotonic()
     sampler = wave.Sampler(server, opts.sample_s) if workload == "long" else None
     if sampler is not None:
@@ -383,6 +384,12 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
     finally:
         samples = sampler.stop() if sampler is not None else []
     after = scrape(server)
+    wall_s = time.monotonic() - started
+    # Each server process's CPU over the run: whether the API server (which streams every
+    # token) or the engine core ran out of CPU, e.g. in a run that coalesced streamed tokens.
+    cpu_after = server.cpu_seconds()
+    cpu_s = {name: round(used - cpu_before.get(name, 0.0), 2)
+             for name, used in cpu_after.items()}
     raw = json.loads(client_out.read_text())
     # Each answered request's send and first-token time (this process's clock, the server's
     # too): bench/timeline.py's request phases read them against the server's trace.
@@ -404,8 +411,12 @@ def run_client(server: ApiServer, workload: str, opts: argparse.Namespace, logs:
     queue = queue_by_second(requests["start_s"], requests["first_token_s"], requests["end_s"])
     progress(f"{name}: {workload} requests waiting / decoding, mean per second: "
              + " ".join(f"{w:.0f}/{d:.0f}" for w, d in queue))
-    entry = {"client": client, "counters": deltas, "rate": rate,
-             "wall_s": time.monotonic() - started, "window": [started, time.monotonic()],
+    if cpu_s:
+        progress(f"{name}: {workload} CPU s of the server's processes (share of {wall_s:.1f} s): "
+                 + ", ".join(f"{proc} {used:.1f} ({used / wall_s:.0%})"
+                             for proc, used in sorted(cpu_s.items(), key=lambda kv: -kv[1])))
+    entry = {"client": client, "counters": deltas, "rate": rate, "cpu_s": cpu_s,
+             "wall_s": wall_s, "window": [started, started + wall_s],
              "requests": requests,
              "queue_by_second": [[round(w, 1), round(d, 1)] for w, d in queue]}
     if samples:  # KV memory over the run: the mean is what issue #13's long-context goal reads

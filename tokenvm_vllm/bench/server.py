@@ -22,6 +22,34 @@ from pathlib import Path
 from typing import Any
 
 
+def process_cpu_seconds(pgid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each live process of process group
+    ``pgid``, summed by process name (``/proc/PID/stat``'s ``comm``: vLLM names its engine
+    core ``VLLM::EngineCore``; the API server keeps its interpreter's name). Linux only: empty
+    where ``/proc`` is missing. A process that exited is no longer counted."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    used: dict[str, float] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return used
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat_file:
+                stat = stat_file.read()
+        except OSError:  # (exited meanwhile)
+            continue
+        # "pid (comm) state ppid pgrp ... utime stime": comm may hold spaces and parentheses
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) != pgid or fields[0] in ("Z", "X"):  # (exited, not yet reaped)
+            continue
+        used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return used
+
+
 class ServerError(RuntimeError):
     """The server exited or did not answer in time; the message ends with its log's tail."""
 
@@ -128,6 +156,11 @@ class ApiServer:
     def metrics(self) -> Iterator[tuple[str, dict[str, str], float]]:
         """The samples of ``/metrics`` (see ``metric_samples``)."""
         return metric_samples(self.get("/metrics"))
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds used so far by the server's processes, by name
+        (``process_cpu_seconds`` of its process group)."""
+        return process_cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         """SIGINT the process group (vLLM shuts down cleanly), SIGKILL what is left after 30 s,
