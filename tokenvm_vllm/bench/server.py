@@ -27,12 +27,12 @@ def process_cpu_seconds(pgid: int) -> dict[str, float]:
     ``pgid``, summed by process name (``/proc/PID/stat``'s ``comm``: vLLM names its engine
     core ``VLLM::EngineCore``; the API server keeps its interpreter's name). Linux only: empty
     where ``/proc`` is missing. A process that exited is no longer counted."""
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     used: dict[str, float] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
         return used
+    ticks = os.sysconf("SC_CLK_TCK")
     for entry in entries:
         if not entry.isdigit():
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 
@@ -38,19 +39,15 @@ def queue_by_second(start_s: Sequence[float], first_token_s: Sequence[float],
         return []
     origin = min(start_s)
     horizon = max(end_s) - origin
+    requests = list(zip(start_s, first_token_s, end_s, strict=True))
     rows: list[tuple[float, float]] = []
-    second = 0
-    while second < horizon:
-        waiting = decoding = 0
-        samples = 0
-        t = second + sample_s / 2
-        while t < min(second + 1, horizon):
-            now = origin + t
-            waiting += sum(1 for s, f in zip(start_s, first_token_s, strict=True) if s <= now < f)
-            decoding += sum(1 for f, e in zip(first_token_s, end_s, strict=True) if f <= now < e)
-            samples += 1
-            t += sample_s
-        if samples:
-            rows.append((waiting / samples, decoding / samples))
-        second += 1
+    for second in range(math.ceil(horizon)):
+        # sample midpoints; a last, partial second has fewer of them
+        times = [origin + t for t in (second + (k + 0.5) * sample_s
+                                      for k in range(math.ceil(1 / sample_s)))
+                 if t < min(second + 1, horizon)]
+        if times:
+            waiting = sum(s <= now < f for now in times for s, f, _ in requests)
+            decoding = sum(f <= now < e for now in times for _, f, e in requests)
+            rows.append((waiting / len(times), decoding / len(times)))
     return rows
